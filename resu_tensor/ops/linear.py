@@ -1,0 +1,132 @@
+"""Linear and matmul with a ResuTensor weight.
+
+``F.linear``/``@``/``matmul``/``mm``/``addmm`` are caught in ``__torch_function__`` and run one
+autograd.Function whose backward hands the weight a CompactTensor holding only its trainable
+coordinates' gradient. The aten ``mm``/``addmm`` entries in ``__torch_dispatch__`` serve code
+below autograd (forward only).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from resu_tensor import kernels
+from resu_tensor.tensor import ResuTensor
+
+aten = torch.ops.aten
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _right_operand(weight: ResuTensor, transpose_weight: bool) -> torch.Tensor:
+    w = weight.effective_weight()
+    return w.t() if transpose_weight else w
+
+
+def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
+    return t if t is None or dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+class ResuMatmul(torch.autograd.Function):
+    """y = x @ B (+ bias) with B = Lᵀ if ``transpose_weight`` else L, L the weight's logical
+    effective weight (``F.linear`` is the ``transpose_weight=True`` case)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, transpose_weight):
+        compute_dtype = _autocast_dtype(x.device.type)
+        b = _cast(_right_operand(weight, transpose_weight), compute_dtype)
+        x2 = _cast(x, compute_dtype).reshape(-1, x.shape[-1])
+        bias_c = _cast(bias, compute_dtype)
+        y2 = x2 @ b if bias_c is None else torch.addmm(bias_c, x2, b)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.transpose_weight = transpose_weight
+        ctx.compute_dtype = compute_dtype
+        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        b = _cast(_right_operand(weight, ctx.transpose_weight), dtype)
+        gy2 = _cast(grad_out, dtype).reshape(-1, grad_out.shape[-1])
+        x2 = _cast(x, dtype).reshape(-1, x.shape[-1])
+        if dtype is None:
+            gy2 = gy2.to(b.dtype)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gy2 @ b.t()).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            # Storage-oriented dW: (gy2ᵀ·x2) when exactly one of the two transposes applies.
+            flip = ctx.transpose_weight != weight.transposed
+            a_op, b_op = (gy2, x2) if flip else (x2, gy2)
+            flat = kernels.compact_weight_grad(a_op, b_op, weight.trainable_flat(), weight.dtype)
+            grad_weight = weight.compact(flat)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = gy2.sum_to_size(bias.shape).to(bias.dtype)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _check_input(op: str, x, weight: ResuTensor, transpose_weight: bool) -> None:
+    if isinstance(x, ResuTensor):
+        raise TypeError(f"{op}: a ResuTensor can only be the weight (right-hand) operand")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError(f"{op}: input must be a tensor with at least 1 dimension, got {x!r}")
+    expected = weight.shape[1] if transpose_weight else weight.shape[0]
+    if x.shape[-1] != expected:
+        raise ValueError(
+            f"{op}: shape mismatch, input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the "
+            f"ResuTensor weight of shape {tuple(weight.shape)} expects {expected}"
+        )
+
+
+def resu_matmul(x, weight: ResuTensor, bias=None, transpose_weight: bool = False, op: str = "matmul"):
+    _check_input(op, x, weight, transpose_weight)
+    with torch._C.DisableTorchFunctionSubclass():
+        return ResuMatmul.apply(x, weight, bias, transpose_weight)
+
+
+def _linear(func, types, args, kwargs):
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return resu_matmul(x, weight, bias, transpose_weight=True, op="linear")
+
+
+def _matmul(func, types, args, kwargs):
+    x, weight = args[0], args[1]
+    if not isinstance(weight, ResuTensor):
+        raise TypeError("matmul: a ResuTensor can only be the weight (right-hand) operand, as in x @ w.t()")
+    return resu_matmul(x, weight, op="matmul")
+
+
+def _addmm(func, types, args, kwargs):
+    bias, x, weight = args[0], args[1], args[2]
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+        raise ValueError("addmm with a ResuTensor supports beta=1 and alpha=1 only")
+    if x.dim() != 2:
+        raise ValueError(f"addmm: input must be 2-D, got shape {tuple(x.shape)}")
+    return resu_matmul(x, weight, bias, op="addmm")
+
+
+def _mm(func, types, args, kwargs):
+    if args[0].dim() != 2:
+        raise ValueError(f"mm: input must be 2-D, got shape {tuple(args[0].shape)}")
+    return _matmul(func, types, args, kwargs)
+
+
+ResuTensor.implements_torch_function([F.linear, aten.linear.default])(_linear)
+ResuTensor.implements_torch_function(
+    [torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, aten.matmul.default]
+)(_matmul)
+ResuTensor.implements_torch_function([torch.mm, torch.Tensor.mm, aten.mm.default])(_mm)
+ResuTensor.implements_torch_function([torch.addmm, torch.Tensor.addmm, aten.addmm.default])(_addmm)
+
+
+# Below autograd (e.g. traced graphs): plain forward math on the effective weight.
+@ResuTensor.implements([aten.mm.default, aten.addmm.default])
+def _dispatch_mm(func, types, args, kwargs):
+    if any(isinstance(a, ResuTensor) for a in args[:-1]):
+        raise TypeError(f"{func}: a ResuTensor can only be the right-hand matrix")
+    weight = args[-1]
+    return func(*args[:-1], weight.effective_weight(), **kwargs)

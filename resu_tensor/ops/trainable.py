@@ -1,0 +1,159 @@
+"""Element-wise ops on trainable coordinates: what optimizers, grad clipping and gradient
+accumulation call on a ResuTensor parameter and on its CompactTensor grads and state.
+
+Every ResuTensor / CompactTensor argument is replaced by its flat trainable vector, the op runs
+on those vectors, and the result is wrapped back. An in-place op on a ResuTensor writes only its
+trainable coordinates, so frozen coordinates never move, weight decay included. Arguments of
+different trainable sets (stale optimizer state) raise instead of being misapplied.
+"""
+import torch
+from torch.utils._pytree import tree_map
+
+from resu_tensor.compact import CompactTensor
+from resu_tensor.tensor import ResuTensor
+from resu_tensor import kernels
+
+aten = torch.ops.aten
+
+_STALE_HINT = (
+    "it was created for an earlier trainable set of this weight (its mode or mask changed since). "
+    "Call rt.reset_optimizer_state_(optimizer, model) after mode changes; the ResuScheduler does it for you."
+)
+
+
+def _overload(packet, names):
+    return [getattr(packet, n) for n in names if hasattr(packet, n)]
+
+
+ELEMENTWISE_OPS = [
+    *_overload(aten.add, ["Tensor", "Scalar"]), *_overload(aten.add_, ["Tensor", "Scalar"]),
+    *_overload(aten.sub, ["Tensor", "Scalar"]), *_overload(aten.sub_, ["Tensor", "Scalar"]),
+    *_overload(aten.mul, ["Tensor", "Scalar"]), *_overload(aten.mul_, ["Tensor", "Scalar"]),
+    *_overload(aten.div, ["Tensor", "Scalar"]), *_overload(aten.div_, ["Tensor", "Scalar"]),
+    aten.addcdiv.default, aten.addcdiv_.default, aten.addcmul.default, aten.addcmul_.default,
+    *_overload(aten.lerp, ["Scalar", "Tensor"]), *_overload(aten.lerp_, ["Scalar", "Tensor"]),
+    aten.sqrt.default, aten.sqrt_.default, aten.rsqrt.default, aten.neg.default, aten.neg_.default,
+    aten.abs.default, aten.abs_.default, aten.sign.default, aten.reciprocal.default,
+    aten.clamp.default, aten.clamp_.default, aten.clamp_min.default, aten.clamp_min_.default,
+    aten.clamp_max.default, aten.clamp_max_.default,
+    aten.maximum.default, aten.minimum.default,
+    *_overload(aten.pow, ["Tensor_Scalar"]), *_overload(aten.pow_, ["Scalar"]),
+    aten.zero_.default, *_overload(aten.fill_, ["Scalar"]),
+    aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+    aten.rand_like.default, aten.randn_like.default,
+    aten.isnan.default, aten.isinf.default, aten.sgn.default,
+    *_overload(aten.eq, ["Tensor", "Scalar"]), *_overload(aten.ne, ["Tensor", "Scalar"]),
+    *_overload(aten.gt, ["Tensor", "Scalar"]), *_overload(aten.lt, ["Tensor", "Scalar"]),
+    *_overload(aten.ge, ["Tensor", "Scalar"]), *_overload(aten.le, ["Tensor", "Scalar"]),
+    aten.logical_not.default,
+]
+# Reductions over every element; trainable coordinates are the only non-zero gradient entries.
+FULL_REDUCTIONS = [aten.linalg_vector_norm.default, aten.sum.default, aten.max.default, aten.min.default,
+                   aten.any.default, aten.all.default, aten.amax.default, aten.amin.default]
+# Ops that only make sense on grads / state, never on the weight (copy_ of weights: layout.py).
+COMPACT_ONLY_OPS = [aten.copy_.default, aten.clone.default]
+
+
+class _Operands:
+    """The trainable set shared by an op's arguments, and how to flatten each argument."""
+
+    def __init__(self, func, args, kwargs):
+        subclass_args = [a for a in (*args, *kwargs.values()) if isinstance(a, (ResuTensor, CompactTensor))]
+        self.func = func
+        self.key = subclass_args[0].trainable_key
+        self.transposed = subclass_args[0].transposed
+        self.logical_shape = tuple(subclass_args[0].shape)
+        self.weight = next((a for a in subclass_args if isinstance(a, ResuTensor)), None)
+        first = subclass_args[0]
+        self.n_trainable = first.flat.numel() if isinstance(first, CompactTensor) else first.trainable_count
+        for a in subclass_args:
+            if a.trainable_key != self.key:
+                raise ValueError(f"{func}: an argument does not match this weight's trainable coordinates: {_STALE_HINT}")
+            if a.transposed != self.transposed:
+                raise ValueError(f"{func}: cannot mix a transposed weight view with an untransposed one")
+
+    def flat(self, a):
+        if isinstance(a, CompactTensor):
+            return a.flat
+        if isinstance(a, ResuTensor):
+            return a.gather_trainable(a.values)
+        if isinstance(a, torch.Tensor) and a.numel() > 1:
+            if tuple(a.shape) == self.logical_shape and self.weight is not None:
+                dense = a.t() if self.transposed else a
+                return self.weight.gather_trainable(dense.contiguous())
+            raise TypeError(
+                f"{self.func}: cannot combine a {tuple(a.shape)} plain tensor with a ResuTensor/CompactTensor "
+                f"of shape {self.logical_shape}; convert it with weight.gather_trainable() / weight.expand_trainable()"
+            )
+        return a
+
+    def wrap(self, out):
+        if isinstance(out, torch.Tensor) and out.dim() == 1 and out.numel() == self.n_trainable:
+            return CompactTensor(out, self.key, self.logical_shape, self.transposed)
+        return out
+
+
+def _is_inplace(func) -> bool:
+    return func._schema.name.endswith("_")
+
+
+def trainable_op(func, types, args, kwargs):
+    kwargs = kwargs or {}
+    operands = _Operands(func, args, kwargs)
+    flat_args = tree_map(operands.flat, args)
+    flat_kwargs = tree_map(operands.flat, kwargs)
+    out = func(*flat_args, **flat_kwargs)
+    target = args[0]
+    if not _is_inplace(func):
+        return operands.wrap(out)
+    if isinstance(target, ResuTensor):
+        if target.transposed:
+            raise ValueError(f"{func}: in-place updates apply to the weight itself, not to a transposed view")
+        trainable = target.trainable_flat()
+        if trainable is not None:  # the op ran on a gathered copy: write it back
+            kernels.scatter_trainable_(target.values, trainable, flat_args[0])
+    return target
+
+
+def _dim_argument(func, args, kwargs):
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.name == "dim":
+            return kwargs.get("dim", args[i] if i < len(args) else None)
+    return None
+
+
+def full_reduction(func, types, args, kwargs):
+    kwargs = kwargs or {}
+    dim = _dim_argument(func, args, kwargs)
+    if dim not in (None, [], ()):
+        raise ValueError(f"{func}: only reductions over all elements are supported on trainable coordinates, got dim={dim}")
+    operands = _Operands(func, args, kwargs)
+    return func(*tree_map(operands.flat, args), **tree_map(operands.flat, kwargs))
+
+
+def detach_inplace(func, types, args, kwargs):
+    return args[0]
+
+
+def new_like_logical(func, types, args, kwargs):
+    """new_empty/new_zeros/new_empty_strided at the logical shape → a compact tensor of that set
+    (AccumulateGrad calls these when it clones a gradient)."""
+    self, size = args[0], tuple(args[1])
+    if size != tuple(self.shape):
+        raise ValueError(f"{func}: a CompactTensor can only make new tensors of its logical shape {tuple(self.shape)}")
+    factory = torch.zeros if func is aten.new_zeros.default else torch.empty
+    dtype = kwargs.get("dtype") or self.dtype
+    device = kwargs.get("device") or self.device
+    return self.with_flat(factory(self.flat.numel(), dtype=dtype, device=device))
+
+
+def _register(cls, ops, handler):
+    cls.implements(ops)(handler)
+
+
+for _cls in (ResuTensor, CompactTensor):
+    _register(_cls, ELEMENTWISE_OPS, trainable_op)
+    _register(_cls, FULL_REDUCTIONS, full_reduction)
+    _register(_cls, [aten.detach_.default], detach_inplace)
+_register(CompactTensor, COMPACT_ONLY_OPS, trainable_op)
+_register(CompactTensor, [aten.new_empty.default, aten.new_zeros.default, aten.new_empty_strided.default], new_like_logical)
