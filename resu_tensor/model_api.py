@@ -3,6 +3,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from resu_tensor.compact import CompactTensor
 from resu_tensor.tensor import ResuTensor
@@ -70,19 +71,37 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, model: Optional[nn.
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     allowed = None if model is None else {id(w) for _, _, w in resu_weights(model)}
-    dropped = 0
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if not isinstance(param, ResuTensor) or (allowed is not None and id(param) not in allowed):
-                continue
-            state = optimizer.state.get(param)
-            if state and any(_is_stale(v, param) for v in state.values()):
-                del optimizer.state[param]
-                dropped += 1
-    return dropped
+    stale = [p for p in stale_parameters(optimizer) if allowed is None or id(p) in allowed]
+    for param in stale:
+        del optimizer.state[param]
+    return len(stale)
+
+
+def stale_parameters(optimizer: torch.optim.Optimizer) -> list[ResuTensor]:
+    """ResuTensor parameters whose optimizer state belongs to another trainable set."""
+    return [
+        param
+        for group in optimizer.param_groups
+        for param in group["params"]
+        if isinstance(param, ResuTensor) and any(_is_stale(v, param) for v in optimizer.state.get(param, {}).values())
+    ]
 
 
 def _is_stale(value, param: ResuTensor) -> bool:
     if isinstance(value, CompactTensor):
         return value.trainable_key != param.trainable_key
     return isinstance(value, torch.Tensor) and value.shape == param.shape
+
+
+def _refuse_stale_state(optimizer, args, kwargs) -> None:
+    """Runs before every optimizer.step(): stale state raises before any coordinate moves."""
+    stale = stale_parameters(optimizer)
+    if stale:
+        raise ValueError(
+            f"{type(optimizer).__name__}.step(): optimizer state of {len(stale)} ResuTensor parameter(s) was "
+            "created for an earlier trainable set (their mode or mask changed since). Call "
+            "rt.reset_optimizer_state_(optimizer, model) after mode changes; the ResuScheduler does it for you."
+        )
+
+
+register_optimizer_step_pre_hook(_refuse_stale_state)

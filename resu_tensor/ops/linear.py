@@ -115,12 +115,12 @@ def _mm(func, types, args, kwargs):
     return _matmul(func, types, args, kwargs)
 
 
-ResuTensor.implements_torch_function([F.linear, aten.linear.default])(_linear)
+ResuTensor.implements_torch_function([F.linear, aten.linear, aten.linear.default])(_linear)
 ResuTensor.implements_torch_function(
-    [torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, aten.matmul.default]
+    [torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, aten.matmul, aten.matmul.default]
 )(_matmul)
-ResuTensor.implements_torch_function([torch.mm, torch.Tensor.mm, aten.mm.default])(_mm)
-ResuTensor.implements_torch_function([torch.addmm, torch.Tensor.addmm, aten.addmm.default])(_addmm)
+ResuTensor.implements_torch_function([torch.mm, torch.Tensor.mm, aten.mm, aten.mm.default])(_mm)
+ResuTensor.implements_torch_function([torch.addmm, torch.Tensor.addmm, aten.addmm, aten.addmm.default])(_addmm)
 
 
 # Below autograd (e.g. traced graphs): plain forward math on the effective weight.
