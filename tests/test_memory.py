@@ -1,0 +1,69 @@
+"""Exact byte counts: mask, weight store, grads and optimizer state."""
+import expecttest
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization import quantize_
+
+import resu_tensor as rt
+
+SPARSITIES = [0.05, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95]
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (96, 384), (33, 1000)])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_weight_store_bytes(shape, sparsity):
+    rows, cols = shape
+    w = rt.ResuTensor.from_dense(torch.randn(shape), sparsity=sparsity)
+    parts = w.nbytes_breakdown()
+    numel = rows * cols
+    assert parts["values"] == 4 * numel
+    assert parts["mask"] <= numel / 8 + 4 * rows
+    assert sum(parts.values()) <= 1.035 * 4 * numel
+    # exact: the bitmap (ceil(numel/8) bytes) plus one int32 prefix per extra block
+    blocks = -(-numel // (1024 * -(-cols // 1024)))
+    assert parts["mask"] == -(-numel // 8) + 4 * (blocks - 1)
+
+
+@pytest.mark.parametrize("sparsity", [0.01, 0.99])
+def test_int32_indices_at_extreme_sparsity(sparsity):
+    w = rt.ResuTensor.from_dense(torch.randn(128, 256), sparsity=sparsity)
+    n_pruned = round(sparsity * w.numel())
+    assert w.nbytes_breakdown()["mask"] == 4 * min(n_pruned, w.numel() - n_pruned)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "resu"])
+def test_grad_and_adamw_state_are_12_bytes_per_trainable(mode):
+    w = rt.ResuTensor.from_dense(torch.randn(64, 256), sparsity=0.7)
+    if mode == "resu":
+        w.enter_resu()
+    w = nn.Parameter(w)
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    F.linear(torch.randn(8, 256), w).sum().backward()
+    opt.step()
+    state = opt.state[w]
+    compact_bytes = w.grad.flat.nbytes + state["exp_avg"].flat.nbytes + state["exp_avg_sq"].flat.nbytes
+    assert compact_bytes == 12 * w.trainable_count
+    assert w.trainable_count == round((0.7 if mode == "resu" else 0.3) * w.numel())
+
+
+class MemoryReportTest(expecttest.TestCase):
+    def test_memory_report_table(self):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+        quantize_(model, rt.resu_config(sparsity=0.5))
+        rt.enter_resu_(model, filter_fn=lambda module, name: name == "0")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        F.cross_entropy(model(torch.randn(4, 256)), torch.tensor([1, 2, 3, 4])).backward()
+        opt.step()
+        self.assertExpectedInline(str(rt.memory_report(model, opt)), """\
+parameter  shape    mode    sparsity  weights   mask   grads  optimizer    total
+--------------------------------------------------------------------------------
+0.weight   128x256  resu    0.500     131,072  4,220  65,536    131,076  331,904
+0.bias     128      plain                 512      0     512      1,028    2,052
+2.weight   10x128   sparse  0.500       5,120    164   2,560      5,124   12,968
+2.bias     10       plain                  40      0      40         84      164
+--------------------------------------------------------------------------------
+total                                 136,744  4,384  68,648    137,312  347,088
+(bytes)""")
