@@ -1,0 +1,59 @@
+"""The plain-PyTorch path on a CUDA device (run on the GPU machine: pytest -m cuda)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization import quantize_
+
+import resu_tensor as rt
+from masked_reference import MaskedDenseWeight
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "resu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_and_adamw_on_cuda(mode, dtype):
+    w = rt.ResuTensor.from_dense(torch.randn(96, 200, device="cuda", dtype=dtype), sparsity=0.0 if mode == "dense" else 0.6)
+    if mode == "resu":
+        w.enter_resu()
+    w = nn.Parameter(w)
+    assert w.device.type == "cuda" and w.values.device.type == "cuda"
+    ref = MaskedDenseWeight(w.dequantize(), w.trainable_mask())
+    opt, opt_ref = torch.optim.AdamW([w], lr=1e-2), torch.optim.AdamW([ref.flat], lr=1e-2)
+    frozen = ~w.trainable_mask()
+    frozen_before = w.dequantize()[frozen]
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    for _ in range(10):
+        x = torch.randn(2, 33, 200, device="cuda", dtype=dtype)
+        y, y_ref = F.linear(x, w), F.linear(x, ref.weight())
+        torch.testing.assert_close(y, y_ref, **tol)
+        g = torch.randn_like(y)
+        opt.zero_grad(), opt_ref.zero_grad()
+        y.backward(g), y_ref.backward(g)
+        torch.testing.assert_close(w.grad.flat, ref.flat.grad, **tol)
+        opt.step(), opt_ref.step()
+    torch.testing.assert_close(w.dequantize(), ref.weight().detach(), **tol)
+    assert torch.equal(w.dequantize()[frozen], frozen_before)
+
+
+def test_model_moves_to_cuda_and_trains_under_autocast():
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    quantize_(model, rt.resu_config(sparsity=0.5))
+    model.cuda()
+    w = model[0].weight
+    assert isinstance(w, rt.ResuTensor) and w.values.is_cuda and w.mask_bitmap.is_cuda
+    rt.enter_resu_(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    active_before = w.dequantize()[w.mask()]
+    for _ in range(5):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.equal(w.dequantize()[w.mask()], active_before)
+    rt.commit_(model, strategy="magnitude")
+    assert w.mode == rt.Mode.SPARSE and abs(w.sparsity - 0.5) < 1e-3
