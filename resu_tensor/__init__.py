@@ -9,17 +9,36 @@ Example::
     ...  # your own training loop and optimizer
     rt.enter_resu_(model); rt.reset_optimizer_state_(optimizer, model)
 """
+import logging
+
 import torch
 
-from resu_tensor import ops  # noqa: F401  (registers the op tables)
-from resu_tensor.compact import CompactTensor
-from resu_tensor.config import ResuConfig, resu_config
-from resu_tensor.lifecycle import COMMIT_STRATEGIES
-from resu_tensor.memory import MemoryReport, memory_report
-from resu_tensor.model_api import commit_, enter_resu_, prune_, reset_optimizer_state_, resu_weights
-from resu_tensor.mode import Mode
-from resu_tensor.pruning import PRUNE_METHODS
-from resu_tensor.tensor import ResuTensor
+
+def _import_torchao_quietly() -> None:
+    # torchao warns on import about optional C++ extensions built for other torch versions
+    # (harmless: we use none of them); keep those lines out of every user's output.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+_import_torchao_quietly()
+
+from resu_tensor import ops  # noqa: E402,F401  (registers the op tables)
+from resu_tensor.compact import CompactTensor  # noqa: E402
+from resu_tensor.config import ResuConfig, resu_config  # noqa: E402
+from resu_tensor.lifecycle import COMMIT_STRATEGIES  # noqa: E402
+from resu_tensor.memory import MemoryReport, memory_report  # noqa: E402
+from resu_tensor.model_api import commit_, enter_resu_, prune_, reset_optimizer_state_, resu_weights  # noqa: E402
+from resu_tensor.mode import Mode  # noqa: E402
+from resu_tensor.pruning import PRUNE_METHODS  # noqa: E402
+from resu_tensor.tensor import ResuTensor  # noqa: E402
 
 # torch.load(weights_only=True) must be allowed to rebuild our tensors.
 torch.serialization.add_safe_globals([ResuTensor, CompactTensor])

@@ -19,15 +19,15 @@ import resu_tensor as rt
 
 HEADER = """\
 RESU demo: an MLP (40-256-256-10) learns MNIST-1D on the CPU, then goes through the RESU
-lifecycle. Its Linear weights are ResuTensors: 'prune' zeroes the smallest {sparsity:.0%} of
-each weight (SPARSE: only the active weights train), 'resu' puts small random theta values
-in the pruned slots and trains only them (active weights and biases frozen), and 'commit'
-merges theta and re-prunes each weight by magnitude back to {sparsity:.0%}. Each row is taken
-at the end of its phase: test accuracy and the training state in bytes (weight values plus
-mask, gradients, AdamW state; biases included). Values stay stored dense, so the savings
-show in grads and optimizer state, which hold only the trainable coordinates. The prune and
-commit rows come right after the mode change, before any step: the weights' stale grads and
-optimizer state were just dropped and are rebuilt, compact, at the next step."""
+lifecycle. Its Linear weights are ResuTensors. 'prune' zeroes the smallest {sparsity:.0%} of each
+weight (SPARSE: only the active weights train); 'resu' puts small random theta values in the
+pruned slots and trains only them (active weights and biases frozen); 'commit' merges theta
+and re-prunes each weight by magnitude back to {sparsity:.0%}. Each row is taken at the end of its
+phase: test accuracy and the training state in bytes (weight values plus mask, gradients,
+AdamW state; biases included). Weight values stay stored dense, so the savings show in the
+grads and optimizer state, which hold only the trainable coordinates. The prune and commit
+rows come right after the mode change, before any step: the weights' stale grads and
+optimizer state were just dropped, to be rebuilt (compact) at the next step."""
 
 COLUMNS = ("phase", "mode", "sparsity", "test acc", "weights+mask", "grads", "optimizer", "total")
 WIDTHS = (10, 6, 8, 8, 12, 9, 9, 9)
@@ -41,7 +41,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate of each phase")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads (default 1: the matmuls are too small to gain from more)")
+                   help="torch.set_num_threads (default 1: the matmuls are small, more threads gain little)")
     p.add_argument("--quiet", action="store_true", help="print nothing; just return the results")
     return p.parse_args(argv)
 
@@ -104,7 +104,7 @@ def snapshot(name: str, model, optimizer, data) -> dict:
         "mode": "/".join(sorted({w.mode.value for w in weights})),
         "sparsity": sum(w.numel() - w.n_active for w in weights) / numel,
         "accuracy": accuracy(model, data),
-        "weights": total.weights + total.mask,
+        "weights_mask": total.weights + total.mask,
         "grads": total.grads,
         "optimizer": total.optimizer,
         "total": total.total,
@@ -117,7 +117,7 @@ def format_row(cells) -> str:
 
 def format_result(r: dict) -> str:
     return format_row((r["phase"], r["mode"], f"{r['sparsity']:.3f}", f"{r['accuracy']:.3f}",
-                       *(f"{r[k]:,}" for k in ("weights", "grads", "optimizer", "total"))))
+                       *(f"{r[k]:,}" for k in ("weights_mask", "grads", "optimizer", "total"))))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         ("commit", lambda: change_mode(lambda: rt.commit_(model, strategy="magnitude"))),
         ("refinetune", step),
     ]
-    say = (lambda *a: None) if args.quiet else print
+    say = (lambda *a, **k: None) if args.quiet else print
     say(HEADER.format(sparsity=args.sparsity), end="\n\n")
     say(format_row(COLUMNS))
     say("-" * len(format_row(COLUMNS)))
@@ -166,12 +166,14 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def main(argv: Optional[list[str]] = None) -> Optional[dict]:
-    """Command-line entry. ``main([...flags...])`` returns the per-phase results dict (see
-    :func:`run`); ``main()`` returns None, because the ``resu-demo`` console script calls
-    ``sys.exit(main())``, which would print a dict and exit with status 1."""
-    results = run(parse_args(argv))
-    return results if argv is not None else None
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Run the demo with command-line flags ``argv``; returns the per-phase results (see :func:`run`)."""
+    return run(parse_args(argv))
+
+
+def cli() -> None:
+    """The ``resu-demo`` console script (it exits with what this returns, so: nothing)."""
+    main()
 
 
 if __name__ == "__main__":
