@@ -62,7 +62,8 @@ class MemoryReport:
 
 
 def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> MemoryReport:
-    """Per-parameter bytes: weights (values), mask, grads and optimizer state, and their total.
+    """Per-parameter bytes: weights (values, θ, quantized W_A), mask (and a static subset), grads
+    and optimizer state (with RESU-Selective EMAs and gradient statistics), and their total.
     Plain parameters (biases, norms) are listed too, with mode "plain".
 
     Example::
@@ -75,8 +76,10 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
         optimizer_bytes = sum(tensor_nbytes(v) for v in state.values())
         if isinstance(param, ResuTensor):
             parts = param.nbytes_breakdown()
-            row = LayerMemory(name, tuple(param.shape), param.mode.value, param.sparsity, parts["values"],
-                              parts["mask"], tensor_nbytes(param.grad), optimizer_bytes)
+            row = LayerMemory(name, tuple(param.shape), param.mode.value, param.sparsity,
+                              weights=parts["values"] + parts.get("quantized", 0),
+                              mask=parts["mask"] + parts.get("subset", 0), grads=tensor_nbytes(param.grad),
+                              optimizer=optimizer_bytes + parts.get("selective", 0) + parts.get("grad_stats", 0))
         else:
             row = LayerMemory(name, tuple(param.shape), "plain", float("nan"), tensor_nbytes(param), 0,
                               tensor_nbytes(param.grad), optimizer_bytes)

@@ -11,7 +11,7 @@ from resu_tensor.mask_encoding import EncodedMask, active_count, decode_mask, en
 from resu_tensor.mode import Mode
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TRAINABLE_SIDES = ("all", "active", "pruned")
+TRAINABLE_SIDES = ("all", "active", "pruned", "subset")
 
 
 def check_weight(weight: torch.Tensor) -> None:
@@ -23,22 +23,26 @@ def check_weight(weight: torch.Tensor) -> None:
         raise TypeError(f"ResuTensor supports dtypes {[str(d) for d in SUPPORTED_DTYPES]}, got {weight.dtype}")
 
 
-def _trainable_key(side: str, encoded: EncodedMask, shape) -> int:
+def _trainable_key(side: str, mask: EncodedMask, subset: Optional[EncodedMask], shape) -> int:
     """A content hash of the trainable set: equal across processes, so saved optimizer state
     restores onto the same set and is recognised as stale on any other."""
-    digest = hashlib.blake2b(f"{side}|{encoded.kind}|{tuple(shape)}".encode(), digest_size=8)
-    for t in (encoded.bitmap, encoded.indices):
-        if t is not None:
-            digest.update(t.detach().cpu().numpy().tobytes())
+    encodings = [mask] + ([subset] if subset is not None else [])
+    digest = hashlib.blake2b(f"{side}|{[e.kind for e in encodings]}|{tuple(shape)}".encode(), digest_size=8)
+    for encoded in encodings:
+        for t in (encoded.bitmap, encoded.indices):
+            if t is not None:
+                digest.update(t.detach().cpu().numpy().tobytes())
     return int.from_bytes(digest.digest(), "little") >> 2
 
 
 class ResuTensor(TorchAOBaseTensor):
     """A weight (out, in) that knows its mask, its mode and which coordinates train.
 
-    Values are stored dense in the weight's dtype with θ in place at pruned slots during RESU,
-    so the effective weight is the stored values in DENSE, SPARSE and RESU alike. The mask is an
-    :mod:`~resu_tensor.mask_encoding` (indices or bitmap, whichever is smaller).
+    DENSE, SPARSE and RESU store ``values`` dense with θ in place at pruned slots, so the
+    effective weight *is* the stored values. QRESU stores the frozen active weights as 4/8-bit
+    codes (``qdata``, ``qscale``, ``qoffset``) and θ flat (``theta``, row-major over the pruned
+    coordinates). The mask is an :mod:`~resu_tensor.mask_encoding` (indices or bitmap, whichever
+    is smaller); a static RESU-Selective subset S ⊂ P is a second encoding (``subset_*``).
 
     Example::
 
@@ -47,30 +51,57 @@ class ResuTensor(TorchAOBaseTensor):
         w.dequantize()              # dense effective weight
     """
 
-    tensor_data_names = ["values"]
-    tensor_attribute_names = ["mode_name", "mask_kind", "trainable_side", "n_active", "target_sparsity", "trainable_key", "transposed"]
-    optional_tensor_data_names = ["mask_bitmap", "mask_block_prefix", "mask_indices"]
+    tensor_data_names: list[str] = []
+    tensor_attribute_names = [
+        "storage_shape", "compute_dtype", "mode_name", "mask_kind", "trainable_side", "n_active",
+        "target_sparsity", "trainable_key",
+    ]
+    optional_tensor_data_names = [
+        "values", "mask_bitmap", "mask_block_prefix", "mask_indices",
+        "qdata", "qscale", "qoffset", "theta",
+        "subset_bitmap", "subset_block_prefix", "subset_indices",
+        "selective_m", "selective_v", "grad_abs_sum",
+    ]
+    optional_tensor_attribute_names = ["transposed", "subset_kind", "quant_bits", "group_size", "selective", "nm"]
 
-    def __new__(cls, values, mode_name, mask_kind, trainable_side, n_active, target_sparsity, trainable_key,
-                transposed=False, mask_bitmap=None, mask_block_prefix=None, mask_indices=None):
-        shape = values.shape[::-1] if transposed else values.shape
+    def __new__(cls, storage_shape, compute_dtype, *args, **kwargs):
+        shape = torch.Size(storage_shape[::-1] if kwargs.get("transposed") else storage_shape)
+        device = next(t.device for t in kwargs.values() if isinstance(t, torch.Tensor))
         return torch.Tensor._make_wrapper_subclass(
-            cls, shape, strides=(shape[1], 1), dtype=values.dtype, device=values.device, requires_grad=False
+            cls, shape, strides=(shape[1], 1), dtype=compute_dtype, device=device, requires_grad=False
         )
 
-    def __init__(self, values, mode_name, mask_kind, trainable_side, n_active, target_sparsity, trainable_key,
-                 transposed=False, mask_bitmap=None, mask_block_prefix=None, mask_indices=None):
-        self.values = values
+    def __init__(self, storage_shape, compute_dtype, mode_name, mask_kind, trainable_side, n_active,
+                 target_sparsity, trainable_key, **optional):
+        self.storage_shape = tuple(storage_shape)
+        self.compute_dtype = compute_dtype
         self.mode_name = mode_name
         self.mask_kind = mask_kind
         self.trainable_side = trainable_side
         self.n_active = n_active
         self.target_sparsity = target_sparsity
         self.trainable_key = trainable_key
-        self.transposed = transposed
-        self.mask_bitmap = mask_bitmap
-        self.mask_block_prefix = mask_block_prefix
-        self.mask_indices = mask_indices
+        defaults = {"transposed": False, "subset_kind": "none", "quant_bits": None, "group_size": None,
+                    "selective": None, "nm": None}
+        for name in self.optional_tensor_data_names:
+            setattr(self, name, optional.pop(name, None))
+        for name, default in defaults.items():
+            setattr(self, name, optional.pop(name, default))
+        if optional:
+            raise TypeError(f"unknown ResuTensor fields: {sorted(optional)}")
+
+    def fields(self) -> dict:
+        """Every constructor argument, by name (see :meth:`replace`)."""
+        names = [*self.tensor_attribute_names, *self.optional_tensor_data_names, *self.optional_tensor_attribute_names]
+        return {name: getattr(self, name) for name in names}
+
+    def replace(self, **changes) -> "ResuTensor":
+        """A new ResuTensor with the same fields except ``changes`` (tensors are shared, not copied)."""
+        return ResuTensor(**{**self.fields(), **changes})
+
+    def _apply_fn_to_data(self, fn):
+        return self.replace(**{n: fn(getattr(self, n)) for n in self.optional_tensor_data_names
+                               if getattr(self, n) is not None})
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -89,31 +120,49 @@ class ResuTensor(TorchAOBaseTensor):
         check_sparsity(sparsity)
         values = weight.detach().clone().contiguous()
         encoded = EncodedMask("none")
-        tensor = cls(values, Mode.DENSE.value, "none", "all", values.numel(), 0.0,
-                     _trainable_key("all", encoded, values.shape))
+        tensor = cls(tuple(values.shape), values.dtype, Mode.DENSE.value, "none", "all", values.numel(), 0.0,
+                     _trainable_key("all", encoded, None, values.shape), values=values)
         if sparsity > 0:
             tensor.prune(sparsity, method=method, generator=generator)
         return tensor
 
-    def set_state_(self, *, values: torch.Tensor, mode: Mode, mask: EncodedMask, trainable_side: str,
-                   target_sparsity: Optional[float] = None) -> None:
+    def set_state_(self, *, mode: Mode, mask: EncodedMask, trainable_side: str, values: Optional[torch.Tensor] = None,
+                   quantized: Optional[tuple] = None, subset: Optional[EncodedMask] = None,
+                   target_sparsity: Optional[float] = None, **resu_state) -> None:
         """Replace this tensor's contents in place (same Python object, so a Parameter and the
-        optimizer's reference to it stay valid). Drops ``.grad`` when the trainable set changes."""
+        optimizer's reference to it stay valid). Exactly one of ``values`` (dense storage) and
+        ``quantized`` = (qdata, qscale, qoffset, theta, bits, group_size) is given. ``resu_state``
+        may set ``selective``, ``selective_m``, ``selective_v``, ``grad_abs_sum``, ``nm``; the
+        others reset. Drops ``.grad`` when the trainable set changes."""
         if self.transposed:
             raise ValueError("lifecycle changes apply to the weight itself, not to a transposed view")
         if trainable_side not in TRAINABLE_SIDES:
             raise ValueError(f"trainable_side must be one of {TRAINABLE_SIDES}, got {trainable_side!r}")
-        if values.shape != self.values.shape or values.dtype != self.values.dtype:
+        if (values is None) == (quantized is None):
+            raise ValueError("set_state_ needs exactly one of values= and quantized=")
+        if values is not None and (tuple(values.shape) != self.storage_shape or values.dtype != self.compute_dtype):
             raise ValueError("set_state_ cannot change the weight's shape or dtype")
-        self.values = values.contiguous()
+        self.values = None if values is None else values.contiguous()
+        self.qdata, self.qscale, self.qoffset, self.theta, self.quant_bits, self.group_size = (
+            quantized if quantized is not None else (None,) * 6
+        )
         self.mode_name = Mode(mode).value
         self.mask_kind = mask.kind
         self.mask_bitmap, self.mask_block_prefix, self.mask_indices = mask.bitmap, mask.block_prefix, mask.indices
-        self.n_active = active_count(mask, values.numel())
+        subset = subset or EncodedMask("none")
+        self.subset_kind = subset.kind
+        self.subset_bitmap, self.subset_block_prefix, self.subset_indices = subset.bitmap, subset.block_prefix, subset.indices
+        self.n_active = active_count(mask, self.numel())
         self.trainable_side = trainable_side
         if target_sparsity is not None:
             self.target_sparsity = float(target_sparsity)
-        old_key, self.trainable_key = self.trainable_key, _trainable_key(trainable_side, mask, values.shape)
+        for name in ("selective", "selective_m", "selective_v", "grad_abs_sum"):
+            setattr(self, name, resu_state.pop(name, None))
+        self.nm = resu_state.pop("nm", self.nm)
+        if resu_state:
+            raise TypeError(f"unknown RESU state fields: {sorted(resu_state)}")
+        old_key = self.trainable_key
+        self.trainable_key = _trainable_key(trainable_side, mask, subset, self.storage_shape)
         if self.trainable_key != old_key:
             self.grad = None
 
@@ -123,21 +172,34 @@ class ResuTensor(TorchAOBaseTensor):
         return Mode(self.mode_name)
 
     @property
+    def storage_numel(self) -> int:
+        return self.storage_shape[0] * self.storage_shape[1]
+
+    @property
     def sparsity(self) -> float:
         """Fraction of coordinates pruned (0.0 in DENSE)."""
-        return 1.0 - self.n_active / self.values.numel()
+        return 1.0 - self.n_active / self.storage_numel
 
     @property
     def trainable_count(self) -> int:
-        numel = self.values.numel()
+        if self.trainable_side == "subset":
+            return active_count(self.encoded_subset(), self.storage_numel)
+        numel = self.storage_numel
         return {"all": numel, "active": self.n_active, "pruned": numel - self.n_active}[self.trainable_side]
+
+    @property
+    def device_of_storage(self) -> torch.device:
+        return next(getattr(self, n).device for n in self.optional_tensor_data_names if getattr(self, n) is not None)
 
     def encoded_mask(self) -> EncodedMask:
         return EncodedMask(self.mask_kind, self.mask_bitmap, self.mask_block_prefix, self.mask_indices)
 
+    def encoded_subset(self) -> EncodedMask:
+        return EncodedMask(self.subset_kind, self.subset_bitmap, self.subset_block_prefix, self.subset_indices)
+
     def storage_mask(self) -> torch.Tensor:
         """Bool mask (True = active) in the weight's storage orientation (out, in)."""
-        return decode_mask(self.encoded_mask(), tuple(self.values.shape), self.values.device)
+        return decode_mask(self.encoded_mask(), self.storage_shape, self.device_of_storage)
 
     def mask(self) -> torch.Tensor:
         """Bool mask of this tensor's logical shape, True = active."""
@@ -148,20 +210,39 @@ class ResuTensor(TorchAOBaseTensor):
         """Row-major bool mask of the trainable coordinates over storage, or None if all train."""
         if self.trainable_side == "all":
             return None
+        if self.trainable_side == "subset":
+            return decode_mask(self.encoded_subset(), self.storage_shape, self.device_of_storage).view(-1)
         flat = self.storage_mask().view(-1)
         return flat if self.trainable_side == "active" else ~flat
 
     def trainable_mask(self) -> torch.Tensor:
         """Bool mask of this tensor's logical shape, True = the optimizer may change it."""
         flat = self.trainable_flat()
-        m = torch.ones_like(self.values, dtype=torch.bool) if flat is None else flat.view(self.values.shape)
+        if flat is None:
+            flat = torch.ones(self.storage_numel, dtype=torch.bool, device=self.device_of_storage)
+        m = flat.view(self.storage_shape)
         return m.t() if self.transposed else m
 
+    def _theta_selection(self) -> Optional[torch.Tensor]:
+        """QRESU with a subset: which θ entries (row-major over P) are trainable; None = all of θ."""
+        if self.trainable_side != "subset":
+            return None
+        pruned = ~self.storage_mask().view(-1)
+        return self.trainable_flat()[pruned]
+
+    def storage_weight(self) -> torch.Tensor:
+        """W_eff = M⊙W + (1−M)⊙Φ(θ) in storage orientation: the stored values themselves (no copy)
+        except in QRESU, where W_A is dequantized and θ scattered into a new tensor."""
+        if self.values is not None:
+            return self.values
+        from resu_tensor.qresu import effective_weight
+
+        return effective_weight(self)
+
     def effective_weight(self) -> torch.Tensor:
-        """W_eff = M⊙W + (1−M)⊙Φ(θ) as a view of the stored values (no copy), logical shape."""
-        if self.mode is Mode.QRESU:
-            raise NotImplementedError("QRESU storage is delivered by the method issue")
-        return self.values.t() if self.transposed else self.values
+        """W_eff in this tensor's logical orientation (a view of the storage where possible)."""
+        w = self.storage_weight()
+        return w.t() if self.transposed else w
 
     def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Dense effective weight W_eff = M⊙W + (1−M)⊙Φ(θ), a new plain tensor."""
@@ -169,14 +250,46 @@ class ResuTensor(TorchAOBaseTensor):
         return w.to(output_dtype, copy=True) if output_dtype is not None else w.clone()
 
     def nbytes_breakdown(self) -> dict[str, int]:
-        """Bytes actually held, by part: {"values": ..., "mask": ...}."""
-        return {"values": self.values.nbytes, "mask": encoded_nbytes(self.encoded_mask())}
+        """Bytes actually held, by part: values (dense storage, or θ in QRESU), mask, and where
+        present quantized (W_A codes, scales, offsets), subset, selective (EMAs), grad_stats."""
+        def nbytes(*names):
+            return sum(getattr(self, n).nbytes for n in names if getattr(self, n) is not None)
+
+        parts = {"values": nbytes("values", "theta"), "mask": encoded_nbytes(self.encoded_mask())}
+        extra = {"quantized": nbytes("qdata", "qscale", "qoffset"), "subset": encoded_nbytes(self.encoded_subset()),
+                 "selective": nbytes("selective_m", "selective_v"), "grad_stats": nbytes("grad_abs_sum")}
+        return {**parts, **{k: v for k, v in extra.items() if v}}
 
     # ----------------------------------------------------------------- trainable coordinates
     def gather_trainable(self, dense: torch.Tensor) -> torch.Tensor:
         """The trainable coordinates of a storage-oriented (out, in) tensor, flat."""
         flat = self.trainable_flat()
         return dense.reshape(-1) if flat is None else kernels.gather_trainable(dense, flat)
+
+    def trainable_values(self) -> torch.Tensor:
+        """The trainable coordinates' current values, flat; a view (writes go straight to the
+        weight) where the storage allows it, else a copy to hand back to write_trainable_."""
+        if self.values is not None:
+            return self.gather_trainable(self.values)
+        selection = self._theta_selection()
+        return self.theta if selection is None else self.theta[selection]
+
+    def write_trainable_(self, flat: torch.Tensor) -> None:
+        """Store ``flat`` (from :meth:`trainable_values`, updated) back into the weight."""
+        if self.values is not None:
+            trainable = self.trainable_flat()
+            if trainable is None:
+                if flat.data_ptr() != self.values.data_ptr():
+                    self.values.view(-1).copy_(flat)
+                return
+            kernels.scatter_trainable_(self.values, trainable, flat)
+            return
+        selection = self._theta_selection()
+        if selection is None:
+            if flat.data_ptr() != self.theta.data_ptr():
+                self.theta.copy_(flat)
+        else:
+            self.theta.masked_scatter_(selection, flat.to(self.theta.dtype))
 
     def compact(self, flat: torch.Tensor) -> CompactTensor:
         if flat.numel() != self.trainable_count:
@@ -190,7 +303,7 @@ class ResuTensor(TorchAOBaseTensor):
             if compact.trainable_key != self.trainable_key:
                 raise ValueError("this CompactTensor belongs to another trainable set of the weight")
             compact = compact.flat
-        dense = torch.zeros_like(self.values, dtype=compact.dtype)
+        dense = torch.zeros(self.storage_shape, dtype=compact.dtype, device=compact.device)
         flat = self.trainable_flat()
         if flat is None:
             dense.view(-1).copy_(compact)

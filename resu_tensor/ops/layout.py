@@ -2,7 +2,6 @@
 import torch
 
 from resu_tensor.compact import CompactTensor
-from resu_tensor.mask_encoding import EncodedMask
 from resu_tensor.tensor import SUPPORTED_DTYPES, ResuTensor
 
 aten = torch.ops.aten
@@ -11,8 +10,7 @@ aten = torch.ops.aten
 def _transposed_view(t):
     if isinstance(t, CompactTensor):
         return CompactTensor(t.flat, t.trainable_key, t.logical_shape[::-1], not t.transposed)
-    return ResuTensor(t.values, t.mode_name, t.mask_kind, t.trainable_side, t.n_active, t.target_sparsity,
-                      t.trainable_key, not t.transposed, t.mask_bitmap, t.mask_block_prefix, t.mask_indices)
+    return t.replace(transposed=not t.transposed)
 
 
 def transpose(func, types, args, kwargs):
@@ -36,9 +34,11 @@ def to_copy_resu(func, types, args, kwargs):
     dtype, device = to["dtype"], to["device"]
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"ResuTensor supports dtypes {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype}")
-    mask = [m.to(device) if m is not None else None for m in (t.mask_bitmap, t.mask_block_prefix, t.mask_indices)]
-    return ResuTensor(t.values.to(device=device, dtype=dtype), t.mode_name, t.mask_kind, t.trainable_side,
-                      t.n_active, t.target_sparsity, t.trainable_key, t.transposed, *mask)
+    # Values follow the new dtype; θ, codes and scales keep theirs (their precision is a choice).
+    moved = {n: getattr(t, n).to(device) for n in t.optional_tensor_data_names if getattr(t, n) is not None}
+    if t.values is not None:
+        moved["values"] = t.values.to(device=device, dtype=dtype)
+    return t.replace(compute_dtype=dtype, **moved)
 
 
 def to_copy_compact(func, types, args, kwargs):
@@ -48,8 +48,9 @@ def to_copy_compact(func, types, args, kwargs):
 
 
 def copy_resu(func, types, args, kwargs):
-    """``dest.copy_(src)`` between two ResuTensors copies the whole state (mode, mask, values):
-    this is how ``load_state_dict`` restores a checkpoint into a freshly quantized model."""
+    """``dest.copy_(src)`` between two ResuTensors copies the whole state (mode, mask, values,
+    θ, quantized W_A): this is how ``load_state_dict`` restores a checkpoint into a freshly
+    quantized model. The destination keeps its device and dtype."""
     dest, src = args[0], args[1]
     if not isinstance(src, ResuTensor):
         raise TypeError(
@@ -58,11 +59,15 @@ def copy_resu(func, types, args, kwargs):
         )
     if dest.shape != src.shape or dest.transposed != src.transposed:
         raise ValueError(f"copy_: shape mismatch, destination {tuple(dest.shape)} vs source {tuple(src.shape)}")
-    device = dest.values.device
-    mask = EncodedMask(src.mask_kind, *[m.to(device, copy=True) if m is not None else None
-                                        for m in (src.mask_bitmap, src.mask_block_prefix, src.mask_indices)])
-    dest.set_state_(values=dest.values.copy_(src.values), mode=src.mode, mask=mask,
-                    trainable_side=src.trainable_side, target_sparsity=src.target_sparsity)
+    old_key = dest.trainable_key
+    device = dest.device_of_storage
+    for name, value in src.fields().items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=dest.compute_dtype if name == "values" else value.dtype, copy=True)
+        if name != "compute_dtype":
+            setattr(dest, name, value)
+    if dest.trainable_key != old_key:
+        dest.grad = None
     return dest
 
 

@@ -11,7 +11,6 @@ from torch.utils._pytree import tree_map
 
 from resu_tensor.compact import CompactTensor
 from resu_tensor.tensor import ResuTensor
-from resu_tensor import kernels
 
 aten = torch.ops.aten
 
@@ -76,7 +75,7 @@ class _Operands:
         if isinstance(a, CompactTensor):
             return a.flat
         if isinstance(a, ResuTensor):
-            return a.gather_trainable(a.values)
+            return a.trainable_values()
         if isinstance(a, torch.Tensor) and a.numel() > 1:
             if tuple(a.shape) == self.logical_shape and self.weight is not None:
                 dense = a.t() if self.transposed else a
@@ -109,9 +108,7 @@ def trainable_op(func, types, args, kwargs):
     if isinstance(target, ResuTensor):
         if target.transposed:
             raise ValueError(f"{func}: in-place updates apply to the weight itself, not to a transposed view")
-        trainable = target.trainable_flat()
-        if trainable is not None:  # the op ran on a gathered copy: write it back
-            kernels.scatter_trainable_(target.values, trainable, flat_args[0])
+        target.write_trainable_(flat_args[0])  # a no-op where the op ran on a view of the storage
     return target
 
 

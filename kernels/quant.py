@@ -1,0 +1,63 @@
+"""Reference for QRESU's frozen active weights: group-wise asymmetric 4/8-bit codes, two 4-bit
+codes per byte (even column in the low nibble), float32 scale and offset per (row, group)."""
+from typing import Optional
+
+import torch
+
+
+def _groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, cols) → (rows, n_groups, group_size), padding the last group by repeating the edge."""
+    rows, cols = t.shape
+    n_groups = -(-cols // group_size)
+    pad = n_groups * group_size - cols
+    if pad:
+        t = torch.cat([t, t[:, -1:].expand(rows, pad)], dim=1)
+    return t.reshape(rows, n_groups, group_size)
+
+
+def quantize_groupwise(weight: torch.Tensor, keep: torch.Tensor, bits: int, group_size: int):
+    """Codes (uint8, one per element), scale and offset (float32, (rows, n_groups)) such that
+    ``code * scale + offset`` ≈ weight at kept coordinates. Statistics use kept coordinates only
+    (the others hold θ); a group with none gets scale 1, offset 0. Unkept codes are 0."""
+    levels = (1 << bits) - 1
+    w = weight.float()
+    big = torch.finfo(torch.float32).max
+    lo = _groups(torch.where(keep, w, big), group_size).amin(dim=2)
+    hi = _groups(torch.where(keep, w, -big), group_size).amax(dim=2)
+    empty = lo > hi
+    lo = torch.where(empty, 0.0, lo)
+    scale = torch.where(empty | (hi == lo), 1.0, (hi - lo) / levels)
+    full_scale = scale.repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
+    full_lo = lo.repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
+    codes = torch.round((w - full_lo) / full_scale).clamp_(0, levels).to(torch.uint8)
+    return codes.masked_fill_(~keep, 0), scale, lo
+
+
+def dequantize_groupwise(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    cols = codes.shape[1]
+    full_scale = scale.repeat_interleave(group_size, dim=1)[:, :cols]
+    full_offset = offset.repeat_interleave(group_size, dim=1)[:, :cols]
+    return (codes.float() * full_scale + full_offset).to(dtype)
+
+
+def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) codes < 16 → (rows, ceil(cols / 2)) bytes."""
+    rows, cols = codes.shape
+    if cols % 2:
+        codes = torch.cat([codes, codes.new_zeros(rows, 1)], dim=1)
+    pairs = codes.view(rows, -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_4bit(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)[:, :cols]
+
+
+def dequantize_active(qdata: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, group_size: int,
+                      cols: int, dtype: torch.dtype, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense W_A from stored codes (zero where ``keep`` is False, if given)."""
+    codes = unpack_4bit(qdata, cols) if bits == 4 else qdata
+    dense = dequantize_groupwise(codes, scale, offset, group_size, dtype)
+    return dense if keep is None else dense.masked_fill_(~keep, 0)
