@@ -31,13 +31,19 @@ def _import_torchao_quietly() -> None:
 _import_torchao_quietly()
 
 from resu_tensor import ops  # noqa: E402,F401  (registers the op tables)
+from resu_tensor.calibration import calibrate  # noqa: E402
 from resu_tensor.compact import CompactTensor  # noqa: E402
 from resu_tensor.config import ResuConfig, resu_config  # noqa: E402
 from resu_tensor.lifecycle import COMMIT_STRATEGIES  # noqa: E402
 from resu_tensor.memory import MemoryReport, memory_report  # noqa: E402
 from resu_tensor.model_api import commit_, enter_resu_, prune_, reset_optimizer_state_, resu_weights  # noqa: E402
 from resu_tensor.mode import Mode  # noqa: E402
-from resu_tensor.pruning import PRUNE_METHODS  # noqa: E402
+from resu_tensor.pruning import PRUNE_GRANULARITIES, PRUNE_METHODS, PRUNE_SCOPES  # noqa: E402
+from resu_tensor.selective import SelectiveConfig, StaticSubsetConfig  # noqa: E402
+from resu_tensor.amnesty import AmnestyStats, format_stats_table, resurrection_ratio  # noqa: E402
+from resu_tensor.plot import plot_history  # noqa: E402
+from resu_tensor.schedule import ScheduleConfig  # noqa: E402
+from resu_tensor.scheduler import CycleStats, ResuScheduler  # noqa: E402
 from resu_tensor.tensor import ResuTensor  # noqa: E402
 
 # torch.load(weights_only=True) must be allowed to rebuild our tensors.
@@ -45,5 +51,7 @@ torch.serialization.add_safe_globals([ResuTensor, CompactTensor])
 
 __all__ = [
     "ResuTensor", "CompactTensor", "Mode", "ResuConfig", "resu_config", "prune_", "enter_resu_", "commit_",
-    "reset_optimizer_state_", "resu_weights", "memory_report", "MemoryReport", "PRUNE_METHODS", "COMMIT_STRATEGIES",
+    "reset_optimizer_state_", "SelectiveConfig", "StaticSubsetConfig", "ScheduleConfig", "ResuScheduler", "CycleStats",
+    "AmnestyStats", "format_stats_table", "resurrection_ratio", "plot_history", "resu_weights", "memory_report", "MemoryReport", "PRUNE_METHODS", "COMMIT_STRATEGIES",
+    "calibrate", "PRUNE_GRANULARITIES", "PRUNE_SCOPES",
 ]

@@ -20,6 +20,9 @@ class ResuConfig(AOBaseConfig):
     def __post_init__(self):
         check_sparsity(self.sparsity)
         check_method(self.method)
+        if self.method == "wanda" and self.sparsity > 0:
+            raise ValueError("quantize_ has no calibration data for wanda: quantize with sparsity=0.0, then "
+                             "rt.prune_(model, sparsity, method='wanda', calibration=batches)")
 
 
 def resu_config(sparsity: float = 0.0, method: str = "magnitude") -> ResuConfig:

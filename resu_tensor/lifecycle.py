@@ -6,9 +6,10 @@ import torch
 from resu_tensor import kernels
 from resu_tensor.mask_encoding import encode_mask
 from resu_tensor.mode import Mode
-from resu_tensor.pruning import check_finite, check_method, check_sparsity, prune_mask
+from resu_tensor.pruning import (check_finite, check_method, check_sparsity, granularity_of, mask_from_scores,
+                                  parse_granularity, resolve_sparsity, score)
 
-COMMIT_STRATEGIES = ("simple", "magnitude")
+COMMIT_STRATEGIES = ("amnesty", "wanda_reprune", "magnitude", "simple")
 
 
 def _require_mode(tensor, allowed: tuple[Mode, ...], action: str) -> None:
@@ -25,42 +26,151 @@ def _set_sparse(tensor, keep: torch.Tensor, target_sparsity: Optional[float]) ->
                       trainable_side="active", target_sparsity=target_sparsity)
 
 
-def prune(tensor, sparsity: float, method: str = "magnitude", generator: Optional[torch.Generator] = None) -> None:
-    """DENSE/SPARSE → SPARSE at ``sparsity``: pruned coordinates become exactly zero."""
+def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generator: Optional[torch.Generator] = None,
+          granularity: str = "element", scores: Optional[torch.Tensor] = None) -> None:
+    """DENSE/SPARSE → SPARSE at ``sparsity`` and ``granularity`` (see ``pruning.mask_from_scores``):
+    pruned coordinates become exactly zero. ``scores`` (storage shape (out, in)) replaces the
+    ``method``'s own scores; ``wanda`` needs them (``pruning.score(w.values, "wanda", input_norms)``).
+    An N:M prune remembers (N, M) in ``tensor.nm`` (None otherwise) so a re-prune can keep it."""
     _require_mode(tensor, (Mode.DENSE, Mode.SPARSE), "prune")
-    keep = prune_mask(tensor.values, sparsity, method, generator)
-    _set_sparse(tensor, keep, sparsity)
+    target_sparsity = resolve_sparsity(sparsity, granularity)
+    check_method(method)
+    check_finite(tensor.values)
+    if scores is None:
+        if method == "wanda":
+            raise ValueError(
+                "prune(method='wanda') needs scores: pass scores=rt.pruning.score(w.values, 'wanda', input_norms=...) "
+                "or use rt.prune_(model, sparsity, method='wanda', calibration=batches)"
+            )
+        scores = score(tensor.values, method, generator=generator)
+    elif not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(tensor.values.shape):
+        raise ValueError(f"prune: scores must be a tensor of the weight's storage shape {tuple(tensor.values.shape)}, "
+                         f"got {getattr(scores, 'shape', type(scores).__name__)}")
+    keep = mask_from_scores(scores, target_sparsity, granularity).to(tensor.values.device)
+    _set_sparse(tensor, keep, target_sparsity)
+    tensor.nm = parse_granularity(granularity)
 
 
-def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True,
-               generator: Optional[torch.Generator] = None) -> None:
-    """SPARSE → RESU: θ ~ N(0, (ε·σ_A)²) written in place into the pruned slots."""
+def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generator: Optional[torch.Generator] = None,
+               *, quantize_bits: Optional[int] = None, group_size: Optional[int] = 128,
+               theta_dtype: Optional[torch.dtype] = None, selective=None, track_gradients: bool = False,
+               subset_scores: Optional[torch.Tensor] = None) -> None:
+    """SPARSE → RESU (or QRESU with ``quantize_bits``): θ ~ N(0, (ε·σ_A)²) at the pruned slots.
+
+    RESU writes θ in place into the stored values. QRESU stores the frozen active weights as
+    ``quantize_bits``-bit group-wise codes and θ flat in ``theta_dtype`` (default: the weight's
+    dtype). ``selective`` is a SelectiveConfig (consistency filter) or StaticSubsetConfig
+    (``subset_scores``, dense |gradient| from a probe, picks S when ``by="gradient"``).
+    ``track_gradients`` accumulates Σ|g| per θ for gradient-scored commits.
+    """
+    from resu_tensor.selective import EMA_DTYPES, SelectiveConfig, StaticSubsetConfig, restrict_to_subset_
+
     _require_mode(tensor, (Mode.SPARSE,), "enter_resu")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
         raise ValueError(f"epsilon must be a non-negative float, got {epsilon!r}")
-    pruned = ~tensor.storage_mask().view(-1)
+    if selective is not None and not isinstance(selective, (SelectiveConfig, StaticSubsetConfig)):
+        raise TypeError(f"selective must be a SelectiveConfig or StaticSubsetConfig, got {type(selective).__name__}")
+    if quantize_bits is not None and not freeze_active:
+        raise ValueError("QRESU stores the active weights frozen: quantize_bits needs freeze_active=True")
+    if isinstance(selective, StaticSubsetConfig) and not freeze_active:
+        raise ValueError("a static subset trains θ only: it needs freeze_active=True")
+    if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient" and subset_scores is None:
+        raise ValueError('StaticSubsetConfig(by="gradient") needs probe gradients (enter_resu_(..., probe_fn=...))')
+    keep = tensor.storage_mask()
+    pruned = ~keep.view(-1)
     active_values = tensor.values.reshape(-1)[~pruned].float()
     sigma = active_values.std().item() if active_values.numel() > 1 else 0.0
-    n_pruned = int(pruned.sum())
     noise_device = "cpu" if generator is None else generator.device
-    theta = torch.randn(n_pruned, generator=generator, device=noise_device).to(tensor.values.device)
-    kernels.scatter_trainable_(tensor.values, pruned, theta * (float(epsilon) * sigma))
-    tensor.set_state_(values=tensor.values, mode=Mode.RESU, mask=tensor.encoded_mask(),
-                      trainable_side="pruned" if freeze_active else "all")
+    theta = torch.randn(int(pruned.sum()), generator=generator, device=noise_device).to(tensor.values.device)
+    theta = theta * (float(epsilon) * sigma)
+    side = "pruned" if freeze_active else "all"
+    n_trainable = theta.numel() if freeze_active else tensor.storage_numel
+    resu_state = {}
+    if isinstance(selective, SelectiveConfig):
+        dtype = EMA_DTYPES[selective.ema_dtype]
+        resu_state.update(selective=selective.as_tuple(),
+                          selective_m=torch.zeros(n_trainable, dtype=dtype, device=theta.device),
+                          selective_v=torch.zeros(n_trainable, dtype=dtype, device=theta.device))
+    if track_gradients:
+        resu_state["grad_abs_sum"] = torch.zeros(n_trainable, device=theta.device)
+    if quantize_bits is None:
+        kernels.scatter_trainable_(tensor.values, pruned, theta)
+        tensor.set_state_(values=tensor.values, mode=Mode.RESU, mask=tensor.encoded_mask(), trainable_side=side,
+                          **resu_state)
+    else:
+        from resu_tensor.qresu import check_quant_args, quantize_active
+
+        group_size = check_quant_args(quantize_bits, group_size, tensor.storage_shape[1])
+        qdata, scale, offset = quantize_active(tensor.values, keep, quantize_bits, group_size)
+        theta = theta.to(theta_dtype or tensor.compute_dtype)
+        tensor.set_state_(quantized=(qdata, scale, offset, theta, quantize_bits, group_size), mode=Mode.QRESU,
+                          mask=tensor.encoded_mask(), trainable_side=side, **resu_state)
+    if isinstance(selective, StaticSubsetConfig):
+        scores = subset_scores if selective.by == "gradient" else None
+        restrict_to_subset_(tensor, selective, scores, generator)
 
 
-def commit(tensor, strategy: str = "simple") -> None:
-    """RESU → SPARSE. ``simple``: every θ becomes an active weight (no re-prune). ``magnitude``:
-    re-prune the merged weight to the layer's sparsity by |W|."""
+def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None, cycle: int = 0,
+           num_cycles: int = 1, score: str = "magnitude", r_start: float = 0.10, r_end: float = 0.02,
+           input_norms: Optional[torch.Tensor] = None):
+    """RESU/QRESU → SPARSE: merge θ and choose the new mask (DESIGN.md §1). Returns AmnestyStats.
+
+    * ``simple``: every θ becomes an active weight (no re-prune).
+    * ``magnitude``: re-prune the merged weight by |W|.
+    * ``wanda_reprune``: re-prune the merged weight by Wanda scores (needs ``input_norms``).
+    * ``amnesty``: the relative tournament: r(c)·n_keep slots reserved for resurrected
+      coordinates (r from ``r_start`` to ``r_end`` over ``num_cycles``), top-k by ``score``
+      (``magnitude``, ``gradient`` = |W|·|ḡ| with ḡ from ``enter_resu(track_gradients=True)``,
+      ``wanda``) inside each group; N:M masks stay N:M.
+
+    ``sparsity`` defaults to the layer's last pruning sparsity. QRESU's W_A is dequantized first.
+    """
+    from resu_tensor import amnesty
+
     if strategy not in COMMIT_STRATEGIES:
         raise ValueError(f"unknown commit strategy {strategy!r}; accepted: {', '.join(COMMIT_STRATEGIES)}")
-    _require_mode(tensor, (Mode.RESU,), "commit")
+    _require_mode(tensor, (Mode.RESU, Mode.QRESU), "commit")
+    sparsity = tensor.target_sparsity if sparsity is None else sparsity
+    check_sparsity(sparsity)
+    grad_abs = None
+    if tensor.grad_abs_sum is not None:
+        grad_abs = tensor.expand_trainable(tensor.grad_abs_sum)
+    old_mask = tensor.storage_mask()
+    merged = tensor.storage_weight()
+    if strategy != "simple":
+        check_finite(merged, "commit")
     if strategy == "simple":
-        keep = torch.ones_like(tensor.values, dtype=torch.bool)
+        keep = amnesty.simple_mask(old_mask.shape, old_mask.device)
+        reserved = 0
+    elif strategy == "amnesty":
+        scores = amnesty.score_for_commit(merged, score, grad_mean_abs=grad_abs, input_norms=input_norms)
+        if score == "gradient" and tensor.trainable_side != "all":
+            scores = torch.where(old_mask, merged.abs().float(), scores)  # frozen active weights have no ḡ
+        ratio = amnesty.resurrection_ratio(cycle, num_cycles, r_start, r_end)
+        keep, stats = amnesty.amnesty_mask(scores, old_mask, sparsity, ratio, nm=tensor.nm)
+        reserved = stats.reserved_for_resurrected
     else:
-        check_finite(tensor.values, "commit")
-        keep = prune_mask(tensor.values, tensor.target_sparsity, "magnitude")
-    _set_sparse(tensor, keep, None)
+        method = "magnitude" if strategy == "magnitude" else "wanda"
+        scores = amnesty.score_for_commit(merged, method, input_norms=input_norms)
+        granularity = granularity_of(tensor)  # an N:M layer stays N:M
+        keep = mask_from_scores(scores, None if tensor.nm else sparsity, granularity)
+        reserved = 0
+    if tensor.values is None:  # QRESU: back to dense storage before the new mask is applied
+        tensor.set_state_(values=merged, mode=Mode.RESU, mask=tensor.encoded_mask(), trainable_side="pruned")
+    _set_sparse(tensor, keep, sparsity if strategy != "simple" else None)
+    return commit_stats(old_mask, keep, reserved)
+
+
+def commit_stats(old_mask: torch.Tensor, new_mask: torch.Tensor, reserved: int = 0):
+    """AmnestyStats of any commit: who stayed, who came back, who left."""
+    from resu_tensor.amnesty import AmnestyStats
+
+    kept = int(new_mask.sum())
+    return AmnestyStats(
+        active_kept=int((old_mask & new_mask).sum()), resurrected_kept=int((~old_mask & new_mask).sum()),
+        active_pruned=int((old_mask & ~new_mask).sum()), resurrected_dropped=int((~old_mask & ~new_mask).sum()),
+        budget=kept, budget_used=kept, reserved_for_resurrected=reserved,
+    )
 
 
 __all__ = ["prune", "enter_resu", "commit", "COMMIT_STRATEGIES", "check_method", "check_sparsity"]

@@ -22,42 +22,150 @@ def resu_weights(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> Iter
             yield name, module, weight
 
 
-def prune_(model: nn.Module, sparsity: float, method: str = "magnitude", filter_fn: Optional[FilterFn] = None,
-           generator: Optional[torch.Generator] = None) -> nn.Module:
-    """Prune every chosen ResuTensor weight to ``sparsity`` (→ SPARSE).
+def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "magnitude",
+           filter_fn: Optional[FilterFn] = None, generator: Optional[torch.Generator] = None, *,
+           granularity: str = "element", scope: str = "layer", calibration=None) -> nn.Module:
+    """Prune every chosen ResuTensor weight (→ SPARSE).
+
+    * ``method``: ``magnitude`` |W|, ``random``, or ``wanda`` |W_ij|·‖X_j‖₂, which needs
+      ``calibration``: an iterable of input batches (run through :func:`resu_tensor.calibrate`) or
+      the dict {module name: (in_features,) input L2 norms} that ``calibrate`` returns.
+    * ``granularity``: ``element`` (default), ``row`` (same count pruned in every output row),
+      ``structured_row`` / ``structured_column`` (whole rows / input columns), or ``"N:M"`` such as
+      ``"2:4"`` (N kept in every M consecutive inputs; ``sparsity`` None means the implied 1 − N/M).
+    * ``scope``: ``layer`` (every layer to ``sparsity``), ``global`` (one score threshold over all
+      chosen layers; element granularity only) or ``erk`` (Erdős–Rényi-Kernel per-layer
+      densities whose kept total is (1 − sparsity)·total).
+
+    Every layer is checked (mode, calibration) and every score computed before any layer changes.
 
     Example::
 
         rt.prune_(model, sparsity=0.7, method="magnitude")
+        rt.prune_(model, method="wanda", granularity="2:4", calibration=[x1, x2])
+        rt.prune_(model, 0.9, scope="erk")
     """
-    for _, _, weight in resu_weights(model, filter_fn):
-        weight.prune(sparsity, method=method, generator=generator)
+    from resu_tensor.mode import Mode
+    from resu_tensor.pruning import (check_finite, check_input_norms, check_method, check_scope, erk_densities,
+                                     global_sparsities, parse_granularity, resolve_sparsity, score)
+
+    check_method(method)
+    check_scope(scope)
+    layer_sparsity = resolve_sparsity(sparsity, granularity)
+    if scope == "global" and granularity != "element":
+        raise ValueError(f"scope='global' prunes by one threshold over all elements: it needs granularity='element', "
+                         f"got {granularity!r}")
+    n_m = parse_granularity(granularity)
+    if scope == "erk" and n_m is not None:
+        raise ValueError(f"scope='erk' gives every layer its own sparsity, but granularity {granularity!r} fixes it at "
+                         f"{layer_sparsity:g}; use scope='layer'")
+    layers = [(name, weight) for name, _, weight in resu_weights(model, filter_fn)]
+    for name, weight in layers:
+        if weight.mode not in (Mode.DENSE, Mode.SPARSE):
+            raise ValueError(f"prune_: layer {name!r} is in mode {weight.mode.value!r}; "
+                             "prune needs 'dense' or 'sparse'")
+        if n_m is not None and weight.values.shape[1] % n_m[1]:
+            raise ValueError(f"prune_: layer {name!r}: granularity {granularity!r} needs in_features divisible by "
+                             f"{n_m[1]}, got {weight.values.shape[1]}")
+        check_finite(weight.values, f"prune_: layer {name!r}")
+    input_norms = {}
+    if method == "wanda":
+        from resu_tensor.calibration import input_norms_for  # calibration imports resu_weights from here
+
+        input_norms = input_norms_for(model, [name for name, _ in layers], calibration, filter_fn)
+        for name, weight in layers:
+            check_input_norms(input_norms[name], weight.values.shape[1])
+
+    def layer_scores(name: str, weight: ResuTensor) -> torch.Tensor:
+        return score(weight.values, method, input_norms.get(name), generator)
+
+    if scope == "layer":
+        for name, weight in layers:
+            weight.prune(sparsity, method=method, granularity=granularity, scores=layer_scores(name, weight))
+        return model
+    if scope == "global":
+        scores = {name: layer_scores(name, weight) for name, weight in layers}
+        sparsities = global_sparsities(scores, layer_sparsity)
+        collapsed = [name for name, value in sparsities.items() if value >= 1.0]
+        if collapsed:
+            raise ValueError(f"scope='global' at sparsity {sparsity} would prune every weight of layer(s) {collapsed} "
+                             "(all their scores fall below the global threshold); lower the sparsity, leave them out "
+                             "with filter_fn, or use scope='erk' or 'layer'")
+    else:
+        scores = {}
+        densities = erk_densities({name: tuple(weight.values.shape) for name, weight in layers}, layer_sparsity)
+        sparsities = {name: max(0.0, 1.0 - density) for name, density in densities.items()}
+    for name, weight in layers:
+        layer_score = scores.pop(name) if name in scores else layer_scores(name, weight)
+        weight.prune(sparsities[name], method=method, granularity=granularity, scores=layer_score)
     return model
 
 
 def enter_resu_(model: nn.Module, epsilon: float = 0.1, freeze_active: bool = True,
-                filter_fn: Optional[FilterFn] = None, generator: Optional[torch.Generator] = None) -> nn.Module:
-    """Move every chosen SPARSE weight into RESU (θ in the pruned slots).
+                filter_fn: Optional[FilterFn] = None, generator: Optional[torch.Generator] = None,
+                probe_fn: Optional[Callable[[nn.Module], torch.Tensor]] = None, **options) -> nn.Module:
+    """Move every chosen SPARSE weight into RESU (θ in the pruned slots), or QRESU with
+    ``quantize_bits=4`` (or 8) and ``group_size``. ``selective`` takes a SelectiveConfig or a
+    StaticSubsetConfig; one with ``by="gradient"`` needs ``probe_fn(model) -> loss``, whose
+    gradient ranks the pruned coordinates. Other options: see ``lifecycle.enter_resu``.
 
     Example::
 
         rt.enter_resu_(model, epsilon=0.1, freeze_active=True)
+        rt.enter_resu_(model, quantize_bits=4, group_size=128, selective=rt.SelectiveConfig())
     """
-    for _, _, weight in resu_weights(model, filter_fn):
-        weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator)
+    from resu_tensor.selective import StaticSubsetConfig
+
+    selective = options.get("selective")
+    weights = [w for _, _, w in resu_weights(model, filter_fn)]
+    if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient":
+        if probe_fn is None:
+            raise ValueError('StaticSubsetConfig(by="gradient") needs probe_fn(model) -> loss')
+        probe_options = {k: v for k, v in options.items() if k != "selective"}
+        for weight in weights:
+            weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator, **probe_options)
+        scores = _probe_gradients(model, weights, probe_fn)
+        from resu_tensor.selective import restrict_to_subset_
+
+        for weight in weights:
+            restrict_to_subset_(weight, selective, scores[id(weight)], generator)
+        return model
+    for weight in weights:
+        weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator, **options)
     return model
 
 
-def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[FilterFn] = None) -> nn.Module:
-    """Merge θ into every chosen RESU weight and pick its new mask (→ SPARSE).
+def _probe_gradients(model: nn.Module, weights: list, probe_fn) -> dict:
+    """|dense gradient| of each weight (storage orientation) from one probe loss."""
+    for weight in weights:
+        weight.grad = None
+    probe_fn(model).backward()
+    scores = {id(w): w.expand_trainable(w.grad).abs() if w.grad is not None else torch.zeros(w.storage_shape)
+              for w in weights}
+    for weight in weights:
+        weight.grad = None
+    return scores
+
+
+def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[FilterFn] = None, *,
+            calibration=None, **options) -> dict:
+    """Merge θ into every chosen RESU/QRESU weight and pick its new mask (→ SPARSE). Returns
+    {layer name: AmnestyStats}. Strategies and ``options`` (sparsity, cycle, num_cycles, score,
+    r_start, r_end): see ``lifecycle.commit``; Wanda scores need ``calibration`` (batches or
+    the dict of ``rt.calibrate``).
 
     Example::
 
-        rt.commit_(model, strategy="magnitude")
+        stats = rt.commit_(model, strategy="amnesty", cycle=1, num_cycles=4)
+        print(rt.format_stats_table(stats))
     """
-    for _, _, weight in resu_weights(model, filter_fn):
-        weight.commit(strategy)
-    return model
+    layers = list(resu_weights(model, filter_fn))
+    input_norms = {}
+    if (strategy == "amnesty" and options.get("score") == "wanda") or strategy == "wanda_reprune":
+        from resu_tensor.calibration import input_norms_for
+
+        input_norms = input_norms_for(model, [name for name, _, _ in layers], calibration, filter_fn)
+    return {name: weight.commit(strategy, input_norms=input_norms.get(name), **options) for name, _, weight in layers}
 
 
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer, model: Optional[nn.Module] = None) -> int:

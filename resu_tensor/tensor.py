@@ -7,7 +7,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from resu_tensor import kernels
 from resu_tensor.compact import CompactTensor
-from resu_tensor.mask_encoding import EncodedMask, active_count, decode_mask, encode_mask, encoded_nbytes
+from resu_tensor.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes
 from resu_tensor.mode import Mode
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -312,27 +312,37 @@ class ResuTensor(TorchAOBaseTensor):
         return dense.t() if self.transposed else dense
 
     # ----------------------------------------------------------------- lifecycle (see lifecycle.py)
-    def prune(self, sparsity: float, method: str = "magnitude", generator: Optional[torch.Generator] = None) -> "ResuTensor":
-        """Prune to ``sparsity`` by ``method`` → SPARSE. Returns self."""
+    def prune(self, sparsity: Optional[float], method: str = "magnitude", generator: Optional[torch.Generator] = None,
+              granularity: str = "element", scores: Optional[torch.Tensor] = None) -> "ResuTensor":
+        """Prune to ``sparsity`` by ``method`` at ``granularity`` (element, row, structured_row,
+        structured_column or "N:M" with sparsity None) → SPARSE; ``scores`` (out, in) overrides the
+        method's own (wanda needs them). Returns self.
+
+        Example::
+
+            w.prune(0.5, granularity="row"); w.prune(None, granularity="2:4")
+        """
         from resu_tensor import lifecycle
 
-        lifecycle.prune(self, sparsity, method, generator)
+        lifecycle.prune(self, sparsity, method, generator, granularity, scores)
         return self
 
     def enter_resu(self, epsilon: float = 0.1, freeze_active: bool = True,
-                   generator: Optional[torch.Generator] = None) -> "ResuTensor":
-        """SPARSE → RESU: θ ~ N(0, (ε·σ_A)²) in the pruned slots. Returns self."""
+                   generator: Optional[torch.Generator] = None, **options) -> "ResuTensor":
+        """SPARSE → RESU: θ ~ N(0, (ε·σ_A)²) in the pruned slots; ``quantize_bits=4`` → QRESU.
+        Options: see :func:`resu_tensor.lifecycle.enter_resu`. Returns self."""
         from resu_tensor import lifecycle
 
-        lifecycle.enter_resu(self, epsilon, freeze_active, generator)
+        lifecycle.enter_resu(self, epsilon, freeze_active, generator, **options)
         return self
 
-    def commit(self, strategy: str = "simple") -> "ResuTensor":
-        """RESU → SPARSE: merge θ and choose the new mask by ``strategy``. Returns self."""
+    def commit(self, strategy: str = "simple", **options):
+        """RESU/QRESU → SPARSE: merge θ and choose the new mask by ``strategy`` ("amnesty",
+        "wanda_reprune", "magnitude", "simple"); options: see :func:`resu_tensor.lifecycle.commit`.
+        Returns the commit's AmnestyStats."""
         from resu_tensor import lifecycle
 
-        lifecycle.commit(self, strategy)
-        return self
+        return lifecycle.commit(self, strategy, **options)
 
     def __repr__(self) -> str:
         return (

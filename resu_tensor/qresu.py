@@ -1,0 +1,41 @@
+"""QRESU storage: frozen active weights W_A as 4/8-bit group-wise codes, θ as a flat tensor.
+
+It is QLoRA's idea applied to RESU's frozen active set: during the RESU phase W_A never changes,
+so it is stored compressed while θ (p values, row-major over the pruned coordinates) stays in
+full precision and trains.
+"""
+from typing import Optional
+
+import torch
+
+from resu_tensor import kernels
+from resu_tensor.kernels import quant
+
+QUANT_BITS = (4, 8)
+
+
+def check_quant_args(bits: int, group_size: Optional[int], in_features: int) -> int:
+    """Validated group size (None = per-channel, one group per row)."""
+    if bits not in QUANT_BITS:
+        raise ValueError(f"quantize_bits must be one of {QUANT_BITS}, got {bits!r}")
+    if group_size is None:
+        return in_features
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even int >= 2 or None (per-channel), got {group_size!r}")
+    return group_size
+
+
+def quantize_active(values: torch.Tensor, keep: torch.Tensor, bits: int, group_size: int) -> tuple:
+    """(qdata, qscale, qoffset) for the kept coordinates of ``values``."""
+    codes, scale, offset = quant.quantize_groupwise(values, keep, bits, group_size)
+    qdata = quant.pack_4bit(codes) if bits == 4 else codes
+    return qdata, scale, offset
+
+
+def effective_weight(tensor) -> torch.Tensor:
+    """Dense W_eff (storage orientation, compute dtype): dequantized W_A at active coordinates,
+    θ at pruned ones."""
+    keep = tensor.storage_mask()
+    dense = quant.dequantize_active(tensor.qdata, tensor.qscale, tensor.qoffset, tensor.quant_bits, tensor.group_size,
+                                    tensor.storage_shape[1], tensor.compute_dtype, keep)
+    return kernels.scatter_trainable_(dense, ~keep.view(-1), tensor.theta)
