@@ -136,7 +136,7 @@ class ResuScheduler:
         consistency = [w.selective_m.float().abs() / (w.selective_v.float() + w.selective[4])
                        for _, _, w in weights if w.selective_m is not None]
         mean_consistency = torch.cat(consistency).mean().item() if consistency else None
-        commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle + 1,
+        commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle,
                 num_cycles=c.num_cycles, score=c.commit_score, r_start=c.r_start, r_end=c.r_end,
                 calibration=self.calibration, filter_fn=self.filter_fn)
         self._reset_state()

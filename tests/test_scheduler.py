@@ -1,0 +1,219 @@
+"""ResuScheduler: phase order, sparsity per cycle, state resets, stats, pause, resume."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization import quantize_
+
+import resu_tensor as rt
+
+
+def make_run(config_overrides=None, seed=0, filter_fn=None):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    quantize_(model, rt.resu_config(sparsity=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    options = dict(steps_per_cycle=20, num_cycles=3, sparsity=0.6, stabilize_fraction=0.2, resu_fraction=0.3,
+                   progress=False)
+    options.update(config_overrides or {})
+    scheduler = rt.ResuScheduler(model, optimizer, rt.ScheduleConfig(**options), filter_fn=filter_fn)
+    return model, optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, generator):
+    x = torch.randn(8, 16, generator=generator)
+    y = torch.randint(0, 4, (8,), generator=generator)
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step(loss)
+
+
+def test_sparsity_schedules():
+    config = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=5, sparsity=0.8, initial_sparsity=0.2,
+                               sparsity_schedule="linear")
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2, 0.35, 0.5, 0.65, 0.8]
+    config.sparsity_schedule = "cubic"
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2, 0.5469, 0.725, 0.7906, 0.8]
+    config.sparsity_schedule = "cosine"
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2, 0.2879, 0.5, 0.7121, 0.8]
+    assert rt.ScheduleConfig(10, 3, sparsity=0.5).cycle_sparsities() == [0.5, 0.5, 0.5]
+    dense_again = rt.ScheduleConfig(10, 3, sparsity_schedule=[0.9, 0.7, 0.5])  # densification
+    assert dense_again.cycle_sparsities() == [0.9, 0.7, 0.5]
+    assert (config.train_steps, config.stabilize_steps, config.resu_steps) == (5, 1, 4)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown sparsity_schedule"):
+        rt.ScheduleConfig(10, 2, sparsity_schedule="exp")
+    with pytest.raises(ValueError, match="one value per cycle"):
+        rt.ScheduleConfig(10, 2, sparsity_schedule=[0.5])
+    with pytest.raises(ValueError, match="steps_per_cycle"):
+        rt.ScheduleConfig(0, 2)
+    with pytest.raises(ValueError, match="on_pause"):
+        rt.ScheduleConfig(10, 2, pause_at=[0])
+    with pytest.raises(ValueError, match="calibration"):
+        make_run({"prune_method": "wanda"})
+
+
+def test_phase_order_modes_and_sparsity_per_cycle():
+    model, optimizer, scheduler = make_run({"sparsity_schedule": [0.4, 0.5, 0.6]})
+    w = model[0].weight
+    generator = torch.Generator().manual_seed(1)
+    seen = []
+    while not scheduler.finished:
+        phase = scheduler.phase
+        train_step(model, optimizer, scheduler, generator)
+        seen.append((phase, w.mode.value))
+    # cycle 0: dense TRAIN, then the prune makes it sparse for STABILIZE, RESU, commit → sparse
+    c = scheduler.config
+    assert [p for p, _ in seen[:20]] == ["train"] * c.train_steps + ["stabilize"] * c.stabilize_steps + ["resu"] * c.resu_steps
+    assert seen[0] == ("train", "dense")
+    assert seen[c.train_steps - 1] == ("train", "sparse")  # pruned right after the last TRAIN step
+    assert seen[c.train_steps + c.stabilize_steps - 1] == ("stabilize", "resu")
+    assert seen[19] == ("resu", "sparse")  # committed at the end of the cycle
+    assert [round(h.sparsity, 3) for h in scheduler.history] == [0.4, 0.5, 0.6]
+    assert [h.cycle for h in scheduler.history] == [0, 1, 2]
+    assert all(h.loss is not None and h.loss > 0 for h in scheduler.history)
+    assert scheduler.phase == "done"
+
+
+def test_optimizer_state_reset_only_for_changed_layers():
+    model, optimizer, scheduler = make_run(filter_fn=lambda m, name: name == "0")
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(scheduler.config.train_steps):
+        train_step(model, optimizer, scheduler, generator)
+    # the prune happened at the last step: layer 0 changed, layer 2 (not scheduled) did not
+    assert model[0].weight not in optimizer.state
+    assert model[2].weight in optimizer.state and model[2].weight.mode == rt.Mode.DENSE
+    train_step(model, optimizer, scheduler, generator)
+    assert optimizer.state[model[0].weight]["exp_avg"].flat.numel() == model[0].weight.trainable_count
+
+
+def test_amnesty_resurrects_and_stats_track_survivors():
+    model, optimizer, scheduler = make_run({"num_cycles": 3, "epsilon": 2.0, "r_start": 0.3, "r_end": 0.1})
+    generator = torch.Generator().manual_seed(3)
+    while not scheduler.finished:
+        train_step(model, optimizer, scheduler, generator)
+    h = scheduler.history
+    kept = sum(round(0.4 * w.numel()) for _, _, w in rt.resu_weights(model))
+    assert all(0 < s.resurrected <= kept for s in h)
+    assert h[0].survivors == 0 and h[2].survivors <= h[0].resurrected + h[1].resurrected
+    assert h[1].resurrected >= round((0.3 - 0.2 / 3) * kept) - 2  # r(c)·n_keep slots reserved, r(1) = 0.233
+    text = scheduler.summary()
+    assert text.splitlines()[0].split() == ["cycle", "sparsity", "resurrected", "survivors", "consistency", "loss"]
+
+
+def test_selective_and_qresu_in_the_schedule():
+    model, optimizer, scheduler = make_run({"quantize_bits": 4, "group_size": 16, "selective": rt.SelectiveConfig(),
+                                            "commit_score": "gradient"})
+    generator = torch.Generator().manual_seed(4)
+    modes = set()
+    while not scheduler.finished:
+        train_step(model, optimizer, scheduler, generator)
+        modes.add(model[0].weight.mode)
+    assert rt.Mode.QRESU in modes and model[0].weight.mode == rt.Mode.SPARSE
+    assert all(0 <= h.mean_consistency <= 1 for h in scheduler.history)
+
+
+def test_pause_callback_at_chosen_cycle_ends():
+    paused = []
+    model, optimizer, scheduler = make_run({"pause_at": [0, 2], "on_pause": lambda s, c: paused.append((c, s.global_step))})
+    generator = torch.Generator().manual_seed(5)
+    while not scheduler.finished:
+        train_step(model, optimizer, scheduler, generator)
+    assert paused == [(0, 20), (2, 60)]
+
+
+def test_checkpoint_mid_cycle_resumes_identically():
+    generator = torch.Generator().manual_seed(6)
+    model, optimizer, scheduler = make_run({"selective": rt.SelectiveConfig()}, seed=7)
+    for _ in range(56):  # cycle 2 is steps 40..59: train 10, stabilize 4, RESU 6 → mid-RESU
+        train_step(model, optimizer, scheduler, generator)
+    reference_rest = torch.Generator()
+    reference_rest.set_state(generator.get_state())
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "data_rng": generator.get_state()}, buffer)
+    while not scheduler.finished:
+        train_step(model, optimizer, scheduler, generator)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    fresh_model, fresh_optimizer, fresh_scheduler = make_run({"selective": rt.SelectiveConfig()}, seed=99)
+    fresh_model.load_state_dict(checkpoint["model"])
+    fresh_optimizer.load_state_dict(checkpoint["optimizer"])
+    fresh_scheduler.load_state_dict(checkpoint["scheduler"])
+    resumed_rng = torch.Generator()
+    resumed_rng.set_state(checkpoint["data_rng"])
+    while not fresh_scheduler.finished:
+        train_step(fresh_model, fresh_optimizer, fresh_scheduler, resumed_rng)
+    for a, b in zip(model.parameters(), fresh_model.parameters()):
+        if isinstance(a, rt.ResuTensor):
+            assert a.mode == b.mode and torch.equal(a.mask(), b.mask())
+            assert torch.equal(a.dequantize(), b.dequantize())
+        else:
+            assert torch.equal(a, b)
+    assert [vars(h) for h in scheduler.history] == [vars(h) for h in fresh_scheduler.history]
+
+
+def test_plot_history_writes_png(tmp_path):
+    model, optimizer, scheduler = make_run({"num_cycles": 2})
+    generator = torch.Generator().manual_seed(8)
+    with pytest.raises(ValueError, match="no finished cycle"):
+        rt.plot_history(scheduler, tmp_path / "empty.png")
+    while not scheduler.finished:
+        train_step(model, optimizer, scheduler, generator)
+    path = rt.plot_history(scheduler, tmp_path / "history.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_end_to_end_on_mnist1d_with_resume():
+    """Three cycles on real MNIST-1D data: phase order, sparsity per cycle, learning, and resume."""
+    from resu_tensor.demo import load_mnist1d
+
+    x, y, x_test, y_test = load_mnist1d()
+
+    def run(stop_at=None, state=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 10))
+        quantize_(model, rt.resu_config(sparsity=0.0))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        config = rt.ScheduleConfig(steps_per_cycle=60, num_cycles=3, sparsity=0.8, initial_sparsity=0.5,
+                                   sparsity_schedule="cubic", progress=False)
+        scheduler = rt.ResuScheduler(model, optimizer, config)
+        batches = torch.Generator().manual_seed(1)
+        if state is not None:
+            model.load_state_dict(state["model"]), optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"]), batches.set_state(state["batches"])
+        phases = []
+        while not scheduler.finished:
+            if scheduler.global_step == stop_at:
+                return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "batches": batches.get_state()}
+            idx = torch.randint(0, len(x), (64,), generator=batches)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            phases.append(scheduler.phase)
+            scheduler.step(loss)
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+        return model, scheduler, phases, accuracy
+
+    model, scheduler, phases, accuracy = run()
+    assert phases[:60] == ["train"] * 30 + ["stabilize"] * 6 + ["resu"] * 24
+    # each layer rounds its pruned count to whole coordinates
+    assert [h.sparsity for h in scheduler.history] == pytest.approx(scheduler.config.cycle_sparsities(), abs=2e-3)
+    assert accuracy > 0.3  # 10 classes; 180 small steps
+    assert scheduler.history[-1].loss < scheduler.history[0].loss
+    state = run(stop_at=100)  # cycle 1, mid-RESU
+    resumed, resumed_scheduler, _, resumed_accuracy = run(state=state)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        da = a.dequantize() if isinstance(a, rt.ResuTensor) else a
+        db = b.dequantize() if isinstance(b, rt.ResuTensor) else b
+        assert torch.equal(da, db)
+    assert resumed_accuracy == accuracy
