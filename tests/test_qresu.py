@@ -126,3 +126,16 @@ def test_qresu_errors():
         w.enter_resu(quantize_bits=4, freeze_active=False)
     with pytest.raises(ValueError, match="group_size must be"):
         w.enter_resu(quantize_bits=4, group_size=7)
+
+
+def test_resu_config_goes_straight_to_qresu():
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+    quantize_(model, rt.resu_config(sparsity=0.5, quantize_bits=4, group_size=32))
+    assert all(m.weight.mode == rt.Mode.QRESU for m in (model[0], model[2]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 64)).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="needs sparsity > 0"):
+        rt.resu_config(quantize_bits=4)
+    with pytest.raises(ValueError, match="quantize_bits must be one of"):
+        rt.resu_config(sparsity=0.5, quantize_bits=2)

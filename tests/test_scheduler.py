@@ -217,3 +217,17 @@ def test_end_to_end_on_mnist1d_with_resume():
         db = b.dequantize() if isinstance(b, rt.ResuTensor) else b
         assert torch.equal(da, db)
     assert resumed_accuracy == accuracy
+
+
+def test_static_subset_is_refreshed_every_n_steps():
+    model, optimizer, scheduler = make_run({"num_cycles": 1, "selective": rt.StaticSubsetConfig(alpha=0.3, refresh_every=2)})
+    generator = torch.Generator().manual_seed(9)
+    subsets = []
+    while not scheduler.finished:
+        train_step(model, optimizer, scheduler, generator)
+        w = model[0].weight
+        if w.mode == rt.Mode.RESU:
+            subsets.append(w.trainable_mask().clone())
+            assert w.trainable_count == int(0.3 * (w.numel() - w.n_active))
+    changes = [not torch.equal(a, b) for a, b in zip(subsets, subsets[1:])]
+    assert changes == [False, True, False, True, False]  # RESU steps 14..19: refreshed at 2 and 4
