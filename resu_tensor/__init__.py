@@ -45,6 +45,8 @@ from resu_tensor.plot import plot_history  # noqa: E402
 from resu_tensor.schedule import ScheduleConfig  # noqa: E402
 from resu_tensor.scheduler import CycleStats, ResuScheduler  # noqa: E402
 from resu_tensor.tensor import ResuTensor  # noqa: E402
+from resu_tensor.export import to_dense_, to_semi_structured_  # noqa: E402
+from resu_tensor.integrations import enable_flat_state_dict, load_resu_safetensors, save_resu_safetensors  # noqa: E402
 
 # torch.load(weights_only=True) must be allowed to rebuild our tensors.
 torch.serialization.add_safe_globals([ResuTensor, CompactTensor])
@@ -53,5 +55,6 @@ __all__ = [
     "ResuTensor", "CompactTensor", "Mode", "ResuConfig", "resu_config", "prune_", "enter_resu_", "commit_",
     "reset_optimizer_state_", "SelectiveConfig", "StaticSubsetConfig", "ScheduleConfig", "ResuScheduler", "CycleStats",
     "AmnestyStats", "format_stats_table", "resurrection_ratio", "plot_history", "resu_weights", "memory_report", "MemoryReport", "PRUNE_METHODS", "COMMIT_STRATEGIES",
-    "calibrate", "PRUNE_GRANULARITIES", "PRUNE_SCOPES",
+    "calibrate", "PRUNE_GRANULARITIES", "PRUNE_SCOPES", "to_dense_", "to_semi_structured_",
+    "enable_flat_state_dict", "load_resu_safetensors", "save_resu_safetensors",
 ]

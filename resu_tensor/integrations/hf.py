@@ -1,0 +1,392 @@
+"""Hugging Face ``transformers`` integration: quantize a model, train it with ``Trainer``, save
+and load it with ``save_pretrained`` / ``from_pretrained`` (safetensors).
+
+Needs the ``hf`` extra (``pip install "resu-tensor[hf]"``: transformers, accelerate, safetensors).
+
+Example::
+
+    import resu_tensor as rt
+    from resu_tensor.integrations import hf
+
+    model = LlamaForCausalLM(LlamaConfig(...))              # or .from_pretrained(...)
+    hf.quantize_hf_(model, rt.resu_config(sparsity=0.0))     # every Linear but lm_head / tied weights
+    callback = hf.ResuCallback(rt.ScheduleConfig(steps_per_cycle=500, num_cycles=4, sparsity=0.5))
+    trainer = Trainer(model=model, args=TrainingArguments(..., optim="adamw_torch"),
+                      train_dataset=data, callbacks=[callback])
+    trainer.train()                                          # cycle stats land in trainer.state.log_history
+    hf.save_resu_pretrained(model, "out")                    # or model.save_pretrained("out")
+    again = hf.from_resu_pretrained(LlamaForCausalLM, "out") # exact: modes, masks, θ, 4-bit W_A
+
+Optimizers: a ResuTensor supports the single-tensor path of torch optimizers, not the fused
+or foreach kernels. ``Trainer``'s default ``optim`` is ``"adamw_torch_fused"``; pass
+``optim="adamw_torch"`` (or your own optimizer through ``optimizers=(opt, None)``).
+``ResuCallback`` also switches any fused/foreach parameter group holding ResuTensors to the
+single-tensor path at the start of training (with a warning), so the default works too.
+"""
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from resu_tensor.config import ResuConfig, resu_config
+from resu_tensor.integrations.safetensors_io import (META, PART, enable_flat_state_dict, flatten_state_dict,
+                                                     read_safetensors, rebuild_resu_tensor, resu_keys, state_targets)
+from resu_tensor.schedule import ScheduleConfig
+from resu_tensor.scheduler import CycleStats, ResuScheduler
+from resu_tensor.tensor import ResuTensor
+
+
+SCHEDULER_STATE_NAME = "resu_scheduler.pt"
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+# ------------------------------------------------------------------------------------ which layers
+def linear_filter(model: nn.Module, *, skip_output_embeddings: bool = True, skip_names: Iterable[str] = ()) -> FilterFn:
+    """A ``filter_fn`` for ``quantize_`` that picks the model's ``nn.Linear`` layers except
+
+    * the output embedding (``model.get_output_embeddings()``, e.g. ``lm_head``), tied to the
+      input embedding or not (sparse LM heads hurt most and an ``nn.Embedding`` cannot take a
+      ResuTensor, so a tied head must stay a plain Parameter shared with the embedding);
+    * any layer whose weight is shared with another module (tied weights);
+    * layers whose qualified name equals, or ends with ``.`` + , an entry of ``skip_names``.
+
+    Example::
+
+        quantize_(model, rt.resu_config(), filter_fn=hf.linear_filter(model, skip_names=["score"]))
+    """
+    skip_names = tuple(skip_names)
+    excluded = set()
+    if skip_output_embeddings and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        if head is not None:
+            excluded.add(id(head))
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners[id(param)] = owners.get(id(param), 0) + 1
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        return (isinstance(module, nn.Linear) and id(module) not in excluded
+                and owners.get(id(module.weight), 0) <= 1
+                and not any(fqn == name or fqn.endswith("." + name) for name in skip_names))
+
+    return keep
+
+
+def quantize_hf_(model: nn.Module, config: Optional[ResuConfig] = None,
+                 filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """``quantize_(model, config, filter_fn or linear_filter(model))`` and
+    :func:`~resu_tensor.integrations.safetensors_io.enable_flat_state_dict`, so ``save_pretrained``
+    and the Trainer's checkpoints work. ``config`` defaults to ``rt.resu_config()`` (DENSE).
+
+    Example::
+
+        hf.quantize_hf_(model, rt.resu_config(sparsity=0.5))
+    """
+    from torchao.quantization import quantize_
+
+    quantize_(model, config if config is not None else resu_config(), filter_fn=filter_fn or linear_filter(model))
+    return enable_flat_state_dict(model)
+
+
+# ------------------------------------------------------------------------------------ the callback
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or similar wrappers)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def use_single_tensor_path_(optimizer: torch.optim.Optimizer) -> list[str]:
+    """Switch every parameter group holding a ResuTensor from the fused / foreach kernels to the
+    single-tensor path (the one ResuTensor supports). Returns the flags changed, e.g. ["fused"]."""
+    changed = set()
+    for group in optimizer.param_groups:
+        if any(isinstance(p, ResuTensor) for p in group["params"]):
+            for flag in ("fused", "foreach"):
+                if group.get(flag):
+                    group[flag] = False
+                    changed.add(flag)
+    if "fused" in changed and not any(g.get("fused") for g in optimizer.param_groups):
+        optimizer._step_supports_amp_scaling = False  # GradScaler must unscale grads itself again
+    return sorted(changed)
+
+
+class ResuCallback(TrainerCallback):
+    """Drives a :class:`~resu_tensor.scheduler.ResuScheduler` from ``transformers.Trainer``.
+
+    At ``on_train_begin`` it builds the scheduler on the Trainer's model and optimizer (the one
+    inside accelerate's wrapper); after every optimizer step (``on_step_end``) it calls
+    ``scheduler.step(loss)``, which prunes, enters RESU and commits at phase boundaries and drops
+    the stale optimizer state of the layers whose trainable set changed. ``loss`` is the model's
+    own ``outputs.loss`` of the step (summed over micro-batches when the Trainer passes
+    ``num_items_in_batch``, else averaged), caught by a forward hook; None if the model returns none.
+
+    At the step that ends a cycle it asks the Trainer to log and adds the cycle's stats
+    (``resu/cycle``, ``resu/sparsity``, ``resu/resurrected``, ``resu/survivors``,
+    ``resu/mean_consistency``, ``resu/cycle_loss``) to that log: they appear in
+    ``trainer.state.log_history`` and in the ``logs`` every callback after this one receives.
+    Reporting integrations (``report_to``: TensorBoard, W&B ...) sit before user callbacks in
+    the Trainer's list; to have them report the stats too, move this callback ahead of them:
+    ``handler = trainer.callback_handler; handler.callbacks.remove(cb); handler.callbacks.insert(1, cb)``.
+
+    Checkpoints: the model's ResuTensors go into ``model.safetensors`` through
+    :func:`enable_flat_state_dict` (installed at ``on_init_end``/``on_train_begin``), the
+    scheduler's own state into ``resu_scheduler.pt`` in each checkpoint folder, and
+    ``trainer.train(resume_from_checkpoint=...)`` restores both exactly (the checkpoint must be
+    ``output_dir/checkpoint-N`` or ``args.resume_from_checkpoint``; otherwise the scheduler only
+    realigns its step count and warns). Pass the callback in ``Trainer(callbacks=[...])`` so the
+    hooks exist before a resume loads the weights.
+
+    Example::
+
+        callback = ResuCallback(rt.ScheduleConfig(steps_per_cycle=200, num_cycles=3, sparsity=0.5, progress=False))
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+        print(callback.scheduler.summary())
+    """
+
+    def __init__(self, config: ScheduleConfig, *, calibration=None, filter_fn: Optional[FilterFn] = None,
+                 log_prefix: str = "resu/"):
+        if not isinstance(config, ScheduleConfig):
+            raise TypeError(f"config must be a ScheduleConfig, got {type(config).__name__}")
+        self.config, self.calibration, self.filter_fn, self.log_prefix = config, calibration, filter_fn, log_prefix
+        self.scheduler: Optional[ResuScheduler] = None
+        self._pending: list[CycleStats] = []
+        self._losses: list[tuple[torch.Tensor, bool]] = []
+        self._hook = None
+
+    # ---------------------------------------------------------------- set-up
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            enable_flat_state_dict(model)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or optimizer is None:
+            raise ValueError("ResuCallback needs the Trainer's model and optimizer (on_train_begin got none)")
+        enable_flat_state_dict(model)
+        optimizer = unwrap_optimizer(optimizer)
+        changed = use_single_tensor_path_(optimizer)
+        if changed:
+            warnings.warn(f"ResuCallback: switched the optimizer's parameter groups holding ResuTensors from "
+                          f"{'/'.join(changed)} to the single-tensor path (ResuTensor supports only that one); "
+                          "pass TrainingArguments(optim='adamw_torch') to avoid this warning", stacklevel=2)
+        if self.scheduler is None:
+            self.scheduler = ResuScheduler(model, optimizer, self.config, calibration=self.calibration,
+                                           filter_fn=self.filter_fn)
+        else:  # a second train() call: the Trainer may have built a new optimizer
+            self.scheduler.model, self.scheduler.optimizer = model, optimizer
+        if state.global_step != self.scheduler.global_step:
+            self._restore_scheduler(args, state)
+        if self._hook is None:
+            self._hook = model.register_forward_hook(self._record_loss, with_kwargs=True)
+
+    def _restore_scheduler(self, args, state) -> None:
+        candidates = [os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")]
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            candidates.insert(0, args.resume_from_checkpoint)
+        for folder in candidates:
+            path = os.path.join(folder, SCHEDULER_STATE_NAME)
+            if os.path.isfile(path):
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved["global_step"] == state.global_step:
+                    self.scheduler.load_state_dict(saved)
+                    return
+        warnings.warn(f"ResuCallback: resuming at step {state.global_step} without {SCHEDULER_STATE_NAME} "
+                      f"(looked in {candidates}); the scheduler continues from that step, but this cycle's "
+                      "statistics start afresh", stacklevel=3)
+        self.scheduler.global_step = state.global_step
+
+    def _record_loss(self, module, args, kwargs, output) -> None:
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if module.training and isinstance(loss, torch.Tensor):
+            self._losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None))
+
+    # ---------------------------------------------------------------- every step
+    def _step_loss(self) -> Optional[float]:
+        if not self._losses:
+            return None
+        values = torch.stack([loss.float().reshape(()) for loss, _ in self._losses])
+        summed = all(scaled for _, scaled in self._losses)
+        self._losses.clear()
+        return float(values.sum() if summed else values.mean())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.scheduler is None:
+            return
+        cycles = len(self.scheduler.history)
+        self.scheduler.step(self._step_loss())
+        if len(self.scheduler.history) > cycles:
+            self._pending.extend(self.scheduler.history[cycles:])
+            control.should_log = True
+
+    def cycle_logs(self, stats: CycleStats) -> dict:
+        """One cycle's stats as Trainer log entries (None values left out)."""
+        values = {"cycle": stats.cycle, "sparsity": stats.sparsity, "resurrected": stats.resurrected,
+                  "survivors": stats.survivors, "mean_consistency": stats.mean_consistency, "cycle_loss": stats.loss}
+        return {self.log_prefix + k: v for k, v in values.items() if v is not None}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        last = state.log_history[-1] if state.log_history else None
+        for i, stats in enumerate(pending):
+            entry = self.cycle_logs(stats)
+            if i == 0 and last is not None and last.get("step") == state.global_step:
+                last.update(entry)  # the entry Trainer.log just appended for these logs
+            else:
+                state.log_history.append({**entry, "step": state.global_step})
+            if logs is not None:
+                logs.update(entry)
+
+    # ---------------------------------------------------------------- checkpoints and end
+    def on_save(self, args, state, control, **kwargs):
+        if self.scheduler is None or not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self.scheduler.state_dict(), os.path.join(folder, SCHEDULER_STATE_NAME))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._losses.clear()
+
+
+# ------------------------------------------------------------------------------------ save / load
+def save_resu_pretrained(model, save_directory: str, **kwargs) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)`` with every ResuTensor flattened into
+    plain tensors (see :mod:`resu_tensor.integrations.safetensors_io`): the checkpoint is a
+    normal safetensors one that :func:`from_resu_pretrained` restores exactly, and that a plain
+    ``from_pretrained`` loads as a dense model with the effective weights (the extra
+    ``*.resu.*`` entries are reported as unexpected keys).
+
+    Example::
+
+        hf.save_resu_pretrained(model, "out"); hf.from_resu_pretrained(LlamaForCausalLM, "out")
+    """
+    if "state_dict" not in kwargs:
+        kwargs["state_dict"] = flatten_state_dict(model.state_dict())
+    model.save_pretrained(save_directory, **kwargs)
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """{tensor name: safetensors file} of a checkpoint folder (single file or sharded)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return {"": path}
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot read the shard index {index!r}: {error}") from None
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    if os.path.isfile(single):
+        return {"": single}
+    raise ValueError(f"no model.safetensors (or its index) in {path!r}")
+
+
+def safetensors_keys(file: str) -> list[str]:
+    """The tensor names of one safetensors file (its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except Exception as error:  # safetensors raises its own SafetensorError types
+        raise ValueError(f"cannot read {os.fspath(file)!r} as safetensors: {error}") from None
+
+
+def read_checkpoint(path: str, keys=None) -> dict[str, torch.Tensor]:
+    """Tensors of a ``save_pretrained`` folder (single or sharded safetensors) or of one file."""
+    files = _weight_files(path)
+    if "" in files:
+        return read_safetensors(files[""], keys)
+    by_file: dict[str, list[str]] = {}
+    for name, file in files.items():
+        if keys is None or name in keys:
+            by_file.setdefault(file, []).append(name)
+    entries = {}
+    for file, names in by_file.items():
+        entries.update(read_safetensors(file, set(names)))
+    return entries
+
+
+@contextmanager
+def _ignore_resu_keys(model_cls):
+    # Our *.resu.* entries are no weights of the dense model: keep them out of the load report.
+    had = "_keys_to_ignore_on_load_unexpected" in model_cls.__dict__
+    old = model_cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    patterns = list(getattr(model_cls, "_keys_to_ignore_on_load_unexpected", None) or [])
+    model_cls._keys_to_ignore_on_load_unexpected = patterns + [r"\.resu\."]
+    try:
+        yield
+    finally:
+        if had:
+            model_cls._keys_to_ignore_on_load_unexpected = old
+        else:
+            del model_cls._keys_to_ignore_on_load_unexpected
+
+
+def from_resu_pretrained(model_cls, pretrained_model_name_or_path: str, **kwargs):
+    """Load a checkpoint written by :func:`save_resu_pretrained` (or by ``save_pretrained`` /
+    the Trainer on a model with :func:`enable_flat_state_dict`): ``model_cls.from_pretrained``
+    (``kwargs`` pass through), then ``quantize_`` exactly the layers the checkpoint holds as
+    ResuTensors and restore their state (mode, mask, values, θ, quantized W_A, selective state)
+    bit for bit. The result has :func:`enable_flat_state_dict` on. A local folder is needed.
+    Mismatched or corrupt checkpoints raise ``ValueError``.
+
+    Example::
+
+        model = hf.from_resu_pretrained(LlamaForCausalLM, "out", dtype=torch.float32)
+    """
+    from torchao.quantization import quantize_
+
+    path = os.fspath(pretrained_model_name_or_path)
+    names = list(_weight_files(path))
+    if names == [""]:
+        names = safetensors_keys(_weight_files(path)[""])
+    keys = resu_keys(names)
+    if not keys:
+        raise ValueError(f"{path!r} holds no ResuTensor weights (no '*{META}' entries); load it with "
+                         "from_pretrained and quantize_ it instead")
+    with _ignore_resu_keys(model_cls):
+        model = model_cls.from_pretrained(path, **kwargs)
+    wanted = set(keys)
+    targets = state_targets(model)
+    missing = sorted(k for k in wanted if k not in targets)
+    if missing:
+        raise ValueError(f"the checkpoint's ResuTensor weights {missing} are no parameters of {model_cls.__name__}")
+    quantize_(model, resu_config(), filter_fn=lambda module, fqn: (fqn + ".weight" if fqn else "weight") in wanted)
+    targets = state_targets(model)
+    not_quantized = sorted(k for k in wanted if not isinstance(targets[k], ResuTensor))
+    if not_quantized:
+        raise ValueError(f"cannot make {not_quantized} ResuTensors: their modules are no nn.Linear-like layers")
+    entries = read_checkpoint(path, {n for n in names if any(n == k or n.startswith(k + PART) for k in wanted)})
+    rebuilt = {}
+    for key in keys:
+        parts = {n: t for n, t in entries.items() if n == key or n.startswith(key + PART)}
+        rebuilt[key] = rebuild_resu_tensor(key, parts, targets[key].storage_shape)
+    with torch.no_grad():
+        for key, value in rebuilt.items():
+            targets[key].copy_(value)
+    return enable_flat_state_dict(model)
+
+
+__all__ = [
+    "ResuCallback", "linear_filter", "quantize_hf_", "save_resu_pretrained", "from_resu_pretrained",
+    "unwrap_optimizer", "use_single_tensor_path_", "read_checkpoint", "SCHEDULER_STATE_NAME",
+]

@@ -1,0 +1,413 @@
+"""Safetensors checkpoints of models with ResuTensor weights.
+
+Safetensors stores plain tensors only, so each ResuTensor weight ``K`` (e.g.
+``"model.layers.0.mlp.up_proj.weight"``) is flattened into plain entries:
+
+* ``K``: the effective dense weight W_eff = M⊙W + (1−M)⊙Φ(θ) in the compute dtype. In DENSE,
+  SPARSE and RESU that *is* the stored ``values`` (no extra bytes); in QRESU it is W_A
+  dequantized with θ scattered in (an extra copy, so any dense loader, e.g. a plain
+  ``from_pretrained`` without resu-tensor, gets a usable dense model).
+* ``K.resu.<name>``: every other inner tensor (``mask_bitmap``, ``mask_block_prefix``,
+  ``mask_indices``, ``qdata``, ``qscale``, ``qoffset``, ``theta``, subset and selective state),
+  bit for bit.
+* ``K.resu.meta``: the non-tensor fields (mode, mask kind, trainable side, shape, dtype, bits,
+  group size, N:M, the trainable set's content hash ...) as JSON in a uint8 tensor, so the
+  format survives every writer that keeps tensors only (``save_pretrained``, the Trainer).
+
+Loading rebuilds the ResuTensor and checks it: known format, fields and tensors, shapes,
+mask and prefix counts, and the recorded hash of the trainable set. Any mismatch raises a
+``ValueError`` naming the weight; nothing in the model changes before every entry has passed.
+
+Example::
+
+    from resu_tensor.integrations import save_resu_safetensors, load_resu_safetensors
+
+    save_resu_safetensors(model, "ckpt.safetensors")
+    fresh = build_model(); quantize_(fresh, rt.resu_config())   # same layers quantized
+    load_resu_safetensors(fresh, "ckpt.safetensors")            # exact: modes, masks, θ, codes
+"""
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from resu_tensor import kernels
+from resu_tensor.mask_encoding import KINDS, EncodedMask, active_count, prefix_block_size
+from resu_tensor.mode import Mode
+from resu_tensor.tensor import SUPPORTED_DTYPES, TRAINABLE_SIDES, ResuTensor, _trainable_key
+
+FORMAT = "resu_tensor.flat/1"
+PART = ".resu."
+META = PART + "meta"
+_DTYPES = {str(d).removeprefix("torch."): d for d in SUPPORTED_DTYPES}
+_TUPLE_FIELDS = ("storage_shape", "selective", "nm")
+
+
+# --------------------------------------------------------------------------------- one tensor
+def flatten_resu_tensor(key: str, tensor: ResuTensor) -> dict[str, torch.Tensor]:
+    """The plain entries that stand for ``tensor`` saved under ``key`` (see the module doc)."""
+    if tensor.transposed:
+        raise ValueError(f"{key}: cannot save a transposed ResuTensor view; save the weight itself")
+    meta = {"format": FORMAT}
+    for name in (*tensor.tensor_attribute_names, *tensor.optional_tensor_attribute_names):
+        value = getattr(tensor, name)
+        if name == "compute_dtype":
+            value = str(value).removeprefix("torch.")
+        elif isinstance(value, tuple):
+            value = list(value)
+        meta[name] = value
+    meta["tensors"] = [n for n in tensor.optional_tensor_data_names if getattr(tensor, n) is not None]
+    parts = {key + PART + n: _own_storage(getattr(tensor, n).detach()) for n in meta["tensors"] if n != "values"}
+    weight = tensor.values if tensor.values is not None else tensor.storage_weight()
+    encoded = json.dumps(meta, sort_keys=True).encode()
+    return {key: _own_storage(weight.detach()), key + META: torch.frombuffer(bytearray(encoded), dtype=torch.uint8),
+            **parts}
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    # safetensors refuses tensors that share or only partly cover a storage.
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
+def _decode_meta(key: str, raw: torch.Tensor) -> dict:
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or raw.dim() != 1:
+        raise ValueError(f"{key}: corrupt checkpoint: {key + META!r} must be a 1-D uint8 tensor of JSON")
+    try:
+        meta = json.loads(bytes(raw.cpu().tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{key}: corrupt checkpoint: {key + META!r} is not valid JSON ({error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{key}: unsupported ResuTensor checkpoint format {found!r}; this version reads {FORMAT!r}")
+    return meta
+
+
+def rebuild_resu_tensor(key: str, entries: dict[str, torch.Tensor],
+                        expected_shape: Optional[tuple] = None) -> ResuTensor:
+    """The ResuTensor that :func:`flatten_resu_tensor` wrote under ``key``, validated.
+
+    ``entries`` holds at least ``key``, ``key + ".resu.meta"`` and the ``key + ".resu.*"`` parts.
+    Raises ``ValueError`` on a missing or extra part, a wrong shape or dtype, an inconsistent
+    mask, or (``expected_shape``) a weight of another shape than the model's.
+    """
+    if key + META not in entries:
+        raise ValueError(f"{key}: missing {key + META!r}: not a ResuTensor entry")
+    meta = _decode_meta(key, entries[key + META])
+    names = [*ResuTensor.tensor_attribute_names, *ResuTensor.optional_tensor_attribute_names]
+    missing = [n for n in names if n not in meta] + ([] if isinstance(meta.get("tensors"), list) else ["tensors"])
+    unknown = sorted(set(meta) - {*names, "format", "tensors"})
+    if missing or unknown:
+        raise ValueError(f"{key}: corrupt checkpoint metadata: missing fields {missing}, unknown fields {unknown}")
+    fields = {n: (tuple(meta[n]) if n in _TUPLE_FIELDS and meta[n] is not None else meta[n]) for n in names}
+    _check_fields(key, fields, expected_shape)
+    fields["compute_dtype"] = _DTYPES[fields["compute_dtype"]]
+    tensor_names = meta["tensors"]
+    if not set(tensor_names) <= set(ResuTensor.optional_tensor_data_names):
+        raise ValueError(f"{key}: corrupt checkpoint metadata: unknown tensors "
+                         f"{sorted(set(tensor_names) - set(ResuTensor.optional_tensor_data_names))}")
+    present = {k[len(key + PART):] for k in entries if k.startswith(key + PART) and k != key + META}
+    expected_parts = set(tensor_names) - {"values"}
+    if present != expected_parts:
+        raise ValueError(f"{key}: checkpoint parts do not match its metadata: missing "
+                         f"{sorted(expected_parts - present)}, unexpected {sorted(present - expected_parts)}")
+    if key not in entries:
+        raise ValueError(f"{key}: missing the weight entry {key!r}")
+    tensors = {n: entries[key + PART + n] for n in expected_parts}
+    if "values" in tensor_names:
+        tensors["values"] = entries[key]
+    _check_tensors(key, fields, tensors)
+    return ResuTensor(**fields, **tensors)
+
+
+def _check_fields(key: str, f: dict, expected_shape) -> None:
+    def bad(name, accepted):
+        return ValueError(f"{key}: corrupt checkpoint metadata: {name}={f[name]!r}, accepted: {accepted}")
+
+    shape = f["storage_shape"]
+    if not (isinstance(shape, tuple) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise bad("storage_shape", "two positive ints")
+    if expected_shape is not None and shape != tuple(expected_shape):
+        raise ValueError(f"{key}: shape mismatch: the checkpoint holds a {list(shape)} weight, the model a "
+                         f"{list(expected_shape)} one")
+    if f["compute_dtype"] not in _DTYPES:
+        raise bad("compute_dtype", sorted(_DTYPES))
+    if f["mode_name"] not in [m.value for m in Mode]:
+        raise bad("mode_name", [m.value for m in Mode])
+    if f["mask_kind"] not in KINDS:
+        raise bad("mask_kind", KINDS)
+    if f["subset_kind"] not in KINDS:
+        raise bad("subset_kind", KINDS)
+    if f["trainable_side"] not in TRAINABLE_SIDES:
+        raise bad("trainable_side", TRAINABLE_SIDES)
+    if f["transposed"] is not False:
+        raise bad("transposed", "false")
+    for name in ("n_active", "trainable_key"):
+        if not isinstance(f[name], int) or isinstance(f[name], bool) or f[name] < 0:
+            raise bad(name, "a non-negative int")
+    if not isinstance(f["target_sparsity"], (int, float)) or not 0 <= f["target_sparsity"] <= 1:
+        raise bad("target_sparsity", "a float in [0, 1]")
+
+
+def _check_tensors(key: str, f: dict, tensors: dict) -> None:
+    rows, cols = f["storage_shape"]
+    numel = rows * cols
+    mode = Mode(f["mode_name"])
+
+    def require(condition: bool, what: str) -> None:
+        if not condition:
+            raise ValueError(f"{key}: corrupt or mismatched checkpoint: {what}")
+
+    def check(name, shape, dtypes) -> torch.Tensor:
+        t = tensors.get(name)
+        require(t is not None, f"{name} is missing")
+        require(tuple(t.shape) == tuple(shape), f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+        require(t.dtype in dtypes, f"{name} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
+        return t
+
+    def check_encoding(prefix: str, kind: str) -> EncodedMask:
+        names = {"bitmap": [f"{prefix}_bitmap", f"{prefix}_block_prefix"], "none": []}.get(kind, [f"{prefix}_indices"])
+        held = sorted(n for n in tensors if n.startswith(prefix + "_"))
+        require(held == sorted(names), f"{prefix} kind {kind!r} needs tensors {sorted(names)}, found {held}")
+        if kind == "none":
+            return EncodedMask("none")
+        if kind == "bitmap":
+            bitmap = check(f"{prefix}_bitmap", (-(-numel // 8),), (torch.uint8,))
+            n_blocks = -(-numel // prefix_block_size(cols))
+            block_prefix = check(f"{prefix}_block_prefix", (n_blocks - 1,), (torch.int32,))
+            flat = kernels.unpack_bitmap(bitmap, numel)
+            require(torch.equal(block_prefix, kernels.block_prefix_counts(flat, prefix_block_size(cols))),
+                    f"{prefix}_block_prefix does not match {prefix}_bitmap")
+            return EncodedMask("bitmap", bitmap=bitmap, block_prefix=block_prefix)
+        indices = tensors[f"{prefix}_indices"]
+        require(indices.dim() == 1 and indices.dtype == torch.int32, f"{prefix}_indices must be 1-D int32")
+        if indices.numel():
+            require(int(indices.min()) >= 0 and int(indices.max()) < numel, f"{prefix}_indices out of range")
+            require(bool((indices[1:] > indices[:-1]).all()), f"{prefix}_indices are not strictly increasing")
+        return EncodedMask(kind, indices=indices)
+
+    floats = SUPPORTED_DTYPES
+    mask = check_encoding("mask", f["mask_kind"])
+    subset = check_encoding("subset", f["subset_kind"])
+    require((mode == Mode.DENSE) == (f["mask_kind"] == "none"),
+            f"mode {mode.value!r} with mask kind {f['mask_kind']!r}")
+    n_active = active_count(mask, numel)
+    require(n_active == f["n_active"], f"n_active {f['n_active']} but the mask holds {n_active} active elements")
+    quantized = ("qdata", "qscale", "qoffset", "theta")
+    if mode == Mode.QRESU:
+        require("values" not in tensors, "a QRESU weight stores no dense values")
+        bits, group_size = f["quant_bits"], f["group_size"]
+        require(bits in (4, 8), f"quant_bits {bits!r}")
+        require(isinstance(group_size, int) and group_size >= 1, f"group_size {group_size!r}")
+        check("qdata", (rows, -(-cols // 2) if bits == 4 else cols), (torch.uint8,))
+        n_groups = -(-cols // group_size)
+        check("qscale", (rows, n_groups), (torch.float32,))
+        check("qoffset", (rows, n_groups), (torch.float32,))
+        check("theta", (numel - n_active,), floats)
+    else:
+        require(not any(n in tensors for n in quantized), f"a {mode.value!r} weight stores no quantized parts")
+        check("values", (rows, cols), (f["compute_dtype"],))
+    if f["subset_kind"] != "none":
+        require(f["trainable_side"] == "subset", "a subset encoding needs trainable_side 'subset'")
+    # ResuTensor hashes an absent subset as None (from_dense) or as EncodedMask("none") (set_state_).
+    variants = [subset] if f["subset_kind"] != "none" else [None, EncodedMask("none")]
+    hashes = {_trainable_key(f["trainable_side"], mask, s, f["storage_shape"]) for s in variants}
+    require(f["trainable_key"] in hashes, "the mask (or subset) does not match its recorded trainable-set hash")
+
+
+# --------------------------------------------------------------------------------- state dicts
+def flatten_state_dict(state_dict: dict) -> dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` with every ResuTensor replaced by its plain entries (others kept)."""
+    flat = {}
+    for key, value in state_dict.items():
+        if isinstance(value, ResuTensor):
+            flat.update(flatten_resu_tensor(key, value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def resu_keys(entries) -> list[str]:
+    """The weight keys that have ResuTensor entries (``K`` for every ``K.resu.meta``)."""
+    return sorted(k[: -len(META)] for k in entries if k.endswith(META))
+
+
+def unflatten_state_dict(entries: dict, expected_shapes: Optional[dict] = None) -> dict:
+    """Inverse of :func:`flatten_state_dict`: ResuTensors rebuilt (and validated) in place of
+    their plain entries. ``expected_shapes`` {key: shape} checks weights against a model."""
+    out = dict(entries)
+    for key in resu_keys(entries):
+        parts = {k: v for k, v in entries.items() if k == key or k.startswith(key + PART)}
+        shape = (expected_shapes or {}).get(key)
+        out[key] = rebuild_resu_tensor(key, parts, shape)
+        for k in parts:
+            if k != key:
+                del out[k]
+    return out
+
+
+# --------------------------------------------------------------------------------- state-dict hooks
+def _flatten_hook(module, state_dict, prefix, local_metadata) -> None:
+    key = prefix + "weight"
+    value = state_dict.get(key)
+    if isinstance(value, ResuTensor):
+        del state_dict[key]
+        state_dict.update(flatten_resu_tensor(key, value))
+
+
+def _rebuild_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                  error_msgs) -> None:
+    key = prefix + "weight"
+    if key + META not in state_dict:
+        return
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, ResuTensor):
+        raise ValueError(f"{key}: the checkpoint holds a ResuTensor but the model's weight is "
+                         f"{type(weight).__name__}: quantize_ the model with the same layers first")
+    parts = {k: state_dict[k] for k in list(state_dict) if k == key or k.startswith(key + PART)}
+    state_dict[key] = rebuild_resu_tensor(key, parts, weight.storage_shape)
+    for k in parts:
+        if k != key:
+            del state_dict[k]
+
+
+def enable_flat_state_dict(model: nn.Module) -> nn.Module:
+    """Make ``model.state_dict()`` flatten its ResuTensor weights into plain tensors and
+    ``model.load_state_dict`` rebuild them, so every safetensors writer/reader works unchanged:
+    Hugging Face ``save_pretrained`` and the ``Trainer``'s checkpoints and resume. Idempotent;
+    hooks sit on each module that holds a ResuTensor weight now. ``ResuCallback`` calls it.
+
+    Example::
+
+        enable_flat_state_dict(model)
+        safetensors.torch.save_file(model.state_dict(), "ckpt.safetensors")
+        model.load_state_dict(safetensors.torch.load_file("ckpt.safetensors"))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        hooked = getattr(module, "_resu_flat_state_dict", False)
+        if isinstance(getattr(module, "weight", None), ResuTensor) and not hooked:
+            module.register_state_dict_post_hook(_flatten_hook)
+            module.register_load_state_dict_pre_hook(_rebuild_hook)
+            module._resu_flat_state_dict = True  # a flag, not the handles: the model stays deepcopy-able
+    return model
+
+
+# --------------------------------------------------------------------------------- files
+def state_targets(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{state-dict key: the parameter or persistent buffer itself}, tied ones under every name;
+    ResuTensor weights appear whole (unlike ``state_dict()`` with the flat hooks)."""
+    targets = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        prefix = name + "." if name else ""
+        for n, p in module._parameters.items():
+            if p is not None:
+                targets[prefix + n] = p
+        for n, b in module._buffers.items():
+            if b is not None and n not in module._non_persistent_buffers_set:
+                targets[prefix + n] = b
+    return targets
+
+
+def save_resu_safetensors(model: nn.Module, path: str) -> None:
+    """Write ``model``'s parameters and persistent buffers (plain tensors and flattened
+    ResuTensors) to one safetensors file; tied weights are stored once. Needs ``safetensors``.
+
+    Example::
+
+        rt.integrations.save_resu_safetensors(model, "model.safetensors")
+    """
+    from safetensors.torch import save_file
+
+    state, aliases, seen = {}, {}, {}
+    for key, value in state_targets(model).items():
+        if id(value) in seen:
+            aliases[key] = seen[id(value)]
+            continue
+        seen[id(value)] = key
+        state[key] = value.detach()
+    flat = {k: _own_storage(v) for k, v in flatten_state_dict(state).items()}
+    metadata = {"format": "pt", "resu_tensor": FORMAT, "resu_tensor.aliases": json.dumps(aliases, sort_keys=True)}
+    save_file(flat, os.fspath(path), metadata=metadata)
+
+
+def read_safetensors(path: str, keys=None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (all, or only those in ``keys``), on the CPU. A file that is
+    not valid safetensors raises ``ValueError``."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no safetensors file at {path!r}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names = [k for k in f.keys() if keys is None or k in keys]
+            return {k: f.get_tensor(k) for k in names}
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError) types
+        raise ValueError(f"cannot read {path!r} as safetensors: {error}") from None
+
+
+def _is_resu_part(key: str, resu: set) -> bool:
+    return key in resu or key.endswith(META) or (PART in key and key.split(PART, 1)[0] in resu)
+
+
+def load_resu_state_dict(model: nn.Module, entries: dict, *, strict: bool = True) -> nn.Module:
+    """Load flat ``entries`` (as written by :func:`save_resu_safetensors`, or by ``state_dict()``
+    of a model with :func:`enable_flat_state_dict`) into ``model``, whose ResuTensor layers must
+    be the checkpoint's: ``quantize_`` it first with the same filter (any config: the whole state
+    is replaced). Everything is validated before anything is copied; a mismatch raises
+    ``ValueError``. ``strict=False`` tolerates missing and unexpected plain entries."""
+    targets = state_targets(model)
+    ckpt_resu = set(resu_keys(entries))
+    model_resu = {k for k, v in targets.items() if isinstance(v, ResuTensor)}
+    unsatisfied = {k for k in model_resu if not any(targets[c] is targets[k] for c in ckpt_resu if c in targets)}
+    if not ckpt_resu <= model_resu or unsatisfied:
+        raise ValueError(
+            "the checkpoint's ResuTensor weights do not match the model's: only in the checkpoint "
+            f"{sorted(ckpt_resu - model_resu)}, only in the model {sorted(unsatisfied)}; "
+            "quantize_ the model with the same filter_fn before loading")
+    plain = {k: v for k, v in entries.items() if not _is_resu_part(k, ckpt_resu)}
+    missing = sorted(k for k, t in targets.items()
+                     if k not in model_resu and k not in plain and not any(targets.get(p) is t for p in plain))
+    unexpected = sorted(k for k in plain if k not in targets)
+    if strict and (missing or unexpected):
+        raise ValueError(f"the checkpoint's keys do not match the model's: missing {missing}, unexpected {unexpected}")
+    for key, value in plain.items():
+        if key in targets and tuple(value.shape) != tuple(targets[key].shape):
+            raise ValueError(f"{key}: shape mismatch: the checkpoint holds {list(value.shape)}, the model "
+                             f"{list(targets[key].shape)}")
+    rebuilt = {}
+    for key in sorted(ckpt_resu):
+        parts = {k: v for k, v in entries.items() if k == key or k.startswith(key + PART)}
+        rebuilt[key] = rebuild_resu_tensor(key, parts, targets[key].storage_shape)
+    with torch.no_grad():
+        for key, value in rebuilt.items():
+            targets[key].copy_(value)
+        for key, value in plain.items():
+            if key in targets:
+                targets[key].copy_(value)
+    return model
+
+
+def load_resu_safetensors(model: nn.Module, path: str, *, strict: bool = True) -> nn.Module:
+    """Restore a :func:`save_resu_safetensors` file into ``model`` exactly (modes, masks, θ,
+    quantized W_A, selective state). ``model`` must have the checkpoint's ResuTensor layers:
+    build it and ``quantize_`` it with the same filter first. A corrupt file or a mismatched
+    one (keys, shapes, layers) raises ``ValueError`` before anything changes.
+
+    Example::
+
+        model = build_model(); quantize_(model, rt.resu_config())
+        rt.integrations.load_resu_safetensors(model, "model.safetensors")
+    """
+    return load_resu_state_dict(model, read_safetensors(path), strict=strict)
+
+
+__all__ = [
+    "FORMAT", "flatten_resu_tensor", "rebuild_resu_tensor", "flatten_state_dict", "unflatten_state_dict",
+    "resu_keys", "enable_flat_state_dict", "save_resu_safetensors", "load_resu_safetensors",
+    "load_resu_state_dict", "read_safetensors", "state_targets",
+]
