@@ -45,6 +45,7 @@ from resu_tensor.plot import plot_history  # noqa: E402
 from resu_tensor.schedule import ScheduleConfig  # noqa: E402
 from resu_tensor.scheduler import CycleStats, ResuScheduler  # noqa: E402
 from resu_tensor.tensor import ResuTensor  # noqa: E402
+from resu_tensor import distributed  # noqa: E402,F401  (rt.distributed.prepare_ddp)
 from resu_tensor.export import to_dense_, to_semi_structured_  # noqa: E402
 from resu_tensor.integrations import enable_flat_state_dict, load_resu_safetensors, save_resu_safetensors  # noqa: E402
 
@@ -56,5 +57,5 @@ __all__ = [
     "reset_optimizer_state_", "SelectiveConfig", "StaticSubsetConfig", "ScheduleConfig", "ResuScheduler", "CycleStats",
     "AmnestyStats", "format_stats_table", "resurrection_ratio", "plot_history", "resu_weights", "memory_report", "MemoryReport", "PRUNE_METHODS", "COMMIT_STRATEGIES",
     "calibrate", "PRUNE_GRANULARITIES", "PRUNE_SCOPES", "to_dense_", "to_semi_structured_",
-    "enable_flat_state_dict", "load_resu_safetensors", "save_resu_safetensors",
+    "distributed", "enable_flat_state_dict", "load_resu_safetensors", "save_resu_safetensors",
 ]
