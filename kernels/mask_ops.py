@@ -47,3 +47,52 @@ def scatter_trainable_(values: torch.Tensor, trainable_flat: torch.Tensor, compa
     """Write ``compact`` into the selected elements of contiguous ``values``; others stay untouched."""
     values.view(-1).masked_scatter_(trainable_flat, compact.to(values.dtype))
     return values
+
+
+# --------------------------------------------------------------------------- bitmap-direct ops
+# A selection is given by the packed bitmap itself: the set bits, or with ``invert=True`` the
+# clear bits (for a mask bitmap: the active set, or the pruned set). ``block_prefix`` (from
+# :func:`block_prefix_counts` on the set bits, ``block_size`` elements per block) lets a kernel
+# place each block's elements without a global scan; the references below do not need it.
+
+
+def _bitmap_selection(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.Tensor:
+    selected = unpack_bitmap(bitmap, numel)
+    return ~selected if invert else selected
+
+
+def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
+    found = int(selected.sum())
+    if found != count:
+        raise ValueError(f"{op}: the bitmap selects {found} elements but count={count}")
+
+
+def gather_by_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                     invert: bool, count: int) -> torch.Tensor:
+    """The ``count`` elements of ``values`` (any shape, read row-major) whose bitmap bit is set
+    (clear if ``invert``), in row-major order, as a new 1-D tensor."""
+    selected = _bitmap_selection(bitmap, values.numel(), invert)
+    _check_count("gather_by_bitmap", selected, count)
+    return values.reshape(-1)[selected]
+
+
+def scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                       invert: bool, compact: torch.Tensor) -> torch.Tensor:
+    """Write ``compact`` (row-major order) into the elements of contiguous ``values`` whose bit is
+    set (clear if ``invert``); every other element stays untouched. Returns ``values``."""
+    selected = _bitmap_selection(bitmap, values.numel(), invert)
+    _check_count("scatter_by_bitmap_", selected, compact.numel())
+    values.view(-1).masked_scatter_(selected, compact.to(values.dtype))
+    return values
+
+
+def bitmap_tile_prefix(bitmap: torch.Tensor, rows: int, cols: int, tile: int, invert: bool) -> torch.Tensor:
+    """int32 (rows, ceil(cols / tile)): how many selected elements (set bits, or clear bits if
+    ``invert``) come, row-major, before element (r, j·tile). Matmul kernels use it to place a
+    tile's selected outputs (or find a tile's θ) without scanning; it depends only on the mask."""
+    selected = _bitmap_selection(bitmap, rows * cols, invert).view(rows, cols)
+    n_tiles = -(-cols // tile)
+    padded = torch.zeros(rows, n_tiles * tile, dtype=torch.int64, device=bitmap.device)
+    padded[:, :cols] = selected
+    per_tile = padded.view(rows, n_tiles, tile).sum(dim=2).reshape(-1)
+    return (per_tile.cumsum(0) - per_tile).to(torch.int32).view(rows, n_tiles)

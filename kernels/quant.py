@@ -61,3 +61,43 @@ def dequantize_active(qdata: torch.Tensor, scale: torch.Tensor, offset: torch.Te
     codes = unpack_4bit(qdata, cols) if bits == 4 else qdata
     dense = dequantize_groupwise(codes, scale, offset, group_size, dtype)
     return dense if keep is None else dense.masked_fill_(~keep, 0)
+
+
+# --------------------------------------------------------------------------- QRESU W_eff
+# The mask arrives as its packed bitmap (set bit = active, so θ sits at the clear bits, in
+# row-major order) with block prefix counts; see kernels/mask_ops.py for the layout.
+
+
+def qresu_effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
+                           group_size: int, cols: int, dtype: torch.dtype, bitmap: torch.Tensor,
+                           block_prefix: torch.Tensor, block_size: int, theta: torch.Tensor) -> torch.Tensor:
+    """Dense W_eff (rows, cols) in ``dtype``: dequantized codes where the bitmap bit is set (the
+    active set), θ (flat, row-major over the clear bits) everywhere else."""
+    from .mask_ops import scatter_by_bitmap_, unpack_bitmap
+
+    rows = qdata.shape[0]
+    keep = unpack_bitmap(bitmap, rows * cols).view(rows, cols)
+    dense = dequantize_active(qdata, qscale, qoffset, bits, group_size, cols, dtype, keep)
+    return scatter_by_bitmap_(dense, bitmap, block_prefix, block_size, True, theta)
+
+
+def qresu_linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
+                         group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                         theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W_effᵀ for a QRESU weight (rows, cols), x (..., cols) with few tokens (≤ 64), in
+    x's dtype (W_eff is built in x's dtype). ``tile_prefix`` is an optional cached
+    ``bitmap_tile_prefix(bitmap, rows, cols, QRESU_TILE, invert=True)`` for the kernel."""
+    w = qresu_effective_weight(qdata, qscale, qoffset, bits, group_size, cols, x.dtype, bitmap, block_prefix,
+                               block_size, theta)
+    return x @ w.t()
+
+
+def qresu_grad_input_small_m(grad_out: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor,
+                             bits: int, group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor,
+                             block_size: int, theta: torch.Tensor,
+                             tile_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dX = grad_out @ W_eff for a QRESU weight (rows, cols), grad_out (..., rows) with few
+    tokens (≤ 64), in grad_out's dtype; ``tile_prefix`` as in :func:`qresu_linear_small_m`."""
+    w = qresu_effective_weight(qdata, qscale, qoffset, bits, group_size, cols, grad_out.dtype, bitmap, block_prefix,
+                               block_size, theta)
+    return grad_out @ w

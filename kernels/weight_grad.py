@@ -3,6 +3,8 @@ from typing import Optional
 
 import torch
 
+from . import mask_ops
+
 
 def compact_weight_grad(a: torch.Tensor, b: torch.Tensor, trainable_flat: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """Flat trainable part of ``a.T @ b`` (row-major), in ``out_dtype``.
@@ -15,3 +17,11 @@ def compact_weight_grad(a: torch.Tensor, b: torch.Tensor, trainable_flat: Option
     if trainable_flat is None:
         return dense.reshape(-1)
     return dense.reshape(-1)[trainable_flat]
+
+
+def compact_weight_grad_bitmap(a: torch.Tensor, b: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor,
+                               block_size: int, invert: bool, count: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`compact_weight_grad` with the trainable set given as a packed bitmap: its set bits
+    (clear bits if ``invert``, e.g. the pruned set of a mask bitmap), ``count`` of them."""
+    dense = (a.t() @ b).to(out_dtype)
+    return mask_ops.gather_by_bitmap(dense, bitmap, block_prefix, block_size, invert, count)

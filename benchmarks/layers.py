@@ -1,0 +1,476 @@
+"""Layer speed and memory on a GPU: dense nn.Linear vs ResuTensor SPARSE / RESU / QRESU-4.
+
+One process, bf16, ``triton.testing.do_bench`` medians, dense and ours side by side:
+
+* training steps (fwd + bwd + AdamW) at M=8192 tokens for 4096→4096 and 4096→11008 at sparsity
+  0.5 and 0.9: dense ``nn.Linear`` with fused AdamW vs the library (``quantize_`` +
+  ``rt.enter_resu_``, stock ``torch.optim.AdamW``), and the same steps with the fused Triton
+  weight-gradient kernel registered instead of dense-matmul-then-gather; the floor (three
+  matmuls at the bf16 matmul rate measured here) and peak memory of one step;
+* the small shape (M=32, 512→256), eager;
+* decode forwards at M=1 and M=16: dense ``F.linear`` vs QRESU (bf16 θ and float32 θ), through
+  the library and through the fused small-M kernel directly;
+* torchao NF4 (frozen weight) fwd+bwd and M=1 forward, where torchao has it;
+* the kernels alone (weight-gradient compaction variants, W_eff, gather/scatter).
+
+Every case runs in its own try/except: a failure is recorded as an error string in the JSON and
+the run goes on. Writes JSON with every figure and the ratios, prints a table.
+
+    python -m benchmarks.layers [--out benchmarks/results/<gpu>.json] [--quick]
+"""
+import argparse
+import gc
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TOKENS = 8192
+SHAPES = [(4096, 4096), (4096, 11008)]  # (in_features, out_features)
+SPARSITIES = [0.5, 0.9]
+SMALL = (32, 512, 256)  # (tokens, in, out)
+DECODE_TOKENS = [1, 16]
+GROUP_SIZE = 128
+DTYPE = torch.bfloat16
+BUDGET_S = 270  # optional cases are skipped once this much time has passed
+DEVICE = "cuda"  # the CPU smoke test (tests/test_kernels_benchmark.py) swaps in "cpu" and tiny shapes
+
+
+class Bench:
+    def __init__(self, quick: bool):
+        self.records = []
+        self.start = time.time()
+        self.quick = quick
+        from triton.testing import do_bench
+
+        self._do_bench = do_bench
+
+    def time_ms(self, fn) -> float:
+        warmup, rep = (5, 20) if self.quick else (25, 100)
+        return float(self._do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+    def over_budget(self) -> bool:
+        return time.time() - self.start > BUDGET_S
+
+    def case(self, section: str, name: str, fn, optional: bool = False, **info) -> dict:
+        """Run one measurement ``fn() -> dict``; record its figures or its error."""
+        record = {"section": section, "name": name, **info}
+        if optional and self.over_budget():
+            record["error"] = f"skipped: past the {BUDGET_S}s time budget"
+        else:
+            began = time.time()
+            try:
+                record.update(fn())
+            except Exception as exc:  # keep going: the JSON says what failed and why
+                record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                record["traceback"] = traceback.format_exc()[-2000:]
+            record["wall_s"] = round(time.time() - began, 2)
+            _release()
+        self.records.append(record)
+        status = record.get("error") or f"{record.get('ms', float('nan')):.4f} ms"
+        print(f"  [{time.time() - self.start:6.1f}s] {section:8s} {name:46s} {status}", flush=True)
+        return record
+
+
+def _on_gpu() -> bool:
+    return DEVICE == "cuda"
+
+
+def _sync():
+    if _on_gpu():
+        torch.cuda.synchronize()
+
+
+def _release(collect: bool = False):
+    """Hand freed memory back between cases (refcounting frees a case's tensors; a full
+    ``gc.collect`` is slow in a big process, so it runs only between sections)."""
+    if collect:
+        gc.collect()
+    if _on_gpu():
+        torch.cuda.empty_cache()
+
+
+def _peak_bytes(step) -> dict:
+    """Peak memory of one call of ``step`` (after warm-up, so optimizer state already exists)."""
+    if not _on_gpu():
+        step()
+        return {}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_bytes": peak, "peak_over_start_bytes": peak - before, "allocated_before_bytes": before}
+
+
+def _timed_step(bench: Bench, step, warmup_steps: int = 2) -> dict:
+    for _ in range(warmup_steps):  # compiles/autotunes the kernels, creates optimizer state
+        step()
+    _sync()
+    figures = _peak_bytes(step)
+    figures["ms"] = bench.time_ms(step)
+    return figures
+
+
+# --------------------------------------------------------------------------- models
+def _linear(in_features: int, out_features: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=False, device=DEVICE, dtype=DTYPE)
+
+
+def _resu_linear(in_features: int, out_features: int, mode: str, sparsity: float, theta_dtype=None) -> nn.Linear:
+    import resu_tensor as rt
+    from torchao.quantization import quantize_
+
+    layer = _linear(in_features, out_features)
+    quantize_(layer, rt.resu_config(sparsity=sparsity))
+    if mode == "resu":
+        rt.enter_resu_(layer)
+    elif mode == "qresu":
+        options = {"theta_dtype": theta_dtype} if theta_dtype is not None else {}
+        rt.enter_resu_(layer, quantize_bits=4, group_size=GROUP_SIZE, **options)
+    elif mode != "sparse":
+        raise ValueError(f"unknown mode {mode!r}")
+    return layer
+
+
+def _train_step(layer: nn.Linear, optimizer, x: torch.Tensor, grad_out: torch.Tensor):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(grad_out)
+        optimizer.step()
+
+    return step
+
+
+def _inputs(tokens: int, in_features: int, out_features: int):
+    torch.manual_seed(1)
+    x = torch.randn(tokens, in_features, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    grad_out = torch.randn(tokens, out_features, device=DEVICE, dtype=DTYPE)
+    return x, grad_out
+
+
+# --------------------------------------------------------------------------- sections
+def measure_matmul_rate(bench: Bench) -> float:
+    """bf16 TFLOP/s of the training matmuls, as cuBLAS runs them here; returns the best."""
+    best = 0.0
+    for in_features, out_features in SHAPES:
+        for label, (m, k, n) in {"forward": (TOKENS, in_features, out_features),
+                                 "grad_input": (TOKENS, out_features, in_features),
+                                 "grad_weight": (out_features, TOKENS, in_features)}.items():
+            def run(m=m, k=k, n=n):
+                a = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+                b = torch.randn(k, n, device=DEVICE, dtype=DTYPE)
+                ms = bench.time_ms(lambda: torch.mm(a, b))
+                return {"ms": ms, "tflops": 2 * m * k * n / ms / 1e9}
+
+            record = bench.case("matmul", f"{m}x{k}x{n} ({label})", run, shape=[in_features, out_features])
+            best = max(best, record.get("tflops", 0.0))
+    bench.records.append({"section": "matmul", "name": "rate", "tflops": best})
+    print(f"  measured bf16 matmul rate: {best:.0f} TFLOP/s", flush=True)
+    return best
+
+
+def measure_training(bench: Bench, rate_tflops: float, tokens: int, shapes, sparsities, section: str,
+                     fused_grad: bool = True):
+    from resu_tensor import kernels
+
+    for in_features, out_features in shapes:
+        info = dict(shape=[in_features, out_features], tokens=tokens)
+        flops = 3 * 2 * tokens * in_features * out_features
+        floor_ms = flops / (rate_tflops * 1e9) if rate_tflops else None
+        bench.records.append({"section": section, "name": "floor (3 matmuls at the measured rate)", **info,
+                              "ms": floor_ms, "flops": flops})
+
+        def dense():
+            layer = _linear(in_features, out_features)
+            x, grad_out = _inputs(tokens, in_features, out_features)
+            optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=True)
+            return _timed_step(bench, _train_step(layer, optimizer, x, grad_out))
+
+        dense_record = bench.case(section, "dense nn.Linear + fused AdamW", dense, mode="dense", **info)
+        variants = [("sparse", False), ("resu", False), ("qresu", False)]
+        if fused_grad and kernels.HAS_TRITON:
+            variants += [("sparse", True), ("resu", True)]
+        for sparsity in sparsities:
+            for mode, fused in variants:
+                def resu(mode=mode, sparsity=sparsity, fused=fused):
+                    layer = _resu_linear(in_features, out_features, mode, sparsity)
+                    x, grad_out = _inputs(tokens, in_features, out_features)
+                    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4)
+                    step = _train_step(layer, optimizer, x, grad_out)
+                    if not fused:
+                        return _timed_step(bench, step)
+                    default = kernels.implementation("compact_weight_grad", "cuda")
+                    from resu_tensor.kernels import weight_grad_triton
+
+                    kernels.register("compact_weight_grad", "cuda", weight_grad_triton.compact_weight_grad_fused)
+                    try:
+                        return _timed_step(bench, step)
+                    finally:
+                        kernels.register("compact_weight_grad", "cuda", default)
+
+                name = f"{mode} s={sparsity}" + (" (fused dW kernel)" if fused else "")
+                record = bench.case(section, name, resu, optional=fused, mode=mode, sparsity=sparsity,
+                                    fused_grad_kernel=fused, **info)
+                _add_ratios(record, dense_record, floor_ms)
+        _add_ratios(dense_record, dense_record, floor_ms)
+
+
+def _add_ratios(record: dict, dense: dict, floor_ms) -> None:
+    if "ms" in record and "ms" in dense:
+        record["vs_dense"] = record["ms"] / dense["ms"]
+    if "ms" in record and floor_ms:
+        record["vs_floor"] = record["ms"] / floor_ms
+    if "peak_bytes" in record and "peak_bytes" in dense:
+        record["peak_vs_dense"] = record["peak_bytes"] / dense["peak_bytes"]
+
+
+def measure_decode(bench: Bench):
+    from resu_tensor import kernels
+    from resu_tensor.mask_encoding import prefix_block_size
+
+    for in_features, out_features in SHAPES:
+        for tokens in DECODE_TOKENS:
+            info = dict(shape=[in_features, out_features], tokens=tokens)
+            torch.manual_seed(2)
+            x = torch.randn(tokens, in_features, device=DEVICE, dtype=DTYPE)
+
+            def dense():
+                weight = _linear(in_features, out_features).weight.detach()
+                return {"ms": bench.time_ms(lambda: F.linear(x, weight))}
+
+            dense_record = bench.case("decode", "dense F.linear", dense, mode="dense", **info)
+            for sparsity in SPARSITIES:
+                for theta_dtype in (torch.bfloat16, torch.float32):
+                    theta_name = str(theta_dtype).replace("torch.", "")
+
+                    def library(sparsity=sparsity, theta_dtype=theta_dtype):
+                        layer = _resu_linear(in_features, out_features, "qresu", sparsity, theta_dtype)
+                        with torch.no_grad():
+                            return {"ms": bench.time_ms(lambda: layer(x))}
+
+                    def kernel(sparsity=sparsity, theta_dtype=theta_dtype):
+                        w = _resu_linear(in_features, out_features, "qresu", sparsity, theta_dtype).weight
+                        if w.mask_kind != "bitmap":
+                            raise ValueError(f"the fused kernel reads a bitmap; this mask is {w.mask_kind}")
+                        args = (w.qdata, w.qscale, w.qoffset, w.quant_bits, w.group_size, in_features, w.mask_bitmap,
+                                w.mask_block_prefix, prefix_block_size(in_features), w.theta)
+                        tile_prefix = kernels.bitmap_tile_prefix(w.mask_bitmap, out_features, in_features,
+                                                                 kernels.PREFIX_TILE, True)
+                        with torch.no_grad():
+                            y = kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix)
+                            torch.testing.assert_close(y, F.linear(x, w.dequantize()), rtol=2e-2, atol=5e-2)
+                            return {"ms": bench.time_ms(lambda: kernels.qresu_linear_small_m(
+                                x, *args, tile_prefix=tile_prefix))}
+
+                    for label, fn in (("library F.linear", library), ("fused small-M kernel", kernel)):
+                        record = bench.case("decode", f"qresu s={sparsity} θ {theta_name} ({label})", fn,
+                                            optional=label != "library F.linear", mode="qresu", sparsity=sparsity,
+                                            theta_dtype=theta_name, path=label, **info)
+                        _add_ratios(record, dense_record, None)
+
+
+def _nf4_api():
+    """(to_nf4, linear_nf4, module name) from whichever torchao location has them."""
+    for name in ("torchao.dtypes.nf4tensor", "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"):
+        try:
+            module = __import__(name, fromlist=["to_nf4", "linear_nf4"])
+            return module.to_nf4, module.linear_nf4, name
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def measure_nf4(bench: Bench):
+    api = _nf4_api()
+    if api is None:
+        bench.records.append({"section": "nf4", "name": "torchao NF4", "error": "torchao NF4Tensor does not import"})
+        print("  nf4: torchao NF4Tensor does not import; skipped", flush=True)
+        return
+    to_nf4, linear_nf4, where = api
+    for in_features, out_features in SHAPES:
+        info = dict(shape=[in_features, out_features], module=where)
+        weight = _linear(in_features, out_features).weight.detach()
+        for tokens in (TOKENS, 1):
+            x, grad_out = _inputs(tokens, in_features, out_features)
+            if tokens == 1:
+                x = x.detach()
+
+            def dense(tokens=tokens, x=x, grad_out=grad_out):
+                if tokens == 1:
+                    return {"ms": bench.time_ms(lambda: F.linear(x, weight))}
+
+                def step():
+                    x.grad = None
+                    F.linear(x, weight).backward(grad_out)
+
+                return _timed_step(bench, step)
+
+            def nf4(tokens=tokens, x=x, grad_out=grad_out):
+                quantized = to_nf4(weight)
+                if tokens == 1:
+                    return {"ms": bench.time_ms(lambda: linear_nf4(x, quantized))}
+
+                def step():
+                    x.grad = None
+                    linear_nf4(x, quantized).backward(grad_out)
+
+                return _timed_step(bench, step)
+
+            what = "fwd+bwd, frozen weight" if tokens > 1 else "forward"
+            dense_record = bench.case("nf4", f"dense {what}", dense, optional=True, tokens=tokens, **info)
+            record = bench.case("nf4", f"torchao NF4 {what}", nf4, optional=True, tokens=tokens, **info)
+            _add_ratios(record, dense_record, None)
+
+
+def measure_kernels(bench: Bench):
+    """The kernels alone, so a caller can pick the faster weight-gradient strategy."""
+    from resu_tensor import kernels
+    from resu_tensor.kernels import mask_ops, quant, weight_grad
+    from resu_tensor.mask_encoding import prefix_block_size
+
+    if not kernels.HAS_TRITON:
+        bench.records.append({"section": "kernels", "name": "all", "error": "triton does not import"})
+        return
+    from resu_tensor.kernels import mask_ops_triton, quant_triton, weight_grad_triton
+
+    for in_features, out_features in SHAPES:
+        rows, cols = out_features, in_features
+        torch.manual_seed(3)
+        grad_out = torch.randn(TOKENS, rows, device=DEVICE, dtype=DTYPE)
+        x = torch.randn(TOKENS, cols, device=DEVICE, dtype=DTYPE)
+        for sparsity in SPARSITIES:
+            keep = torch.rand(rows * cols, device=DEVICE) >= sparsity
+            bitmap = mask_ops.pack_bitmap(keep)
+            block_size = prefix_block_size(cols)
+            prefix = mask_ops.block_prefix_counts(keep, block_size)
+            for side, invert in (("active (SPARSE)", False), ("pruned (RESU)", True)):
+                selected = ~keep if invert else keep
+                count = int(selected.sum())
+                info = dict(shape=[in_features, out_features], tokens=TOKENS, sparsity=sparsity, trainable=side)
+                cached = kernels.bitmap_tile_prefix(bitmap, rows, cols, kernels.PREFIX_TILE, invert)
+                candidates = {
+                    "dW reference (mm, bool index)": lambda: weight_grad.compact_weight_grad(grad_out, x, selected,
+                                                                                             DTYPE),
+                    "dW dense cuBLAS + Triton gather": lambda: weight_grad_triton.compact_weight_grad_dense_gather(
+                        grad_out, x, selected, DTYPE),
+                    "dW fused Triton (bool mask)": lambda: weight_grad_triton.compact_weight_grad_fused(
+                        grad_out, x, selected, DTYPE),
+                    "dW bitmap dense + gather": lambda: weight_grad_triton.compact_weight_grad_bitmap_dense_gather(
+                        grad_out, x, bitmap, prefix, block_size, invert, count, DTYPE),
+                    "dW bitmap fused": lambda: weight_grad_triton.compact_weight_grad_bitmap_fused(
+                        grad_out, x, bitmap, prefix, block_size, invert, count, DTYPE),
+                    "dW bitmap fused, cached tile prefix": lambda: weight_grad_triton.fused_matmul_bitmap(
+                        grad_out, x, bitmap, invert, count, DTYPE, tile_prefix=cached),
+                }
+                for name, fn in candidates.items():
+                    def run(fn=fn):
+                        fn()
+                        _sync()
+                        figures = _peak_bytes(fn)
+                        figures["ms"] = bench.time_ms(fn)
+                        return figures
+
+                    bench.case("kernels", name, run, optional=True, **info)
+                values = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
+                compact = torch.randn(count, device=DEVICE, dtype=DTYPE)
+                others = {
+                    "gather reference (bool index)": lambda: mask_ops.gather_trainable(values, selected),
+                    "gather Triton (bool mask)": lambda: mask_ops_triton.gather_trainable(values, selected),
+                    "gather Triton (bitmap)": lambda: mask_ops_triton.gather_by_bitmap(values, bitmap, prefix,
+                                                                                       block_size, invert, count),
+                    "scatter reference (masked_scatter_)": lambda: mask_ops.scatter_trainable_(values, selected,
+                                                                                               compact),
+                    "scatter Triton (bool mask)": lambda: mask_ops_triton.scatter_trainable_(values, selected,
+                                                                                             compact),
+                    "scatter Triton (bitmap)": lambda: mask_ops_triton.scatter_by_bitmap_(values, bitmap, prefix,
+                                                                                         block_size, invert, compact),
+                }
+                for name, fn in others.items():
+                    bench.case("kernels", name, lambda fn=fn: {"ms": bench.time_ms(fn)}, optional=True, **info)
+            # W_eff of a QRESU weight (θ at the pruned coordinates)
+            qdata = torch.randint(0, 256, (rows, cols // 2), device=DEVICE, dtype=torch.uint8)
+            scale = torch.rand(rows, -(-cols // GROUP_SIZE), device=DEVICE)
+            offset = torch.randn(rows, -(-cols // GROUP_SIZE), device=DEVICE)
+            theta = torch.randn(int((~keep).sum()), device=DEVICE, dtype=DTYPE)
+            args = (qdata, scale, offset, 4, GROUP_SIZE, cols, DTYPE, bitmap, prefix, block_size, theta)
+            info = dict(shape=[in_features, out_features], sparsity=sparsity)
+            bench.case("kernels", "W_eff reference", lambda: {"ms": bench.time_ms(
+                lambda: quant.qresu_effective_weight(*args))}, optional=True, **info)
+            bench.case("kernels", "W_eff Triton", lambda: {"ms": bench.time_ms(
+                lambda: quant_triton.qresu_effective_weight(*args))}, optional=True, **info)
+
+
+# --------------------------------------------------------------------------- report
+def print_table(records) -> None:
+    print(f"\n{'section':9s} {'case':52s} {'shape':>11s} {'M':>5s} {'ms':>9s} {'×dense':>7s} {'×floor':>7s} "
+          f"{'peak MiB':>9s}")
+    for r in records:
+        shape = "x".join(map(str, r.get("shape", []))) or "-"
+        ms = f"{r['ms']:.4f}" if isinstance(r.get("ms"), float) else ("ERROR" if "error" in r else "-")
+        ratio = f"{r['vs_dense']:.2f}" if "vs_dense" in r else ""
+        floor = f"{r['vs_floor']:.2f}" if "vs_floor" in r else ""
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else ""
+        name = r["name"] + (f" [{r['trainable']}, s={r['sparsity']}]" if "trainable" in r else "")
+        print(f"{r['section']:9s} {name[:52]:52s} {shape:>11s} {str(r.get('tokens', '')):>5s} {ms:>9s} {ratio:>7s} "
+              f"{floor:>7s} {peak:>9s}")
+        if "error" in r:
+            print(f"{'':9s}   {r['error'][:150]}")
+
+
+def run(quick: bool = False) -> dict:
+    if _on_gpu() and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.layers needs a CUDA GPU")
+    import triton
+
+    import resu_tensor  # noqa: F401  (registers the kernels)
+    from resu_tensor import kernels
+
+    bench = Bench(quick)
+    header = {"device": torch.cuda.get_device_name() if _on_gpu() else "cpu (smoke test)",
+              "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+              "dtype": "bfloat16", "tokens": TOKENS, "timing": "do_bench median",
+              "kernels_have_triton": kernels.HAS_TRITON, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"{header['device']}  torch {header['torch']}  triton {header['triton']}", flush=True)
+    rate = measure_matmul_rate(bench)
+    sections = [lambda: measure_training(bench, rate, TOKENS, SHAPES, SPARSITIES, "train"),
+                lambda: measure_training(bench, rate, SMALL[0], [SMALL[1:]], [0.5], "small", fused_grad=False),
+                lambda: measure_decode(bench), lambda: measure_nf4(bench), lambda: measure_kernels(bench)]
+    for section in sections:
+        try:
+            section()
+        except Exception as exc:  # a bug in a section's own setup: record it, run the next section
+            bench.records.append({"section": "error", "name": "section setup",
+                                  "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]})
+        _release(collect=True)
+    from resu_tensor.kernels._triton_support import FALLEN_BACK
+
+    header.update(matmul_tflops=rate, total_s=round(time.time() - bench.start, 1), kernels_fallen_back=FALLEN_BACK)
+    return {**header, "records": bench.records}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layers_<gpu>.json)")
+    parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    args = parser.parse_args(argv)
+    results = run(args.quick)
+    gpu = results["device"].lower().replace(" ", "_")
+    out = Path(args.out or Path(__file__).parent / "results" / f"layers_{gpu}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print_table(results["records"])
+    print(f"\nwrote {out} ({results['total_s']} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""What every Triton kernel module shares: the guarded import, the interpreter flag, and the
+torch.library custom-op wrapper.
+
+Importing this module never fails: without triton (or with a broken install) ``HAS_TRITON`` is
+False and the kernel modules are simply not imported (see ``kernels/__init__.py``).
+
+Each Triton op is a ``torch.library.custom_op`` named ``resu_tensor::<name>`` with a fake
+(meta) implementation, so torch.compile traces it as one opaque node without graph breaks. In
+eager mode the table calls the plain Python launcher directly (:func:`eager_or_op`): going
+through the dispatcher costs several microseconds per call, which matters for M=1 decoding and
+for the optimizer's many small gathers.
+"""
+import os
+import warnings
+from typing import Callable, Iterable
+
+import torch
+
+try:  # pragma: no cover - depends on the machine
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # ImportError, or a triton that does not match this torch
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+NAMESPACE = "resu_tensor"
+
+
+def interpreting() -> bool:
+    """True when kernels run on the CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Column width of a ``bitmap_tile_prefix`` table that the matmul kernels accept (their column
+# tiles are multiples of it). Small on the interpreter so tiny test shapes span several tiles.
+PREFIX_TILE = 16 if interpreting() else 128
+
+# The interpreter's tl.dot gives garbage for 16-bit floats (numpy has no bfloat16): kernels
+# upcast dot operands to float32 there, which is also what the GPU's MMA computes exactly.
+DOT_UPCAST = interpreting()
+
+
+def define_op(name: str, impl: Callable, fake: Callable, mutates_args: Iterable[str] = ()):
+    """``torch.library.custom_op("resu_tensor::<name>")`` around ``impl`` with ``fake`` as its
+    meta implementation. Importing a kernel module twice (e.g. as ``kernels`` and as
+    ``resu_tensor.kernels``) reuses the op already registered instead of failing."""
+    namespace = getattr(torch.ops, NAMESPACE)
+    if hasattr(namespace, name):
+        return getattr(namespace, name)
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=tuple(mutates_args))
+    op.register_fake(fake)
+    return getattr(namespace, name)
+
+
+def _compile_errors() -> tuple:
+    """Exception types meaning "this kernel does not build on this machine" (not a wrong input)."""
+    if not HAS_TRITON:
+        return ()
+    found = []
+    for module, name in [("triton.compiler.errors", "CompilationError"), ("triton.runtime.errors", "OutOfResources"),
+                         ("triton.runtime.errors", "PTXASError")]:
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_COMPILE_ERRORS = _compile_errors()
+FALLEN_BACK: dict[str, str] = {}  # op name → why it runs its reference instead (see eager_or_op)
+
+
+def _tracing() -> bool:
+    """Dynamo, or AOTAutograd/export running on fake tensors (not flagged by is_compiling() on
+    every supported torch): launching a kernel on fake tensors would fail, the op traces."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+
+
+def eager_or_op(name: str, impl: Callable, op: Callable, fallback: Callable,
+                returns_first_arg: bool = False) -> Callable:
+    """The function to register in the kernel table: the custom op while torch.compile traces
+    (so the graph holds one node with a fake implementation), the launcher itself in eager mode.
+    If the kernel fails to *compile* on this machine (a triton/GPU combination it was never
+    built on), warn once and run ``fallback`` (the reference) from then on; ``FALLEN_BACK``
+    records it. ``returns_first_arg`` is for in-place ops, whose custom op returns nothing."""
+
+    def call(*args, **kwargs):
+        if _tracing():
+            result = op(*args, **kwargs)
+            return args[0] if returns_first_arg else result
+        if name in FALLEN_BACK:
+            return fallback(*args, **kwargs)
+        try:
+            return impl(*args, **kwargs)
+        except _COMPILE_ERRORS as error:
+            FALLEN_BACK[name] = f"{type(error).__name__}: {error}"
+            warnings.warn(f"resu_tensor.kernels: the Triton kernel for {name} does not compile here "
+                          f"({type(error).__name__}); using the plain-PyTorch reference instead", RuntimeWarning)
+            return fallback(*args, **kwargs)
+
+    call.__name__ = name
+    call.__doc__ = impl.__doc__
+    return call
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small fixed number on the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision matching what torch.matmul does for ``dtype`` right now."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+if HAS_TRITON:
+    # The interpreter truncates float32 → bfloat16 where the GPU rounds to nearest even; kernels
+    # cast through :func:`cast_to` so interpreter results match the GPU (and torch) bit for bit.
+    _ROUND_BY_HAND = tl.constexpr(interpreting())
+
+    @triton.jit
+    def cast_to(value, dtype: tl.constexpr):
+        """``value.to(dtype)``, rounding float32 → bfloat16 to nearest even on the interpreter too."""
+        if _ROUND_BY_HAND and dtype == tl.bfloat16 and value.dtype != tl.bfloat16:
+            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return value.to(dtype)

@@ -1,0 +1,292 @@
+"""Triton versions of the mask utilities in :mod:`mask_ops` (same signatures, same results).
+
+Compact positions: an element's place in a compact vector is the number of selected elements
+before it. Bool-mask ops count per 1024-element block, take a cumulative sum of those counts and
+then place each block's elements with an in-block scan. Bitmap ops need no counting pass: the
+stored block prefix gives each block's start (``b·block_size − prefix`` for the clear bits).
+
+Import only where triton imports (``kernels/__init__.py`` checks).
+"""
+from typing import Optional
+
+import torch
+
+from . import mask_ops
+from ._triton_support import cast_to, define_op, eager_or_op, next_power_of_2, tl, triton
+
+BLOCK = 1024  # elements per program of the bool-mask kernels
+PACK_BYTES = 256  # bitmap bytes per program of pack_bitmap
+CHUNK = 1024  # elements per step inside one prefix block
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _pack_bitmap_kernel(mask_ptr, out_ptr, numel, n_bytes, BYTES: tl.constexpr):
+    byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
+    bit = tl.arange(0, 8)
+    element = byte[:, None] * 8 + bit[None, :]
+    flags = tl.load(mask_ptr + element, mask=element < numel, other=0).to(tl.int32)
+    packed = tl.sum((flags != 0).to(tl.int32) << bit[None, :], axis=1)
+    tl.store(out_ptr + byte, packed.to(tl.uint8), mask=byte < n_bytes)
+
+
+@triton.jit
+def _unpack_bitmap_kernel(bitmap_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    element = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = element < numel
+    byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
+    tl.store(out_ptr + element, ((byte >> (element & 7)) & 1).to(tl.uint8), mask=inside)
+
+
+@triton.jit
+def _block_count_kernel(mask_ptr, counts_ptr, numel, BLOCK: tl.constexpr):
+    element = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    flags = tl.load(mask_ptr + element, mask=element < numel, other=0)
+    tl.store(counts_ptr + tl.program_id(0), tl.sum((flags != 0).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _masked_move_kernel(values_ptr, mask_ptr, block_start_ptr, compact_ptr, numel, n_compact,
+                        GATHER: tl.constexpr, BLOCK: tl.constexpr):
+    """GATHER: compact[pos] = values[e] for selected e; else values[e] = compact[pos]. Positions
+    past ``n_compact`` (a count that does not match the mask) are never touched."""
+    pid = tl.program_id(0)
+    element = pid * BLOCK + tl.arange(0, BLOCK)
+    flags = (tl.load(mask_ptr + element, mask=element < numel, other=0) != 0).to(tl.int32)
+    start = tl.load(block_start_ptr + pid - 1, mask=pid > 0, other=0)
+    position = start + tl.cumsum(flags, axis=0) - flags
+    selected = (flags != 0) & (position < n_compact)
+    if GATHER:
+        value = tl.load(values_ptr + element, mask=selected)
+        tl.store(compact_ptr + position, cast_to(value, compact_ptr.dtype.element_ty), mask=selected)
+    else:
+        value = tl.load(compact_ptr + position, mask=selected)
+        tl.store(values_ptr + element, cast_to(value, values_ptr.dtype.element_ty), mask=selected)
+
+
+@triton.jit
+def _bitmap_move_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, compact_ptr, numel, block_size, n_compact,
+                        INVERT: tl.constexpr, GATHER: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per prefix block; GATHER as in _masked_move_kernel, selection = bit ^ INVERT."""
+    block = tl.program_id(0)
+    start = block.to(tl.int64) * block_size
+    set_before = tl.load(block_prefix_ptr + block - 1, mask=block > 0, other=0).to(tl.int64)
+    running = start - set_before if INVERT else set_before
+    for offset in range(0, block_size, CHUNK):
+        local = offset + tl.arange(0, CHUNK)
+        element = start + local
+        inside = (local < block_size) & (element < numel)
+        byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
+        bit = (byte >> (element & 7).to(tl.int32)) & 1
+        if INVERT:
+            bit = 1 - bit
+        flags = tl.where(inside, bit, 0)
+        position = running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+        selected = (flags != 0) & (position < n_compact)
+        if GATHER:
+            value = tl.load(values_ptr + element, mask=selected)
+            tl.store(compact_ptr + position, cast_to(value, compact_ptr.dtype.element_ty), mask=selected)
+        else:
+            value = tl.load(compact_ptr + position, mask=selected)
+            tl.store(values_ptr + element, cast_to(value, values_ptr.dtype.element_ty), mask=selected)
+        running += tl.sum(flags, axis=0).to(tl.int64)
+
+
+@triton.jit
+def _tile_count_kernel(bitmap_ptr, counts_ptr, cols, n_tiles, INVERT: tl.constexpr, TILE: tl.constexpr,
+                       TILES: tl.constexpr):
+    """counts[r, j] = selected elements among (r, j·TILE … j·TILE+TILE−1); grid (rows, ⌈n_tiles/TILES⌉)."""
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    col = tile[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    inside = (tile[:, None] < n_tiles) & (col < cols)
+    element = row * cols + col
+    byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
+    bit = (byte >> (element & 7).to(tl.int32)) & 1
+    if INVERT:
+        bit = 1 - bit
+    flags = tl.where(inside, bit, 0)
+    tl.store(counts_ptr + row * n_tiles + tile, tl.sum(flags, axis=1), mask=tile < n_tiles)
+
+
+# --------------------------------------------------------------------------- launchers
+def _flags(mask_flat: torch.Tensor) -> torch.Tensor:
+    """The bool mask as bytes (a view, no copy) so kernels load 0/1 uint8."""
+    mask_flat = mask_flat.reshape(-1)
+    return mask_flat.view(torch.uint8) if mask_flat.dtype == torch.bool else mask_flat
+
+
+def _pack_bitmap(mask_flat: torch.Tensor) -> torch.Tensor:
+    flags = _flags(mask_flat.contiguous())
+    numel = flags.numel()
+    n_bytes = -(-numel // 8)
+    out = torch.empty(n_bytes, dtype=torch.uint8, device=flags.device)
+    if n_bytes:
+        _pack_bitmap_kernel[(triton.cdiv(n_bytes, PACK_BYTES),)](flags, out, numel, n_bytes, BYTES=PACK_BYTES)
+    return out
+
+
+def _unpack_bitmap(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
+    if numel > bitmap.numel() * 8:
+        raise ValueError(f"unpack_bitmap: {bitmap.numel()} bytes hold at most {bitmap.numel() * 8} elements, "
+                         f"asked for {numel}")
+    out = torch.empty(numel, dtype=torch.uint8, device=bitmap.device)
+    if numel:
+        _unpack_bitmap_kernel[(triton.cdiv(numel, BLOCK),)](bitmap, out, numel, BLOCK=BLOCK)
+    return out.view(torch.bool)
+
+
+def _block_starts(flags: torch.Tensor) -> torch.Tensor:
+    """Selected elements before the end of each BLOCK (int32 inclusive cumsum of block counts)."""
+    n_blocks = triton.cdiv(flags.numel(), BLOCK)
+    counts = torch.empty(n_blocks, dtype=torch.int32, device=flags.device)
+    _block_count_kernel[(n_blocks,)](flags, counts, flags.numel(), BLOCK=BLOCK)
+    return torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def gather_masked(values: torch.Tensor, trainable_flat: torch.Tensor, out_dtype: Optional[torch.dtype] = None
+                  ) -> torch.Tensor:
+    """``values.reshape(-1)[trainable_flat]`` (in ``out_dtype`` if given: the cast is fused)."""
+    flat = values.reshape(-1)
+    flags = _flags(trainable_flat)
+    if flags.numel() != flat.numel():
+        raise ValueError(f"gather_trainable: mask has {flags.numel()} elements, values {flat.numel()}")
+    if flat.numel() == 0:
+        return flat.new_empty(0, dtype=out_dtype or flat.dtype)
+    starts = _block_starts(flags)
+    out = torch.empty(int(starts[-1]), dtype=out_dtype or flat.dtype, device=flat.device)
+    if out.numel():
+        _masked_move_kernel[(starts.numel(),)](flat, flags, starts, out, flat.numel(), out.numel(), GATHER=True,
+                                               BLOCK=BLOCK)
+    return out
+
+
+def _gather_trainable(values: torch.Tensor, trainable_flat: torch.Tensor) -> torch.Tensor:
+    return gather_masked(values, trainable_flat)
+
+
+def _scatter_trainable_(values: torch.Tensor, trainable_flat: torch.Tensor, compact: torch.Tensor) -> None:
+    if not values.is_contiguous():
+        raise ValueError("scatter_trainable_: values must be contiguous")
+    flags = _flags(trainable_flat)
+    if flags.numel() != values.numel():
+        raise ValueError(f"scatter_trainable_: mask has {flags.numel()} elements, values {values.numel()}")
+    if values.numel() == 0 or compact.numel() == 0:
+        return
+    starts = _block_starts(flags)
+    _masked_move_kernel[(starts.numel(),)](values, flags, starts, compact.contiguous(), values.numel(),
+                                           compact.numel(), GATHER=False, BLOCK=BLOCK)
+
+
+def _chunk(block_size: int) -> int:
+    return min(CHUNK, next_power_of_2(block_size))
+
+
+def gather_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                  invert: bool, count: int, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`mask_ops.gather_by_bitmap` (``out_dtype``: fused cast). Trusts ``count`` (no
+    device sync to check it): a wrong one leaves entries unwritten but never writes out of bounds."""
+    flat = values.reshape(-1)
+    out = torch.empty(count, dtype=out_dtype or flat.dtype, device=flat.device)
+    if count and flat.numel():
+        n_blocks = triton.cdiv(flat.numel(), block_size)
+        _bitmap_move_kernel[(n_blocks,)](flat, bitmap, block_prefix, out, flat.numel(), block_size, count,
+                                         INVERT=bool(invert), GATHER=True, CHUNK=_chunk(block_size))
+    return out
+
+
+def _gather_by_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                      invert: bool, count: int) -> torch.Tensor:
+    return gather_bitmap(values, bitmap, block_prefix, block_size, invert, count)
+
+
+def _scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                        invert: bool, compact: torch.Tensor) -> None:
+    if not values.is_contiguous():
+        raise ValueError("scatter_by_bitmap_: values must be contiguous")
+    if values.numel() == 0 or compact.numel() == 0:
+        return
+    n_blocks = triton.cdiv(values.numel(), block_size)
+    _bitmap_move_kernel[(n_blocks,)](values, bitmap, block_prefix, compact.contiguous(), values.numel(), block_size,
+                                     compact.numel(), INVERT=bool(invert), GATHER=False, CHUNK=_chunk(block_size))
+
+
+def tile_prefix_and_total(bitmap: torch.Tensor, rows: int, cols: int, tile: int, invert: bool):
+    """(:func:`mask_ops.bitmap_tile_prefix`, total selected as a 0-d int32 tensor)."""
+    if tile != next_power_of_2(tile):
+        raise ValueError(f"bitmap_tile_prefix: tile must be a power of 2, got {tile}")
+    n_tiles = -(-cols // tile)
+    counts = torch.zeros(rows, n_tiles, dtype=torch.int32, device=bitmap.device)
+    if rows * n_tiles == 0:
+        return counts, counts.new_zeros(())
+    tiles = max(1, min(next_power_of_2(n_tiles), 4096 // tile))
+    _tile_count_kernel[(rows, triton.cdiv(n_tiles, tiles))](bitmap, counts, cols, n_tiles, INVERT=bool(invert),
+                                                            TILE=tile, TILES=tiles)
+    flat = counts.view(-1)
+    inclusive = torch.cumsum(flat, 0, dtype=torch.int32)
+    return (inclusive - flat).view(rows, n_tiles), inclusive[-1]
+
+
+def _bitmap_tile_prefix(bitmap: torch.Tensor, rows: int, cols: int, tile: int, invert: bool) -> torch.Tensor:
+    return tile_prefix_and_total(bitmap, rows, cols, tile, invert)[0]
+
+
+# --------------------------------------------------------------------------- custom ops
+def _fake_pack(mask_flat):
+    return mask_flat.new_empty(-(-mask_flat.numel() // 8), dtype=torch.uint8)
+
+
+def _fake_unpack(bitmap, numel):
+    return bitmap.new_empty(numel, dtype=torch.bool)
+
+
+def _fake_gather(values, trainable_flat):
+    return values.new_empty(torch.library.get_ctx().new_dynamic_size())
+
+
+def _fake_scatter(values, trainable_flat, compact):
+    return None
+
+
+def _fake_gather_bitmap(values, bitmap, block_prefix, block_size, invert, count):
+    return values.new_empty(count)
+
+
+def _fake_scatter_bitmap(values, bitmap, block_prefix, block_size, invert, compact):
+    return None
+
+
+def _fake_tile_prefix(bitmap, rows, cols, tile, invert):
+    return bitmap.new_empty(rows, -(-cols // tile), dtype=torch.int32)
+
+
+pack_bitmap_op = define_op("pack_bitmap", _pack_bitmap, _fake_pack)
+unpack_bitmap_op = define_op("unpack_bitmap", _unpack_bitmap, _fake_unpack)
+gather_trainable_op = define_op("gather_trainable", _gather_trainable, _fake_gather)
+scatter_trainable_op = define_op("scatter_trainable_", _scatter_trainable_, _fake_scatter, mutates_args=["values"])
+gather_by_bitmap_op = define_op("gather_by_bitmap", _gather_by_bitmap, _fake_gather_bitmap)
+scatter_by_bitmap_op = define_op("scatter_by_bitmap_", _scatter_by_bitmap_, _fake_scatter_bitmap,
+                                 mutates_args=["values"])
+bitmap_tile_prefix_op = define_op("bitmap_tile_prefix", _bitmap_tile_prefix, _fake_tile_prefix)
+
+def _returning_values(scatter):
+    """The in-place launcher with the references' return value (the custom op returns None)."""
+    def call(values, *args):
+        scatter(values, *args)
+        return values
+
+    call.__name__ = scatter.__name__.lstrip("_")
+    return call
+
+
+# What the kernel table registers for "cuda" (signatures and results of mask_ops' references).
+pack_bitmap = eager_or_op("pack_bitmap", _pack_bitmap, pack_bitmap_op, mask_ops.pack_bitmap)
+unpack_bitmap = eager_or_op("unpack_bitmap", _unpack_bitmap, unpack_bitmap_op, mask_ops.unpack_bitmap)
+gather_trainable = eager_or_op("gather_trainable", _gather_trainable, gather_trainable_op, mask_ops.gather_trainable)
+scatter_trainable_ = eager_or_op("scatter_trainable_", _returning_values(_scatter_trainable_), scatter_trainable_op,
+                                 mask_ops.scatter_trainable_, returns_first_arg=True)
+gather_by_bitmap = eager_or_op("gather_by_bitmap", _gather_by_bitmap, gather_by_bitmap_op, mask_ops.gather_by_bitmap)
+scatter_by_bitmap_ = eager_or_op("scatter_by_bitmap_", _returning_values(_scatter_by_bitmap_), scatter_by_bitmap_op,
+                                 mask_ops.scatter_by_bitmap_, returns_first_arg=True)
+bitmap_tile_prefix = eager_or_op("bitmap_tile_prefix", _bitmap_tile_prefix, bitmap_tile_prefix_op,
+                                 mask_ops.bitmap_tile_prefix)

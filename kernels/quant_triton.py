@@ -1,0 +1,360 @@
+"""Triton kernels for QRESU weights (references in :mod:`quant`): W_eff in one pass, and small-M
+matmuls that dequantize inside the K loop so W_eff is never materialised.
+
+A QRESU weight (rows, cols): 4-bit codes two per byte (even column in the low nibble) or 8-bit
+codes one per byte, float32 scale and offset per (row, group of ``group_size`` columns), the
+mask bitmap (set bit = active) and θ flat over the clear bits in row-major order. An element's
+θ index is the number of clear bits before it: the W_eff kernel walks a prefix block keeping a
+running count (start from the stored block prefix); the matmul kernels read it from a
+``bitmap_tile_prefix`` table (clear bits before each (row, PREFIX_TILE-column tile)) plus an
+in-tile scan, so any tile can be decoded independently.
+
+Import only where triton imports (``kernels/__init__.py`` checks).
+"""
+from typing import Optional
+
+import torch
+
+from . import quant
+from ._triton_support import (DOT_UPCAST, PREFIX_TILE, cast_to, define_op, dot_precision, eager_or_op, interpreting,
+                              next_power_of_2, num_sms, tl, triton)
+from .mask_ops_triton import tile_prefix_and_total
+
+CHUNK = 1024  # elements per step of the W_eff kernel inside one prefix block
+SMALL_M = 64  # the fused matmuls take at most this many tokens; more go through W_eff + cuBLAS
+
+
+# --------------------------------------------------------------------------- device helpers
+@triton.jit
+def _codes(qdata_ptr, row, col, q_stride, valid, BITS: tl.constexpr):
+    """Integer codes (int32) of elements (row, col), broadcast shapes; 0 where not ``valid``."""
+    if BITS == 4:
+        byte = tl.load(qdata_ptr + row * q_stride + (col >> 1), mask=valid, other=0).to(tl.int32)
+        return (byte >> ((col & 1) * 4)) & 15
+    else:
+        return tl.load(qdata_ptr + row * q_stride + col, mask=valid, other=0).to(tl.int32)
+
+
+@triton.jit
+def _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, rn, k0,
+                 rows, cols, q_stride, n_groups, group_size, n_prefix_tiles, n_theta,
+                 BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BYTE_ALIGNED: tl.constexpr, TILE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W_eff[rn, k0:k0+BLOCK_K] as float32 (BLOCK_N, BLOCK_K), zero outside the matrix; k0 is a
+    multiple of BLOCK_K, itself a multiple of TILE. BYTE_ALIGNED (cols % 8 == 0): each row's
+    bitmap bits and 4-bit codes are whole bytes, loaded contiguously and unpacked in registers."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    row_ok = rn < rows
+    inside = row_ok[:, None] & (rk[None, :] < cols)
+    if BYTE_ALIGNED:
+        byte_col = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(bitmap_ptr + rn[:, None] * (cols // 8) + byte_col[None, :],
+                         mask=row_ok[:, None] & (byte_col[None, :] < cols // 8), other=0).to(tl.int32)
+        bit = tl.reshape((packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1, (BLOCK_N, BLOCK_K))
+    else:
+        element = rn[:, None] * cols + rk[None, :]
+        byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
+        bit = (byte >> (element & 7)) & 1
+    active = inside & (bit != 0)
+    pruned = tl.where(inside, 1 - bit, 0)
+    base = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + k0 // TILE, mask=row_ok, other=0)
+    position = base[:, None] + tl.cumsum(pruned, axis=1) - pruned
+    theta = tl.load(theta_ptr + position, mask=(pruned != 0) & (position < n_theta), other=0.0).to(tl.float32)
+    if BITS == 4 and BYTE_ALIGNED:
+        pair_col = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        pairs = tl.load(qdata_ptr + rn[:, None] * q_stride + pair_col[None, :],
+                        mask=row_ok[:, None] & (pair_col[None, :] < q_stride), other=0).to(tl.int32)
+        code = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, BLOCK_K))
+    else:
+        code = _codes(qdata_ptr, rn[:, None], rk[None, :], q_stride, inside, BITS)
+    if GROUP_ALIGNED:  # the tile lies inside one group of every row
+        group = k0 // group_size
+        scale = tl.load(scale_ptr + rn * n_groups + group, mask=row_ok, other=1.0)[:, None]
+        offset = tl.load(offset_ptr + rn * n_groups + group, mask=row_ok, other=0.0)[:, None]
+    else:
+        group_index = rn[:, None] * n_groups + rk[None, :] // group_size
+        scale = tl.load(scale_ptr + group_index, mask=active, other=1.0)
+        offset = tl.load(offset_ptr + group_index, mask=active, other=0.0)
+    return tl.where(active, code.to(tl.float32) * scale + offset, theta)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block_prefix_ptr, theta_ptr, out_ptr,
+                             numel, cols, q_stride, n_groups, group_size, block_size, n_theta,
+                             BITS: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per prefix block of the mask: W_eff for its elements, row-major."""
+    block = tl.program_id(0)
+    start = block.to(tl.int64) * block_size
+    active_before = tl.load(block_prefix_ptr + block - 1, mask=block > 0, other=0).to(tl.int64)
+    running = start - active_before  # clear bits (θ entries) before this block
+    for offset in range(0, block_size, CHUNK):
+        local = offset + tl.arange(0, CHUNK)
+        element = start + local
+        inside = (local < block_size) & (element < numel)
+        byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
+        bit = (byte >> (element & 7).to(tl.int32)) & 1
+        active = inside & (bit != 0)
+        pruned = tl.where(inside, 1 - bit, 0)
+        position = running + (tl.cumsum(pruned, axis=0) - pruned).to(tl.int64)
+        theta = tl.load(theta_ptr + position, mask=(pruned != 0) & (position < n_theta), other=0.0).to(tl.float32)
+        row = element // cols
+        col = element - row * cols
+        code = _codes(qdata_ptr, row, col, q_stride, active, BITS)
+        group_index = row * n_groups + col // group_size
+        scale = tl.load(scale_ptr + group_index, mask=active, other=1.0)
+        shift = tl.load(offset_ptr + group_index, mask=active, other=0.0)
+        value = tl.where(active, code.to(tl.float32) * scale + shift, theta)
+        tl.store(out_ptr + element, cast_to(value, out_ptr.dtype.element_ty), mask=inside)
+        running += tl.sum(pruned, axis=0).to(tl.int64)
+
+
+@triton.jit
+def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
+                   m, rows, cols, stride_xm, stride_xk, q_stride, n_groups, group_size, n_prefix_tiles,
+                   span, stride_os, stride_om, n_theta,
+                   BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BYTE_ALIGNED: tl.constexpr, TILE: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """out[split, :, rn] = x[:, cols of split] @ W_eff[rn, cols of split]ᵀ, a split being ``span``
+    columns (a multiple of BLOCK_K); grid (⌈rows/BLOCK_N⌉, splits)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = split * span
+    last = tl.minimum(first + span, cols)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(first, last, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < m) & (rk[None, :] < cols), other=0.0)
+        w = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, rn,
+                         k0, rows, cols, q_stride, n_groups, group_size, n_prefix_tiles, n_theta,
+                         BITS, GROUP_ALIGNED, BYTE_ALIGNED, TILE, BLOCK_N, BLOCK_K)
+        w = cast_to(w, x_ptr.dtype.element_ty)
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :],
+             cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rn[None, :] < rows))
+
+
+@triton.jit
+def _grad_input_kernel(g_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
+                       m, rows, cols, stride_gm, stride_gn, q_stride, n_groups, group_size, n_prefix_tiles,
+                       span, stride_os, stride_om, n_theta,
+                       BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BYTE_ALIGNED: tl.constexpr,
+                       TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[split, :, rk] = g[:, rows of split] @ W_eff[rows of split, rk], a split being ``span``
+    rows (a multiple of BLOCK_K ≥ BLOCK_N); grid (⌈cols/BLOCK_K⌉, splits)."""
+    pid_k = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    first = split * span
+    last = tl.minimum(first + span, rows)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(first, last, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
+                    mask=(rm[:, None] < m) & (rn[None, :] < rows), other=0.0)
+        w = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, rn,
+                         pid_k * BLOCK_K, rows, cols, q_stride, n_groups, group_size, n_prefix_tiles, n_theta,
+                         BITS, GROUP_ALIGNED, BYTE_ALIGNED, TILE, BLOCK_N, BLOCK_K)
+        w = cast_to(w, g_ptr.dtype.element_ty)
+        if UPCAST:
+            acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+    tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rk[None, :],
+             cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rk[None, :] < cols))
+
+
+# --------------------------------------------------------------------------- launchers
+def _check_quantized(qdata, qscale, bits, group_size, cols):
+    if bits not in (4, 8):
+        raise ValueError(f"QRESU kernels take bits 4 or 8, got {bits}")
+    expected = -(-cols // 2) if bits == 4 else cols
+    if qdata.dim() != 2 or qdata.shape[1] != expected or not qdata.is_contiguous():
+        raise ValueError(f"qdata must be contiguous (rows, {expected}) for {bits}-bit codes of {cols} columns, "
+                         f"got {tuple(qdata.shape)}")
+    if qscale.shape != (qdata.shape[0], -(-cols // group_size)):
+        raise ValueError(f"qscale must be (rows, {-(-cols // group_size)}), got {tuple(qscale.shape)}")
+
+
+def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int, group_size: int,
+                     cols: int, dtype: torch.dtype, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                     theta: torch.Tensor) -> torch.Tensor:
+    """:func:`quant.qresu_effective_weight` in one kernel (bit-identical: no FMA contraction)."""
+    _check_quantized(qdata, qscale, bits, group_size, cols)
+    rows = qdata.shape[0]
+    out = torch.empty(rows, cols, dtype=dtype, device=qdata.device)
+    if out.numel() == 0:
+        return out
+    chunk = min(CHUNK, next_power_of_2(block_size))
+    _effective_weight_kernel[(triton.cdiv(out.numel(), block_size),)](
+        qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, block_prefix, theta.contiguous(), out, out.numel(),
+        cols, qdata.shape[1], qscale.shape[1], group_size, block_size, theta.numel(), BITS=bits, CHUNK=chunk,
+        enable_fp_fusion=False)
+    return out
+
+
+def _matmul_configs():
+    """BLOCK_N, warps and the byte-aligned unpacking are tuned per shape on the GPU (ptxas on sm_90:
+    no spills for these; which is fastest depends on the shape). One config on the interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16, "BYTE_ALIGNED": False}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n, "BYTE_ALIGNED": aligned}, num_warps=w, num_stages=2)
+            for n, w in ((16, 4), (32, 8)) for aligned in (False, True)]
+
+
+def _byte_aligned_only_if_possible(configs, named_args, **kwargs):
+    return [c for c in configs if not c.kwargs["BYTE_ALIGNED"] or named_args["cols"] % 8 == 0]
+
+
+_TUNING = dict(configs=_matmul_configs(), key=["BLOCK_M", "rows", "cols"],
+               prune_configs_by={"early_config_prune": _byte_aligned_only_if_possible})
+_linear_tuned = triton.autotune(**_TUNING)(_linear_kernel)
+_grad_input_tuned = triton.autotune(**_TUNING)(_grad_input_kernel)
+
+
+def _span(reduce_dim: int, programs: int, unit: int, device: torch.device, split: Optional[int]) -> int:
+    """Reduction elements per split (a multiple of ``unit``): split GEMV-like shapes until there
+    are about two programs per SM."""
+    splits = split or max(1, -(-2 * num_sms(device) // max(programs, 1)))
+    return max(unit, -(-reduce_dim // (splits * unit)) * unit)
+
+
+def _prepared(bitmap, rows, cols, tile_prefix):
+    if tile_prefix is None:
+        return tile_prefix_and_total(bitmap, rows, cols, PREFIX_TILE, True)[0]
+    expected = (rows, -(-cols // PREFIX_TILE))
+    if tuple(tile_prefix.shape) != expected:
+        raise ValueError(f"tile_prefix must be bitmap_tile_prefix(bitmap, rows, cols, {PREFIX_TILE}, invert=True) "
+                         f"of shape {expected}, got {tuple(tile_prefix.shape)}")
+    return tile_prefix
+
+
+def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta,
+                  tile_prefix, split: Optional[int], config: Optional[dict]):
+    """x @ W_effᵀ (``grad_input`` False, inp (m, cols)) or g @ W_eff (inp (m, rows)). ``config``
+    (tests): BLOCK_N, BYTE_ALIGNED and num_warps, bypassing the autotuner."""
+    rows = qdata.shape[0]
+    m = inp.shape[0]
+    block_m, block_k = max(16, next_power_of_2(m)), PREFIX_TILE
+    reduce_dim, out_dim = (rows, cols) if grad_input else (cols, rows)
+    programs = triton.cdiv(out_dim, block_k if grad_input else 32)
+    span = _span(reduce_dim, programs, block_k, inp.device, split)
+    splits = triton.cdiv(reduce_dim, span)
+    out = torch.empty(splits, m, out_dim, dtype=inp.dtype if splits == 1 else torch.float32, device=inp.device)
+    args = (inp, qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, tile_prefix, theta, out, m, rows, cols,
+            inp.stride(0), inp.stride(1), qdata.shape[1], qscale.shape[1], group_size, tile_prefix.shape[1], span,
+            out.stride(0), out.stride(1), theta.numel())
+    meta = dict(BITS=bits, GROUP_ALIGNED=group_size % block_k == 0, TILE=PREFIX_TILE,
+                PRECISION=dot_precision(inp.dtype), UPCAST=DOT_UPCAST, BLOCK_M=block_m, BLOCK_K=block_k)
+    if grad_input:
+        grid = (triton.cdiv(cols, block_k), splits)
+        kernel = _grad_input_tuned if config is None else _grad_input_kernel
+    else:
+        def grid(meta):
+            return (triton.cdiv(rows, meta["BLOCK_N"]), splits)
+        kernel = _linear_tuned if config is None else _linear_kernel
+        if config is not None:
+            grid = grid(config)
+    kernel[grid](*args, **meta, **(config or {}))
+    return out[0] if splits == 1 else out.sum(0).to(inp.dtype)
+
+
+def linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
+                   group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                   theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None,
+                   split: Optional[int] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """:func:`quant.qresu_linear_small_m`; more than SMALL_M tokens go through W_eff + cuBLAS.
+    ``split``: reduction splits (default: enough programs for the GPU); ``config``: see
+    :func:`_fused_matmul`."""
+    _check_quantized(qdata, qscale, bits, group_size, cols)
+    rows = qdata.shape[0]
+    if x.shape[-1] != cols:
+        raise ValueError(f"qresu_linear_small_m: x has {x.shape[-1]} features, the weight {cols} columns")
+    x2 = x.reshape(-1, cols)
+    if x2.shape[0] > SMALL_M or x2.shape[0] == 0:
+        w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, x.dtype, bitmap, block_prefix,
+                             block_size, theta)
+        return (x2 @ w.t()).reshape(*x.shape[:-1], rows)
+    tile_prefix = _prepared(bitmap, rows, cols, tile_prefix)
+    y = _fused_matmul(False, x2, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta.contiguous(),
+                      tile_prefix, split, config)
+    return y.reshape(*x.shape[:-1], rows)
+
+
+def grad_input_small_m(grad_out: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor,
+                       bits: int, group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor,
+                       block_size: int, theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None,
+                       split: Optional[int] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """:func:`quant.qresu_grad_input_small_m`; more than SMALL_M tokens go through W_eff + cuBLAS."""
+    _check_quantized(qdata, qscale, bits, group_size, cols)
+    rows = qdata.shape[0]
+    if grad_out.shape[-1] != rows:
+        raise ValueError(f"qresu_grad_input_small_m: grad_out has {grad_out.shape[-1]} features, the weight has "
+                         f"{rows} rows")
+    g2 = grad_out.reshape(-1, rows)
+    if g2.shape[0] > SMALL_M or g2.shape[0] == 0:
+        w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, grad_out.dtype, bitmap, block_prefix,
+                             block_size, theta)
+        return (g2 @ w).reshape(*grad_out.shape[:-1], cols)
+    tile_prefix = _prepared(bitmap, rows, cols, tile_prefix)
+    dx = _fused_matmul(True, g2, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta.contiguous(),
+                       tile_prefix, split, config)
+    return dx.reshape(*grad_out.shape[:-1], cols)
+
+
+# --------------------------------------------------------------------------- custom ops
+def _effective_weight_op(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int, group_size: int,
+                         cols: int, dtype: torch.dtype, bitmap: torch.Tensor, block_prefix: torch.Tensor,
+                         block_size: int, theta: torch.Tensor) -> torch.Tensor:
+    return effective_weight(qdata, qscale, qoffset, bits, group_size, cols, dtype, bitmap, block_prefix, block_size,
+                            theta)
+
+
+def _linear_op(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
+               group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+               theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return linear_small_m(x, qdata, qscale, qoffset, bits, group_size, cols, bitmap, block_prefix, block_size, theta,
+                          tile_prefix)
+
+
+def _grad_input_op(grad_out: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor,
+                   bits: int, group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor,
+                   block_size: int, theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return grad_input_small_m(grad_out, qdata, qscale, qoffset, bits, group_size, cols, bitmap, block_prefix,
+                              block_size, theta, tile_prefix)
+
+
+def _fake_effective_weight(qdata, qscale, qoffset, bits, group_size, cols, dtype, bitmap, block_prefix, block_size,
+                           theta):
+    return qdata.new_empty(qdata.shape[0], cols, dtype=dtype)
+
+
+def _fake_linear(x, qdata, qscale, qoffset, bits, group_size, cols, bitmap, block_prefix, block_size, theta,
+                 tile_prefix=None):
+    return x.new_empty(*x.shape[:-1], qdata.shape[0])
+
+
+def _fake_grad_input(grad_out, qdata, qscale, qoffset, bits, group_size, cols, bitmap, block_prefix, block_size, theta,
+                     tile_prefix=None):
+    return grad_out.new_empty(*grad_out.shape[:-1], cols)
+
+
+effective_weight_op = define_op("qresu_effective_weight", _effective_weight_op, _fake_effective_weight)
+linear_small_m_op = define_op("qresu_linear_small_m", _linear_op, _fake_linear)
+grad_input_small_m_op = define_op("qresu_grad_input_small_m", _grad_input_op, _fake_grad_input)
+
+# Table entries (signatures of quant.qresu_effective_weight / qresu_linear_small_m / qresu_grad_input_small_m).
+qresu_effective_weight = eager_or_op("qresu_effective_weight", effective_weight, effective_weight_op,
+                                     quant.qresu_effective_weight)
+qresu_linear_small_m = eager_or_op("qresu_linear_small_m", _linear_op, linear_small_m_op, quant.qresu_linear_small_m)
+qresu_grad_input_small_m = eager_or_op("qresu_grad_input_small_m", _grad_input_op, grad_input_small_m_op,
+                                       quant.qresu_grad_input_small_m)

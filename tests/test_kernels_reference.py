@@ -1,0 +1,142 @@
+"""The kernel table's references for the bitmap-direct and QRESU ops, against independent
+computations and against the library's own tensors; and the table's import guards."""
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import resu_tensor as rt
+from resu_tensor import kernels
+from resu_tensor.kernels import mask_ops, quant, weight_grad
+from resu_tensor.mask_encoding import prefix_block_size
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_mask(n, p):
+    while True:
+        mask = torch.rand(n) < p
+        if mask.any() and not mask.all():
+            return mask
+
+
+@pytest.mark.parametrize("numel,block_size", [(1517, 1024), (1517, 300), (9, 1024), (4099, 2048)])
+@pytest.mark.parametrize("invert", [False, True])
+def test_gather_and_scatter_by_bitmap_select_the_right_side(numel, block_size, invert):
+    mask = random_mask(numel, 0.45)
+    bitmap = mask_ops.pack_bitmap(mask)
+    prefix = mask_ops.block_prefix_counts(mask, block_size)
+    values = torch.randn(numel)
+    selected = ~mask if invert else mask
+    indices = [i for i in range(numel) if bool(selected[i])]  # plain-Python order of the selection
+    gathered = mask_ops.gather_by_bitmap(values, bitmap, prefix, block_size, invert, len(indices))
+    assert gathered.tolist() == values[indices].tolist()
+    compact = torch.randn(len(indices))
+    out = values.clone()
+    assert mask_ops.scatter_by_bitmap_(out, bitmap, prefix, block_size, invert, compact) is out
+    assert out[indices].tolist() == compact.tolist()
+    assert torch.equal(out[~selected], values[~selected])
+    with pytest.raises(ValueError, match="selects"):
+        mask_ops.gather_by_bitmap(values, bitmap, prefix, block_size, invert, len(indices) + 1)
+
+
+@pytest.mark.parametrize("rows,cols,tile", [(13, 45, 16), (7, 128, 128), (5, 3, 16)])
+@pytest.mark.parametrize("invert", [False, True])
+def test_bitmap_tile_prefix_counts_selected_elements_before_each_tile(rows, cols, tile, invert):
+    mask = random_mask(rows * cols, 0.3)
+    table = mask_ops.bitmap_tile_prefix(mask_ops.pack_bitmap(mask), rows, cols, tile, invert)
+    selected = (~mask if invert else mask).tolist()
+    assert table.dtype == torch.int32 and table.shape == (rows, -(-cols // tile))
+    for r in range(rows):
+        for j in range(table.shape[1]):
+            assert table[r, j] == sum(selected[: r * cols + j * tile])
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_compact_weight_grad_bitmap_matches_the_bool_mask_version(invert):
+    a, b = torch.randn(11, 7), torch.randn(11, 9)
+    mask = random_mask(63, 0.5)
+    selected = ~mask if invert else mask
+    expected = weight_grad.compact_weight_grad(a, b, selected, torch.float64)
+    got = weight_grad.compact_weight_grad_bitmap(a, b, mask_ops.pack_bitmap(mask),
+                                                 mask_ops.block_prefix_counts(mask, 16), 16, invert,
+                                                 int(selected.sum()), torch.float64)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("bits,group_size,theta_dtype", [(4, 128, None), (4, 32, torch.float32), (8, 64, None)])
+def test_qresu_references_agree_with_a_library_qresu_weight(bits, group_size, theta_dtype):
+    """The layout the kernels assume (bitmap bits, block prefix, θ order, codes) is the library's."""
+    dense = torch.randn(48, 1100)
+    w = rt.ResuTensor.from_dense(dense, sparsity=0.5)
+    w.enter_resu(quantize_bits=bits, group_size=group_size, theta_dtype=theta_dtype)
+    assert w.mask_kind == "bitmap"
+    cols = w.shape[1]
+    args = (w.qdata, w.qscale, w.qoffset, bits, group_size, cols)
+    mask_args = (w.mask_bitmap, w.mask_block_prefix, prefix_block_size(cols), w.theta)
+    w_eff = quant.qresu_effective_weight(*args, w.dtype, *mask_args)
+    assert torch.equal(w_eff, w.dequantize())
+    x = torch.randn(3, cols)
+    torch.testing.assert_close(quant.qresu_linear_small_m(x, *args, *mask_args), x @ w.dequantize().t())
+    g = torch.randn(3, w.shape[0])
+    torch.testing.assert_close(quant.qresu_grad_input_small_m(g, *args, *mask_args), g @ w.dequantize())
+
+
+def test_every_op_has_a_reference_and_cuda_kernels_exactly_when_triton_imports():
+    names = ["pack_bitmap", "unpack_bitmap", "gather_trainable", "scatter_trainable_", "gather_by_bitmap",
+             "scatter_by_bitmap_", "bitmap_tile_prefix", "compact_weight_grad", "compact_weight_grad_bitmap",
+             "qresu_effective_weight", "qresu_linear_small_m", "qresu_grad_input_small_m"]
+    for name in names:
+        assert callable(getattr(kernels, name))
+        reference = kernels.implementation(name, "cpu")
+        assert reference is kernels._IMPLS[name]["reference"]
+        assert (kernels.implementation(name, "cuda") is not reference) == kernels.HAS_TRITON, name
+
+
+def test_kernels_import_and_run_without_triton():
+    """A machine without triton gets the references only (triton blocked in a fresh process)."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import torch, kernels\n"
+        "assert not kernels.HAS_TRITON\n"
+        "assert all(set(impls) == {'reference'} for impls in kernels._IMPLS.values())\n"
+        "m = torch.rand(100) < 0.5\n"
+        "assert torch.equal(kernels.unpack_bitmap(kernels.pack_bitmap(m), 100), m)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+def test_a_kernel_that_does_not_compile_falls_back_to_its_reference_once():
+    from triton.compiler.errors import CompilationError
+
+    from resu_tensor.kernels import _triton_support
+
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise CompilationError("src", None, "no such instruction on this GPU")
+
+    def wrong_input(*args):
+        raise ValueError("bad input")
+
+    fn = _triton_support.eager_or_op("test_broken_op", broken, None, lambda x: x + 1)
+    try:
+        with pytest.warns(RuntimeWarning, match="does not compile"):
+            assert fn(1) == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fn(2) == 3  # no second attempt, no second warning
+        assert len(calls) == 1 and "test_broken_op" in _triton_support.FALLEN_BACK
+    finally:
+        _triton_support.FALLEN_BACK.pop("test_broken_op", None)
+    strict = _triton_support.eager_or_op("test_strict_op", wrong_input, None, lambda x: x)
+    with pytest.raises(ValueError, match="bad input"):  # input errors are not compile errors
+        strict(1)

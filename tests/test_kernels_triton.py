@@ -1,0 +1,401 @@
+"""Every Triton kernel against its plain-PyTorch reference (kernels/*_triton.py vs kernels/*.py).
+
+CPU: the kernels run under the Triton interpreter. ``TRITON_INTERPRET=1`` must be set before
+triton is imported, so the checks run in child processes (this file executed as a script); the
+rest of the suite never sees the variable. Shapes are small and odd (never multiples of the
+block sizes) because the interpreter executes every program in numpy. Each check is reported as
+its own test. GPU (``pytest -m cuda``): the same checks on larger shapes, compiled, plus the
+kernel table and torch.compile with inductor.
+
+Every check uses fresh random data (seeded per check), masks with both sides non-empty, and
+asserts that elements outside the selection are bit-identical to what they were.
+"""
+import json
+import os
+import subprocess
+import sys
+import traceback
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDS = 2  # child processes run concurrently (one per core on CI)
+
+
+def _package():
+    """The kernels package: top-level ``kernels`` in the interpreter child (no torchao import),
+    ``resu_tensor.kernels`` in the pytest process."""
+    if "kernels" in sys.modules and __name__ == "__main__":
+        return sys.modules["kernels"]
+    from resu_tensor import kernels
+
+    return kernels
+
+
+def _mask(n, p, device):
+    """A random bool mask with both sides non-empty."""
+    while True:
+        mask = torch.rand(n, device=device) < p
+        if mask.any() and not mask.all():
+            return mask
+
+
+def _data(shape, dtype, device):
+    x = torch.randn(shape, device=device).to(dtype)
+    assert x.abs().sum() > 0
+    return x
+
+
+# --------------------------------------------------------------------------- checks
+def check_pack_unpack(device, big):
+    k = _package()
+    from_ref, triton_ops = k.mask_ops, k.mask_ops_triton
+    for numel in ((1, 7, 1237, 2053) if not big else (1, 7, 1_000_003)):
+        mask = torch.rand(numel, device=device) < 0.37
+        packed = triton_ops.pack_bitmap(mask)
+        assert torch.equal(packed, from_ref.pack_bitmap(mask)), numel
+        assert torch.equal(triton_ops.unpack_bitmap(packed, numel), mask), numel
+
+
+def check_gather_scatter_trainable(device, big):
+    k = _package()
+    ref, tri = k.mask_ops, k.mask_ops_triton
+    shapes = [(37, 41), (3, 5)] if not big else [(1001, 1537)]
+    for shape in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            values = _data(shape, dtype, device)
+            mask = _mask(values.numel(), 0.41, device)
+            assert torch.equal(tri.gather_trainable(values, mask), ref.gather_trainable(values, mask))
+            assert torch.equal(tri.gather_trainable(values.t(), mask), ref.gather_trainable(values.t(), mask))
+            compact = _data(int(mask.sum()), torch.float32, device)
+            ours, theirs = values.clone(), values.clone()
+            assert tri.scatter_trainable_(ours, mask, compact) is ours
+            ref.scatter_trainable_(theirs, mask, compact)
+            assert torch.equal(ours, theirs)
+            flat = ours.view(-1)
+            assert torch.equal(flat[~mask], values.view(-1)[~mask])  # unselected untouched
+            assert torch.equal(flat[mask], compact.to(dtype))
+
+
+def check_bitmap_gather_scatter(device, big):
+    k = _package()
+    ref, tri = k.mask_ops, k.mask_ops_triton
+    shape = (37, 41) if not big else (1003, 4099)
+    values = _data(shape, torch.bfloat16, device)
+    mask = _mask(values.numel(), 0.55, device)
+    bitmap = ref.pack_bitmap(mask)
+    for block_size in (1024, 300) if not big else (5120, 1000):
+        prefix = ref.block_prefix_counts(mask, block_size)
+        for invert in (False, True):
+            selected = ~mask if invert else mask
+            count = int(selected.sum())
+            expected = ref.gather_by_bitmap(values, bitmap, prefix, block_size, invert, count)
+            assert torch.equal(tri.gather_by_bitmap(values, bitmap, prefix, block_size, invert, count), expected)
+            if invert:  # the fused cast to another dtype
+                wide = tri.gather_bitmap(values, bitmap, prefix, block_size, invert, count, torch.float32)
+                assert torch.equal(wide, expected.float())
+            compact = _data(count, torch.float32, device)
+            ours, theirs = values.clone(), values.clone()
+            assert tri.scatter_by_bitmap_(ours, bitmap, prefix, block_size, invert, compact) is ours
+            ref.scatter_by_bitmap_(theirs, bitmap, prefix, block_size, invert, compact)
+            assert torch.equal(ours, theirs)
+            assert torch.equal(ours.view(-1)[~selected], values.view(-1)[~selected])
+
+
+def check_tile_prefix(device, big):
+    k = _package()
+    ref, tri = k.mask_ops, k.mask_ops_triton
+    rows, cols = (13, 45) if not big else (1001, 4099)
+    bitmap = ref.pack_bitmap(_mask(rows * cols, 0.3, device))
+    for tile in (16, k.PREFIX_TILE) if not big else (128, 512):
+        for invert in (False, True):
+            expected = ref.bitmap_tile_prefix(bitmap, rows, cols, tile, invert)
+            assert torch.equal(tri.bitmap_tile_prefix(bitmap, rows, cols, tile, invert), expected)
+
+
+def _grad_cases(big):
+    if big:
+        return [(777, 1001, 1537)]
+    return [(45, 37, 45), (5, 3, 70)]
+
+
+def _tolerance(dtype):
+    """Outputs are sums of ~cols products of N(0, 1) values (|y| up to ~40 on the GPU shapes):
+    bf16 results may differ by a couple of bf16 steps, float32 ones by summation order."""
+    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-3)
+
+
+def check_compact_weight_grad(device, big):
+    k = _package()
+    ref, tri = k.weight_grad, k.weight_grad_triton
+    dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    for i, (tokens, rows, cols) in enumerate(_grad_cases(big)):
+        for in_dtype, out_dtype in dtypes if big or i == 0 else dtypes[1:2]:
+            a, b = _data((tokens, rows), in_dtype, device), _data((tokens, cols), in_dtype, device)
+            mask = _mask(rows * cols, 0.45, device)
+            expected = ref.compact_weight_grad(a, b, mask, out_dtype)
+            # dense_gather uses the reference's own matmul: identical to the last bit
+            assert torch.equal(tri.compact_weight_grad_dense_gather(a, b, mask, out_dtype), expected)
+            fused = tri.compact_weight_grad_fused(a, b, mask, out_dtype)
+            assert fused.dtype == out_dtype and fused.shape == expected.shape
+            torch.testing.assert_close(fused.float(), (a.float().t() @ b.float()).reshape(-1)[mask].to(out_dtype)
+                                       .float(), **_tolerance(torch.bfloat16 if torch.bfloat16 in (in_dtype, out_dtype)
+                                                               else torch.float32))
+            everything = tri.compact_weight_grad_fused(a, b, None, out_dtype)
+            assert torch.equal(everything, ref.compact_weight_grad(a, b, None, out_dtype))
+
+
+def check_compact_weight_grad_bitmap(device, big):
+    k = _package()
+    ref, masks, tri = k.weight_grad, k.mask_ops, k.weight_grad_triton
+    for tokens, rows, cols in _grad_cases(big):
+        a, b = _data((tokens, rows), torch.bfloat16, device), _data((tokens, cols), torch.bfloat16, device)
+        mask = _mask(rows * cols, 0.6, device)
+        bitmap = masks.pack_bitmap(mask)
+        block_size = 1024 * max(1, -(-cols // 1024))
+        prefix = masks.block_prefix_counts(mask, block_size)
+        exact = (a.float().t() @ b.float()).reshape(-1)
+        for invert in (False, True):
+            selected = ~mask if invert else mask
+            count = int(selected.sum())
+            expected = ref.compact_weight_grad_bitmap(a, b, bitmap, prefix, block_size, invert, count, torch.float32)
+            ours = tri.compact_weight_grad_bitmap_dense_gather(a, b, bitmap, prefix, block_size, invert, count,
+                                                               torch.float32)
+            assert torch.equal(ours, expected)
+            fused = tri.compact_weight_grad_bitmap_fused(a, b, bitmap, prefix, block_size, invert, count,
+                                                         torch.float32)
+            torch.testing.assert_close(fused, exact[selected], rtol=1e-4, atol=1e-3)
+            cached = masks.bitmap_tile_prefix(bitmap, rows, cols, k.PREFIX_TILE, invert)
+            again = tri.fused_matmul_bitmap(a, b, bitmap, invert, count, torch.float32, tile_prefix=cached)
+            assert torch.equal(again, fused)
+
+
+def _qresu_weight(rows, cols, bits, group_size, sparsity, theta_dtype, device):
+    k = _package()
+    quant, masks = k.quant, k.mask_ops
+    weight = torch.randn(rows, cols, device=device)
+    keep = _mask(rows * cols, 1 - sparsity, device).view(rows, cols)
+    codes, scale, offset = quant.quantize_groupwise(weight, keep, bits, group_size)
+    qdata = quant.pack_4bit(codes) if bits == 4 else codes
+    bitmap = masks.pack_bitmap(keep.view(-1))
+    block_size = 1024 * max(1, -(-cols // 1024))
+    prefix = masks.block_prefix_counts(keep.view(-1), block_size)
+    theta = _data(int((~keep).sum()), theta_dtype, device)
+    return dict(qdata=qdata, qscale=scale, qoffset=offset, bits=bits, group_size=group_size, cols=cols,
+                bitmap=bitmap, block_prefix=prefix, block_size=block_size, theta=theta), keep
+
+
+def _qresu_cases(big):
+    if big:  # (rows, cols, bits, group_size)
+        return [(1001, 1536, 4, 128), (515, 1000, 8, 64), (700, 999, 4, 999)]
+    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 10)]
+
+
+def check_qresu_effective_weight(device, big):
+    k = _package()
+    quant, tri = k.quant, k.quant_triton
+    for rows, cols, bits, group_size in _qresu_cases(big):
+        for theta_dtype, dtype in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                   (torch.float32, torch.float32)]:
+            w, keep = _qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
+            args = (w["qdata"], w["qscale"], w["qoffset"], bits, group_size, cols, dtype, w["bitmap"],
+                    w["block_prefix"], w["block_size"], w["theta"])
+            expected = quant.qresu_effective_weight(*args)
+            ours = tri.qresu_effective_weight(*args)
+            assert torch.equal(ours, expected), (rows, cols, bits, theta_dtype, dtype)
+            assert torch.equal(ours[~keep], w["theta"].to(dtype))  # θ lands in row-major pruned order
+
+
+def _qresu_matmul(device, big, grad_input):
+    k = _package()
+    quant, tri = k.quant, k.quant_triton
+    ref_fn = quant.qresu_grad_input_small_m if grad_input else quant.qresu_linear_small_m
+    tri_fn = tri.grad_input_small_m if grad_input else tri.linear_small_m
+    combos = [(1, torch.bfloat16, torch.float32), (5, torch.float32, torch.float32),
+              (33 if big else 17, torch.bfloat16, torch.bfloat16)]
+    for i, (rows, cols, bits, group_size) in enumerate(_qresu_cases(big)):
+        # (tokens, dtype, θ dtype): every combination on the GPU, one per weight on the interpreter
+        for m, dtype, theta_dtype in combos if big else combos[i:i + 1]:
+            w, _ = _qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
+            x = _data((m, rows if grad_input else cols), dtype, device)
+            expected = ref_fn(x, **w)
+            variants = [dict(), dict(split=2, config=dict(BLOCK_N=16, BYTE_ALIGNED=cols % 8 == 0))]
+            if big:
+                variants += [dict(split=1, config=dict(BLOCK_N=32, BYTE_ALIGNED=False, num_warps=8)),
+                             dict(split=3, config=dict(BLOCK_N=32, BYTE_ALIGNED=cols % 8 == 0, num_warps=8))]
+            for variant in variants:
+                ours = tri_fn(x, **w, **variant)
+                assert ours.dtype == dtype and ours.shape == expected.shape
+                torch.testing.assert_close(ours, expected, **_tolerance(dtype))
+            if i == 0:
+                cached = k.mask_ops.bitmap_tile_prefix(w["bitmap"], rows, cols, k.PREFIX_TILE, True)
+                torch.testing.assert_close(tri_fn(x, **w, tile_prefix=cached), expected, **_tolerance(dtype))
+    # more than SMALL_M tokens: W_eff kernel + matmul
+    w, _ = _qresu_weight(9, 21, 4, 8, 0.5, torch.float32, device)
+    x = _data((tri.SMALL_M + 1, 9 if grad_input else 21), torch.float32, device)
+    torch.testing.assert_close(tri_fn(x, **w), ref_fn(x, **w), rtol=1e-4, atol=1e-4)
+
+
+def check_qresu_linear_small_m(device, big):
+    _qresu_matmul(device, big, grad_input=False)
+
+
+def check_qresu_grad_input_small_m(device, big):
+    _qresu_matmul(device, big, grad_input=True)
+
+
+def check_custom_ops_trace(device, big):
+    """The custom ops' fake implementations agree with the real ones (torch.library.opcheck), and
+    torch.compile traces the table functions into one graph (aot_eager: no codegen needed)."""
+    k = _package()
+    ops = torch.ops.resu_tensor
+    values = _data((9, 13), torch.float32, device)
+    mask = _mask(values.numel(), 0.5, device)
+    bitmap = k.mask_ops.pack_bitmap(mask)
+    prefix = k.mask_ops.block_prefix_counts(mask, 64)
+    count = int(mask.sum())
+    a, b = _data((7, 9), torch.float32, device), _data((7, 13), torch.float32, device)
+    w, _ = _qresu_weight(9, 16, 4, 8, 0.5, torch.float32, device)
+    qresu_args = (w["qdata"], w["qscale"], w["qoffset"], 4, 8, 16)
+    tests = ("test_schema", "test_faketensor")
+    for op, args in [
+        (ops.pack_bitmap, (mask,)),
+        (ops.unpack_bitmap, (bitmap, mask.numel())),
+        (ops.gather_by_bitmap, (values, bitmap, prefix, 64, True, mask.numel() - count)),
+        (ops.scatter_by_bitmap_, (values.clone(), bitmap, prefix, 64, False, _data(count, torch.float32, device))),
+        (ops.bitmap_tile_prefix, (bitmap, 9, 13, 16, True)),
+        (ops.compact_weight_grad_bitmap_fused, (a, b, bitmap, prefix, 64, False, count, torch.float32)),
+        (ops.qresu_effective_weight, (*qresu_args, torch.float32, w["bitmap"], w["block_prefix"], w["block_size"],
+                                      w["theta"])),
+        (ops.qresu_linear_small_m, (_data((3, 16), torch.float32, device), *qresu_args, w["bitmap"],
+                                    w["block_prefix"], w["block_size"], w["theta"])),
+    ]:
+        torch.library.opcheck(op, args, test_utils=tests)
+
+    def step(values, a, b):
+        compact = k.mask_ops_triton.gather_by_bitmap(values, bitmap, prefix, 64, False, count)
+        grad = k.weight_grad_triton.compact_weight_grad_bitmap_fused(a, b, bitmap, prefix, 64, False, count,
+                                                                     torch.float32)
+        return k.mask_ops_triton.scatter_by_bitmap_(values.clone(), bitmap, prefix, 64, False, compact - grad)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(values, a, b), step(values, a, b))
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}
+
+
+# --------------------------------------------------------------------------- interpreter child
+def _run_checks(names):
+    results = {}
+    for name in names:
+        torch.manual_seed(zlib.crc32(name.encode()))
+        try:
+            CHECKS[name]("cpu", big=False)
+            results[name] = None
+        except Exception:  # report, keep going
+            results[name] = traceback.format_exc()
+    return results
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run by the tests with TRITON_INTERPRET=1"
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(REPO))
+    import kernels  # noqa: F401,F811  (top-level import: no torchao, quicker start)
+
+    shard, count = (int(part) for part in sys.argv[1].split("/"))
+    names = sorted(CHECKS)[shard::count]
+    print("RESULTS " + json.dumps(_run_checks(names)))
+    sys.exit(0)
+
+
+# --------------------------------------------------------------------------- pytest side
+def _triton_importable() -> bool:
+    from resu_tensor import kernels
+
+    return kernels.HAS_TRITON
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Run every check under TRITON_INTERPRET=1 in SHARDS concurrent children; name → traceback."""
+    if not _triton_importable():
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONWARNINGS="ignore")
+    children = [subprocess.Popen([sys.executable, __file__, f"{i}/{SHARDS}"], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(SHARDS)]
+    results, failures = {}, []
+    for child in children:
+        out, err = child.communicate(timeout=600)
+        lines = [line for line in out.splitlines() if line.startswith("RESULTS ")]
+        if child.returncode != 0 or not lines:
+            failures.append(f"exit {child.returncode}\n{out[-3000:]}\n{err[-3000:]}")
+            continue
+        results.update(json.loads(lines[-1][len("RESULTS "):]))
+    return results, failures
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_kernel_on_interpreter(name, interpreted):
+    results, failures = interpreted
+    if name not in results:
+        pytest.fail("interpreter child failed:\n" + "\n".join(failures))
+    if results[name] is not None:
+        pytest.fail(f"{name} under TRITON_INTERPRET=1:\n{results[name]}")
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernel_on_gpu(name):
+    CHECKS[name]("cuda", big=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_table_dispatches_cuda_tensors_to_triton():
+    from resu_tensor import kernels
+
+    assert kernels.HAS_TRITON
+    for name in ("pack_bitmap", "unpack_bitmap", "gather_trainable", "scatter_trainable_", "gather_by_bitmap",
+                 "scatter_by_bitmap_", "bitmap_tile_prefix", "compact_weight_grad", "compact_weight_grad_bitmap",
+                 "qresu_effective_weight", "qresu_linear_small_m", "qresu_grad_input_small_m"):
+        assert kernels.implementation(name, "cuda") is not kernels.implementation(name, "cpu"), name
+    mask = _mask(10_001, 0.3, "cuda")
+    values = _data(10_001, torch.bfloat16, "cuda")
+    assert torch.equal(kernels.gather_trainable(values, mask), values[mask])
+    from resu_tensor.kernels._triton_support import FALLEN_BACK
+
+    assert not FALLEN_BACK, FALLEN_BACK
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inductor_compiles_the_custom_ops():
+    from resu_tensor import kernels
+
+    rows, cols = 257, 515
+    mask = _mask(rows * cols, 0.5, "cuda")
+    bitmap = kernels.pack_bitmap(mask)
+    block_size = 1024
+    prefix = kernels.block_prefix_counts(mask, block_size)
+    count = int((~mask).sum())
+    a, b = _data((300, rows), torch.bfloat16, "cuda"), _data((300, cols), torch.bfloat16, "cuda")
+    values = _data((rows, cols), torch.float32, "cuda")
+
+    def step(values, a, b):
+        grad = kernels.compact_weight_grad_bitmap(a, b, bitmap, prefix, block_size, True, count, torch.float32)
+        theta = kernels.gather_by_bitmap(values, bitmap, prefix, block_size, True, count)
+        return kernels.scatter_by_bitmap_(values.clone(), bitmap, prefix, block_size, True, theta - 0.1 * grad)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(values, a, b), step(values, a, b))
