@@ -207,7 +207,10 @@ def scenario_fsdp2_with_replicated_resu_weights(rank):
 
     model = make_model(seed=0, sparsity=0.5)  # fully_shard shards each rank's own copy: start equal
     sync = rtd.prepare_ddp(model, sync_outside_ddp=True)
-    fully_shard(model, ignored_params={p for _, p in rtd.resu_parameters(model)})
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # the test is CPU/gloo even on a GPU machine
+    fully_shard(model, mesh=mesh, ignored_params={p for _, p in rtd.resu_parameters(model)})
     reference = make_model(seed=0, sparsity=0.5)
     optimizer, reference_optimizer = adamw(model), adamw(reference)
     half = PER_RANK // 2
