@@ -231,3 +231,12 @@ def test_static_subset_is_refreshed_every_n_steps():
             assert w.trainable_count == int(0.3 * (w.numel() - w.n_active))
     changes = [not torch.equal(a, b) for a, b in zip(subsets, subsets[1:])]
     assert changes == [False, True, False, True, False]  # RESU steps 14..19: refreshed at 2 and 4
+
+
+def test_progress_bar_shows_cycle_and_phase(capsys):
+    model, optimizer, scheduler = make_run({"num_cycles": 1, "progress": True})
+    generator = torch.Generator().manual_seed(10)
+    while not scheduler.finished:
+        train_step(model, optimizer, scheduler, generator)
+    err = capsys.readouterr().err
+    assert "RESU" in err and "20/20" in err and "cycle=1" in err
