@@ -3,7 +3,31 @@ import torch
 from torchao.utils import TorchAOBaseTensor
 
 
-class CompactTensor(TorchAOBaseTensor):
+class NoDynamoFrames:
+    """Keeps Dynamo from compiling the frames of a subclass's dispatch and (un)flattening.
+
+    Dynamo never traces these (it runs them on fake tensors itself), but inside a compiled
+    function they also run eagerly, after a graph break (e.g. at ``loss.backward()``) or in
+    AOTAutograd's runtime wrappers, and Dynamo would compile those frames as user code: it
+    recompiles per tensor and turns attributes such as ``trainable_key`` into SymInts.
+    """
+
+    @classmethod
+    @torch._dynamo.disable
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    @classmethod
+    @torch._dynamo.disable
+    def __tensor_unflatten__(cls, tensor_data_dict, tensor_attributes, outer_size, outer_stride):
+        return super().__tensor_unflatten__(tensor_data_dict, tensor_attributes, outer_size, outer_stride)
+
+    @torch._dynamo.disable
+    def __tensor_flatten__(self):
+        return super().__tensor_flatten__()
+
+
+class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
     """Logical shape (out, in); stores only the trainable coordinates of one ResuTensor, flat,
     in row-major order of the weight's storage.
 

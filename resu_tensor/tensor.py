@@ -3,10 +3,12 @@ import hashlib
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torchao.utils import TorchAOBaseTensor
 
 from resu_tensor import kernels
-from resu_tensor.compact import CompactTensor
+from resu_tensor.compact import CompactTensor, NoDynamoFrames
 from resu_tensor.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes
 from resu_tensor.mode import Mode
 
@@ -26,7 +28,7 @@ def check_weight(weight: torch.Tensor) -> None:
 def _trainable_key(side: str, mask: EncodedMask, subset: Optional[EncodedMask], shape) -> int:
     """A content hash of the trainable set: equal across processes, so saved optimizer state
     restores onto the same set and is recognised as stale on any other."""
-    encodings = [mask] + ([subset] if subset is not None else [])
+    encodings = [mask] + ([subset] if subset is not None and subset.kind != "none" else [])
     digest = hashlib.blake2b(f"{side}|{[e.kind for e in encodings]}|{tuple(shape)}".encode(), digest_size=8)
     for encoded in encodings:
         for t in (encoded.bitmap, encoded.indices):
@@ -35,7 +37,14 @@ def _trainable_key(side: str, mask: EncodedMask, subset: Optional[EncodedMask], 
     return int.from_bytes(digest.digest(), "little") >> 2
 
 
-class ResuTensor(TorchAOBaseTensor):
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a torch.compile trace value rather than data: Dynamo's fake tensors, or
+    AOTAutograd's functional ones (torch.compiler.is_compiling() is not set there on every
+    supported torch). Traced code must avoid ops whose output size depends on the data."""
+    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
+
+
+class ResuTensor(NoDynamoFrames, TorchAOBaseTensor):
     """A weight (out, in) that knows its mask, its mode and which coordinates train.
 
     DENSE, SPARSE and RESU store ``values`` dense with θ in place at pruned slots, so the
@@ -104,7 +113,11 @@ class ResuTensor(TorchAOBaseTensor):
                                if getattr(self, n) is not None})
 
     # ----------------------------------------------------------------- construction
+    # Construction and mode changes are eager-only: data-dependent (masks, counts, hashes) and
+    # mutating Python attributes. Inside a compiled function they graph-break and run as they are
+    # (torch._dynamo.disable), instead of Dynamo compiling their frames with symbolic arguments.
     @classmethod
+    @torch._dynamo.disable
     def from_dense(cls, weight: torch.Tensor, sparsity: float = 0.0, method: str = "magnitude",
                    generator: Optional[torch.Generator] = None) -> "ResuTensor":
         """Wrap a dense weight: DENSE when ``sparsity == 0``, else pruned to SPARSE by ``method``.
@@ -126,6 +139,7 @@ class ResuTensor(TorchAOBaseTensor):
             tensor.prune(sparsity, method=method, generator=generator)
         return tensor
 
+    @torch._dynamo.disable
     def set_state_(self, *, mode: Mode, mask: EncodedMask, trainable_side: str, values: Optional[torch.Tensor] = None,
                    quantized: Optional[tuple] = None, subset: Optional[EncodedMask] = None,
                    target_sparsity: Optional[float] = None, **resu_state) -> None:
@@ -264,7 +278,20 @@ class ResuTensor(TorchAOBaseTensor):
     def gather_trainable(self, dense: torch.Tensor) -> torch.Tensor:
         """The trainable coordinates of a storage-oriented (out, in) tensor, flat."""
         flat = self.trainable_flat()
-        return dense.reshape(-1) if flat is None else kernels.gather_trainable(dense, flat)
+        if flat is None:
+            return dense.reshape(-1)
+        if is_traced(flat):
+            # Bool-mask indexing has a data-dependent length, which Dynamo refuses to trace (graph
+            # break); the count is known, so gather at that fixed size instead.
+            indices = torch.nonzero_static(flat, size=self.trainable_count).view(-1)
+            return dense.reshape(-1).index_select(0, indices)
+        return kernels.gather_trainable(dense, flat)
+
+    @property
+    def trainable_values_are_storage(self) -> bool:
+        """Whether :meth:`trainable_values` is a view of the storage (so in-place ops on it have
+        already updated the weight and no write-back is needed)."""
+        return self.trainable_side == "all" if self.values is not None else self.trainable_side != "subset"
 
     def trainable_values(self) -> torch.Tensor:
         """The trainable coordinates' current values, flat; a view (writes go straight to the
@@ -312,6 +339,7 @@ class ResuTensor(TorchAOBaseTensor):
         return dense.t() if self.transposed else dense
 
     # ----------------------------------------------------------------- lifecycle (see lifecycle.py)
+    @torch._dynamo.disable
     def prune(self, sparsity: Optional[float], method: str = "magnitude", generator: Optional[torch.Generator] = None,
               granularity: str = "element", scores: Optional[torch.Tensor] = None) -> "ResuTensor":
         """Prune to ``sparsity`` by ``method`` at ``granularity`` (element, row, structured_row,
@@ -327,6 +355,7 @@ class ResuTensor(TorchAOBaseTensor):
         lifecycle.prune(self, sparsity, method, generator, granularity, scores)
         return self
 
+    @torch._dynamo.disable
     def enter_resu(self, epsilon: float = 0.1, freeze_active: bool = True,
                    generator: Optional[torch.Generator] = None, **options) -> "ResuTensor":
         """SPARSE → RESU: θ ~ N(0, (ε·σ_A)²) in the pruned slots; ``quantize_bits=4`` → QRESU.
@@ -336,6 +365,7 @@ class ResuTensor(TorchAOBaseTensor):
         lifecycle.enter_resu(self, epsilon, freeze_active, generator, **options)
         return self
 
+    @torch._dynamo.disable
     def commit(self, strategy: str = "simple", **options):
         """RESU/QRESU → SPARSE: merge θ and choose the new mask by ``strategy`` ("amnesty",
         "wanda_reprune", "magnitude", "simple"); options: see :func:`resu_tensor.lifecycle.commit`.

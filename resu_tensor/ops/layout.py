@@ -2,6 +2,7 @@
 import torch
 
 from resu_tensor.compact import CompactTensor
+from resu_tensor.ops.trainable import trainable_op
 from resu_tensor.tensor import SUPPORTED_DTYPES, ResuTensor
 
 aten = torch.ops.aten
@@ -47,11 +48,27 @@ def to_copy_compact(func, types, args, kwargs):
     return t.with_flat(t.flat.to(device=to["device"], dtype=to["dtype"]))
 
 
+def _same_layout(dest: ResuTensor, src: ResuTensor) -> bool:
+    """Whether src's inner tensors can be copied into dest's in place: the same tensors present,
+    of the same shapes (and dtypes, except ``values``, which takes dest's compute dtype)."""
+    for name in dest.optional_tensor_data_names:
+        d, s = getattr(dest, name), getattr(src, name)
+        if (d is None) != (s is None):
+            return False
+        if d is not None and (d.shape != s.shape or (name != "values" and d.dtype != s.dtype)):
+            return False
+    return True
+
+
 def copy_resu(func, types, args, kwargs):
     """``dest.copy_(src)`` between two ResuTensors copies the whole state (mode, mask, values,
     θ, quantized W_A): this is how ``load_state_dict`` restores a checkpoint into a freshly
     quantized model. The destination keeps its device and dtype."""
     dest, src = args[0], args[1]
+    if isinstance(src, CompactTensor):
+        # Trainable coordinates only, like every in-place op (Dynamo turns the optimizer's
+        # param.addcdiv_(..., value=v) into param.copy_(fma(..., v, param))).
+        return trainable_op(func, types, args, kwargs)
     if not isinstance(src, ResuTensor):
         raise TypeError(
             f"copy_ into a ResuTensor needs a ResuTensor source, got {type(src).__name__}; "
@@ -61,7 +78,13 @@ def copy_resu(func, types, args, kwargs):
         raise ValueError(f"copy_: shape mismatch, destination {tuple(dest.shape)} vs source {tuple(src.shape)}")
     old_key = dest.trainable_key
     device = dest.device_of_storage
+    in_place = _same_layout(dest, src)
     for name, value in src.fields().items():
+        if in_place and isinstance(value, torch.Tensor):
+            # Into dest's own inner tensors: torch.compile writes a mutated ResuTensor input back
+            # with dest.copy_(updated), and only in-place copies are visible to its graph.
+            getattr(dest, name).copy_(value)
+            continue
         if isinstance(value, torch.Tensor):
             value = value.to(device=device, dtype=dest.compute_dtype if name == "values" else value.dtype, copy=True)
         if name != "compute_dtype":

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from resu_tensor import kernels
-from resu_tensor.tensor import ResuTensor
+from resu_tensor.tensor import ResuTensor, is_traced
 
 aten = torch.ops.aten
 
@@ -61,7 +61,12 @@ class ResuMatmul(torch.autograd.Function):
             # Storage-oriented dW: (gy2ᵀ·x2) when exactly one of the two transposes applies.
             flip = ctx.transpose_weight != weight.transposed
             a_op, b_op = (gy2, x2) if flip else (x2, gy2)
-            flat = kernels.compact_weight_grad(a_op, b_op, weight.trainable_flat(), weight.dtype)
+            if is_traced(gy2):
+                # Dense product + fixed-size gather: the kernel table's mask gather has a
+                # data-dependent length (nonzero), which torch.compile cannot always trace.
+                flat = weight.gather_trainable((a_op.t() @ b_op).to(weight.dtype))
+            else:
+                flat = kernels.compact_weight_grad(a_op, b_op, weight.trainable_flat(), weight.dtype)
             grad_weight = weight.compact(flat)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = gy2.sum_to_size(bias.shape).to(bias.dtype)

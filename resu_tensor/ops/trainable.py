@@ -7,6 +7,7 @@ trainable coordinates, so frozen coordinates never move, weight decay included. 
 different trainable sets (stale optimizer state) raise instead of being misapplied.
 """
 import torch
+import torch._inductor.inductor_prims  # defines prims.fma (torchao imports it already)
 from torch.utils._pytree import tree_map
 
 from resu_tensor.compact import CompactTensor
@@ -45,10 +46,14 @@ ELEMENTWISE_OPS = [
     *_overload(aten.gt, ["Tensor", "Scalar"]), *_overload(aten.lt, ["Tensor", "Scalar"]),
     *_overload(aten.ge, ["Tensor", "Scalar"]), *_overload(aten.le, ["Tensor", "Scalar"]),
     aten.logical_not.default,
+    # Dynamo rewrites add_(alpha=tensor), addcmul_(value=) and addcdiv_(value=) into
+    # fma(a, value, self) followed by self.copy_(result) (config.enable_dynamo_decompositions).
+    *_overload(torch.ops.prims.fma, ["default"]),
 ]
 # Reductions over every element; trainable coordinates are the only non-zero gradient entries.
 FULL_REDUCTIONS = [aten.linalg_vector_norm.default, aten.sum.default, aten.max.default, aten.min.default,
-                   aten.any.default, aten.all.default, aten.amax.default, aten.amin.default]
+                   aten.any.default, aten.all.default, aten.amax.default, aten.amin.default,
+                   aten._is_any_true.default]  # anomaly mode's NaN check of every gradient
 # Ops that only make sense on grads / state, never on the weight (copy_ of weights: layout.py).
 COMPACT_ONLY_OPS = [aten.copy_.default, aten.clone.default]
 
@@ -108,7 +113,9 @@ def trainable_op(func, types, args, kwargs):
     if isinstance(target, ResuTensor):
         if target.transposed:
             raise ValueError(f"{func}: in-place updates apply to the weight itself, not to a transposed view")
-        target.write_trainable_(flat_args[0])  # a no-op where the op ran on a view of the storage
+        # Decided from the layout, not by comparing data_ptr(): traced (torch.compile) tensors have none.
+        if not target.trainable_values_are_storage:
+            target.write_trainable_(flat_args[0])
     return target
 
 

@@ -1,0 +1,350 @@
+"""torch.compile with ResuTensor weights (issue 6), on CPU.
+
+Compiled code runs on the "aot_eager" backend: Dynamo and AOTAutograd are the layers that see the
+subclass, Inductor only lowers the plain graph they produce, and compiling its C++ on 2 cores
+costs ~30 s per graph set. ``test_inductor_training_step`` is the one Inductor test.
+
+What is compiled:
+* the model, ``torch.compile(model, fullgraph=True)``: forward, and backward through AOTAutograd;
+  no graph break in any mode;
+* the optimizer, ``torch.compile(optimizer.step)``: torch.optim itself calls
+  ``torch._dynamo.graph_break()`` around every step (``_use_grad_for_differentiable``), so
+  ``fullgraph=True`` fails for any parameter type; the step body, hooks included, is one graph
+  (torch >= 2.12: see STEP_COMPILES; on torch 2.11 these tests keep the step eager);
+* forward, ``loss.backward()`` and ``optimizer.step()`` in one compiled function
+  (``test_whole_training_step_in_one_compiled_function``): Dynamo breaks at ``.backward()``
+  unless ``trace_autograd_ops`` (torch 2.13) is on.
+"""
+import copy
+import functools
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses import meta_utils
+from torchao.quantization import quantize_
+from torchao.testing import utils as ao_testing
+
+import resu_tensor as rt
+
+MODES = ["dense", "sparse", "resu", "qresu"]
+BACKEND = "aot_eager"
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+# Compiling optimizer.step() fakifies each parameter with its .grad; torch 2.11 reuses the
+# parameter's symbolic context for the grad and fails on a grad of another subclass
+# ("InternalTorchDynamoError: KeyError: flat"; fixed by pytorch/pytorch#176864, which added this function).
+STEP_COMPILES = hasattr(meta_utils, "_grad_context_compatible")
+needs_step_compile = pytest.mark.skipif(not STEP_COMPILES, reason="torch.compile(optimizer.step) needs pytorch#176864")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Tests compile the same nn.Module / optimizer code objects: start from empty caches so that
+    # entries of one test neither serve another nor count towards its recompile limit.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def make_model(mode: str) -> nn.Module:
+    generator = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+    quantize_(model, rt.resu_config(sparsity=0.0 if mode == "dense" else 0.5))
+    if mode == "resu":
+        rt.enter_resu_(model, epsilon=0.2, generator=generator)
+    elif mode == "qresu":
+        rt.enter_resu_(model, epsilon=0.2, quantize_bits=4, group_size=16, generator=generator)
+    assert [w.mode.value for w in resu_params(model)] == [mode, mode]
+    return model
+
+
+def resu_params(model) -> list:
+    return [w for _, _, w in rt.resu_weights(model)]
+
+
+def frozen_values(w: rt.ResuTensor) -> torch.Tensor:
+    return w.dequantize()[~w.trainable_mask()]
+
+
+def dense_params(model) -> list:
+    return [p.dequantize() if isinstance(p, rt.ResuTensor) else p.detach().clone() for p in model.parameters()]
+
+
+def assert_params_match(model, reference, exact: bool) -> None:
+    for (name, _), a, b in zip(model.named_parameters(), dense_params(model), dense_params(reference)):
+        if exact:
+            assert torch.equal(a, b), name
+        else:
+            # AdamW: Dynamo rewrites addcmul_/addcdiv_(value=...) into fma (one rounding fewer).
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def break_reasons_outside_torch_optim(explanation) -> list:
+    return [r.reason for r in explanation.break_reasons
+            if not (r.reason.startswith("Call to `torch._dynamo.graph_break()`")
+                    and r.user_stack[-1].filename.endswith("torch/optim/optimizer.py"))]
+
+
+# ---------------------------------------------------------------------------------------- item 1
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_training_matches_eager(mode):
+    """fullgraph model (torch._dynamo.explain: one graph, no break) and compiled AdamW step:
+    loss, compact grads and parameters match eager; frozen coordinates stay bit-identical and
+    optimizer state stays compact."""
+    model = make_model(mode)
+    eager = copy.deepcopy(model)
+    explanation = torch._dynamo.explain(model)(torch.randn(6, 32))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    torch._dynamo.reset()
+
+    initial = [w.dequantize() for w in resu_params(model)]
+    frozen = [frozen_values(w) for w in resu_params(model)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    eager_opt = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.1)
+    compiled_model = torch.compile(model, backend=BACKEND, fullgraph=True)
+    compiled_step = torch.compile(opt.step, backend=BACKEND) if STEP_COMPILES else opt.step
+    for _ in range(3):
+        x, y = torch.randn(6, 32), torch.randint(0, 8, (6,))
+        loss, eager_loss = F.cross_entropy(compiled_model(x), y), F.cross_entropy(eager(x), y)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        eager_loss.backward()
+        for w, v in zip(resu_params(model), resu_params(eager)):
+            assert isinstance(w.grad, rt.CompactTensor) and w.grad.flat.numel() == w.trainable_count
+            torch.testing.assert_close(w.grad.flat, v.grad.flat, rtol=1e-5, atol=1e-6)
+        compiled_step()
+        eager_opt.step()
+        opt.zero_grad()
+        eager_opt.zero_grad()
+
+    assert_params_match(model, eager, exact=False)
+    for w, before, start in zip(resu_params(model), frozen, initial):
+        assert torch.equal(frozen_values(w), before)
+        assert not torch.equal(w.dequantize(), start)
+        assert isinstance(opt.state[w]["exp_avg"], rt.CompactTensor)
+        assert opt.state[w]["exp_avg"].flat.numel() == w.trainable_count
+
+    if not STEP_COMPILES:
+        return
+    F.cross_entropy(model(torch.randn(6, 32)), torch.randint(0, 8, (6,))).backward()
+    explanation = torch._dynamo.explain(opt.step)()
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    assert break_reasons_outside_torch_optim(explanation) == []
+
+
+@needs_step_compile
+def test_whole_training_step_in_one_compiled_function():
+    """Forward, backward and SGD step in one compiled function (RESU): matches eager; the only
+    graph breaks are Dynamo's at loss.backward() and torch.optim's own."""
+    model = make_model("resu")
+    eager = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+    def train_step(net, optimizer, x, y):
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    compiled = torch.compile(train_step, backend=BACKEND)
+    torch._dynamo.utils.counters.clear()
+    for _ in range(3):
+        x, y = torch.randn(6, 32), torch.randint(0, 8, (6,))
+        torch.testing.assert_close(compiled(model, opt, x, y), train_step(eager, eager_opt, x, y))
+    assert_params_match(model, eager, exact=True)
+    # Tensor.backward(), torch.optim's graph_break() calls, and Optimizer.zero_grad (never traced).
+    expected = ("Unsupported Tensor.backward() call", "Call to `torch._dynamo.graph_break()`",
+                "Attempted to inline function marked as skipped")
+    reasons = list(torch._dynamo.utils.counters["graph_break"])
+    assert reasons and all(r.startswith(expected) for r in reasons), reasons
+
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 13), reason="trace_autograd_ops traces loss.backward() from torch 2.13")
+@pytest.mark.parametrize("mode", ["sparse", "qresu"])
+def test_forward_and_backward_in_one_fullgraph_function(mode):
+    """With torch._dynamo.config.trace_autograd_ops (torch >= 2.13), loss.backward() is traced too:
+    forward + backward in one graph, no break, same compact gradients as eager."""
+    model = make_model(mode)
+    eager = copy.deepcopy(model)
+
+    def forward_backward(net, x, y):
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss.detach()
+
+    x, y = torch.randn(6, 32), torch.randint(0, 8, (6,))
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        explanation = torch._dynamo.explain(forward_backward)(copy.deepcopy(model), x, y)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+        loss = torch.compile(forward_backward, backend=BACKEND, fullgraph=True)(model, x, y)
+    torch.testing.assert_close(loss, forward_backward(eager, x, y))
+    for w, v in zip(resu_params(model), resu_params(eager)):
+        torch.testing.assert_close(w.grad.flat, v.grad.flat)
+
+
+def test_recompiles_only_when_mode_or_trainable_set_changes():
+    """Two ResuScheduler cycles (DENSE → prune → RESU → commit → same-mask re-prune → RESU →
+    commit), compiled next to an eager twin: the model recompiles exactly once per new (mode,
+    trainable set) of its layers, the optimizer step only in the two steps after such a change
+    (its state is reset, then re-created), and the two runs agree (SGD: bit-exact)."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    quantize_(model, rt.resu_config(sparsity=0.0))
+    eager = copy.deepcopy(model)
+    config = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=2, sparsity=0.5, stabilize_fraction=0.2,
+                               resu_fraction=0.4, commit_strategy="amnesty", progress=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
+    scheduler, eager_scheduler = rt.ResuScheduler(model, opt, config), rt.ResuScheduler(eager, eager_opt, config)
+    model_compiles, step_compiles = CompileCounterWithBackend(BACKEND), CompileCounterWithBackend(BACKEND)
+    compiled_model = torch.compile(model, backend=model_compiles, fullgraph=True)
+    compiled_step = torch.compile(opt.step, backend=step_compiles) if STEP_COMPILES else opt.step
+
+    seen, previous, last_change, modes = set(), None, None, []
+    # Every new trainable set is a new graph (its key and sizes are guarded), and Dynamo keeps the
+    # stale ones: past recompile_limit (default 8) fullgraph=True raises FailOnRecompileLimitHit.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for step in range(config.steps_per_cycle * config.num_cycles):
+            state = tuple((w.mode_name, w.trainable_key) for w in resu_params(model))
+            modes.append(state[0][0])
+            if state != previous:
+                last_change = step
+            model_before, step_before = model_compiles.frame_count, step_compiles.frame_count
+            x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+            F.cross_entropy(compiled_model(x), y).backward()
+            compiled_step()
+            opt.zero_grad()
+            F.cross_entropy(eager(x), y).backward()
+            eager_opt.step()
+            eager_opt.zero_grad()
+            assert model_compiles.frame_count - model_before == (state not in seen), (step, state)
+            if step - last_change > 1:
+                assert step_compiles.frame_count == step_before, (step, state)
+            seen.add(state)
+            previous = state
+            scheduler.step()
+            eager_scheduler.step()
+
+    assert modes[0] == "dense" and "sparse" in modes and "resu" in modes
+    assert model_compiles.frame_count == len(seen) == 5  # dense, sparse, resu, sparse (new mask), resu
+    assert_params_match(model, eager, exact=True)
+    for w, v in zip(resu_params(model), resu_params(eager)):
+        assert torch.equal(w.mask(), v.mask()) and w.trainable_key == v.trainable_key
+
+
+def test_inductor_training_step():
+    """The one Inductor test (~30-45 s on 2 cores with a cold cache): RESU layer, fullgraph
+    forward/backward and momentum-SGD step, against eager."""
+    model = nn.Sequential(nn.Linear(32, 16))
+    quantize_(model, rt.resu_config(sparsity=0.5))
+    rt.enter_resu_(model, epsilon=0.2)
+    eager = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    frozen = frozen_values(model[0].weight)
+    compiled_model = torch.compile(model, backend="inductor", fullgraph=True)
+    compiled_step = torch.compile(opt.step, backend="inductor") if STEP_COMPILES else opt.step
+    for _ in range(2):
+        x = torch.randn(8, 32)
+        out = compiled_model(x)
+        torch.testing.assert_close(out, eager(x))
+        out.square().mean().backward()
+        compiled_step()
+        opt.zero_grad()
+        eager(x).square().mean().backward()
+        eager_opt.step()
+        eager_opt.zero_grad()
+    assert_params_match(model, eager, exact=False)
+    assert torch.equal(frozen_values(model[0].weight), frozen)
+
+
+# ---------------------------------------------------------------------------------------- item 2
+# torchao's own checks for tensor subclasses (torchao.testing.utils), on three kinds of ResuTensor.
+# Its test classes are instantiated for device "cpu" (and "cuda" where present) at import.
+def _dense(hp):
+    return rt.ResuTensor.from_dense(hp)
+
+
+def _sparse(hp):
+    return rt.ResuTensor.from_dense(hp, sparsity=0.02)  # few pruned: linear stays close to hp
+
+
+def _qresu(hp):
+    return rt.ResuTensor.from_dense(hp, sparsity=0.02).enter_resu(epsilon=0.0, quantize_bits=8, group_size=32)
+
+
+class _ResuTensorChecks:
+    TENSOR_SUBCLASS = rt.ResuTensor
+    kwargs = {}
+
+    def setUp(self):
+        super().setUp()
+        # TorchAOCompileTestCase calls torch.compile(f) with the default backend (Inductor).
+        patcher = mock.patch.object(torch, "compile", functools.partial(torch.compile, backend=BACKEND))
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_device1_to_device2_device1_cpu_device2_cpu(self):
+        # torchao's version also calls .cuda() unconditionally, which a CPU-only torch refuses.
+        w = self.FACTORY_FN(torch.randn(4, 128, dtype=torch.bfloat16))
+        for moved in (w.to(device="cpu"), w.to("cpu"), w.cpu()):
+            assert isinstance(moved, rt.ResuTensor)
+            self.assertEqual(moved.dequantize(), w.dequantize())
+
+
+class TestDenseTorchAOBasic(_ResuTensorChecks, ao_testing.TorchAOBasicTestCase):
+    FACTORY_FN = staticmethod(_dense)
+    LINEAR_MIN_SQNR = 60
+
+
+class TestSparseTorchAOBasic(_ResuTensorChecks, ao_testing.TorchAOBasicTestCase):
+    FACTORY_FN = staticmethod(_sparse)
+    LINEAR_MIN_SQNR = 15
+
+
+class TestQresuTorchAOBasic(_ResuTensorChecks, ao_testing.TorchAOBasicTestCase):
+    FACTORY_FN = staticmethod(_qresu)
+    LINEAR_MIN_SQNR = 15
+
+
+class TestDenseTorchAOCompile(_ResuTensorChecks, ao_testing.TorchAOCompileTestCase):
+    FACTORY_FN = staticmethod(_dense)
+    LINEAR_MIN_SQNR = 60
+
+
+class TestSparseTorchAOCompile(_ResuTensorChecks, ao_testing.TorchAOCompileTestCase):
+    FACTORY_FN = staticmethod(_sparse)
+    LINEAR_MIN_SQNR = 15
+
+
+class TestQresuTorchAOCompile(_ResuTensorChecks, ao_testing.TorchAOCompileTestCase):
+    FACTORY_FN = staticmethod(_qresu)
+    LINEAR_MIN_SQNR = 15
+
+
+def test_compiled_function_takes_and_returns_resu_tensors():
+    """A compiled (fullgraph) function taking two ResuTensors and returning a transposed view and
+    a linear output; transpose, .to(device), flatten/unflatten and dequantize round trips."""
+    w = rt.ResuTensor.from_dense(torch.randn(8, 32), sparsity=0.5)
+    q = rt.ResuTensor.from_dense(torch.randn(8, 32), sparsity=0.5).enter_resu(quantize_bits=4, group_size=16)
+
+    def f(a, b, x):
+        return a.t(), F.linear(x, b) + x @ a.t()
+
+    x = torch.randn(4, 32)
+    compiled = torch.compile(f, backend=BACKEND, fullgraph=True)
+    (wt, y), (wt_ref, y_ref) = compiled(w, q, x), f(w, q, x)
+    assert isinstance(wt, rt.ResuTensor) and wt.transposed and wt.shape == (32, 8)
+    assert torch.equal(wt.dequantize(), wt_ref.dequantize())
+    torch.testing.assert_close(y, y_ref)
+    for t in (w, q, wt):
+        names, attributes = t.__tensor_flatten__()
+        inner = {n: getattr(t, n) for n in names}
+        rebuilt = rt.ResuTensor.__tensor_unflatten__(inner, attributes, t.size(), t.stride())
+        assert rebuilt.mode == t.mode and torch.equal(rebuilt.dequantize(), t.dequantize())
+        moved = t.to(torch.device("cpu"))
+        assert isinstance(moved, rt.ResuTensor) and torch.equal(moved.dequantize(), t.dequantize())
