@@ -1,55 +1,54 @@
-"""RESU end to end on a CPU: dense → prune → sparse fine-tune → RESU → commit → sparse fine-tune.
+"""Sparse training compared on MNIST-1D, on the CPU: dense, one-shot, GMP, RigL and three RESU variants.
 
-Trains a small MLP on MNIST-1D (generated locally by the ``mnist1d`` package, no download) and
-prints, after each phase, the test accuracy and the bytes of training state ``rt.memory_report``
-counts. Run it with ``python -m resu_tensor.demo`` or ``resu-demo``; ``--help`` lists the flags.
+``python -m resu_tensor.demo`` (or ``resu-demo``) trains a small MLP on MNIST-1D (generated locally
+by the ``mnist1d`` package, no download) with every method for the same number of AdamW steps and
+prints test accuracy, the share of resurrected weights, training-state bytes and wall time.
+``--full`` runs the comparison of docs/results.md (MLP and CNN, sparsity 0.5/0.7/0.9, 3 seeds;
+``python -m benchmarks.quality.mnist1d`` runs the same and writes its JSON and plot);
+``--walkthrough`` instead prints one RESU lifecycle phase by phase. ``--help`` lists the flags.
 """
 import argparse
 import functools
+import json
 import math
+import os
+import statistics
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
+from resu_tensor.mask_encoding import encode_mask
 
-HEADER = """\
-RESU demo: an MLP (40-256-256-10) learns MNIST-1D on the CPU, then goes through the RESU
-lifecycle. Its Linear weights are ResuTensors. 'prune' zeroes the smallest {sparsity:.0%} of each
-weight (SPARSE: only the active weights train); 'resu' puts small random theta values in the
-pruned slots and trains only them (active weights and biases frozen); 'commit' merges theta
-and re-prunes each weight by magnitude back to {sparsity:.0%}. Each row is taken at the end of its
-phase: test accuracy and the training state in bytes (weight values plus mask, gradients,
-AdamW state; biases included). Weight values stay stored dense, so the savings show in the
-grads and optimizer state, which hold only the trainable coordinates. The prune and commit
-rows come right after the mode change, before any step: the weights' stale grads and
-optimizer state were just dropped, to be rebuilt (compact) at the next step."""
-
-COLUMNS = ("phase", "mode", "sparsity", "test acc", "weights+mask", "grads", "optimizer", "total")
-WIDTHS = (10, 6, 8, 8, 12, 9, 9, 9)
-
-
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="resu-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--sparsity", type=float, default=0.7, help="fraction of each weight pruned (default 0.7)")
-    p.add_argument("--steps-per-phase", type=int, default=1000, help="optimizer steps per training phase")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate of each phase")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads (default 1: the matmuls are small, more threads gain little)")
-    p.add_argument("--quiet", action="store_true", help="print nothing; just return the results")
-    return p.parse_args(argv)
+# Shared by every method: AdamW(lr=1e-2), one cosine over the run, batch 128, 2000 steps (picked for
+# the dense models on a held-out 500 of the training set; see docs/results.md).
+LR, BATCH_SIZE, STEPS = 1e-2, 128, 2000
+METHODS = ("dense", "oneshot", "gmp", "rigl", "resu", "resu_selective", "qresu4")
+# The RESU schedule with a plain magnitude commit (θ compete with W_A on |W|), and with amnesty's
+# reservation r = 0 (no θ ever comes back: the schedule's pauses without resurrection).
+ABLATIONS = ("resu_magnitude", "resu_no_resurrection")
+LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "rigl": "RigL",
+          "resu": "RESU (amnesty)", "resu_selective": "RESU-Selective", "qresu4": "QRESU-4",
+          "resu_magnitude": "RESU (magn. commit)", "resu_no_resurrection": "RESU (r = 0)"}
+FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
+REDUCED = {"archs": ["mlp"], "sparsities": [0.7, 0.9], "seeds": [0]}
 
 
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ============================================================================ data and models
 @functools.lru_cache(maxsize=1)
 def load_mnist1d() -> tuple[torch.Tensor, ...]:
-    """(x, y, x_test, y_test); inputs standardised with the training set's statistics.
-    Cached: generating the data set takes about a second and it is the same every time
+    """(x, y, x_test, y_test): the standard 4000/1000 split, inputs standardised with the training
+    set's statistics. Cached: generating it takes about a second and it is the same every time
     (mnist1d seeds its own generator)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
@@ -60,115 +59,436 @@ def load_mnist1d() -> tuple[torch.Tensor, ...]:
     return (x - mean) / std, y, (x_test - mean) / std, y_test
 
 
-def make_model() -> nn.Module:
-    model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    quantize_(model, rt.resu_config(sparsity=0.0))  # every Linear weight -> a DENSE ResuTensor
+class Conv1dAsLinear(nn.Module):
+    """A 1-D convolution computed as im2col + nn.Linear, so its (out, in·k) weight can be a
+    ResuTensor: the library handles 2-D Linear weights, not Conv1d's 3-D ones."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.linear = nn.Linear(in_channels * kernel_size, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, channels, length)
+        patches = F.pad(x, (self.padding, self.padding)).unfold(2, self.kernel_size, self.stride)
+        return self.linear(patches.transpose(1, 2).flatten(2)).transpose(1, 2)
+
+
+def make_model(arch: str) -> nn.Module:
+    """``mlp``: 40-256-256-10. ``cnn``: mnist1d's small CNN (3 strided convs, 32 channels, then a
+    Linear). Every nn.Linear weight becomes a DENSE ResuTensor; the CNN's first conv (160 weights,
+    one input channel) stays a plain dense Conv1d, as first layers usually do in sparse training."""
+    if arch == "mlp":
+        model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    elif arch == "cnn":
+        model = nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 32, 5, stride=2, padding=1), nn.ReLU(),
+                              Conv1dAsLinear(32, 32, 3, stride=2, padding=1), nn.ReLU(),
+                              Conv1dAsLinear(32, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(32 * 5, 10))
+    else:
+        raise ValueError(f"unknown arch {arch!r}; accepted: mlp, cnn")
+    quantize_(model, rt.resu_config(sparsity=0.0))
     return model
 
 
-def train(model, optimizer, data, steps: int, batch_size: int, lr: float, generator: torch.Generator) -> None:
-    """``steps`` AdamW steps on random minibatches. The learning rate follows a cosine from
-    ``lr`` to 0 within each phase, so every phase ends settled rather than mid-jitter."""
-    x, y = data[0], data[1]
-    for i in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
-        idx = torch.randint(0, len(x), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
 @torch.no_grad()
-def accuracy(model, data) -> float:
-    x_test, y_test = data[2], data[3]
-    return (model(x_test).argmax(dim=1) == y_test).float().mean().item()
+def accuracy(model: nn.Module, data) -> float:
+    return (model(data[2]).argmax(dim=1) == data[3]).float().mean().item()
+
+
+# ============================================================================ the training loop
+class Trainer:
+    """One run: model, a stock AdamW and a seeded minibatch stream. The learning rate follows one
+    cosine over the whole run whatever the method does, so methods differ only in their masks.
+    Records the peak training-state bytes once every weight is sparse (RESU's θ phase shows up
+    there; the dense start that most methods share does not)."""
+
+    def __init__(self, model: nn.Module, data, total_steps: int, seed: int, lr: float = LR,
+                 batch_size: int = BATCH_SIZE):
+        self.model, self.data, self.total_steps, self.lr, self.batch_size = model, data, total_steps, lr, batch_size
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.batches = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.sparse_peak_bytes = 0
+
+    def train_until(self, step: int, before: Optional[Callable] = None, after: Optional[Callable] = None) -> None:
+        """Optimizer steps up to global step ``step``; ``before(x, y)`` runs ahead of each step's
+        forward, ``after(loss)`` after its optimizer.step()."""
+        x, y = self.data[0], self.data[1]
+        while self.step < min(step, self.total_steps):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * self.step / self.total_steps))
+            idx = torch.randint(0, len(x), (self.batch_size,), generator=self.batches)
+            if before is not None:
+                before(x[idx], y[idx])
+            loss = F.cross_entropy(self.model(x[idx]), y[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            if after is not None:
+                after(loss)
+            if self.step % 10 == 0 or self.step == self.total_steps:
+                self._track_bytes()
+
+    def change(self, mode_change: Callable[[], object]) -> None:
+        """A mask or mode change; AdamW state of the old trainable set must not carry over."""
+        mode_change()
+        rt.reset_optimizer_state_(self.optimizer, self.model)
+
+    def state_bytes(self) -> int:
+        return rt.memory_report(self.model, self.optimizer).total.total
+
+    def _track_bytes(self) -> None:
+        if all(w.mode != rt.Mode.DENSE for _, _, w in rt.resu_weights(self.model)):
+            self.sparse_peak_bytes = max(self.sparse_peak_bytes, self.state_bytes())
+
+
+# ============================================================================ the methods
+# Each takes (trainer, sparsity, seed), trains to trainer.total_steps and returns extra results.
+def dense(tr: Trainer, sparsity: float, seed: int) -> dict:
+    tr.train_until(tr.total_steps)
+    return {}
+
+
+def one_shot(tr: Trainer, sparsity: float, seed: int) -> dict:
+    """Dense for half the run, magnitude-prune once, sparse fine-tune for the other half."""
+    tr.train_until(tr.total_steps // 2)
+    tr.change(lambda: rt.prune_(tr.model, sparsity, method="magnitude"))
+    tr.train_until(tr.total_steps)
+    return {}
+
+
+def gmp(tr: Trainer, sparsity: float, seed: int, start: float = 0.2, end: float = 0.7, events: int = 10) -> dict:
+    """Gradual magnitude pruning (Zhu & Gupta 2017): ``events`` magnitude prunes spread over
+    [start, end] of the run along s_k = s·(1 − (1 − k/events)³), then sparse fine-tuning."""
+    for k in range(1, events + 1):
+        tr.train_until(round(tr.total_steps * (start + (end - start) * k / events)))
+        target = sparsity * (1 - (1 - k / events) ** 3)
+        tr.change(lambda: rt.prune_(tr.model, target, method="magnitude"))
+    tr.train_until(tr.total_steps)
+    return {}
+
+
+def rigl(tr: Trainer, sparsity: float, seed: int, updates: int = 20, alpha: float = 0.3, end: float = 0.75) -> dict:
+    """RigL (Evci et al. 2020): sparse from the start (random mask); every 1/``updates`` of the run
+    (100 steps of 2000) until ``end`` of it, drop the smallest-magnitude active weights and grow as
+    many pruned ones with the largest dense gradient on the current batch, newly grown at zero. The
+    swapped fraction decays by a cosine from ``alpha`` to 0 at ``end`` of the run."""
+    tr.change(lambda: rt.prune_(tr.model, sparsity, method="random", generator=torch.Generator().manual_seed(seed)))
+    swapped, every = [], max(1, round(tr.total_steps / updates))
+
+    def maybe_update(x: torch.Tensor, y: torch.Tensor) -> None:
+        t = tr.step
+        if t == 0 or t % every or t >= end * tr.total_steps:
+            return
+        fraction = alpha / 2 * (1 + math.cos(math.pi * t / (end * tr.total_steps)))
+        tr.change(lambda: swapped.append(rigl_update_(tr.model, x, y, fraction)))
+
+    tr.train_until(tr.total_steps, before=maybe_update)
+    return {"rigl_swapped": swapped}
+
+
+def rigl_update_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fraction: float) -> int:
+    """One RigL mask update of every ResuTensor weight; returns how many weights were swapped."""
+    weights = [(f"{name}.weight", w) for name, _, w in rt.resu_weights(model)]
+    # Dense gradient: the same model run with plain copies of W_eff, so every coordinate gets one.
+    dense = {name: w.dequantize().requires_grad_() for name, w in weights}
+    loss = F.cross_entropy(functional_call(model, dense, (x,)), y)
+    grads = torch.autograd.grad(loss, list(dense.values()))
+    total = 0
+    for (_, w), grad in zip(weights, grads):
+        active = w.storage_mask()
+        n_swap = int(fraction * int(active.sum()))
+        if n_swap == 0:
+            continue
+        magnitude = torch.where(active, w.values.abs(), math.inf).view(-1)
+        keep = active.clone().view(-1)
+        keep[torch.topk(magnitude, n_swap, largest=False).indices] = False
+        growth = torch.where(keep, -math.inf, grad.abs().view(-1))  # just-dropped weights may regrow (at 0)
+        grown = torch.topk(growth, n_swap).indices
+        keep[grown] = True
+        values = w.values.masked_fill(~keep.view(active.shape), 0).view(-1).index_fill(0, grown, 0)
+        w.set_state_(values=values.view(active.shape), mode=rt.Mode.SPARSE, mask=encode_mask(keep.view(active.shape)),
+                     trainable_side="active", target_sparsity=w.target_sparsity)
+        total += n_swap
+    return total
+
+
+def resu(tr: Trainer, sparsity: float, seed: int, cycles: int = 3, share: float = 0.75,
+         commit_strategy: str = "amnesty", **variant) -> dict:
+    """RESU through rt.ResuScheduler: ``cycles`` cycles over the first ``share`` of the run (cycle
+    0's TRAIN is dense and ends in a magnitude prune), then sparse fine-tuning.
+    ``variant``: extra ScheduleConfig fields (selective, quantize_bits). Reports the share of the
+    final active weights that were once pruned and came back through a commit."""
+    steps_per_cycle = max(10, round(share * tr.total_steps / cycles))
+    config = rt.ScheduleConfig(steps_per_cycle=steps_per_cycle, num_cycles=cycles, sparsity=sparsity,
+                               commit_strategy=commit_strategy, seed=seed, progress=False, **variant)
+    scheduler = rt.ResuScheduler(tr.model, tr.optimizer, config)
+    tr.train_until(steps_per_cycle * cycles, after=scheduler.step)
+    tr.train_until(tr.total_steps)
+    n_active = sum(w.n_active for _, _, w in rt.resu_weights(tr.model))
+    last = scheduler.history[-1]
+    return {"resurrected": (last.survivors + last.resurrected) / n_active,
+            "resurrected_per_commit": [h.resurrected for h in scheduler.history],
+            "cycle_losses": [h.loss for h in scheduler.history]}
+
+
+METHOD_FNS = {
+    "dense": dense, "oneshot": one_shot, "gmp": gmp, "rigl": rigl, "resu": resu,
+    "resu_selective": functools.partial(resu, selective=rt.SelectiveConfig()),
+    "qresu4": functools.partial(resu, quantize_bits=4),
+    "resu_magnitude": functools.partial(resu, commit_strategy="magnitude"),
+    "resu_no_resurrection": functools.partial(resu, r_start=0.0, r_end=0.0),
+}
+
+
+# ============================================================================ running a grid
+def run_one(spec: dict) -> dict:
+    """One (arch, method, sparsity, seed) run from scratch; the same seed gives every method the
+    same initial weights and minibatch order."""
+    torch.set_num_threads(spec.get("threads", 1))
+    data = load_mnist1d()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    torch.manual_seed(spec["seed"])
+    model = make_model(spec["arch"])
+    tr = Trainer(model, data, spec["steps"], spec["seed"], spec.get("lr", LR), spec.get("batch_size", BATCH_SIZE))
+    extra = METHOD_FNS[spec["method"]](tr, spec["sparsity"], spec["seed"])
+    weights = [w for _, _, w in rt.resu_weights(model)]
+    return {
+        **spec, **extra,
+        "accuracy": accuracy(model, data),
+        "final_sparsity": sum(w.numel() - w.n_active for w in weights) / sum(w.numel() for w in weights),
+        "final_bytes": tr.state_bytes(),
+        "sparse_peak_bytes": tr.sparse_peak_bytes or tr.state_bytes(),
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": time.process_time() - cpu_start,  # unlike wall_s, not inflated by other load on the machine
+    }
+
+
+def make_specs(archs, methods, sparsities, seeds, steps: int, threads: int = 1) -> list[dict]:
+    """Every run of the grid; dense runs once per (arch, seed), at sparsity 0."""
+    specs = []
+    for arch in archs:
+        for method in methods:
+            for sparsity in ([0.0] if method == "dense" else sparsities):
+                specs += [dict(arch=arch, method=method, sparsity=sparsity, seed=seed, steps=steps, threads=threads)
+                          for seed in seeds]
+    return specs
+
+
+def compare(specs: list[dict], jobs: int = 1, say: Callable = print) -> dict:
+    """Run every spec (``jobs`` worker processes, one torch thread each); returns {"runs", "summary",
+    "wall_s", "cpu_s"} (cpu_s: the runs' CPU seconds, summed)."""
+    start = time.perf_counter()
+    runs = []
+
+    def done(result: dict) -> None:
+        runs.append(result)
+        say(f"[{len(runs):>3}/{len(specs)}] {result['arch']} {LABELS[result['method']]:<19} s={result['sparsity']:.2f} "
+            f"seed {result['seed']}: acc {result['accuracy']:.3f} ({result['wall_s']:.1f} s)", flush=True)
+
+    if jobs > 1:
+        import multiprocessing
+
+        # spawn, not fork: a forked child of a process that already ran torch ops can deadlock.
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            # the slower CNN runs first, so the two workers finish together
+            for result in pool.imap_unordered(run_one, sorted(specs, key=lambda s: s["arch"] != "cnn")):
+                done(result)
+    else:
+        for spec in specs:
+            done(run_one(spec))
+    key = {(s["arch"], s["method"], s["sparsity"], s["seed"]): i for i, s in enumerate(specs)}
+    runs.sort(key=lambda r: key[(r["arch"], r["method"], r["sparsity"], r["seed"])])
+    return {"runs": runs, "summary": summarize(runs), "wall_s": time.perf_counter() - start,
+            "cpu_s": sum(r["cpu_s"] for r in runs)}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Mean and sample std over seeds of each (arch, method, sparsity), in run order."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["arch"], r["method"], r["sparsity"]), []).append(r)
+
+    def mean_std(values):
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    rows = []
+    for (arch, method, sparsity), group in groups.items():
+        acc_mean, acc_std = mean_std([r["accuracy"] for r in group])
+        resurrected = [r["resurrected"] for r in group if "resurrected" in r]
+        rows.append({"arch": arch, "method": method, "sparsity": sparsity, "seeds": len(group),
+                     "accuracy_mean": acc_mean, "accuracy_std": acc_std,
+                     "resurrected_mean": statistics.fmean(resurrected) if resurrected else None,
+                     "sparse_peak_bytes": max(r["sparse_peak_bytes"] for r in group),
+                     "final_bytes": max(r["final_bytes"] for r in group),
+                     "wall_s_mean": statistics.fmean(r["wall_s"] for r in group),
+                     "cpu_s_mean": statistics.fmean(r["cpu_s"] for r in group)})
+    return rows
+
+
+TABLE_COLUMNS = ("arch", "method", "sparsity", "test accuracy", "resurrected", "state bytes", "final bytes", "wall s",
+                 "CPU s")
+
+
+def format_table(summary: list[dict], markdown: bool = False) -> str:
+    """The summary as aligned text (or a Markdown table). Rows by arch, then sparsity."""
+    order = {m: i for i, m in enumerate(LABELS)}
+    rows = []
+    for r in sorted(summary, key=lambda r: (r["arch"], r["sparsity"], order[r["method"]])):
+        resurrected = "" if r["resurrected_mean"] is None else f"{r['resurrected_mean']:.1%}"
+        rows.append((r["arch"], LABELS[r["method"]], f"{r['sparsity']:.2f}",
+                     f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}", resurrected,
+                     f"{r['sparse_peak_bytes']:,}", f"{r['final_bytes']:,}", f"{r['wall_s_mean']:.1f}",
+                     f"{r['cpu_s_mean']:.1f}"))
+    if markdown:
+        lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(row[i]) for row in [TABLE_COLUMNS, *rows]) for i in range(len(TABLE_COLUMNS))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(TABLE_COLUMNS), "-" * len(line(TABLE_COLUMNS)), *map(line, rows)])
+
+
+TABLE_NOTE = """\
+test accuracy: mean ± sample std over seeds, on MNIST-1D's 1000 test samples. resurrected: share
+of the final active weights that were pruned before a RESU phase and came back at a commit.
+state bytes: peak training state (weights + mask + grads + AdamW state, biases included) once
+every weight is sparse; for dense, the whole run. final bytes: the same at the end of training.
+wall s / CPU s: per run, mean over seeds; wall time grows with other load on the machine, CPU time
+does not."""
+
+
+# ============================================================================ the lifecycle walk-through
+WALKTHROUGH_HEADER = """\
+RESU walk-through: an MLP (40-256-256-10) learns MNIST-1D on the CPU, then goes through the RESU
+lifecycle. Its Linear weights are ResuTensors. 'prune' zeroes the smallest {sparsity:.0%} of each
+weight (SPARSE: only the active weights train); 'resu' puts small random theta values in the
+pruned slots and trains only them (active weights and biases frozen); 'commit' merges theta
+and re-prunes each weight by magnitude back to {sparsity:.0%}. Each row is taken at the end of its
+phase: test accuracy and the training state in bytes (weight values plus mask, gradients,
+AdamW state; biases included). Weight values stay stored dense, so the savings show in the
+grads and optimizer state, which hold only the trainable coordinates. The prune and commit
+rows come right after the mode change, before any step: the weights' stale grads and
+optimizer state were just dropped, to be rebuilt (compact) at the next step."""
+WALKTHROUGH_COLUMNS = ("phase", "mode", "sparsity", "test acc", "weights+mask", "grads", "optimizer", "total")
+WALKTHROUGH_WIDTHS = (10, 6, 8, 8, 12, 9, 9, 9)
 
 
 def set_plain_trainable(model: nn.Module, trainable: bool) -> None:
-    """Freeze or thaw the plain parameters (biases): RESU trains theta alone. A frozen bias
-    gets no grad, so AdamW skips it and keeps its state for later."""
+    """Freeze or thaw the plain parameters (biases): the walk-through's RESU trains theta alone.
+    A frozen bias gets no grad, so AdamW skips it and keeps its state for later."""
     for p in model.parameters():
         if not isinstance(p, rt.ResuTensor):
             p.requires_grad_(trainable)
 
 
 def snapshot(name: str, model, optimizer, data) -> dict:
-    """One table row: mode, overall weight sparsity, test accuracy and training-state bytes."""
+    """One walk-through row: mode, overall weight sparsity, test accuracy, training-state bytes."""
     weights = [w for _, _, w in rt.resu_weights(model)]
-    numel = sum(w.numel() for w in weights)
     total = rt.memory_report(model, optimizer).total
-    return {
-        "phase": name,
-        "mode": "/".join(sorted({w.mode.value for w in weights})),
-        "sparsity": sum(w.numel() - w.n_active for w in weights) / numel,
-        "accuracy": accuracy(model, data),
-        "weights_mask": total.weights + total.mask,
-        "grads": total.grads,
-        "optimizer": total.optimizer,
-        "total": total.total,
-    }
+    return {"phase": name, "mode": "/".join(sorted({w.mode.value for w in weights})),
+            "sparsity": sum(w.numel() - w.n_active for w in weights) / sum(w.numel() for w in weights),
+            "accuracy": accuracy(model, data), "weights_mask": total.weights + total.mask, "grads": total.grads,
+            "optimizer": total.optimizer, "total": total.total}
 
 
-def format_row(cells) -> str:
-    return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, WIDTHS)))
-
-
-def format_result(r: dict) -> str:
-    return format_row((r["phase"], r["mode"], f"{r['sparsity']:.3f}", f"{r['accuracy']:.3f}",
-                       *(f"{r[k]:,}" for k in ("weights_mask", "grads", "optimizer", "total"))))
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Run every phase; returns {phase name: row dict}, in phase order."""
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # model init
-    batches = torch.Generator().manual_seed(args.seed)  # minibatch order
-    theta_init = torch.Generator().manual_seed(args.seed + 1)  # RESU's theta draw
+def walkthrough(sparsity: float, steps_per_phase: int, seed: int, lr: float = LR, batch_size: int = BATCH_SIZE,
+                say: Callable = print) -> dict:
+    """dense → prune → fine-tune → RESU → commit → fine-tune, one row per phase; returns
+    {phase name: row dict}."""
     data = load_mnist1d()
-    model = make_model()
-    # One stock optimizer for the whole run: the Parameter objects survive every mode change.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    step = functools.partial(train, model, optimizer, data, args.steps_per_phase, args.batch_size,
-                             args.lr, batches)
+    torch.manual_seed(seed)  # model init
+    model = make_model("mlp")
+    theta_init = torch.Generator().manual_seed(seed + 1)  # RESU's theta draw
+    # One Trainer (one AdamW, one batch stream) for every phase: the Parameter objects survive each
+    # mode change. Its step restarts at each training phase, so each has its own cosine.
+    tr = Trainer(model, data, steps_per_phase, seed, lr, batch_size)
 
-    def change_mode(change) -> None:
-        change()
-        # The trainable set changed: AdamW state of the old set must not be applied to it.
-        rt.reset_optimizer_state_(optimizer, model)
+    def train() -> None:
+        tr.step = 0
+        tr.train_until(steps_per_phase)
 
     def resu_phase() -> None:
-        change_mode(lambda: rt.enter_resu_(model, epsilon=0.1, freeze_active=True, generator=theta_init))
+        tr.change(lambda: rt.enter_resu_(model, epsilon=0.1, freeze_active=True, generator=theta_init))
         set_plain_trainable(model, False)
-        step()
+        train()
         set_plain_trainable(model, True)
 
     phases = [
-        ("dense", step),
-        ("prune", lambda: change_mode(lambda: rt.prune_(model, args.sparsity, method="magnitude"))),
-        ("finetune", step),
+        ("dense", train),
+        ("prune", lambda: tr.change(lambda: rt.prune_(model, sparsity, method="magnitude"))),
+        ("finetune", train),
         ("resu", resu_phase),
-        ("commit", lambda: change_mode(lambda: rt.commit_(model, strategy="magnitude"))),
-        ("refinetune", step),
+        ("commit", lambda: tr.change(lambda: rt.commit_(model, strategy="magnitude"))),
+        ("refinetune", train),
     ]
-    say = (lambda *a, **k: None) if args.quiet else print
-    say(HEADER.format(sparsity=args.sparsity), end="\n\n")
-    say(format_row(COLUMNS))
-    say("-" * len(format_row(COLUMNS)))
+
+    def row(cells) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, WALKTHROUGH_WIDTHS)))
+
+    say(WALKTHROUGH_HEADER.format(sparsity=sparsity), end="\n\n")
+    say(row(WALKTHROUGH_COLUMNS))
+    say("-" * len(row(WALKTHROUGH_COLUMNS)))
     results, start = {}, time.perf_counter()
     for name, phase in phases:
         phase()
-        results[name] = snapshot(name, model, optimizer, data)
-        say(format_result(results[name]))
-    say(f"\n{args.steps_per_phase} steps of batch {args.batch_size} per training phase; "
-        f"{time.perf_counter() - start:.1f} s")
+        r = results[name] = snapshot(name, model, tr.optimizer, data)
+        say(row((r["phase"], r["mode"], f"{r['sparsity']:.3f}", f"{r['accuracy']:.3f}",
+                 *(f"{r[k]:,}" for k in ("weights_mask", "grads", "optimizer", "total")))))
+    say(f"\n{steps_per_phase} steps of batch {batch_size} per training phase; {time.perf_counter() - start:.1f} s")
     return results
 
 
+# ============================================================================ command line
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="resu-demo", description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true",
+                   help=f"the docs/results.md comparison: {FULL} (explicit flags below still override it)")
+    p.add_argument("--archs", nargs="+", choices=("mlp", "cnn"), help=f"default {REDUCED['archs']}")
+    p.add_argument("--methods", nargs="+", choices=METHODS + ABLATIONS, default=list(METHODS), metavar="METHOD",
+                   help=f"any of {', '.join(METHODS)} (default: all) or the ablations {', '.join(ABLATIONS)}")
+    p.add_argument("--sparsities", nargs="+", type=float, help=f"default {REDUCED['sparsities']}")
+    p.add_argument("--seeds", nargs="+", type=int, help=f"default {REDUCED['seeds']}")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps per run, every method (default {STEPS})")
+    p.add_argument("--jobs", type=int, default=min(2, available_cpus()),
+                   help="worker processes, one torch thread each (default: 2 if the machine has 2 cores)")
+    p.add_argument("--out", type=Path, help="folder to write mnist1d_demo.json into (default: print only)")
+    p.add_argument("--walkthrough", action="store_true",
+                   help="print one RESU lifecycle phase by phase (MLP, first sparsity and seed) instead")
+    p.add_argument("--steps-per-phase", type=int, default=1000, help="walk-through: optimizer steps per training phase")
+    p.add_argument("--quiet", action="store_true", help="print nothing; just return the results")
+    args = p.parse_args(argv)
+    preset = FULL if args.full else REDUCED
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
-    """Run the demo with command-line flags ``argv``; returns the per-phase results (see :func:`run`)."""
-    return run(parse_args(argv))
+    """Run with command-line flags ``argv``. Returns the comparison ({"config", "runs", "summary",
+    "wall_s", "cpu_s"}) or, with ``--walkthrough``, the walk-through's {phase name: row dict}."""
+    args = parse_args(argv)
+    say = (lambda *a, **k: None) if args.quiet else print
+    if args.walkthrough:
+        torch.set_num_threads(1)  # the matmuls are small: more threads gain little
+        return walkthrough(args.sparsities[0], args.steps_per_phase, args.seeds[0], say=say)
+    config = {"archs": args.archs, "methods": args.methods, "sparsities": args.sparsities, "seeds": args.seeds,
+              "steps": args.steps, "lr": LR, "batch_size": BATCH_SIZE, "optimizer": "AdamW", "jobs": args.jobs}
+    say(f"MNIST-1D, {args.steps} AdamW steps per run: {', '.join(LABELS[m] for m in args.methods)}; "
+        f"archs {args.archs}, sparsities {args.sparsities}, seeds {args.seeds}\n")
+    specs = make_specs(args.archs, args.methods, args.sparsities, args.seeds, args.steps)
+    results = {"config": config, **compare(specs, args.jobs, say)}
+    say("\n" + format_table(results["summary"]) + "\n\n" + TABLE_NOTE)
+    say(f"\n{len(specs)} runs in {results['wall_s']:.0f} s with {args.jobs} worker(s) "
+        f"({results['cpu_s']:.0f} CPU s in the runs)")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "mnist1d_demo.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
 def cli() -> None:

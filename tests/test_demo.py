@@ -1,12 +1,16 @@
-"""The demo (python -m resu_tensor.demo) runs end to end with tiny settings."""
+"""The demo (python -m resu_tensor.demo): the comparison and the walk-through, end to end, tiny settings."""
+import json
+
 import pytest
 
 pytest.importorskip("mnist1d")
 
 from resu_tensor import demo  # noqa: E402
 
-PHASES = ["dense", "prune", "finetune", "resu", "commit", "refinetune"]
-TINY = ["--steps-per-phase", "40", "--batch-size", "64", "--sparsity", "0.6", "--seed", "1"]
+# 60 steps: three 15-step RESU cycles (RESU phase = steps 9..15 of each), then 15 fine-tuning steps.
+TINY = ["--steps", "60", "--sparsities", "0.6", "--seeds", "1", "--jobs", "1"]
+SPARSE_METHODS = demo.METHODS[1:]
+RESU_METHODS = ("resu", "resu_selective", "qresu4")
 
 
 @pytest.fixture(scope="module")
@@ -14,34 +18,99 @@ def results():
     return demo.main([*TINY, "--quiet"])
 
 
-def test_phases_in_order(results):
-    assert list(results) == PHASES
-    assert [r["mode"] for r in results.values()] == ["dense", "sparse", "sparse", "resu", "sparse", "sparse"]
+@pytest.fixture(scope="module")
+def runs(results):
+    return {r["method"]: r for r in results["runs"]}
 
 
-def test_sparsity_after_prune_is_the_requested_one(results):
-    assert results["dense"]["sparsity"] == 0.0
-    for phase in PHASES[1:]:  # each layer rounds its pruned count to whole coordinates
-        assert results[phase]["sparsity"] == pytest.approx(0.6, abs=1e-4)
+def test_every_method_runs_once_and_dense_once(results):
+    assert [(r["method"], r["sparsity"]) for r in results["runs"]] == \
+        [("dense", 0.0)] + [(m, 0.6) for m in SPARSE_METHODS]
+    assert [(r["method"], r["seeds"]) for r in results["summary"]] == [(m, 1) for m in demo.METHODS]
+    assert results["config"]["steps"] == 60 and results["config"]["archs"] == ["mlp"]
 
 
-def test_dense_training_learns(results):
-    assert results["dense"]["accuracy"] > 0.15  # 10 classes: chance is 0.1
+def test_sparse_methods_end_at_the_sparsity_with_less_state(runs):
+    for method in SPARSE_METHODS:  # each layer rounds its pruned count to whole coordinates
+        assert runs[method]["final_sparsity"] == pytest.approx(0.6, abs=1e-3), method
+        assert runs[method]["final_bytes"] < runs["dense"]["final_bytes"], method
+    assert runs["dense"]["final_sparsity"] == 0.0
 
 
-def test_sparse_optimizer_state_is_compact(results):
-    dense, sparse = results["dense"], results["finetune"]
-    assert sparse["optimizer"] < dense["optimizer"]
-    assert sparse["grads"] < dense["grads"]
-    assert results["refinetune"]["optimizer"] == sparse["optimizer"]  # same sparsity, same state size
+def test_all_methods_learn(runs):
+    for method, run in runs.items():
+        assert run["accuracy"] > 0.15, method  # 10 classes: chance is 0.1
+
+
+def test_resu_variants_report_resurrections(runs):
+    for method in RESU_METHODS:
+        assert 0 < runs[method]["resurrected"] <= 1, method
+        assert len(runs[method]["resurrected_per_commit"]) == 3
+    assert "resurrected" not in runs["gmp"]
+
+
+def test_qresu_holds_less_state_than_resu_in_the_resu_phase(runs):
+    # both peak in their RESU phase (θ trains the 60% pruned set); QRESU keeps W_A in 4 bits
+    assert runs["qresu4"]["sparse_peak_bytes"] < runs["resu"]["sparse_peak_bytes"]
+    assert runs["resu"]["sparse_peak_bytes"] > runs["oneshot"]["sparse_peak_bytes"]
 
 
 def test_same_seed_same_results(results):
-    assert demo.main([*TINY, "--quiet"]) == results
+    again = demo.main([*TINY, "--quiet", "--methods", "rigl", "resu"])
+    first = {r["method"]: r for r in results["runs"]}
+    timings = ("wall_s", "cpu_s")
+    for run in again["runs"]:
+        same = {k: v for k, v in first[run["method"]].items() if k not in timings}
+        assert {k: v for k, v in run.items() if k not in timings} == same
 
 
-def test_prints_one_row_per_phase(capsys):
-    demo.main(["--steps-per-phase", "2", "--batch-size", "8"])
-    lines = capsys.readouterr().out.splitlines()
-    rows = [line.split()[0] for line in lines if line.split() and line.split()[0] in PHASES]
-    assert rows == PHASES
+def test_presets_and_overrides():
+    args = demo.parse_args(["--full", "--seeds", "4"])
+    assert (args.archs, args.sparsities, args.seeds) == (["mlp", "cnn"], [0.5, 0.7, 0.9], [4])
+    args = demo.parse_args([])
+    assert (args.archs, args.sparsities, args.seeds, args.methods) == (["mlp"], [0.7, 0.9], [0], list(demo.METHODS))
+
+
+def test_prints_the_table_and_writes_json(capsys, tmp_path):
+    out = demo.main(["--steps", "4", "--methods", "dense", "gmp", "--archs", "cnn", "--sparsities", "0.5",
+                     "--jobs", "1", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    rows = [line.split()[:2] for line in text.splitlines() if line.startswith("cnn ")]
+    assert rows == [["cnn", "dense"], ["cnn", "GMP"]]
+    assert json.loads((tmp_path / "mnist1d_demo.json").read_text())["summary"] == json.loads(json.dumps(out["summary"]))
+
+
+def test_worker_processes_give_the_same_results():
+    argv = ["--steps", "6", "--methods", "dense", "oneshot", "--sparsities", "0.5", "--quiet"]
+    parallel, serial = demo.main([*argv, "--jobs", "2"]), demo.main([*argv, "--jobs", "1"])
+    assert [r["accuracy"] for r in parallel["runs"]] == [r["accuracy"] for r in serial["runs"]]
+
+
+WALKTHROUGH_PHASES = ["dense", "prune", "finetune", "resu", "commit", "refinetune"]
+WALKTHROUGH = ["--walkthrough", "--steps-per-phase", "40", "--sparsities", "0.6", "--seeds", "1"]
+
+
+@pytest.fixture(scope="module")
+def walk():
+    return demo.main([*WALKTHROUGH, "--quiet"])
+
+
+def test_walkthrough_phases_in_order(walk):
+    assert list(walk) == WALKTHROUGH_PHASES
+    assert [r["mode"] for r in walk.values()] == ["dense", "sparse", "sparse", "resu", "sparse", "sparse"]
+    assert walk["dense"]["sparsity"] == 0.0 and walk["dense"]["accuracy"] > 0.15
+    for phase in WALKTHROUGH_PHASES[1:]:
+        assert walk[phase]["sparsity"] == pytest.approx(0.6, abs=1e-4)
+
+
+def test_walkthrough_sparse_optimizer_state_is_compact(walk):
+    dense, sparse = walk["dense"], walk["finetune"]
+    assert sparse["optimizer"] < dense["optimizer"] and sparse["grads"] < dense["grads"]
+    assert walk["refinetune"]["optimizer"] == sparse["optimizer"]  # same sparsity, same state size
+
+
+def test_walkthrough_prints_one_row_per_phase(capsys):
+    demo.main(["--walkthrough", "--steps-per-phase", "2"])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in WALKTHROUGH_PHASES]
+    assert rows == WALKTHROUGH_PHASES
