@@ -73,7 +73,8 @@ if HAS_TRITON:
         ("compact_weight_grad_bitmap", weight_grad_triton.compact_weight_grad_bitmap_dense_gather),
         ("qresu_effective_weight", quant_triton.qresu_effective_weight),
         ("qresu_linear_small_m", quant_triton.qresu_linear_small_m),
-        ("qresu_grad_input_small_m", quant_triton.qresu_grad_input_small_m),
+        # quant_triton.qresu_grad_input_small_m is not registered: it disagrees with the reference
+        # on the H100 (tests/test_kernels_triton.py xfails it) and must not serve callers.
     ]:
         register(_name, "cuda", _fn)
 
