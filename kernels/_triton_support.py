@@ -138,3 +138,19 @@ if HAS_TRITON:
             return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return value.to(dtype)
+
+    @triton.jit
+    def load_bits(bitmap_ptr, element, inside):
+        """Mask bits of ``element`` (bit j of byte i = element 8i+j), 0 outside ``inside``."""
+        byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
+        return tl.where(inside, (byte >> (element & 7).to(tl.int32)) & 1, 0)
+
+    @triton.jit
+    def move_selected(values_ptr, compact_ptr, element, position, selected, GATHER: tl.constexpr):
+        """GATHER: compact[position] = values[element]; else values[element] = compact[position]."""
+        if GATHER:
+            value = tl.load(values_ptr + element, mask=selected)
+            tl.store(compact_ptr + position, cast_to(value, compact_ptr.dtype.element_ty), mask=selected)
+        else:
+            value = tl.load(compact_ptr + position, mask=selected)
+            tl.store(values_ptr + element, cast_to(value, values_ptr.dtype.element_ty), mask=selected)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import cast_to, define_op, eager_or_op, next_power_of_2, tl, triton
+from ._triton_support import define_op, eager_or_op, load_bits, move_selected, next_power_of_2, tl, triton
 
 BLOCK = 1024  # elements per program of the bool-mask kernels
 PACK_BYTES = 256  # bitmap bytes per program of pack_bitmap
@@ -56,12 +56,7 @@ def _masked_move_kernel(values_ptr, mask_ptr, block_start_ptr, compact_ptr, nume
     start = tl.load(block_start_ptr + pid - 1, mask=pid > 0, other=0)
     position = start + tl.cumsum(flags, axis=0) - flags
     selected = (flags != 0) & (position < n_compact)
-    if GATHER:
-        value = tl.load(values_ptr + element, mask=selected)
-        tl.store(compact_ptr + position, cast_to(value, compact_ptr.dtype.element_ty), mask=selected)
-    else:
-        value = tl.load(compact_ptr + position, mask=selected)
-        tl.store(values_ptr + element, cast_to(value, values_ptr.dtype.element_ty), mask=selected)
+    move_selected(values_ptr, compact_ptr, element, position, selected, GATHER)
 
 
 @triton.jit
@@ -76,19 +71,11 @@ def _bitmap_move_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, compact_ptr, n
         local = offset + tl.arange(0, CHUNK)
         element = start + local
         inside = (local < block_size) & (element < numel)
-        byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
-        bit = (byte >> (element & 7).to(tl.int32)) & 1
-        if INVERT:
-            bit = 1 - bit
-        flags = tl.where(inside, bit, 0)
+        bit = load_bits(bitmap_ptr, element, inside)
+        flags = tl.where(inside, 1 - bit, 0) if INVERT else bit
         position = running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
         selected = (flags != 0) & (position < n_compact)
-        if GATHER:
-            value = tl.load(values_ptr + element, mask=selected)
-            tl.store(compact_ptr + position, cast_to(value, compact_ptr.dtype.element_ty), mask=selected)
-        else:
-            value = tl.load(compact_ptr + position, mask=selected)
-            tl.store(values_ptr + element, cast_to(value, values_ptr.dtype.element_ty), mask=selected)
+        move_selected(values_ptr, compact_ptr, element, position, selected, GATHER)
         running += tl.sum(flags, axis=0).to(tl.int64)
 
 

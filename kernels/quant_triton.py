@@ -17,7 +17,7 @@ import torch
 
 from . import quant
 from ._triton_support import (DOT_UPCAST, PREFIX_TILE, cast_to, define_op, dot_precision, eager_or_op, interpreting,
-                              next_power_of_2, num_sms, tl, triton)
+                              load_bits, next_power_of_2, num_sms, tl, triton)
 from .mask_ops_triton import tile_prefix_and_total
 
 CHUNK = 1024  # elements per step of the W_eff kernel inside one prefix block
@@ -92,9 +92,8 @@ def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block
         local = offset + tl.arange(0, CHUNK)
         element = start + local
         inside = (local < block_size) & (element < numel)
-        byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
-        bit = (byte >> (element & 7).to(tl.int32)) & 1
-        active = inside & (bit != 0)
+        bit = load_bits(bitmap_ptr, element, inside)
+        active = bit != 0
         pruned = tl.where(inside, 1 - bit, 0)
         position = running + (tl.cumsum(pruned, axis=0) - pruned).to(tl.int64)
         theta = tl.load(theta_ptr + position, mask=(pruned != 0) & (position < n_theta), other=0.0).to(tl.float32)
