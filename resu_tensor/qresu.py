@@ -10,6 +10,8 @@ import torch
 
 from resu_tensor import kernels
 from resu_tensor.kernels import quant
+from resu_tensor.mask_encoding import prefix_block_size
+from resu_tensor.tensor import is_traced
 
 QUANT_BITS = (4, 8)
 
@@ -35,7 +37,12 @@ def quantize_active(values: torch.Tensor, keep: torch.Tensor, bits: int, group_s
 def effective_weight(tensor) -> torch.Tensor:
     """Dense W_eff (storage orientation, compute dtype): dequantized W_A at active coordinates,
     θ at pruned ones."""
+    rows, cols = tensor.storage_shape
+    if tensor.mask_kind == "bitmap" and (tensor.qdata.device.type == "cuda" or not is_traced(tensor.qdata)):
+        return kernels.qresu_effective_weight(tensor.qdata, tensor.qscale, tensor.qoffset, tensor.quant_bits,
+                                              tensor.group_size, cols, tensor.compute_dtype, tensor.mask_bitmap,
+                                              tensor.mask_block_prefix, prefix_block_size(cols), tensor.theta)
     keep = tensor.storage_mask()
     dense = quant.dequantize_active(tensor.qdata, tensor.qscale, tensor.qoffset, tensor.quant_bits, tensor.group_size,
-                                    tensor.storage_shape[1], tensor.compute_dtype, keep)
+                                    cols, tensor.compute_dtype, keep)
     return kernels.scatter_trainable_(dense, ~keep.view(-1), tensor.theta)

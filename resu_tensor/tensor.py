@@ -9,7 +9,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from resu_tensor import kernels
 from resu_tensor.compact import CompactTensor, NoDynamoFrames
-from resu_tensor.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes
+from resu_tensor.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes, prefix_block_size
 from resu_tensor.mode import Mode
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -274,9 +274,32 @@ class ResuTensor(NoDynamoFrames, TorchAOBaseTensor):
                  "selective": nbytes("selective_m", "selective_v"), "grad_stats": nbytes("grad_abs_sum")}
         return {**parts, **{k: v for k, v in extra.items() if v}}
 
+    def trainable_bitmap(self) -> Optional[tuple]:
+        """``(bitmap, block_prefix, block_size, invert, count)`` when the trainable set can be read
+        straight off a packed bitmap (the mask's set bits, its clear bits, or a subset's set bits),
+        the arguments of the ``*_by_bitmap`` kernels; None for other encodings or when all train."""
+        if self.trainable_side in ("active", "pruned") and self.mask_kind == "bitmap":
+            bitmap, prefix, invert = self.mask_bitmap, self.mask_block_prefix, self.trainable_side == "pruned"
+        elif self.trainable_side == "subset" and self.subset_kind == "bitmap":
+            bitmap, prefix, invert = self.subset_bitmap, self.subset_block_prefix, False
+        else:
+            return None
+        return bitmap, prefix, prefix_block_size(self.storage_shape[1]), invert, self.trainable_count
+
+    def bitmap_kernels_for(self, t: torch.Tensor) -> Optional[tuple]:
+        """:meth:`trainable_bitmap` where the bitmap kernels can serve ``t``: always in eager mode,
+        and under torch.compile on CUDA (the Triton ops have fixed-size fakes; the CPU references
+        index by a decoded mask, a data-dependent size Dynamo cannot trace)."""
+        if t.device.type != "cuda" and is_traced(t):
+            return None
+        return self.trainable_bitmap()
+
     # ----------------------------------------------------------------- trainable coordinates
     def gather_trainable(self, dense: torch.Tensor) -> torch.Tensor:
         """The trainable coordinates of a storage-oriented (out, in) tensor, flat."""
+        bits = self.bitmap_kernels_for(dense)
+        if bits is not None:
+            return kernels.gather_by_bitmap(dense.contiguous(), *bits)
         flat = self.trainable_flat()
         if flat is None:
             return dense.reshape(-1)
@@ -304,6 +327,10 @@ class ResuTensor(NoDynamoFrames, TorchAOBaseTensor):
     def write_trainable_(self, flat: torch.Tensor) -> None:
         """Store ``flat`` (from :meth:`trainable_values`, updated) back into the weight."""
         if self.values is not None:
+            bits = self.bitmap_kernels_for(flat)
+            if bits is not None:
+                kernels.scatter_by_bitmap_(self.values, *bits[:4], flat)
+                return
             trainable = self.trainable_flat()
             if trainable is None:
                 if flat.data_ptr() != self.values.data_ptr():

@@ -15,6 +15,11 @@ OPTIMIZERS = {
     "adam_wd": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, foreach=False),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.01),
     "adamw_no_foreach": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.5, foreach=False),
+    # On CPU the default is the per-parameter loop; these force the _foreach_* path (CUDA's default).
+    "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.5, foreach=True),
+    "adam_wd_foreach": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, foreach=True),
+    "sgd_nesterov_foreach": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                                      foreach=True),
 }
 
 
@@ -77,3 +82,38 @@ def test_stale_state_raises_at_step_and_reset_fixes_it():
     assert rt.reset_optimizer_state_(opt, model) == 1
     opt.step()
     assert opt.state[w]["exp_avg"].flat.numel() == w.trainable_count
+
+
+def test_foreach_adamw_updates_all_parameters_in_one_foreach_op_each():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    weights = [make_pair("resu")[0], make_pair("sparse")[0]]
+    bias = torch.nn.Parameter(torch.randn(16))
+    from torch.optim.optimizer import _foreach_supported_types
+
+    assert all(type(w) in _foreach_supported_types for w in weights)  # so foreach is the default on CUDA
+    opt = torch.optim.AdamW([*weights, bias], lr=0.01, weight_decay=0.1, foreach=True)
+    x = torch.randn(4, 48)
+    sum(F.linear(x, w, bias).square().sum() for w in weights).backward()
+    with OpLog() as log:
+        opt.step()
+    assert log.names.count("aten._foreach_addcdiv_.ScalarList") == 1
+    assert not [n for n in log.names if n.startswith(("aten.addcdiv", "aten.mul_", "aten.lerp"))]
+
+
+def test_clip_grad_norm_foreach_equals_the_dense_gradient_norm():
+    w, _ = make_pair("resu")
+    F.linear(torch.randn(4, 48), w).square().sum().backward()
+    dense_grad = w.expand_trainable(w.grad)
+    total = torch.nn.utils.clip_grad_norm_([w], max_norm=0.5, foreach=True)
+    torch.testing.assert_close(total, dense_grad.norm())
+    torch.testing.assert_close(w.expand_trainable(w.grad), dense_grad * (0.5 / (dense_grad.norm() + 1e-6)))

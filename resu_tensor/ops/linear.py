@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from resu_tensor import kernels
+from resu_tensor.mask_encoding import prefix_block_size
 from resu_tensor.tensor import ResuTensor, is_traced
 
 aten = torch.ops.aten
@@ -29,6 +30,19 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
     return t if t is None or dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
+def _fused_qresu_forward(x2: torch.Tensor, weight: ResuTensor, transpose_weight: bool) -> bool:
+    """x @ W_effᵀ of a QRESU weight on the GPU through the QRESU kernel: at decode sizes (few
+    tokens) it dequantizes W_A and reads θ inside its reduction loop, so W_eff is never written
+    out; at more tokens it builds W_eff in one kernel and calls cuBLAS."""
+    return x2.is_cuda and weight.values is None and weight.mask_kind == "bitmap" and transpose_weight != weight.transposed
+
+
+def _qresu_operands(weight: ResuTensor) -> tuple:
+    cols = weight.storage_shape[1]
+    return (weight.qdata, weight.qscale, weight.qoffset, weight.quant_bits, weight.group_size, cols,
+            weight.mask_bitmap, weight.mask_block_prefix, prefix_block_size(cols), weight.theta)
+
+
 class ResuMatmul(torch.autograd.Function):
     """y = x @ B (+ bias) with B = Lᵀ if ``transpose_weight`` else L, L the weight's logical
     effective weight (``F.linear`` is the ``transpose_weight=True`` case)."""
@@ -36,10 +50,14 @@ class ResuMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, transpose_weight):
         compute_dtype = _autocast_dtype(x.device.type)
-        b = _cast(_right_operand(weight, transpose_weight), compute_dtype)
         x2 = _cast(x, compute_dtype).reshape(-1, x.shape[-1])
         bias_c = _cast(bias, compute_dtype)
-        y2 = x2 @ b if bias_c is None else torch.addmm(bias_c, x2, b)
+        if _fused_qresu_forward(x2, weight, transpose_weight):
+            y2 = kernels.qresu_linear_small_m(x2, *_qresu_operands(weight))
+            y2 = y2 if bias_c is None else y2 + bias_c
+        else:
+            b = _cast(_right_operand(weight, transpose_weight), compute_dtype)
+            y2 = x2 @ b if bias_c is None else torch.addmm(bias_c, x2, b)
         ctx.save_for_backward(x, weight, bias)
         ctx.transpose_weight = transpose_weight
         ctx.compute_dtype = compute_dtype
@@ -65,6 +83,8 @@ class ResuMatmul(torch.autograd.Function):
                 # Dense product + fixed-size gather: the kernel table's mask gather has a
                 # data-dependent length (nonzero), which torch.compile cannot always trace.
                 flat = weight.gather_trainable((a_op.t() @ b_op).to(weight.dtype))
+            elif (bits := weight.trainable_bitmap()) is not None:
+                flat = kernels.compact_weight_grad_bitmap(a_op, b_op, *bits, weight.dtype)
             else:
                 flat = kernels.compact_weight_grad(a_op, b_op, weight.trainable_flat(), weight.dtype)
             grad_weight = weight.compact(flat)

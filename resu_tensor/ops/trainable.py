@@ -107,16 +107,22 @@ def trainable_op(func, types, args, kwargs):
     flat_args = tree_map(operands.flat, args)
     flat_kwargs = tree_map(operands.flat, kwargs)
     out = func(*flat_args, **flat_kwargs)
-    target = args[0]
     if not _is_inplace(func):
         return operands.wrap(out)
-    if isinstance(target, ResuTensor):
-        if target.transposed:
-            raise ValueError(f"{func}: in-place updates apply to the weight itself, not to a transposed view")
-        # Decided from the layout, not by comparing data_ptr(): traced (torch.compile) tensors have none.
-        if not target.trainable_values_are_storage:
-            target.write_trainable_(flat_args[0])
-    return target
+    write_back(func, args[0], flat_args[0])
+    return args[0]
+
+
+def write_back(func, target, flat: torch.Tensor) -> None:
+    """After an in-place op ran on ``flat`` (the target's trainable values), store it into a
+    ResuTensor target; CompactTensor targets were updated in place already."""
+    if not isinstance(target, ResuTensor):
+        return
+    if target.transposed:
+        raise ValueError(f"{func}: in-place updates apply to the weight itself, not to a transposed view")
+    # Decided from the layout, not by comparing data_ptr(): traced (torch.compile) tensors have none.
+    if not target.trainable_values_are_storage:
+        target.write_trainable_(flat)
 
 
 def _dim_argument(func, args, kwargs):
