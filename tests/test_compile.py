@@ -89,8 +89,9 @@ def break_reasons_outside_torch_optim(explanation) -> list:
 
 
 # ---------------------------------------------------------------------------------------- item 1
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])  # foreach: CUDA's default
 @pytest.mark.parametrize("mode", MODES)
-def test_compiled_training_matches_eager(mode):
+def test_compiled_training_matches_eager(mode, foreach):
     """fullgraph model (torch._dynamo.explain: one graph, no break) and compiled AdamW step:
     loss, compact grads and parameters match eager; frozen coordinates stay bit-identical and
     optimizer state stays compact."""
@@ -102,8 +103,8 @@ def test_compiled_training_matches_eager(mode):
 
     initial = [w.dequantize() for w in resu_params(model)]
     frozen = [frozen_values(w) for w in resu_params(model)]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    eager_opt = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
+    eager_opt = torch.optim.AdamW(eager.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
     compiled_model = torch.compile(model, backend=BACKEND, fullgraph=True)
     compiled_step = torch.compile(opt.step, backend=BACKEND) if STEP_COMPILES else opt.step
     for _ in range(3):
