@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 if __package__ in (None, ""):  # `torchrun benchmarks/distributed.py` (not -m): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -100,10 +101,8 @@ def build(mode: str, config: GPTConfig, sparsity: float, device: torch.device) -
 
 
 def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
-    resu = [p for p in model.parameters() if isinstance(p, rt.ResuTensor)]
-    plain = [p for p in model.parameters() if not isinstance(p, rt.ResuTensor)]
-    groups = [{"params": plain}] + ([{"params": resu, "foreach": False}] if resu else [])
-    return torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.1)
+    """Stock AdamW over every parameter, ResuTensors included (its default foreach path on CUDA)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
 
 def synchronize(device: torch.device) -> None:
@@ -111,16 +110,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(mode: str, world: int, group, sync_group, args, device: torch.device) -> dict:
+def measure(mode: str, world: int, group, sync_group, args, device: torch.device,
+            config: Optional[GPTConfig] = None, builder: Optional[Callable] = None) -> dict:
     """Median step time over ``args.steps`` (after ``args.warmup``) on ranks 0..world−1 (``group``
     for DDP, ``sync_group`` for the ResuTensor gradients); the slowest rank's time per step.
-    Other ranks return {} at once."""
+    Other ranks return {} at once. ``config`` (default ``PRESETS[args.preset]``) and
+    ``builder(mode, config, sparsity, device) -> model`` (default :func:`build`) let other
+    benchmarks (``benchmarks.model --ddp``) measure their own variants; a model with ResuTensor
+    parameters goes through ``prepare_ddp``, one without through plain DDP."""
     rank = dist.get_rank()
     if rank >= world:
         return {}
-    config = PRESETS[args.preset]
-    model = build(mode, config, args.sparsity, device)
-    if mode != "dense":
+    config = config or PRESETS[args.preset]
+    model = (builder or build)(mode, config, args.sparsity, device)
+    if rtd.resu_parameters(model):
         overlap = mode != "sparse_end_of_backward"
         rtd.prepare_ddp(model, group=group, overlap=overlap, sync_group=sync_group if overlap else None)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -164,6 +167,46 @@ def measure(mode: str, world: int, group, sync_group, args, device: torch.device
     return row
 
 
+def init_distributed(device_name: str) -> torch.device:
+    """The device of this rank (``cuda:LOCAL_RANK`` or cpu) after ``init_process_group`` (NCCL / gloo)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def measure_scaling(modes, args, device: torch.device, world_sizes=None, **measure_options) -> list[dict]:
+    """:func:`measure` every mode at every world size (default 1..N), in that order, on every
+    process; returns rank 0's rows, [] elsewhere. ``scaling_efficiency`` = t₁ / t_w (weak scaling:
+    1.0 is ideal; t₁ is the smallest world size measured).
+    ``measure_options`` (``config``, ``builder``) go to :func:`measure`."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    world_sizes = sorted(set(world_sizes or range(1, world_size + 1)))
+    if world_sizes[0] < 1 or world_sizes[-1] > world_size:
+        raise ValueError(f"world sizes {world_sizes} must lie in 1..{world_size} (the launched processes)")
+    # Every process creates every group, in the same order (new_group is collective).
+    groups = {world: dist.new_group(list(range(world))) for world in world_sizes}
+    sync_groups = {world: dist.new_group(list(range(world))) for world in world_sizes}
+    rows = []
+    for mode in modes:
+        for world in world_sizes:
+            row = measure(mode, world, groups[world], sync_groups[world], args, device, **measure_options)
+            dist.barrier()
+            if rank == 0:
+                rows.append(row)
+                print(f"{mode:<24} world={world}  step {row['step_ms_median']:8.2f} ms  "
+                      f"{row['tokens_per_s']:12,.0f} tok/s  grads: DDP {row['ddp_grad_bytes'] / 2**20:7.1f} MiB "
+                      f"+ ResuTensor {row['resu_grad_bytes'] / 2**20:7.1f} MiB", flush=True)
+    for row in rows:
+        base = next(r for r in rows if r["mode"] == row["mode"] and r["world_size"] == world_sizes[0])
+        row["scaling_efficiency"] = base["step_ms_median"] / row["step_ms_median"]
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -178,33 +221,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if "RANK" not in os.environ:
         parser.error("launch with torchrun, e.g. torchrun --nproc_per_node=2 -m benchmarks.distributed")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    if args.device == "cpu":
         args.bf16 = False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = init_distributed(args.device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    # Every process creates every group, in the same order (new_group is collective).
-    groups = {world: dist.new_group(list(range(world))) for world in range(1, world_size + 1)}
-    sync_groups = {world: dist.new_group(list(range(world))) for world in range(1, world_size + 1)}
-    rows = []
-    for mode in args.modes:
-        for world in range(1, world_size + 1):
-            row = measure(mode, world, groups[world], sync_groups[world], args, device)
-            dist.barrier()
-            if rank == 0:
-                rows.append(row)
-                print(f"{mode:<24} world={world}  step {row['step_ms_median']:8.2f} ms  "
-                      f"{row['tokens_per_s']:12,.0f} tok/s  grads: DDP {row['ddp_grad_bytes'] / 2**20:7.1f} MiB "
-                      f"+ ResuTensor {row['resu_grad_bytes'] / 2**20:7.1f} MiB", flush=True)
+    rows = measure_scaling(args.modes, args, device)
     results = {}
     if rank == 0:
-        for row in rows:
-            base = next(r for r in rows if r["mode"] == row["mode"] and r["world_size"] == 1)
-            row["scaling_efficiency"] = base["step_ms_median"] / row["step_ms_median"]
         results = {
             "benchmark": "DDP weak scaling, GPT-2-small-shaped (block linears as ResuTensors)",
             "config": {**asdict(PRESETS[args.preset]), "preset": args.preset, "batch_per_rank": args.batch,
