@@ -4,7 +4,7 @@ One process, bf16, ``triton.testing.do_bench`` medians, dense and ours side by s
 
 * training steps (fwd + bwd + AdamW) at M=8192 tokens for 4096→4096 and 4096→11008 at sparsity
   0.5 and 0.9: dense ``nn.Linear`` with fused AdamW vs the library (``quantize_`` +
-  ``rt.enter_resu_``, stock ``torch.optim.AdamW``), and the same steps with the fused Triton
+  ``rt.enter_resu_``, stock ``torch.optim.AdamW``, default foreach and ``fused=True``), and the same steps with the fused Triton
   weight-gradient kernel registered instead of dense-matmul-then-gather; the floor (three
   matmuls at the bf16 matmul rate measured here) and peak memory of one step;
 * the small shape (M=32, 512→256), eager;
@@ -196,15 +196,16 @@ def measure_training(bench: Bench, rate_tflops: float, tokens: int, shapes, spar
             return _timed_step(bench, _train_step(layer, optimizer, x, grad_out))
 
         dense_record = bench.case(section, "dense nn.Linear + fused AdamW", dense, mode="dense", **info)
-        variants = [("sparse", False), ("resu", False), ("qresu", False)]
+        # (mode, AdamW fused=..., fused dW kernel): stock AdamW's default (foreach) and fused paths
+        variants = [(mode, fused_adam, False) for fused_adam in (False, True) for mode in ("sparse", "resu", "qresu")]
         if fused_grad and kernels.HAS_TRITON:
-            variants += [("sparse", True), ("resu", True)]
+            variants += [("sparse", True, True), ("resu", True, True)]
         for sparsity in sparsities:
-            for mode, fused in variants:
-                def resu(mode=mode, sparsity=sparsity, fused=fused):
+            for mode, fused_adam, fused in variants:
+                def resu(mode=mode, sparsity=sparsity, fused=fused, fused_adam=fused_adam):
                     layer = _resu_linear(in_features, out_features, mode, sparsity)
                     x, grad_out = _inputs(tokens, in_features, out_features)
-                    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4)
+                    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=fused_adam)
                     step = _train_step(layer, optimizer, x, grad_out)
                     if not fused:
                         return _timed_step(bench, step)
@@ -217,9 +218,10 @@ def measure_training(bench: Bench, rate_tflops: float, tokens: int, shapes, spar
                     finally:
                         kernels.register("compact_weight_grad", "cuda", default)
 
-                name = f"{mode} s={sparsity}" + (" (fused dW kernel)" if fused else "")
+                name = (f"{mode} s={sparsity}" + (" + fused AdamW" if fused_adam else " + AdamW")
+                        + (" (fused dW kernel)" if fused else ""))
                 record = bench.case(section, name, resu, optional=fused, mode=mode, sparsity=sparsity,
-                                    fused_grad_kernel=fused, **info)
+                                    fused_grad_kernel=fused, fused_adamw=fused_adam, **info)
                 _add_ratios(record, dense_record, floor_ms)
         _add_ratios(dense_record, dense_record, floor_ms)
 

@@ -211,7 +211,7 @@ def measure_variant(variant: str, args, config: GPTConfig, device: torch.device,
     is called at the end, before the model is freed (tests inspect the trained model there)."""
     began = time.perf_counter()
     model = build_variant(variant, config, args.sparsity, device, args.group_size)
-    optimizer = optimizer_for(model)
+    optimizer = optimizer_for(model, fused=args.fused_adamw)
     resu = [w for _, _, w in rt.resu_weights(model)]
     record = {"variant": variant, "label": label(variant, args.sparsity),
               "sparsity": args.sparsity if variant in PRUNED else 0.0,
@@ -287,7 +287,8 @@ def _header(args, config: GPTConfig, device: torch.device) -> dict:
                        "tokens_per_step": args.batch * config.seq, "sparsity": args.sparsity,
                        "qresu_group_size": min(args.group_size, config.width), "warmup": args.warmup,
                        "steps": args.steps, "bf16_autocast": args.bf16,
-                       "optimizer": "torch.optim.AdamW(lr=1e-4, weight_decay=0.1), default foreach, one group"},
+                       "optimizer": "torch.optim.AdamW(lr=1e-4, weight_decay=0.1), one group, "
+                                    + ("fused=True" if args.fused_adamw else "default (foreach)")},
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -400,6 +401,7 @@ def parse_args(argv=None):
     parser.add_argument("--group-size", type=int, default=128, help="QRESU-4 quantization group")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (do_bench: about this many)")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for every variant")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 compute (default bf16 autocast)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the frozen-coordinate check (a CPU copy of every ResuTensor weight)")

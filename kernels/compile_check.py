@@ -21,7 +21,7 @@ from ._triton_support import HAS_TRITON, PREFIX_TILE
 
 def _variants(quick: bool):
     """(kernel, argument types, constexprs, options) for every variant worth compiling."""
-    from . import mask_ops_triton as mo, quant_triton as qt, weight_grad_triton as wg
+    from . import mask_ops_triton as mo, optim_triton as op, quant_triton as qt, weight_grad_triton as wg
 
     i32 = "i32"
     yield mo._pack_bitmap_kernel, dict(mask_ptr="*u8", out_ptr="*u8", numel=i32, n_bytes=i32), {"BYTES": 256}, {}
@@ -37,6 +37,12 @@ def _variants(quick: bool):
         yield mo._bitmap_move_kernel, types, {"INVERT": invert, "GATHER": gather, "CHUNK": 1024}, {}
     types = dict(bitmap_ptr="*u8", counts_ptr="*i32", cols=i32, n_tiles=i32)
     yield mo._tile_count_kernel, types, {"INVERT": True, "TILE": PREFIX_TILE, "TILES": 32}, {}
+    for values, invert, decoupled in [("*bf16", True, True), ("*fp32", False, False)]:
+        types = dict(values_ptr=values, bitmap_ptr="*u8", block_prefix_ptr="*i32", grad_ptr=values, m_ptr=values,
+                     v_ptr=values, step_ptr="*fp32", numel=i32, block_size=i32, n_compact=i32, lr="fp32",
+                     beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
+        yield op._adam_bitmap_kernel, types, {"INVERT": invert, "DECOUPLED": decoupled, "MAXIMIZE": False,
+                                              "CHUNK": 1024}, {}
 
     for config in wg._compact_matmul_kernel.configs:
         wide = config.kwargs["BLOCK_K"] == 32

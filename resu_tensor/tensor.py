@@ -407,3 +407,16 @@ class ResuTensor(NoDynamoFrames, TorchAOBaseTensor):
             f"dtype={self.dtype}, mask={self.mask_kind}, trainable={self.trainable_side}"
             f"{', transposed' if self.transposed else ''})"
         )
+
+    # ----------------------------------------------------------------- FSDP2 all-gather extension
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """FSDP2 hook: what to all-gather for this row shard (see :mod:`resu_tensor.fsdp`)."""
+        from resu_tensor import fsdp
+
+        return fsdp.fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        """FSDP2 hook: the unsharded weight from the all-gather outputs (see :mod:`resu_tensor.fsdp`)."""
+        from resu_tensor import fsdp
+
+        return fsdp.fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)

@@ -11,27 +11,33 @@ from masked_reference import MaskedDenseWeight
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse", "resu"])
+@pytest.mark.parametrize("tokens", [(2, 33), (1,)], ids=["66_tokens", "decode"])  # QRESU: W_eff / fused kernels
+@pytest.mark.parametrize("mode", ["dense", "sparse", "resu", "qresu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_and_adamw_on_cuda(mode, dtype):
+def test_linear_and_adamw_on_cuda(mode, dtype, tokens):
     w = rt.ResuTensor.from_dense(torch.randn(96, 200, device="cuda", dtype=dtype), sparsity=0.0 if mode == "dense" else 0.6)
     if mode == "resu":
         w.enter_resu()
+    if mode == "qresu":
+        w.enter_resu(quantize_bits=4, group_size=64)
+        assert w.values is None and w.mask_kind == "bitmap"
     w = nn.Parameter(w)
-    assert w.device.type == "cuda" and w.values.device.type == "cuda"
+    assert w.device.type == "cuda" and w.device_of_storage.type == "cuda"
     ref = MaskedDenseWeight(w.dequantize(), w.trainable_mask())
     opt, opt_ref = torch.optim.AdamW([w], lr=1e-2), torch.optim.AdamW([ref.flat], lr=1e-2)
     frozen = ~w.trainable_mask()
     frozen_before = w.dequantize()[frozen]
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     for _ in range(10):
-        x = torch.randn(2, 33, 200, device="cuda", dtype=dtype)
-        y, y_ref = F.linear(x, w), F.linear(x, ref.weight())
+        x = torch.randn(*tokens, 200, device="cuda", dtype=dtype, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = F.linear(x, w), F.linear(x_ref, ref.weight())
         torch.testing.assert_close(y, y_ref, **tol)
         g = torch.randn_like(y)
         opt.zero_grad(), opt_ref.zero_grad()
         y.backward(g), y_ref.backward(g)
         torch.testing.assert_close(w.grad.flat, ref.flat.grad, **tol)
+        torch.testing.assert_close(x.grad, x_ref.grad, **tol)
         opt.step(), opt_ref.step()
     torch.testing.assert_close(w.dequantize(), ref.weight().detach(), **tol)
     assert torch.equal(w.dequantize()[frozen], frozen_before)

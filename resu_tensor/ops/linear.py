@@ -30,10 +30,10 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
     return t if t is None or dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
-def _fused_qresu_forward(x2: torch.Tensor, weight: ResuTensor, transpose_weight: bool) -> bool:
-    """x @ W_effᵀ of a QRESU weight on the GPU through the QRESU kernel: at decode sizes (few
-    tokens) it dequantizes W_A and reads θ inside its reduction loop, so W_eff is never written
-    out; at more tokens it builds W_eff in one kernel and calls cuBLAS."""
+def _fused_qresu(x2: torch.Tensor, weight: ResuTensor, transpose_weight: bool) -> bool:
+    """Whether x @ W_effᵀ and its dX = g @ W_eff of a QRESU weight go through the QRESU kernels (on
+    the GPU): at decode sizes (few tokens) they dequantize W_A and read θ inside the reduction
+    loop, so W_eff is never written out; at more tokens W_eff is built in one kernel for cuBLAS."""
     return x2.is_cuda and weight.values is None and weight.mask_kind == "bitmap" and transpose_weight != weight.transposed
 
 
@@ -52,7 +52,7 @@ class ResuMatmul(torch.autograd.Function):
         compute_dtype = _autocast_dtype(x.device.type)
         x2 = _cast(x, compute_dtype).reshape(-1, x.shape[-1])
         bias_c = _cast(bias, compute_dtype)
-        if _fused_qresu_forward(x2, weight, transpose_weight):
+        if _fused_qresu(x2, weight, transpose_weight):
             y2 = kernels.qresu_linear_small_m(x2, *_qresu_operands(weight))
             y2 = y2 if bias_c is None else y2 + bias_c
         else:
@@ -67,14 +67,15 @@ class ResuMatmul(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        b = _cast(_right_operand(weight, ctx.transpose_weight), dtype)
-        gy2 = _cast(grad_out, dtype).reshape(-1, grad_out.shape[-1])
+        gy2 = _cast(grad_out, dtype or weight.dtype).reshape(-1, grad_out.shape[-1])
         x2 = _cast(x, dtype).reshape(-1, x.shape[-1])
-        if dtype is None:
-            gy2 = gy2.to(b.dtype)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (gy2 @ b.t()).reshape(x.shape).to(x.dtype)
+            if _fused_qresu(gy2, weight, ctx.transpose_weight):
+                grad_x = kernels.qresu_grad_input_small_m(gy2, *_qresu_operands(weight))
+            else:
+                grad_x = gy2 @ _cast(_right_operand(weight, ctx.transpose_weight), dtype).t()
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
             # Storage-oriented dW: (gy2ᵀ·x2) when exactly one of the two transposes applies.
             flip = ctx.transpose_weight != weight.transposed

@@ -1,0 +1,42 @@
+"""Reference for the fused Adam/AdamW step on a weight's bitmap-selected coordinates: the
+formula of ``torch._fused_adam_`` / ``torch._fused_adamw_`` (the ``fused=True`` optimizers),
+with the weight stored dense and its gradient and moments compact (row-major over the selection)."""
+import torch
+
+from .mask_ops import gather_by_bitmap, scatter_by_bitmap_
+
+
+def adam_math_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               step: torch.Tensor, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+               decoupled: bool, maximize: bool) -> None:
+    """One Adam (``decoupled``: AdamW) step on flat tensors, in float32, in place; ``step`` is the
+    already incremented step count (a one-element tensor)."""
+    p, g = param.float(), grad.float()
+    if maximize:
+        g = -g
+    if decoupled:
+        p = p - lr * weight_decay * p
+    else:
+        g = g + weight_decay * p
+    m = beta1 * exp_avg.float() + (1 - beta1) * g
+    v = beta2 * exp_avg_sq.float() + (1 - beta2) * g * g
+    t = step.float().reshape(())
+    bias1 = 1 - torch.pow(beta1, t)
+    bias2_sqrt = torch.sqrt(1 - torch.pow(beta2, t))
+    p = p - (lr / bias1) * m / (torch.sqrt(v) / bias2_sqrt + eps)
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                    invert: bool, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                    step: torch.Tensor, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+                    decoupled: bool, maximize: bool) -> torch.Tensor:
+    """:func:`adam_math_` on the elements of contiguous ``values`` whose bit is set (clear if
+    ``invert``); ``grad``, ``exp_avg`` and ``exp_avg_sq`` hold one entry per selected element
+    (the moments are updated in place). Every other element of ``values`` stays untouched.
+    Returns ``values``."""
+    flat = gather_by_bitmap(values, bitmap, block_prefix, block_size, invert, grad.numel())
+    adam_math_(flat, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
+    return scatter_by_bitmap_(values, bitmap, block_prefix, block_size, invert, flat)

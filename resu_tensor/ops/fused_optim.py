@@ -1,0 +1,50 @@
+"""``torch._fused_adam_`` / ``torch._fused_adamw_`` (``Adam(fused=True)``, ``AdamW(fused=True)``)
+over lists that hold ResuTensor weights.
+
+A weight whose trainable set is a bitmap (SPARSE: set bits, RESU: clear bits) takes the whole
+step in one kernel pass over its mask, weights, compact grad and moments
+(:func:`resu_tensor.kernels.adam_by_bitmap_`). Everything else (plain tensors, DENSE weights,
+QRESU θ, index-encoded masks, and the amsgrad / grad-scaler / tensor-lr variants) runs torch's
+own fused op on the flattened trainable coordinates, as :mod:`resu_tensor.ops.foreach` does.
+"""
+import torch
+
+from resu_tensor import kernels
+from resu_tensor.compact import CompactTensor
+from resu_tensor.ops.foreach import foreach_op
+from resu_tensor.ops.trainable import _Operands
+from resu_tensor.tensor import ResuTensor
+
+aten = torch.ops.aten
+FUSED_ADAM_OPS = [aten._fused_adam_.default, aten._fused_adamw_.default]
+
+
+def _one_pass_bits(param, kwargs):
+    if not isinstance(param, ResuTensor) or param.values is None:
+        return None
+    if kwargs.get("amsgrad") or kwargs.get("grad_scale") is not None or kwargs.get("found_inf") is not None:
+        return None
+    return param.bitmap_kernels_for(param.values)
+
+
+def fused_adam(func, types, args, kwargs):
+    kwargs = dict(kwargs or {})
+    params, grads, exp_avgs, exp_avg_sqs, _, state_steps = args[:6]
+    rest = []
+    for j, param in enumerate(params):
+        bits = _one_pass_bits(param, kwargs)
+        if bits is None:
+            rest.append(j)
+            continue
+        _Operands(func, [param, grads[j], exp_avgs[j], exp_avg_sqs[j]], {})  # refuses stale state
+        kernels.adam_by_bitmap_(param.values, *bits[:4], grads[j].flat, exp_avgs[j].flat, exp_avg_sqs[j].flat,
+                                state_steps[j], kwargs["lr"], kwargs["beta1"], kwargs["beta2"],
+                                kwargs["weight_decay"], kwargs["eps"], func is aten._fused_adamw_.default,
+                                kwargs.get("maximize", False))
+    if rest:
+        sub = [[a[j] for j in rest] if isinstance(a, (list, tuple)) and len(a) else a for a in args]
+        foreach_op(func, types, tuple(sub), kwargs)
+
+
+for _cls in (ResuTensor, CompactTensor):
+    _cls.implements(FUSED_ADAM_OPS)(fused_adam)

@@ -1,0 +1,464 @@
+"""FSDP2 (fully_shard) sharding ResuTensor weights by rows: 2 CPU processes (gloo) against a
+single-process run over the same global batch, in SPARSE, RESU and QRESU, with gradient
+accumulation (FSDP's no-sync micro-batches, and several synced backward passes), an uneven row
+split, the manual mode-change API and the ResuScheduler changing modes mid-run (prune → RESU /
+QRESU → amnesty commit) on the gathered layers.
+
+One spawn runs every scenario (process start-up dominates); each rank saves what it measured and
+the tests below check it. FSDP2 does not broadcast at construction, so both ranks build the model
+from the same seed (as a user must). The same scenarios run on 2 GPUs with NCCL under ``-m cuda``.
+"""
+import os
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization import quantize_
+
+import resu_tensor as rt
+from resu_tensor import fsdp as rtf
+
+WORLD = 2
+PER_RANK = 6  # samples per rank and step; the single-process reference sees WORLD * PER_RANK
+IN, HIDDEN, OUT = 16, 32, 8
+ATOL = 2e-6
+DEVICE = "cpu"  # set by each worker: "cpu" (gloo) or "cuda" (NCCL, one GPU per rank)
+
+
+# ------------------------------------------------------------------------------ helpers (both sides)
+def make_model(sparsity: float = 0.0, out: int = OUT, **config) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, out)).to(DEVICE)
+    quantize_(model, rt.resu_config(sparsity=sparsity, **config))
+    return model
+
+
+def shard_model(model: nn.Sequential) -> nn.Sequential:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(DEVICE, (WORLD,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def global_batch(step: int, scenario_seed: int, out: int = OUT):
+    generator = torch.Generator().manual_seed(1000 * scenario_seed + step)
+    x = torch.randn(WORLD * PER_RANK, IN, generator=generator)
+    return x.to(DEVICE), torch.randint(0, out, (WORLD * PER_RANK,), generator=generator).to(DEVICE)
+
+
+def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[rank * PER_RANK:(rank + 1) * PER_RANK]
+
+
+def adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def sgd(model):  # unlike Adam, sensitive to the gradient's scale (FSDP's averaging over ranks)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+
+
+def foreach_adamw(model):  # the multi-tensor path: _foreach_* ops on DTensors of ResuTensors
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
+
+
+def resu_layers(model):
+    return [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+
+
+def compare(model, reference) -> dict:
+    """Max |difference| of every weight and bias against the reference; whether every gathered
+    mode and mask equal the reference's; whether every rank holds the same gathered masks."""
+    diffs, same_masks, digests = {}, True, []
+    for i in resu_layers(model):
+        full, expected = rtf.full_tensor(model[i].weight), reference[i].weight
+        diffs[f"{i}.weight"] = (full.dequantize() - expected.dequantize()).abs().max().item()
+        diffs[f"{i}.bias"] = (model[i].bias.full_tensor() - reference[i].bias).abs().max().item()
+        same_masks &= full.mode == expected.mode and torch.equal(full.mask(), expected.mask())
+        digests.append(full.mask().cpu().numpy().tobytes())
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, digests)
+    return {"diffs": diffs, "same_masks": same_masks,
+            "masks_equal_across_ranks": all(d == everyone[0] for d in everyone)}
+
+
+def shards(model):
+    return [model[i].weight._local_tensor for i in resu_layers(model)]
+
+
+def frozen_state(model):
+    """What must never move: pruned zeros (SPARSE), active values (RESU), codes and scales (QRESU)."""
+    state = []
+    for t in shards(model):
+        if t.values is not None:
+            frozen = ~t.trainable_mask()
+            state.append(t.values[frozen].clone())
+        else:
+            state.extend([t.qdata.clone(), t.qscale.clone(), t.qoffset.clone()])
+    return state
+
+
+def train(model, optimizer, reference, reference_optimizer, rank, steps, scenario_seed, after_step=None,
+          out: int = OUT, clip: float = 0.0):
+    for step in range(steps):
+        x, y = global_batch(step, scenario_seed, out)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(shard(x, rank)), shard(y, rank))
+        loss.backward()
+        if clip:  # the norm over every rank's compact shards must equal the single-process norm
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        reference_loss = F.cross_entropy(reference(x), y)
+        reference_loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+        reference_optimizer.step()
+        if after_step is not None:
+            after_step(loss, reference_loss)
+
+
+# ------------------------------------------------------------------------------ scenarios (each rank)
+def run_mode(rank, scenario_seed, prepare, make_optimizer=adamw, clip: float = 0.0):
+    """``prepare`` puts model and reference into the mode before sharding; 4 optimizer steps."""
+    model, reference = make_model(sparsity=0.5), make_model(sparsity=0.5)
+    prepare(model)
+    prepare(reference)
+    shard_model(model)
+    kinds = sorted({f"{type(p).__name__}({type(p._local_tensor).__name__})" for p in model.parameters()})
+    rows = [t.shape[0] for t in shards(model)]
+    frozen_before = frozen_state(model)
+    optimizer = make_optimizer(model)
+    grad_kinds = []
+
+    def after_step(loss, reference_loss):
+        grad_kinds.append(sorted({type(model[i].weight.grad._local_tensor).__name__ for i in resu_layers(model)}))
+
+    train(model, optimizer, reference, make_optimizer(reference), rank, steps=4, scenario_seed=scenario_seed,
+          after_step=after_step, clip=clip)
+    frozen_kept = all(torch.equal(a, b) for a, b in zip(frozen_before, frozen_state(model)))
+    state_name = "momentum_buffer" if isinstance(optimizer, torch.optim.SGD) else "exp_avg"
+    state_numel = sum(optimizer.state[model[i].weight][state_name]._local_tensor.flat.numel()
+                      for i in resu_layers(model))
+    return {**compare(model, reference), "kinds": kinds, "rows": rows, "frozen_kept": frozen_kept,
+            "grad_kinds": grad_kinds, "modes": [t.mode.value for t in shards(model)],
+            "state_numel": state_numel, "trainable": sum(t.trainable_count for t in shards(model))}
+
+
+def scenario_sparse(rank):
+    return run_mode(rank, 1, lambda model: None)
+
+
+def scenario_resu(rank):
+    return run_mode(rank, 2, lambda model: rt.enter_resu_(model, epsilon=0.5,
+                                                         generator=torch.Generator().manual_seed(0)))
+
+
+def scenario_qresu(rank):
+    return run_mode(rank, 3, lambda model: rt.enter_resu_(model, epsilon=0.5, quantize_bits=4, group_size=8,
+                                                         generator=torch.Generator().manual_seed(0)),
+                    make_optimizer=foreach_adamw)
+
+
+def scenario_sgd(rank):
+    return run_mode(rank, 11, lambda model: rt.enter_resu_(model, epsilon=0.5,
+                                                          generator=torch.Generator().manual_seed(0)),
+                    make_optimizer=sgd, clip=0.05)
+
+
+def scenario_accumulation(rank):
+    """Step 0: two micro-batches, the first without gradient sync; step 1: two synced backward
+    passes into one gradient (FSDP adds the second reduce-scatter to the first)."""
+    model, reference = shard_model(make_model(sparsity=0.5)), make_model(sparsity=0.5)
+    optimizer, reference_optimizer = adamw(model), adamw(reference)
+    half = PER_RANK // 2
+    for step in range(2):
+        x, y = global_batch(step, scenario_seed=4)
+        xs, ys = shard(x, rank), shard(y, rank)
+        optimizer.zero_grad()
+        model.set_requires_gradient_sync(step == 1)
+        (F.cross_entropy(model(xs[:half]), ys[:half]) / 2).backward()
+        model.set_requires_gradient_sync(True)
+        (F.cross_entropy(model(xs[half:]), ys[half:]) / 2).backward()
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        reference_optimizer.step()
+    return compare(model, reference)
+
+
+def scenario_manual_mode_changes(rank):
+    """rtf.prune_ / enter_resu_ (QRESU) / commit_ (amnesty) mid-run; uneven rows (7 over 2 ranks)."""
+    model, reference = shard_model(make_model(out=7)), make_model(out=7)
+    optimizer, reference_optimizer = adamw(model), adamw(reference)
+    rows = [t.shape[0] for t in shards(model)]
+
+    def steps(n, seed):
+        train(model, optimizer, reference, reference_optimizer, rank, steps=n, scenario_seed=seed, out=7)
+
+    steps(2, 5)
+    rtf.prune_(model, 0.5, optimizer=optimizer)
+    rt.prune_(reference, 0.5)
+    rt.reset_optimizer_state_(reference_optimizer, reference)
+    state_dropped = all(model[i].weight not in optimizer.state for i in resu_layers(model))
+    steps(2, 6)
+    options = dict(epsilon=0.5, quantize_bits=4, group_size=8, track_gradients=True)
+    rtf.enter_resu_(model, generator=torch.Generator().manual_seed(3), optimizer=optimizer, **options)
+    rt.enter_resu_(reference, generator=torch.Generator().manual_seed(3), **options)
+    rt.reset_optimizer_state_(reference_optimizer, reference)
+    modes = [t.mode.value for t in shards(model)]
+    steps(3, 7)
+    commit = dict(strategy="amnesty", sparsity=0.5, score="gradient", r_start=0.5, r_end=0.5)
+    stats = rtf.commit_(model, optimizer=optimizer, **commit)
+    reference_stats = rt.commit_(reference, **commit)
+    rt.reset_optimizer_state_(reference_optimizer, reference)
+    steps(2, 8)
+    return {**compare(model, reference), "rows": rows, "state_dropped": state_dropped, "modes": modes,
+            "stats": {k: v.resurrected_kept for k, v in stats.items()},
+            "reference_stats": {k: v.resurrected_kept for k, v in reference_stats.items()}}
+
+
+def scenario_wanda(rank):
+    """rtf.calibrate over every rank's batches equals rt.calibrate over all of them; Wanda pruning
+    of the sharded model then picks the single-process masks."""
+    model, reference = shard_model(make_model()), make_model()
+    batches = [global_batch(step, scenario_seed=12)[0] for step in range(2)]
+    norms = rtf.calibrate(model, [shard(x, rank) for x in batches])
+    reference_norms = rt.calibrate(reference, batches)
+    rtf.prune_(model, 0.5, method="wanda", calibration=norms)
+    rt.prune_(reference, 0.5, method="wanda", calibration=reference_norms)
+    return {**compare(model, reference), "layers": sorted(norms),
+            "norm_diff": max((norms[k] - reference_norms[k]).abs().max().item() for k in reference_norms)}
+
+
+SCHEDULE = dict(steps_per_cycle=10, num_cycles=2, sparsity=0.6, stabilize_fraction=0.2, resu_fraction=0.4,
+                epsilon=0.5, r_start=0.3, r_end=0.1, commit_score="gradient", seed=0, progress=False)
+
+
+def run_scheduler(rank, scenario_seed, steps, **options):
+    """ResuScheduler on every rank: DENSE → prune → STABILIZE → RESU (or QRESU) → amnesty commit."""
+    model, reference = shard_model(make_model()), make_model()
+    optimizer, reference_optimizer = adamw(model), adamw(reference)
+    config = dict(SCHEDULE, **options)
+    scheduler = rtf.ResuScheduler(model, optimizer, rt.ScheduleConfig(**config))
+    reference_scheduler = rt.ResuScheduler(reference, reference_optimizer, rt.ScheduleConfig(**config))
+    trace = []
+
+    def after_step(loss, reference_loss):
+        scheduler.step(loss)
+        reference_scheduler.step(reference_loss)
+        result = compare(model, reference)
+        trace.append(([t.mode.value for t in shards(model)], result["same_masks"], result["masks_equal_across_ranks"]))
+
+    train(model, optimizer, reference, reference_optimizer, rank, steps=steps, scenario_seed=scenario_seed,
+          after_step=after_step)
+    return {**compare(model, reference), "trace": trace, "finished": scheduler.finished,
+            "resurrected": [h.resurrected for h in scheduler.history],
+            "reference_resurrected": [h.resurrected for h in reference_scheduler.history]}
+
+
+def scenario_scheduler(rank):
+    return run_scheduler(rank, 9, steps=20)
+
+
+def scenario_scheduler_qresu(rank):
+    """One cycle into QRESU with a static random subset of θ, picked again every 2 steps."""
+    return run_scheduler(rank, 10, steps=10, num_cycles=1, quantize_bits=4, group_size=8,
+                         selective=rt.StaticSubsetConfig(alpha=0.5, refresh_every=2))
+
+
+def scenario_errors(rank):
+    model = shard_model(make_model(sparsity=0.5))
+    optimizer = adamw(model)
+    errors = {}
+    for name, call in {
+        "selective": lambda: rtf.ResuScheduler(model, optimizer, rt.ScheduleConfig(**SCHEDULE,
+                                                                                   selective=rt.SelectiveConfig())),
+        "probe": lambda: rtf.enter_resu_(model, selective=rt.StaticSubsetConfig(by="gradient"), probe_fn=lambda m: 0),
+        "replaced": lambda: _replace_inside(model),
+    }.items():
+        try:
+            call()
+            errors[name] = None
+        except (NotImplementedError, TypeError, ValueError) as error:
+            errors[name] = f"{type(error).__name__}: {error}"
+    errors["modes_after"] = [t.mode.value for t in shards(model)]
+    return errors
+
+
+def _replace_inside(model):
+    with rtf.full_weights(model):
+        model[0].weight = nn.Parameter(torch.zeros(HIDDEN, IN))
+
+
+SCENARIOS = {name[len("scenario_"):]: fn for name, fn in list(globals().items()) if name.startswith("scenario_")}
+
+
+def _worker(rank: int, init_file: str, out_dir: str, device: str) -> None:
+    global DEVICE
+    DEVICE = device
+    torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        for name, scenario in SCENARIOS.items():
+            try:
+                results[name] = scenario(rank)
+            except Exception:  # recorded, so each test reports its own failure
+                results[name] = {"exception": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+_TWO_GPUS = [pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 CUDA GPUs")]
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=_TWO_GPUS)])
+def ranks(request, tmp_path_factory):
+    """{rank: {scenario: measurements}} from one 2-process run: CPU with gloo, or 2 GPUs with NCCL."""
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(str(out_dir / "rendezvous"), str(out_dir), request.param), nprocs=WORLD, join=True)
+    return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)}
+
+
+def results(ranks, scenario):
+    for rank in range(WORLD):
+        assert "exception" not in ranks[rank][scenario], f"rank {rank}:\n{ranks[rank][scenario]['exception']}"
+    return ranks[0][scenario], ranks[1][scenario]
+
+
+def assert_matches_reference(result):
+    assert result["same_masks"], "a gathered mode or mask differs from the single-process run"
+    assert result["masks_equal_across_ranks"], "the ranks gathered different masks"
+    assert max(result["diffs"].values()) < ATOL, result["diffs"]
+
+
+# ------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("scenario, mode", [("sparse", "sparse"), ("resu", "resu"), ("qresu", "qresu"),
+                                            ("sgd", "resu")])
+def test_sharded_training_matches_single_process(ranks, scenario, mode):
+    for result in results(ranks, scenario):
+        assert result["kinds"] == ["DTensor(ResuTensor)", "DTensor(Tensor)"]
+        assert result["rows"] == [HIDDEN // WORLD, OUT // WORLD]  # row shards, not replicas
+        assert result["modes"] == [mode, mode]
+        assert_matches_reference(result)
+        assert result["frozen_kept"], "a frozen coordinate moved"
+        assert result["grad_kinds"] == [["CompactTensor"]] * 4
+        assert result["state_numel"] == result["trainable"]  # optimizer state is compact too
+
+
+def test_gradient_accumulation_with_and_without_sync(ranks):
+    for result in results(ranks, "accumulation"):
+        assert_matches_reference(result)
+
+
+def test_wanda_calibration_over_every_rank(ranks):
+    for result in results(ranks, "wanda"):
+        assert result["layers"] == ["0", "2"] and result["norm_diff"] < 1e-5
+        assert_matches_reference(result)
+
+
+def test_manual_mode_changes_on_uneven_shards(ranks):
+    rank0, rank1 = results(ranks, "manual_mode_changes")
+    assert rank0["rows"] == [HIDDEN // WORLD, 4] and rank1["rows"] == [HIDDEN // WORLD, 3]
+    for result in (rank0, rank1):
+        assert result["state_dropped"]
+        assert result["modes"] == ["qresu", "qresu"]
+        assert result["stats"] == result["reference_stats"] and all(v > 0 for v in result["stats"].values())
+        assert_matches_reference(result)
+
+
+@pytest.mark.parametrize("scenario, modes_seen", [("scheduler", {"dense", "sparse", "resu"}),
+                                                  ("scheduler_qresu", {"dense", "sparse", "qresu"})])
+def test_scheduler_mode_changes_keep_masks_identical_on_every_rank(ranks, scenario, modes_seen):
+    for result in results(ranks, scenario):
+        modes = [step_modes for step_modes, _, _ in result["trace"]]
+        assert {m for step_modes in modes for m in step_modes} == modes_seen
+        assert modes[-1] == ["sparse", "sparse"] and result["finished"]
+        assert all(same for _, same, _ in result["trace"]), "a mask differed from the single-process run"
+        assert all(equal for _, _, equal in result["trace"]), "the ranks gathered different masks"
+        assert result["resurrected"] == result["reference_resurrected"] and all(r > 0 for r in result["resurrected"])
+        assert_matches_reference(result)
+
+
+def test_unsupported_features_raise_and_change_nothing(ranks):
+    for result in results(ranks, "errors"):
+        assert "NotImplementedError" in result["selective"] and "SelectiveConfig" in result["selective"]
+        assert "NotImplementedError" in result["probe"]
+        assert "TypeError" in result["replaced"] and "replaced inside the block" in result["replaced"]
+        assert result["modes_after"] == ["sparse", "sparse"]
+
+
+# ------------------------------------------------------------------------------ single process
+def _states(rng):
+    dense = rt.ResuTensor.from_dense(torch.randn(10, 24, generator=rng))
+    sparse = rt.ResuTensor.from_dense(torch.randn(10, 24, generator=rng), sparsity=0.6)
+    resu = rt.ResuTensor.from_dense(torch.randn(10, 24, generator=rng), sparsity=0.5).enter_resu(
+        epsilon=0.5, generator=rng, track_gradients=True)
+    qresu = rt.ResuTensor.from_dense(torch.randn(10, 24, generator=rng), sparsity=0.5).enter_resu(
+        epsilon=0.5, generator=rng, quantize_bits=4, group_size=6, selective=rt.StaticSubsetConfig(alpha=0.5))
+    very_sparse = rt.ResuTensor.from_dense(torch.randn(10, 24, generator=rng), sparsity=0.99)  # index-encoded mask
+    return {"dense": dense, "sparse": sparse, "resu": resu, "qresu": qresu, "very_sparse": very_sparse}
+
+
+@pytest.mark.parametrize("name", ["dense", "sparse", "resu", "qresu", "very_sparse"])
+def test_row_chunks_are_complete_resu_tensors(name):
+    rng = torch.Generator().manual_seed(7)
+    w = _states(rng)[name]
+    chunks = torch.chunk(w, 3, dim=0)  # 4, 4, 2 rows: uneven
+    assert [c.shape[0] for c in chunks] == [4, 4, 2] and all(isinstance(c, rt.ResuTensor) for c in chunks)
+    assert torch.equal(torch.cat([c.dequantize() for c in chunks]), w.dequantize())
+    assert torch.equal(torch.cat([c.mask() for c in chunks]), w.mask())
+    assert torch.equal(torch.cat([c.trainable_mask() for c in chunks]), w.trainable_mask())
+    assert all(c.mode == w.mode and c.trainable_count == int(c.trainable_mask().sum()) for c in chunks)
+    if w.theta is not None:
+        assert torch.equal(torch.cat([c.theta for c in chunks]), w.theta)
+    if w.grad_abs_sum is not None:
+        w.grad_abs_sum.copy_(torch.rand(w.grad_abs_sum.shape, generator=rng))
+        chunks = torch.chunk(w, 3, dim=0)
+        assert torch.equal(torch.cat([c.expand_trainable(c.grad_abs_sum) for c in chunks]),
+                           w.expand_trainable(w.grad_abs_sum))
+    # A row slice is a view of the data: an in-place update of its trainable coordinates reaches w.
+    before = w.dequantize()
+    w[4:8].mul_(2.0)
+    rows = torch.zeros(10, 1, dtype=torch.bool)
+    rows[4:8] = True
+    changed = w.trainable_mask() & rows
+    assert torch.equal(w.dequantize()[changed], before[changed] * 2)
+    assert torch.equal(w.dequantize()[~changed], before[~changed])
+
+
+def test_fsdp_padding_ops_keep_the_shard():
+    """What FSDPParam._init_sharded_param does on the last (short) rank of an uneven split."""
+    rng = torch.Generator().manual_seed(8)
+    w = _states(rng)["resu"]
+    chunk = torch.chunk(w, 3, dim=0)[2]
+    padded = w.new_zeros((4, 24))
+    padded.narrow(0, 0, 2).copy_(chunk)
+    local = padded.narrow(0, 0, 2)
+    assert torch.equal(local.dequantize(), chunk.dequantize()) and torch.equal(local.mask(), chunk.mask())
+    assert local.trainable_key == chunk.trainable_key
+    assert padded.view(-1).device.type == "meta" and padded.view(-1).numel() == 4 * 24
+    with pytest.raises(ValueError, match="every rank needs at least one row"):
+        w.new_empty(0)
+    with pytest.raises(NotImplementedError, match="dim 0"):
+        torch.chunk(w, 2, dim=1)
+    with pytest.raises(NotImplementedError, match="writes through only"):
+        w.narrow(0, 0, 2).copy_(chunk)
+    whole = w.new_zeros((10, 24))
+    whole.narrow(0, 0, 10).copy_(w)  # all rows: FSDP's even split
+    assert torch.equal(whole.dequantize(), w.dequantize()) and whole.trainable_key == w.trainable_key
