@@ -146,6 +146,21 @@ if HAS_TRITON:
         return tl.where(inside, (byte >> (element & 7).to(tl.int32)) & 1, 0)
 
     @triton.jit
+    def selected_before_block(block_prefix_ptr, block, start, INVERT: tl.constexpr):
+        """Selected elements (set bits, clear bits if INVERT) before prefix block ``block``, which
+        begins at element ``start``: block 0's prefix is not stored (it is 0)."""
+        set_before = tl.load(block_prefix_ptr + block - 1, mask=block > 0, other=0).to(tl.int64)
+        return start - set_before if INVERT else set_before
+
+    @triton.jit
+    def selected_positions(bitmap_ptr, element, inside, running, INVERT: tl.constexpr):
+        """(flags, positions) of a chunk: flags = 1 where selected; positions = compact index of
+        each element, ``running`` being the selected count before the chunk."""
+        bit = load_bits(bitmap_ptr, element, inside)
+        flags = tl.where(inside, 1 - bit, 0) if INVERT else bit
+        return flags, running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+
+    @triton.jit
     def move_selected(values_ptr, compact_ptr, element, position, selected, GATHER: tl.constexpr):
         """GATHER: compact[position] = values[element]; else values[element] = compact[position]."""
         if GATHER:

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import define_op, eager_or_op, load_bits, move_selected, next_power_of_2, tl, triton
+from ._triton_support import (define_op, eager_or_op, move_selected, next_power_of_2, selected_before_block,
+                              selected_positions, tl, triton)
 
 BLOCK = 1024  # elements per program of the bool-mask kernels
 PACK_BYTES = 256  # bitmap bytes per program of pack_bitmap
@@ -65,15 +66,12 @@ def _bitmap_move_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, compact_ptr, n
     """One program per prefix block; GATHER as in _masked_move_kernel, selection = bit ^ INVERT."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
-    set_before = tl.load(block_prefix_ptr + block - 1, mask=block > 0, other=0).to(tl.int64)
-    running = start - set_before if INVERT else set_before
+    running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     for offset in range(0, block_size, CHUNK):
         local = offset + tl.arange(0, CHUNK)
         element = start + local
         inside = (local < block_size) & (element < numel)
-        bit = load_bits(bitmap_ptr, element, inside)
-        flags = tl.where(inside, 1 - bit, 0) if INVERT else bit
-        position = running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+        flags, position = selected_positions(bitmap_ptr, element, inside, running, INVERT)
         selected = (flags != 0) & (position < n_compact)
         move_selected(values_ptr, compact_ptr, element, position, selected, GATHER)
         running += tl.sum(flags, axis=0).to(tl.int64)

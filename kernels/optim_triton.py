@@ -7,7 +7,8 @@ Import only where triton imports (``kernels/__init__.py`` checks).
 import torch
 
 from . import optim
-from ._triton_support import cast_to, define_op, eager_or_op, load_bits, next_power_of_2, tl, triton
+from ._triton_support import (cast_to, define_op, eager_or_op, next_power_of_2, selected_before_block,
+                              selected_positions, tl, triton)
 
 CHUNK = 1024  # elements per step inside one prefix block
 
@@ -19,8 +20,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
     """One program per prefix block; positions as in mask_ops_triton._bitmap_move_kernel."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
-    set_before = tl.load(block_prefix_ptr + block - 1, mask=block > 0, other=0).to(tl.int64)
-    running = start - set_before if INVERT else set_before
+    running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     t = tl.load(step_ptr).to(tl.float32)
     bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
     bias2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2)))
@@ -28,9 +28,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
         local = offset + tl.arange(0, CHUNK)
         element = start + local
         inside = (local < block_size) & (element < numel)
-        bit = load_bits(bitmap_ptr, element, inside)
-        flags = tl.where(inside, 1 - bit, 0) if INVERT else bit
-        position = running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
+        flags, position = selected_positions(bitmap_ptr, element, inside, running, INVERT)
         selected = (flags != 0) & (position < n_compact)
         p = tl.load(values_ptr + element, mask=selected).to(tl.float32)
         g = tl.load(grad_ptr + position, mask=selected).to(tl.float32)

@@ -17,7 +17,7 @@ import torch
 
 from . import quant
 from ._triton_support import (DOT_UPCAST, PREFIX_TILE, cast_to, define_op, dot_precision, eager_or_op, interpreting,
-                              load_bits, next_power_of_2, num_sms, tl, triton)
+                              next_power_of_2, num_sms, selected_before_block, selected_positions, tl, triton)
 from .mask_ops_triton import tile_prefix_and_total
 
 CHUNK = 1024  # elements per step of the W_eff kernel inside one prefix block
@@ -86,16 +86,13 @@ def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block
     """One program per prefix block of the mask: W_eff for its elements, row-major."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
-    active_before = tl.load(block_prefix_ptr + block - 1, mask=block > 0, other=0).to(tl.int64)
-    running = start - active_before  # clear bits (θ entries) before this block
+    running = selected_before_block(block_prefix_ptr, block, start, True)  # clear bits (θ entries) before
     for offset in range(0, block_size, CHUNK):
         local = offset + tl.arange(0, CHUNK)
         element = start + local
         inside = (local < block_size) & (element < numel)
-        bit = load_bits(bitmap_ptr, element, inside)
-        active = bit != 0
-        pruned = tl.where(inside, 1 - bit, 0)
-        position = running + (tl.cumsum(pruned, axis=0) - pruned).to(tl.int64)
+        pruned, position = selected_positions(bitmap_ptr, element, inside, running, True)
+        active = inside & (pruned == 0)
         theta = tl.load(theta_ptr + position, mask=(pruned != 0) & (position < n_theta), other=0.0).to(tl.float32)
         row = element // cols
         col = element - row * cols
