@@ -6,7 +6,8 @@ calibration over all ranks, and FSDP2 sharding everything but the (replicated) R
 
 One spawn runs every scenario (process start-up dominates); each rank saves what it measured and
 the tests below check it. Every model starts from a *different* random state on each rank, so
-the runs also check that prepare_ddp broadcasts rank 0's state.
+the runs also check that prepare_ddp broadcasts rank 0's state. The same scenarios run on 2 GPUs
+with NCCL under ``-m cuda`` (models, batches and references on the GPU; compared on CPU copies).
 """
 import functools
 import os
@@ -28,22 +29,28 @@ from resu_tensor import distributed as rtd
 WORLD = 2
 PER_RANK = 6  # samples per rank and step; the single-process reference sees WORLD * PER_RANK
 IN, HIDDEN, OUT = 16, 32, 8
-ATOL = 2e-6
+ATOL = 2e-6  # CPU/gloo and CUDA/NCCL alike (float32; torch keeps TF32 off for matmuls by default)
+DEVICE = "cpu"  # set by each worker: "cpu" (gloo) or "cuda" (NCCL, one GPU per rank)
 
 
 # ------------------------------------------------------------------------------ helpers (both sides)
 def make_model(seed: int, sparsity: float = 0.0, **config) -> nn.Sequential:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, OUT))
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, OUT)).to(DEVICE)
     quantize_(model, rt.resu_config(sparsity=sparsity, **config))
     return model
+
+
+def wrap(model: nn.Module, rank: int, **options) -> DistributedDataParallel:
+    """DDP over this rank's device: ``device_ids=[rank]`` on CUDA, none (the default) on the CPU."""
+    return DistributedDataParallel(model, device_ids=[rank] if DEVICE == "cuda" else None, **options)
 
 
 def global_batch(step: int, scenario_seed: int):
     generator = torch.Generator().manual_seed(1000 * scenario_seed + step)
     x = torch.randn(WORLD * PER_RANK, IN, generator=generator)
     y = torch.randint(0, OUT, (WORLD * PER_RANK,), generator=generator)
-    return x, y
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -51,7 +58,8 @@ def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def effective(p: torch.Tensor) -> torch.Tensor:
-    return p.dequantize() if isinstance(p, rt.ResuTensor) else p.detach().clone()
+    """The weight a forward uses, as a CPU copy (comparisons run on the CPU whatever DEVICE is)."""
+    return p.dequantize().cpu() if isinstance(p, rt.ResuTensor) else p.detach().cpu().clone()
 
 
 def compare(model: nn.Module, reference: nn.Module) -> dict:
@@ -60,7 +68,7 @@ def compare(model: nn.Module, reference: nn.Module) -> dict:
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         diffs[name] = (effective(a) - effective(b)).abs().max().item()
         if isinstance(a, rt.ResuTensor):
-            same_masks &= a.mode == b.mode and torch.equal(a.mask(), b.mask())
+            same_masks &= a.mode == b.mode and torch.equal(a.mask().cpu(), b.mask().cpu())
             same_masks &= a.trainable_key == b.trainable_key
     return {"diffs": diffs, "same_masks": same_masks}
 
@@ -98,8 +106,8 @@ def train(model, ddp, optimizer, reference, reference_optimizer, rank, steps, sc
             after_step(loss, reference_loss)
 
 
-def adamw(model):
-    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+def adamw(model, **options):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **options)
 
 
 # ------------------------------------------------------------------------------ scenarios (each rank)
@@ -107,7 +115,7 @@ def scenario_sparse(rank, **options):
     model = make_model(seed=rank, sparsity=0.5)  # rank 1 starts from other weights and another mask
     differed = not replicas_identical(model)
     rtd.prepare_ddp(model, **options)
-    ddp = DistributedDataParallel(model)
+    ddp = wrap(model, rank)
     reference = make_model(seed=0, sparsity=0.5)
     train(model, ddp, adamw(model), reference, adamw(reference), rank, steps=6, scenario_seed=1)
     pruned_zero = all(bool((p.values[~p.storage_mask()] == 0).all()) for _, p in rtd.resu_parameters(model))
@@ -119,7 +127,7 @@ def scenario_resu(rank):
     model = make_model(seed=rank, sparsity=0.5)
     rt.enter_resu_(model, epsilon=0.5, generator=torch.Generator().manual_seed(rank))  # θ differs per rank too
     rtd.prepare_ddp(model)
-    ddp = DistributedDataParallel(model, static_graph=True)
+    ddp = wrap(model, rank, static_graph=True)
     reference = make_model(seed=0, sparsity=0.5)
     rt.enter_resu_(reference, epsilon=0.5, generator=torch.Generator().manual_seed(0))
     frozen_before = [p.values[p.storage_mask()].clone() for _, p in rtd.resu_parameters(model)]
@@ -134,7 +142,7 @@ def scenario_resu(rank):
 def scenario_qresu(rank):
     model = make_model(seed=rank, sparsity=0.5, quantize_bits=4, group_size=16)
     rtd.prepare_ddp(model)
-    ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
+    ddp = wrap(model, rank, gradient_as_bucket_view=True)
     reference = make_model(seed=0, sparsity=0.5, quantize_bits=4, group_size=16)
     train(model, ddp, adamw(model), reference, adamw(reference), rank, steps=4, scenario_seed=3)
     modes = [p.mode.value for _, p in rtd.resu_parameters(model)]
@@ -145,7 +153,7 @@ def scenario_no_sync(rank, **options):
     """Two micro-batches per step, the first under ddp.no_sync(): equals one step on the global batch."""
     model = make_model(seed=rank, sparsity=0.5)
     rtd.prepare_ddp(model, **options)
-    ddp = DistributedDataParallel(model)
+    ddp = wrap(model, rank)
     reference = make_model(seed=0, sparsity=0.5)
     optimizer, reference_optimizer = adamw(model), adamw(reference)
     local_after_no_sync, synced_after = [], []
@@ -180,13 +188,13 @@ def scenario_unused_on_one_rank(rank, **options):
     """Layer b only runs on rank 0: rank 1 reduces zeros for it, in the same collective order."""
     def build(seed):
         torch.manual_seed(seed)
-        model = TwoHeads()
+        model = TwoHeads().to(DEVICE)
         quantize_(model, rt.resu_config(sparsity=0.5))
         return model
 
     model, reference = build(seed=rank), build(seed=0)
     rtd.prepare_ddp(model, **options)
-    ddp = DistributedDataParallel(model, find_unused_parameters=True)  # b's bias is unused on rank 1
+    ddp = wrap(model, rank, find_unused_parameters=True)  # b's bias is unused on rank 1
     optimizer, reference_optimizer = adamw(model), adamw(reference)
     for step in range(3):
         x, y = global_batch(step, scenario_seed=6)
@@ -209,10 +217,11 @@ def scenario_fsdp2_with_replicated_resu_weights(rank):
     sync = rtd.prepare_ddp(model, sync_outside_ddp=True)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # the test is CPU/gloo even on a GPU machine
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),))  # gloo on the CPU, NCCL on the GPUs
     fully_shard(model, mesh=mesh, ignored_params={p for _, p in rtd.resu_parameters(model)})
     reference = make_model(seed=0, sparsity=0.5)
-    optimizer, reference_optimizer = adamw(model), adamw(reference)
+    # foreach (CUDA's default): one list holds FSDP2's DTensors and the replicated ResuTensors
+    optimizer, reference_optimizer = adamw(model, foreach=True), adamw(reference)
     half = PER_RANK // 2
     for step in range(3):
         x, y = global_batch(step, scenario_seed=7)
@@ -229,11 +238,11 @@ def scenario_fsdp2_with_replicated_resu_weights(rank):
         reference_optimizer.step()
     diffs = {name: (effective(a) - effective(b)).abs().max().item()
              for (name, a), b in zip(model.named_parameters(), reference.parameters()) if isinstance(a, rt.ResuTensor)}
-    diffs.update({name: (a.full_tensor() - b).abs().max().item()
+    diffs.update({name: (a.full_tensor().cpu() - b.detach().cpu()).abs().max().item()
                   for (name, a), b in zip(model.named_parameters(), reference.parameters())
                   if not isinstance(a, rt.ResuTensor)})
     kinds = sorted({type(p).__name__ for p in model.parameters()})
-    same_masks = all(torch.equal(a.mask(), b.mask()) for (_, a), (_, b) in
+    same_masks = all(torch.equal(a.mask().cpu(), b.mask().cpu()) for (_, a), (_, b) in
                      zip(rtd.resu_parameters(model), rtd.resu_parameters(reference)))
     return {"diffs": diffs, "same_masks": same_masks, "kinds": kinds,
             "replicas": replicas_identical(model)}
@@ -247,7 +256,7 @@ def scenario_scheduler(rank):
     """ResuScheduler on every rank: DENSE → prune → STABILIZE → RESU → amnesty commit, twice."""
     model = make_model(seed=rank)
     rtd.prepare_ddp(model)
-    ddp = DistributedDataParallel(model)
+    ddp = wrap(model, rank)
     reference = make_model(seed=0)
     optimizer, reference_optimizer = adamw(model), adamw(reference)
     scheduler = rt.ResuScheduler(model, optimizer, rt.ScheduleConfig(**SCHEDULE))
@@ -271,7 +280,7 @@ def scenario_scheduler(rank):
 def scenario_wanda(rank):
     """Wanda norms over every rank's calibration batches equal those of the whole set."""
     model = make_model(seed=0)
-    batches = [torch.randn(5, IN, generator=torch.Generator().manual_seed(10 + i)) for i in range(WORLD * 2)]
+    batches = [torch.randn(5, IN, generator=torch.Generator().manual_seed(10 + i)).to(DEVICE) for i in range(WORLD * 2)]
     norms = rtd.calibrate(model, batches[rank * 2:(rank + 1) * 2])
     whole = rt.calibrate(model, batches)
     rt.prune_(model, 0.5, method="wanda", calibration=norms)
@@ -299,10 +308,14 @@ SCENARIOS.update({f"{name}/end_of_backward": functools.partial(SCENARIOS[name], 
                   for name, options in END_OF_BACKWARD.items()})
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, device: str) -> None:
+    global DEVICE
+    DEVICE = device
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
     results = {}
     try:
         for name, scenario in SCENARIOS.items():
@@ -316,11 +329,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """{rank: {scenario: measurements}} from one 2-process run."""
+_TWO_GPUS = [pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 CUDA GPUs")]
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=_TWO_GPUS)])
+def ranks(request, tmp_path_factory):
+    """{rank: {scenario: measurements}} from one 2-process run: CPU with gloo, or 2 GPUs with NCCL."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(out_dir / "rendezvous"), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out_dir / "rendezvous"), str(out_dir), request.param), nprocs=WORLD, join=True)
     return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)}
 
 

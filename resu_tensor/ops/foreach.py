@@ -22,24 +22,35 @@ def _is_tensor_list(a) -> bool:
     return isinstance(a, (list, tuple)) and len(a) > 0 and isinstance(a[0], torch.Tensor)
 
 
+def _is_plain(t) -> bool:
+    return not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
 def foreach_op(func, types, args, kwargs):
     kwargs = kwargs or {}
-    list_positions = [i for i, a in enumerate(args) if _is_tensor_list(a)]
-    flat_args = [list(a) if i in list_positions else a for i, a in enumerate(args)]
+    n = len(next(a for a in args if _is_tensor_list(a)))
+    per_position = {i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and len(a) == n}  # incl. ScalarLists
+    tensor_lists = [i for i in per_position if _is_tensor_list(args[i])]
     operands = []
-    for j in range(len(args[list_positions[0]])):
-        column = [args[i][j] for i in list_positions]
-        ops = _Operands(func, column, {}) if any(isinstance(t, _SUBCLASSES) for t in column) else None
-        operands.append(ops)
-        if ops is not None:
-            for i in list_positions:
-                flat_args[i][j] = ops.flat(args[i][j])
-    out = func(*flat_args, **kwargs)
-    if _is_inplace(func):
-        for target, flat in zip(args[0], flat_args[0]):
-            write_back(func, target, flat)
-        return out
-    return [o if ops is None else ops.wrap(o) for o, ops in zip(out, operands)]
+    for j in range(n):
+        column = [args[i][j] for i in tensor_lists]
+        operands.append(_Operands(func, column, {}) if any(isinstance(t, _SUBCLASSES) for t in column) else None)
+    # Flattened positions run together with plain tensors; other subclasses (e.g. the DTensors of
+    # FSDP2-sharded neighbours) refuse plain tensors in their list, so they get their own call.
+    own_call = [j for j in range(n) if operands[j] is None and not all(_is_plain(args[i][j]) for i in tensor_lists)]
+    results = [None] * n
+    for positions in ([j for j in range(n) if j not in own_call], own_call):
+        if not positions:
+            continue
+        call_args = [[args[i][j] if operands[j] is None or i not in tensor_lists else operands[j].flat(args[i][j])
+                      for j in positions] if i in per_position else a for i, a in enumerate(args)]
+        out = func(*call_args, **kwargs)
+        for k, j in enumerate(positions):
+            if _is_inplace(func):
+                write_back(func, args[0][j], call_args[0][k])
+            else:
+                results[j] = out[k] if operands[j] is None else operands[j].wrap(out[k])
+    return None if _is_inplace(func) else results
 
 
 FOREACH_OPS = [
