@@ -244,7 +244,17 @@ def _compact_grad_(param: torch.Tensor) -> None:
         raise ValueError(f"FSDP gradient shard of shape {tuple(local_grad.shape)} does not match the ResuTensor "
                          f"shard {tuple(shard.shape)}")
     flat = shard.gather_trainable(local_grad.contiguous())
+    _keep_until_done(local_grad)
     grad._local_tensor = shard.compact(flat.to(shard.dtype))
+
+
+def _keep_until_done(t: torch.Tensor) -> None:
+    """``t`` was made on another CUDA stream than the one reading it now (FSDP runs this hook on
+    its post-reduce stream; the grads of a second synced backward come from the default stream)
+    and is dropped right after: without ``record_stream`` the caching allocator may hand its
+    memory to the other stream while this read is still queued."""
+    if t.is_cuda:
+        t.record_stream(torch.cuda.current_stream(t.device))
 
 
 def _densify_grad_(sharded_param: torch.Tensor) -> None:
@@ -255,7 +265,9 @@ def _densify_grad_(sharded_param: torch.Tensor) -> None:
     if isinstance(grad, DTensor) and isinstance(grad._local_tensor, CompactTensor):
         shard = sharded_param._local_tensor
         if grad._local_tensor.trainable_key == shard.trainable_key:
-            grad._local_tensor = shard.expand_trainable(grad._local_tensor)
+            compact = grad._local_tensor
+            grad._local_tensor = shard.expand_trainable(compact)
+            _keep_until_done(compact.flat)
 
 
 def _register_grad_hook(t: ResuTensor, module) -> None:

@@ -361,14 +361,7 @@ def test_sharded_training_matches_single_process(ranks, scenario, mode):
         assert result["state_numel"] == result["trainable"]  # optimizer state is compact too
 
 
-def test_gradient_accumulation_with_and_without_sync(ranks, request):
-    if request.node.callspec.params["ranks"] == "cuda":
-        # A library bug, open: on 2×H200 (NCCL, torch 2.11) this schedule left weight "2" 0.016 off
-        # the single-process run in one run and hit a CUDA illegal memory access in another, while
-        # plain FSDP2 (no ResuTensor) matched to 1.5e-8 in the same schedule, with AdamW, SGD and
-        # float64, with and without no-sync micro-batches. Suspect: resu_tensor.fsdp's gradient
-        # hooks around FSDP2's reduce-scatter stream on CUDA. gloo on CPU matches to 3e-8.
-        pytest.xfail("resu_tensor.fsdp: accumulation over two synced backward passes is wrong on NCCL (open bug)")
+def test_gradient_accumulation_with_and_without_sync(ranks):
     for result in results(ranks, "accumulation"):
         assert_matches_reference(result)
 
