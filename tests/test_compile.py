@@ -349,3 +349,34 @@ def test_compiled_function_takes_and_returns_resu_tensors():
         assert rebuilt.mode == t.mode and torch.equal(rebuilt.dequantize(), t.dequantize())
         moved = t.to(torch.device("cpu"))
         assert isinstance(moved, rt.ResuTensor) and torch.equal(moved.dequantize(), t.dequantize())
+
+
+# ------------------------------------------------------------------------------ CUDA (pytest -m cuda)
+TRITON_OPS = {  # what the compiled graphs must call on CUDA: the Triton custom ops, not dense + gather
+    "sparse": {"resu_tensor.gather_by_bitmap.default"},
+    "resu": {"resu_tensor.gather_by_bitmap.default"},
+    "qresu": {"resu_tensor.gather_by_bitmap.default", "resu_tensor.qresu_linear_small_m.default",
+              "resu_tensor.qresu_grad_input_small_m.default"},
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", sorted(TRITON_OPS))
+def test_compiled_model_on_cuda_runs_the_triton_ops(mode):
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    model = make_model(mode).cuda()
+    eager = copy.deepcopy(model)
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(6, 32, device="cuda")
+    out, expected = compiled(x), eager(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for w, v in zip(resu_params(model), resu_params(eager)):
+        torch.testing.assert_close(w.grad.flat, v.grad.flat, rtol=1e-4, atol=1e-5)
+    called = {str(node.target) for graph in backend.fw_graphs + backend.bw_graphs for node in graph.graph.nodes
+              if node.op == "call_function"}
+    assert TRITON_OPS[mode] <= called, sorted(c for c in called if c.startswith("resu_tensor"))
