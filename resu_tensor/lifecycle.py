@@ -6,7 +6,7 @@ import torch
 from resu_tensor import kernels
 from resu_tensor.mask_encoding import encode_mask
 from resu_tensor.mode import Mode
-from resu_tensor.pruning import (check_finite, check_method, check_sparsity, granularity_of, mask_from_scores,
+from resu_tensor.pruning import (check_finite, check_method, check_sparsity, mask_from_scores,
                                   parse_granularity, resolve_sparsity, score)
 
 COMMIT_STRATEGIES = ("amnesty", "wanda_reprune", "magnitude", "simple")
@@ -31,7 +31,8 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
     """DENSE/SPARSE → SPARSE at ``sparsity`` and ``granularity`` (see ``pruning.mask_from_scores``):
     pruned coordinates become exactly zero. ``scores`` (storage shape (out, in)) replaces the
     ``method``'s own scores; ``wanda`` needs them (``pruning.score(w.values, "wanda", input_norms)``).
-    An N:M prune remembers (N, M) in ``tensor.nm`` (None otherwise) so a re-prune can keep it."""
+    An N:M prune remembers (N, M) in ``tensor.nm``, a row prune (kept per row, in_features) (None
+    otherwise), so a re-prune or commit keeps the same count in every group or row."""
     _require_mode(tensor, (Mode.DENSE, Mode.SPARSE), "prune")
     target_sparsity = resolve_sparsity(sparsity, granularity)
     check_method(method)
@@ -48,7 +49,8 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
                          f"got {getattr(scores, 'shape', type(scores).__name__)}")
     keep = mask_from_scores(scores, target_sparsity, granularity).to(tensor.values.device)
     _set_sparse(tensor, keep, target_sparsity)
-    tensor.nm = parse_granularity(granularity)
+    cols = tensor.storage_shape[1]
+    tensor.nm = (cols - round(target_sparsity * cols), cols) if granularity == "row" else parse_granularity(granularity)
 
 
 def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generator: Optional[torch.Generator] = None,
@@ -132,6 +134,11 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
     _require_mode(tensor, (Mode.RESU, Mode.QRESU), "commit")
     sparsity = tensor.target_sparsity if sparsity is None else sparsity
     check_sparsity(sparsity)
+    nm = tensor.nm
+    if nm is not None and nm[1] == tensor.storage_shape[1]:
+        # A per-row count (row prune): the requested sparsity sets it, rounded per row.
+        nm = (nm[1] - round(sparsity * nm[1]), nm[1])
+        sparsity = 1 - nm[0] / nm[1]
     grad_abs = None
     if tensor.grad_abs_sum is not None:
         grad_abs = tensor.expand_trainable(tensor.grad_abs_sum)
@@ -147,17 +154,18 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
         if score == "gradient" and tensor.trainable_side != "all":
             scores = torch.where(old_mask, merged.abs().float(), scores)  # frozen active weights have no ḡ
         ratio = amnesty.resurrection_ratio(cycle, num_cycles, r_start, r_end)
-        keep, stats = amnesty.amnesty_mask(scores, old_mask, sparsity, ratio, nm=tensor.nm)
+        keep, stats = amnesty.amnesty_mask(scores, old_mask, sparsity, ratio, nm=nm)
         reserved = stats.reserved_for_resurrected
     else:
         method = "magnitude" if strategy == "magnitude" else "wanda"
         scores = amnesty.score_for_commit(merged, method, input_norms=input_norms)
-        granularity = granularity_of(tensor)  # an N:M layer stays N:M
-        keep = mask_from_scores(scores, None if tensor.nm else sparsity, granularity)
+        # an N:M (or per-row) layer stays so
+        keep = mask_from_scores(scores, None if nm else sparsity, f"{nm[0]}:{nm[1]}" if nm else "element")
         reserved = 0
     if tensor.values is None:  # QRESU: back to dense storage before the new mask is applied
         tensor.set_state_(values=merged, mode=Mode.RESU, mask=tensor.encoded_mask(), trainable_side="pruned")
     _set_sparse(tensor, keep, sparsity if strategy != "simple" else None)
+    tensor.nm = None if strategy == "simple" else nm
     return commit_stats(old_mask, keep, reserved)
 
 

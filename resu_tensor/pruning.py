@@ -244,7 +244,8 @@ def erk_densities(shapes: Mapping[str, tuple[int, int]], sparsity: float) -> dic
 
 def granularity_of(tensor) -> str:
     """The granularity that keeps a ResuTensor's mask structure on a re-prune/commit: its
-    remembered N:M pattern (``tensor.nm``, set by an N:M prune) as ``"N:M"``, else ``"element"``.
+    remembered N:M pattern (``tensor.nm``, set by an N:M prune, or by a row prune as
+    (kept per row, in_features)) as ``"N:M"``, else ``"element"``.
 
     Example::
 

@@ -64,3 +64,20 @@ def test_wanda_reprune_through_the_model_api():
     assert set(model[0].weight.mask().view(-1).nonzero().view(-1).tolist()) == set(expected.tolist())
     assert list(stats) == ["0"] and stats["0"].budget_used == 64
     assert "budget_used" in rt.format_stats_table(stats)
+
+
+@pytest.mark.parametrize("strategy", ["amnesty", "magnitude", "wanda_reprune"])
+def test_a_row_pruned_layer_keeps_the_same_count_in_every_row_through_commits(strategy):
+    cols = 37  # 0.5 · 37 is not an integer: every row keeps 37 − round(18.5) = 19
+    w = rt.ResuTensor.from_dense(torch.randn(6, cols), sparsity=0.5, method="magnitude")
+    w.prune(0.5, granularity="row")
+    norms = torch.rand(cols) + 0.5
+    for cycle, sparsity in enumerate([None, 0.7]):  # then a different sparsity, as a schedule may ask
+        w.enter_resu(epsilon=2.0, generator=torch.Generator().manual_seed(cycle))  # large θ: amnesty admits some
+        old = w.mask()
+        stats = w.commit(strategy, sparsity=sparsity, cycle=0, num_cycles=2, input_norms=norms)
+        expected = cols - round((0.5 if sparsity is None else sparsity) * cols)
+        assert w.mask().sum(1).tolist() == [expected] * 6, w.mask().sum(1).tolist()
+        assert torch.all(w.dequantize()[~w.mask()] == 0)
+        if strategy == "amnesty":
+            assert stats.resurrected_kept == int((w.mask() & ~old).sum()) > 0
