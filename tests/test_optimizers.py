@@ -24,6 +24,7 @@ OPTIMIZERS = {
     "adamw_fused": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.5, fused=True),
     "adam_fused_wd_maximize": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, maximize=True, fused=True),
     "adamw_fused_amsgrad": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, amsgrad=True, fused=True),
+    "adamw_fused_tensor_lr": lambda p: torch.optim.AdamW(p, lr=torch.tensor(0.01), weight_decay=0.1, fused=True),
 }
 
 

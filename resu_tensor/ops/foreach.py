@@ -37,9 +37,9 @@ def foreach_op(func, types, args, kwargs):
         operands.append(_Operands(func, column, {}) if any(isinstance(t, _SUBCLASSES) for t in column) else None)
     # Flattened positions run together with plain tensors; other subclasses (e.g. the DTensors of
     # FSDP2-sharded neighbours) refuse plain tensors in their list, so they get their own call.
-    own_call = [j for j in range(n) if operands[j] is None and not all(_is_plain(args[i][j]) for i in tensor_lists)]
+    own_call = {j for j in range(n) if operands[j] is None and not all(_is_plain(args[i][j]) for i in tensor_lists)}
     results = [None] * n
-    for positions in ([j for j in range(n) if j not in own_call], own_call):
+    for positions in ([j for j in range(n) if j not in own_call], sorted(own_call)):
         if not positions:
             continue
         call_args = [[args[i][j] if operands[j] is None or i not in tensor_lists else operands[j].flat(args[i][j])

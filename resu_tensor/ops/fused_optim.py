@@ -16,13 +16,14 @@ from resu_tensor.ops.trainable import _Operands
 from resu_tensor.tensor import ResuTensor
 
 aten = torch.ops.aten
-FUSED_ADAM_OPS = [aten._fused_adam_.default, aten._fused_adamw_.default]
+FUSED_ADAM_OPS = [getattr(op, overload) for op in (aten._fused_adam_, aten._fused_adamw_) for overload in op.overloads()]
 
 
 def _one_pass_bits(param, kwargs):
     if not isinstance(param, ResuTensor) or param.values is None:
         return None
-    if kwargs.get("amsgrad") or kwargs.get("grad_scale") is not None or kwargs.get("found_inf") is not None:
+    if (kwargs.get("amsgrad") or kwargs.get("grad_scale") is not None or kwargs.get("found_inf") is not None
+            or isinstance(kwargs.get("lr"), torch.Tensor)):
         return None
     return param.bitmap_kernels_for(param.values)
 
@@ -36,10 +37,11 @@ def fused_adam(func, types, args, kwargs):
         if bits is None:
             rest.append(j)
             continue
-        _Operands(func, [param, grads[j], exp_avgs[j], exp_avg_sqs[j]], {})  # refuses stale state
-        kernels.adam_by_bitmap_(param.values, *bits[:4], grads[j].flat, exp_avgs[j].flat, exp_avg_sqs[j].flat,
+        operands = _Operands(func, [param, grads[j], exp_avgs[j], exp_avg_sqs[j]], {})  # refuses stale state
+        grad, exp_avg, exp_avg_sq = (operands.flat(t) for t in (grads[j], exp_avgs[j], exp_avg_sqs[j]))
+        kernels.adam_by_bitmap_(param.values, *bits[:4], grad, exp_avg, exp_avg_sq,
                                 state_steps[j], kwargs["lr"], kwargs["beta1"], kwargs["beta2"],
-                                kwargs["weight_decay"], kwargs["eps"], func is aten._fused_adamw_.default,
+                                kwargs["weight_decay"], kwargs["eps"], func._schema.name == "aten::_fused_adamw_",
                                 kwargs.get("maximize", False))
     if rest:
         sub = [[a[j] for j in rest] if isinstance(a, (list, tuple)) and len(a) else a for a in args]
