@@ -7,7 +7,7 @@ One process, bf16, ``triton.testing.do_bench`` medians, dense and ours side by s
   ``rt.enter_resu_``, stock ``torch.optim.AdamW``, default foreach and ``fused=True``), and the same steps with the fused Triton
   weight-gradient kernel registered instead of dense-matmul-then-gather; the floor (three
   matmuls at the bf16 matmul rate measured here) and peak memory of one step;
-* the small shape (M=32, 512→256), eager;
+* the small shape (M=32, 512→256), eager and under ``torch.compile``;
 * decode forwards at M=1 and M=16: dense ``F.linear`` vs QRESU (bf16 θ and float32 θ), through
   the library and through the fused small-M kernel directly;
 * torchao NF4 (frozen weight) fwd+bwd and M=1 forward, where torchao has it;
@@ -38,6 +38,7 @@ DECODE_TOKENS = [1, 16]
 GROUP_SIZE = 128
 DTYPE = torch.bfloat16
 BUDGET_S = 270  # optional cases are skipped once this much time has passed
+COMPILE_BACKEND = "inductor"  # the CPU smoke test uses "aot_eager" (no C++ builds)
 DEVICE = "cuda"  # the CPU smoke test (tests/test_kernels_benchmark.py) swaps in "cpu" and tiny shapes
 
 
@@ -224,6 +225,34 @@ def measure_training(bench: Bench, rate_tflops: float, tokens: int, shapes, spar
                                     fused_grad_kernel=fused, fused_adamw=fused_adam, **info)
                 _add_ratios(record, dense_record, floor_ms)
         _add_ratios(dense_record, dense_record, floor_ms)
+
+
+def measure_small_compiled(bench: Bench):
+    """The small shape with ``torch.compile``: the layer (forward + backward) always, the AdamW
+    step too where this torch can compile it for ResuTensor parameters (pytorch#176864, torch ≥
+    2.12; the record says which). Both sides fused AdamW."""
+    from torch._subclasses import meta_utils
+
+    step_compiles = hasattr(meta_utils, "_grad_context_compatible")
+    tokens, in_features, out_features = SMALL
+    info = dict(shape=[in_features, out_features], tokens=tokens)
+
+    def run(layer, compile_step: bool):
+        x, grad_out = _inputs(tokens, in_features, out_features)
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=True)
+        if compile_step:
+            optimizer.step = torch.compile(optimizer.step, backend=COMPILE_BACKEND)
+        step = _train_step(torch.compile(layer, backend=COMPILE_BACKEND), optimizer, x, grad_out)
+        return {**_timed_step(bench, step, warmup_steps=3), "optimizer_step_compiled": compile_step}
+
+    dense_record = bench.case("small_compiled", "dense nn.Linear + fused AdamW, compiled",
+                              lambda: run(_linear(in_features, out_features), True), mode="dense", **info)
+    for mode in ("sparse", "resu", "qresu"):
+        record = bench.case("small_compiled", f"{mode} s=0.5 + fused AdamW, compiled",
+                            lambda mode=mode: run(_resu_linear(in_features, out_features, mode, 0.5), step_compiles),
+                            mode=mode, sparsity=0.5, **info)
+        _add_ratios(record, dense_record, None)
+    _add_ratios(dense_record, dense_record, None)
 
 
 def _add_ratios(record: dict, dense: dict, floor_ms) -> None:
@@ -445,6 +474,7 @@ def run(quick: bool = False) -> dict:
     rate = measure_matmul_rate(bench)
     sections = [lambda: measure_training(bench, rate, TOKENS, SHAPES, SPARSITIES, "train"),
                 lambda: measure_training(bench, rate, SMALL[0], [SMALL[1:]], [0.5], "small", fused_grad=False),
+                lambda: measure_small_compiled(bench),
                 lambda: measure_decode(bench), lambda: measure_nf4(bench), lambda: measure_kernels(bench)]
     for section in sections:
         try:

@@ -26,6 +26,7 @@ def test_layers_benchmark_runs_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(layers, "SMALL", (8, 64, 32))
     monkeypatch.setattr(layers, "GROUP_SIZE", 32)
     monkeypatch.setattr(layers, "DTYPE", torch.float32)
+    monkeypatch.setattr(layers, "COMPILE_BACKEND", "aot_eager")
     calls = []
 
     def fake_time_ms(self, fn):
@@ -46,7 +47,10 @@ def test_layers_benchmark_runs_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
         assert "error" not in record, record
         assert record["ms"] > 0, record
     sections = {r["section"] for r in records}
-    assert {"matmul", "train", "small", "decode", "nf4", "kernels"} <= sections
+    assert {"matmul", "train", "small", "small_compiled", "decode", "nf4", "kernels"} <= sections
+    compiled = [r for r in records if r["section"] == "small_compiled"]
+    assert {r["mode"] for r in compiled} == {"dense", "sparse", "resu", "qresu"}
+    assert all("vs_dense" in r for r in compiled) and compiled[0]["optimizer_step_compiled"]
     train = [r for r in records if r["section"] == "train" and r.get("mode") in ("sparse", "resu", "qresu")]
     assert {r["mode"] for r in train} == {"sparse", "resu", "qresu"}
     assert all("vs_dense" in r and "vs_floor" in r for r in train)
