@@ -197,9 +197,23 @@ class ResuTensor(NoDynamoFrames, TorchAOBaseTensor):
     @property
     def trainable_count(self) -> int:
         if self.trainable_side == "subset":
-            return active_count(self.encoded_subset(), self.storage_numel)
+            return self._subset_count()
         numel = self.storage_numel
         return {"all": numel, "active": self.n_active, "pruned": numel - self.n_active}[self.trainable_side]
+
+    def _subset_count(self) -> int:
+        """Members of the static subset. Counting decodes the subset (and syncs a GPU), and every
+        op on the weight asks, so the count is kept while the subset tensor is the same object at
+        the same version (any in-place change bumps it)."""
+        encoded = self.encoded_subset()
+        subset = encoded.bitmap if encoded.bitmap is not None else encoded.indices
+        if subset is None or is_traced(subset):
+            return active_count(encoded, self.storage_numel)
+        cached = getattr(self, "_subset_count_cache", None)
+        if cached is None or cached[0] is not subset or cached[1] != subset._version:
+            cached = (subset, subset._version, active_count(encoded, self.storage_numel))
+            self._subset_count_cache = cached
+        return cached[2]
 
     @property
     def device_of_storage(self) -> torch.device:

@@ -120,3 +120,13 @@ def test_selective_errors():
         w.enter_resu(selective=rt.StaticSubsetConfig(by="gradient"))
     with pytest.raises(TypeError, match="SelectiveConfig"):
         w.enter_resu(selective={"tau": 0.5})
+
+
+def test_subset_count_follows_in_place_changes_of_the_subset():
+    w = rt.ResuTensor.from_dense(torch.randn(16, 64), sparsity=0.5)
+    w.enter_resu(selective=rt.StaticSubsetConfig(alpha=0.25), generator=torch.Generator().manual_seed(0))
+    assert w.subset_kind == "bitmap" and w.trainable_count == w.trainable_count == 128
+    first_byte = int(w.subset_bitmap.nonzero()[0])
+    lowest_bit = int(w.subset_bitmap[first_byte]) & -int(w.subset_bitmap[first_byte])
+    w.subset_bitmap[first_byte] -= lowest_bit  # one member fewer, same tensor object
+    assert w.trainable_count == 127
