@@ -8,22 +8,19 @@ One spawn runs every scenario (process start-up dominates); each rank saves what
 the tests below check it. FSDP2 does not broadcast at construction, so both ranks build the model
 from the same seed (as a user must). The same scenarios run on 2 GPUs with NCCL under ``-m cuda``.
 """
-import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+import two_ranks
 from torch import nn
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
 from resu_tensor import fsdp as rtf
 
-WORLD = 2
+WORLD = two_ranks.WORLD
 PER_RANK = 6  # samples per rank and step; the single-process reference sees WORLD * PER_RANK
 IN, HIDDEN, OUT = 16, 32, 8
 ATOL = 2e-6
@@ -303,42 +300,13 @@ def _replace_inside(model):
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in list(globals().items()) if name.startswith("scenario_")}
 
 
-def _worker(rank: int, init_file: str, out_dir: str, device: str) -> None:
-    global DEVICE
-    DEVICE = device
-    torch.set_num_threads(1)
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    results = {}
-    try:
-        for name, scenario in SCENARIOS.items():
-            try:
-                results[name] = scenario(rank)
-            except Exception:  # recorded, so each test reports its own failure
-                results[name] = {"exception": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
-_TWO_GPUS = [pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="needs 2 CUDA GPUs")]
-
-
-@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=_TWO_GPUS)])
+@pytest.fixture(scope="module", params=two_ranks.DEVICES)
 def ranks(request, tmp_path_factory):
     """{rank: {scenario: measurements}} from one 2-process run: CPU with gloo, or 2 GPUs with NCCL."""
-    out_dir = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(out_dir / "rendezvous"), str(out_dir), request.param), nprocs=WORLD, join=True)
-    return {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)}
+    return two_ranks.run(__name__, tmp_path_factory.mktemp("fsdp"), request.param)
 
 
-def results(ranks, scenario):
-    for rank in range(WORLD):
-        assert "exception" not in ranks[rank][scenario], f"rank {rank}:\n{ranks[rank][scenario]['exception']}"
-    return ranks[0][scenario], ranks[1][scenario]
+results = two_ranks.results
 
 
 def assert_matches_reference(result):
