@@ -7,7 +7,7 @@ from resu_tensor import kernels
 from resu_tensor.mask_encoding import encode_mask
 from resu_tensor.mode import Mode
 from resu_tensor.pruning import (check_finite, check_method, check_sparsity, mask_from_scores,
-                                  parse_granularity, resolve_sparsity, score)
+                                  parse_granularity, resolve_sparsity, row_pattern, score)
 
 COMMIT_STRATEGIES = ("amnesty", "wanda_reprune", "magnitude", "simple")
 
@@ -49,8 +49,8 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
                          f"got {getattr(scores, 'shape', type(scores).__name__)}")
     keep = mask_from_scores(scores, target_sparsity, granularity).to(tensor.values.device)
     _set_sparse(tensor, keep, target_sparsity)
-    cols = tensor.storage_shape[1]
-    tensor.nm = (cols - round(target_sparsity * cols), cols) if granularity == "row" else parse_granularity(granularity)
+    tensor.nm = (row_pattern(target_sparsity, tensor.storage_shape[1]) if granularity == "row"
+                 else parse_granularity(granularity))
 
 
 def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generator: Optional[torch.Generator] = None,
@@ -137,7 +137,7 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
     nm = tensor.nm
     if nm is not None and nm[1] == tensor.storage_shape[1]:
         # A per-row count (row prune): the requested sparsity sets it, rounded per row.
-        nm = (nm[1] - round(sparsity * nm[1]), nm[1])
+        nm = row_pattern(sparsity, nm[1])
         sparsity = 1 - nm[0] / nm[1]
     grad_abs = None
     if tensor.grad_abs_sum is not None:

@@ -44,6 +44,12 @@ def check_finite(weight: torch.Tensor, what: str = "prune", holder: str = "the w
         raise ValueError(f"{what}: {holder} holds {bad} NaN/Inf values; scores would be meaningless")
 
 
+def row_pattern(sparsity: float, in_features: int) -> tuple[int, int]:
+    """(kept per row, in_features): what a ``"row"`` prune at ``sparsity`` keeps in every row,
+    remembered as ``tensor.nm`` so commits keep the same count per row."""
+    return in_features - round(sparsity * in_features), in_features
+
+
 def parse_granularity(granularity: str) -> Optional[tuple[int, int]]:
     """Validate a granularity name; return (N, M) for an ``"N:M"`` string, None for the others.
 
@@ -163,7 +169,7 @@ def mask_from_scores(scores: torch.Tensor, sparsity: Optional[float], granularit
         numel = scores.numel()
         return _keep_top(scores.reshape(-1), numel - round(sparsity * numel), 0).view(scores.shape)
     if granularity == "row":
-        return _keep_top(scores, n_cols - round(sparsity * n_cols), 1)
+        return _keep_top(scores, row_pattern(sparsity, n_cols)[0], 1)
     if granularity == "structured_row":
         rows = _keep_top(scores.double().sum(1), n_rows - round(sparsity * n_rows), 0)
         return rows[:, None].expand(n_rows, n_cols).clone()
