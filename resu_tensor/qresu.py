@@ -34,14 +34,21 @@ def quantize_active(values: torch.Tensor, keep: torch.Tensor, bits: int, group_s
     return qdata, scale, offset
 
 
+def kernel_operands(tensor) -> tuple[tuple, tuple]:
+    """The QRESU kernels' arguments of a bitmap-masked QRESU weight, around their input or dtype:
+    (qdata, qscale, qoffset, bits, group_size, cols) and (bitmap, block_prefix, block_size, θ)."""
+    cols = tensor.storage_shape[1]
+    return ((tensor.qdata, tensor.qscale, tensor.qoffset, tensor.quant_bits, tensor.group_size, cols),
+            (tensor.mask_bitmap, tensor.mask_block_prefix, prefix_block_size(cols), tensor.theta))
+
+
 def effective_weight(tensor) -> torch.Tensor:
     """Dense W_eff (storage orientation, compute dtype): dequantized W_A at active coordinates,
     θ at pruned ones."""
-    rows, cols = tensor.storage_shape
     if tensor.mask_kind == "bitmap" and (tensor.qdata.device.type == "cuda" or not is_traced(tensor.qdata)):
-        return kernels.qresu_effective_weight(tensor.qdata, tensor.qscale, tensor.qoffset, tensor.quant_bits,
-                                              tensor.group_size, cols, tensor.compute_dtype, tensor.mask_bitmap,
-                                              tensor.mask_block_prefix, prefix_block_size(cols), tensor.theta)
+        quantized, mask = kernel_operands(tensor)
+        return kernels.qresu_effective_weight(*quantized, tensor.compute_dtype, *mask)
+    cols = tensor.storage_shape[1]
     keep = tensor.storage_mask()
     dense = quant.dequantize_active(tensor.qdata, tensor.qscale, tensor.qoffset, tensor.quant_bits, tensor.group_size,
                                     cols, tensor.compute_dtype, keep)

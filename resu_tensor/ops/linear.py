@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from resu_tensor import kernels
-from resu_tensor.mask_encoding import prefix_block_size
+from resu_tensor.qresu import kernel_operands
 from resu_tensor.tensor import ResuTensor, is_traced
 
 aten = torch.ops.aten
@@ -37,12 +37,6 @@ def _fused_qresu(x2: torch.Tensor, weight: ResuTensor, transpose_weight: bool) -
     return x2.is_cuda and weight.values is None and weight.mask_kind == "bitmap" and transpose_weight != weight.transposed
 
 
-def _qresu_operands(weight: ResuTensor) -> tuple:
-    cols = weight.storage_shape[1]
-    return (weight.qdata, weight.qscale, weight.qoffset, weight.quant_bits, weight.group_size, cols,
-            weight.mask_bitmap, weight.mask_block_prefix, prefix_block_size(cols), weight.theta)
-
-
 class ResuMatmul(torch.autograd.Function):
     """y = x @ B (+ bias) with B = Lᵀ if ``transpose_weight`` else L, L the weight's logical
     effective weight (``F.linear`` is the ``transpose_weight=True`` case)."""
@@ -53,7 +47,8 @@ class ResuMatmul(torch.autograd.Function):
         x2 = _cast(x, compute_dtype).reshape(-1, x.shape[-1])
         bias_c = _cast(bias, compute_dtype)
         if _fused_qresu(x2, weight, transpose_weight):
-            y2 = kernels.qresu_linear_small_m(x2, *_qresu_operands(weight))
+            quantized, mask = kernel_operands(weight)
+            y2 = kernels.qresu_linear_small_m(x2, *quantized, *mask)
             y2 = y2 if bias_c is None else y2 + bias_c
         else:
             b = _cast(_right_operand(weight, transpose_weight), compute_dtype)
@@ -72,7 +67,8 @@ class ResuMatmul(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             if _fused_qresu(gy2, weight, ctx.transpose_weight):
-                grad_x = kernels.qresu_grad_input_small_m(gy2, *_qresu_operands(weight))
+                quantized, mask = kernel_operands(weight)
+                grad_x = kernels.qresu_grad_input_small_m(gy2, *quantized, *mask)
             else:
                 grad_x = gy2 @ _cast(_right_operand(weight, ctx.transpose_weight), dtype).t()
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
