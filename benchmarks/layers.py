@@ -9,14 +9,15 @@ One process, bf16, ``triton.testing.do_bench`` medians, dense and ours side by s
   matmuls at the bf16 matmul rate measured here) and peak memory of one step;
 * the small shape (M=32, 512→256), eager and under ``torch.compile``;
 * decode forwards at M=1 and M=16: dense ``F.linear`` vs QRESU (bf16 θ and float32 θ), through
-  the library and through the fused small-M kernel directly;
+  the library (eager, and compiled with CUDA graphs as a decoding loop runs it) and through the
+  fused small-M kernel directly;
 * torchao NF4 (frozen weight) fwd+bwd and M=1 forward, where torchao has it;
 * the kernels alone (weight-gradient compaction variants, W_eff, gather/scatter).
 
 Every case runs in its own try/except: a failure is recorded as an error string in the JSON and
 the run goes on. Writes JSON with every figure and the ratios, prints a table.
 
-    python -m benchmarks.layers [--out benchmarks/results/<gpu>.json] [--quick]
+    python -m benchmarks.layers [--out benchmarks/results/<gpu>.json] [--quick] [--sections decode ...]
 """
 import argparse
 import gc
@@ -279,6 +280,10 @@ def measure_decode(bench: Bench):
                 return {"ms": bench.time_ms(lambda: F.linear(x, weight))}
 
             dense_record = bench.case("decode", "dense F.linear", dense, mode="dense", **info)
+            graphed = bench.case("decode", "dense F.linear, compiled + CUDA graphs",
+                                 lambda: _graphed_forward(bench, _linear(in_features, out_features), x), optional=True,
+                                 mode="dense", **info)
+            _add_ratios(graphed, dense_record, None)
             for sparsity in SPARSITIES:
                 for theta_dtype in (torch.bfloat16, torch.float32):
                     theta_name = str(theta_dtype).replace("torch.", "")
@@ -299,14 +304,43 @@ def measure_decode(bench: Bench):
                         with torch.no_grad():
                             y = kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix)
                             torch.testing.assert_close(y, F.linear(x, w.dequantize()), rtol=2e-2, atol=5e-2)
-                            return {"ms": bench.time_ms(lambda: kernels.qresu_linear_small_m(
-                                x, *args, tile_prefix=tile_prefix))}
+                            ms = bench.time_ms(lambda: kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix))
+                            return {"ms": ms, "config": _tuned_config("_linear_tuned")}
 
-                    for label, fn in (("library F.linear", library), ("fused small-M kernel", kernel)):
+                    def compiled(sparsity=sparsity, theta_dtype=theta_dtype):
+                        layer = _resu_linear(in_features, out_features, "qresu", sparsity, theta_dtype)
+                        return _graphed_forward(bench, layer, x)
+
+                    for label, fn in (("library F.linear", library), ("fused small-M kernel", kernel),
+                                      ("library F.linear, compiled + CUDA graphs", compiled)):
                         record = bench.case("decode", f"qresu s={sparsity} θ {theta_name} ({label})", fn,
                                             optional=label != "library F.linear", mode="qresu", sparsity=sparsity,
                                             theta_dtype=theta_name, path=label, **info)
                         _add_ratios(record, dense_record, None)
+
+
+def _graphed_forward(bench: Bench, layer: nn.Module, x: torch.Tensor) -> dict:
+    """Forward time of ``layer`` compiled with CUDA graphs (``mode="reduce-overhead"``): what a
+    decoding loop runs, with no Python dispatch per call."""
+    torch._dynamo.reset()  # a fresh layer each case: no recompile limit across cases
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True, backend=COMPILE_BACKEND)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up runs record the graph
+            y = compiled(x)
+        torch.testing.assert_close(y, layer(x), rtol=2e-2, atol=5e-2)
+        return {"ms": bench.time_ms(lambda: compiled(x))}
+
+
+def _tuned_config(name: str):
+    """The autotuner's choice for the last shape a quant_triton kernel ran (None if not tuned)."""
+    from resu_tensor.kernels import HAS_TRITON
+
+    if not HAS_TRITON:
+        return None
+    from resu_tensor.kernels import quant_triton
+
+    config = getattr(getattr(quant_triton, name), "best_config", None)
+    return None if config is None else str(config)
 
 
 def _nf4_api():
@@ -457,7 +491,10 @@ def print_table(records) -> None:
             print(f"{'':9s}   {r['error'][:150]}")
 
 
-def run(quick: bool = False) -> dict:
+SECTIONS = ("train", "small", "small_compiled", "decode", "nf4", "kernels")
+
+
+def run(quick: bool = False, only=()) -> dict:
     if _on_gpu() and not torch.cuda.is_available():
         raise SystemExit("benchmarks.layers needs a CUDA GPU")
     import triton
@@ -472,11 +509,15 @@ def run(quick: bool = False) -> dict:
               "kernels_have_triton": kernels.HAS_TRITON, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"{header['device']}  torch {header['torch']}  triton {header['triton']}", flush=True)
     rate = measure_matmul_rate(bench)
-    sections = [lambda: measure_training(bench, rate, TOKENS, SHAPES, SPARSITIES, "train"),
-                lambda: measure_training(bench, rate, SMALL[0], [SMALL[1:]], [0.5], "small", fused_grad=False),
-                lambda: measure_small_compiled(bench),
-                lambda: measure_decode(bench), lambda: measure_nf4(bench), lambda: measure_kernels(bench)]
-    for section in sections:
+    sections = {"train": lambda: measure_training(bench, rate, TOKENS, SHAPES, SPARSITIES, "train"),
+                "small": lambda: measure_training(bench, rate, SMALL[0], [SMALL[1:]], [0.5], "small",
+                                                  fused_grad=False),
+                "small_compiled": lambda: measure_small_compiled(bench),
+                "decode": lambda: measure_decode(bench), "nf4": lambda: measure_nf4(bench),
+                "kernels": lambda: measure_kernels(bench)}
+    for name, section in sections.items():
+        if only and name not in only:
+            continue
         try:
             section()
         except Exception as exc:  # a bug in a section's own setup: record it, run the next section
@@ -493,8 +534,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layers_<gpu>.json)")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=(), help="run only these (default: all)")
     args = parser.parse_args(argv)
-    results = run(args.quick)
+    results = run(args.quick, args.sections)
     gpu = results["device"].lower().replace(" ", "_")
     out = Path(args.out or Path(__file__).parent / "results" / f"layers_{gpu}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

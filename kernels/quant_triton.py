@@ -7,7 +7,8 @@ mask bitmap (set bit = active) and θ flat over the clear bits in row-major orde
 θ index is the number of clear bits before it: the W_eff kernel walks a prefix block keeping a
 running count (start from the stored block prefix); the matmul kernels read it from a
 ``bitmap_tile_prefix`` table (clear bits before each (row, PREFIX_TILE-column tile)) plus an
-in-tile scan, so any tile can be decoded independently.
+in-tile scan, so any tile can be decoded independently (the forward reads it once per row and
+reduction split, then keeps a running count along its rows).
 
 Import only where triton imports (``kernels/__init__.py`` checks).
 """
@@ -36,13 +37,14 @@ def _codes(qdata_ptr, row, col, q_stride, valid, BITS: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, rn, k0,
-                 rows, cols, q_stride, n_groups, group_size, n_prefix_tiles, n_theta,
-                 BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BYTE_ALIGNED: tl.constexpr, TILE: tl.constexpr,
+def _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, k0, base,
+                 rows, cols, q_stride, n_groups, group_size, n_theta,
+                 BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BYTE_ALIGNED: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W_eff[rn, k0:k0+BLOCK_K] as float32 (BLOCK_N, BLOCK_K), zero outside the matrix; k0 is a
-    multiple of BLOCK_K, itself a multiple of TILE. BYTE_ALIGNED (cols % 8 == 0): each row's
-    bitmap bits and 4-bit codes are whole bytes, loaded contiguously and unpacked in registers."""
+    """(W_eff[rn, k0:k0+BLOCK_K] as float32 (BLOCK_N, BLOCK_K), zero outside the matrix; θ entries
+    in it per row); k0 is a multiple of BLOCK_K, ``base`` (BLOCK_N,) the θ index of each row's
+    first pruned element at or after k0. BYTE_ALIGNED (cols % 8 == 0): each row's bitmap bits and
+    4-bit codes are whole bytes, loaded contiguously and unpacked in registers."""
     rk = k0 + tl.arange(0, BLOCK_K)
     row_ok = rn < rows
     inside = row_ok[:, None] & (rk[None, :] < cols)
@@ -57,7 +59,6 @@ def _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, 
         bit = (byte >> (element & 7)) & 1
     active = inside & (bit != 0)
     pruned = tl.where(inside, 1 - bit, 0)
-    base = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + k0 // TILE, mask=row_ok, other=0)
     position = base[:, None] + tl.cumsum(pruned, axis=1) - pruned
     theta = tl.load(theta_ptr + position, mask=(pruned != 0) & (position < n_theta), other=0.0).to(tl.float32)
     if BITS == 4 and BYTE_ALIGNED:
@@ -75,7 +76,7 @@ def _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, 
         group_index = rn[:, None] * n_groups + rk[None, :] // group_size
         scale = tl.load(scale_ptr + group_index, mask=active, other=1.0)
         offset = tl.load(offset_ptr + group_index, mask=active, other=0.0)
-    return tl.where(active, code.to(tl.float32) * scale + offset, theta)
+    return tl.where(active, code.to(tl.float32) * scale + offset, theta), tl.sum(pruned, axis=1)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -113,23 +114,29 @@ def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_pre
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """out[split, :, rn] = x[:, cols of split] @ W_eff[rn, cols of split]ᵀ, a split being ``span``
-    columns (a multiple of BLOCK_K); grid (⌈rows/BLOCK_N⌉, splits)."""
+    columns (a multiple of BLOCK_K and TILE); grid (⌈rows/BLOCK_N⌉, splits). Each program walks
+    its rows left to right keeping their θ index, so the prefix table is read once per split.
+    One token (BLOCK_M == 1) is a GEMV: multiply-and-sum on the CUDA cores, no padded tl.dot."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     first = split * span
     last = tl.minimum(first + span, cols)
+    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=rn < rows, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(first, last, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < m) & (rk[None, :] < cols), other=0.0)
-        w = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, rn,
-                         k0, rows, cols, q_stride, n_groups, group_size, n_prefix_tiles, n_theta,
-                         BITS, GROUP_ALIGNED, BYTE_ALIGNED, TILE, BLOCK_N, BLOCK_K)
+        w, pruned = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, k0, running,
+                                 rows, cols, q_stride, n_groups, group_size, n_theta,
+                                 BITS, GROUP_ALIGNED, BYTE_ALIGNED, BLOCK_N, BLOCK_K)
+        running += pruned
         w = cast_to(w, x_ptr.dtype.element_ty)
-        if UPCAST:
+        if BLOCK_M == 1:
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        elif UPCAST:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
@@ -157,9 +164,10 @@ def _grad_input_kernel(g_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile
         rn = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
                     mask=(rm[:, None] < m) & (rn[None, :] < rows), other=0.0)
-        w = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, rn,
-                         pid_k * BLOCK_K, rows, cols, q_stride, n_groups, group_size, n_prefix_tiles, n_theta,
-                         BITS, GROUP_ALIGNED, BYTE_ALIGNED, TILE, BLOCK_N, BLOCK_K)
+        base = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + pid_k * (BLOCK_K // TILE), mask=rn < rows, other=0)
+        w, _ = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, pid_k * BLOCK_K, base,
+                            rows, cols, q_stride, n_groups, group_size, n_theta,
+                            BITS, GROUP_ALIGNED, BYTE_ALIGNED, BLOCK_N, BLOCK_K)
         w = cast_to(w, g_ptr.dtype.element_ty)
         if UPCAST:
             acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
@@ -198,17 +206,24 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
     return out
 
 
-def _matmul_configs():
-    """BLOCK_N, warps and the byte-aligned unpacking are tuned per shape on the GPU (ptxas on sm_90:
-    no spills for these; which is fastest depends on the shape). One config on the interpreter."""
+def _configs(tiles, aligned=(False, True)):
+    """(BLOCK_N, BLOCK_K, warps) tiles × byte-aligned unpacking; one small config on the interpreter."""
     if interpreting():
-        return [triton.Config({"BLOCK_N": 16, "BYTE_ALIGNED": False}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n, "BYTE_ALIGNED": aligned}, num_warps=w, num_stages=2)
-            for n, w in ((16, 4), (32, 8)) for aligned in (False, True)]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": PREFIX_TILE, "BYTE_ALIGNED": False}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BYTE_ALIGNED": a}, num_warps=w, num_stages=2)
+            for n, k, w in tiles for a in aligned]
 
 
-def _byte_aligned_only_if_possible(configs, named_args, **kwargs):
-    return [c for c in configs if not c.kwargs["BYTE_ALIGNED"] or named_args["cols"] % 8 == 0]
+# Tuned per shape on the GPU. One token is a memory-bound GEMV: narrow row blocks with long K
+# chunks keep many bytes in flight per program. More tokens: tiles for tl.dot (BLOCK_N ≥ 16).
+_GEMV_CONFIGS = _configs([(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8)])
+_DOT_CONFIGS = _configs([(16, 128, 4), (16, 256, 4), (32, 128, 8), (32, 256, 8)])
+SPLIT_UNIT = max(c.kwargs["BLOCK_K"] for c in _GEMV_CONFIGS + _DOT_CONFIGS)  # forward splits fit every BLOCK_K
+
+
+def _linear_configs_for(configs, named_args, **kwargs):
+    pool = _GEMV_CONFIGS if kwargs["BLOCK_M"] == 1 else _DOT_CONFIGS
+    return [c for c in pool if not c.kwargs["BYTE_ALIGNED"] or named_args["cols"] % 8 == 0]
 
 
 def _bitwise_unpacking_only(configs, named_args, **kwargs):
@@ -218,17 +233,23 @@ def _bitwise_unpacking_only(configs, named_args, **kwargs):
     return [c for c in configs if not c.kwargs["BYTE_ALIGNED"]]
 
 
-_TUNING = dict(configs=_matmul_configs(), key=["BLOCK_M", "rows", "cols"])
-_linear_tuned = triton.autotune(**_TUNING, prune_configs_by={"early_config_prune": _byte_aligned_only_if_possible}
-                                )(_linear_kernel)
-_grad_input_tuned = triton.autotune(**_TUNING, prune_configs_by={"early_config_prune": _bitwise_unpacking_only}
-                                    )(_grad_input_kernel)
+# A tile inside one quantization group of every row reads one scale and offset per row.
+_group_aligned = triton.heuristics({"GROUP_ALIGNED": lambda a: a["group_size"] % a["BLOCK_K"] == 0})
+_linear_heuristic = _group_aligned(_linear_kernel)
+_grad_input_heuristic = _group_aligned(_grad_input_kernel)
+_KEY = ["BLOCK_M", "rows", "cols"]
+_linear_tuned = triton.autotune(_GEMV_CONFIGS + _DOT_CONFIGS, key=_KEY,
+                                prune_configs_by={"early_config_prune": _linear_configs_for})(_linear_heuristic)
+_grad_input_tuned = triton.autotune(_configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], aligned=(False,)),
+                                    key=_KEY, prune_configs_by={"early_config_prune": _bitwise_unpacking_only}
+                                    )(_grad_input_heuristic)
 
 
-def _span(reduce_dim: int, programs: int, unit: int, device: torch.device, split: Optional[int]) -> int:
+def _span(reduce_dim: int, programs: int, unit: int, device: torch.device, split: Optional[int],
+          per_sm: int) -> int:
     """Reduction elements per split (a multiple of ``unit``): split GEMV-like shapes until there
-    are about two programs per SM."""
-    splits = split or max(1, -(-2 * num_sms(device) // max(programs, 1)))
+    are about ``per_sm`` programs per SM."""
+    splits = split or max(1, -(-per_sm * num_sms(device) // max(programs, 1)))
     return max(unit, -(-reduce_dim // (splits * unit)) * unit)
 
 
@@ -245,29 +266,32 @@ def _prepared(bitmap, rows, cols, tile_prefix):
 def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta,
                   tile_prefix, split: Optional[int], config: Optional[dict]):
     """x @ W_effᵀ (``grad_input`` False, inp (m, cols)) or g @ W_eff (inp (m, rows)). ``config``
-    (tests): BLOCK_N, BYTE_ALIGNED and num_warps, bypassing the autotuner."""
+    (tests): BLOCK_N, BLOCK_K (forward only), BYTE_ALIGNED and num_warps, bypassing the autotuner."""
     rows = qdata.shape[0]
     m = inp.shape[0]
-    block_m, block_k = max(16, next_power_of_2(m)), PREFIX_TILE
+    block_m = 1 if m == 1 and not grad_input else max(16, next_power_of_2(m))
     reduce_dim, out_dim = (rows, cols) if grad_input else (cols, rows)
-    programs = triton.cdiv(out_dim, block_k if grad_input else 32)
-    span = _span(reduce_dim, programs, block_k, inp.device, split)
+    if grad_input:  # programs own PREFIX_TILE columns; splits of rows, two programs per SM
+        span = _span(reduce_dim, triton.cdiv(out_dim, PREFIX_TILE), PREFIX_TILE, inp.device, split, 2)
+    else:  # programs own ≥ 16 rows; splits of columns only if the rows leave SMs idle
+        span = _span(reduce_dim, triton.cdiv(out_dim, 16), SPLIT_UNIT, inp.device, split, 1)
     splits = triton.cdiv(reduce_dim, span)
     out = torch.empty(splits, m, out_dim, dtype=inp.dtype if splits == 1 else torch.float32, device=inp.device)
     args = (inp, qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, tile_prefix, theta, out, m, rows, cols,
             inp.stride(0), inp.stride(1), qdata.shape[1], qscale.shape[1], group_size, tile_prefix.shape[1], span,
             out.stride(0), out.stride(1), theta.numel())
-    meta = dict(BITS=bits, GROUP_ALIGNED=group_size % block_k == 0, TILE=PREFIX_TILE,
-                PRECISION=dot_precision(inp.dtype), UPCAST=DOT_UPCAST, BLOCK_M=block_m, BLOCK_K=block_k)
+    meta = dict(BITS=bits, TILE=PREFIX_TILE, PRECISION=dot_precision(inp.dtype), UPCAST=DOT_UPCAST, BLOCK_M=block_m)
     if grad_input:
-        config = None if config is None else {**config, "BYTE_ALIGNED": False}  # see _bitwise_unpacking_only
-        grid = (triton.cdiv(cols, block_k), splits)
-        kernel = _grad_input_tuned if config is None else _grad_input_kernel
+        if config is not None:  # dX tiles are PREFIX_TILE wide; see _bitwise_unpacking_only
+            config = {**config, "BLOCK_K": PREFIX_TILE, "BYTE_ALIGNED": False}
+        grid = (triton.cdiv(cols, PREFIX_TILE), splits)
+        kernel = _grad_input_tuned if config is None else _grad_input_heuristic
     else:
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_N"]), splits)
-        kernel = _linear_tuned if config is None else _linear_kernel
+        kernel = _linear_tuned if config is None else _linear_heuristic
         if config is not None:
+            config = {"BLOCK_K": PREFIX_TILE, **config}
             grid = grid(config)
     kernel[grid](*args, **meta, **(config or {}))
     return out[0] if splits == 1 else out.sum(0).to(inp.dtype)

@@ -42,6 +42,18 @@ def kernel_operands(tensor) -> tuple[tuple, tuple]:
             (tensor.mask_bitmap, tensor.mask_block_prefix, prefix_block_size(cols), tensor.theta))
 
 
+def tile_prefix(tensor) -> Optional[torch.Tensor]:
+    """The fused matmuls' table of θ entries before each (row, PREFIX_TILE-column tile), kept
+    while the mask is unchanged (building it is a kernel launch and a cumsum per call); None
+    while tracing (the op builds it inside the graph)."""
+    bitmap = tensor.mask_bitmap
+    if is_traced(bitmap):
+        return None
+    rows, cols = tensor.storage_shape
+    return tensor.kept_while_unchanged("_tile_prefix_cache", bitmap, lambda: kernels.bitmap_tile_prefix(
+        bitmap, rows, cols, kernels.PREFIX_TILE, True))
+
+
 def effective_weight(tensor) -> torch.Tensor:
     """Dense W_eff (storage orientation, compute dtype): dequantized W_A at active coordinates,
     θ at pruned ones."""

@@ -209,10 +209,16 @@ class ResuTensor(NoDynamoFrames, TorchAOBaseTensor):
         subset = encoded.bitmap if encoded.bitmap is not None else encoded.indices
         if subset is None or is_traced(subset):
             return active_count(encoded, self.storage_numel)
-        cached = getattr(self, "_subset_count_cache", None)
-        if cached is None or cached[0] is not subset or cached[1] != subset._version:
-            cached = (subset, subset._version, active_count(encoded, self.storage_numel))
-            self._subset_count_cache = cached
+        return self.kept_while_unchanged("_subset_count_cache", subset,
+                                         lambda: active_count(encoded, self.storage_numel))
+
+    def kept_while_unchanged(self, name: str, source: torch.Tensor, compute):
+        """``compute()``, kept in attribute ``name`` while ``source`` is the same tensor object at
+        the same version (any in-place change bumps it)."""
+        cached = getattr(self, name, None)
+        if cached is None or cached[0] is not source or cached[1] != source._version:
+            cached = (source, source._version, compute())
+            setattr(self, name, cached)
         return cached[2]
 
     @property

@@ -241,17 +241,22 @@ def _qresu_matmul(device, big, grad_input):
     ref_fn = quant.qresu_grad_input_small_m if grad_input else quant.qresu_linear_small_m
     tri_fn = tri.grad_input_small_m if grad_input else tri.linear_small_m
     combos = [(1, torch.bfloat16, torch.float32), (5, torch.float32, torch.float32),
-              (33 if big else 17, torch.bfloat16, torch.bfloat16)]
+              (33 if big else 17, torch.bfloat16, torch.bfloat16), (1, torch.float32, torch.bfloat16)]
     for i, (rows, cols, bits, group_size) in enumerate(_qresu_cases(big)):
         # (tokens, dtype, θ dtype): every combination on the GPU, one per weight on the interpreter
-        for m, dtype, theta_dtype in combos if big else combos[i:i + 1]:
+        for m, dtype, theta_dtype in combos if big else combos[i:i + 1] + combos[3:] * (i == 2):
             w, _ = _qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
             x = _data((m, rows if grad_input else cols), dtype, device)
             expected = ref_fn(x, **w)
             variants = [dict(), dict(split=2, config=dict(BLOCK_N=16, BYTE_ALIGNED=cols % 8 == 0))]
-            if big:
+            if big:  # the forward's GEMV tiles (one token) and dot tiles; dX ignores BLOCK_K
+                block = (4, 1024) if m == 1 else (32, 256)
                 variants += [dict(split=1, config=dict(BLOCK_N=32, BYTE_ALIGNED=False, num_warps=8)),
-                             dict(split=3, config=dict(BLOCK_N=32, BYTE_ALIGNED=cols % 8 == 0, num_warps=8))]
+                             dict(split=3, config=dict(BLOCK_N=32, BYTE_ALIGNED=cols % 8 == 0, num_warps=8)),
+                             dict(split=1, config=dict(BLOCK_N=block[0], BLOCK_K=block[1], num_warps=4,
+                                                       BYTE_ALIGNED=cols % 8 == 0))]
+            elif m == 1:  # GEMV path with a K chunk wider than the prefix tile
+                variants += [dict(split=1, config=dict(BLOCK_N=4, BLOCK_K=64, BYTE_ALIGNED=cols % 8 == 0))]
             for variant in variants:
                 ours = tri_fn(x, **w, **variant)
                 assert ours.dtype == dtype and ours.shape == expected.shape

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from resu_tensor import kernels
-from resu_tensor.qresu import kernel_operands
+from resu_tensor.qresu import kernel_operands, tile_prefix
 from resu_tensor.tensor import ResuTensor, is_traced
 
 aten = torch.ops.aten
@@ -48,7 +48,7 @@ class ResuMatmul(torch.autograd.Function):
         bias_c = _cast(bias, compute_dtype)
         if _fused_qresu(x2, weight, transpose_weight):
             quantized, mask = kernel_operands(weight)
-            y2 = kernels.qresu_linear_small_m(x2, *quantized, *mask)
+            y2 = kernels.qresu_linear_small_m(x2, *quantized, *mask, tile_prefix(weight))
             y2 = y2 if bias_c is None else y2 + bias_c
         else:
             b = _cast(_right_operand(weight, transpose_weight), compute_dtype)
@@ -68,7 +68,7 @@ class ResuMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if _fused_qresu(gy2, weight, ctx.transpose_weight):
                 quantized, mask = kernel_operands(weight)
-                grad_x = kernels.qresu_grad_input_small_m(gy2, *quantized, *mask)
+                grad_x = kernels.qresu_grad_input_small_m(gy2, *quantized, *mask, tile_prefix(weight))
             else:
                 grad_x = gy2 @ _cast(_right_operand(weight, ctx.transpose_weight), dtype).t()
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
