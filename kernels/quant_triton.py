@@ -39,35 +39,22 @@ def _codes(qdata_ptr, row, col, q_stride, valid, BITS: tl.constexpr):
 @triton.jit
 def _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, k0, base,
                  rows, cols, q_stride, n_groups, group_size, n_theta,
-                 BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BYTE_ALIGNED: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(W_eff[rn, k0:k0+BLOCK_K] as float32 (BLOCK_N, BLOCK_K), zero outside the matrix; θ entries
     in it per row); k0 is a multiple of BLOCK_K, ``base`` (BLOCK_N,) the θ index of each row's
-    first pruned element at or after k0. BYTE_ALIGNED (cols % 8 == 0): each row's bitmap bits and
-    4-bit codes are whole bytes, loaded contiguously and unpacked in registers."""
+    first pruned element at or after k0. Any shape: bits and codes are addressed per element
+    (:func:`_bytewise_linear_kernel` is the faster forward for whole-byte rows)."""
     rk = k0 + tl.arange(0, BLOCK_K)
     row_ok = rn < rows
     inside = row_ok[:, None] & (rk[None, :] < cols)
-    if BYTE_ALIGNED:
-        byte_col = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        packed = tl.load(bitmap_ptr + rn[:, None] * (cols // 8) + byte_col[None, :],
-                         mask=row_ok[:, None] & (byte_col[None, :] < cols // 8), other=0).to(tl.int32)
-        bit = tl.reshape((packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1, (BLOCK_N, BLOCK_K))
-    else:
-        element = rn[:, None] * cols + rk[None, :]
-        byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
-        bit = (byte >> (element & 7)) & 1
+    element = rn[:, None] * cols + rk[None, :]
+    byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
+    bit = (byte >> (element & 7)) & 1
     active = inside & (bit != 0)
     pruned = tl.where(inside, 1 - bit, 0)
     position = base[:, None] + tl.cumsum(pruned, axis=1) - pruned
     theta = tl.load(theta_ptr + position, mask=(pruned != 0) & (position < n_theta), other=0.0).to(tl.float32)
-    if BITS == 4 and BYTE_ALIGNED:
-        pair_col = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        pairs = tl.load(qdata_ptr + rn[:, None] * q_stride + pair_col[None, :],
-                        mask=row_ok[:, None] & (pair_col[None, :] < q_stride), other=0).to(tl.int32)
-        code = tl.reshape(tl.join(pairs & 15, pairs >> 4), (BLOCK_N, BLOCK_K))
-    else:
-        code = _codes(qdata_ptr, rn[:, None], rk[None, :], q_stride, inside, BITS)
+    code = _codes(qdata_ptr, rn[:, None], rk[None, :], q_stride, inside, BITS)
     if GROUP_ALIGNED:  # the tile lies inside one group of every row
         group = k0 // group_size
         scale = tl.load(scale_ptr + rn * n_groups + group, mask=row_ok, other=1.0)[:, None]
@@ -110,9 +97,8 @@ def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block
 def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
                    m, rows, cols, stride_xm, stride_xk, q_stride, n_groups, group_size, n_prefix_tiles,
                    span, stride_os, stride_om, n_theta,
-                   BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BYTE_ALIGNED: tl.constexpr, TILE: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[split, :, rn] = x[:, cols of split] @ W_eff[rn, cols of split]ᵀ, a split being ``span``
     columns (a multiple of BLOCK_K and TILE); grid (⌈rows/BLOCK_N⌉, splits). Each program walks
     its rows left to right keeping their θ index, so the prefix table is read once per split.
@@ -130,8 +116,8 @@ def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_pre
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < m) & (rk[None, :] < cols), other=0.0)
         w, pruned = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, k0, running,
-                                 rows, cols, q_stride, n_groups, group_size, n_theta,
-                                 BITS, GROUP_ALIGNED, BYTE_ALIGNED, BLOCK_N, BLOCK_K)
+                                 rows, cols, q_stride, n_groups, group_size, n_theta, BITS, GROUP_ALIGNED,
+                                 BLOCK_N, BLOCK_K)
         running += pruned
         w = cast_to(w, x_ptr.dtype.element_ty)
         if BLOCK_M == 1:
@@ -145,14 +131,79 @@ def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_pre
 
 
 @triton.jit
+def _popcount8(v):
+    """Set bits of each 8-bit value (int32 lanes)."""
+    v = v - ((v >> 1) & 0x55)
+    v = (v & 0x33) + ((v >> 2) & 0x33)
+    return (v + (v >> 4)) & 0x0F
+
+
+@triton.jit
+def _bytewise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
+                            m, rows, cols, stride_xm, stride_xk, q_stride, n_groups, group_size, n_prefix_tiles,
+                            span, stride_os, stride_om, n_theta,
+                            BITS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """:func:`_linear_kernel` for whole-byte rows (cols and group_size multiples of 8), eight
+    columns per lane: one bitmap byte and one 32-bit word of 4-bit codes (two words of 8-bit
+    codes) per lane, unpacked by shifts in a static loop over the eight columns, so nothing is
+    reshaped across lanes; the θ index is a scan over bytes (popcounts), not over elements."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < rows
+    first = split * span
+    last = tl.minimum(first + span, cols)
+    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=row_ok, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(first, last, 8 * BLOCK_G):
+        g = k0 // 8 + tl.arange(0, BLOCK_G)  # byte column within the row
+        ok = row_ok[:, None] & (g[None, :] < last // 8)
+        byte = tl.load(bitmap_ptr + rn[:, None] * (cols // 8) + g[None, :], mask=ok, other=255).to(tl.int32)
+        pruned = _popcount8(255 - byte)
+        position = running[:, None] + tl.cumsum(pruned, axis=1) - pruned
+        running += tl.sum(pruned, axis=1)
+        group = rn[:, None] * n_groups + (8 * g[None, :]) // group_size
+        scale = tl.load(scale_ptr + group, mask=ok, other=0.0)
+        offset = tl.load(offset_ptr + group, mask=ok, other=0.0)
+        words = (qdata_ptr + rn[:, None] * q_stride + BITS * g[None, :]).to(tl.pointer_type(tl.int32))  # 8 codes
+        low = tl.load(words, mask=ok, other=0)
+        if BITS == 8:
+            high = tl.load(words + 1, mask=ok, other=0)
+        for j in tl.static_range(8):
+            bit = (byte >> j) & 1
+            if BITS == 4:
+                code = (low >> (4 * j)) & 15
+            elif j < 4:
+                code = (low >> (8 * j)) & 255
+            else:
+                code = (high >> (8 * (j - 4))) & 255
+            theta = tl.load(theta_ptr + position, mask=ok & (bit == 0) & (position < n_theta), other=0.0)
+            position += 1 - bit
+            w = tl.where(bit != 0, code.to(tl.float32) * scale + offset, theta.to(tl.float32))
+            w = cast_to(w, x_ptr.dtype.element_ty)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (8 * g[None, :] + j) * stride_xk,
+                        mask=(rm[:, None] < m) & (g[None, :] < last // 8), other=0.0)
+            if BLOCK_M == 1:
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            elif UPCAST:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :],
+             cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rn[None, :] < rows))
+
+
+@triton.jit
 def _grad_input_kernel(g_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
                        m, rows, cols, stride_gm, stride_gn, q_stride, n_groups, group_size, n_prefix_tiles,
                        span, stride_os, stride_om, n_theta,
-                       BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BYTE_ALIGNED: tl.constexpr,
-                       TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, TILE: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     """out[split, :, rk] = g[:, rows of split] @ W_eff[rows of split, rk], a split being ``span``
-    rows (a multiple of BLOCK_K ≥ BLOCK_N); grid (⌈cols/BLOCK_K⌉, splits)."""
+    rows; grid (⌈cols/BLOCK_K⌉, splits)."""
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -163,11 +214,11 @@ def _grad_input_kernel(g_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile
     for n0 in range(first, last, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
-                    mask=(rm[:, None] < m) & (rn[None, :] < rows), other=0.0)
+                    mask=(rm[:, None] < m) & (rn[None, :] < last), other=0.0)  # last ≤ rows
         base = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + pid_k * (BLOCK_K // TILE), mask=rn < rows, other=0)
         w, _ = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, pid_k * BLOCK_K, base,
-                            rows, cols, q_stride, n_groups, group_size, n_theta,
-                            BITS, GROUP_ALIGNED, BYTE_ALIGNED, BLOCK_N, BLOCK_K)
+                            rows, cols, q_stride, n_groups, group_size, n_theta, BITS, GROUP_ALIGNED,
+                            BLOCK_N, BLOCK_K)
         w = cast_to(w, g_ptr.dtype.element_ty)
         if UPCAST:
             acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
@@ -206,31 +257,32 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
     return out
 
 
-def _configs(tiles, aligned=(False, True)):
-    """(BLOCK_N, BLOCK_K, warps) tiles × byte-aligned unpacking; one small config on the interpreter."""
+def _configs(tiles, width: str, interpreted: tuple):
+    """Autotuner configs from (BLOCK_N, width, warps) tiles; one small config on the interpreter."""
     if interpreting():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": PREFIX_TILE, "BYTE_ALIGNED": False}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BYTE_ALIGNED": a}, num_warps=w, num_stages=2)
-            for n, k, w in tiles for a in aligned]
+        tiles = [interpreted]
+    return [triton.Config({"BLOCK_N": n, width: k}, num_warps=w, num_stages=2) for n, k, w in tiles]
 
 
 # Tuned per shape on the GPU. One token is a memory-bound GEMV: narrow row blocks with long K
 # chunks keep many bytes in flight per program. More tokens: tiles for tl.dot (BLOCK_N ≥ 16).
-_GEMV_CONFIGS = _configs([(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (16, 512, 8)])
-_DOT_CONFIGS = _configs([(16, 128, 4), (16, 256, 4), (32, 128, 8), (32, 256, 8)])
-SPLIT_UNIT = max(c.kwargs["BLOCK_K"] for c in _GEMV_CONFIGS + _DOT_CONFIGS)  # forward splits fit every BLOCK_K
+# Bytewise kernel: BLOCK_G bytes = 8·BLOCK_G columns per row and step.
+_BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4)],
+                              "BLOCK_G", (16, PREFIX_TILE // 8, 4)),
+             "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G", (16, PREFIX_TILE // 8, 4))}
+_ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
+                "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
+_GRAD_INPUT = _configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))
+# Forward splits start on a multiple of every tile width (and of PREFIX_TILE, which divides them).
+SPLIT_UNIT = max([c.kwargs["BLOCK_K"] for table in _ELEMENTWISE.values() for c in table] +
+                 [8 * c.kwargs["BLOCK_G"] for table in _BYTEWISE.values() for c in table])
 
 
-def _linear_configs_for(configs, named_args, **kwargs):
-    pool = _GEMV_CONFIGS if kwargs["BLOCK_M"] == 1 else _DOT_CONFIGS
-    return [c for c in pool if not c.kwargs["BYTE_ALIGNED"] or named_args["cols"] % 8 == 0]
-
-
-def _bitwise_unpacking_only(configs, named_args, **kwargs):
-    # dX: the byte-aligned unpacking is miscompiled for 16-bit inputs at BLOCK_M=16 (measured on
-    # the H100, triton 3.6: max abs error 174 vs the reference; float32 and BLOCK_M=64 were exact),
-    # so dX always takes the per-element bit path, which is exact in every tested case.
-    return [c for c in configs if not c.kwargs["BYTE_ALIGNED"]]
+def _by_tokens(table):
+    """Prune to the GEMV tiles for one token, the tl.dot tiles for more."""
+    def prune(configs, named_args, **kwargs):
+        return table["gemv" if kwargs["BLOCK_M"] == 1 else "dot"]
+    return prune
 
 
 # A tile inside one quantization group of every row reads one scale and offset per row.
@@ -238,11 +290,16 @@ _group_aligned = triton.heuristics({"GROUP_ALIGNED": lambda a: a["group_size"] %
 _linear_heuristic = _group_aligned(_linear_kernel)
 _grad_input_heuristic = _group_aligned(_grad_input_kernel)
 _KEY = ["BLOCK_M", "rows", "cols"]
-_linear_tuned = triton.autotune(_GEMV_CONFIGS + _DOT_CONFIGS, key=_KEY,
-                                prune_configs_by={"early_config_prune": _linear_configs_for})(_linear_heuristic)
-_grad_input_tuned = triton.autotune(_configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], aligned=(False,)),
-                                    key=_KEY, prune_configs_by={"early_config_prune": _bitwise_unpacking_only}
-                                    )(_grad_input_heuristic)
+
+
+def _tuned(kernel, table):
+    return triton.autotune(table["gemv"] + table["dot"], key=_KEY, prune_configs_by={"early_config_prune": _by_tokens(
+        table)})(kernel)
+
+
+_linear_tuned = _tuned(_linear_heuristic, _ELEMENTWISE)
+_bytewise_linear_tuned = _tuned(_bytewise_linear_kernel, _BYTEWISE)
+_grad_input_tuned = triton.autotune(_GRAD_INPUT, key=_KEY)(_grad_input_heuristic)
 
 
 def _span(reduce_dim: int, programs: int, unit: int, device: torch.device, split: Optional[int],
@@ -263,10 +320,17 @@ def _prepared(bitmap, rows, cols, tile_prefix):
     return tile_prefix
 
 
+def _whole_bytes(qdata: torch.Tensor, cols: int, group_size: int) -> bool:
+    """Whether :func:`_bytewise_linear_kernel` applies: each row's mask bits, codes and groups
+    start on byte boundaries and the codes can be read as aligned 32-bit words."""
+    return cols % 8 == 0 and group_size % 8 == 0 and qdata.data_ptr() % 4 == 0
+
+
 def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta,
                   tile_prefix, split: Optional[int], config: Optional[dict]):
     """x @ W_effᵀ (``grad_input`` False, inp (m, cols)) or g @ W_eff (inp (m, rows)). ``config``
-    (tests): BLOCK_N, BLOCK_K (forward only), BYTE_ALIGNED and num_warps, bypassing the autotuner."""
+    (tests): BLOCK_N, num_warps and BLOCK_K (element-wise forward kernel) or BLOCK_G (bytewise
+    forward kernel; needs :func:`_whole_bytes`), bypassing the autotuner."""
     rows = qdata.shape[0]
     m = inp.shape[0]
     block_m = 1 if m == 1 and not grad_input else max(16, next_power_of_2(m))
@@ -282,17 +346,18 @@ def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, b
             out.stride(0), out.stride(1), theta.numel())
     meta = dict(BITS=bits, TILE=PREFIX_TILE, PRECISION=dot_precision(inp.dtype), UPCAST=DOT_UPCAST, BLOCK_M=block_m)
     if grad_input:
-        if config is not None:  # dX tiles are PREFIX_TILE wide; see _bitwise_unpacking_only
-            config = {**config, "BLOCK_K": PREFIX_TILE, "BYTE_ALIGNED": False}
+        if config is not None:  # dX tiles are PREFIX_TILE wide
+            config = {**config, "BLOCK_K": PREFIX_TILE}
         grid = (triton.cdiv(cols, PREFIX_TILE), splits)
         kernel = _grad_input_tuned if config is None else _grad_input_heuristic
     else:
+        bytewise = "BLOCK_G" in config if config else _whole_bytes(qdata, cols, group_size)
+        tuned, untuned = ((_bytewise_linear_tuned, _bytewise_linear_kernel) if bytewise
+                          else (_linear_tuned, _linear_heuristic))
+        kernel = tuned if config is None else untuned
+
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_N"]), splits)
-        kernel = _linear_tuned if config is None else _linear_heuristic
-        if config is not None:
-            config = {"BLOCK_K": PREFIX_TILE, **config}
-            grid = grid(config)
     kernel[grid](*args, **meta, **(config or {}))
     return out[0] if splits == 1 else out.sum(0).to(inp.dtype)
 

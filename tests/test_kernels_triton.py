@@ -217,7 +217,7 @@ def _qresu_weight(rows, cols, bits, group_size, sparsity, theta_dtype, device):
 def _qresu_cases(big):
     if big:  # (rows, cols, bits, group_size)
         return [(1001, 1536, 4, 128), (515, 1000, 8, 64), (700, 999, 4, 999)]
-    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 10)]
+    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16)]
 
 
 def check_qresu_effective_weight(device, big):
@@ -244,19 +244,20 @@ def _qresu_matmul(device, big, grad_input):
               (33 if big else 17, torch.bfloat16, torch.bfloat16), (1, torch.float32, torch.bfloat16)]
     for i, (rows, cols, bits, group_size) in enumerate(_qresu_cases(big)):
         # (tokens, dtype, θ dtype): every combination on the GPU, one per weight on the interpreter
-        for m, dtype, theta_dtype in combos if big else combos[i:i + 1] + combos[3:] * (i == 2):
+        for m, dtype, theta_dtype in combos if big else combos[i:i + 1] + combos[3:] * (i > 0):
             w, _ = _qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
             x = _data((m, rows if grad_input else cols), dtype, device)
             expected = ref_fn(x, **w)
-            variants = [dict(), dict(split=2, config=dict(BLOCK_N=16, BYTE_ALIGNED=cols % 8 == 0))]
-            if big:  # the forward's GEMV tiles (one token) and dot tiles; dX ignores BLOCK_K
-                block = (4, 1024) if m == 1 else (32, 256)
-                variants += [dict(split=1, config=dict(BLOCK_N=32, BYTE_ALIGNED=False, num_warps=8)),
-                             dict(split=3, config=dict(BLOCK_N=32, BYTE_ALIGNED=cols % 8 == 0, num_warps=8)),
-                             dict(split=1, config=dict(BLOCK_N=block[0], BLOCK_K=block[1], num_warps=4,
-                                                       BYTE_ALIGNED=cols % 8 == 0))]
-            elif m == 1:  # GEMV path with a K chunk wider than the prefix tile
-                variants += [dict(split=1, config=dict(BLOCK_N=4, BLOCK_K=64, BYTE_ALIGNED=cols % 8 == 0))]
+            # forward: the element-wise kernel (BLOCK_K) always, the bytewise one (BLOCK_G) on whole-byte rows
+            forward = [dict(BLOCK_N=16, BLOCK_K=k.PREFIX_TILE)] + [dict(BLOCK_N=16, BLOCK_G=k.PREFIX_TILE // 8)] * (
+                cols % 8 == 0 and group_size % 8 == 0)
+            if big:
+                forward += [dict(BLOCK_N=32, BLOCK_K=256, num_warps=8), dict(BLOCK_N=4, BLOCK_K=1024)] * (m == 1)
+                forward += [dict(BLOCK_N=32, BLOCK_G=64, num_warps=8), dict(BLOCK_N=4, BLOCK_G=128)] * (
+                    m == 1 and cols % 8 == 0 and group_size % 8 == 0)
+            dx = [dict(BLOCK_N=16), dict(BLOCK_N=32, num_warps=8)]
+            variants = [dict()] + [dict(split=split, config=config) for config in (dx if grad_input else forward)
+                                   for split in ((1, 3) if big else (2,))]
             for variant in variants:
                 ours = tri_fn(x, **w, **variant)
                 assert ours.dtype == dtype and ours.shape == expected.shape
