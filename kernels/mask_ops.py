@@ -96,3 +96,51 @@ def bitmap_tile_prefix(bitmap: torch.Tensor, rows: int, cols: int, tile: int, in
     padded[:, :cols] = selected
     per_tile = padded.view(rows, n_tiles, tile).sum(dim=2).reshape(-1)
     return (per_tile.cumsum(0) - per_tile).to(torch.int32).view(rows, n_tiles)
+
+
+# In-place updates of a bitmap-selected subset: op → (compact operands it takes, the update on the
+# gathered vector ``v``). Each is the aten in-place op itself, so the reference is exactly what
+# gather → op → scatter computed before.
+UPDATE_OPS = {
+    "mul_scalar": (0, lambda v, t1, t2, s: v.mul_(s)),
+    "mul": (1, lambda v, t1, t2, s: v.mul_(t1)),
+    "add": (1, lambda v, t1, t2, s: v.add_(t1, alpha=s)),
+    "addcmul": (2, lambda v, t1, t2, s: v.addcmul_(t1, t2, value=s)),
+    "addcdiv": (2, lambda v, t1, t2, s: v.addcdiv_(t1, t2, value=s)),
+    "lerp": (1, lambda v, t1, t2, s: v.lerp_(t1, s)),
+    "copy": (1, lambda v, t1, t2, s: v.copy_(t1)),
+}
+
+
+def check_update(op: str, values: torch.Tensor, tensor1, tensor2) -> None:
+    """ValueError unless ``op`` is known and gets exactly its compact operands, of one length
+    (and for lerp of ``values``' dtype, as torch.lerp requires)."""
+    if op not in UPDATE_OPS:
+        raise ValueError(f"update_by_bitmap_: unknown op {op!r}, expected one of {sorted(UPDATE_OPS)}")
+    given = [t for t in (tensor1, tensor2) if t is not None]
+    if len(given) != UPDATE_OPS[op][0] or (tensor1 is None and tensor2 is not None):
+        raise ValueError(f"update_by_bitmap_: op {op!r} takes {UPDATE_OPS[op][0]} compact tensor(s) "
+                         f"(tensor1, tensor2), got {len(given)}")
+    if len({t.numel() for t in given}) > 1:
+        raise ValueError(f"update_by_bitmap_: tensor1 and tensor2 differ in length ({tensor1.numel()} vs "
+                         f"{tensor2.numel()})")
+    if op == "lerp" and tensor1.dtype != values.dtype:
+        raise ValueError(f"update_by_bitmap_: lerp needs tensor1 of the values' dtype {values.dtype}, "
+                         f"got {tensor1.dtype}")
+
+
+def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                      invert: bool, op: str, tensor1, tensor2, scalar: float) -> torch.Tensor:
+    """An in-place update of the elements of contiguous ``values`` whose bit is set (clear if
+    ``invert``), ``v`` below; ``tensor1``/``tensor2`` hold one entry per selected element (row-major
+    order over the selection) or are None. ``op``: "mul_scalar" v·s, "mul" v·t1, "add" v + s·t1,
+    "addcmul" v + s·t1·t2, "addcdiv" v + s·t1/t2, "lerp" v + s·(t1 − v) (torch.lerp with a
+    scalar weight), "copy" t1. Every other element stays untouched. Returns ``values``."""
+    check_update(op, values, tensor1, tensor2)
+    selected = _bitmap_selection(bitmap, values.numel(), invert)
+    flat = values.reshape(-1)[selected]
+    if tensor1 is not None:
+        _check_count("update_by_bitmap_", selected, tensor1.numel())
+    UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
+    values.view(-1).masked_scatter_(selected, flat)
+    return values

@@ -122,3 +122,125 @@ def test_clip_grad_norm_foreach_equals_the_dense_gradient_norm():
     total = torch.nn.utils.clip_grad_norm_([w], max_norm=0.5, foreach=True)
     torch.testing.assert_close(total, dense_grad.norm())
     torch.testing.assert_close(w.expand_trainable(w.grad), dense_grad * (0.5 / (dense_grad.norm() + 1e-6)))
+
+
+ONE_PASS = {  # name → (optimizer, kernels.update_by_bitmap_ calls per step per bitmap weight, its gathers)
+    "adamw_foreach": (OPTIMIZERS["adamw_foreach"], 2, 0),  # _foreach_mul_ (decay), _foreach_addcdiv_
+    "sgd_momentum_wd": (OPTIMIZERS["sgd_momentum_wd"], 1, 1),  # add_; the decay term grad + wd·w reads w
+    "sgd_momentum_wd_foreach": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1, foreach=True),
+                                1, 1),
+}
+
+
+@pytest.mark.parametrize("mode", ["sparse", "resu"])
+@pytest.mark.parametrize("name", list(ONE_PASS))
+def test_in_place_updates_of_bitmap_weights_take_one_kernel_pass(mode, name, monkeypatch):
+    """The optimizer's in-place ops on a bitmap-selected weight run as kernels.update_by_bitmap_
+    (no gather and scatter around them), next to a DENSE weight and a plain bias that keep the
+    generic path, with results bit-identical to that path (gather → op → scatter) on CPU."""
+    import collections
+    import copy
+
+    from resu_tensor import kernels
+    from resu_tensor.ops import trainable
+
+    make_optimizer, updates_per_step, gathers_per_step = ONE_PASS[name]
+    weight, _ = make_pair(mode)
+    assert weight.trainable_bitmap() is not None
+    dense = torch.nn.Parameter(rt.ResuTensor.from_dense(torch.randn(16, 48)))  # all train: no bitmap
+    start = [weight, dense, torch.nn.Parameter(torch.randn(16))]
+    batches = [(torch.randn(8, 48), torch.randn(8, 16)) for _ in range(3)]
+
+    def train(one_pass):
+        calls = collections.Counter()
+
+        def counted(name, fn):
+            def call(*args):
+                calls[name] += 1
+                return fn(*args)
+            return call
+
+        with monkeypatch.context() as patch:
+            for op in ("update_by_bitmap_", "gather_by_bitmap", "scatter_by_bitmap_"):
+                patch.setitem(kernels._IMPLS[op], "reference", counted(op, kernels._IMPLS[op]["reference"]))
+            if not one_pass:
+                patch.setattr(trainable, "BITMAP_UPDATES", {})
+            w, dense, bias = params = copy.deepcopy(start)
+            opt = make_optimizer(params)
+            for x, target in batches:
+                opt.zero_grad()
+                F.mse_loss(F.linear(x, w, bias) + F.linear(x, dense), target).backward()
+                calls.clear()  # count the last step only (the first also creates the state)
+                opt.step()
+        return params, opt, calls
+
+    params, opt, calls = train(one_pass=True)
+    launches = ("update_by_bitmap_", "gather_by_bitmap", "scatter_by_bitmap_")
+    assert [calls[op] for op in launches] == [updates_per_step, gathers_per_step, 0]
+    old_params, old_opt, old_calls = train(one_pass=False)
+    assert [old_calls[op] for op in launches] == [0, gathers_per_step + updates_per_step, updates_per_step]
+    for p, q in zip(params, old_params):
+        assert torch.equal(_dense(p), _dense(q))
+        for key, value in opt.state[p].items():
+            assert torch.equal(_dense(value), _dense(old_opt.state[q][key])), key
+
+
+def _dense(t):
+    return t.dequantize() if isinstance(t, rt.ResuTensor) else t.flat if isinstance(t, rt.CompactTensor) else t.detach()
+
+
+IN_PLACE = {  # name → (the op on weight w with compact operands a, b; kernels.update_by_bitmap_ calls)
+    "mul_scalar": (lambda w, a, b: w.mul_(0.9), 1),
+    "mul": (lambda w, a, b: w.mul_(a), 1),
+    "add_alpha": (lambda w, a, b: w.add_(a, alpha=-0.3), 1),
+    "addcmul": (lambda w, a, b: w.addcmul_(a, b, value=0.2), 1),
+    "addcdiv": (lambda w, a, b: w.addcdiv_(a, b, value=-0.1), 1),
+    "lerp": (lambda w, a, b: w.lerp_(a, 0.3), 1),
+    "lerp_far_end": (lambda w, a, b: w.lerp_(a, 0.8), 1),
+    "foreach_mul_scalar": (lambda w, a, b: torch._foreach_mul_([w], 0.9), 1),
+    "foreach_mul_scalar_list": (lambda w, a, b: torch._foreach_mul_([w], [0.9]), 1),
+    "foreach_mul_list": (lambda w, a, b: torch._foreach_mul_([w], [a]), 1),
+    "foreach_add_alpha": (lambda w, a, b: torch._foreach_add_([w], [a], alpha=0.5), 1),
+    "foreach_addcmul": (lambda w, a, b: torch._foreach_addcmul_([w], [a], [b], 0.3), 1),
+    "foreach_addcmul_scalar_list": (lambda w, a, b: torch._foreach_addcmul_([w], [a], [b], [0.3]), 1),
+    "foreach_addcdiv": (lambda w, a, b: torch._foreach_addcdiv_([w], [a], [b], -0.2), 1),
+    "foreach_addcdiv_scalar_list": (lambda w, a, b: torch._foreach_addcdiv_([w], [a], [b], [-0.2]), 1),
+    "foreach_lerp": (lambda w, a, b: torch._foreach_lerp_([w], [a], 0.3), 1),
+    "foreach_lerp_scalar_list": (lambda w, a, b: torch._foreach_lerp_([w], [a], [0.7]), 1),
+    "foreach_copy": (lambda w, a, b: torch._foreach_copy_([w], [a]), 1),
+    # tensor scalars keep gather → op → scatter
+    "mul_tensor_scalar": (lambda w, a, b: w.mul_(torch.tensor(0.9)), 0),
+    "foreach_addcdiv_tensor_scalars": (lambda w, a, b: torch._foreach_addcdiv_([w], [a], [b], torch.tensor([0.1])), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_each_in_place_form_equals_gather_op_scatter(name, monkeypatch):
+    import copy
+
+    from resu_tensor import kernels
+    from resu_tensor.ops import trainable
+
+    op, expected_calls = IN_PLACE[name]
+    weight, _ = make_pair("resu")
+    a = weight.compact(torch.randn(weight.trainable_count))
+    b = weight.compact(torch.rand(weight.trainable_count) + 0.5)
+    calls = []
+    reference = kernels._IMPLS["update_by_bitmap_"]["reference"]
+
+    def counted(*args):
+        calls.append(args)
+        return reference(*args)
+
+    monkeypatch.setitem(kernels._IMPLS["update_by_bitmap_"], "reference", counted)
+    frozen = ~weight.trainable_mask()
+    ours, theirs = copy.deepcopy(weight).detach(), copy.deepcopy(weight).detach()
+    with torch.no_grad():
+        op(ours, a, b)
+        assert len(calls) == expected_calls
+        monkeypatch.setattr(trainable, "BITMAP_UPDATES", {})
+        op(theirs, a, b)
+    assert len(calls) == expected_calls
+    assert torch.equal(ours.dequantize(), theirs.dequantize())
+    assert torch.equal(ours.dequantize()[frozen], weight.dequantize()[frozen])
+    assert not torch.equal(ours.dequantize(), weight.dequantize())

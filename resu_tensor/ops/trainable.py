@@ -4,12 +4,14 @@ accumulation call on a ResuTensor parameter and on its CompactTensor grads and s
 Every ResuTensor / CompactTensor argument is replaced by its flat trainable vector, the op runs
 on those vectors, and the result is wrapped back. An in-place op on a ResuTensor writes only its
 trainable coordinates, so frozen coordinates never move, weight decay included. Arguments of
-different trainable sets (stale optimizer state) raise instead of being misapplied.
+different trainable sets (stale optimizer state) raise instead of being misapplied. The in-place
+ops optimizers call on a bitmap-selected weight take one kernel pass instead (:func:`bitmap_update_`).
 """
 import torch
 import torch._inductor.inductor_prims  # defines prims.fma (torchao imports it already)
 from torch.utils._pytree import tree_map
 
+from resu_tensor import kernels
 from resu_tensor.compact import CompactTensor
 from resu_tensor.tensor import ResuTensor
 
@@ -104,6 +106,8 @@ def _is_inplace(func) -> bool:
 def trainable_op(func, types, args, kwargs):
     kwargs = kwargs or {}
     operands = _Operands(func, args, kwargs)
+    if bitmap_update_(func, operands, args, kwargs):
+        return args[0]
     flat_args = tree_map(operands.flat, args)
     flat_kwargs = tree_map(operands.flat, kwargs)
     out = func(*flat_args, **flat_kwargs)
@@ -111,6 +115,72 @@ def trainable_op(func, types, args, kwargs):
         return operands.wrap(out)
     write_back(func, args[0], flat_args[0])
     return args[0]
+
+
+# In-place ops with a one-pass kernels.update_by_bitmap_ form: op → (its update_by_bitmap_ op, the
+# schema names of its compact operands, of its scalar). Tensor scalars and weights keep the generic path.
+BITMAP_UPDATES = {
+    aten.mul_.Scalar: ("mul_scalar", (), "other"),
+    aten.mul_.Tensor: ("mul", ("other",), None),
+    aten.add_.Tensor: ("add", ("other",), "alpha"),
+    aten.addcmul_.default: ("addcmul", ("tensor1", "tensor2"), "value"),
+    aten.addcdiv_.default: ("addcdiv", ("tensor1", "tensor2"), "value"),
+    aten.lerp_.Scalar: ("lerp", ("end",), "weight"),
+    # the _foreach_ forms, called per list position (a ScalarList gives that position's scalar)
+    aten._foreach_mul_.Scalar: ("mul_scalar", (), "scalar"),
+    aten._foreach_mul_.ScalarList: ("mul_scalar", (), "scalars"),
+    aten._foreach_mul_.List: ("mul", ("other",), None),
+    aten._foreach_add_.List: ("add", ("other",), "alpha"),
+    aten._foreach_addcmul_.Scalar: ("addcmul", ("tensor1", "tensor2"), "value"),
+    aten._foreach_addcmul_.ScalarList: ("addcmul", ("tensor1", "tensor2"), "scalars"),
+    aten._foreach_addcdiv_.Scalar: ("addcdiv", ("tensor1", "tensor2"), "value"),
+    aten._foreach_addcdiv_.ScalarList: ("addcdiv", ("tensor1", "tensor2"), "scalars"),
+    aten._foreach_lerp_.Scalar: ("lerp", ("tensors1",), "weight"),
+    **{op: ("lerp", ("tensors1",), "weight") for op in _overload(aten._foreach_lerp_, ["ScalarList"])},
+    aten._foreach_copy_.default: ("copy", ("src",), None),
+}
+_OPMATH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # operands the kernel reads into float32 exactly
+
+
+def _named_arguments(func, args, kwargs) -> dict:
+    named = {}
+    for i, argument in enumerate(func._schema.arguments):
+        if i < len(args):
+            named[argument.name] = args[i]
+        elif argument.name in kwargs:
+            named[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            named[argument.name] = argument.default_value
+    return named
+
+
+def bitmap_update_(func, operands: _Operands, args, kwargs) -> bool:
+    """Run in-place op ``func`` (for a _foreach_ op: one list position's arguments) as one
+    kernels.update_by_bitmap_ pass when its target is a dense-stored ResuTensor whose trainable set
+    is a bitmap, its other tensors are CompactTensors (``operands`` has checked they share the
+    target's trainable set) and its scalar a number; else do nothing and return False, and the
+    caller runs gather → op → scatter."""
+    form = BITMAP_UPDATES.get(func)
+    if form is None:
+        return False
+    op, tensor_names, scalar_name = form
+    named = _named_arguments(func, args, kwargs)
+    target = named["self"]
+    if not isinstance(target, ResuTensor) or target.values is None or target.transposed:
+        return False  # transposed: the generic path raises its error
+    if op == "mul" and isinstance(named["other"], (int, float)):  # p.mul_(0.9) dispatches as mul_.Tensor
+        op, tensor_names, scalar_name = "mul_scalar", (), "other"
+    tensors = [named[name] for name in tensor_names]
+    scalar = named[scalar_name] if scalar_name else 1.0
+    if (not all(isinstance(t, CompactTensor) and t.dtype in _OPMATH_DTYPES for t in tensors)
+            or not isinstance(scalar, (int, float))):
+        return False
+    bits = target.bitmap_kernels_for(target.values)
+    if bits is None:
+        return False
+    flats = [operands.flat(t) for t in tensors] + [None] * (2 - len(tensors))
+    kernels.update_by_bitmap_(target.values, *bits[:4], op, *flats, float(scalar))
+    return True
 
 
 def write_back(func, target, flat: torch.Tensor) -> None:
