@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import mask_ops, optim, quant, weight_grad
+from . import mask_ops, optim, quant, selective, weight_grad
 from ._triton_support import HAS_TRITON, PREFIX_TILE
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
@@ -54,11 +54,14 @@ for _name, _fn in [
     ("qresu_linear_small_m", quant.qresu_linear_small_m),
     ("qresu_grad_input_small_m", quant.qresu_grad_input_small_m),
     ("adam_by_bitmap_", optim.adam_by_bitmap_),
+    ("update_by_bitmap_", mask_ops.update_by_bitmap_),
+    ("selective_scores_", selective.selective_scores_),
+    ("selective_apply_", selective.selective_apply_),
 ]:
     register(_name, "reference", _fn)
 
 if HAS_TRITON:
-    from . import mask_ops_triton, optim_triton, quant_triton, weight_grad_triton
+    from . import mask_ops_triton, optim_triton, quant_triton, selective_triton, update_triton, weight_grad_triton
 
     for _name, _fn in [
         ("pack_bitmap", mask_ops_triton.pack_bitmap),
@@ -76,6 +79,9 @@ if HAS_TRITON:
         ("qresu_linear_small_m", quant_triton.qresu_linear_small_m),
         ("qresu_grad_input_small_m", quant_triton.qresu_grad_input_small_m),
         ("adam_by_bitmap_", optim_triton.adam_by_bitmap_),
+        ("update_by_bitmap_", update_triton.update_by_bitmap_),
+        ("selective_scores_", selective_triton.selective_scores_),
+        ("selective_apply_", selective_triton.selective_apply_),
     ]:
         register(_name, "cuda", _fn)
 
@@ -93,6 +99,9 @@ qresu_effective_weight = _dispatched("qresu_effective_weight")
 qresu_linear_small_m = _dispatched("qresu_linear_small_m")
 qresu_grad_input_small_m = _dispatched("qresu_grad_input_small_m")
 adam_by_bitmap_ = _dispatched("adam_by_bitmap_")
+update_by_bitmap_ = _dispatched("update_by_bitmap_")
+selective_scores_ = _dispatched("selective_scores_")
+selective_apply_ = _dispatched("selective_apply_")
 
 __all__ = [
     "HAS_TRITON",
@@ -113,4 +122,7 @@ __all__ = [
     "qresu_linear_small_m",
     "qresu_grad_input_small_m",
     "adam_by_bitmap_",
+    "update_by_bitmap_",
+    "selective_scores_",
+    "selective_apply_",
 ]

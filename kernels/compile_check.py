@@ -22,6 +22,8 @@ from ._triton_support import HAS_TRITON, PREFIX_TILE
 def _variants(quick: bool):
     """(kernel, argument types, constexprs, options) for every variant worth compiling."""
     from . import mask_ops_triton as mo, optim_triton as op, quant_triton as qt, weight_grad_triton as wg
+    from . import mask_ops, update_triton as up
+    from . import selective_triton as sel
 
     i32 = "i32"
     yield mo._pack_bitmap_kernel, dict(mask_ptr="*u8", out_ptr="*u8", numel=i32, n_bytes=i32), {"BYTES": 256}, {}
@@ -43,6 +45,16 @@ def _variants(quick: bool):
                      beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
         yield op._adam_bitmap_kernel, types, {"INVERT": invert, "DECOUPLED": decoupled, "MAXIMIZE": False,
                                               "CHUNK": 1024}, {}
+    for update, (values, operand, invert) in itertools.product(mask_ops.UPDATE_OPS, [("*bf16", "*fp32", True),
+                                                                                  ("*fp32", "*fp32", False)]):
+        types = dict(values_ptr=values, bitmap_ptr="*u8", block_prefix_ptr="*i32", t1_ptr=operand, t2_ptr=operand,
+                     numel=i32, block_size=i32, n_compact=i32, scalar="fp32")
+        yield up._update_bitmap_kernel, types, {"INVERT": invert, "OP": update, "CHUNK": 1024}, {}
+    for grad, ema in [("*bf16", "*bf16"), ("*fp32", "*fp32")]:
+        common = dict(grad_ptr=grad, m_ptr=ema, v_ptr=ema, score_ptr="*fp32", numel=i32, delta="fp32")
+        yield sel._scores_kernel, dict(common, screen_ptr="*fp32", beta="fp32", one_minus_beta="fp32", tau="fp32"), \
+            {"BLOCK": sel.BLOCK}, {"enable_fp_fusion": False}
+        yield sel._apply_kernel, dict(common, select_ptr="*fp32"), {"BLOCK": sel.BLOCK}, {"enable_fp_fusion": False}
 
     for config in wg._compact_matmul_kernel.configs:
         wide = config.kwargs["BLOCK_K"] == 32
@@ -65,17 +77,21 @@ def _variants(quick: bool):
     common = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", tile_prefix_ptr="*i32",
                   theta_ptr="*fp32", out_ptr="*fp32", m=i32, rows=i32, cols=i32, q_stride=i32, n_groups=i32,
                   group_size=i32, n_prefix_tiles=i32, span=i32, stride_os=i32, stride_om=i32, n_theta=i32)
-    for kernel, operand, (row_stride, unit_stride) in [(qt._linear_kernel, "x_ptr", ("stride_xm", "stride_xk")),
-                                                       (qt._grad_input_kernel, "g_ptr", ("stride_gm", "stride_gn"))]:
-        for config in qt._matmul_configs():
-            for bits, group_aligned, block_m in [(4, True, 16), (8, False, 64)]:
-                types = dict(common, **{operand: "*bf16", row_stride: i32})
-                constexprs = dict(config.kwargs, BITS=bits, GROUP_ALIGNED=group_aligned, TILE=PREFIX_TILE,
-                                  PRECISION="tf32", UPCAST=False, BLOCK_M=block_m, BLOCK_K=PREFIX_TILE,
-                                  **{unit_stride: 1})
-                yield kernel, types, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages)
-            if quick:
-                break
+    forward, grad_input = ("x_ptr", ("stride_xm", "stride_xk")), ("g_ptr", ("stride_gm", "stride_gn"))
+    for kernel, (operand, (row_stride, unit_stride)), tables in [
+            (qt._linear_kernel, forward, qt._ELEMENTWISE), (qt._bytewise_linear_kernel, forward, qt._BYTEWISE),
+            (qt._grad_input_kernel, grad_input, {"dot": qt._GRAD_INPUT})]:
+        for shape, table in tables.items():
+            for config in table:
+                for bits, block_m in [(4, 1 if shape == "gemv" else 16), (8, 1 if shape == "gemv" else 64)]:
+                    types = dict(common, **{operand: "*bf16", row_stride: i32})
+                    constexprs = dict(config.kwargs, BITS=bits, TILE=PREFIX_TILE, PRECISION="tf32", UPCAST=False,
+                                      BLOCK_M=block_m, **{unit_stride: 1})
+                    if "BLOCK_K" in config.kwargs:
+                        constexprs["GROUP_ALIGNED"] = bits == 4
+                    yield kernel, types, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                if quick:
+                    break
 
 
 def _jit_function(kernel):

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from resu_tensor import kernels
 from resu_tensor.compact import CompactTensor
 from resu_tensor.mask_encoding import encode_mask
 from resu_tensor.tensor import ResuTensor
@@ -81,24 +82,40 @@ class StaticSubsetConfig:
             raise ValueError(f"refresh_every must be a positive int or None, got {self.refresh_every!r}")
 
 
+def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of flat ``x`` as a float32 0-dim tensor, on x's device (no sync);
+    from the smaller side, since topk's cost grows with the count it returns."""
+    x = x.reshape(-1)
+    if 2 * k <= x.numel():
+        return torch.topk(x, k, sorted=False).values.min().float()
+    return torch.topk(x, x.numel() - k + 1, largest=False, sorted=False).values.max().float()
+
+
 def consistency_filter_(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, config: tuple) -> torch.Tensor:
-    """Update the EMAs ``m``, ``v`` in place with ``grad`` (flat) and return the filtered gradient
-    1[P_select]·C·g. Reference implementation (plain PyTorch)."""
+    """Update the EMAs ``m``, ``v`` with ``grad`` and replace ``grad`` by 1[P_select]·C·g, all in
+    place (contiguous flat tensors; ``config`` is ``SelectiveConfig.as_tuple()``). Returns ``grad``.
+
+    Two elementwise kernels (``kernels.selective_scores_`` / ``selective_apply_``) around two
+    top-k thresholds that stay on the device, so nothing waits for the host. Coordinates tied
+    with a threshold value are all included (P_mag may exceed ``screen``·p, P_select ``select``·p
+    when ties are present), which is deterministic where topk's choice among ties was arbitrary.
+
+    Example::
+
+        grad = consistency_filter_(grad, m, v, rt.SelectiveConfig().as_tuple())
+    """
     beta, tau, screen, select, delta, _ = config
-    g = grad.float()
-    m.mul_(beta).add_((1 - beta) * g)
-    v.mul_(beta).add_((1 - beta) * g.abs())
-    consistency = m.float().abs() / (v.float() + delta)
-    p = g.numel()
-    screened = torch.zeros(p, dtype=torch.bool, device=g.device)
-    screened[torch.topk(g.abs(), min(p, max(1, round(screen * p))), sorted=False).indices] = True
-    candidates = screened & (consistency > tau)
-    score = torch.where(candidates, consistency * g.abs(), -1.0)
-    n_select = min(int(candidates.sum()), int(select * p))
-    chosen = torch.zeros(p, dtype=torch.bool, device=g.device)
-    if n_select:
-        chosen[torch.topk(score, n_select, sorted=False).indices] = True
-    return torch.where(chosen, consistency * g, 0.0).to(grad.dtype)
+    p = grad.numel()
+    if p == 0:
+        return grad
+    screen_threshold = _kth_largest(grad.abs(), min(p, max(1, round(screen * p))))
+    score = kernels.selective_scores_(grad, m, v, beta, tau, delta, screen_threshold)
+    # non-candidates score −1 and candidates ≥ 0: the top select·p scores hold every candidate
+    # when there are fewer, and selective_apply_ skips the −1s
+    n_select = int(select * p)
+    if n_select == 0:
+        return grad.zero_()
+    return kernels.selective_apply_(grad, m, v, score, delta, _kth_largest(score, n_select))
 
 
 def subset_mask(pruned: torch.Tensor, alpha: float, scores: Optional[torch.Tensor] = None,
@@ -151,7 +168,7 @@ def _prepare_resu_gradients(optimizer, args, kwargs) -> None:
             if param.grad_abs_sum is not None:
                 param.grad_abs_sum.add_(flat.abs().float())
             if param.selective is not None:
-                flat.copy_(consistency_filter_(flat, param.selective_m, param.selective_v, param.selective))
+                consistency_filter_(flat, param.selective_m, param.selective_v, param.selective)
 
 
 register_optimizer_step_pre_hook(_prepare_resu_gradients)

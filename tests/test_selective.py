@@ -20,6 +20,26 @@ def reference_filter(g, m, v, beta=0.9, tau=0.5, screen=0.5, select=0.2, delta=1
     return [c[i] * g[i] if i in chosen else 0.0 for i in range(p)], m, v
 
 
+def topk_filter(grad, m, v, config):
+    """The filter as it was before its two kernels (plain PyTorch, exact top-k counts, one host
+    sync), kept as the end-to-end reference: without ties it selects the same coordinates."""
+    beta, tau, screen, select, delta, _ = config
+    g = grad.float()
+    m.mul_(beta).add_((1 - beta) * g)
+    v.mul_(beta).add_((1 - beta) * g.abs())
+    consistency = m.float().abs() / (v.float() + delta)
+    p = g.numel()
+    screened = torch.zeros(p, dtype=torch.bool, device=g.device)
+    screened[torch.topk(g.abs(), min(p, max(1, round(screen * p))), sorted=False).indices] = True
+    candidates = screened & (consistency > tau)
+    score = torch.where(candidates, consistency * g.abs(), -1.0)
+    n_select = min(int(candidates.sum()), int(select * p))
+    chosen = torch.zeros(p, dtype=torch.bool, device=g.device)
+    if n_select:
+        chosen[torch.topk(score, n_select, sorted=False).indices] = True
+    return torch.where(chosen, consistency * g, 0.0).to(grad.dtype)
+
+
 def test_filter_on_a_hand_made_example():
     g = torch.tensor([1.0, -2.0, 0.5, 3.0, -0.1, 0.2, 4.0, -5.0, 0.3, 0.05])
     m = torch.tensor([0.5, 1.0, 0.0, 0.2, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0])  # θ6's history oscillates: m≈0, v large
@@ -38,6 +58,58 @@ def test_filter_random_inputs_match_reference():
         expected, _, _ = reference_filter(g.tolist(), m.tolist(), v.tolist(), tau=0.3, select=0.3)
         out = consistency_filter_(g, m.clone(), v.clone(), (0.9, 0.3, 0.5, 0.3, 1e-8, "float32"))
         torch.testing.assert_close(out, torch.tensor(expected))
+
+
+@pytest.mark.parametrize("p", [1, 7, 50, 1237, 10_007])
+@pytest.mark.parametrize("tau,screen,select", [(0.5, 0.5, 0.2), (0.3, 1.0, 0.3), (0.0, 0.1, 1.0), (0.5, 0.5, 0.01)])
+def test_filter_matches_the_topk_reference_bit_for_bit(p, tau, screen, select):
+    g, m = torch.randn(p), torch.randn(p)
+    v = m.abs() + 0.5 * torch.rand(p)
+    config = (0.9, tau, screen, select, 1e-8, "float32")
+    ours_m, ours_v, theirs_m, theirs_v = m.clone(), v.clone(), m.clone(), v.clone()
+    expected = topk_filter(g, theirs_m, theirs_v, config)
+    out = g.clone()
+    assert consistency_filter_(out, ours_m, ours_v, config) is out
+    assert torch.equal(out, expected) and torch.equal(ours_m, theirs_m) and torch.equal(ours_v, theirs_v)
+    if p > 1000:
+        assert 0 < int(out.ne(0).sum()) <= int(select * p) and out.ne(0).sum() < p
+
+
+def test_filter_includes_every_coordinate_tied_with_a_threshold():
+    g = torch.tensor([3.0, -3.0, 3.0, 2.0, -2.0, 2.0, 1.0, 0.5, -0.25, 0.125])
+    zeros = torch.zeros(10)
+    consistency = (0.1 * g).abs() / ((0.1 * g).abs() + 1e-8)  # C after one step from m = v = 0
+    # screen 0.5: the 5th largest |g| is 2, held by three θ: all six with |g| ≥ 2 pass
+    out = consistency_filter_(g.clone(), zeros.clone(), zeros.clone(), (0.9, 0.5, 0.5, 1.0, 1e-8, "float32"))
+    assert out.ne(0).nonzero().view(-1).tolist() == [0, 1, 2, 3, 4, 5]
+    torch.testing.assert_close(out[:6], consistency[:6] * g[:6], rtol=0, atol=0)
+    # select 0.2 = 2 θ: the largest score C·3 is held by three θ, all move (topk took two of them)
+    out = consistency_filter_(g.clone(), zeros.clone(), zeros.clone(), (0.9, 0.5, 0.5, 0.2, 1e-8, "float32"))
+    assert out.ne(0).nonzero().view(-1).tolist() == [0, 1, 2]
+    assert topk_filter(g.clone(), zeros.clone(), zeros.clone(), (0.9, 0.5, 0.5, 0.2, 1e-8, "float32")).ne(0).sum() == 2
+
+
+def test_filter_with_bfloat16_emas_rounds_them_once():
+    g, m = torch.randn(301), torch.randn(301)
+    v = m.abs() + 0.5 * torch.rand(301)
+    m, v = m.bfloat16(), v.bfloat16()
+    ours_m, ours_v = m.clone(), v.clone()
+    out = consistency_filter_(g.clone(), ours_m, ours_v, (0.9, 0.5, 0.5, 0.2, 1e-8, "bfloat16"))
+    assert torch.equal(ours_m, (0.9 * m.float() + (1 - 0.9) * g).bfloat16())
+    assert torch.equal(ours_v, (0.9 * v.float() + (1 - 0.9) * g.abs()).bfloat16())
+    consistency = ours_m.float().abs() / (ours_v.float() + 1e-8)
+    moved = out.ne(0)
+    assert 0 < int(moved.sum()) <= int(0.2 * 301) and (consistency[moved] > 0.5).all()
+    assert torch.equal(out[moved], consistency[moved] * g[moved])
+
+
+def test_filter_rejects_bad_operands():
+    g, m, v = torch.randn(9), torch.randn(9), torch.rand(9)
+    config = rt.SelectiveConfig().as_tuple()
+    with pytest.raises(ValueError, match="same number of elements"):
+        consistency_filter_(g, m[:8], v, config)
+    with pytest.raises(ValueError, match="grad must be contiguous"):
+        consistency_filter_(torch.randn(9, 2)[:, 0], m, v, config)
 
 
 def test_sgd_with_selective_applies_the_method_update_rule():
