@@ -9,8 +9,8 @@ One process, bf16, ``triton.testing.do_bench`` medians, dense and ours side by s
   matmuls at the bf16 matmul rate measured here) and peak memory of one step;
 * the small shape (M=32, 512→256), eager and under ``torch.compile``;
 * decode forwards at M=1 and M=16: dense ``F.linear`` vs QRESU (bf16 θ and float32 θ), through
-  the library (eager, and compiled with CUDA graphs as a decoding loop runs it) and through the
-  fused small-M kernel directly;
+  the library and through the fused small-M kernel directly, each eager (host overhead included)
+  and as CUDA-graph replays (GPU time alone);
 * torchao NF4 (frozen weight) fwd+bwd and M=1 forward, where torchao has it;
 * the kernels alone (weight-gradient compaction variants, W_eff, gather/scatter).
 
@@ -55,6 +55,16 @@ class Bench:
     def time_ms(self, fn) -> float:
         warmup, rep = (5, 20) if self.quick else (25, 100)
         return float(self._do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+    def graph_ms(self, fn) -> float:
+        """GPU time of ``fn`` alone: median of CUDA-graph replays (``do_bench_cudagraph``), so
+        the host's Python and launch overhead, which eager ``time_ms`` includes, is not counted."""
+        if not _on_gpu():
+            return self.time_ms(fn)
+        from triton.testing import do_bench_cudagraph
+
+        fn()  # autotune and fill caches outside the capture
+        return float(do_bench_cudagraph(fn, rep=20 if self.quick else 100, return_mode="median"))
 
     def over_budget(self) -> bool:
         return time.time() - self.start > BUDGET_S
@@ -266,6 +276,9 @@ def _add_ratios(record: dict, dense: dict, floor_ms) -> None:
 
 
 def measure_decode(bench: Bench):
+    """Each forward timed eagerly (``time_ms``: what a Python decoding loop pays per call, host
+    overhead included) and as CUDA-graph replays (``graph_ms``: the GPU's time, as in a
+    graph-captured decoder); ratios compare like with like."""
     from resu_tensor import kernels
     from resu_tensor.mask_encoding import prefix_block_size
 
@@ -274,73 +287,53 @@ def measure_decode(bench: Bench):
             info = dict(shape=[in_features, out_features], tokens=tokens)
             torch.manual_seed(2)
             x = torch.randn(tokens, in_features, device=DEVICE, dtype=DTYPE)
-
-            def dense():
-                weight = _linear(in_features, out_features).weight.detach()
-                return {"ms": bench.time_ms(lambda: F.linear(x, weight))}
-
-            dense_record = bench.case("decode", "dense F.linear", dense, mode="dense", **info)
-            graphed = bench.case("decode", "dense F.linear, compiled + CUDA graphs",
-                                 lambda: _graphed_forward(bench, _linear(in_features, out_features), x), optional=True,
-                                 mode="dense", **info)
-            _add_ratios(graphed, dense_record, None)
+            dense_weight = _linear(in_features, out_features).weight.detach()
+            dense = {timing: bench.case("decode", f"dense F.linear, {timing}", lambda timer=timer: {
+                "ms": timer(lambda: F.linear(x, dense_weight))}, mode="dense", timing=timing, **info)
+                for timing, timer in (("eager", bench.time_ms), ("graph", bench.graph_ms))}
             for sparsity in SPARSITIES:
                 for theta_dtype in (torch.bfloat16, torch.float32):
                     theta_name = str(theta_dtype).replace("torch.", "")
+                    layer = _resu_linear(in_features, out_features, "qresu", sparsity, theta_dtype)
+                    w = layer.weight
+                    if w.mask_kind != "bitmap":
+                        raise ValueError(f"the fused kernel reads a bitmap; this mask is {w.mask_kind}")
+                    args = (w.qdata, w.qscale, w.qoffset, w.quant_bits, w.group_size, in_features, w.mask_bitmap,
+                            w.mask_block_prefix, prefix_block_size(in_features), w.theta)
+                    tile_prefix = kernels.bitmap_tile_prefix(w.mask_bitmap, out_features, in_features,
+                                                             kernels.PREFIX_TILE, True)
 
-                    def library(sparsity=sparsity, theta_dtype=theta_dtype):
-                        layer = _resu_linear(in_features, out_features, "qresu", sparsity, theta_dtype)
-                        with torch.no_grad():
-                            return {"ms": bench.time_ms(lambda: layer(x))}
+                    def kernel_alone():
+                        return kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix)
 
-                    def kernel(sparsity=sparsity, theta_dtype=theta_dtype):
-                        w = _resu_linear(in_features, out_features, "qresu", sparsity, theta_dtype).weight
-                        if w.mask_kind != "bitmap":
-                            raise ValueError(f"the fused kernel reads a bitmap; this mask is {w.mask_kind}")
-                        args = (w.qdata, w.qscale, w.qoffset, w.quant_bits, w.group_size, in_features, w.mask_bitmap,
-                                w.mask_block_prefix, prefix_block_size(in_features), w.theta)
-                        tile_prefix = kernels.bitmap_tile_prefix(w.mask_bitmap, out_features, in_features,
-                                                                 kernels.PREFIX_TILE, True)
-                        with torch.no_grad():
-                            y = kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix)
-                            torch.testing.assert_close(y, F.linear(x, w.dequantize()), rtol=2e-2, atol=5e-2)
-                            ms = bench.time_ms(lambda: kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix))
-                            return {"ms": ms, "config": _tuned_config("_linear_tuned")}
+                    with torch.no_grad():
+                        torch.testing.assert_close(kernel_alone(), F.linear(x, w.dequantize()), rtol=2e-2, atol=5e-2)
+                    for path, fn in (("library F.linear", lambda: layer(x)), ("fused small-M kernel", kernel_alone)):
+                        for timing, timer in (("eager", bench.time_ms), ("graph", bench.graph_ms)):
+                            def measure(fn=fn, timer=timer):
+                                with torch.no_grad():
+                                    return {"ms": timer(fn), "config": _tuned_config()}
 
-                    def compiled(sparsity=sparsity, theta_dtype=theta_dtype):
-                        layer = _resu_linear(in_features, out_features, "qresu", sparsity, theta_dtype)
-                        return _graphed_forward(bench, layer, x)
-
-                    for label, fn in (("library F.linear", library), ("fused small-M kernel", kernel),
-                                      ("library F.linear, compiled + CUDA graphs", compiled)):
-                        record = bench.case("decode", f"qresu s={sparsity} θ {theta_name} ({label})", fn,
-                                            optional=label != "library F.linear", mode="qresu", sparsity=sparsity,
-                                            theta_dtype=theta_name, path=label, **info)
-                        _add_ratios(record, dense_record, None)
+                            record = bench.case("decode", f"qresu s={sparsity} θ {theta_name} ({path}, {timing})",
+                                                measure, optional=path != "library F.linear", mode="qresu",
+                                                sparsity=sparsity, theta_dtype=theta_name, path=path, timing=timing,
+                                                **info)
+                            _add_ratios(record, dense[timing], None)
+                    del layer, w
+                    _release()
 
 
-def _graphed_forward(bench: Bench, layer: nn.Module, x: torch.Tensor) -> dict:
-    """Forward time of ``layer`` compiled with CUDA graphs (``mode="reduce-overhead"``): what a
-    decoding loop runs, with no Python dispatch per call."""
-    torch._dynamo.reset()  # a fresh layer each case: no recompile limit across cases
-    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True, backend=COMPILE_BACKEND)
-    with torch.no_grad():
-        for _ in range(3):  # warm-up runs record the graph
-            y = compiled(x)
-        torch.testing.assert_close(y, layer(x), rtol=2e-2, atol=5e-2)
-        return {"ms": bench.time_ms(lambda: compiled(x))}
-
-
-def _tuned_config(name: str):
-    """The autotuner's choice for the last shape a quant_triton kernel ran (None if not tuned)."""
+def _tuned_config():
+    """The autotuner's choice for the last QRESU forward it tuned or ran (None without Triton)."""
     from resu_tensor.kernels import HAS_TRITON
 
     if not HAS_TRITON:
         return None
     from resu_tensor.kernels import quant_triton
 
-    config = getattr(getattr(quant_triton, name), "best_config", None)
-    return None if config is None else str(config)
+    configs = [getattr(kernel, "best_config", None) for kernel in (quant_triton._bytewise_linear_tuned,
+                                                                   quant_triton._linear_tuned)]
+    return next((str(c) for c in configs if c is not None), None)
 
 
 def _nf4_api():

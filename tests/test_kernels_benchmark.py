@@ -57,6 +57,6 @@ def test_layers_benchmark_runs_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
     decode = [r for r in records if r["section"] == "decode" and r.get("mode") == "qresu"]
     assert {r["theta_dtype"] for r in decode} == {"bfloat16", "float32"}
     assert {r["tokens"] for r in decode} == {1, 16}
-    assert {r["path"] for r in decode} == {"library F.linear", "fused small-M kernel",
-                                           "library F.linear, compiled + CUDA graphs"}
+    assert {r["path"] for r in decode} == {"library F.linear", "fused small-M kernel"}
+    assert {r["timing"] for r in decode} == {"eager", "graph"}
     assert "wrote" in capsys.readouterr().out and results["total_s"] >= 0
