@@ -7,37 +7,20 @@ filter (resu_tensor.selective.consistency_filter_) against its CPU run, without 
 Fresh random non-zero data per check; float32 results must be bit-identical (the kernels avoid
 FMA contraction and approximate division), bfloat16 ones too (round to nearest even both ways).
 """
-import json
-import os
-import subprocess
-import sys
-import traceback
-import zlib
-from pathlib import Path
-
 import pytest
 import torch
 
-from test_kernels_triton import _data, _interpreter_works, _triton_importable
+import kernel_checks
+from kernel_checks import package, random_data
 
-REPO = Path(__file__).resolve().parents[1]
 BETA, TAU, DELTA = 0.9, 0.5, 1e-8
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
 
 
-def _package():
-    """Top-level ``kernels`` in the interpreter child (no torchao import), else resu_tensor.kernels."""
-    if "kernels" in sys.modules and __name__ == "__main__":
-        return sys.modules["kernels"]
-    from resu_tensor import kernels
-
-    return kernels
-
-
 def _inputs(numel, grad_dtype, ema_dtype, device):
     """g, and EMAs whose consistency C spreads over [0, 1] so that every outcome occurs."""
-    grad = _data(numel, grad_dtype, device)
-    m = _data(numel, torch.float32, device)
+    grad = random_data(numel, grad_dtype, device)
+    m = random_data(numel, torch.float32, device)
     v = m.abs() + 0.5 * torch.rand(numel, device=device)
     return grad, m.to(ema_dtype), v.to(ema_dtype)
 
@@ -48,7 +31,7 @@ def _kth_largest(x, k):
 
 # --------------------------------------------------------------------------- checks
 def check_selective_kernels(device, big):
-    k = _package()
+    k = package()
     ref, tri = k.selective, k.selective_triton
     for numel in (1, 7, 1237) if not big else (1_000_003,):
         for ema_dtype, grad_dtype in DTYPES:
@@ -76,7 +59,7 @@ def check_selective_kernels(device, big):
 
 
 def check_selective_errors(device, big):
-    k = _package()
+    k = package()
     for impl in (k.selective, k.selective_triton):
         grad, m, v = _inputs(9, torch.float32, torch.float32, device)
         threshold = torch.tensor(0.5, device=device)
@@ -102,7 +85,7 @@ def check_selective_errors(device, big):
 
 def check_selective_custom_ops_trace(device, big):
     """Fake implementations agree with the real ones; torch.compile traces both ops in one graph."""
-    k = _package()
+    k = package()
     tri, ops = k.selective_triton, torch.ops.resu_tensor
     grad, m, v = _inputs(37, torch.float32, torch.bfloat16, device)
     threshold = _kth_largest(grad.abs(), 19)
@@ -128,45 +111,18 @@ def check_selective_custom_ops_trace(device, big):
 CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}
 
 
-# --------------------------------------------------------------------------- interpreter child
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run by the tests with TRITON_INTERPRET=1"
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO))
-    import kernels  # noqa: F401  (top-level import: no torchao, quicker start)
-
-    results = {}
-    for name in CHECKS:
-        torch.manual_seed(zlib.crc32(name.encode()))
-        try:
-            CHECKS[name]("cpu", big=False)
-            results[name] = None
-        except Exception:  # report, keep going
-            results[name] = traceback.format_exc()
-    print("RESULTS " + json.dumps(results))
-    sys.exit(0)
+    kernel_checks.child_main(CHECKS)
 
 
-# --------------------------------------------------------------------------- pytest side
 @pytest.fixture(scope="module")
 def interpreted():
-    """Every check under TRITON_INTERPRET=1 in one child process: name → traceback or None."""
-    if not _triton_importable():
-        pytest.skip("triton is not installed")
-    if not _interpreter_works():
-        pytest.skip("this triton's interpreter cannot run loops with numpy 2; the GPU tests cover the kernels")
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONWARNINGS="ignore")
-    child = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in child.stdout.splitlines() if line.startswith("RESULTS ")]
-    if child.returncode != 0 or not lines:
-        pytest.fail(f"interpreter child failed (exit {child.returncode}):\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return kernel_checks.run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_kernel_on_interpreter(name, interpreted):
-    if interpreted[name] is not None:
-        pytest.fail(f"{name} under TRITON_INTERPRET=1:\n{interpreted[name]}")
+    kernel_checks.assert_passed(name, interpreted)
 
 
 # --------------------------------------------------------------------------- GPU

@@ -10,48 +10,17 @@ kernel table and torch.compile with inductor.
 Every check uses fresh random data (seeded per check), masks with both sides non-empty, and
 asserts that elements outside the selection are bit-identical to what they were.
 """
-import json
-import os
-import subprocess
-import sys
-import traceback
-import zlib
-from pathlib import Path
-
+import kernel_checks
 import pytest
 import torch
+from kernel_checks import package, random_data, random_mask
 
-REPO = Path(__file__).resolve().parents[1]
 SHARDS = 2  # child processes run concurrently (one per core on CI)
-
-
-def _package():
-    """The kernels package: top-level ``kernels`` in the interpreter child (no torchao import),
-    ``resu_tensor.kernels`` in the pytest process."""
-    if "kernels" in sys.modules and __name__ == "__main__":
-        return sys.modules["kernels"]
-    from resu_tensor import kernels
-
-    return kernels
-
-
-def _mask(n, p, device):
-    """A random bool mask with both sides non-empty."""
-    while True:
-        mask = torch.rand(n, device=device) < p
-        if mask.any() and not mask.all():
-            return mask
-
-
-def _data(shape, dtype, device):
-    x = torch.randn(shape, device=device).to(dtype)
-    assert x.abs().sum() > 0
-    return x
 
 
 # --------------------------------------------------------------------------- checks
 def check_pack_unpack(device, big):
-    k = _package()
+    k = package()
     from_ref, triton_ops = k.mask_ops, k.mask_ops_triton
     for numel in ((1, 7, 1237, 2053) if not big else (1, 7, 1_000_003)):
         mask = torch.rand(numel, device=device) < 0.37
@@ -61,16 +30,16 @@ def check_pack_unpack(device, big):
 
 
 def check_gather_scatter_trainable(device, big):
-    k = _package()
+    k = package()
     ref, tri = k.mask_ops, k.mask_ops_triton
     shapes = [(37, 41), (3, 5)] if not big else [(1001, 1537)]
     for shape in shapes:
         for dtype in (torch.float32, torch.bfloat16):
-            values = _data(shape, dtype, device)
-            mask = _mask(values.numel(), 0.41, device)
+            values = random_data(shape, dtype, device)
+            mask = random_mask(values.numel(), 0.41, device)
             assert torch.equal(tri.gather_trainable(values, mask), ref.gather_trainable(values, mask))
             assert torch.equal(tri.gather_trainable(values.t(), mask), ref.gather_trainable(values.t(), mask))
-            compact = _data(int(mask.sum()), torch.float32, device)
+            compact = random_data(int(mask.sum()), torch.float32, device)
             ours, theirs = values.clone(), values.clone()
             assert tri.scatter_trainable_(ours, mask, compact) is ours
             ref.scatter_trainable_(theirs, mask, compact)
@@ -81,11 +50,11 @@ def check_gather_scatter_trainable(device, big):
 
 
 def check_bitmap_gather_scatter(device, big):
-    k = _package()
+    k = package()
     ref, tri = k.mask_ops, k.mask_ops_triton
     shape = (37, 41) if not big else (1003, 4099)
-    values = _data(shape, torch.bfloat16, device)
-    mask = _mask(values.numel(), 0.55, device)
+    values = random_data(shape, torch.bfloat16, device)
+    mask = random_mask(values.numel(), 0.55, device)
     bitmap = ref.pack_bitmap(mask)
     for block_size in (1024, 300) if not big else (5120, 1000):
         prefix = ref.block_prefix_counts(mask, block_size)
@@ -97,7 +66,7 @@ def check_bitmap_gather_scatter(device, big):
             if invert:  # the fused cast to another dtype
                 wide = tri.gather_bitmap(values, bitmap, prefix, block_size, invert, count, torch.float32)
                 assert torch.equal(wide, expected.float())
-            compact = _data(count, torch.float32, device)
+            compact = random_data(count, torch.float32, device)
             ours, theirs = values.clone(), values.clone()
             assert tri.scatter_by_bitmap_(ours, bitmap, prefix, block_size, invert, compact) is ours
             ref.scatter_by_bitmap_(theirs, bitmap, prefix, block_size, invert, compact)
@@ -106,18 +75,18 @@ def check_bitmap_gather_scatter(device, big):
 
 
 def check_adam_by_bitmap(device, big):
-    k = _package()
+    k = package()
     ref, tri, masks = k.optim, k.optim_triton, k.mask_ops
     shape = (37, 41) if not big else (1003, 4099)
     for dtype, block_size, invert, decoupled, maximize in [(torch.float32, 300, True, True, False),
                                                            (torch.bfloat16, 1024, False, False, True)]:
-        values = _data(shape, dtype, device)
-        mask = _mask(values.numel(), 0.55, device)
+        values = random_data(shape, dtype, device)
+        mask = random_mask(values.numel(), 0.55, device)
         bitmap, prefix = masks.pack_bitmap(mask), masks.block_prefix_counts(mask, block_size)
         selected = ~mask if invert else mask
         count = int(selected.sum())
-        grad, step = _data(count, dtype, device), torch.tensor(3.0, device=device)
-        moments = [_data(count, dtype, device), _data(count, dtype, device).abs()]
+        grad, step = random_data(count, dtype, device), torch.tensor(3.0, device=device)
+        moments = [random_data(count, dtype, device), random_data(count, dtype, device).abs()]
         hyper = (step, 0.01, 0.9, 0.999, 0.1, 1e-8, decoupled, maximize)
         ours, theirs = values.clone(), values.clone()
         ours_m, theirs_m = [m.clone() for m in moments], [m.clone() for m in moments]
@@ -132,10 +101,10 @@ def check_adam_by_bitmap(device, big):
 
 
 def check_tile_prefix(device, big):
-    k = _package()
+    k = package()
     ref, tri = k.mask_ops, k.mask_ops_triton
     rows, cols = (13, 45) if not big else (1001, 4099)
-    bitmap = ref.pack_bitmap(_mask(rows * cols, 0.3, device))
+    bitmap = ref.pack_bitmap(random_mask(rows * cols, 0.3, device))
     for tile in (16, k.PREFIX_TILE) if not big else (128, 512):
         for invert in (False, True):
             expected = ref.bitmap_tile_prefix(bitmap, rows, cols, tile, invert)
@@ -155,13 +124,13 @@ def _tolerance(dtype):
 
 
 def check_compact_weight_grad(device, big):
-    k = _package()
+    k = package()
     ref, tri = k.weight_grad, k.weight_grad_triton
     dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
     for i, (tokens, rows, cols) in enumerate(_grad_cases(big)):
         for in_dtype, out_dtype in dtypes if big or i == 0 else dtypes[1:2]:
-            a, b = _data((tokens, rows), in_dtype, device), _data((tokens, cols), in_dtype, device)
-            mask = _mask(rows * cols, 0.45, device)
+            a, b = random_data((tokens, rows), in_dtype, device), random_data((tokens, cols), in_dtype, device)
+            mask = random_mask(rows * cols, 0.45, device)
             expected = ref.compact_weight_grad(a, b, mask, out_dtype)
             # dense_gather uses the reference's own matmul: identical to the last bit
             assert torch.equal(tri.compact_weight_grad_dense_gather(a, b, mask, out_dtype), expected)
@@ -175,11 +144,11 @@ def check_compact_weight_grad(device, big):
 
 
 def check_compact_weight_grad_bitmap(device, big):
-    k = _package()
+    k = package()
     ref, masks, tri = k.weight_grad, k.mask_ops, k.weight_grad_triton
     for tokens, rows, cols in _grad_cases(big):
-        a, b = _data((tokens, rows), torch.bfloat16, device), _data((tokens, cols), torch.bfloat16, device)
-        mask = _mask(rows * cols, 0.6, device)
+        a, b = random_data((tokens, rows), torch.bfloat16, device), random_data((tokens, cols), torch.bfloat16, device)
+        mask = random_mask(rows * cols, 0.6, device)
         bitmap = masks.pack_bitmap(mask)
         block_size = 1024 * max(1, -(-cols // 1024))
         prefix = masks.block_prefix_counts(mask, block_size)
@@ -200,16 +169,16 @@ def check_compact_weight_grad_bitmap(device, big):
 
 
 def _qresu_weight(rows, cols, bits, group_size, sparsity, theta_dtype, device):
-    k = _package()
+    k = package()
     quant, masks = k.quant, k.mask_ops
     weight = torch.randn(rows, cols, device=device)
-    keep = _mask(rows * cols, 1 - sparsity, device).view(rows, cols)
+    keep = random_mask(rows * cols, 1 - sparsity, device).view(rows, cols)
     codes, scale, offset = quant.quantize_groupwise(weight, keep, bits, group_size)
     qdata = quant.pack_4bit(codes) if bits == 4 else codes
     bitmap = masks.pack_bitmap(keep.view(-1))
     block_size = 1024 * max(1, -(-cols // 1024))
     prefix = masks.block_prefix_counts(keep.view(-1), block_size)
-    theta = _data(int((~keep).sum()), theta_dtype, device)
+    theta = random_data(int((~keep).sum()), theta_dtype, device)
     return dict(qdata=qdata, qscale=scale, qoffset=offset, bits=bits, group_size=group_size, cols=cols,
                 bitmap=bitmap, block_prefix=prefix, block_size=block_size, theta=theta), keep
 
@@ -221,7 +190,7 @@ def _qresu_cases(big):
 
 
 def check_qresu_effective_weight(device, big):
-    k = _package()
+    k = package()
     quant, tri = k.quant, k.quant_triton
     for rows, cols, bits, group_size in _qresu_cases(big):
         for theta_dtype, dtype in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
@@ -236,7 +205,7 @@ def check_qresu_effective_weight(device, big):
 
 
 def _qresu_matmul(device, big, grad_input):
-    k = _package()
+    k = package()
     quant, tri = k.quant, k.quant_triton
     ref_fn = quant.qresu_grad_input_small_m if grad_input else quant.qresu_linear_small_m
     tri_fn = tri.grad_input_small_m if grad_input else tri.linear_small_m
@@ -246,7 +215,7 @@ def _qresu_matmul(device, big, grad_input):
         # (tokens, dtype, θ dtype): every combination on the GPU, one per weight on the interpreter
         for m, dtype, theta_dtype in combos if big else combos[i:i + 1] + combos[3:] * (i > 0):
             w, _ = _qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
-            x = _data((m, rows if grad_input else cols), dtype, device)
+            x = random_data((m, rows if grad_input else cols), dtype, device)
             expected = ref_fn(x, **w)
             # forward: the element-wise kernel (BLOCK_K) always, the bytewise one (BLOCK_G) on whole-byte rows
             forward = [dict(BLOCK_N=16, BLOCK_K=k.PREFIX_TILE)] + [dict(BLOCK_N=16, BLOCK_G=k.PREFIX_TILE // 8)] * (
@@ -267,7 +236,7 @@ def _qresu_matmul(device, big, grad_input):
                 torch.testing.assert_close(tri_fn(x, **w, tile_prefix=cached), expected, **_tolerance(dtype))
     # more than SMALL_M tokens: W_eff kernel + matmul
     w, _ = _qresu_weight(9, 21, 4, 8, 0.5, torch.float32, device)
-    x = _data((tri.SMALL_M + 1, 9 if grad_input else 21), torch.float32, device)
+    x = random_data((tri.SMALL_M + 1, 9 if grad_input else 21), torch.float32, device)
     torch.testing.assert_close(tri_fn(x, **w), ref_fn(x, **w), rtol=1e-4, atol=1e-4)
 
 
@@ -282,14 +251,14 @@ def check_qresu_grad_input_small_m(device, big):
 def check_custom_ops_trace(device, big):
     """The custom ops' fake implementations agree with the real ones (torch.library.opcheck), and
     torch.compile traces the table functions into one graph (aot_eager: no codegen needed)."""
-    k = _package()
+    k = package()
     ops = torch.ops.resu_tensor
-    values = _data((9, 13), torch.float32, device)
-    mask = _mask(values.numel(), 0.5, device)
+    values = random_data((9, 13), torch.float32, device)
+    mask = random_mask(values.numel(), 0.5, device)
     bitmap = k.mask_ops.pack_bitmap(mask)
     prefix = k.mask_ops.block_prefix_counts(mask, 64)
     count = int(mask.sum())
-    a, b = _data((7, 9), torch.float32, device), _data((7, 13), torch.float32, device)
+    a, b = random_data((7, 9), torch.float32, device), random_data((7, 13), torch.float32, device)
     w, _ = _qresu_weight(9, 16, 4, 8, 0.5, torch.float32, device)
     qresu_args = (w["qdata"], w["qscale"], w["qoffset"], 4, 8, 16)
     tests = ("test_schema", "test_faketensor")
@@ -297,12 +266,12 @@ def check_custom_ops_trace(device, big):
         (ops.pack_bitmap, (mask,)),
         (ops.unpack_bitmap, (bitmap, mask.numel())),
         (ops.gather_by_bitmap, (values, bitmap, prefix, 64, True, mask.numel() - count)),
-        (ops.scatter_by_bitmap_, (values.clone(), bitmap, prefix, 64, False, _data(count, torch.float32, device))),
+        (ops.scatter_by_bitmap_, (values.clone(), bitmap, prefix, 64, False, random_data(count, torch.float32, device))),
         (ops.bitmap_tile_prefix, (bitmap, 9, 13, 16, True)),
         (ops.compact_weight_grad_bitmap_fused, (a, b, bitmap, prefix, 64, False, count, torch.float32)),
         (ops.qresu_effective_weight, (*qresu_args, torch.float32, w["bitmap"], w["block_prefix"], w["block_size"],
                                       w["theta"])),
-        (ops.qresu_linear_small_m, (_data((3, 16), torch.float32, device), *qresu_args, w["bitmap"],
+        (ops.qresu_linear_small_m, (random_data((3, 16), torch.float32, device), *qresu_args, w["bitmap"],
                                     w["block_prefix"], w["block_size"], w["theta"])),
     ]:
         torch.library.opcheck(op, args, test_utils=tests)
@@ -321,74 +290,18 @@ def check_custom_ops_trace(device, big):
 CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}
 
 
-# --------------------------------------------------------------------------- interpreter child
-def _run_checks(names):
-    results = {}
-    for name in names:
-        torch.manual_seed(zlib.crc32(name.encode()))
-        try:
-            CHECKS[name]("cpu", big=False)
-            results[name] = None
-        except Exception:  # report, keep going
-            results[name] = traceback.format_exc()
-    return results
-
-
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run by the tests with TRITON_INTERPRET=1"
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO))
-    import kernels  # noqa: F401,F811  (top-level import: no torchao, quicker start)
-
-    shard, count = (int(part) for part in sys.argv[1].split("/"))
-    names = sorted(CHECKS)[shard::count]
-    print("RESULTS " + json.dumps(_run_checks(names)))
-    sys.exit(0)
-
-
-# --------------------------------------------------------------------------- pytest side
-def _triton_importable() -> bool:
-    from resu_tensor import kernels
-
-    return kernels.HAS_TRITON
+    kernel_checks.child_main(CHECKS)
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """Run every check under TRITON_INTERPRET=1 in SHARDS concurrent children; name → traceback."""
-    if not _triton_importable():
-        pytest.skip("triton is not installed")
-    if not _interpreter_works():
-        pytest.skip("this triton's interpreter cannot run loops with numpy 2; the GPU tests cover the kernels")
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONWARNINGS="ignore")
-    children = [subprocess.Popen([sys.executable, __file__, f"{i}/{SHARDS}"], cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(SHARDS)]
-    results, failures = {}, []
-    for child in children:
-        out, err = child.communicate(timeout=600)
-        lines = [line for line in out.splitlines() if line.startswith("RESULTS ")]
-        if child.returncode != 0 or not lines:
-            failures.append(f"exit {child.returncode}\n{out[-3000:]}\n{err[-3000:]}")
-            continue
-        results.update(json.loads(lines[-1][len("RESULTS "):]))
-    return results, failures
-
-
-def _interpreter_works() -> bool:
-    """Triton < 3.7's interpreter breaks in loops with numpy 2 ("only 0-dimensional arrays can be
-    converted to Python scalars", seen with triton 3.6 on the GPU machine); CI has a newer triton."""
-    import triton
-
-    return tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7)
+    return kernel_checks.run_interpreted(__file__, SHARDS)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_kernel_on_interpreter(name, interpreted):
-    results, failures = interpreted
-    if name not in results:
-        pytest.fail("interpreter child failed:\n" + "\n".join(failures))
-    if results[name] is not None:
-        pytest.fail(f"{name} under TRITON_INTERPRET=1:\n{results[name]}")
+    kernel_checks.assert_passed(name, interpreted)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -411,8 +324,8 @@ def test_table_dispatches_cuda_tensors_to_triton():
                  "scatter_by_bitmap_", "bitmap_tile_prefix", "compact_weight_grad", "compact_weight_grad_bitmap",
                  "qresu_effective_weight", "qresu_linear_small_m", "qresu_grad_input_small_m"):
         assert kernels.implementation(name, "cuda") is not kernels.implementation(name, "cpu"), name
-    mask = _mask(10_001, 0.3, "cuda")
-    values = _data(10_001, torch.bfloat16, "cuda")
+    mask = random_mask(10_001, 0.3, "cuda")
+    values = random_data(10_001, torch.bfloat16, "cuda")
     assert torch.equal(kernels.gather_trainable(values, mask), values[mask])
     from resu_tensor.kernels._triton_support import FALLEN_BACK
 
@@ -425,13 +338,13 @@ def test_inductor_compiles_the_custom_ops():
     from resu_tensor import kernels
 
     rows, cols = 257, 515
-    mask = _mask(rows * cols, 0.5, "cuda")
+    mask = random_mask(rows * cols, 0.5, "cuda")
     bitmap = kernels.pack_bitmap(mask)
     block_size = 1024
     prefix = kernels.block_prefix_counts(mask, block_size)
     count = int((~mask).sum())
-    a, b = _data((300, rows), torch.bfloat16, "cuda"), _data((300, cols), torch.bfloat16, "cuda")
-    values = _data((rows, cols), torch.float32, "cuda")
+    a, b = random_data((300, rows), torch.bfloat16, "cuda"), random_data((300, cols), torch.bfloat16, "cuda")
+    values = random_data((rows, cols), torch.float32, "cuda")
 
     def step(values, a, b):
         grad = kernels.compact_weight_grad_bitmap(a, b, bitmap, prefix, block_size, True, count, torch.float32)

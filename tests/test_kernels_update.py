@@ -7,32 +7,15 @@ same checks compiled on larger ones. Every check uses fresh random non-zero data
 sides and a block size that is not a multiple of the kernel's chunk, and asserts that elements
 outside the selection are bit-identical to what they were.
 """
-import json
-import os
-import subprocess
-import sys
-import traceback
-import zlib
-from pathlib import Path
-
 import pytest
 import torch
 
-from test_kernels_triton import _data, _interpreter_works, _mask, _triton_importable
+import kernel_checks
+from kernel_checks import package, random_data, random_mask
 
-REPO = Path(__file__).resolve().parents[1]
 # (op, scalar, number of compact operands); lerp twice: aten takes another formula for |weight| ≥ 0.5
 CASES = [("mul_scalar", 0.93, 0), ("mul", 1.0, 1), ("add", -0.37, 1), ("addcmul", 0.61, 2),
          ("addcdiv", -0.013, 2), ("lerp", 0.1, 1), ("lerp", 0.75, 1), ("copy", 1.0, 1)]
-
-
-def _package():
-    """Top-level ``kernels`` in the interpreter child, ``resu_tensor.kernels`` in pytest."""
-    if "kernels" in sys.modules and __name__ == "__main__":
-        return sys.modules["kernels"]
-    from resu_tensor import kernels
-
-    return kernels
 
 
 def _assert_matches(ours, expected, dtype):
@@ -44,12 +27,12 @@ def _assert_matches(ours, expected, dtype):
 
 # --------------------------------------------------------------------------- checks
 def check_update_by_bitmap(device, big):
-    k = _package()
+    k = package()
     ref, tri = k.mask_ops, k.update_triton
     shape = (37, 41) if not big else (1003, 4099)
     for dtype in (torch.float32, torch.bfloat16):
-        values = _data(shape, dtype, device)
-        mask = _mask(values.numel(), 0.55, device)
+        values = random_data(shape, dtype, device)
+        mask = random_mask(values.numel(), 0.55, device)
         bitmap = ref.pack_bitmap(mask)
         for block_size in (300, 1500) if not big else (5120, 1000):  # chunks 512 and 1024: a partial last one
             prefix = ref.block_prefix_counts(mask, block_size)
@@ -59,7 +42,7 @@ def check_update_by_bitmap(device, big):
                 for i, (op, scalar, n_operands) in enumerate(CASES):
                     mixed = i % 2 and op != "lerp"  # bf16 weights with float32 operands too (not lerp: aten refuses)
                     operand_dtype = torch.float32 if mixed else dtype
-                    operands = [_data(count, operand_dtype, device) for _ in range(n_operands)]
+                    operands = [random_data(count, operand_dtype, device) for _ in range(n_operands)]
                     if op == "addcdiv":  # Adam's denominators: positive, away from zero
                         operands[1] = operands[1].abs() + 0.1
                     tensors = operands + [None] * (2 - n_operands)
@@ -74,11 +57,11 @@ def check_update_by_bitmap(device, big):
 
 def check_update_custom_op_traces(device, big):
     """The custom op's fake implementation agrees with the real one, and torch.compile traces it."""
-    k = _package()
-    values = _data((9, 13), torch.float32, device)
-    mask = _mask(values.numel(), 0.5, device)
+    k = package()
+    values = random_data((9, 13), torch.float32, device)
+    mask = random_mask(values.numel(), 0.5, device)
     bitmap, prefix = k.mask_ops.pack_bitmap(mask), k.mask_ops.block_prefix_counts(mask, 64)
-    t1, t2 = _data(int(mask.sum()), torch.float32, device), _data(int(mask.sum()), torch.float32, device).abs() + 1
+    t1, t2 = random_data(int(mask.sum()), torch.float32, device), random_data(int(mask.sum()), torch.float32, device).abs() + 1
     op = torch.ops.resu_tensor.update_by_bitmap_
     for args in [(values.clone(), bitmap, prefix, 64, False, "addcdiv", t1, t2, -0.5),
                  (values.clone(), bitmap, prefix, 64, False, "mul_scalar", None, None, 0.5)]:
@@ -97,43 +80,18 @@ def check_update_custom_op_traces(device, big):
 CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}
 
 
-# --------------------------------------------------------------------------- interpreter child
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run by the tests with TRITON_INTERPRET=1"
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO))
-    import kernels  # noqa: F401  (top-level import: no torchao, quicker start)
-
-    results = {}
-    for name in sorted(CHECKS):
-        torch.manual_seed(zlib.crc32(name.encode()))
-        try:
-            CHECKS[name]("cpu", big=False)
-            results[name] = None
-        except Exception:  # report, keep going
-            results[name] = traceback.format_exc()
-    print("RESULTS " + json.dumps(results))
-    sys.exit(0)
+    kernel_checks.child_main(CHECKS)
 
 
-# --------------------------------------------------------------------------- pytest side
 @pytest.fixture(scope="module")
 def interpreted():
-    if not _triton_importable():
-        pytest.skip("triton is not installed")
-    if not _interpreter_works():
-        pytest.skip("this triton's interpreter cannot run loops with numpy 2; the GPU tests cover the kernel")
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", PYTHONWARNINGS="ignore")
-    child = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in child.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert child.returncode == 0 and lines, f"exit {child.returncode}\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return kernel_checks.run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_kernel_on_interpreter(name, interpreted):
-    if interpreted[name] is not None:
-        pytest.fail(f"{name} under TRITON_INTERPRET=1:\n{interpreted[name]}")
+    kernel_checks.assert_passed(name, interpreted)
 
 
 def test_reference_refuses_bad_input():
@@ -180,8 +138,8 @@ def test_table_dispatches_update_to_triton():
     from resu_tensor.kernels._triton_support import FALLEN_BACK
 
     assert kernels.implementation("update_by_bitmap_", "cuda") is kernels.update_triton.update_by_bitmap_
-    values = _data((257, 515), torch.bfloat16, "cuda")
-    mask = _mask(values.numel(), 0.5, "cuda")
+    values = random_data((257, 515), torch.bfloat16, "cuda")
+    mask = random_mask(values.numel(), 0.5, "cuda")
     bitmap, prefix = kernels.pack_bitmap(mask), kernels.block_prefix_counts(mask, 1024)
     ours = kernels.update_by_bitmap_(values.clone(), bitmap, prefix, 1024, False, "mul_scalar", None, None, 0.5)
     assert torch.equal(ours.view(-1)[mask], values.view(-1)[mask] * 0.5)
