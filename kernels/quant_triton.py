@@ -66,6 +66,18 @@ def _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, k0
     return tl.where(active, code.to(tl.float32) * scale + offset, theta), tl.sum(pruned, axis=1)
 
 
+@triton.jit
+def _accumulate(acc, x, w, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc (BLOCK_M, N) + x (BLOCK_M, K) @ w (N, K)ᵀ; one token (BLOCK_M == 1) is a GEMV:
+    multiply-and-sum on the CUDA cores instead of a tl.dot padded to 16 rows."""
+    if BLOCK_M == 1:
+        return acc + tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+    elif UPCAST:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block_prefix_ptr, theta_ptr, out_ptr,
@@ -101,8 +113,7 @@ def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_pre
                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[split, :, rn] = x[:, cols of split] @ W_eff[rn, cols of split]ᵀ, a split being ``span``
     columns (a multiple of BLOCK_K and TILE); grid (⌈rows/BLOCK_N⌉, splits). Each program walks
-    its rows left to right keeping their θ index, so the prefix table is read once per split.
-    One token (BLOCK_M == 1) is a GEMV: multiply-and-sum on the CUDA cores, no padded tl.dot."""
+    its rows left to right keeping their θ index, so the prefix table is read once per split."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -119,13 +130,7 @@ def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_pre
                                  rows, cols, q_stride, n_groups, group_size, n_theta, BITS, GROUP_ALIGNED,
                                  BLOCK_N, BLOCK_K)
         running += pruned
-        w = cast_to(w, x_ptr.dtype.element_ty)
-        if BLOCK_M == 1:
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-        elif UPCAST:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        acc = _accumulate(acc, x, cast_to(w, x_ptr.dtype.element_ty), PRECISION, UPCAST, BLOCK_M)
     tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :],
              cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rn[None, :] < rows))
 
@@ -182,15 +187,9 @@ def _bytewise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
             theta = tl.load(theta_ptr + position, mask=ok & (bit == 0) & (position < n_theta), other=0.0)
             position += 1 - bit
             w = tl.where(bit != 0, code.to(tl.float32) * scale + offset, theta.to(tl.float32))
-            w = cast_to(w, x_ptr.dtype.element_ty)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (8 * g[None, :] + j) * stride_xk,
                         mask=(rm[:, None] < m) & (g[None, :] < last // 8), other=0.0)
-            if BLOCK_M == 1:
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-            elif UPCAST:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            acc = _accumulate(acc, x, cast_to(w, x_ptr.dtype.element_ty), PRECISION, UPCAST, BLOCK_M)
     tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :],
              cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rn[None, :] < rows))
 
