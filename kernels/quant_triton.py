@@ -67,15 +67,36 @@ def _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, k0
 
 
 @triton.jit
-def _accumulate(acc, x, w, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
-    """acc (BLOCK_M, N) + x (BLOCK_M, K) @ w (N, K)ᵀ; one token (BLOCK_M == 1) is a GEMV:
-    multiply-and-sum on the CUDA cores instead of a tl.dot padded to 16 rows."""
+def _accumulator(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Zeros for :func:`_accumulate`: (BLOCK_N, BLOCK_K) products for one token, else
+    (BLOCK_M, BLOCK_N)."""
     if BLOCK_M == 1:
-        return acc + tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        return tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+@triton.jit
+def _accumulate(acc, x, w, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc += x (BLOCK_M, K) @ w (N, K)ᵀ. One token (BLOCK_M == 1) is a GEMV: the products pile
+    up element-wise on the CUDA cores and are summed once, in :func:`_accumulated` (a sum per
+    step was a cross-lane shuffle reduction for every K chunk), instead of a tl.dot padded to
+    16 rows."""
+    if BLOCK_M == 1:
+        return acc + w.to(tl.float32) * x.to(tl.float32)
     elif UPCAST:
         return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
     else:
         return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _accumulated(acc, BLOCK_M: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) result of an :func:`_accumulator` filled by :func:`_accumulate`."""
+    if BLOCK_M == 1:
+        return tl.sum(acc, axis=1)[None, :]
+    else:
+        return acc
 
 
 # --------------------------------------------------------------------------- kernels
@@ -121,7 +142,7 @@ def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_pre
     first = split * span
     last = tl.minimum(first + span, cols)
     running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=rn < rows, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulator(BLOCK_M, BLOCK_N, BLOCK_K)
     for k0 in range(first, last, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
@@ -132,7 +153,8 @@ def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_pre
         running += pruned
         acc = _accumulate(acc, x, cast_to(w, x_ptr.dtype.element_ty), PRECISION, UPCAST, BLOCK_M)
     tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :],
-             cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rn[None, :] < rows))
+             cast_to(_accumulated(acc, BLOCK_M), out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < m) & (rn[None, :] < rows))
 
 
 @triton.jit
@@ -161,7 +183,7 @@ def _bytewise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
     first = split * span
     last = tl.minimum(first + span, cols)
     running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=row_ok, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulator(BLOCK_M, BLOCK_N, BLOCK_G)
     for k0 in range(first, last, 8 * BLOCK_G):
         g = k0 // 8 + tl.arange(0, BLOCK_G)  # byte column within the row
         ok = row_ok[:, None] & (g[None, :] < last // 8)
@@ -191,7 +213,8 @@ def _bytewise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
                         mask=(rm[:, None] < m) & (g[None, :] < last // 8), other=0.0)
             acc = _accumulate(acc, x, cast_to(w, x_ptr.dtype.element_ty), PRECISION, UPCAST, BLOCK_M)
     tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :],
-             cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rn[None, :] < rows))
+             cast_to(_accumulated(acc, BLOCK_M), out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < m) & (rn[None, :] < rows))
 
 
 @triton.jit
@@ -263,12 +286,12 @@ def _configs(tiles, width: str, interpreted: tuple):
     return [triton.Config({"BLOCK_N": n, width: k}, num_warps=w, num_stages=2) for n, k, w in tiles]
 
 
-# Tuned per shape on the GPU. One token is a memory-bound GEMV: narrow row blocks with long K
-# chunks keep many bytes in flight per program. More tokens: tiles for tl.dot (BLOCK_N ≥ 16).
-# Bytewise kernel: BLOCK_G bytes = 8·BLOCK_G columns per row and step.
+# Tuned per shape on the GPU: GEMV tiles for one token (narrow row blocks, long K chunks), tiles
+# for tl.dot (BLOCK_N ≥ 16) for more. Bytewise kernel: BLOCK_G bytes = 8·BLOCK_G columns per step.
 _BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 32, 4)],
                               "BLOCK_G", (16, PREFIX_TILE // 8, 4)),
-             "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G", (16, PREFIX_TILE // 8, 4))}
+             "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G",
+                             (16, PREFIX_TILE // 8, 4))}
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
 _GRAD_INPUT = _configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))
