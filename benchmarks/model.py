@@ -20,8 +20,9 @@ Variants, each a fresh model and optimizer, measured side by side in one process
 
 Per variant: median step time (forward + backward + ``optimizer.step()`` + ``zero_grad()``;
 ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU) and its ratio to ``plain``,
-tokens/s, peak memory of one step (``torch.cuda.max_memory_allocated``, stats reset just before)
-and its ratio, first/last loss, and a check that no frozen coordinate moved over the whole run
+tokens/s, on CUDA the GPU kernel time per step (torch.profiler over ``--profile-steps`` steps: what
+the step would take if the host never made the GPU wait) and its ratio, peak memory of one step
+(``torch.cuda.max_memory_allocated``, stats reset just before) and its ratio, first/last loss, and a check that no frozen coordinate moved over the whole run
 (``frozen_changed`` = how many frozen coordinates differ bitwise from their initial value; must
 be 0). Every variant runs in its own try/except: a failure is an ``error`` in the JSON.
 
@@ -200,6 +201,21 @@ def time_step(step, device: torch.device, warmup: int, steps: int) -> dict:
     return figures
 
 
+def gpu_kernel_ms(step, steps: int) -> float:
+    """GPU kernel time per step (ms): the kernels' own device time summed over ``steps`` profiled
+    steps (torch.profiler), idle gaps between them excluded. Against ``step_ms`` it splits a step
+    into GPU work and the host time that the GPU waits for."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    return kernels_us / steps / 1e3
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -223,6 +239,8 @@ def measure_variant(variant: str, args, config: GPTConfig, device: torch.device,
     losses = []
     step = make_step(model, optimizer, x, y, args.bf16, losses)
     record.update(time_step(step, device, args.warmup, args.steps))
+    if device.type == "cuda" and args.profile_steps:
+        record["gpu_kernel_ms"] = gpu_kernel_ms(step, args.profile_steps)
     record.update(steps_taken=len(losses), loss_first=losses[0].item(), loss_last=losses[-1].item(),
                   tokens_per_s=args.batch * config.seq / (record["step_ms"] / 1e3))
     if before is not None:
@@ -252,6 +270,8 @@ def add_ratios(records: list) -> None:
             r["vs_plain"] = r["step_ms"] / base["step_ms"]
         if "peak_bytes" in r and "peak_bytes" in base:
             r["peak_vs_plain"] = r["peak_bytes"] / base["peak_bytes"]
+        if "gpu_kernel_ms" in r and "gpu_kernel_ms" in base:
+            r["gpu_kernel_vs_plain"] = r["gpu_kernel_ms"] / base["gpu_kernel_ms"]
 
 
 # --------------------------------------------------------------------------- entry points
@@ -321,8 +341,8 @@ def run(args, on_variant=None) -> dict:
 
 
 def print_table(records) -> None:
-    print(f"\n{'variant':22s} {'step ms':>9s} {'×plain':>7s} {'tokens/s':>11s} {'peak MiB':>9s} {'×plain':>7s} "
-          f"{'loss':>7s} {'frozen moved':>12s}")
+    print(f"\n{'variant':22s} {'step ms':>9s} {'×plain':>7s} {'GPU ms':>7s} {'×plain':>7s} {'tokens/s':>11s} "
+          f"{'peak MiB':>9s} {'×plain':>7s} {'loss':>7s} {'frozen moved':>12s}")
     for r in records:
         if "error" in r:
             print(f"{r['label']:22s} ERROR {r['error'][:150]}")
@@ -331,8 +351,10 @@ def print_table(records) -> None:
         peak_ratio = f"{r['peak_vs_plain']:7.3f}" if "peak_vs_plain" in r else f"{'-':>7s}"
         ratio = f"{r['vs_plain']:7.2f}" if "vs_plain" in r else f"{'-':>7s}"
         frozen = f"{r['frozen_changed']}/{r['frozen_coordinates']}" if "frozen_changed" in r else "-"
-        print(f"{r['label']:22s} {r['step_ms']:9.2f} {ratio} {r['tokens_per_s']:11,.0f} {peak} {peak_ratio} "
-              f"{r['loss_last']:7.3f} {frozen:>12s}")
+        gpu = f"{r['gpu_kernel_ms']:7.2f}" if "gpu_kernel_ms" in r else f"{'-':>7s}"
+        gpu_ratio = f"{r['gpu_kernel_vs_plain']:7.2f}" if "gpu_kernel_vs_plain" in r else f"{'-':>7s}"
+        print(f"{r['label']:22s} {r['step_ms']:9.2f} {ratio} {gpu} {gpu_ratio} {r['tokens_per_s']:11,.0f} {peak} "
+              f"{peak_ratio} {r['loss_last']:7.3f} {frozen:>12s}")
 
 
 def run_ddp(args) -> dict:
@@ -402,6 +424,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (do_bench: about this many)")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for every variant")
+    parser.add_argument("--profile-steps", type=int, default=3,
+                        help="CUDA: steps profiled for the GPU kernel time per step (0: skip)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 compute (default bf16 autocast)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the frozen-coordinate check (a CPU copy of every ResuTensor weight)")
