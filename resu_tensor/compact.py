@@ -27,7 +27,23 @@ class NoDynamoFrames:
         return super().__tensor_flatten__()
 
 
-class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
+_PROPERTY_ACCESS = type(torch.Tensor.grad.__get__)  # what __torch_function__ gets for .grad, .shape, ...
+
+
+class FastPropertyAccess:
+    """Tensor properties (``.grad``, ``.shape``, ``.requires_grad``, ...) skip the op table: the
+    optimizers and hooks read them about 15 times per parameter per step, the table never holds
+    them, and the table lookup nearly doubled the cost of each read (host time of small layers)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if type(func) is _PROPERTY_ACCESS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class CompactTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
     """Logical shape (out, in); stores only the trainable coordinates of one ResuTensor, flat,
     in row-major order of the weight's storage.
 

@@ -198,7 +198,8 @@ def stale_parameters(optimizer: torch.optim.Optimizer) -> list[ResuTensor]:
 def _is_stale(value, param: ResuTensor) -> bool:
     if isinstance(value, CompactTensor):
         return value.trainable_key != param.trainable_key
-    return isinstance(value, torch.Tensor) and value.shape == param.shape
+    # dim() first: the step counters are 0-d, and param.shape costs a __torch_function__ call
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == param.shape
 
 
 def _refuse_stale_state(optimizer, args, kwargs) -> None:

@@ -160,11 +160,13 @@ def _prepare_resu_gradients(optimizer, args, kwargs) -> None:
     filter, on every ResuTensor parameter that asks for either."""
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if not isinstance(param, ResuTensor) or not isinstance(param.grad, CompactTensor):
+            # plain attributes first: reading .grad costs a __torch_function__ call per parameter
+            if not isinstance(param, ResuTensor) or (param.grad_abs_sum is None and param.selective is None):
                 continue
-            if param.grad.trainable_key != param.trainable_key:
-                continue  # stale: the stale-state check reports it
-            flat = param.grad.flat
+            grad = param.grad
+            if not isinstance(grad, CompactTensor) or grad.trainable_key != param.trainable_key:
+                continue  # no gradient, or stale: the stale-state check reports it
+            flat = grad.flat
             if param.grad_abs_sum is not None:
                 param.grad_abs_sum.add_(flat.abs().float())
             if param.selective is not None:

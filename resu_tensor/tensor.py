@@ -8,7 +8,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torchao.utils import TorchAOBaseTensor
 
 from resu_tensor import kernels
-from resu_tensor.compact import CompactTensor, NoDynamoFrames
+from resu_tensor.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames
 from resu_tensor.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes, prefix_block_size
 from resu_tensor.mode import Mode
 
@@ -44,7 +44,7 @@ def is_traced(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
-class ResuTensor(NoDynamoFrames, TorchAOBaseTensor):
+class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
     """A weight (out, in) that knows its mask, its mode and which coordinates train.
 
     DENSE, SPARSE and RESU store ``values`` dense with θ in place at pruned slots, so the
