@@ -484,7 +484,16 @@ def print_table(records) -> None:
             print(f"{'':9s}   {r['error'][:150]}")
 
 
-SECTIONS = ("train", "small", "small_compiled", "decode", "nf4", "kernels")
+# name → what it measures, given the Bench and the measured matmul rate (--sections picks by name)
+SECTIONS = {
+    "train": lambda bench, rate: measure_training(bench, rate, TOKENS, SHAPES, SPARSITIES, "train"),
+    "small": lambda bench, rate: measure_training(bench, rate, SMALL[0], [SMALL[1:]], [0.5], "small",
+                                                  fused_grad=False),
+    "small_compiled": lambda bench, rate: measure_small_compiled(bench),
+    "decode": lambda bench, rate: measure_decode(bench),
+    "nf4": lambda bench, rate: measure_nf4(bench),
+    "kernels": lambda bench, rate: measure_kernels(bench),
+}
 
 
 def run(quick: bool = False, only=()) -> dict:
@@ -502,17 +511,11 @@ def run(quick: bool = False, only=()) -> dict:
               "kernels_have_triton": kernels.HAS_TRITON, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"{header['device']}  torch {header['torch']}  triton {header['triton']}", flush=True)
     rate = measure_matmul_rate(bench)
-    sections = {"train": lambda: measure_training(bench, rate, TOKENS, SHAPES, SPARSITIES, "train"),
-                "small": lambda: measure_training(bench, rate, SMALL[0], [SMALL[1:]], [0.5], "small",
-                                                  fused_grad=False),
-                "small_compiled": lambda: measure_small_compiled(bench),
-                "decode": lambda: measure_decode(bench), "nf4": lambda: measure_nf4(bench),
-                "kernels": lambda: measure_kernels(bench)}
-    for name, section in sections.items():
+    for name, section in SECTIONS.items():
         if only and name not in only:
             continue
         try:
-            section()
+            section(bench, rate)
         except Exception as exc:  # a bug in a section's own setup: record it, run the next section
             bench.records.append({"section": "error", "name": "section setup",
                                   "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]})
@@ -527,7 +530,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/layers_<gpu>.json)")
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=(), help="run only these (default: all)")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=(),
+                        help="run only these (default: all)")
     args = parser.parse_args(argv)
     results = run(args.quick, args.sections)
     gpu = results["device"].lower().replace(" ", "_")
