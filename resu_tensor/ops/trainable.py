@@ -195,16 +195,9 @@ def write_back(func, target, flat: torch.Tensor) -> None:
         target.write_trainable_(flat)
 
 
-def _dim_argument(func, args, kwargs):
-    for i, argument in enumerate(func._schema.arguments):
-        if argument.name == "dim":
-            return kwargs.get("dim", args[i] if i < len(args) else None)
-    return None
-
-
 def full_reduction(func, types, args, kwargs):
     kwargs = kwargs or {}
-    dim = _dim_argument(func, args, kwargs)
+    dim = _named_arguments(func, args, kwargs).get("dim")
     if dim not in (None, [], ()):
         raise ValueError(f"{func}: only reductions over all elements are supported on trainable coordinates, got dim={dim}")
     operands = _Operands(func, args, kwargs)
