@@ -21,7 +21,8 @@ Variants, each a fresh model and optimizer, measured side by side in one process
 Per variant: median step time (forward + backward + ``optimizer.step()`` + ``zero_grad()``;
 ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU) and its ratio to ``plain``,
 tokens/s, on CUDA the GPU kernel time per step (torch.profiler over ``--profile-steps`` steps: what
-the step would take if the host never made the GPU wait) and its ratio, peak memory of one step
+the step would take if the host never made the GPU wait; the top kernels by time; measured on a
+fresh model after every variant is timed, since profiling slows later launches) and its ratio, peak memory of one step
 (``torch.cuda.max_memory_allocated``, stats reset just before) and its ratio, first/last loss, and a check that no frozen coordinate moved over the whole run
 (``frozen_changed`` = how many frozen coordinates differ bitwise from their initial value; must
 be 0). Every variant runs in its own try/except: a failure is an ``error`` in the JSON.
@@ -201,10 +202,11 @@ def time_step(step, device: torch.device, warmup: int, steps: int) -> dict:
     return figures
 
 
-def gpu_kernel_ms(step, steps: int) -> float:
+def gpu_kernel_time(step, steps: int, top: int = 12) -> dict:
     """GPU kernel time per step (ms): the kernels' own device time summed over ``steps`` profiled
     steps (torch.profiler), idle gaps between them excluded. Against ``step_ms`` it splits a step
-    into GPU work and the host time that the GPU waits for."""
+    into GPU work and the host time that the GPU waits for. ``gpu_kernels_top``: the ``top``
+    kernels by device time, so a variant's extra GPU time can be traced to its kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -212,8 +214,13 @@ def gpu_kernel_ms(step, steps: int) -> float:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    kernels_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
-    return kernels_us / steps / 1e3
+    # user annotations (``Optimizer.step#AdamW.step``) show as GPU ranges spanning kernels: not counted
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {"gpu_kernel_ms": sum(e.self_device_time_total for e in kernels) / steps / 1e3,
+            "gpu_kernel_launches": sum(e.count for e in kernels) / steps,
+            "gpu_kernels_top": [{"kernel": e.key[:120], "ms": round(e.self_device_time_total / steps / 1e3, 4),
+                                 "calls": e.count / steps} for e in kernels[:top]]}
 
 
 def _release(device: torch.device) -> None:
@@ -239,8 +246,6 @@ def measure_variant(variant: str, args, config: GPTConfig, device: torch.device,
     losses = []
     step = make_step(model, optimizer, x, y, args.bf16, losses)
     record.update(time_step(step, device, args.warmup, args.steps))
-    if device.type == "cuda" and args.profile_steps:
-        record["gpu_kernel_ms"] = gpu_kernel_ms(step, args.profile_steps)
     record.update(steps_taken=len(losses), loss_first=losses[0].item(), loss_last=losses[-1].item(),
                   tokens_per_s=args.batch * config.seq / (record["step_ms"] / 1e3))
     if before is not None:
@@ -250,6 +255,17 @@ def measure_variant(variant: str, args, config: GPTConfig, device: torch.device,
         on_variant(variant, model, record)
     del model, optimizer, step, before
     return record
+
+
+def profile_variant(variant: str, args, config: GPTConfig, device: torch.device) -> dict:
+    """:func:`gpu_kernel_time` of a fresh model of ``variant``, after ``args.warmup`` steps."""
+    model = build_variant(variant, config, args.sparsity, device, args.group_size)
+    optimizer = optimizer_for(model, fused=args.fused_adamw)
+    x, y = token_batch(config, args.batch, device)
+    step = make_step(model, optimizer, x, y, args.bf16, [])
+    for _ in range(max(1, args.warmup)):
+        step()
+    return gpu_kernel_time(step, args.profile_steps)
 
 
 def _memory_bytes(model, optimizer) -> dict:
@@ -335,6 +351,14 @@ def run(args, on_variant=None) -> dict:
         status = record.get("error") or (f"{record['step_ms']:9.2f} ms  {record['tokens_per_s']:12,.0f} tok/s  "
                                          f"loss {record['loss_first']:.3f} → {record['loss_last']:.3f}")
         print(f"  [{time.perf_counter() - start:6.1f}s] {record['label']:22s} {status}", flush=True)
+    if device.type == "cuda" and args.profile_steps:
+        # Only after every variant is timed: a torch.profiler session leaves the CUDA profiling
+        # hooks in place and every later kernel launch costs more host time (timed before this
+        # order, every variant after the first ran up to 1.3x slower, its GPU work unchanged).
+        for record in records:
+            if "error" not in record:
+                record.update(profile_variant(record["variant"], args, config, device))
+                _release(device)
     add_ratios(records)
     results.update(variants=records, total_s=round(time.perf_counter() - start, 1))
     return results

@@ -27,7 +27,7 @@ def _right_operand(weight: ResuTensor, transpose_weight: bool) -> torch.Tensor:
 
 
 def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
-    return t if t is None or dtype is None or not t.is_floating_point() else t.to(dtype)
+    return t if t is None or dtype is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
 
 def _fused_qresu(x2: torch.Tensor, weight: ResuTensor, transpose_weight: bool) -> bool:
@@ -46,6 +46,7 @@ class ResuMatmul(torch.autograd.Function):
         compute_dtype = _autocast_dtype(x.device.type)
         x2 = _cast(x, compute_dtype).reshape(-1, x.shape[-1])
         bias_c = _cast(bias, compute_dtype)
+        b = None
         if _fused_qresu(x2, weight, transpose_weight):
             quantized, mask = kernel_operands(weight)
             y2 = kernels.qresu_linear_small_m(x2, *quantized, *mask, tile_prefix(weight))
@@ -53,25 +54,30 @@ class ResuMatmul(torch.autograd.Function):
         else:
             b = _cast(_right_operand(weight, transpose_weight), compute_dtype)
             y2 = x2 @ b if bias_c is None else torch.addmm(bias_c, x2, b)
-        ctx.save_for_backward(x, weight, bias)
+        # Backward reuses x and W as cast here, as autocast's own mm does (no second cast per
+        # step). W only as a cast copy: the stored values themselves are read again in backward
+        # (FSDP frees and re-gathers them in between), and a QRESU W_eff is rebuilt, not kept.
+        cast_copy = b is not None and weight.values is not None and b.dtype != weight.values.dtype
+        ctx.save_for_backward(x2, weight, bias, b if cast_copy else None)
         ctx.transpose_weight = transpose_weight
         ctx.compute_dtype = compute_dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias = ctx.saved_tensors
+        x2, weight, bias, b = ctx.saved_tensors
         dtype = ctx.compute_dtype
         gy2 = _cast(grad_out, dtype or weight.dtype).reshape(-1, grad_out.shape[-1])
-        x2 = _cast(x, dtype).reshape(-1, x.shape[-1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             if _fused_qresu(gy2, weight, ctx.transpose_weight):
                 quantized, mask = kernel_operands(weight)
                 grad_x = kernels.qresu_grad_input_small_m(gy2, *quantized, *mask, tile_prefix(weight))
             else:
-                grad_x = gy2 @ _cast(_right_operand(weight, ctx.transpose_weight), dtype).t()
-            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+                b = _cast(_right_operand(weight, ctx.transpose_weight), dtype) if b is None else b
+                grad_x = gy2 @ b.t()
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             # Storage-oriented dW: (gy2ᵀ·x2) when exactly one of the two transposes applies.
             flip = ctx.transpose_weight != weight.transposed
