@@ -22,7 +22,9 @@ Per variant: median step time (forward + backward + ``optimizer.step()`` + ``zer
 ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU) and its ratio to ``plain``,
 tokens/s, on CUDA the GPU kernel time per step (torch.profiler over ``--profile-steps`` steps: what
 the step would take if the host never made the GPU wait; the top kernels by time; measured on a
-fresh model after every variant is timed, since profiling slows later launches) and its ratio, peak memory of one step
+fresh model after every variant is timed, since profiling slows later launches) and its ratio, the
+host time per step (``host_ms``: the same model at batch 1 × 32 tokens, where the step waits for
+the host alone; a step takes about max(host, GPU) plus host jitter), peak memory of one step
 (``torch.cuda.max_memory_allocated``, stats reset just before) and its ratio, first/last loss, and a check that no frozen coordinate moved over the whole run
 (``frozen_changed`` = how many frozen coordinates differ bitwise from their initial value; must
 be 0). Every variant runs in its own try/except: a failure is an ``error`` in the JSON.
@@ -257,6 +259,32 @@ def measure_variant(variant: str, args, config: GPTConfig, device: torch.device,
     return record
 
 
+HOST_SEQ = 32  # tokens per sequence of the host-time model: too little GPU work to wait for
+
+
+def host_ms(variant: str, args, config: GPTConfig, device: torch.device, rounds: int = 5, steps: int = 10) -> float:
+    """Host time of one step (ms): the same model, ops and launches at batch 1 × ``HOST_SEQ``
+    tokens, where the GPU finishes each kernel before the host launches the next, so the step
+    takes as long as the host needs (best of ``rounds`` × ``steps``). A step takes about
+    max(host, GPU kernel time) plus the host's jitter."""
+    short = dataclasses.replace(config, seq=min(HOST_SEQ, config.seq))
+    model = build_variant(variant, short, args.sparsity, device, args.group_size)
+    optimizer = optimizer_for(model, fused=args.fused_adamw)
+    x, y = token_batch(short, 1, device)
+    step = make_step(model, optimizer, x, y, args.bf16, [])
+    for _ in range(max(1, args.warmup)):
+        step()
+    best = float("inf")
+    for _ in range(rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / steps)
+    return 1e3 * best
+
+
 def profile_variant(variant: str, args, config: GPTConfig, device: torch.device) -> dict:
     """:func:`gpu_kernel_time` of a fresh model of ``variant``, after ``args.warmup`` steps."""
     model = build_variant(variant, config, args.sparsity, device, args.group_size)
@@ -288,6 +316,8 @@ def add_ratios(records: list) -> None:
             r["peak_vs_plain"] = r["peak_bytes"] / base["peak_bytes"]
         if "gpu_kernel_ms" in r and "gpu_kernel_ms" in base:
             r["gpu_kernel_vs_plain"] = r["gpu_kernel_ms"] / base["gpu_kernel_ms"]
+        if "host_ms" in r and "host_ms" in base:
+            r["host_vs_plain"] = r["host_ms"] / base["host_ms"]
 
 
 # --------------------------------------------------------------------------- entry points
@@ -342,6 +372,9 @@ def run(args, on_variant=None) -> dict:
         began = time.perf_counter()
         try:
             record = measure_variant(variant, args, config, device, on_variant)
+            if device.type == "cuda":
+                _release(device)
+                record["host_ms"] = host_ms(variant, args, config, device)
         except Exception as exc:  # keep going: the JSON says what failed and why
             record = {"variant": variant, "label": label(variant, args.sparsity), "error": f"{type(exc).__name__}: {exc}"[:500],
                       "traceback": traceback.format_exc()[-3000:]}
@@ -365,7 +398,7 @@ def run(args, on_variant=None) -> dict:
 
 
 def print_table(records) -> None:
-    print(f"\n{'variant':22s} {'step ms':>9s} {'×plain':>7s} {'GPU ms':>7s} {'×plain':>7s} {'tokens/s':>11s} "
+    print(f"\n{'variant':22s} {'step ms':>9s} {'×plain':>7s} {'GPU ms':>7s} {'×plain':>7s} {'host ms':>7s} {'tokens/s':>11s} "
           f"{'peak MiB':>9s} {'×plain':>7s} {'loss':>7s} {'frozen moved':>12s}")
     for r in records:
         if "error" in r:
@@ -377,7 +410,8 @@ def print_table(records) -> None:
         frozen = f"{r['frozen_changed']}/{r['frozen_coordinates']}" if "frozen_changed" in r else "-"
         gpu = f"{r['gpu_kernel_ms']:7.2f}" if "gpu_kernel_ms" in r else f"{'-':>7s}"
         gpu_ratio = f"{r['gpu_kernel_vs_plain']:7.2f}" if "gpu_kernel_vs_plain" in r else f"{'-':>7s}"
-        print(f"{r['label']:22s} {r['step_ms']:9.2f} {ratio} {gpu} {gpu_ratio} {r['tokens_per_s']:11,.0f} {peak} "
+        host = f"{r['host_ms']:7.2f}" if "host_ms" in r else f"{'-':>7s}"
+        print(f"{r['label']:22s} {r['step_ms']:9.2f} {ratio} {gpu} {gpu_ratio} {host} {r['tokens_per_s']:11,.0f} {peak} "
               f"{peak_ratio} {r['loss_last']:7.3f} {frozen:>12s}")
 
 

@@ -186,6 +186,12 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
         return Mode(self.mode_name)
 
     @property
+    def logical_shape(self) -> tuple:
+        """``tuple(self.shape)`` from plain attributes: hot paths avoid tensor properties, which
+        go through ``__torch_function__`` (1-7 µs a read, more inside autograd's backward)."""
+        return self.storage_shape[::-1] if self.transposed else self.storage_shape
+
+    @property
     def storage_numel(self) -> int:
         return self.storage_shape[0] * self.storage_shape[1]
 
@@ -368,7 +374,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
     def compact(self, flat: torch.Tensor) -> CompactTensor:
         if flat.numel() != self.trainable_count:
             raise ValueError(f"expected {self.trainable_count} trainable values, got {flat.numel()}")
-        return CompactTensor(flat, self.trainable_key, tuple(self.shape), self.transposed)
+        return CompactTensor(flat, self.trainable_key, self.logical_shape, self.transposed)
 
     def expand_trainable(self, compact: torch.Tensor) -> torch.Tensor:
         """A dense tensor of this tensor's logical shape: ``compact`` at trainable coordinates,

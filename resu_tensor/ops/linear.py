@@ -68,7 +68,7 @@ class ResuMatmul(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, weight, bias, b = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        gy2 = _cast(grad_out, dtype or weight.dtype).reshape(-1, grad_out.shape[-1])
+        gy2 = _cast(grad_out, dtype or weight.compute_dtype).reshape(-1, grad_out.shape[-1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             if _fused_qresu(gy2, weight, ctx.transpose_weight):
@@ -85,11 +85,11 @@ class ResuMatmul(torch.autograd.Function):
             if is_traced(gy2):
                 # Dense product + fixed-size gather: the kernel table's mask gather has a
                 # data-dependent length (nonzero), which torch.compile cannot always trace.
-                flat = weight.gather_trainable((a_op.t() @ b_op).to(weight.dtype))
+                flat = weight.gather_trainable((a_op.t() @ b_op).to(weight.compute_dtype))
             elif (bits := weight.trainable_bitmap()) is not None:
-                flat = kernels.compact_weight_grad_bitmap(a_op, b_op, *bits, weight.dtype)
+                flat = kernels.compact_weight_grad_bitmap(a_op, b_op, *bits, weight.compute_dtype)
             else:
-                flat = kernels.compact_weight_grad(a_op, b_op, weight.trainable_flat(), weight.dtype)
+                flat = kernels.compact_weight_grad(a_op, b_op, weight.trainable_flat(), weight.compute_dtype)
             grad_weight = weight.compact(flat)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = gy2.sum_to_size(bias.shape).to(bias.dtype)
@@ -101,7 +101,7 @@ def _check_input(op: str, x, weight: ResuTensor, transpose_weight: bool) -> None
         raise TypeError(f"{op}: a ResuTensor can only be the weight (right-hand) operand")
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         raise ValueError(f"{op}: input must be a tensor with at least 1 dimension, got {x!r}")
-    expected = weight.shape[1] if transpose_weight else weight.shape[0]
+    expected = weight.logical_shape[1 if transpose_weight else 0]
     if x.shape[-1] != expected:
         raise ValueError(
             f"{op}: shape mismatch, input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the "

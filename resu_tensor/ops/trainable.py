@@ -68,7 +68,7 @@ class _Operands:
         self.func = func
         self.key = subclass_args[0].trainable_key
         self.transposed = subclass_args[0].transposed
-        self.logical_shape = tuple(subclass_args[0].shape)
+        self.logical_shape = tuple(subclass_args[0].logical_shape)
         self.weight = next((a for a in subclass_args if isinstance(a, ResuTensor)), None)
         first = subclass_args[0]
         self.n_trainable = first.flat.numel() if isinstance(first, CompactTensor) else first.trainable_count
@@ -172,7 +172,7 @@ def bitmap_update_(func, operands: _Operands, args, kwargs) -> bool:
         op, tensor_names, scalar_name = "mul_scalar", (), "other"
     tensors = [named[name] for name in tensor_names]
     scalar = named[scalar_name] if scalar_name else 1.0
-    if (not all(isinstance(t, CompactTensor) and t.dtype in _OPMATH_DTYPES for t in tensors)
+    if (not all(isinstance(t, CompactTensor) and t.flat.dtype in _OPMATH_DTYPES for t in tensors)
             or not isinstance(scalar, (int, float))):
         return False
     bits = target.bitmap_kernels_for(target.values)
