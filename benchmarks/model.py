@@ -259,6 +259,16 @@ def measure_variant(variant: str, args, config: GPTConfig, device: torch.device,
     return record
 
 
+def _warm_step(variant: str, args, config: GPTConfig, device: torch.device, batch: int):
+    """The training step of a fresh model of ``variant``, after ``args.warmup`` steps."""
+    model = build_variant(variant, config, args.sparsity, device, args.group_size)
+    x, y = token_batch(config, batch, device)
+    step = make_step(model, optimizer_for(model, fused=args.fused_adamw), x, y, args.bf16, [])
+    for _ in range(max(1, args.warmup)):
+        step()
+    return step
+
+
 HOST_SEQ = 32  # tokens per sequence of the host-time model: too little GPU work to wait for
 
 
@@ -267,13 +277,7 @@ def host_ms(variant: str, args, config: GPTConfig, device: torch.device, rounds:
     tokens, where the GPU finishes each kernel before the host launches the next, so the step
     takes as long as the host needs (best of ``rounds`` × ``steps``). A step takes about
     max(host, GPU kernel time) plus the host's jitter."""
-    short = dataclasses.replace(config, seq=min(HOST_SEQ, config.seq))
-    model = build_variant(variant, short, args.sparsity, device, args.group_size)
-    optimizer = optimizer_for(model, fused=args.fused_adamw)
-    x, y = token_batch(short, 1, device)
-    step = make_step(model, optimizer, x, y, args.bf16, [])
-    for _ in range(max(1, args.warmup)):
-        step()
+    step = _warm_step(variant, args, dataclasses.replace(config, seq=min(HOST_SEQ, config.seq)), device, batch=1)
     best = float("inf")
     for _ in range(rounds):
         synchronize(device)
@@ -286,14 +290,8 @@ def host_ms(variant: str, args, config: GPTConfig, device: torch.device, rounds:
 
 
 def profile_variant(variant: str, args, config: GPTConfig, device: torch.device) -> dict:
-    """:func:`gpu_kernel_time` of a fresh model of ``variant``, after ``args.warmup`` steps."""
-    model = build_variant(variant, config, args.sparsity, device, args.group_size)
-    optimizer = optimizer_for(model, fused=args.fused_adamw)
-    x, y = token_batch(config, args.batch, device)
-    step = make_step(model, optimizer, x, y, args.bf16, [])
-    for _ in range(max(1, args.warmup)):
-        step()
-    return gpu_kernel_time(step, args.profile_steps)
+    """:func:`gpu_kernel_time` of a fresh model of ``variant``."""
+    return gpu_kernel_time(_warm_step(variant, args, config, device, args.batch), args.profile_steps)
 
 
 def _memory_bytes(model, optimizer) -> dict:

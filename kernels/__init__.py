@@ -30,12 +30,9 @@ def implementation(name: str, device_type: str) -> Callable:
 
 
 def _dispatched(name: str) -> Callable:
-    impls = _IMPLS[name]
-
     def call(*args, **kwargs):
         first = args[0] if isinstance(args[0], torch.Tensor) else next(a for a in args if isinstance(a, torch.Tensor))
-        impl = impls.get(first.device.type)
-        return (impl or impls["reference"])(*args, **kwargs)
+        return implementation(name, first.device.type)(*args, **kwargs)
 
     call.__name__ = name
     call.__doc__ = _IMPLS[name]["reference"].__doc__

@@ -68,7 +68,7 @@ class _Operands:
         self.func = func
         self.key = subclass_args[0].trainable_key
         self.transposed = subclass_args[0].transposed
-        self.logical_shape = tuple(subclass_args[0].logical_shape)
+        self.logical_shape = subclass_args[0].logical_shape
         self.weight = next((a for a in subclass_args if isinstance(a, ResuTensor)), None)
         first = subclass_args[0]
         self.n_trainable = first.flat.numel() if isinstance(first, CompactTensor) else first.trainable_count
