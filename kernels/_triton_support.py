@@ -168,6 +168,18 @@ if HAS_TRITON:
         return flags, running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
 
     @triton.jit
+    def block_chunk(bitmap_ptr, start, offset, block_size, numel, running, n_compact, INVERT: tl.constexpr,
+                    CHUNK: tl.constexpr):
+        """(element, flags, position, selected) of the chunk at ``offset`` in the prefix block that
+        begins at element ``start``: the step of the kernels that walk one prefix block per program
+        (gather/scatter, Adam, in-place updates); ``selected`` also bounds ``position`` by ``n_compact``."""
+        local = offset + tl.arange(0, CHUNK)
+        element = start + local
+        inside = (local < block_size) & (element < numel)
+        flags, position = selected_positions(bitmap_ptr, element, inside, running, INVERT)
+        return element, flags, position, (flags != 0) & (position < n_compact)
+
+    @triton.jit
     def move_selected(values_ptr, compact_ptr, element, position, selected, GATHER: tl.constexpr):
         """GATHER: compact[position] = values[element]; else values[element] = compact[position]."""
         if GATHER:

@@ -13,7 +13,7 @@ import torch
 
 from . import mask_ops
 from ._triton_support import (define_op, eager_or_op, move_selected, next_power_of_2, selected_before_block,
-                              selected_positions, tl, triton)
+                              block_chunk, tl, triton)
 
 BLOCK = 1024  # elements per program of the bool-mask kernels
 PACK_BYTES = 256  # bitmap bytes per program of pack_bitmap
@@ -68,11 +68,8 @@ def _bitmap_move_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, compact_ptr, n
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     for offset in range(0, block_size, CHUNK):
-        local = offset + tl.arange(0, CHUNK)
-        element = start + local
-        inside = (local < block_size) & (element < numel)
-        flags, position = selected_positions(bitmap_ptr, element, inside, running, INVERT)
-        selected = (flags != 0) & (position < n_compact)
+        element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
+                                                         n_compact, INVERT, CHUNK)
         move_selected(values_ptr, compact_ptr, element, position, selected, GATHER)
         running += tl.sum(flags, axis=0).to(tl.int64)
 

@@ -8,7 +8,7 @@ import torch
 
 from . import optim
 from ._triton_support import (cast_to, define_op, eager_or_op, next_power_of_2, selected_before_block,
-                              selected_positions, tl, triton)
+                              block_chunk, tl, triton)
 
 CHUNK = 1024  # elements per step inside one prefix block
 
@@ -25,11 +25,8 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
     bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
     bias2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2)))
     for offset in range(0, block_size, CHUNK):
-        local = offset + tl.arange(0, CHUNK)
-        element = start + local
-        inside = (local < block_size) & (element < numel)
-        flags, position = selected_positions(bitmap_ptr, element, inside, running, INVERT)
-        selected = (flags != 0) & (position < n_compact)
+        element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
+                                                         n_compact, INVERT, CHUNK)
         p = tl.load(values_ptr + element, mask=selected).to(tl.float32)
         g = tl.load(grad_ptr + position, mask=selected).to(tl.float32)
         m = tl.load(m_ptr + position, mask=selected).to(tl.float32)

@@ -13,7 +13,7 @@ import torch
 
 from . import mask_ops
 from ._triton_support import (cast_to, define_op, eager_or_op, next_power_of_2, selected_before_block,
-                              selected_positions, tl, triton)
+                              block_chunk, tl, triton)
 
 CHUNK = 1024  # elements per step inside one prefix block
 
@@ -26,11 +26,8 @@ def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_p
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     for offset in range(0, block_size, CHUNK):
-        local = offset + tl.arange(0, CHUNK)
-        element = start + local
-        inside = (local < block_size) & (element < numel)
-        flags, position = selected_positions(bitmap_ptr, element, inside, running, INVERT)
-        selected = (flags != 0) & (position < n_compact)
+        element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
+                                                         n_compact, INVERT, CHUNK)
         if OP == "copy":
             out = tl.load(t1_ptr + position, mask=selected).to(tl.float32)
         else:
