@@ -147,10 +147,23 @@ if HAS_TRITON:
             return value.to(dtype)
 
     @triton.jit
-    def load_bits(bitmap_ptr, element, inside):
-        """Mask bits of ``element`` (bit j of byte i = element 8i+j), 0 outside ``inside``."""
-        byte = tl.load(bitmap_ptr + (element >> 3), mask=inside, other=0).to(tl.int32)
-        return tl.where(inside, (byte >> (element & 7).to(tl.int32)) & 1, 0)
+    def chunk_bits(bitmap_ptr, first, numel, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+        """Mask bits of elements ``first`` … ``first + CHUNK − 1`` (bit j of byte i = element 8i+j;
+        0 past ``numel``). ALIGNED (``first`` a multiple of 8, as in every prefix block of
+        ``prefix_block_size``): one byte load per 8 elements, each byte repeated 8 times in
+        registers by interleaving. A byte load per element, the general path, was the slowest part
+        of every bitmap walk (16M elements, H100: 19.5 µs for the bits alone, 10–14 µs aligned)."""
+        if ALIGNED:
+            byte_index = first // 8 + tl.arange(0, CHUNK // 8)
+            byte = tl.load(bitmap_ptr + byte_index, mask=byte_index < (numel + 7) // 8, other=0).to(tl.int32)
+            byte = tl.interleave(byte, byte)
+            byte = tl.interleave(byte, byte)
+            byte = tl.interleave(byte, byte)
+            return (byte >> (tl.arange(0, CHUNK) & 7)) & 1
+        else:
+            element = first + tl.arange(0, CHUNK)
+            byte = tl.load(bitmap_ptr + (element >> 3), mask=element < numel, other=0).to(tl.int32)
+            return (byte >> (element & 7).to(tl.int32)) & 1
 
     @triton.jit
     def selected_before_block(block_prefix_ptr, block, start, INVERT: tl.constexpr):
@@ -160,23 +173,26 @@ if HAS_TRITON:
         return start - set_before if INVERT else set_before
 
     @triton.jit
-    def selected_positions(bitmap_ptr, element, inside, running, INVERT: tl.constexpr):
-        """(flags, positions) of a chunk: flags = 1 where selected; positions = compact index of
-        each element, ``running`` being the selected count before the chunk."""
-        bit = load_bits(bitmap_ptr, element, inside)
-        flags = tl.where(inside, 1 - bit, 0) if INVERT else bit
+    def selected_positions(bitmap_ptr, first, inside, running, numel, INVERT: tl.constexpr, ALIGNED: tl.constexpr,
+                           CHUNK: tl.constexpr):
+        """(flags, positions) of the chunk of CHUNK elements from ``first``: flags = 1 where
+        selected and ``inside``; positions = compact index of each element, ``running`` being the
+        selected count before the chunk."""
+        bit = chunk_bits(bitmap_ptr, first, numel, ALIGNED, CHUNK)
+        flags = tl.where(inside, 1 - bit if INVERT else bit, 0)
         return flags, running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
 
     @triton.jit
     def block_chunk(bitmap_ptr, start, offset, block_size, numel, running, n_compact, INVERT: tl.constexpr,
-                    CHUNK: tl.constexpr):
+                    ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
         """(element, flags, position, selected) of the chunk at ``offset`` in the prefix block that
         begins at element ``start``: the step of the kernels that walk one prefix block per program
         (gather/scatter, Adam, in-place updates); ``selected`` also bounds ``position`` by ``n_compact``."""
         local = offset + tl.arange(0, CHUNK)
         element = start + local
         inside = (local < block_size) & (element < numel)
-        flags, position = selected_positions(bitmap_ptr, element, inside, running, INVERT)
+        flags, position = selected_positions(bitmap_ptr, start + offset, inside, running, numel, INVERT, ALIGNED,
+                                             CHUNK)
         return element, flags, position, (flags != 0) & (position < n_compact)
 
     @triton.jit

@@ -36,7 +36,7 @@ def _variants(quick: bool):
     for gather, invert in itertools.product([True, False], [True, False]):
         types = dict(values_ptr="*bf16", bitmap_ptr="*u8", block_prefix_ptr="*i32", compact_ptr="*fp32", numel=i32,
                      block_size=i32, n_compact=i32)
-        yield mo._bitmap_move_kernel, types, {"INVERT": invert, "GATHER": gather, "CHUNK": 1024}, {}
+        yield mo._bitmap_move_kernel, types, {"INVERT": invert, "GATHER": gather, "ALIGNED": True, "CHUNK": 1024}, {}
     types = dict(bitmap_ptr="*u8", counts_ptr="*i32", cols=i32, n_tiles=i32)
     yield mo._tile_count_kernel, types, {"INVERT": True, "TILE": PREFIX_TILE, "TILES": 32}, {}
     for values, invert, decoupled in [("*bf16", True, True), ("*fp32", False, False)]:
@@ -44,12 +44,12 @@ def _variants(quick: bool):
                      v_ptr=values, step_ptr="*fp32", numel=i32, block_size=i32, n_compact=i32, lr="fp32",
                      beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
         yield op._adam_bitmap_kernel, types, {"INVERT": invert, "DECOUPLED": decoupled, "MAXIMIZE": False,
-                                              "CHUNK": 1024}, {}
+                                              "ALIGNED": True, "CHUNK": 1024}, {}
     for update, (values, operand, invert) in itertools.product(mask_ops.UPDATE_OPS, [("*bf16", "*fp32", True),
                                                                                   ("*fp32", "*fp32", False)]):
         types = dict(values_ptr=values, bitmap_ptr="*u8", block_prefix_ptr="*i32", t1_ptr=operand, t2_ptr=operand,
                      numel=i32, block_size=i32, n_compact=i32, scalar="fp32")
-        yield up._update_bitmap_kernel, types, {"INVERT": invert, "OP": update, "CHUNK": 1024}, {}
+        yield up._update_bitmap_kernel, types, {"INVERT": invert, "OP": update, "ALIGNED": True, "CHUNK": 1024}, {}
     for grad, ema in [("*bf16", "*bf16"), ("*fp32", "*fp32")]:
         common = dict(grad_ptr=grad, m_ptr=ema, v_ptr=ema, score_ptr="*fp32", numel=i32, delta="fp32")
         yield sel._scores_kernel, dict(common, screen_ptr="*fp32", beta="fp32", one_minus_beta="fp32", tau="fp32"), \
@@ -73,7 +73,7 @@ def _variants(quick: bool):
         types = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", block_prefix_ptr="*i32",
                      theta_ptr="*fp32", out_ptr="*bf16", numel=i32, cols=i32, q_stride=i32, n_groups=i32,
                      group_size=i32, block_size=i32, n_theta=i32)
-        yield qt._effective_weight_kernel, types, {"BITS": bits, "CHUNK": 1024}, {"enable_fp_fusion": False}
+        yield qt._effective_weight_kernel, types, {"BITS": bits, "EVEN_COLS": True, "ALIGNED": True, "CHUNK": 1024}, {"enable_fp_fusion": False}
     common = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", tile_prefix_ptr="*i32",
                   theta_ptr="*fp32", out_ptr="*fp32", m=i32, rows=i32, cols=i32, q_stride=i32, n_groups=i32,
                   group_size=i32, n_prefix_tiles=i32, span=i32, stride_os=i32, stride_om=i32, n_theta=i32)

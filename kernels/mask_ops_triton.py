@@ -62,14 +62,14 @@ def _masked_move_kernel(values_ptr, mask_ptr, block_start_ptr, compact_ptr, nume
 
 @triton.jit
 def _bitmap_move_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, compact_ptr, numel, block_size, n_compact,
-                        INVERT: tl.constexpr, GATHER: tl.constexpr, CHUNK: tl.constexpr):
+                        INVERT: tl.constexpr, GATHER: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
     """One program per prefix block; GATHER as in _masked_move_kernel, selection = bit ^ INVERT."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     for offset in range(0, block_size, CHUNK):
         element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
-                                                         n_compact, INVERT, CHUNK)
+                                                         n_compact, INVERT, ALIGNED, CHUNK)
         move_selected(values_ptr, compact_ptr, element, position, selected, GATHER)
         running += tl.sum(flags, axis=0).to(tl.int64)
 
@@ -173,7 +173,8 @@ def gather_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torc
     if count and flat.numel():
         n_blocks = triton.cdiv(flat.numel(), block_size)
         _bitmap_move_kernel[(n_blocks,)](flat, bitmap, block_prefix, out, flat.numel(), block_size, count,
-                                         INVERT=bool(invert), GATHER=True, CHUNK=_chunk(block_size))
+                                         INVERT=bool(invert), GATHER=True, ALIGNED=block_size % 8 == 0,
+                                         CHUNK=_chunk(block_size))
     return out
 
 
@@ -190,7 +191,8 @@ def _scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix
         return
     n_blocks = triton.cdiv(values.numel(), block_size)
     _bitmap_move_kernel[(n_blocks,)](values, bitmap, block_prefix, compact.contiguous(), values.numel(), block_size,
-                                     compact.numel(), INVERT=bool(invert), GATHER=False, CHUNK=_chunk(block_size))
+                                     compact.numel(), INVERT=bool(invert), GATHER=False, ALIGNED=block_size % 8 == 0,
+                                     CHUNK=_chunk(block_size))
 
 
 def tile_prefix_and_total(bitmap: torch.Tensor, rows: int, cols: int, tile: int, invert: bool):

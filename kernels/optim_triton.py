@@ -16,7 +16,8 @@ CHUNK = 1024  # elements per step inside one prefix block
 @triton.jit
 def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_ptr, v_ptr, step_ptr,
                         numel, block_size, n_compact, lr, beta1, beta2, weight_decay, eps,
-                        INVERT: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, CHUNK: tl.constexpr):
+                        INVERT: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
+                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
     """One program per prefix block; positions as in mask_ops_triton._bitmap_move_kernel."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
@@ -26,7 +27,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
     bias2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2)))
     for offset in range(0, block_size, CHUNK):
         element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
-                                                         n_compact, INVERT, CHUNK)
+                                                         n_compact, INVERT, ALIGNED, CHUNK)
         p = tl.load(values_ptr + element, mask=selected).to(tl.float32)
         g = tl.load(grad_ptr + position, mask=selected).to(tl.float32)
         m = tl.load(m_ptr + position, mask=selected).to(tl.float32)
@@ -61,7 +62,7 @@ def _adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: t
     _adam_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
         values, bitmap, block_prefix, grad, exp_avg, exp_avg_sq, step, values.numel(), block_size, grad.numel(),
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), INVERT=bool(invert),
-        DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), CHUNK=min(CHUNK, next_power_of_2(block_size)))
+        DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), ALIGNED=block_size % 8 == 0, CHUNK=min(CHUNK, next_power_of_2(block_size)))
 
 
 def _fake_adam(values, bitmap, block_prefix, block_size, invert, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2,

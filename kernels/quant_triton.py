@@ -103,21 +103,34 @@ def _accumulated(acc, BLOCK_M: tl.constexpr):
 @triton.jit
 def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block_prefix_ptr, theta_ptr, out_ptr,
                              numel, cols, q_stride, n_groups, group_size, block_size, n_theta,
-                             BITS: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per prefix block of the mask: W_eff for its elements, row-major."""
+                             BITS: tl.constexpr, EVEN_COLS: tl.constexpr, ALIGNED: tl.constexpr,
+                             CHUNK: tl.constexpr):
+    """One program per prefix block: W_eff for its elements, row-major. Codes come one byte per
+    two elements where rows are whole bytes and chunks start on one (EVEN_COLS and ALIGNED, see
+    chunk_bits), unpacked by interleaving nibbles."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, True)  # clear bits (θ entries) before
     for offset in range(0, block_size, CHUNK):
+        first = start + offset
         local = offset + tl.arange(0, CHUNK)
         element = start + local
         inside = (local < block_size) & (element < numel)
-        pruned, position = selected_positions(bitmap_ptr, element, inside, running, True)
+        pruned, position = selected_positions(bitmap_ptr, first, inside, running, numel, True, ALIGNED, CHUNK)
         active = inside & (pruned == 0)
         theta = tl.load(theta_ptr + position, mask=(pruned != 0) & (position < n_theta), other=0.0).to(tl.float32)
-        row = element // cols
-        col = element - row * cols
-        code = _codes(qdata_ptr, row, col, q_stride, active, BITS)
+        first_row = first // cols  # rows and columns in int32 from the chunk's first row
+        rest = (first - first_row * cols).to(tl.int32) + tl.arange(0, CHUNK)
+        row = first_row + rest // cols
+        col = rest % cols
+        if BITS == 8:
+            code = tl.load(qdata_ptr + element, mask=inside, other=0).to(tl.int32)
+        elif EVEN_COLS and ALIGNED:
+            pair = first // 2 + tl.arange(0, CHUNK // 2)
+            packed = tl.load(qdata_ptr + pair, mask=pair < numel // 2, other=0).to(tl.int32)
+            code = tl.interleave(packed & 15, packed >> 4)
+        else:
+            code = _codes(qdata_ptr, row, col, q_stride, active, BITS)
         group_index = row * n_groups + col // group_size
         scale = tl.load(scale_ptr + group_index, mask=active, other=1.0)
         shift = tl.load(offset_ptr + group_index, mask=active, other=0.0)
@@ -274,8 +287,8 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
     chunk = min(CHUNK, next_power_of_2(block_size))
     _effective_weight_kernel[(triton.cdiv(out.numel(), block_size),)](
         qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, block_prefix, theta.contiguous(), out, out.numel(),
-        cols, qdata.shape[1], qscale.shape[1], group_size, block_size, theta.numel(), BITS=bits, CHUNK=chunk,
-        enable_fp_fusion=False)
+        cols, qdata.shape[1], qscale.shape[1], group_size, block_size, theta.numel(), BITS=bits,
+        EVEN_COLS=cols % 2 == 0, ALIGNED=block_size % 8 == 0, CHUNK=chunk, enable_fp_fusion=False)
     return out
 
 

@@ -20,14 +20,14 @@ CHUNK = 1024  # elements per step inside one prefix block
 
 @triton.jit
 def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_ptr, numel, block_size, n_compact,
-                          scalar, INVERT: tl.constexpr, OP: tl.constexpr, CHUNK: tl.constexpr):
+                          scalar, INVERT: tl.constexpr, OP: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
     """One program per prefix block; positions as in mask_ops_triton._bitmap_move_kernel."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     for offset in range(0, block_size, CHUNK):
         element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
-                                                         n_compact, INVERT, CHUNK)
+                                                         n_compact, INVERT, ALIGNED, CHUNK)
         if OP == "copy":
             out = tl.load(t1_ptr + position, mask=selected).to(tl.float32)
         else:
@@ -67,7 +67,7 @@ def _update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix:
     t2 = t1 if tensor2 is None else tensor2.contiguous()
     _update_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
         values, bitmap, block_prefix, t1, t2, values.numel(), block_size, n_compact, float(scalar),
-        INVERT=bool(invert), OP=op, CHUNK=min(CHUNK, next_power_of_2(block_size)))
+        INVERT=bool(invert), OP=op, ALIGNED=block_size % 8 == 0, CHUNK=min(CHUNK, next_power_of_2(block_size)))
 
 
 def _fake_update(values, bitmap, block_prefix, block_size, invert, op, tensor1, tensor2, scalar):
