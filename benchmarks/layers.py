@@ -303,8 +303,12 @@ def measure_decode(bench: Bench):
                     tile_prefix = kernels.bitmap_tile_prefix(w.mask_bitmap, out_features, in_features,
                                                              kernels.PREFIX_TILE, True)
 
-                    def kernel_alone():
-                        return kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix)
+                    def kernel_alone():  # the fused kernel at any token count (the library routes M > 1 to W_eff)
+                        if not kernels.HAS_TRITON:
+                            return kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix)
+                        from resu_tensor.kernels import quant_triton
+
+                        return quant_triton.linear_small_m(x, *args, tile_prefix=tile_prefix, fused=True)
 
                     with torch.no_grad():
                         torch.testing.assert_close(kernel_alone(), F.linear(x, w.dequantize()), rtol=2e-2, atol=5e-2)

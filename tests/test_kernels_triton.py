@@ -225,8 +225,9 @@ def _qresu_matmul(device, big, grad_input):
                 forward += [dict(BLOCK_N=32, BLOCK_G=64, num_warps=8), dict(BLOCK_N=4, BLOCK_G=128)] * (
                     m == 1 and cols % 8 == 0 and group_size % 8 == 0)
             dx = [dict(BLOCK_N=16), dict(BLOCK_N=32, num_warps=8)]
-            variants = [dict()] + [dict(split=split, config=config) for config in (dx if grad_input else forward)
-                                   for split in ((1, 3) if big else (2,))]
+            variants = [dict(), dict(fused=True)] + [dict(split=split, config=config, fused=True)
+                                                     for config in (dx if grad_input else forward)
+                                                     for split in ((1, 3) if big else (2,))]
             for variant in variants:
                 ours = tri_fn(x, **w, **variant)
                 assert ours.dtype == dtype and ours.shape == expected.shape
@@ -234,10 +235,13 @@ def _qresu_matmul(device, big, grad_input):
             if i == 0:
                 cached = k.mask_ops.bitmap_tile_prefix(w["bitmap"], rows, cols, k.PREFIX_TILE, True)
                 torch.testing.assert_close(tri_fn(x, **w, tile_prefix=cached), expected, **_tolerance(dtype))
-    # more than SMALL_M tokens: W_eff kernel + matmul
+    # more than SMALL_M tokens: W_eff kernel + matmul, never the fused kernel
     w, _ = _qresu_weight(9, 21, 4, 8, 0.5, torch.float32, device)
     x = random_data((tri.SMALL_M + 1, 9 if grad_input else 21), torch.float32, device)
     torch.testing.assert_close(tri_fn(x, **w), ref_fn(x, **w), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tri_fn(x, **w, fused=False), ref_fn(x, **w), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="at most"):
+        tri_fn(x, **w, fused=True)
 
 
 def check_qresu_linear_small_m(device, big):
