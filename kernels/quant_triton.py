@@ -24,7 +24,7 @@ from .mask_ops_triton import tile_prefix_and_total
 CHUNK = 1024  # elements per step of the W_eff kernel inside one prefix block
 SMALL_M = 64  # the fused matmuls take at most this many tokens; more go through W_eff + cuBLAS
 # Most tokens routed to the fused kernels when the caller does not choose (``fused=None``).
-# Measured on the H100 (CUDA-graph time, 4096², s=0.5, bf16; scratch sweep of 2026-11-23): the
+# Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16): the
 # forward wins at one token only (53 vs 78 µs for W_eff + cuBLAS; 2 tokens 114 vs 77 µs), the
 # dX kernel never (349 vs 79 µs at one token).
 FUSED_FORWARD_TOKENS = 1
