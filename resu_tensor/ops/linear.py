@@ -31,9 +31,10 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
 
 
 def _fused_qresu(x2: torch.Tensor, weight: ResuTensor, transpose_weight: bool) -> bool:
-    """Whether x @ W_effᵀ and its dX = g @ W_eff of a QRESU weight go through the QRESU kernels (on
-    the GPU): at decode sizes (few tokens) they dequantize W_A and read θ inside the reduction
-    loop, so W_eff is never written out; at more tokens W_eff is built in one kernel for cuBLAS."""
+    """Whether x @ W_effᵀ and its dX = g @ W_eff of a QRESU weight go through the QRESU kernels
+    table (on the GPU). The kernels route by token count (kernels/quant_triton.py): one token
+    dequantizes W_A and reads θ inside the reduction loop, so W_eff is never written out; more
+    build W_eff in one kernel for cuBLAS."""
     return x2.is_cuda and weight.values is None and weight.mask_kind == "bitmap" and transpose_weight != weight.transposed
 
 
