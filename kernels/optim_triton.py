@@ -62,7 +62,8 @@ def _adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: t
     _adam_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
         values, bitmap, block_prefix, grad, exp_avg, exp_avg_sq, step, values.numel(), block_size, grad.numel(),
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), INVERT=bool(invert),
-        DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), ALIGNED=block_size % 8 == 0, CHUNK=min(CHUNK, next_power_of_2(block_size)))
+        DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), ALIGNED=block_size % 8 == 0,
+        CHUNK=min(CHUNK, next_power_of_2(block_size)))
 
 
 def _fake_adam(values, bitmap, block_prefix, block_size, invert, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2,

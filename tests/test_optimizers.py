@@ -244,3 +244,21 @@ def test_each_in_place_form_equals_gather_op_scatter(name, monkeypatch):
     assert torch.equal(ours.dequantize(), theirs.dequantize())
     assert torch.equal(ours.dequantize()[frozen], weight.dequantize()[frozen])
     assert not torch.equal(ours.dequantize(), weight.dequantize())
+
+
+def test_detached_compact_grad_shares_its_values():
+    """Autograd detaches each gradient it accumulates: the eager fast path must keep the trainable
+    set, the shape and the very same values (an alias, not a copy)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 6, bias=False)
+    from torchao.quantization import quantize_
+
+    quantize_(layer, rt.resu_config(sparsity=0.5))
+    F.linear(torch.randn(3, 12), layer.weight).sum().backward()
+    grad = layer.weight.grad
+    detached = grad.detach()
+    assert type(detached) is type(grad) and detached is not grad
+    assert detached.trainable_key == grad.trainable_key and detached.shape == grad.shape
+    assert detached.flat.data_ptr() == grad.flat.data_ptr() and not detached.requires_grad
+    grad.flat.add_(1.0)
+    assert torch.equal(detached.flat, grad.flat)
