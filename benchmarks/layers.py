@@ -304,7 +304,7 @@ def measure_decode(bench: Bench):
                                                              kernels.PREFIX_TILE, True)
 
                     def kernel_alone():  # the fused kernel at any token count (the library routes M > 1 to W_eff)
-                        if not kernels.HAS_TRITON:
+                        if not (kernels.HAS_TRITON and x.is_cuda):
                             return kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix)
                         from resu_tensor.kernels import quant_triton
 
