@@ -73,8 +73,8 @@ def _variants(quick: bool):
         types = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", block_prefix_ptr="*i32",
                      theta_ptr="*fp32", out_ptr="*bf16", numel=i32, cols=i32, q_stride=i32, n_groups=i32,
                      group_size=i32, block_size=i32, n_theta=i32)
-        yield qt._effective_weight_kernel, types, {"BITS": bits, "EVEN_COLS": True, "ALIGNED": True, "CHUNK": 1024}, \
-            {"enable_fp_fusion": False}
+        constexprs = {"BITS": bits, "EVEN_COLS": True, "ALIGNED": True, "GROUP_SHIFT": 6, "CHUNK": 1024}
+        yield qt._effective_weight_kernel, types, constexprs, {"enable_fp_fusion": False}
     common = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", tile_prefix_ptr="*i32",
                   theta_ptr="*fp32", out_ptr="*fp32", m=i32, rows=i32, cols=i32, q_stride=i32, n_groups=i32,
                   group_size=i32, n_prefix_tiles=i32, span=i32, stride_os=i32, stride_om=i32, n_theta=i32)

@@ -110,10 +110,11 @@ def _accumulated(acc, BLOCK_M: tl.constexpr):
 def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block_prefix_ptr, theta_ptr, out_ptr,
                              numel, cols, q_stride, n_groups, group_size, block_size, n_theta,
                              BITS: tl.constexpr, EVEN_COLS: tl.constexpr, ALIGNED: tl.constexpr,
-                             CHUNK: tl.constexpr):
+                             GROUP_SHIFT: tl.constexpr, CHUNK: tl.constexpr):
     """One program per prefix block: W_eff for its elements, row-major. Codes come one byte per
     two elements where rows are whole bytes and chunks start on one (EVEN_COLS and ALIGNED, see
-    chunk_bits), unpacked by interleaving nibbles."""
+    chunk_bits), unpacked by interleaving nibbles; scales one load per group where every chunk
+    holds whole groups (GROUP_SHIFT > 0, see :func:`_group_shift`), repeated by interleaving."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, True)  # clear bits (θ entries) before
@@ -137,9 +138,17 @@ def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block
             code = tl.interleave(packed & 15, packed >> 4)
         else:
             code = _codes(qdata_ptr, row, col, q_stride, active, BITS)
-        group_index = row * n_groups + col // group_size
-        scale = tl.load(scale_ptr + group_index, mask=active, other=1.0)
-        shift = tl.load(offset_ptr + group_index, mask=active, other=0.0)
+        if GROUP_SHIFT > 0:  # whole groups of 2**GROUP_SHIFT elements: one scale load per group
+            group = (first >> GROUP_SHIFT) + tl.arange(0, CHUNK >> GROUP_SHIFT)
+            scale = tl.load(scale_ptr + group, mask=group < (numel >> GROUP_SHIFT), other=1.0)
+            shift = tl.load(offset_ptr + group, mask=group < (numel >> GROUP_SHIFT), other=0.0)
+            for _ in tl.static_range(GROUP_SHIFT):
+                scale = tl.interleave(scale, scale)
+                shift = tl.interleave(shift, shift)
+        else:
+            group_index = row * n_groups + col // group_size
+            scale = tl.load(scale_ptr + group_index, mask=active, other=1.0)
+            shift = tl.load(offset_ptr + group_index, mask=active, other=0.0)
         value = tl.where(active, code.to(tl.float32) * scale + shift, theta)
         tl.store(out_ptr + element, cast_to(value, out_ptr.dtype.element_ty), mask=inside)
         running += tl.sum(pruned, axis=0).to(tl.int64)
@@ -281,6 +290,15 @@ def _check_quantized(qdata, qscale, bits, group_size, cols):
         raise ValueError(f"qscale must be (rows, {-(-cols // group_size)}), got {tuple(qscale.shape)}")
 
 
+def _group_shift(group_size: int, cols: int, block_size: int, chunk: int) -> int:
+    """log2(group_size) where the W_eff kernel may read scales per group: a power-of-two group
+    that divides the rows, the prefix blocks and the chunks (so a chunk holds whole groups and
+    element e is in group e >> shift); 0 otherwise (per-element scale loads)."""
+    if group_size & (group_size - 1) or cols % group_size or block_size % group_size or chunk % group_size:
+        return 0
+    return group_size.bit_length() - 1
+
+
 def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int, group_size: int,
                      cols: int, dtype: torch.dtype, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                      theta: torch.Tensor) -> torch.Tensor:
@@ -294,7 +312,8 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
     _effective_weight_kernel[(triton.cdiv(out.numel(), block_size),)](
         qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, block_prefix, theta.contiguous(), out, out.numel(),
         cols, qdata.shape[1], qscale.shape[1], group_size, block_size, theta.numel(), BITS=bits,
-        EVEN_COLS=cols % 2 == 0, ALIGNED=block_size % 8 == 0, CHUNK=chunk, enable_fp_fusion=False)
+        EVEN_COLS=cols % 2 == 0, ALIGNED=block_size % 8 == 0,
+        GROUP_SHIFT=_group_shift(group_size, cols, block_size, chunk), CHUNK=chunk, enable_fp_fusion=False)
     return out
 
 

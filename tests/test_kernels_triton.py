@@ -186,7 +186,7 @@ def _qresu_weight(rows, cols, bits, group_size, sparsity, theta_dtype, device):
 def _qresu_cases(big):
     if big:  # (rows, cols, bits, group_size)
         return [(1001, 1536, 4, 128), (515, 1000, 8, 64), (700, 999, 4, 999)]
-    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16)]
+    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16), (9, 64, 4, 16)]  # the last: W_eff reads scales per group
 
 
 def check_qresu_effective_weight(device, big):
