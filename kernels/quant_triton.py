@@ -26,7 +26,8 @@ SMALL_M = 64  # the fused matmuls take at most this many tokens; more go through
 # Most tokens routed to the fused kernels when the caller does not choose (``fused=None``).
 # Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16): the
 # forward wins at one token only (53 vs 78 µs for W_eff + cuBLAS; 2 tokens 114 vs 77 µs), the
-# dX kernel never (349 vs 79 µs at one token).
+# dX kernel never (349 vs 79 µs at one token). Taken before W_eff read scales per group (63 → 47 µs
+# alone), which favours W_eff + cuBLAS further.
 FUSED_FORWARD_TOKENS = 1
 FUSED_GRAD_INPUT_TOKENS = 0
 
