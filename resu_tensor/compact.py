@@ -28,18 +28,22 @@ class NoDynamoFrames:
 
 
 _PROPERTY_ACCESS = type(torch.Tensor.grad.__get__)  # what __torch_function__ gets for .grad, .shape, ...
+# Functions that only read the wrapper's dtype (the optimizers' per-parameter checks call them).
+_DTYPE_QUERIES = frozenset([torch.is_complex, torch.Tensor.is_complex, torch.is_floating_point,
+                            torch.Tensor.is_floating_point])
 
 
 class FastPropertyAccess:
-    """Tensor properties (``.grad``, ``.shape``, ``.requires_grad``, ...) skip the op table: the
-    optimizers and hooks read them about 15 times per parameter per step, the table never holds
-    them, and the table lookup nearly doubled the cost of each read (host time of small layers)."""
+    """Tensor properties (``.grad``, ``.shape``, ``.requires_grad``, ...) and dtype queries
+    (``torch.is_complex``, ...) skip the op table: the optimizers and hooks read them about 15
+    times per parameter per step, the table never holds them, and the table lookup nearly doubled
+    the cost of each read (host time of small layers)."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if type(func) is _PROPERTY_ACCESS:
+        if type(func) is _PROPERTY_ACCESS or func in _DTYPE_QUERIES:
             with torch._C.DisableTorchFunctionSubclass():
-                return func(*args)
+                return func(*args, **(kwargs or {}))
         return super().__torch_function__(func, types, args, kwargs)
 
 

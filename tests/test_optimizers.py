@@ -262,3 +262,19 @@ def test_detached_compact_grad_shares_its_values():
     assert detached.flat.data_ptr() == grad.flat.data_ptr() and not detached.requires_grad
     grad.flat.add_(1.0)
     assert torch.equal(detached.flat, grad.flat)
+
+
+def test_fused_adamw_op_refuses_state_of_another_trainable_set():
+    """Below the optimizer's pre-step check: torch._fused_adamw_ itself refuses moments that belong
+    to another trainable set of the weight, and moves nothing."""
+    w, _ = make_pair("sparse")
+    grad = w.compact(torch.randn(w.trainable_count))
+    moments = [w.compact(torch.zeros(w.trainable_count)) for _ in range(2)]
+    wrong = rt.ResuTensor.from_dense(torch.randn(16, 48), sparsity=0.25)
+    stale = wrong.compact(torch.zeros(wrong.trainable_count))
+    before = w.dequantize()
+    for exp_avg, exp_avg_sq in [(stale, moments[1]), (moments[0], stale)]:
+        with pytest.raises(ValueError, match="does not match this weight's trainable coordinates"):
+            torch._fused_adamw_([w], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(1.0)], lr=0.01, beta1=0.9,
+                                beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    assert torch.equal(w.dequantize(), before)

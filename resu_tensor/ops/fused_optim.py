@@ -19,30 +19,38 @@ aten = torch.ops.aten
 FUSED_ADAM_OPS = [getattr(op, overload) for op in (aten._fused_adam_, aten._fused_adamw_) for overload in op.overloads()]
 
 
-def _one_pass_bits(param, kwargs):
-    if not isinstance(param, ResuTensor) or param.values is None:
-        return None
-    if (kwargs.get("amsgrad") or kwargs.get("grad_scale") is not None or kwargs.get("found_inf") is not None
-            or isinstance(kwargs.get("lr"), torch.Tensor)):
-        return None
-    return param.bitmap_kernels_for(param.values)
+def _one_pass_variant(kwargs) -> bool:
+    """Whether the call is plain Adam/AdamW, the variant the one-pass kernel implements."""
+    return not (kwargs.get("amsgrad") or kwargs.get("grad_scale") is not None or kwargs.get("found_inf") is not None
+                or isinstance(kwargs.get("lr"), torch.Tensor))
+
+
+def _compact_state(func, param, tensors) -> tuple:
+    """The flat vectors of a weight's grad and moments. Compact ones of the weight's own trainable
+    set are read directly; anything else goes through _Operands (which refuses stale state)."""
+    key, transposed = param.trainable_key, param.transposed
+    if all(type(t) is CompactTensor and t.trainable_key == key and t.transposed == transposed for t in tensors):
+        return tuple(t.flat for t in tensors)
+    operands = _Operands(func, [param, *tensors], {})
+    return tuple(operands.flat(t) for t in tensors)
 
 
 def fused_adam(func, types, args, kwargs):
     kwargs = dict(kwargs or {})
     params, grads, exp_avgs, exp_avg_sqs, _, state_steps = args[:6]
+    one_pass = _one_pass_variant(kwargs)
+    decoupled = func._schema.name == "aten::_fused_adamw_"
     rest = []
     for j, param in enumerate(params):
-        bits = _one_pass_bits(param, kwargs)
+        bits = (param.bitmap_kernels_for(param.values)
+                if one_pass and isinstance(param, ResuTensor) and param.values is not None else None)
         if bits is None:
             rest.append(j)
             continue
-        operands = _Operands(func, [param, grads[j], exp_avgs[j], exp_avg_sqs[j]], {})  # refuses stale state
-        grad, exp_avg, exp_avg_sq = (operands.flat(t) for t in (grads[j], exp_avgs[j], exp_avg_sqs[j]))
+        grad, exp_avg, exp_avg_sq = _compact_state(func, param, (grads[j], exp_avgs[j], exp_avg_sqs[j]))
         kernels.adam_by_bitmap_(param.values, *bits[:4], grad, exp_avg, exp_avg_sq,
                                 state_steps[j], kwargs["lr"], kwargs["beta1"], kwargs["beta2"],
-                                kwargs["weight_decay"], kwargs["eps"], func._schema.name == "aten::_fused_adamw_",
-                                kwargs.get("maximize", False))
+                                kwargs["weight_decay"], kwargs["eps"], decoupled, kwargs.get("maximize", False))
     if rest:
         sub = [[a[j] for j in rest] if isinstance(a, (list, tuple)) and len(a) else a for a in args]
         foreach_op(func, types, tuple(sub), kwargs)
