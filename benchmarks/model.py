@@ -304,7 +304,27 @@ def _memory_bytes(model, optimizer) -> dict:
 
 
 def add_ratios(records: list) -> None:
-    base = next((r for r in records if r["variant"] == "plain" and "step_ms" in r), None)
+    """Ratios to the first ``plain`` record of each round (the first plain overall where a round
+    has none)."""
+    first = next((r for r in records if r["variant"] == "plain" and "step_ms" in r), None)
+    for round_index in sorted({r.get("round", 0) for r in records}):
+        same = [r for r in records if r.get("round", 0) == round_index]
+        _ratios(same, next((r for r in same if r["variant"] == "plain" and "step_ms" in r), first))
+
+
+def summarize_rounds(records: list) -> dict:
+    """Per variant over the rounds: every round's step ratio to that round's plain, and their
+    median (what to quote when the lent machine's state moves single timings)."""
+    summary = {}
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        ratios = [r["vs_plain"] for r in records if r["variant"] == variant and "vs_plain" in r]
+        if ratios:
+            summary[variant] = {"vs_plain_each": [round(x, 4) for x in ratios],
+                                "vs_plain_median": statistics.median(ratios)}
+    return summary
+
+
+def _ratios(records: list, base) -> None:
     if base is None:
         return
     for r in records:
@@ -366,32 +386,39 @@ def run(args, on_variant=None) -> dict:
                **_header(args, config, device)}
     print(f"{results['device']}  torch {results['torch']}  {config}  batch {args.batch}", flush=True)
     start, records = time.perf_counter(), []
-    for variant in args.variants:
-        began = time.perf_counter()
-        try:
-            record = measure_variant(variant, args, config, device, on_variant)
-            if device.type == "cuda":
-                _release(device)
-                record["host_ms"] = host_ms(variant, args, config, device)
-        except Exception as exc:  # keep going: the JSON says what failed and why
-            record = {"variant": variant, "label": label(variant, args.sparsity), "error": f"{type(exc).__name__}: {exc}"[:500],
-                      "traceback": traceback.format_exc()[-3000:]}
-        record["wall_s"] = round(time.perf_counter() - began, 2)
-        records.append(record)
-        _release(device)
-        status = record.get("error") or (f"{record['step_ms']:9.2f} ms  {record['tokens_per_s']:12,.0f} tok/s  "
-                                         f"loss {record['loss_first']:.3f} → {record['loss_last']:.3f}")
-        print(f"  [{time.perf_counter() - start:6.1f}s] {record['label']:22s} {status}", flush=True)
+    # Rounds interleave the variants (plain, sparse, ..., plain, sparse, ...): a lent machine's
+    # host can slow down for a whole variant's timing (the same RESU model measured 1.08x, then
+    # 1.00x in one process), so each round's ratios are against that round's plain.
+    for round_index in range(args.rounds):
+        for variant in args.variants:
+            began = time.perf_counter()
+            try:
+                record = measure_variant(variant, args, config, device, on_variant)
+                if device.type == "cuda" and round_index == 0:
+                    _release(device)
+                    record["host_ms"] = host_ms(variant, args, config, device)
+            except Exception as exc:  # keep going: the JSON says what failed and why
+                record = {"variant": variant, "label": label(variant, args.sparsity),
+                          "error": f"{type(exc).__name__}: {exc}"[:500], "traceback": traceback.format_exc()[-3000:]}
+            record["wall_s"] = round(time.perf_counter() - began, 2)
+            record["round"] = round_index
+            records.append(record)
+            _release(device)
+            status = record.get("error") or (f"{record['step_ms']:9.2f} ms  {record['tokens_per_s']:12,.0f} tok/s  "
+                                             f"loss {record['loss_first']:.3f} → {record['loss_last']:.3f}")
+            print(f"  [{time.perf_counter() - start:6.1f}s] {record['label']:22s} {status}", flush=True)
     if device.type == "cuda" and args.profile_steps:
         # Only after every variant is timed: a torch.profiler session leaves the CUDA profiling
         # hooks in place and every later kernel launch costs more host time (timed before this
         # order, every variant after the first ran up to 1.3x slower, its GPU work unchanged).
         for record in records:
-            if "error" not in record:
+            if "error" not in record and record["round"] == 0:
                 record.update(profile_variant(record["variant"], args, config, device))
                 _release(device)
     add_ratios(records)
-    results.update(variants=records, total_s=round(time.perf_counter() - start, 1))
+    results.update(variants=records, rounds=args.rounds, total_s=round(time.perf_counter() - start, 1))
+    if args.rounds > 1:
+        results["summary"] = summarize_rounds(records)
     return results
 
 
@@ -480,6 +507,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (do_bench: about this many)")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for every variant")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the variants this many times, interleaved; ratios per round, median in 'summary'")
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="CUDA: steps profiled for the GPU kernel time per step (0: skip)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 compute (default bf16 autocast)")
@@ -496,6 +525,8 @@ def parse_args(argv=None):
         args.preset = "gpt2-small" if args.device == "cuda" else "tiny"
     if not 0 < args.sparsity < 1:
         parser.error("--sparsity must lie in (0, 1)")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
 
 
@@ -508,6 +539,9 @@ def main(argv=None, on_variant=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print_table(results["variants"])
+    for variant, row in results.get("summary", {}).items():
+        each = " ".join(f"{x:.2f}" for x in row["vs_plain_each"])
+        print(f"{label(variant, args.sparsity):22s} ×plain per round: {each}   median {row['vs_plain_median']:.3f}")
     print(f"\nwrote {out} ({results['total_s']} s)")
     return results
 

@@ -82,3 +82,27 @@ def test_model_benchmark_runs_every_variant_on_cpu(tmp_path, capsys):
                 assert trainable.all()
     assert [r["variant"] for r in results["variants"]] == list(bench.VARIANTS)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_rounds_interleave_variants_and_ratio_each_round_to_its_own_plain(tmp_path, capsys):
+    out = tmp_path / "rounds.json"
+    bench.main(TINY + ["--variants", "plain", "sparse", "--rounds", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    rows = [(r["round"], r["variant"]) for r in saved["variants"]]
+    assert rows == [(0, "plain"), (0, "sparse"), (1, "plain"), (1, "sparse")]
+    for round_index in (0, 1):
+        plain, sparse = [r for r in saved["variants"] if r["round"] == round_index]
+        assert plain["vs_plain"] == 1.0
+        assert math.isclose(sparse["vs_plain"], sparse["step_ms"] / plain["step_ms"])
+    each = [r["vs_plain"] for r in saved["variants"] if r["variant"] == "sparse"]
+    summary = saved["summary"]["sparse"]
+    assert summary["vs_plain_each"] == [round(x, 4) for x in each]
+    assert math.isclose(summary["vs_plain_median"], sum(each) / 2)
+    assert "median" in capsys.readouterr().out
+
+
+def test_rounds_must_be_positive():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(TINY + ["--rounds", "0"])
