@@ -1,6 +1,6 @@
 """Where the QRESU fused small-M kernels beat W_eff + cuBLAS: forward and dX at 1–32 tokens, as
 CUDA-graph replays (GPU time), for the layer shapes and sparsities of ``benchmarks.layers``.
-``kernels.quant_triton.FUSED_FORWARD_TOKENS`` / ``FUSED_GRAD_INPUT_TOKENS`` come from this.
+``kernels.quant.FUSED_FORWARD_TOKENS`` / ``FUSED_GRAD_INPUT_TOKENS`` come from this.
 
     python -m benchmarks.qresu_routing [--out benchmarks/results/qresu_routing_<gpu>.json]
 """

@@ -23,13 +23,6 @@ from .mask_ops_triton import tile_prefix_and_total
 
 CHUNK = 1024  # elements per step of the W_eff kernel inside one prefix block
 SMALL_M = 64  # the fused matmuls take at most this many tokens; more go through W_eff + cuBLAS
-# Most tokens routed to the fused kernels when the caller does not choose (``fused=None``).
-# Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16): the
-# forward wins at one token only (53 vs 78 µs for W_eff + cuBLAS; 2 tokens 114 vs 77 µs), the
-# dX kernel never (349 vs 79 µs at one token). Taken before W_eff read scales per group (63 → 47 µs
-# alone), which favours W_eff + cuBLAS further.
-FUSED_FORWARD_TOKENS = 1
-FUSED_GRAD_INPUT_TOKENS = 0
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -435,7 +428,7 @@ def linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, q
                    split: Optional[int] = None, config: Optional[dict] = None,
                    fused: Optional[bool] = None) -> torch.Tensor:
     """:func:`quant.qresu_linear_small_m`: the fused kernel for ``fused=True`` (at most SMALL_M
-    tokens) or, by default, up to FUSED_FORWARD_TOKENS tokens; W_eff + cuBLAS otherwise.
+    tokens) or, by default, up to ``quant.FUSED_FORWARD_TOKENS`` tokens; W_eff + cuBLAS otherwise.
     ``split``: reduction splits (default: enough programs for the GPU); ``config``: see
     :func:`_fused_matmul`."""
     _check_quantized(qdata, qscale, bits, group_size, cols)
@@ -443,7 +436,7 @@ def linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, q
     if x.shape[-1] != cols:
         raise ValueError(f"qresu_linear_small_m: x has {x.shape[-1]} features, the weight {cols} columns")
     x2 = x.reshape(-1, cols)
-    if not _takes_fused("qresu_linear_small_m", x2.shape[0], fused, FUSED_FORWARD_TOKENS):
+    if not _takes_fused("qresu_linear_small_m", x2.shape[0], fused, quant.FUSED_FORWARD_TOKENS):
         w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, x.dtype, bitmap, block_prefix,
                              block_size, theta)
         return (x2 @ w.t()).reshape(*x.shape[:-1], rows)
@@ -459,14 +452,14 @@ def grad_input_small_m(grad_out: torch.Tensor, qdata: torch.Tensor, qscale: torc
                        split: Optional[int] = None, config: Optional[dict] = None,
                        fused: Optional[bool] = None) -> torch.Tensor:
     """:func:`quant.qresu_grad_input_small_m`, routed as :func:`linear_small_m` (by default never
-    fused: FUSED_GRAD_INPUT_TOKENS)."""
+    fused: ``quant.FUSED_GRAD_INPUT_TOKENS``)."""
     _check_quantized(qdata, qscale, bits, group_size, cols)
     rows = qdata.shape[0]
     if grad_out.shape[-1] != rows:
         raise ValueError(f"qresu_grad_input_small_m: grad_out has {grad_out.shape[-1]} features, the weight has "
                          f"{rows} rows")
     g2 = grad_out.reshape(-1, rows)
-    if not _takes_fused("qresu_grad_input_small_m", g2.shape[0], fused, FUSED_GRAD_INPUT_TOKENS):
+    if not _takes_fused("qresu_grad_input_small_m", g2.shape[0], fused, quant.FUSED_GRAD_INPUT_TOKENS):
         w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, grad_out.dtype, bitmap, block_prefix,
                              block_size, theta)
         return (g2 @ w).reshape(*grad_out.shape[:-1], cols)

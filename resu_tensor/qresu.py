@@ -42,12 +42,14 @@ def kernel_operands(tensor) -> tuple[tuple, tuple]:
             (tensor.mask_bitmap, tensor.mask_block_prefix, prefix_block_size(cols), tensor.theta))
 
 
-def tile_prefix(tensor) -> Optional[torch.Tensor]:
+def tile_prefix(tensor, tokens: int, grad_input: bool) -> Optional[torch.Tensor]:
     """The fused matmuls' table of θ entries before each (row, PREFIX_TILE-column tile), kept
-    while the mask is unchanged (building it is a kernel launch and a cumsum per call); None
-    while tracing (the op builds it inside the graph)."""
+    while the mask is unchanged (building it is a kernel launch and a cumsum per call). None
+    where the kernels will not fuse a product of ``tokens`` tokens (they build W_eff instead, see
+    ``quant.FUSED_FORWARD_TOKENS``) and while tracing (the op builds it inside the graph)."""
+    fused_tokens = quant.FUSED_GRAD_INPUT_TOKENS if grad_input else quant.FUSED_FORWARD_TOKENS
     bitmap = tensor.mask_bitmap
-    if is_traced(bitmap):
+    if tokens > fused_tokens or is_traced(bitmap):
         return None
     rows, cols = tensor.storage_shape
     return tensor.kept_while_unchanged("_tile_prefix_cache", bitmap, lambda: kernels.bitmap_tile_prefix(

@@ -32,7 +32,7 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
 
 def _fused_qresu(x2: torch.Tensor, weight: ResuTensor, transpose_weight: bool) -> bool:
     """Whether x @ W_effᵀ and its dX = g @ W_eff of a QRESU weight go through the QRESU kernels
-    table (on the GPU). The kernels route by token count (kernels/quant_triton.py): one token
+    table (on the GPU). The kernels route by token count (kernels/quant.py FUSED_*_TOKENS): one token
     dequantizes W_A and reads θ inside the reduction loop, so W_eff is never written out; more
     build W_eff in one kernel for cuBLAS."""
     return x2.is_cuda and weight.values is None and weight.mask_kind == "bitmap" and transpose_weight != weight.transposed
@@ -50,7 +50,7 @@ class ResuMatmul(torch.autograd.Function):
         b = None
         if _fused_qresu(x2, weight, transpose_weight):
             quantized, mask = kernel_operands(weight)
-            y2 = kernels.qresu_linear_small_m(x2, *quantized, *mask, tile_prefix(weight))
+            y2 = kernels.qresu_linear_small_m(x2, *quantized, *mask, tile_prefix(weight, x2.shape[0], False))
             y2 = y2 if bias_c is None else y2 + bias_c
         else:
             b = _cast(_right_operand(weight, transpose_weight), compute_dtype)
@@ -74,7 +74,8 @@ class ResuMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if _fused_qresu(gy2, weight, ctx.transpose_weight):
                 quantized, mask = kernel_operands(weight)
-                grad_x = kernels.qresu_grad_input_small_m(gy2, *quantized, *mask, tile_prefix(weight))
+                grad_x = kernels.qresu_grad_input_small_m(gy2, *quantized, *mask,
+                                                          tile_prefix(weight, gy2.shape[0], True))
             else:
                 b = _cast(_right_operand(weight, ctx.transpose_weight), dtype) if b is None else b
                 grad_x = gy2 @ b.t()
