@@ -147,6 +147,13 @@ if HAS_TRITON:
             return value.to(dtype)
 
     @triton.jit
+    def repeat_each(t, LOG2_TIMES: tl.constexpr):
+        """``t`` (1-D) with every entry repeated 2**LOG2_TIMES times in place, in registers."""
+        for _ in tl.static_range(LOG2_TIMES):
+            t = tl.interleave(t, t)
+        return t
+
+    @triton.jit
     def chunk_bits(bitmap_ptr, first, numel, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
         """Mask bits of elements ``first`` … ``first + CHUNK − 1`` (bit j of byte i = element 8i+j;
         0 past ``numel``). ALIGNED (``first`` a multiple of 8, as in every prefix block of
@@ -156,10 +163,7 @@ if HAS_TRITON:
         if ALIGNED:
             byte_index = first // 8 + tl.arange(0, CHUNK // 8)
             byte = tl.load(bitmap_ptr + byte_index, mask=byte_index < (numel + 7) // 8, other=0).to(tl.int32)
-            byte = tl.interleave(byte, byte)
-            byte = tl.interleave(byte, byte)
-            byte = tl.interleave(byte, byte)
-            return (byte >> (tl.arange(0, CHUNK) & 7)) & 1
+            return (repeat_each(byte, 3) >> (tl.arange(0, CHUNK) & 7)) & 1
         else:
             element = first + tl.arange(0, CHUNK)
             byte = tl.load(bitmap_ptr + (element >> 3), mask=element < numel, other=0).to(tl.int32)

@@ -18,7 +18,8 @@ import torch
 
 from . import quant
 from ._triton_support import (DOT_UPCAST, PREFIX_TILE, cast_to, define_op, dot_precision, eager_or_op, interpreting,
-                              next_power_of_2, num_sms, selected_before_block, selected_positions, tl, triton)
+                              next_power_of_2, num_sms, repeat_each, selected_before_block, selected_positions, tl,
+                              triton)
 from .mask_ops_triton import tile_prefix_and_total
 
 CHUNK = 1024  # elements per step of the W_eff kernel inside one prefix block
@@ -134,11 +135,9 @@ def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block
             code = _codes(qdata_ptr, row, col, q_stride, active, BITS)
         if GROUP_SHIFT > 0:  # whole groups of 2**GROUP_SHIFT elements: one scale load per group
             group = (first >> GROUP_SHIFT) + tl.arange(0, CHUNK >> GROUP_SHIFT)
-            scale = tl.load(scale_ptr + group, mask=group < (numel >> GROUP_SHIFT), other=1.0)
-            shift = tl.load(offset_ptr + group, mask=group < (numel >> GROUP_SHIFT), other=0.0)
-            for _ in tl.static_range(GROUP_SHIFT):
-                scale = tl.interleave(scale, scale)
-                shift = tl.interleave(shift, shift)
+            in_weight = group < (numel >> GROUP_SHIFT)
+            scale = repeat_each(tl.load(scale_ptr + group, mask=in_weight, other=1.0), GROUP_SHIFT)
+            shift = repeat_each(tl.load(offset_ptr + group, mask=in_weight, other=0.0), GROUP_SHIFT)
         else:
             group_index = row * n_groups + col // group_size
             scale = tl.load(scale_ptr + group_index, mask=active, other=1.0)
