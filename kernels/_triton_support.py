@@ -117,6 +117,15 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+BLOCK_CHUNK = 1024  # elements per step of the kernels that walk one prefix block per program
+
+
+def block_walk(block_size: int) -> dict:
+    """Launch constexprs of a kernel that walks prefix blocks of ``block_size`` elements in
+    chunks (:func:`block_chunk`): CHUNK, and ALIGNED where every chunk starts on a mask byte."""
+    return {"CHUNK": min(BLOCK_CHUNK, next_power_of_2(block_size)), "ALIGNED": block_size % 8 == 0}
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a small fixed number on the interpreter)."""
     if device.type == "cuda":

@@ -12,12 +12,11 @@ from typing import Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import (define_op, eager_or_op, move_selected, next_power_of_2, selected_before_block,
-                              block_chunk, tl, triton)
+from ._triton_support import (block_chunk, block_walk, define_op, eager_or_op, move_selected, next_power_of_2,
+                              selected_before_block, tl, triton)
 
 BLOCK = 1024  # elements per program of the bool-mask kernels
 PACK_BYTES = 256  # bitmap bytes per program of pack_bitmap
-CHUNK = 1024  # elements per step inside one prefix block
 
 
 # --------------------------------------------------------------------------- kernels
@@ -160,10 +159,6 @@ def _scatter_trainable_(values: torch.Tensor, trainable_flat: torch.Tensor, comp
                                            compact.numel(), GATHER=False, BLOCK=BLOCK)
 
 
-def _chunk(block_size: int) -> int:
-    return min(CHUNK, next_power_of_2(block_size))
-
-
 def gather_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                   invert: bool, count: int, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """:func:`mask_ops.gather_by_bitmap` (``out_dtype``: fused cast). Trusts ``count`` (no
@@ -173,8 +168,7 @@ def gather_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torc
     if count and flat.numel():
         n_blocks = triton.cdiv(flat.numel(), block_size)
         _bitmap_move_kernel[(n_blocks,)](flat, bitmap, block_prefix, out, flat.numel(), block_size, count,
-                                         INVERT=bool(invert), GATHER=True, ALIGNED=block_size % 8 == 0,
-                                         CHUNK=_chunk(block_size))
+                                         INVERT=bool(invert), GATHER=True, **block_walk(block_size))
     return out
 
 
@@ -191,8 +185,7 @@ def _scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix
         return
     n_blocks = triton.cdiv(values.numel(), block_size)
     _bitmap_move_kernel[(n_blocks,)](values, bitmap, block_prefix, compact.contiguous(), values.numel(), block_size,
-                                     compact.numel(), INVERT=bool(invert), GATHER=False, ALIGNED=block_size % 8 == 0,
-                                     CHUNK=_chunk(block_size))
+                                     compact.numel(), INVERT=bool(invert), GATHER=False, **block_walk(block_size))
 
 
 def tile_prefix_and_total(bitmap: torch.Tensor, rows: int, cols: int, tile: int, invert: bool):

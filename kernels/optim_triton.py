@@ -7,10 +7,7 @@ Import only where triton imports (``kernels/__init__.py`` checks).
 import torch
 
 from . import optim
-from ._triton_support import (cast_to, define_op, eager_or_op, next_power_of_2, selected_before_block,
-                              block_chunk, tl, triton)
-
-CHUNK = 1024  # elements per step inside one prefix block
+from ._triton_support import block_chunk, block_walk, cast_to, define_op, eager_or_op, selected_before_block, tl, triton
 
 
 @triton.jit
@@ -62,8 +59,7 @@ def _adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: t
     _adam_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
         values, bitmap, block_prefix, grad, exp_avg, exp_avg_sq, step, values.numel(), block_size, grad.numel(),
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), INVERT=bool(invert),
-        DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), ALIGNED=block_size % 8 == 0,
-        CHUNK=min(CHUNK, next_power_of_2(block_size)))
+        DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), **block_walk(block_size))
 
 
 def _fake_adam(values, bitmap, block_prefix, block_size, invert, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2,

@@ -17,12 +17,11 @@ from typing import Optional
 import torch
 
 from . import quant
-from ._triton_support import (DOT_UPCAST, PREFIX_TILE, cast_to, define_op, dot_precision, eager_or_op, interpreting,
-                              next_power_of_2, num_sms, repeat_each, selected_before_block, selected_positions, tl,
-                              triton)
+from ._triton_support import (DOT_UPCAST, PREFIX_TILE, block_walk, cast_to, define_op, dot_precision, eager_or_op,
+                              interpreting, next_power_of_2, num_sms, repeat_each, selected_before_block,
+                              selected_positions, tl, triton)
 from .mask_ops_triton import tile_prefix_and_total
 
-CHUNK = 1024  # elements per step of the W_eff kernel inside one prefix block
 SMALL_M = 64  # the fused matmuls take at most this many tokens; more go through W_eff + cuBLAS
 
 
@@ -301,12 +300,12 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
     out = torch.empty(rows, cols, dtype=dtype, device=qdata.device)
     if out.numel() == 0:
         return out
-    chunk = min(CHUNK, next_power_of_2(block_size))
+    walk = block_walk(block_size)
     _effective_weight_kernel[(triton.cdiv(out.numel(), block_size),)](
         qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, block_prefix, theta.contiguous(), out, out.numel(),
         cols, qdata.shape[1], qscale.shape[1], group_size, block_size, theta.numel(), BITS=bits,
-        EVEN_COLS=cols % 2 == 0, ALIGNED=block_size % 8 == 0,
-        GROUP_SHIFT=_group_shift(group_size, cols, block_size, chunk), CHUNK=chunk, enable_fp_fusion=False)
+        EVEN_COLS=cols % 2 == 0, GROUP_SHIFT=_group_shift(group_size, cols, block_size, walk["CHUNK"]), **walk,
+        enable_fp_fusion=False)
     return out
 
 

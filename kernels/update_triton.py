@@ -12,10 +12,7 @@ from typing import Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import (cast_to, define_op, eager_or_op, next_power_of_2, selected_before_block,
-                              block_chunk, tl, triton)
-
-CHUNK = 1024  # elements per step inside one prefix block
+from ._triton_support import block_chunk, block_walk, cast_to, define_op, eager_or_op, selected_before_block, tl, triton
 
 
 @triton.jit
@@ -67,7 +64,7 @@ def _update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix:
     t2 = t1 if tensor2 is None else tensor2.contiguous()
     _update_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
         values, bitmap, block_prefix, t1, t2, values.numel(), block_size, n_compact, float(scalar),
-        INVERT=bool(invert), OP=op, ALIGNED=block_size % 8 == 0, CHUNK=min(CHUNK, next_power_of_2(block_size)))
+        INVERT=bool(invert), OP=op, **block_walk(block_size))
 
 
 def _fake_update(values, bitmap, block_prefix, block_size, invert, op, tensor1, tensor2, scalar):
