@@ -122,7 +122,7 @@ BLOCK_CHUNK = 1024  # elements per step of the kernels that walk one prefix bloc
 
 def block_walk(block_size: int) -> dict:
     """Launch constexprs of a kernel that walks prefix blocks of ``block_size`` elements in
-    chunks (:func:`block_chunk`): CHUNK, and ALIGNED where every chunk starts on a mask byte."""
+    chunks (:func:`chunk_elements`): CHUNK, and ALIGNED where every chunk starts on a mask byte."""
     return {"CHUNK": min(BLOCK_CHUNK, next_power_of_2(block_size)), "ALIGNED": block_size % 8 == 0}
 
 
@@ -196,17 +196,25 @@ if HAS_TRITON:
         return flags, running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
 
     @triton.jit
-    def block_chunk(bitmap_ptr, start, offset, block_size, numel, running, n_compact, INVERT: tl.constexpr,
-                    ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-        """(element, flags, position, selected) of the chunk at ``offset`` in the prefix block that
-        begins at element ``start``: the step of the kernels that walk one prefix block per program
-        (gather/scatter, Adam, in-place updates); ``selected`` also bounds ``position`` by ``n_compact``."""
+    def chunk_elements(start, offset, block_size, numel, CHUNK: tl.constexpr):
+        """(element, inside) of the chunk at ``offset`` in the prefix block that begins at element
+        ``start``: the step of the kernels that walk one prefix block per program (gather/scatter,
+        Adam, in-place updates). Those kernels read the chunk's weights masked by ``inside`` before
+        :func:`chunk_selection`, not by the selection after it: the read then does not wait for
+        the mask bytes and the scan (gather 44 → 35 µs at 4096², H100), costs no extra DRAM
+        traffic (a random mask leaves almost no 32-byte sector unselected) and writes nothing."""
         local = offset + tl.arange(0, CHUNK)
         element = start + local
-        inside = (local < block_size) & (element < numel)
-        flags, position = selected_positions(bitmap_ptr, start + offset, inside, running, numel, INVERT, ALIGNED,
-                                             CHUNK)
-        return element, flags, position, (flags != 0) & (position < n_compact)
+        return element, (local < block_size) & (element < numel)
+
+    @triton.jit
+    def chunk_selection(bitmap_ptr, first, inside, running, numel, n_compact, INVERT: tl.constexpr,
+                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+        """(flags, position, selected) of a :func:`chunk_elements` chunk starting at element
+        ``first``: :func:`selected_positions`, and ``selected`` also bounds ``position`` by
+        ``n_compact``."""
+        flags, position = selected_positions(bitmap_ptr, first, inside, running, numel, INVERT, ALIGNED, CHUNK)
+        return flags, position, (flags != 0) & (position < n_compact)
 
     @triton.jit
     def move_selected(values_ptr, compact_ptr, element, position, selected, GATHER: tl.constexpr):

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import (block_chunk, block_walk, define_op, eager_or_op, move_selected, next_power_of_2,
+from ._triton_support import (block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op, move_selected, next_power_of_2,
                               selected_before_block, tl, triton)
 
 BLOCK = 1024  # elements per program of the bool-mask kernels
@@ -67,9 +67,15 @@ def _bitmap_move_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, compact_ptr, n
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     for offset in range(0, block_size, CHUNK):
-        element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
-                                                         n_compact, INVERT, ALIGNED, CHUNK)
-        move_selected(values_ptr, compact_ptr, element, position, selected, GATHER)
+        element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+        if GATHER:  # read before the mask walk (see chunk_elements)
+            value = tl.load(values_ptr + element, mask=inside)
+        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
+                                                    INVERT, ALIGNED, CHUNK)
+        if GATHER:
+            tl.store(compact_ptr + position, cast_to(value, compact_ptr.dtype.element_ty), mask=selected)
+        else:
+            move_selected(values_ptr, compact_ptr, element, position, selected, False)
         running += tl.sum(flags, axis=0).to(tl.int64)
 
 

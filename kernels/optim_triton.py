@@ -7,7 +7,7 @@ Import only where triton imports (``kernels/__init__.py`` checks).
 import torch
 
 from . import optim
-from ._triton_support import block_chunk, block_walk, cast_to, define_op, eager_or_op, selected_before_block, tl, triton
+from ._triton_support import block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op, selected_before_block, tl, triton
 
 
 @triton.jit
@@ -23,9 +23,10 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
     bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
     bias2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2)))
     for offset in range(0, block_size, CHUNK):
-        element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
-                                                         n_compact, INVERT, ALIGNED, CHUNK)
-        p = tl.load(values_ptr + element, mask=selected).to(tl.float32)
+        element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+        p = tl.load(values_ptr + element, mask=inside).to(tl.float32)  # before the mask walk; stores stay selected
+        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
+                                                    INVERT, ALIGNED, CHUNK)
         g = tl.load(grad_ptr + position, mask=selected).to(tl.float32)
         m = tl.load(m_ptr + position, mask=selected).to(tl.float32)
         v = tl.load(v_ptr + position, mask=selected).to(tl.float32)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import block_chunk, block_walk, cast_to, define_op, eager_or_op, selected_before_block, tl, triton
+from ._triton_support import block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op, selected_before_block, tl, triton
 
 
 @triton.jit
@@ -23,29 +23,30 @@ def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_p
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     for offset in range(0, block_size, CHUNK):
-        element, flags, position, selected = block_chunk(bitmap_ptr, start, offset, block_size, numel, running,
-                                                         n_compact, INVERT, ALIGNED, CHUNK)
+        element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+        if OP != "copy":  # before the mask walk; the store stays selected
+            v = tl.load(values_ptr + element, mask=inside).to(tl.float32)
+        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
+                                                    INVERT, ALIGNED, CHUNK)
         if OP == "copy":
             out = tl.load(t1_ptr + position, mask=selected).to(tl.float32)
+        elif OP == "mul_scalar":
+            out = v * scalar
         else:
-            v = tl.load(values_ptr + element, mask=selected).to(tl.float32)
-            if OP == "mul_scalar":
-                out = v * scalar
-            else:
-                a = tl.load(t1_ptr + position, mask=selected).to(tl.float32)
-                # aten's CUDA formulas as nvcc compiles them (a + b·c contracted to one fma), written
-                # out so the result does not depend on Triton's fp-fusion default.
-                if OP == "mul":
-                    out = v * a
-                elif OP == "add":
-                    out = tl.fma(scalar, a, v)
-                elif OP == "addcmul":
-                    out = tl.fma(scalar, a * tl.load(t2_ptr + position, mask=selected).to(tl.float32), v)
-                elif OP == "addcdiv":  # IEEE division (Triton's / is approximate)
-                    b = tl.load(t2_ptr + position, mask=selected, other=1.0).to(tl.float32)
-                    out = tl.fma(scalar, tl.math.div_rn(a, b), v)
-                else:  # lerp, from the nearer end as aten does
-                    out = tl.where(tl.abs(scalar) < 0.5, tl.fma(scalar, a - v, v), tl.fma(v - a, 1.0 - scalar, a))
+            a = tl.load(t1_ptr + position, mask=selected).to(tl.float32)
+            # aten's CUDA formulas as nvcc compiles them (a + b·c contracted to one fma), written
+            # out so the result does not depend on Triton's fp-fusion default.
+            if OP == "mul":
+                out = v * a
+            elif OP == "add":
+                out = tl.fma(scalar, a, v)
+            elif OP == "addcmul":
+                out = tl.fma(scalar, a * tl.load(t2_ptr + position, mask=selected).to(tl.float32), v)
+            elif OP == "addcdiv":  # IEEE division (Triton's / is approximate)
+                b = tl.load(t2_ptr + position, mask=selected, other=1.0).to(tl.float32)
+                out = tl.fma(scalar, tl.math.div_rn(a, b), v)
+            else:  # lerp, from the nearer end as aten does
+                out = tl.where(tl.abs(scalar) < 0.5, tl.fma(scalar, a - v, v), tl.fma(v - a, 1.0 - scalar, a))
         tl.store(values_ptr + element, cast_to(out, values_ptr.dtype.element_ty), mask=selected)
         running += tl.sum(flags, axis=0).to(tl.int64)
 
