@@ -10,23 +10,17 @@ import json
 import torch
 
 
-def graph_us(fn) -> float:
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    with torch.cuda.stream(torch.cuda.Stream()):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
-
-
 def run() -> list:
+    from benchmarks.layers import Bench
     from resu_tensor import kernels
     from resu_tensor.kernels import quant_triton as qt
     from resu_tensor.mask_encoding import prefix_block_size
     from resu_tensor.qresu import quantize_active
+
+    bench = Bench(quick=False)
+
+    def graph_us(fn) -> float:  # GPU time of one call (do_bench_cudagraph), in µs
+        return bench.graph_ms(fn) * 1e3
 
     records = []
     for rows, cols in ((4096, 4096), (11008, 4096), (4096, 11008)):

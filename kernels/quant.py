@@ -7,9 +7,8 @@ import torch
 # Most tokens the Triton QRESU matmuls (quant_triton) route to their fused kernels when the caller
 # does not choose (``fused=None``); callers read them to know whether a prefix table will be used.
 # Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16): the
-# forward wins at one token only (53 vs 78 µs for W_eff + cuBLAS; 2 tokens 114 vs 77 µs), the
-# dX kernel never (349 vs 79 µs at one token). Taken before W_eff read scales per group (63 → 47 µs
-# alone), which favours W_eff + cuBLAS further.
+# forward wins at one token only (45 vs 58 µs for W_eff + cuBLAS; 2 tokens 102 vs 57 µs), the
+# dX kernel never (334 vs 57 µs at one token).
 FUSED_FORWARD_TOKENS = 1
 FUSED_GRAD_INPUT_TOKENS = 0
 
