@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import (block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op, move_selected, next_power_of_2,
-                              selected_before_block, tl, triton)
+from ._triton_support import (block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op,
+                              move_selected, next_power_of_2, selected_before_block, tl, triton)
 
 BLOCK = 1024  # elements per program of the bool-mask kernels
 PACK_BYTES = 256  # bitmap bytes per program of pack_bitmap

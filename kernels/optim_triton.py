@@ -7,7 +7,8 @@ Import only where triton imports (``kernels/__init__.py`` checks).
 import torch
 
 from . import optim
-from ._triton_support import block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op, selected_before_block, tl, triton
+from ._triton_support import (block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op,
+                              selected_before_block, tl, triton)
 
 
 @triton.jit

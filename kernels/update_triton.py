@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op, selected_before_block, tl, triton
+from ._triton_support import (block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op,
+                              selected_before_block, tl, triton)
 
 
 @triton.jit
