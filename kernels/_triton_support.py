@@ -199,7 +199,7 @@ if HAS_TRITON:
     def chunk_elements(start, offset, block_size, numel, CHUNK: tl.constexpr):
         """(element, inside) of the chunk at ``offset`` in the prefix block that begins at element
         ``start``: the step of the kernels that walk one prefix block per program (gather/scatter,
-        Adam, in-place updates). Those kernels read the chunk's weights masked by ``inside`` before
+        Adam, in-place updates, W_eff). Those kernels read the chunk's weights masked by ``inside`` before
         :func:`chunk_selection`, not by the selection after it: the read then does not wait for
         the mask bytes and the scan (gather 44 → 35 µs at 4096², H100), costs no extra DRAM
         traffic (a random mask leaves almost no 32-byte sector unselected) and writes nothing."""

@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 
 from . import quant
-from ._triton_support import (DOT_UPCAST, PREFIX_TILE, block_walk, cast_to, define_op, dot_precision, eager_or_op,
-                              interpreting, next_power_of_2, num_sms, repeat_each, selected_before_block,
-                              selected_positions, tl, triton)
+from ._triton_support import (DOT_UPCAST, PREFIX_TILE, block_walk, cast_to, chunk_elements, chunk_selection,
+                              define_op, dot_precision, eager_or_op, interpreting, next_power_of_2, num_sms,
+                              repeat_each, selected_before_block, tl, triton)
 from .mask_ops_triton import tile_prefix_and_total
 
 SMALL_M = 64  # the fused matmuls take at most this many tokens; more go through W_eff + cuBLAS
@@ -114,12 +114,11 @@ def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block
     running = selected_before_block(block_prefix_ptr, block, start, True)  # clear bits (θ entries) before
     for offset in range(0, block_size, CHUNK):
         first = start + offset
-        local = offset + tl.arange(0, CHUNK)
-        element = start + local
-        inside = (local < block_size) & (element < numel)
-        pruned, position = selected_positions(bitmap_ptr, first, inside, running, numel, True, ALIGNED, CHUNK)
+        element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+        pruned, position, has_theta = chunk_selection(bitmap_ptr, first, inside, running, numel, n_theta, True,
+                                                      ALIGNED, CHUNK)
         active = inside & (pruned == 0)
-        theta = tl.load(theta_ptr + position, mask=(pruned != 0) & (position < n_theta), other=0.0).to(tl.float32)
+        theta = tl.load(theta_ptr + position, mask=has_theta, other=0.0).to(tl.float32)
         first_row = first // cols  # rows and columns in int32 from the chunk's first row
         rest = (first - first_row * cols).to(tl.int32) + tl.arange(0, CHUNK)
         row = first_row + rest // cols
