@@ -29,10 +29,19 @@ def implementation(name: str, device_type: str) -> Callable:
     return impls.get(device_type, impls["reference"])
 
 
+def _first_tensor(args) -> torch.Tensor:
+    """The first tensor argument, or the first tensor of the first list of them (foreach ops)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    raise TypeError("a kernel call needs a tensor argument to pick its device")
+
+
 def _dispatched(name: str) -> Callable:
     def call(*args, **kwargs):
-        first = args[0] if isinstance(args[0], torch.Tensor) else next(a for a in args if isinstance(a, torch.Tensor))
-        return implementation(name, first.device.type)(*args, **kwargs)
+        return implementation(name, _first_tensor(args).device.type)(*args, **kwargs)
 
     call.__name__ = name
     call.__doc__ = _IMPLS[name]["reference"].__doc__
@@ -54,6 +63,7 @@ for _name, _fn in [
     ("qresu_linear_small_m", quant.qresu_linear_small_m),
     ("qresu_grad_input_small_m", quant.qresu_grad_input_small_m),
     ("adam_by_bitmap_", optim.adam_by_bitmap_),
+    ("foreach_adam_by_bitmap_", optim.foreach_adam_by_bitmap_),
     ("update_by_bitmap_", mask_ops.update_by_bitmap_),
     ("selective_scores_", selective.selective_scores_),
     ("selective_apply_", selective.selective_apply_),
@@ -79,6 +89,7 @@ if HAS_TRITON:
         ("qresu_linear_small_m", quant_triton.qresu_linear_small_m),
         ("qresu_grad_input_small_m", quant_triton.qresu_grad_input_small_m),
         ("adam_by_bitmap_", optim_triton.adam_by_bitmap_),
+        ("foreach_adam_by_bitmap_", optim_triton.foreach_adam_by_bitmap_),
         ("update_by_bitmap_", update_triton.update_by_bitmap_),
         ("selective_scores_", selective_triton.selective_scores_),
         ("selective_apply_", selective_triton.selective_apply_),
@@ -99,6 +110,7 @@ qresu_effective_weight = _dispatched("qresu_effective_weight")
 qresu_linear_small_m = _dispatched("qresu_linear_small_m")
 qresu_grad_input_small_m = _dispatched("qresu_grad_input_small_m")
 adam_by_bitmap_ = _dispatched("adam_by_bitmap_")
+foreach_adam_by_bitmap_ = _dispatched("foreach_adam_by_bitmap_")
 update_by_bitmap_ = _dispatched("update_by_bitmap_")
 selective_scores_ = _dispatched("selective_scores_")
 selective_apply_ = _dispatched("selective_apply_")
@@ -122,6 +134,7 @@ __all__ = [
     "qresu_linear_small_m",
     "qresu_grad_input_small_m",
     "adam_by_bitmap_",
+    "foreach_adam_by_bitmap_",
     "update_by_bitmap_",
     "selective_scores_",
     "selective_apply_",

@@ -1,6 +1,9 @@
-"""Reference for the fused Adam/AdamW step on a weight's bitmap-selected coordinates: the
-formula of ``torch._fused_adam_`` / ``torch._fused_adamw_`` (the ``fused=True`` optimizers),
-with the weight stored dense and its gradient and moments compact (row-major over the selection)."""
+"""Reference for the fused Adam/AdamW step on a weight's bitmap-selected coordinates, for one weight
+or a list of them: the formula of ``torch._fused_adam_`` / ``torch._fused_adamw_`` (the
+``fused=True`` optimizers), with the weight stored dense and its gradient and moments compact
+(row-major over the selection)."""
+from typing import List
+
 import torch
 
 from .mask_ops import gather_by_bitmap, scatter_by_bitmap_
@@ -40,3 +43,18 @@ def adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: to
     flat = gather_by_bitmap(values, bitmap, block_prefix, block_size, invert, grad.numel())
     adam_math_(flat, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
     return scatter_by_bitmap_(values, bitmap, block_prefix, block_size, invert, flat)
+
+
+def foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor], block_prefixes: List[torch.Tensor],
+                            block_sizes: List[int], inverts: List[bool], grads: List[torch.Tensor],
+                            exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor],
+                            lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, decoupled: bool,
+                            maximize: bool) -> None:
+    """:func:`adam_by_bitmap_` on each weight of equally long lists (entry j of every list
+    belongs to weight j), with shared hyperparameters."""
+    lists = (values, bitmaps, block_prefixes, block_sizes, inverts, grads, exp_avgs, exp_avg_sqs, steps)
+    if len({len(a) for a in lists}) != 1:
+        raise ValueError(f"foreach_adam_by_bitmap_: every list must hold one entry per weight, got lengths "
+                         f"{[len(a) for a in lists]}")
+    for weight in zip(*lists):
+        adam_by_bitmap_(*weight, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)

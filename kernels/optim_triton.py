@@ -1,14 +1,40 @@
 """Triton version of :mod:`optim`: the whole Adam/AdamW step of a bitmap-masked weight in one pass
 (read the selected weights and their compact grad and moments, write all three back), instead of
-a gather, the optimizer's element-wise ops and a scatter.
+a gather, the optimizer's element-wise ops and a scatter; and the same step for many weights in one
+launch (what ``torch._fused_adamw_`` hands over: every parameter of a param group).
 
 Import only where triton imports (``kernels/__init__.py`` checks).
 """
+from typing import List
+
 import torch
 
 from . import optim
 from ._triton_support import (block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op,
                               selected_before_block, tl, triton)
+
+
+@triton.jit
+def _bias_corrections(step_ptr, beta1, beta2):
+    """(1 − β1ᵗ, √(1 − β2ᵗ)) for the already incremented step count t."""
+    t = tl.load(step_ptr).to(tl.float32)
+    return 1.0 - tl.exp2(t * tl.log2(beta1)), tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2)))
+
+
+@triton.jit
+def _adam_update(p, g, m, v, bias1, bias2_sqrt, lr, beta1, beta2, weight_decay, eps,
+                 DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """One Adam (DECOUPLED: AdamW) step in float32: the new (p, m, v), as optim.adam_math_."""
+    if MAXIMIZE:
+        g = -g
+    if DECOUPLED:
+        p = p - lr * weight_decay * p
+    else:
+        g = g + weight_decay * p
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    return p, m, v
 
 
 @triton.jit
@@ -20,9 +46,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
-    t = tl.load(step_ptr).to(tl.float32)
-    bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
-    bias2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2)))
+    bias1, bias2_sqrt = _bias_corrections(step_ptr, beta1, beta2)
     for offset in range(0, block_size, CHUNK):
         element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
         p = tl.load(values_ptr + element, mask=inside).to(tl.float32)  # before the mask walk; stores stay selected
@@ -31,37 +55,155 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
         g = tl.load(grad_ptr + position, mask=selected).to(tl.float32)
         m = tl.load(m_ptr + position, mask=selected).to(tl.float32)
         v = tl.load(v_ptr + position, mask=selected).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        if DECOUPLED:
-            p = p - lr * weight_decay * p
-        else:
-            g = g + weight_decay * p
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        p = p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
+        p, m, v = _adam_update(p, g, m, v, bias1, bias2_sqrt, lr, beta1, beta2, weight_decay, eps, DECOUPLED,
+                               MAXIMIZE)
         tl.store(values_ptr + element, cast_to(p, values_ptr.dtype.element_ty), mask=selected)
         tl.store(m_ptr + position, cast_to(m, m_ptr.dtype.element_ty), mask=selected)
         tl.store(v_ptr + position, cast_to(v, v_ptr.dtype.element_ty), mask=selected)
         running += tl.sum(flags, axis=0).to(tl.int64)
 
 
-def _adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
-                     invert: bool, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                     step: torch.Tensor, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
-                     decoupled: bool, maximize: bool) -> None:
+# Columns of the foreach kernel's table: one int64 row per weight (addresses, then sizes).
+_TABLE = ("values", "bitmap", "block_prefix", "grad", "exp_avg", "exp_avg_sq", "step", "numel", "n_compact",
+          "block_size")
+_WIDTH = tl.constexpr(len(_TABLE))
+
+
+@triton.jit
+def _address(table_ptr, row, column: tl.constexpr, DTYPE: tl.constexpr):
+    """Row ``row``'s address in ``column`` as a pointer for loading DTYPE values (16-bit floats
+    through uint16 and a bitcast: the interpreter reads typed 16-bit pointers made from addresses
+    wrongly)."""
+    storage: tl.constexpr = tl.uint16 if DTYPE.primitive_bitwidth == 16 else DTYPE
+    return tl.load(table_ptr + row * _WIDTH + column).to(tl.pointer_type(storage))
+
+
+@triton.jit
+def _load_float(ptr, offset, mask, DTYPE: tl.constexpr):
+    """Values at ``ptr + offset`` of an :func:`_address` pointer, as float32."""
+    value = tl.load(ptr + offset, mask=mask)
+    if DTYPE.primitive_bitwidth == 16:
+        value = value.to(DTYPE, bitcast=True)
+    return value.to(tl.float32)
+
+
+@triton.jit
+def _store_float(ptr, offset, value, mask, DTYPE: tl.constexpr):
+    value = cast_to(value, DTYPE)
+    if DTYPE.primitive_bitwidth == 16:
+        value = value.to(tl.uint16, bitcast=True)
+    tl.store(ptr + offset, value, mask=mask)
+
+
+@triton.jit
+def _foreach_adam_bitmap_kernel(table_ptr, lr, beta1, beta2, weight_decay, eps, P_DTYPE: tl.constexpr,
+                                G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, INVERT: tl.constexpr,
+                                DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+                                CHUNK: tl.constexpr):
+    """:func:`_adam_bitmap_kernel` for many weights in one launch: grid (most prefix blocks of any
+    weight, weights); program (b, w) steps prefix block b of the weight in table row w (see
+    ``_TABLE``), if it has one. P/G/S_DTYPE: the weights', grads' and moments' dtypes."""
+    block = tl.program_id(0)
+    row = tl.program_id(1)
+    numel = tl.load(table_ptr + row * _WIDTH + 7)
+    n_compact = tl.load(table_ptr + row * _WIDTH + 8)
+    block_size = tl.load(table_ptr + row * _WIDTH + 9)
+    start = block.to(tl.int64) * block_size
+    if start < numel:
+        values_ptr = _address(table_ptr, row, 0, P_DTYPE)
+        bitmap_ptr = _address(table_ptr, row, 1, tl.uint8)
+        block_prefix_ptr = _address(table_ptr, row, 2, tl.int32)
+        grad_ptr = _address(table_ptr, row, 3, G_DTYPE)
+        m_ptr = _address(table_ptr, row, 4, S_DTYPE)
+        v_ptr = _address(table_ptr, row, 5, S_DTYPE)
+        running = selected_before_block(block_prefix_ptr, block, start, INVERT)
+        bias1, bias2_sqrt = _bias_corrections(_address(table_ptr, row, 6, tl.float32), beta1, beta2)
+        for offset in range(0, block_size, CHUNK):
+            element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+            p = _load_float(values_ptr, element, inside, P_DTYPE)
+            flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
+                                                        n_compact, INVERT, ALIGNED, CHUNK)
+            g = _load_float(grad_ptr, position, selected, G_DTYPE)
+            m = _load_float(m_ptr, position, selected, S_DTYPE)
+            v = _load_float(v_ptr, position, selected, S_DTYPE)
+            p, m, v = _adam_update(p, g, m, v, bias1, bias2_sqrt, lr, beta1, beta2, weight_decay, eps, DECOUPLED,
+                                   MAXIMIZE)
+            _store_float(values_ptr, element, p, selected, P_DTYPE)
+            _store_float(m_ptr, position, m, selected, S_DTYPE)
+            _store_float(v_ptr, position, v, selected, S_DTYPE)
+            running += tl.sum(flags, axis=0).to(tl.int64)
+
+
+def _check_adam_operands(values, grad, exp_avg, exp_avg_sq) -> None:
     for name, t in (("values", values), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if not t.is_contiguous():
             raise ValueError(f"adam_by_bitmap_: {name} must be contiguous")
     if not grad.numel() == exp_avg.numel() == exp_avg_sq.numel():
         raise ValueError(f"adam_by_bitmap_: grad, exp_avg and exp_avg_sq must be the same length, got "
                          f"{grad.numel()}, {exp_avg.numel()}, {exp_avg_sq.numel()}")
+
+
+def _adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                     invert: bool, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     step: torch.Tensor, lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
+                     decoupled: bool, maximize: bool) -> None:
+    _check_adam_operands(values, grad, exp_avg, exp_avg_sq)
     if values.numel() == 0 or grad.numel() == 0:
         return
     _adam_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
         values, bitmap, block_prefix, grad, exp_avg, exp_avg_sq, step, values.numel(), block_size, grad.numel(),
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), INVERT=bool(invert),
         DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), **block_walk(block_size))
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor], block_prefixes: List[torch.Tensor],
+                             block_sizes: List[int], inverts: List[bool], grads: List[torch.Tensor],
+                             exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor],
+                             lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, decoupled: bool,
+                             maximize: bool) -> None:
+    """:func:`optim.foreach_adam_by_bitmap_` in one launch per group of weights that share dtypes,
+    side and walk (usually one): a table of their addresses goes to the GPU (pinned, asynchronous)
+    instead of a launch per weight (GPT-2 small, 48 weights, H100 host: AdamW.step 3.5 → 2.5 ms)."""
+    lists = (values, bitmaps, block_prefixes, block_sizes, inverts, grads, exp_avgs, exp_avg_sqs, steps)
+    if len({len(a) for a in lists}) != 1:
+        raise ValueError(f"foreach_adam_by_bitmap_: every list must hold one entry per weight, got lengths "
+                         f"{[len(a) for a in lists]}")
+    groups = {}
+    for j, (p, g, m, v, step) in enumerate(zip(values, grads, exp_avgs, exp_avg_sqs, steps)):
+        for name, t in (("values", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+            if t.dtype not in _TL_DTYPES:
+                raise ValueError(f"foreach_adam_by_bitmap_: {name} of weight {j} is {t.dtype}; accepted: "
+                                 f"{sorted(str(d) for d in _TL_DTYPES)}")
+        if m.dtype != v.dtype or step.dtype != torch.float32 or step.numel() != 1:
+            raise ValueError(f"foreach_adam_by_bitmap_: weight {j} needs moments of one dtype and a one-element "
+                             f"float32 step, got {m.dtype}, {v.dtype} and a {step.dtype} step of {step.numel()}")
+        if p.numel() == 0 or g.numel() == 0:
+            continue
+        walk = block_walk(block_sizes[j])
+        key = (p.dtype, g.dtype, m.dtype, bool(inverts[j]), walk["CHUNK"], walk["ALIGNED"])
+        groups.setdefault(key, []).append(j)
+    for (p_dtype, g_dtype, s_dtype, invert, chunk, aligned), rows in groups.items():
+        if len(rows) == 1:  # no table to build and copy
+            j = rows[0]
+            _adam_by_bitmap_(values[j], bitmaps[j], block_prefixes[j], block_sizes[j], invert, grads[j], exp_avgs[j],
+                             exp_avg_sqs[j], steps[j], lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
+            continue
+        table, most_blocks = [], 0
+        for j in rows:
+            _check_adam_operands(values[j], grads[j], exp_avgs[j], exp_avg_sqs[j])
+            table.append([values[j].data_ptr(), bitmaps[j].data_ptr(), block_prefixes[j].data_ptr(),
+                          grads[j].data_ptr(), exp_avgs[j].data_ptr(), exp_avg_sqs[j].data_ptr(), steps[j].data_ptr(),
+                          values[j].numel(), grads[j].numel(), block_sizes[j]])
+            most_blocks = max(most_blocks, triton.cdiv(values[j].numel(), block_sizes[j]))
+        device = values[rows[0]].device
+        table = torch.tensor(table, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        _foreach_adam_bitmap_kernel[(most_blocks, len(rows))](
+            table, float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), P_DTYPE=_TL_DTYPES[p_dtype],
+            G_DTYPE=_TL_DTYPES[g_dtype], S_DTYPE=_TL_DTYPES[s_dtype], INVERT=invert, DECOUPLED=bool(decoupled),
+            MAXIMIZE=bool(maximize), ALIGNED=aligned, CHUNK=chunk)
 
 
 def _fake_adam(values, bitmap, block_prefix, block_size, invert, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2,
@@ -79,3 +221,14 @@ adam_by_bitmap_op = define_op("adam_by_bitmap_", _adam_by_bitmap_, _fake_adam,
 # What the kernel table registers for "cuda" (signature and result of optim.adam_by_bitmap_).
 adam_by_bitmap_ = eager_or_op("adam_by_bitmap_", _returning_values, adam_by_bitmap_op, optim.adam_by_bitmap_,
                               returns_first_arg=True)
+
+
+def _fake_foreach_adam(values, bitmaps, block_prefixes, block_sizes, inverts, grads, exp_avgs, exp_avg_sqs, steps, lr,
+                       beta1, beta2, weight_decay, eps, decoupled, maximize):
+    return None
+
+
+foreach_adam_by_bitmap_op = define_op("foreach_adam_by_bitmap_", _foreach_adam_by_bitmap_, _fake_foreach_adam,
+                                      mutates_args=["values", "exp_avgs", "exp_avg_sqs"])
+foreach_adam_by_bitmap_ = eager_or_op("foreach_adam_by_bitmap_", _foreach_adam_by_bitmap_, foreach_adam_by_bitmap_op,
+                                      optim.foreach_adam_by_bitmap_)

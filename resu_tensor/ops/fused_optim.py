@@ -2,8 +2,8 @@
 over lists that hold ResuTensor weights.
 
 A weight whose trainable set is a bitmap (SPARSE: set bits, RESU: clear bits) takes the whole
-step in one kernel pass over its mask, weights, compact grad and moments
-(:func:`resu_tensor.kernels.adam_by_bitmap_`). Everything else (plain tensors, DENSE weights,
+step in one kernel pass over its mask, weights, compact grad and moments, and all such weights of
+the call share one launch (:func:`resu_tensor.kernels.foreach_adam_by_bitmap_`). Everything else (plain tensors, DENSE weights,
 QRESU θ, index-encoded masks, and the amsgrad / grad-scaler / tensor-lr variants) runs torch's
 own fused op on the flattened trainable coordinates, as :mod:`resu_tensor.ops.foreach` does.
 """
@@ -40,7 +40,7 @@ def fused_adam(func, types, args, kwargs):
     params, grads, exp_avgs, exp_avg_sqs, _, state_steps = args[:6]
     one_pass = _one_pass_variant(kwargs)
     decoupled = func._schema.name == "aten::_fused_adamw_"
-    rest = []
+    rest, bitmap_weights = [], []
     for j, param in enumerate(params):
         bits = (param.bitmap_kernels_for(param.values)
                 if one_pass and isinstance(param, ResuTensor) and param.values is not None else None)
@@ -48,9 +48,11 @@ def fused_adam(func, types, args, kwargs):
             rest.append(j)
             continue
         grad, exp_avg, exp_avg_sq = _compact_state(func, param, (grads[j], exp_avgs[j], exp_avg_sqs[j]))
-        kernels.adam_by_bitmap_(param.values, *bits[:4], grad, exp_avg, exp_avg_sq,
-                                state_steps[j], kwargs["lr"], kwargs["beta1"], kwargs["beta2"],
-                                kwargs["weight_decay"], kwargs["eps"], decoupled, kwargs.get("maximize", False))
+        bitmap_weights.append((param.values, *bits[:4], grad, exp_avg, exp_avg_sq, state_steps[j]))
+    if bitmap_weights:  # one launch for all of them (per dtype group), not one per weight
+        kernels.foreach_adam_by_bitmap_(*map(list, zip(*bitmap_weights)), kwargs["lr"], kwargs["beta1"],
+                                        kwargs["beta2"], kwargs["weight_decay"], kwargs["eps"], decoupled,
+                                        kwargs.get("maximize", False))
     if rest:
         sub = [[a[j] for j in rest] if isinstance(a, (list, tuple)) and len(a) else a for a in args]
         foreach_op(func, types, tuple(sub), kwargs)
