@@ -45,6 +45,12 @@ def _variants(quick: bool):
                      beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
         yield op._adam_bitmap_kernel, types, {"INVERT": invert, "DECOUPLED": decoupled, "MAXIMIZE": False,
                                               "ALIGNED": True, "CHUNK": 1024}, {}
+    for dtype, invert in [(torch.bfloat16, True), (torch.float32, False)]:
+        types = dict(table_ptr="*i64", lr="fp32", beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
+        tl_dtype = op._TL_DTYPES[dtype]
+        yield op._foreach_adam_bitmap_kernel, types, {"P_DTYPE": tl_dtype, "G_DTYPE": tl_dtype, "S_DTYPE": tl_dtype,
+                                                      "INVERT": invert, "DECOUPLED": True, "MAXIMIZE": False,
+                                                      "ALIGNED": True, "CHUNK": 1024}, {}
     for update, (values, operand, invert) in itertools.product(mask_ops.UPDATE_OPS, [("*bf16", "*fp32", True),
                                                                                   ("*fp32", "*fp32", False)]):
         types = dict(values_ptr=values, bitmap_ptr="*u8", block_prefix_ptr="*i32", t1_ptr=operand, t2_ptr=operand,
