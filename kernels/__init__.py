@@ -65,6 +65,7 @@ for _name, _fn in [
     ("adam_by_bitmap_", optim.adam_by_bitmap_),
     ("foreach_adam_by_bitmap_", optim.foreach_adam_by_bitmap_),
     ("update_by_bitmap_", mask_ops.update_by_bitmap_),
+    ("foreach_update_by_bitmap_", mask_ops.foreach_update_by_bitmap_),
     ("selective_scores_", selective.selective_scores_),
     ("selective_apply_", selective.selective_apply_),
 ]:
@@ -91,6 +92,7 @@ if HAS_TRITON:
         ("adam_by_bitmap_", optim_triton.adam_by_bitmap_),
         ("foreach_adam_by_bitmap_", optim_triton.foreach_adam_by_bitmap_),
         ("update_by_bitmap_", update_triton.update_by_bitmap_),
+        ("foreach_update_by_bitmap_", update_triton.foreach_update_by_bitmap_),
         ("selective_scores_", selective_triton.selective_scores_),
         ("selective_apply_", selective_triton.selective_apply_),
     ]:
@@ -112,6 +114,7 @@ qresu_grad_input_small_m = _dispatched("qresu_grad_input_small_m")
 adam_by_bitmap_ = _dispatched("adam_by_bitmap_")
 foreach_adam_by_bitmap_ = _dispatched("foreach_adam_by_bitmap_")
 update_by_bitmap_ = _dispatched("update_by_bitmap_")
+foreach_update_by_bitmap_ = _dispatched("foreach_update_by_bitmap_")
 selective_scores_ = _dispatched("selective_scores_")
 selective_apply_ = _dispatched("selective_apply_")
 
@@ -136,6 +139,7 @@ __all__ = [
     "adam_by_bitmap_",
     "foreach_adam_by_bitmap_",
     "update_by_bitmap_",
+    "foreach_update_by_bitmap_",
     "selective_scores_",
     "selective_apply_",
 ]

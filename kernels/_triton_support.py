@@ -10,7 +10,9 @@ eager mode the table calls the plain Python launcher directly (:func:`eager_or_o
 through the dispatcher costs several microseconds per call, which matters for M=1 decoding and
 for the optimizer's many small gathers.
 """
+import math
 import os
+import struct
 import warnings
 from typing import Callable, Iterable
 
@@ -126,6 +128,23 @@ def block_walk(block_size: int) -> dict:
     return {"CHUNK": min(BLOCK_CHUNK, next_power_of_2(block_size)), "ALIGNED": block_size % 8 == 0}
 
 
+def address_table(rows: list, device: torch.device) -> torch.Tensor:
+    """int64 rows (tensor addresses and sizes) of a multi-tensor kernel, on ``device``: copied from
+    pinned memory without waiting for the GPU (the caching host allocator keeps the buffer until
+    the copy is done)."""
+    table = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return table.to(device, non_blocking=True)
+
+
+def float32_bits(x: float) -> int:
+    """The bits of ``x`` rounded to float32 (as Triton passes a float argument), as an int32."""
+    try:
+        packed = struct.pack("<f", x)
+    except OverflowError:  # beyond float32: ±inf, as the rounding would give
+        packed = struct.pack("<f", math.copysign(math.inf, x))
+    return struct.unpack("<i", packed)[0]
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a small fixed number on the interpreter)."""
     if device.type == "cuda":
@@ -215,6 +234,36 @@ if HAS_TRITON:
         ``n_compact``."""
         flags, position = selected_positions(bitmap_ptr, first, inside, running, numel, INVERT, ALIGNED, CHUNK)
         return flags, position, (flags != 0) & (position < n_compact)
+
+    # Multi-tensor kernels read each tensor's address from an int64 table (:func:`address_table`).
+    TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+    @triton.jit
+    def table_entry(table_ptr, row, column, WIDTH: tl.constexpr):
+        return tl.load(table_ptr + row * WIDTH + column)
+
+    @triton.jit
+    def table_pointer(table_ptr, row, column, WIDTH: tl.constexpr, DTYPE: tl.constexpr):
+        """The address in (row, column) as a pointer for DTYPE values, 16-bit floats as uint16 (the
+        interpreter reads typed 16-bit pointers made from addresses wrongly); read and write
+        through it with :func:`load_float` / :func:`store_float`."""
+        storage: tl.constexpr = tl.uint16 if DTYPE.primitive_bitwidth == 16 else DTYPE
+        return table_entry(table_ptr, row, column, WIDTH).to(tl.pointer_type(storage))
+
+    @triton.jit
+    def load_float(ptr, offset, mask, DTYPE: tl.constexpr):
+        """DTYPE values at ``ptr + offset`` (a :func:`table_pointer`) as float32."""
+        value = tl.load(ptr + offset, mask=mask)
+        if DTYPE.primitive_bitwidth == 16:
+            value = value.to(DTYPE, bitcast=True)
+        return value.to(tl.float32)
+
+    @triton.jit
+    def store_float(ptr, offset, value, mask, DTYPE: tl.constexpr):
+        value = cast_to(value, DTYPE)
+        if DTYPE.primitive_bitwidth == 16:
+            value = value.to(tl.uint16, bitcast=True)
+        tl.store(ptr + offset, value, mask=mask)
 
     @triton.jit
     def move_selected(values_ptr, compact_ptr, element, position, selected, GATHER: tl.constexpr):

@@ -47,7 +47,7 @@ def _variants(quick: bool):
                                               "ALIGNED": True, "CHUNK": 1024}, {}
     for dtype, invert in [(torch.bfloat16, True), (torch.float32, False)]:
         types = dict(table_ptr="*i64", lr="fp32", beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
-        tl_dtype = op._TL_DTYPES[dtype]
+        tl_dtype = op.TL_DTYPES[dtype]
         yield op._foreach_adam_bitmap_kernel, types, {"P_DTYPE": tl_dtype, "G_DTYPE": tl_dtype, "S_DTYPE": tl_dtype,
                                                       "INVERT": invert, "DECOUPLED": True, "MAXIMIZE": False,
                                                       "ALIGNED": True, "CHUNK": 1024}, {}
@@ -56,6 +56,12 @@ def _variants(quick: bool):
         types = dict(values_ptr=values, bitmap_ptr="*u8", block_prefix_ptr="*i32", t1_ptr=operand, t2_ptr=operand,
                      numel=i32, block_size=i32, n_compact=i32, scalar="fp32")
         yield up._update_bitmap_kernel, types, {"INVERT": invert, "OP": update, "ALIGNED": True, "CHUNK": 1024}, {}
+    for update, (values, operand, invert) in itertools.product(mask_ops.UPDATE_OPS, [
+            (torch.bfloat16, torch.float32, True), (torch.float32, torch.float32, False)]):
+        values, operand = up.TL_DTYPES[values], up.TL_DTYPES[operand]
+        constexprs = {"P_DTYPE": values, "T1_DTYPE": operand, "T2_DTYPE": operand, "INVERT": invert, "OP": update,
+                      "ALIGNED": True, "CHUNK": 1024}
+        yield up._foreach_update_bitmap_kernel, dict(table_ptr="*i64"), constexprs, {}
     for grad, ema in [("*bf16", "*bf16"), ("*fp32", "*fp32")]:
         common = dict(grad_ptr=grad, m_ptr=ema, v_ptr=ema, score_ptr="*fp32", numel=i32, delta="fp32")
         yield sel._scores_kernel, dict(common, screen_ptr="*fp32", beta="fp32", one_minus_beta="fp32", tau="fp32"), \

@@ -3,6 +3,8 @@
 Conventions shared with every kernel: a mask is flattened row-major; bit ``j`` of bitmap byte
 ``i`` is element ``8 * i + j``; compact vectors list the selected elements in row-major order.
 """
+from typing import List, Optional
+
 import torch
 
 _BIT_WEIGHTS = [1 << j for j in range(8)]
@@ -144,3 +146,21 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
     UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
     values.view(-1).masked_scatter_(selected, flat)
     return values
+
+
+def check_foreach_lengths(name: str, lists) -> None:
+    """ValueError unless the per-weight lists of a foreach kernel all have one length."""
+    if len({len(a) for a in lists}) != 1:
+        raise ValueError(f"{name}: every list must hold one entry per weight, got lengths {[len(a) for a in lists]}")
+
+
+def foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor],
+                              block_prefixes: List[torch.Tensor], block_sizes: List[int], inverts: List[bool], op: str,
+                              tensor1s: List[Optional[torch.Tensor]], tensor2s: List[Optional[torch.Tensor]],
+                              scalars: List[float]) -> None:
+    """:func:`update_by_bitmap_` with one ``op`` on each weight of equally long lists (entry j of
+    every list belongs to weight j; a ``_foreach_`` op's list positions)."""
+    lists = (values, bitmaps, block_prefixes, block_sizes, inverts, tensor1s, tensor2s, scalars)
+    check_foreach_lengths("foreach_update_by_bitmap_", lists)
+    for v, bitmap, prefix, block_size, invert, t1, t2, scalar in zip(*lists):
+        update_by_bitmap_(v, bitmap, prefix, block_size, invert, op, t1, t2, scalar)

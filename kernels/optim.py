@@ -6,7 +6,7 @@ from typing import List
 
 import torch
 
-from .mask_ops import gather_by_bitmap, scatter_by_bitmap_
+from .mask_ops import check_foreach_lengths, gather_by_bitmap, scatter_by_bitmap_
 
 
 def adam_math_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -53,8 +53,6 @@ def foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tens
     """:func:`adam_by_bitmap_` on each weight of equally long lists (entry j of every list
     belongs to weight j), with shared hyperparameters."""
     lists = (values, bitmaps, block_prefixes, block_sizes, inverts, grads, exp_avgs, exp_avg_sqs, steps)
-    if len({len(a) for a in lists}) != 1:
-        raise ValueError(f"foreach_adam_by_bitmap_: every list must hold one entry per weight, got lengths "
-                         f"{[len(a) for a in lists]}")
+    check_foreach_lengths("foreach_adam_by_bitmap_", lists)
     for weight in zip(*lists):
         adam_by_bitmap_(*weight, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)

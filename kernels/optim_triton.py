@@ -10,8 +10,10 @@ from typing import List
 import torch
 
 from . import optim
-from ._triton_support import (block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op,
-                              selected_before_block, tl, triton)
+from .mask_ops import check_foreach_lengths
+from ._triton_support import (TL_DTYPES, address_table, block_walk, cast_to, chunk_elements, chunk_selection,
+                              define_op, eager_or_op, load_float, selected_before_block, store_float, table_entry,
+                              table_pointer, tl, triton)
 
 
 @triton.jit
@@ -63,36 +65,10 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
         running += tl.sum(flags, axis=0).to(tl.int64)
 
 
-# Columns of the foreach kernel's table: one int64 row per weight (addresses, then sizes).
+# Columns of the foreach kernel's address table (_triton_support.address_table), one row per weight.
 _TABLE = ("values", "bitmap", "block_prefix", "grad", "exp_avg", "exp_avg_sq", "step", "numel", "n_compact",
           "block_size")
 _WIDTH = tl.constexpr(len(_TABLE))
-
-
-@triton.jit
-def _address(table_ptr, row, column: tl.constexpr, DTYPE: tl.constexpr):
-    """Row ``row``'s address in ``column`` as a pointer for loading DTYPE values (16-bit floats
-    through uint16 and a bitcast: the interpreter reads typed 16-bit pointers made from addresses
-    wrongly)."""
-    storage: tl.constexpr = tl.uint16 if DTYPE.primitive_bitwidth == 16 else DTYPE
-    return tl.load(table_ptr + row * _WIDTH + column).to(tl.pointer_type(storage))
-
-
-@triton.jit
-def _load_float(ptr, offset, mask, DTYPE: tl.constexpr):
-    """Values at ``ptr + offset`` of an :func:`_address` pointer, as float32."""
-    value = tl.load(ptr + offset, mask=mask)
-    if DTYPE.primitive_bitwidth == 16:
-        value = value.to(DTYPE, bitcast=True)
-    return value.to(tl.float32)
-
-
-@triton.jit
-def _store_float(ptr, offset, value, mask, DTYPE: tl.constexpr):
-    value = cast_to(value, DTYPE)
-    if DTYPE.primitive_bitwidth == 16:
-        value = value.to(tl.uint16, bitcast=True)
-    tl.store(ptr + offset, value, mask=mask)
 
 
 @triton.jit
@@ -105,32 +81,32 @@ def _foreach_adam_bitmap_kernel(table_ptr, lr, beta1, beta2, weight_decay, eps, 
     ``_TABLE``), if it has one. P/G/S_DTYPE: the weights', grads' and moments' dtypes."""
     block = tl.program_id(0)
     row = tl.program_id(1)
-    numel = tl.load(table_ptr + row * _WIDTH + 7)
-    n_compact = tl.load(table_ptr + row * _WIDTH + 8)
-    block_size = tl.load(table_ptr + row * _WIDTH + 9)
+    numel = table_entry(table_ptr, row, 7, _WIDTH)
+    n_compact = table_entry(table_ptr, row, 8, _WIDTH)
+    block_size = table_entry(table_ptr, row, 9, _WIDTH)
     start = block.to(tl.int64) * block_size
     if start < numel:
-        values_ptr = _address(table_ptr, row, 0, P_DTYPE)
-        bitmap_ptr = _address(table_ptr, row, 1, tl.uint8)
-        block_prefix_ptr = _address(table_ptr, row, 2, tl.int32)
-        grad_ptr = _address(table_ptr, row, 3, G_DTYPE)
-        m_ptr = _address(table_ptr, row, 4, S_DTYPE)
-        v_ptr = _address(table_ptr, row, 5, S_DTYPE)
+        values_ptr = table_pointer(table_ptr, row, 0, _WIDTH, P_DTYPE)
+        bitmap_ptr = table_pointer(table_ptr, row, 1, _WIDTH, tl.uint8)
+        block_prefix_ptr = table_pointer(table_ptr, row, 2, _WIDTH, tl.int32)
+        grad_ptr = table_pointer(table_ptr, row, 3, _WIDTH, G_DTYPE)
+        m_ptr = table_pointer(table_ptr, row, 4, _WIDTH, S_DTYPE)
+        v_ptr = table_pointer(table_ptr, row, 5, _WIDTH, S_DTYPE)
         running = selected_before_block(block_prefix_ptr, block, start, INVERT)
-        bias1, bias2_sqrt = _bias_corrections(_address(table_ptr, row, 6, tl.float32), beta1, beta2)
+        bias1, bias2_sqrt = _bias_corrections(table_pointer(table_ptr, row, 6, _WIDTH, tl.float32), beta1, beta2)
         for offset in range(0, block_size, CHUNK):
             element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
-            p = _load_float(values_ptr, element, inside, P_DTYPE)
+            p = load_float(values_ptr, element, inside, P_DTYPE)
             flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
                                                         n_compact, INVERT, ALIGNED, CHUNK)
-            g = _load_float(grad_ptr, position, selected, G_DTYPE)
-            m = _load_float(m_ptr, position, selected, S_DTYPE)
-            v = _load_float(v_ptr, position, selected, S_DTYPE)
+            g = load_float(grad_ptr, position, selected, G_DTYPE)
+            m = load_float(m_ptr, position, selected, S_DTYPE)
+            v = load_float(v_ptr, position, selected, S_DTYPE)
             p, m, v = _adam_update(p, g, m, v, bias1, bias2_sqrt, lr, beta1, beta2, weight_decay, eps, DECOUPLED,
                                    MAXIMIZE)
-            _store_float(values_ptr, element, p, selected, P_DTYPE)
-            _store_float(m_ptr, position, m, selected, S_DTYPE)
-            _store_float(v_ptr, position, v, selected, S_DTYPE)
+            store_float(values_ptr, element, p, selected, P_DTYPE)
+            store_float(m_ptr, position, m, selected, S_DTYPE)
+            store_float(v_ptr, position, v, selected, S_DTYPE)
             running += tl.sum(flags, axis=0).to(tl.int64)
 
 
@@ -156,27 +132,22 @@ def _adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: t
         DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), **block_walk(block_size))
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor], block_prefixes: List[torch.Tensor],
-                             block_sizes: List[int], inverts: List[bool], grads: List[torch.Tensor],
-                             exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor],
-                             lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, decoupled: bool,
-                             maximize: bool) -> None:
+def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor],
+                             block_prefixes: List[torch.Tensor], block_sizes: List[int], inverts: List[bool],
+                             grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                             exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], lr: float, beta1: float,
+                             beta2: float, weight_decay: float, eps: float, decoupled: bool, maximize: bool) -> None:
     """:func:`optim.foreach_adam_by_bitmap_` in one launch per group of weights that share dtypes,
     side and walk (usually one): a table of their addresses goes to the GPU (pinned, asynchronous)
     instead of a launch per weight (GPT-2 small, 48 weights, H100 host: AdamW.step 3.5 → 2.5 ms)."""
     lists = (values, bitmaps, block_prefixes, block_sizes, inverts, grads, exp_avgs, exp_avg_sqs, steps)
-    if len({len(a) for a in lists}) != 1:
-        raise ValueError(f"foreach_adam_by_bitmap_: every list must hold one entry per weight, got lengths "
-                         f"{[len(a) for a in lists]}")
+    check_foreach_lengths("foreach_adam_by_bitmap_", lists)
     groups = {}
     for j, (p, g, m, v, step) in enumerate(zip(values, grads, exp_avgs, exp_avg_sqs, steps)):
         for name, t in (("values", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
-            if t.dtype not in _TL_DTYPES:
+            if t.dtype not in TL_DTYPES:
                 raise ValueError(f"foreach_adam_by_bitmap_: {name} of weight {j} is {t.dtype}; accepted: "
-                                 f"{sorted(str(d) for d in _TL_DTYPES)}")
+                                 f"{sorted(str(d) for d in TL_DTYPES)}")
         if m.dtype != v.dtype or step.dtype != torch.float32 or step.numel() != 1:
             raise ValueError(f"foreach_adam_by_bitmap_: weight {j} needs moments of one dtype and a one-element "
                              f"float32 step, got {m.dtype}, {v.dtype} and a {step.dtype} step of {step.numel()}")
@@ -198,12 +169,10 @@ def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Ten
                           grads[j].data_ptr(), exp_avgs[j].data_ptr(), exp_avg_sqs[j].data_ptr(), steps[j].data_ptr(),
                           values[j].numel(), grads[j].numel(), block_sizes[j]])
             most_blocks = max(most_blocks, triton.cdiv(values[j].numel(), block_sizes[j]))
-        device = values[rows[0]].device
-        table = torch.tensor(table, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
         _foreach_adam_bitmap_kernel[(most_blocks, len(rows))](
-            table, float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), P_DTYPE=_TL_DTYPES[p_dtype],
-            G_DTYPE=_TL_DTYPES[g_dtype], S_DTYPE=_TL_DTYPES[s_dtype], INVERT=invert, DECOUPLED=bool(decoupled),
-            MAXIMIZE=bool(maximize), ALIGNED=aligned, CHUNK=chunk)
+            address_table(table, values[rows[0]].device), float(lr), float(beta1), float(beta2), float(weight_decay),
+            float(eps), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], S_DTYPE=TL_DTYPES[s_dtype],
+            INVERT=invert, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), ALIGNED=aligned, CHUNK=chunk)
 
 
 def _fake_adam(values, bitmap, block_prefix, block_size, invert, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2,

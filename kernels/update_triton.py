@@ -7,13 +7,36 @@ Formulas are those of aten's CUDA kernels, in float32 (opmath): ``v + s * (t1 / 
 addcdiv, torch.lerp's two-sided form. Import only where triton imports (``kernels/__init__.py``
 checks).
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from . import mask_ops
-from ._triton_support import (block_walk, cast_to, chunk_elements, chunk_selection, define_op, eager_or_op,
-                              selected_before_block, tl, triton)
+from ._triton_support import (TL_DTYPES, address_table, block_walk, cast_to, chunk_elements, chunk_selection,
+                              define_op, eager_or_op, float32_bits, load_float, selected_before_block, store_float,
+                              table_entry, table_pointer, tl, triton)
+
+
+@triton.jit
+def _updated(v, a, b, scalar, OP: tl.constexpr):
+    """The new weights (float32) from weights ``v``, compact operands ``a``, ``b`` and ``scalar``.
+    aten's CUDA formulas as nvcc compiles them (a + b·c contracted to one fma), written out so the
+    result does not depend on Triton's fp-fusion default."""
+    if OP == "copy":
+        out = a
+    elif OP == "mul_scalar":
+        out = v * scalar
+    elif OP == "mul":
+        out = v * a
+    elif OP == "add":
+        out = tl.fma(scalar, a, v)
+    elif OP == "addcmul":
+        out = tl.fma(scalar, a * b, v)
+    elif OP == "addcdiv":  # IEEE division (Triton's / is approximate)
+        out = tl.fma(scalar, tl.math.div_rn(a, b), v)
+    else:  # lerp, from the nearer end as aten does
+        out = tl.where(tl.abs(scalar) < 0.5, tl.fma(scalar, a - v, v), tl.fma(v - a, 1.0 - scalar, a))
+    return out
 
 
 @triton.jit
@@ -25,48 +48,120 @@ def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_p
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
     for offset in range(0, block_size, CHUNK):
         element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+        v = tl.zeros((CHUNK,), dtype=tl.float32)
         if OP != "copy":  # before the mask walk; the store stays selected
             v = tl.load(values_ptr + element, mask=inside).to(tl.float32)
         flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
                                                     INVERT, ALIGNED, CHUNK)
-        if OP == "copy":
-            out = tl.load(t1_ptr + position, mask=selected).to(tl.float32)
-        elif OP == "mul_scalar":
-            out = v * scalar
-        else:
+        a = v
+        if OP != "mul_scalar":
             a = tl.load(t1_ptr + position, mask=selected).to(tl.float32)
-            # aten's CUDA formulas as nvcc compiles them (a + b·c contracted to one fma), written
-            # out so the result does not depend on Triton's fp-fusion default.
-            if OP == "mul":
-                out = v * a
-            elif OP == "add":
-                out = tl.fma(scalar, a, v)
-            elif OP == "addcmul":
-                out = tl.fma(scalar, a * tl.load(t2_ptr + position, mask=selected).to(tl.float32), v)
-            elif OP == "addcdiv":  # IEEE division (Triton's / is approximate)
-                b = tl.load(t2_ptr + position, mask=selected, other=1.0).to(tl.float32)
-                out = tl.fma(scalar, tl.math.div_rn(a, b), v)
-            else:  # lerp, from the nearer end as aten does
-                out = tl.where(tl.abs(scalar) < 0.5, tl.fma(scalar, a - v, v), tl.fma(v - a, 1.0 - scalar, a))
+        b = a
+        if OP == "addcmul" or OP == "addcdiv":
+            b = tl.load(t2_ptr + position, mask=selected, other=1.0).to(tl.float32)
+        out = _updated(v, a, b, scalar, OP)
         tl.store(values_ptr + element, cast_to(out, values_ptr.dtype.element_ty), mask=selected)
         running += tl.sum(flags, axis=0).to(tl.int64)
+
+
+# Columns of the foreach kernel's address table (_triton_support.address_table), one row per weight.
+_TABLE = ("values", "bitmap", "block_prefix", "tensor1", "tensor2", "numel", "n_compact", "block_size",
+          "scalar (float32 bits)")
+_WIDTH = tl.constexpr(len(_TABLE))
+
+
+@triton.jit
+def _foreach_update_bitmap_kernel(table_ptr, P_DTYPE: tl.constexpr, T1_DTYPE: tl.constexpr,
+                                  T2_DTYPE: tl.constexpr, INVERT: tl.constexpr, OP: tl.constexpr,
+                                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+    """:func:`_update_bitmap_kernel` for many weights in one launch: grid (most prefix blocks of
+    any weight, weights), as optim_triton._foreach_adam_bitmap_kernel; each row has its scalar."""
+    block = tl.program_id(0)
+    row = tl.program_id(1)
+    numel = table_entry(table_ptr, row, 5, _WIDTH)
+    n_compact = table_entry(table_ptr, row, 6, _WIDTH)
+    block_size = table_entry(table_ptr, row, 7, _WIDTH)
+    start = block.to(tl.int64) * block_size
+    if start < numel:
+        values_ptr = table_pointer(table_ptr, row, 0, _WIDTH, P_DTYPE)
+        bitmap_ptr = table_pointer(table_ptr, row, 1, _WIDTH, tl.uint8)
+        block_prefix_ptr = table_pointer(table_ptr, row, 2, _WIDTH, tl.int32)
+        t1_ptr = table_pointer(table_ptr, row, 3, _WIDTH, T1_DTYPE)
+        t2_ptr = table_pointer(table_ptr, row, 4, _WIDTH, T2_DTYPE)
+        scalar = table_entry(table_ptr, row, 8, _WIDTH).to(tl.int32).to(tl.float32, bitcast=True)
+        running = selected_before_block(block_prefix_ptr, block, start, INVERT)
+        for offset in range(0, block_size, CHUNK):
+            element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+            v = tl.zeros((CHUNK,), dtype=tl.float32)
+            if OP != "copy":
+                v = load_float(values_ptr, element, inside, P_DTYPE)
+            flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
+                                                        n_compact, INVERT, ALIGNED, CHUNK)
+            a = v
+            if OP != "mul_scalar":
+                a = load_float(t1_ptr, position, selected, T1_DTYPE)
+            b = a
+            if OP == "addcmul" or OP == "addcdiv":
+                b = tl.where(selected, load_float(t2_ptr, position, selected, T2_DTYPE), 1.0)
+            store_float(values_ptr, element, _updated(v, a, b, scalar, OP), selected, P_DTYPE)
+            running += tl.sum(flags, axis=0).to(tl.int64)
+
+
+def _operands(op: str, values: torch.Tensor, tensor1: Optional[torch.Tensor], tensor2: Optional[torch.Tensor]):
+    """(t1, t2, n_compact) of a checked update: absent operands replaced by a tensor (unused
+    pointers still need one); with no compact operand (mul_scalar) nothing bounds positions, which
+    stay below numel."""
+    mask_ops.check_update(op, values, tensor1, tensor2)
+    if not values.is_contiguous():
+        raise ValueError("update_by_bitmap_: values must be contiguous")
+    t1 = values if tensor1 is None else tensor1.contiguous()
+    t2 = t1 if tensor2 is None else tensor2.contiguous()
+    return t1, t2, values.numel() if tensor1 is None else tensor1.numel()
 
 
 def _update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                        invert: bool, op: str, tensor1: Optional[torch.Tensor], tensor2: Optional[torch.Tensor],
                        scalar: float) -> None:
-    mask_ops.check_update(op, values, tensor1, tensor2)
-    if not values.is_contiguous():
-        raise ValueError("update_by_bitmap_: values must be contiguous")
-    # No compact operand (mul_scalar): nothing to bound positions by; they stay below numel.
-    n_compact = values.numel() if tensor1 is None else tensor1.numel()
+    t1, t2, n_compact = _operands(op, values, tensor1, tensor2)
     if values.numel() == 0 or n_compact == 0:
         return
-    t1 = values if tensor1 is None else tensor1.contiguous()  # unused pointers still need a tensor
-    t2 = t1 if tensor2 is None else tensor2.contiguous()
     _update_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
         values, bitmap, block_prefix, t1, t2, values.numel(), block_size, n_compact, float(scalar),
         INVERT=bool(invert), OP=op, **block_walk(block_size))
+
+
+def _foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor],
+                               block_prefixes: List[torch.Tensor], block_sizes: List[int], inverts: List[bool], op: str,
+                               tensor1s: List[Optional[torch.Tensor]], tensor2s: List[Optional[torch.Tensor]],
+                               scalars: List[float]) -> None:
+    """:func:`mask_ops.foreach_update_by_bitmap_` in one launch per group of weights that share
+    dtypes, side and walk (usually one), as optim_triton's foreach Adam."""
+    lists = (values, bitmaps, block_prefixes, block_sizes, inverts, tensor1s, tensor2s, scalars)
+    mask_ops.check_foreach_lengths("foreach_update_by_bitmap_", lists)
+    groups = {}
+    for j, (p, tensor1, tensor2) in enumerate(zip(values, tensor1s, tensor2s)):
+        t1, t2, n_compact = _operands(op, p, tensor1, tensor2)
+        for name, t in (("values", p), ("tensor1", t1), ("tensor2", t2)):
+            if t.dtype not in TL_DTYPES:
+                raise ValueError(f"foreach_update_by_bitmap_: {name} of weight {j} is {t.dtype}; accepted: "
+                                 f"{sorted(str(d) for d in TL_DTYPES)}")
+        if p.numel() and n_compact:
+            walk = block_walk(block_sizes[j])
+            key = (p.dtype, t1.dtype, t2.dtype, bool(inverts[j]), walk["CHUNK"], walk["ALIGNED"])
+            groups.setdefault(key, []).append((j, t1, t2, n_compact))
+    for (p_dtype, t1_dtype, t2_dtype, invert, chunk, aligned), rows in groups.items():
+        if len(rows) == 1:  # no table to build and copy
+            j = rows[0][0]
+            _update_by_bitmap_(values[j], bitmaps[j], block_prefixes[j], block_sizes[j], invert, op, tensor1s[j],
+                               tensor2s[j], scalars[j])
+            continue
+        table = [[values[j].data_ptr(), bitmaps[j].data_ptr(), block_prefixes[j].data_ptr(), t1.data_ptr(),
+                  t2.data_ptr(), values[j].numel(), n_compact, block_sizes[j], float32_bits(scalars[j])]
+                 for j, t1, t2, n_compact in rows]
+        most_blocks = max(triton.cdiv(values[j].numel(), block_sizes[j]) for j, *_ in rows)
+        _foreach_update_bitmap_kernel[(most_blocks, len(rows))](
+            address_table(table, values[rows[0][0]].device), P_DTYPE=TL_DTYPES[p_dtype], T1_DTYPE=TL_DTYPES[t1_dtype],
+            T2_DTYPE=TL_DTYPES[t2_dtype], INVERT=invert, OP=op, ALIGNED=aligned, CHUNK=chunk)
 
 
 def _fake_update(values, bitmap, block_prefix, block_size, invert, op, tensor1, tensor2, scalar):
@@ -82,3 +177,13 @@ update_by_bitmap_op = define_op("update_by_bitmap_", _update_by_bitmap_, _fake_u
 # What the kernel table registers for "cuda" (signature and result of mask_ops.update_by_bitmap_).
 update_by_bitmap_ = eager_or_op("update_by_bitmap_", _returning_values, update_by_bitmap_op,
                                 mask_ops.update_by_bitmap_, returns_first_arg=True)
+
+
+def _fake_foreach_update(values, bitmaps, block_prefixes, block_sizes, inverts, op, tensor1s, tensor2s, scalars):
+    return None
+
+
+foreach_update_by_bitmap_op = define_op("foreach_update_by_bitmap_", _foreach_update_by_bitmap_, _fake_foreach_update,
+                                        mutates_args=["values"])
+foreach_update_by_bitmap_ = eager_or_op("foreach_update_by_bitmap_", _foreach_update_by_bitmap_,
+                                        foreach_update_by_bitmap_op, mask_ops.foreach_update_by_bitmap_)

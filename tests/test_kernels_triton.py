@@ -101,8 +101,8 @@ def check_adam_by_bitmap(device, big):
 
 
 def check_foreach_adam_by_bitmap(device, big):
-    """Several weights in one call: two groups of three (bf16 and float32 weights, both sides, two
-    prefix-block sizes each) and a group of one; each must match the single-weight kernel bit for
+    """Several weights in one call: two groups of three (bf16 and float32 weights, both sides, three
+    prefix-block sizes that share one chunk walk) and a group of one; each must match the single-weight kernel bit for
     bit and the reference closely, and leave its unselected elements untouched."""
     k = package()
     ref, tri, masks = k.optim, k.optim_triton, k.mask_ops
@@ -111,7 +111,7 @@ def check_foreach_adam_by_bitmap(device, big):
     for dtype, invert, decoupled in [(torch.bfloat16, True, True), (torch.float32, False, True),
                                      (torch.float32, True, True)]:
         for shape, block_size in zip(shapes if dtype != torch.float32 or not invert else shapes[:1],
-                                     (300, 1024, 1024) if not big else (5120, 3072, 1024)):
+                                     (1024, 2048, 3072) if not big else (5120, 3072, 1024)):
             values = random_data(shape, dtype, device)
             mask = random_mask(values.numel(), 0.55, device)
             selected = ~mask if invert else mask

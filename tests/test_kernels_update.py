@@ -55,6 +55,45 @@ def check_update_by_bitmap(device, big):
                     _assert_matches(ours.view(-1)[selected], theirs.view(-1)[selected], dtype)
 
 
+def check_foreach_update_by_bitmap(device, big):
+    """Every op on three weights of one call plus one of another group (other side), each with its
+    own scalar: bit-identical to the single-weight kernel, frozen elements untouched."""
+    k = package()
+    ref, tri = k.mask_ops, k.update_triton
+    shapes = [(37, 41), (5, 300), (23, 17), (11, 13)] if not big else [(1003, 4099), (768, 3072), (301, 777), (64, 64)]
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = []
+        # block sizes that share the kernel's chunk walk, so the first three go in one launch
+        for shape, block_size, invert in zip(shapes, (1024, 2048, 3072, 1024) if not big else (5120, 3072, 1024, 1024),
+                                             (True, True, True, False)):
+            values = random_data(shape, dtype, device)
+            mask = random_mask(values.numel(), 0.55, device)
+            weights.append(dict(values=values, bitmap=ref.pack_bitmap(mask), block_size=block_size, invert=invert,
+                                prefix=ref.block_prefix_counts(mask, block_size), selected=~mask if invert else mask))
+        for op, scalar, n_operands in CASES:
+            operands = []
+            for w in weights:
+                count = int(w["selected"].sum())
+                tensors = [random_data(count, dtype, device) for _ in range(n_operands)]
+                if op == "addcdiv":
+                    tensors[1] = tensors[1].abs() + 0.1
+                operands.append(tensors + [None] * (2 - n_operands))
+            scalars = [scalar * (1 + j / 8) for j in range(len(weights))]
+            ours = [w["values"].clone() for w in weights]
+            tri.foreach_update_by_bitmap_(ours, [w["bitmap"] for w in weights], [w["prefix"] for w in weights],
+                                          [w["block_size"] for w in weights], [w["invert"] for w in weights], op,
+                                          [o[0] for o in operands], [o[1] for o in operands], scalars)
+            for w, values, (t1, t2), s in zip(weights, ours, operands, scalars):
+                single = tri.update_by_bitmap_(w["values"].clone(), w["bitmap"], w["prefix"], w["block_size"],
+                                               w["invert"], op, t1, t2, s)
+                theirs = ref.update_by_bitmap_(w["values"].clone(), w["bitmap"], w["prefix"], w["block_size"],
+                                               w["invert"], op, t1, t2, s)
+                selected, where = w["selected"], (op, dtype, values.shape)
+                assert torch.equal(values, single), where
+                assert torch.equal(values.view(-1)[~selected], w["values"].view(-1)[~selected]), where
+                _assert_matches(values.view(-1)[selected], theirs.view(-1)[selected], dtype)
+
+
 def check_update_custom_op_traces(device, big):
     """The custom op's fake implementation agrees with the real one, and torch.compile traces it."""
     k = package()
@@ -66,6 +105,10 @@ def check_update_custom_op_traces(device, big):
     for args in [(values.clone(), bitmap, prefix, 64, False, "addcdiv", t1, t2, -0.5),
                  (values.clone(), bitmap, prefix, 64, False, "mul_scalar", None, None, 0.5)]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    args = ([values.clone(), values.clone()], [bitmap] * 2, [prefix] * 2, [64, 64], [False, False], "addcdiv",
+            [t1, t1], [t2, t2], [-0.5, 0.25])
+    torch.library.opcheck(torch.ops.resu_tensor.foreach_update_by_bitmap_, args,
+                          test_utils=("test_schema", "test_faketensor"))
 
     def step(values, t1, t2):
         values = values.clone()

@@ -136,8 +136,9 @@ ONE_PASS = {  # name → (optimizer, kernels.update_by_bitmap_ calls per step pe
 @pytest.mark.parametrize("name", list(ONE_PASS))
 def test_in_place_updates_of_bitmap_weights_take_one_kernel_pass(mode, name, monkeypatch):
     """The optimizer's in-place ops on a bitmap-selected weight run as kernels.update_by_bitmap_
-    (no gather and scatter around them), next to a DENSE weight and a plain bias that keep the
-    generic path, with results bit-identical to that path (gather → op → scatter) on CPU."""
+    (foreach ops: foreach_update_by_bitmap_), with no gather and scatter around them, next to a
+    DENSE weight and a plain bias that keep the generic path, with results bit-identical to that
+    path (gather → op → scatter) on CPU."""
     import collections
     import copy
 
@@ -161,7 +162,7 @@ def test_in_place_updates_of_bitmap_weights_take_one_kernel_pass(mode, name, mon
             return call
 
         with monkeypatch.context() as patch:
-            for op in ("update_by_bitmap_", "gather_by_bitmap", "scatter_by_bitmap_"):
+            for op in ("update_by_bitmap_", "foreach_update_by_bitmap_", "gather_by_bitmap", "scatter_by_bitmap_"):
                 patch.setitem(kernels._IMPLS[op], "reference", counted(op, kernels._IMPLS[op]["reference"]))
             if not one_pass:
                 patch.setattr(trainable, "BITMAP_UPDATES", {})
@@ -175,21 +176,48 @@ def test_in_place_updates_of_bitmap_weights_take_one_kernel_pass(mode, name, mon
         return params, opt, calls
 
     params, opt, calls = train(one_pass=True)
-    launches = ("update_by_bitmap_", "gather_by_bitmap", "scatter_by_bitmap_")
-    assert [calls[op] for op in launches] == [updates_per_step, gathers_per_step, 0]
+    launches = ("gather_by_bitmap", "scatter_by_bitmap_")
+    one_pass = "foreach_update_by_bitmap_" if "foreach" in name else "update_by_bitmap_"
+    assert [calls[op] for op in (one_pass, *launches)] == [updates_per_step, gathers_per_step, 0]
     old_params, old_opt, old_calls = train(one_pass=False)
-    assert [old_calls[op] for op in launches] == [0, gathers_per_step + updates_per_step, updates_per_step]
+    assert [old_calls[op] for op in (one_pass, *launches)] == [0, gathers_per_step + updates_per_step,
+                                                              updates_per_step]
     for p, q in zip(params, old_params):
         assert torch.equal(_dense(p), _dense(q))
         for key, value in opt.state[p].items():
             assert torch.equal(_dense(value), _dense(old_opt.state[q][key])), key
 
 
+def test_foreach_ops_update_every_bitmap_weight_in_one_kernel_call(monkeypatch):
+    """Default (foreach) AdamW on three bitmap-selected weights: each in-place foreach op on the
+    weights is one foreach_update_by_bitmap_ call holding all three, not a call per weight."""
+    from resu_tensor import kernels
+
+    weights = [make_pair(mode)[0] for mode in ("resu", "sparse", "resu")]
+    opt = torch.optim.AdamW(weights, lr=0.01, weight_decay=0.1, foreach=True)
+    calls = []
+    reference = kernels._IMPLS["foreach_update_by_bitmap_"]["reference"]
+
+    def counted(values, *args):
+        calls.append(len(values))
+        return reference(values, *args)
+
+    monkeypatch.setitem(kernels._IMPLS["foreach_update_by_bitmap_"], "reference", counted)
+    monkeypatch.setitem(kernels._IMPLS["update_by_bitmap_"], "reference", None)  # a per-weight call would fail
+    before = [w.dequantize() for w in weights]
+    sum(F.linear(torch.randn(4, 48), w).square().sum() for w in weights).backward()
+    opt.step()
+    assert calls == [3, 3]  # the decay's _foreach_mul_ and the step's _foreach_addcdiv_
+    for w, old in zip(weights, before):
+        frozen = ~w.trainable_mask()
+        assert torch.equal(w.dequantize()[frozen], old[frozen]) and not torch.equal(w.dequantize(), old)
+
+
 def _dense(t):
     return t.dequantize() if isinstance(t, rt.ResuTensor) else t.flat if isinstance(t, rt.CompactTensor) else t.detach()
 
 
-IN_PLACE = {  # name → (the op on weight w with compact operands a, b; kernels.update_by_bitmap_ calls)
+IN_PLACE = {  # name → (the op on weight w with compact operands a, b; kernels.(foreach_)update_by_bitmap_ calls)
     "mul_scalar": (lambda w, a, b: w.mul_(0.9), 1),
     "mul": (lambda w, a, b: w.mul_(a), 1),
     "add_alpha": (lambda w, a, b: w.add_(a, alpha=-0.3), 1),
@@ -226,13 +254,14 @@ def test_each_in_place_form_equals_gather_op_scatter(name, monkeypatch):
     a = weight.compact(torch.randn(weight.trainable_count))
     b = weight.compact(torch.rand(weight.trainable_count) + 0.5)
     calls = []
-    reference = kernels._IMPLS["update_by_bitmap_"]["reference"]
+    kernel = "foreach_update_by_bitmap_" if name.startswith("foreach") else "update_by_bitmap_"
+    reference = kernels._IMPLS[kernel]["reference"]
 
     def counted(*args):
         calls.append(args)
         return reference(*args)
 
-    monkeypatch.setitem(kernels._IMPLS["update_by_bitmap_"], "reference", counted)
+    monkeypatch.setitem(kernels._IMPLS[kernel], "reference", counted)
     frozen = ~weight.trainable_mask()
     ours, theirs = copy.deepcopy(weight).detach(), copy.deepcopy(weight).detach()
     with torch.no_grad():

@@ -5,14 +5,16 @@ Each list position is flattened as :mod:`resu_tensor.ops.trainable` flattens one
 (its trainable coordinates), then the foreach op runs once over the whole flat lists, so plain
 and ResuTensor parameters share one multi-tensor launch per op instead of a Python loop of
 per-parameter ops. In-place results are written back to the weights that need it, except on
-bitmap-selected weights, which take the op in one kernel pass each (:func:`bitmap_update_`).
+bitmap-selected weights, which all take the op in one kernel launch
+(:func:`resu_tensor.kernels.foreach_update_by_bitmap_`).
 """
 import torch
 from torch.optim import optimizer as _optimizer
 from torch.utils import _foreach_utils
 
+from resu_tensor import kernels
 from resu_tensor.compact import CompactTensor
-from resu_tensor.ops.trainable import _Operands, _is_inplace, bitmap_update_, write_back
+from resu_tensor.ops.trainable import _Operands, _is_inplace, bitmap_update_args, write_back
 from resu_tensor.tensor import ResuTensor
 
 aten = torch.ops.aten
@@ -39,12 +41,21 @@ def foreach_op(func, types, args, kwargs):
     # Flattened positions run together with plain tensors; other subclasses (e.g. the DTensors of
     # FSDP2-sharded neighbours) refuse plain tensors in their list, so they get their own call.
     own_call = {j for j in range(n) if operands[j] is None and not all(_is_plain(args[i][j]) for i in tensor_lists)}
-    # Bitmap-selected weights: one kernel pass each, only once every position's operands were
-    # checked (stale state raises before anything moves).
-    done = set()
+    # Bitmap-selected weights: one kernel launch for all of them (per op and dtype group), only
+    # once every position's operands were checked (stale state raises before anything moves).
+    updates = {}
     if _is_inplace(func):
-        done = {j for j in range(n) if operands[j] is not None and bitmap_update_(
-            func, operands[j], [a[j] if i in per_position else a for i, a in enumerate(args)], kwargs)}
+        for j in range(n):
+            if operands[j] is not None:
+                update = bitmap_update_args(func, operands[j], [a[j] if i in per_position else a
+                                                                for i, a in enumerate(args)], kwargs)
+                if update is not None:
+                    updates.setdefault(update[5], {})[j] = update  # by op: mul_ may hold mul and mul_scalar
+    done = set()
+    for op, by_position in updates.items():
+        columns = [list(column) for column in zip(*by_position.values())]
+        kernels.foreach_update_by_bitmap_(*columns[:5], op, *columns[6:])
+        done |= set(by_position)
     results = [None] * n
     for positions in ([j for j in range(n) if j not in own_call | done], sorted(own_call)):
         if not positions:

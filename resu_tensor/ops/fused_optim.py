@@ -3,9 +3,10 @@ over lists that hold ResuTensor weights.
 
 A weight whose trainable set is a bitmap (SPARSE: set bits, RESU: clear bits) takes the whole
 step in one kernel pass over its mask, weights, compact grad and moments, and all such weights of
-the call share one launch (:func:`resu_tensor.kernels.foreach_adam_by_bitmap_`). Everything else (plain tensors, DENSE weights,
-QRESU θ, index-encoded masks, and the amsgrad / grad-scaler / tensor-lr variants) runs torch's
-own fused op on the flattened trainable coordinates, as :mod:`resu_tensor.ops.foreach` does.
+the call share one launch (:func:`resu_tensor.kernels.foreach_adam_by_bitmap_`). Everything else
+(plain tensors, DENSE weights, QRESU θ, index-encoded masks, and the amsgrad / grad-scaler /
+tensor-lr variants) runs torch's own fused op on the flattened trainable coordinates, as
+:mod:`resu_tensor.ops.foreach` does.
 """
 import torch
 

@@ -7,6 +7,8 @@ trainable coordinates, so frozen coordinates never move, weight decay included. 
 different trainable sets (stale optimizer state) raise instead of being misapplied. The in-place
 ops optimizers call on a bitmap-selected weight take one kernel pass instead (:func:`bitmap_update_`).
 """
+from typing import Optional
+
 import torch
 import torch._inductor.inductor_prims  # defines prims.fma (torchao imports it already)
 from torch.utils._pytree import tree_map
@@ -154,33 +156,41 @@ def _named_arguments(func, args, kwargs) -> dict:
     return named
 
 
-def bitmap_update_(func, operands: _Operands, args, kwargs) -> bool:
-    """Run in-place op ``func`` (for a _foreach_ op: one list position's arguments) as one
-    kernels.update_by_bitmap_ pass when its target is a dense-stored ResuTensor whose trainable set
-    is a bitmap, its other tensors are CompactTensors (``operands`` has checked they share the
-    target's trainable set) and its scalar a number; else do nothing and return False, and the
-    caller runs gather → op → scatter."""
+def bitmap_update_args(func, operands: _Operands, args, kwargs) -> Optional[tuple]:
+    """The arguments of one kernels.update_by_bitmap_ pass that runs in-place op ``func`` (for a
+    _foreach_ op: one list position's arguments), when its target is a dense-stored ResuTensor
+    whose trainable set is a bitmap, its other tensors are CompactTensors (``operands`` has checked
+    they share the target's trainable set) and its scalar a number; else None, and the caller runs
+    gather → op → scatter."""
     form = BITMAP_UPDATES.get(func)
     if form is None:
-        return False
+        return None
     op, tensor_names, scalar_name = form
     named = _named_arguments(func, args, kwargs)
     target = named["self"]
     if not isinstance(target, ResuTensor) or target.values is None or target.transposed:
-        return False  # transposed: the generic path raises its error
+        return None  # transposed: the generic path raises its error
     if op == "mul" and isinstance(named["other"], (int, float)):  # p.mul_(0.9) dispatches as mul_.Tensor
         op, tensor_names, scalar_name = "mul_scalar", (), "other"
     tensors = [named[name] for name in tensor_names]
     scalar = named[scalar_name] if scalar_name else 1.0
     if (not all(isinstance(t, CompactTensor) and t.flat.dtype in _OPMATH_DTYPES for t in tensors)
             or not isinstance(scalar, (int, float))):
-        return False
+        return None
     bits = target.bitmap_kernels_for(target.values)
     if bits is None:
-        return False
+        return None
     flats = [operands.flat(t) for t in tensors] + [None] * (2 - len(tensors))
-    kernels.update_by_bitmap_(target.values, *bits[:4], op, *flats, float(scalar))
-    return True
+    return (target.values, *bits[:4], op, *flats, float(scalar))
+
+
+def bitmap_update_(func, operands: _Operands, args, kwargs) -> bool:
+    """Run in-place op ``func`` as one kernels.update_by_bitmap_ pass if :func:`bitmap_update_args`
+    allows; whether it did."""
+    update = bitmap_update_args(func, operands, args, kwargs)
+    if update is not None:
+        kernels.update_by_bitmap_(*update)
+    return update is not None
 
 
 def write_back(func, target, flat: torch.Tensor) -> None:
