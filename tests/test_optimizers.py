@@ -293,6 +293,21 @@ def test_detached_compact_grad_shares_its_values():
     assert torch.equal(detached.flat, grad.flat)
 
 
+def test_foreach_state_ops_refuse_state_of_another_trainable_set():
+    """A _foreach_ op over optimizer state alone (no weight in the call) still checks that every
+    list position holds one trainable set, and changes nothing when one does not."""
+    w, _ = make_pair("sparse")
+    grads = [w.compact(torch.randn(w.trainable_count)) for _ in range(2)]
+    moments = [w.compact(torch.zeros(w.trainable_count)) for _ in range(2)]
+    wrong = rt.ResuTensor.from_dense(torch.randn(16, 48), sparsity=0.25)
+    stale = wrong.compact(torch.zeros(wrong.trainable_count))
+    with pytest.raises(ValueError, match="does not match this weight's trainable coordinates"):
+        torch._foreach_lerp_([moments[0], stale], grads, 0.1)
+    assert not moments[0].flat.any() and not stale.flat.any()
+    torch._foreach_lerp_(moments, grads, 0.1)  # one set per position: fine
+    assert torch.equal(moments[1].flat, grads[1].flat * 0.1)
+
+
 def test_fused_adamw_op_refuses_state_of_another_trainable_set():
     """Below the optimizer's pre-step check: torch._fused_adamw_ itself refuses moments that belong
     to another trainable set of the weight, and moves nothing."""

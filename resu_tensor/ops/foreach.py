@@ -31,22 +31,20 @@ def _is_plain(t) -> bool:
 
 def foreach_op(func, types, args, kwargs):
     kwargs = kwargs or {}
+    inplace = _is_inplace(func)
     n = len(next(a for a in args if _is_tensor_list(a)))
     per_position = {i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and len(a) == n}  # incl. ScalarLists
-    tensor_lists = [i for i in per_position if _is_tensor_list(args[i])]
-    operands = []
-    for j in range(n):
-        column = [args[i][j] for i in tensor_lists]
-        operands.append(_Operands(func, column, {}) if any(isinstance(t, _SUBCLASSES) for t in column) else None)
+    tensor_lists = {i for i in per_position if _is_tensor_list(args[i])}
+    operands = [_Operands.of_column(func, [args[i][j] for i in tensor_lists]) for j in range(n)]
     # Flattened positions run together with plain tensors; other subclasses (e.g. the DTensors of
     # FSDP2-sharded neighbours) refuse plain tensors in their list, so they get their own call.
     own_call = {j for j in range(n) if operands[j] is None and not all(_is_plain(args[i][j]) for i in tensor_lists)}
     # Bitmap-selected weights: one kernel launch for all of them (per op and dtype group), only
     # once every position's operands were checked (stale state raises before anything moves).
     updates = {}
-    if _is_inplace(func):
+    if inplace:
         for j in range(n):
-            if operands[j] is not None:
+            if operands[j] is not None and isinstance(args[0][j], ResuTensor):
                 update = bitmap_update_args(func, operands[j], [a[j] if i in per_position else a
                                                                 for i, a in enumerate(args)], kwargs)
                 if update is not None:
@@ -57,18 +55,19 @@ def foreach_op(func, types, args, kwargs):
         kernels.foreach_update_by_bitmap_(*columns[:5], op, *columns[6:])
         done |= set(by_position)
     results = [None] * n
-    for positions in ([j for j in range(n) if j not in own_call | done], sorted(own_call)):
+    separate = own_call | done
+    for positions in ([j for j in range(n) if j not in separate], sorted(own_call)):
         if not positions:
             continue
         call_args = [[args[i][j] if operands[j] is None or i not in tensor_lists else operands[j].flat(args[i][j])
                       for j in positions] if i in per_position else a for i, a in enumerate(args)]
         out = func(*call_args, **kwargs)
         for k, j in enumerate(positions):
-            if _is_inplace(func):
+            if inplace:
                 write_back(func, args[0][j], call_args[0][k])
             else:
                 results[j] = out[k] if operands[j] is None else operands[j].wrap(out[k])
-    return None if _is_inplace(func) else results
+    return None if inplace else results
 
 
 FOREACH_OPS = [

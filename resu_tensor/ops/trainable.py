@@ -80,6 +80,24 @@ class _Operands:
             if a.transposed != self.transposed:
                 raise ValueError(f"{func}: cannot mix a transposed weight view with an untransposed one")
 
+    @classmethod
+    def of_column(cls, func, column) -> Optional["_Operands"]:
+        """_Operands of one list position of a _foreach_ op, None if it holds no ResuTensor or
+        CompactTensor. A column of CompactTensors of one trainable set (the optimizer's state
+        ops, most of a foreach step) skips the general argument walk: nothing there to check."""
+        first = column[0]
+        if type(first) is CompactTensor and all(
+                type(a) is CompactTensor and a.trainable_key == first.trainable_key and a.transposed == first.transposed
+                for a in column):
+            operands = cls.__new__(cls)
+            operands.func, operands.weight, operands.n_trainable = func, None, first.flat.numel()
+            operands.key, operands.transposed, operands.logical_shape = (first.trainable_key, first.transposed,
+                                                                        first.logical_shape)
+            return operands
+        if any(isinstance(a, (ResuTensor, CompactTensor)) for a in column):
+            return cls(func, column, {})
+        return None
+
     def flat(self, a):
         if isinstance(a, CompactTensor):
             return a.flat
