@@ -128,12 +128,39 @@ def block_walk(block_size: int) -> dict:
     return {"CHUNK": min(BLOCK_CHUNK, next_power_of_2(block_size)), "ALIGNED": block_size % 8 == 0}
 
 
+# Every masked-weight table row begins with these columns (see table_row / table_block).
+TABLE_COLUMNS = ("values", "bitmap", "block_prefix", "numel", "n_compact", "block_size")
+
+
+def table_row(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, n_compact: int,
+              block_size: int, *extra: int) -> list:
+    """One weight's row of a multi-tensor kernel's table: ``TABLE_COLUMNS``, then ``extra``."""
+    return [values.data_ptr(), bitmap.data_ptr(), block_prefix.data_ptr(), values.numel(), n_compact, block_size,
+            *extra]
+
+
+def table_grid(rows: list) -> tuple:
+    """Grid of a multi-tensor kernel: (most prefix blocks of any weight, weights)."""
+    return max(-(-row[3] // row[5]) for row in rows), len(rows)
+
+
 def address_table(rows: list, device: torch.device) -> torch.Tensor:
     """int64 rows (tensor addresses and sizes) of a multi-tensor kernel, on ``device``: copied from
     pinned memory without waiting for the GPU (the caching host allocator keeps the buffer until
     the copy is done)."""
     table = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
     return table.to(device, non_blocking=True)
+
+
+def table_group(op: str, j: int, block_size: int, **tensors: torch.Tensor) -> tuple:
+    """The launch group of weight ``j`` of a multi-tensor kernel (weights of one group share one
+    launch): the dtypes of ``tensors`` and the walk's CHUNK and ALIGNED. ValueError for a dtype
+    the kernels do not read."""
+    for name, t in tensors.items():
+        if t.dtype not in TL_DTYPES:
+            raise ValueError(f"{op}: {name} of weight {j} is {t.dtype}; accepted: {sorted(str(d) for d in TL_DTYPES)}")
+    walk = block_walk(block_size)
+    return (*(t.dtype for t in tensors.values()), walk["CHUNK"], walk["ALIGNED"])
 
 
 def float32_bits(x: float) -> int:
@@ -143,6 +170,10 @@ def float32_bits(x: float) -> int:
     except OverflowError:  # beyond float32: ±inf, as the rounding would give
         packed = struct.pack("<f", math.copysign(math.inf, x))
     return struct.unpack("<i", packed)[0]
+
+
+# Multi-tensor kernels read each tensor's address from an int64 table (:func:`address_table`).
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if HAS_TRITON else {}
 
 
 def num_sms(device: torch.device) -> int:
@@ -235,9 +266,6 @@ if HAS_TRITON:
         flags, position = selected_positions(bitmap_ptr, first, inside, running, numel, INVERT, ALIGNED, CHUNK)
         return flags, position, (flags != 0) & (position < n_compact)
 
-    # Multi-tensor kernels read each tensor's address from an int64 table (:func:`address_table`).
-    TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
     @triton.jit
     def table_entry(table_ptr, row, column, WIDTH: tl.constexpr):
         return tl.load(table_ptr + row * WIDTH + column)
@@ -249,6 +277,21 @@ if HAS_TRITON:
         through it with :func:`load_float` / :func:`store_float`."""
         storage: tl.constexpr = tl.uint16 if DTYPE.primitive_bitwidth == 16 else DTYPE
         return table_entry(table_ptr, row, column, WIDTH).to(tl.pointer_type(storage))
+
+    @triton.jit
+    def table_block(table_ptr, row, block, WIDTH: tl.constexpr):
+        """(start, numel, n_compact, block_size) of prefix block ``block`` of the weight in table
+        row ``row`` (``TABLE_COLUMNS``); the block exists where start < numel."""
+        block_size = table_entry(table_ptr, row, 5, WIDTH)
+        return (block.to(tl.int64) * block_size, table_entry(table_ptr, row, 3, WIDTH),
+                table_entry(table_ptr, row, 4, WIDTH), block_size)
+
+    @triton.jit
+    def table_walk_start(table_ptr, row, block, start, WIDTH: tl.constexpr, INVERT: tl.constexpr):
+        """(bitmap pointer, selected count before the block) of a :func:`table_block` block."""
+        block_prefix_ptr = table_pointer(table_ptr, row, 2, WIDTH, tl.int32)
+        return (table_pointer(table_ptr, row, 1, WIDTH, tl.uint8),
+                selected_before_block(block_prefix_ptr, block, start, INVERT))
 
     @triton.jit
     def load_float(ptr, offset, mask, DTYPE: tl.constexpr):

@@ -11,9 +11,10 @@ import torch
 
 from . import optim
 from .mask_ops import check_foreach_lengths
-from ._triton_support import (TL_DTYPES, address_table, block_walk, cast_to, chunk_elements, chunk_selection,
-                              define_op, eager_or_op, load_float, selected_before_block, store_float, table_entry,
-                              table_pointer, tl, triton)
+from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, address_table, block_walk, cast_to, chunk_elements,
+                              chunk_selection, define_op, eager_or_op, load_float, selected_before_block, store_float,
+                              table_block, table_grid, table_group, table_pointer, table_row, table_walk_start, tl,
+                              triton)
 
 
 @triton.jit
@@ -66,8 +67,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
 
 
 # Columns of the foreach kernel's address table (_triton_support.address_table), one row per weight.
-_TABLE = ("values", "bitmap", "block_prefix", "grad", "exp_avg", "exp_avg_sq", "step", "numel", "n_compact",
-          "block_size")
+_TABLE = (*TABLE_COLUMNS, "grad", "exp_avg", "exp_avg_sq", "step")
 _WIDTH = tl.constexpr(len(_TABLE))
 
 
@@ -81,19 +81,14 @@ def _foreach_adam_bitmap_kernel(table_ptr, lr, beta1, beta2, weight_decay, eps, 
     ``_TABLE``), if it has one. P/G/S_DTYPE: the weights', grads' and moments' dtypes."""
     block = tl.program_id(0)
     row = tl.program_id(1)
-    numel = table_entry(table_ptr, row, 7, _WIDTH)
-    n_compact = table_entry(table_ptr, row, 8, _WIDTH)
-    block_size = table_entry(table_ptr, row, 9, _WIDTH)
-    start = block.to(tl.int64) * block_size
+    start, numel, n_compact, block_size = table_block(table_ptr, row, block, _WIDTH)
     if start < numel:
+        bitmap_ptr, running = table_walk_start(table_ptr, row, block, start, _WIDTH, INVERT)
         values_ptr = table_pointer(table_ptr, row, 0, _WIDTH, P_DTYPE)
-        bitmap_ptr = table_pointer(table_ptr, row, 1, _WIDTH, tl.uint8)
-        block_prefix_ptr = table_pointer(table_ptr, row, 2, _WIDTH, tl.int32)
-        grad_ptr = table_pointer(table_ptr, row, 3, _WIDTH, G_DTYPE)
-        m_ptr = table_pointer(table_ptr, row, 4, _WIDTH, S_DTYPE)
-        v_ptr = table_pointer(table_ptr, row, 5, _WIDTH, S_DTYPE)
-        running = selected_before_block(block_prefix_ptr, block, start, INVERT)
-        bias1, bias2_sqrt = _bias_corrections(table_pointer(table_ptr, row, 6, _WIDTH, tl.float32), beta1, beta2)
+        grad_ptr = table_pointer(table_ptr, row, 6, _WIDTH, G_DTYPE)
+        m_ptr = table_pointer(table_ptr, row, 7, _WIDTH, S_DTYPE)
+        v_ptr = table_pointer(table_ptr, row, 8, _WIDTH, S_DTYPE)
+        bias1, bias2_sqrt = _bias_corrections(table_pointer(table_ptr, row, 9, _WIDTH, tl.float32), beta1, beta2)
         for offset in range(0, block_size, CHUNK):
             element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
             p = load_float(values_ptr, element, inside, P_DTYPE)
@@ -144,32 +139,26 @@ def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Ten
     check_foreach_lengths("foreach_adam_by_bitmap_", lists)
     groups = {}
     for j, (p, g, m, v, step) in enumerate(zip(values, grads, exp_avgs, exp_avg_sqs, steps)):
-        for name, t in (("values", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
-            if t.dtype not in TL_DTYPES:
-                raise ValueError(f"foreach_adam_by_bitmap_: {name} of weight {j} is {t.dtype}; accepted: "
-                                 f"{sorted(str(d) for d in TL_DTYPES)}")
+        key = (bool(inverts[j]), *table_group("foreach_adam_by_bitmap_", j, block_sizes[j], values=p, grad=g,
+                                              exp_avg=m, exp_avg_sq=v))
         if m.dtype != v.dtype or step.dtype != torch.float32 or step.numel() != 1:
             raise ValueError(f"foreach_adam_by_bitmap_: weight {j} needs moments of one dtype and a one-element "
                              f"float32 step, got {m.dtype}, {v.dtype} and a {step.dtype} step of {step.numel()}")
-        if p.numel() == 0 or g.numel() == 0:
-            continue
-        walk = block_walk(block_sizes[j])
-        key = (p.dtype, g.dtype, m.dtype, bool(inverts[j]), walk["CHUNK"], walk["ALIGNED"])
-        groups.setdefault(key, []).append(j)
-    for (p_dtype, g_dtype, s_dtype, invert, chunk, aligned), rows in groups.items():
+        if p.numel() and g.numel():
+            groups.setdefault(key, []).append(j)
+    for (invert, p_dtype, g_dtype, s_dtype, _, chunk, aligned), rows in groups.items():
         if len(rows) == 1:  # no table to build and copy
             j = rows[0]
             _adam_by_bitmap_(values[j], bitmaps[j], block_prefixes[j], block_sizes[j], invert, grads[j], exp_avgs[j],
                              exp_avg_sqs[j], steps[j], lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
             continue
-        table, most_blocks = [], 0
+        table = []
         for j in rows:
             _check_adam_operands(values[j], grads[j], exp_avgs[j], exp_avg_sqs[j])
-            table.append([values[j].data_ptr(), bitmaps[j].data_ptr(), block_prefixes[j].data_ptr(),
-                          grads[j].data_ptr(), exp_avgs[j].data_ptr(), exp_avg_sqs[j].data_ptr(), steps[j].data_ptr(),
-                          values[j].numel(), grads[j].numel(), block_sizes[j]])
-            most_blocks = max(most_blocks, triton.cdiv(values[j].numel(), block_sizes[j]))
-        _foreach_adam_bitmap_kernel[(most_blocks, len(rows))](
+            table.append(table_row(values[j], bitmaps[j], block_prefixes[j], grads[j].numel(), block_sizes[j],
+                                   grads[j].data_ptr(), exp_avgs[j].data_ptr(), exp_avg_sqs[j].data_ptr(),
+                                   steps[j].data_ptr()))
+        _foreach_adam_bitmap_kernel[table_grid(table)](
             address_table(table, values[rows[0]].device), float(lr), float(beta1), float(beta2), float(weight_decay),
             float(eps), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], S_DTYPE=TL_DTYPES[s_dtype],
             INVERT=invert, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), ALIGNED=aligned, CHUNK=chunk)

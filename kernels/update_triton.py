@@ -12,9 +12,10 @@ from typing import List, Optional
 import torch
 
 from . import mask_ops
-from ._triton_support import (TL_DTYPES, address_table, block_walk, cast_to, chunk_elements, chunk_selection,
-                              define_op, eager_or_op, float32_bits, load_float, selected_before_block, store_float,
-                              table_entry, table_pointer, tl, triton)
+from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, address_table, block_walk, cast_to, chunk_elements,
+                              chunk_selection, define_op, eager_or_op, float32_bits, load_float, selected_before_block,
+                              store_float, table_block, table_entry, table_grid, table_group, table_pointer, table_row,
+                              table_walk_start, tl, triton)
 
 
 @triton.jit
@@ -65,8 +66,7 @@ def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_p
 
 
 # Columns of the foreach kernel's address table (_triton_support.address_table), one row per weight.
-_TABLE = ("values", "bitmap", "block_prefix", "tensor1", "tensor2", "numel", "n_compact", "block_size",
-          "scalar (float32 bits)")
+_TABLE = (*TABLE_COLUMNS, "tensor1", "tensor2", "scalar (float32 bits)")
 _WIDTH = tl.constexpr(len(_TABLE))
 
 
@@ -78,18 +78,13 @@ def _foreach_update_bitmap_kernel(table_ptr, P_DTYPE: tl.constexpr, T1_DTYPE: tl
     any weight, weights), as optim_triton._foreach_adam_bitmap_kernel; each row has its scalar."""
     block = tl.program_id(0)
     row = tl.program_id(1)
-    numel = table_entry(table_ptr, row, 5, _WIDTH)
-    n_compact = table_entry(table_ptr, row, 6, _WIDTH)
-    block_size = table_entry(table_ptr, row, 7, _WIDTH)
-    start = block.to(tl.int64) * block_size
+    start, numel, n_compact, block_size = table_block(table_ptr, row, block, _WIDTH)
     if start < numel:
+        bitmap_ptr, running = table_walk_start(table_ptr, row, block, start, _WIDTH, INVERT)
         values_ptr = table_pointer(table_ptr, row, 0, _WIDTH, P_DTYPE)
-        bitmap_ptr = table_pointer(table_ptr, row, 1, _WIDTH, tl.uint8)
-        block_prefix_ptr = table_pointer(table_ptr, row, 2, _WIDTH, tl.int32)
-        t1_ptr = table_pointer(table_ptr, row, 3, _WIDTH, T1_DTYPE)
-        t2_ptr = table_pointer(table_ptr, row, 4, _WIDTH, T2_DTYPE)
+        t1_ptr = table_pointer(table_ptr, row, 6, _WIDTH, T1_DTYPE)
+        t2_ptr = table_pointer(table_ptr, row, 7, _WIDTH, T2_DTYPE)
         scalar = table_entry(table_ptr, row, 8, _WIDTH).to(tl.int32).to(tl.float32, bitcast=True)
-        running = selected_before_block(block_prefix_ptr, block, start, INVERT)
         for offset in range(0, block_size, CHUNK):
             element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
             v = tl.zeros((CHUNK,), dtype=tl.float32)
@@ -141,25 +136,19 @@ def _foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.T
     groups = {}
     for j, (p, tensor1, tensor2) in enumerate(zip(values, tensor1s, tensor2s)):
         t1, t2, n_compact = _operands(op, p, tensor1, tensor2)
-        for name, t in (("values", p), ("tensor1", t1), ("tensor2", t2)):
-            if t.dtype not in TL_DTYPES:
-                raise ValueError(f"foreach_update_by_bitmap_: {name} of weight {j} is {t.dtype}; accepted: "
-                                 f"{sorted(str(d) for d in TL_DTYPES)}")
+        key = (bool(inverts[j]), *table_group("foreach_update_by_bitmap_", j, block_sizes[j], values=p, tensor1=t1,
+                                              tensor2=t2))
         if p.numel() and n_compact:
-            walk = block_walk(block_sizes[j])
-            key = (p.dtype, t1.dtype, t2.dtype, bool(inverts[j]), walk["CHUNK"], walk["ALIGNED"])
             groups.setdefault(key, []).append((j, t1, t2, n_compact))
-    for (p_dtype, t1_dtype, t2_dtype, invert, chunk, aligned), rows in groups.items():
+    for (invert, p_dtype, t1_dtype, t2_dtype, chunk, aligned), rows in groups.items():
         if len(rows) == 1:  # no table to build and copy
             j = rows[0][0]
             _update_by_bitmap_(values[j], bitmaps[j], block_prefixes[j], block_sizes[j], invert, op, tensor1s[j],
                                tensor2s[j], scalars[j])
             continue
-        table = [[values[j].data_ptr(), bitmaps[j].data_ptr(), block_prefixes[j].data_ptr(), t1.data_ptr(),
-                  t2.data_ptr(), values[j].numel(), n_compact, block_sizes[j], float32_bits(scalars[j])]
-                 for j, t1, t2, n_compact in rows]
-        most_blocks = max(triton.cdiv(values[j].numel(), block_sizes[j]) for j, *_ in rows)
-        _foreach_update_bitmap_kernel[(most_blocks, len(rows))](
+        table = [table_row(values[j], bitmaps[j], block_prefixes[j], n_compact, block_sizes[j], t1.data_ptr(),
+                           t2.data_ptr(), float32_bits(scalars[j])) for j, t1, t2, n_compact in rows]
+        _foreach_update_bitmap_kernel[table_grid(table)](
             address_table(table, values[rows[0][0]].device), P_DTYPE=TL_DTYPES[p_dtype], T1_DTYPE=TL_DTYPES[t1_dtype],
             T2_DTYPE=TL_DTYPES[t2_dtype], INVERT=invert, OP=op, ALIGNED=aligned, CHUNK=chunk)
 
