@@ -47,7 +47,7 @@ class FastPropertyAccess:
         return super().__torch_function__(func, types, args, kwargs)
 
 
-class CompactTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
+class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
     """Logical shape (out, in); stores only the trainable coordinates of one ResuTensor, flat,
     in row-major order of the weight's storage.
 
@@ -58,6 +58,9 @@ class CompactTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
 
     tensor_data_names = ["flat"]
     tensor_attribute_names = ["trainable_key", "logical_shape", "transposed"]
+    # No torch functions of its own: ops go straight to __torch_dispatch__, and the properties
+    # optimizers read per parameter per step (.grad, .shape, ...) stay in C (as DTensor does).
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
     def __new__(cls, flat: torch.Tensor, trainable_key: int, logical_shape, transposed: bool = False):
         shape = torch.Size(logical_shape)

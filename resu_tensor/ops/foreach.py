@@ -14,7 +14,7 @@ from torch.utils import _foreach_utils
 
 from resu_tensor import kernels
 from resu_tensor.compact import CompactTensor
-from resu_tensor.ops.trainable import _Operands, _is_inplace, bitmap_update_args, write_back
+from resu_tensor.ops.trainable import _named_arguments, _Operands, _is_inplace, bitmap_update_args, write_back
 from resu_tensor.tensor import ResuTensor
 
 aten = torch.ops.aten
@@ -25,49 +25,89 @@ def _is_tensor_list(a) -> bool:
     return isinstance(a, (list, tuple)) and len(a) > 0 and isinstance(a[0], torch.Tensor)
 
 
-def _is_plain(t) -> bool:
-    return not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_OWN_CALL = object()
+
+
+def _column(func, column):
+    """How one list position flattens: None (plain tensors: as they are, in the shared call); the
+    first CompactTensor, when all are CompactTensors of one trainable set (the optimizer's state
+    ops, most of a foreach step: their ``flat`` vectors, nothing else to check); an _Operands when
+    a ResuTensor is among them; _OWN_CALL for other subclasses (e.g. the DTensors of
+    FSDP2-sharded neighbours), which refuse plain tensors in their list."""
+    first = column[0]
+    if type(first) is CompactTensor and all(
+            type(t) is CompactTensor and t.trainable_key == first.trainable_key and t.transposed == first.transposed
+            for t in column):
+        return first
+    for t in column:
+        if type(t) not in _PLAIN_TYPES:
+            return _Operands(func, column, {}) if any(isinstance(a, _SUBCLASSES) for a in column) else _OWN_CALL
+    return None
+
+
+def _flatten(how, column):
+    if how is None or how is _OWN_CALL:
+        return column
+    if type(how) is CompactTensor:
+        return [t.flat for t in column]
+    return [how.flat(t) for t in column]
+
+
+def _wrap(how, out):
+    if type(how) is CompactTensor:
+        return how.with_flat(out) if out.dim() == 1 and out.numel() == how.flat.numel() else out
+    return out if how is None or how is _OWN_CALL else how.wrap(out)
 
 
 def foreach_op(func, types, args, kwargs):
     kwargs = kwargs or {}
     inplace = _is_inplace(func)
     n = len(next(a for a in args if _is_tensor_list(a)))
-    per_position = {i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and len(a) == n}  # incl. ScalarLists
-    tensor_lists = {i for i in per_position if _is_tensor_list(args[i])}
-    operands = [_Operands.of_column(func, [args[i][j] for i in tensor_lists]) for j in range(n)]
-    # Flattened positions run together with plain tensors; other subclasses (e.g. the DTensors of
-    # FSDP2-sharded neighbours) refuse plain tensors in their list, so they get their own call.
-    own_call = {j for j in range(n) if operands[j] is None and not all(_is_plain(args[i][j]) for i in tensor_lists)}
+    per_position = [i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and len(a) == n]  # incl. ScalarLists
+    tensor_lists = [i for i in per_position if _is_tensor_list(args[i])]
+    columns = list(zip(*(args[i] for i in tensor_lists)))
+    flattening = [_column(func, column) for column in columns]
     # Bitmap-selected weights: one kernel launch for all of them (per op and dtype group), only
-    # once every position's operands were checked (stale state raises before anything moves).
-    updates = {}
+    # once every position was checked (stale state raises before anything moves).
+    done = set()
     if inplace:
-        for j in range(n):
-            if operands[j] is not None and isinstance(args[0][j], ResuTensor):
-                update = bitmap_update_args(func, operands[j], [a[j] if i in per_position else a
-                                                                for i, a in enumerate(args)], kwargs)
+        updates = {}
+        named = _named_arguments(func, args, kwargs)
+        for j, target in enumerate(args[0]):
+            if isinstance(target, ResuTensor) and isinstance(flattening[j], _Operands):
+                update = bitmap_update_args(func, flattening[j], _position(named, j, n))
                 if update is not None:
                     updates.setdefault(update[5], {})[j] = update  # by op: mul_ may hold mul and mul_scalar
-    done = set()
-    for op, by_position in updates.items():
-        columns = [list(column) for column in zip(*by_position.values())]
-        kernels.foreach_update_by_bitmap_(*columns[:5], op, *columns[6:])
-        done |= set(by_position)
+        for op, by_position in updates.items():
+            update_columns = [list(c) for c in zip(*by_position.values())]
+            kernels.foreach_update_by_bitmap_(*update_columns[:5], op, *update_columns[6:])
+            done |= set(by_position)
     results = [None] * n
-    separate = own_call | done
-    for positions in ([j for j in range(n) if j not in separate], sorted(own_call)):
+    own = [j for j in range(n) if flattening[j] is _OWN_CALL]
+    for positions in ([j for j in range(n) if flattening[j] is not _OWN_CALL and j not in done], own):
         if not positions:
             continue
-        call_args = [[args[i][j] if operands[j] is None or i not in tensor_lists else operands[j].flat(args[i][j])
-                      for j in positions] if i in per_position else a for i, a in enumerate(args)]
+        flat = [_flatten(flattening[j], columns[j]) for j in positions]
+        call_args = list(args)
+        for k, i in enumerate(tensor_lists):
+            call_args[i] = [column[k] for column in flat]
+        for i in per_position:
+            if i not in tensor_lists:
+                call_args[i] = [args[i][j] for j in positions]
         out = func(*call_args, **kwargs)
         for k, j in enumerate(positions):
-            if inplace:
-                write_back(func, args[0][j], call_args[0][k])
-            else:
-                results[j] = out[k] if operands[j] is None else operands[j].wrap(out[k])
+            if not inplace:
+                results[j] = _wrap(flattening[j], out[k])
+            elif isinstance(flattening[j], _Operands):
+                write_back(func, args[0][j], flat[k][0])
     return None if inplace else results
+
+
+def _position(named: dict, j: int, n: int) -> dict:
+    """One list position's named arguments of a _foreach_ op (lists of length n give their j-th
+    element; scalars and lists of another length are shared)."""
+    return {name: a[j] if isinstance(a, (list, tuple)) and len(a) == n else a for name, a in named.items()}
 
 
 FOREACH_OPS = [

@@ -80,24 +80,6 @@ class _Operands:
             if a.transposed != self.transposed:
                 raise ValueError(f"{func}: cannot mix a transposed weight view with an untransposed one")
 
-    @classmethod
-    def of_column(cls, func, column) -> Optional["_Operands"]:
-        """_Operands of one list position of a _foreach_ op, None if it holds no ResuTensor or
-        CompactTensor. A column of CompactTensors of one trainable set (the optimizer's state
-        ops, most of a foreach step) skips the general argument walk: nothing there to check."""
-        first = column[0]
-        if type(first) is CompactTensor and all(
-                type(a) is CompactTensor and a.trainable_key == first.trainable_key and a.transposed == first.transposed
-                for a in column):
-            operands = cls.__new__(cls)
-            operands.func, operands.weight, operands.n_trainable = func, None, first.flat.numel()
-            operands.key, operands.transposed, operands.logical_shape = (first.trainable_key, first.transposed,
-                                                                        first.logical_shape)
-            return operands
-        if any(isinstance(a, (ResuTensor, CompactTensor)) for a in column):
-            return cls(func, column, {})
-        return None
-
     def flat(self, a):
         if isinstance(a, CompactTensor):
             return a.flat
@@ -174,9 +156,9 @@ def _named_arguments(func, args, kwargs) -> dict:
     return named
 
 
-def bitmap_update_args(func, operands: _Operands, args, kwargs) -> Optional[tuple]:
+def bitmap_update_args(func, operands: _Operands, named: dict) -> Optional[tuple]:
     """The arguments of one kernels.update_by_bitmap_ pass that runs in-place op ``func`` (for a
-    _foreach_ op: one list position's arguments), when its target is a dense-stored ResuTensor
+    _foreach_ op: one list position's arguments; ``named``: by schema name), when its target is a dense-stored ResuTensor
     whose trainable set is a bitmap, its other tensors are CompactTensors (``operands`` has checked
     they share the target's trainable set) and its scalar a number; else None, and the caller runs
     gather → op → scatter."""
@@ -184,7 +166,6 @@ def bitmap_update_args(func, operands: _Operands, args, kwargs) -> Optional[tupl
     if form is None:
         return None
     op, tensor_names, scalar_name = form
-    named = _named_arguments(func, args, kwargs)
     target = named["self"]
     if not isinstance(target, ResuTensor) or target.values is None or target.transposed:
         return None  # transposed: the generic path raises its error
@@ -205,7 +186,7 @@ def bitmap_update_args(func, operands: _Operands, args, kwargs) -> Optional[tupl
 def bitmap_update_(func, operands: _Operands, args, kwargs) -> bool:
     """Run in-place op ``func`` as one kernels.update_by_bitmap_ pass if :func:`bitmap_update_args`
     allows; whether it did."""
-    update = bitmap_update_args(func, operands, args, kwargs)
+    update = bitmap_update_args(func, operands, _named_arguments(func, args, kwargs))
     if update is not None:
         kernels.update_by_bitmap_(*update)
     return update is not None
