@@ -93,10 +93,12 @@ def _variants(quick: bool):
     forward, grad_input = ("x_ptr", ("stride_xm", "stride_xk")), ("g_ptr", ("stride_gm", "stride_gn"))
     for kernel, (operand, (row_stride, unit_stride)), tables in [
             (qt._linear_kernel, forward, qt._ELEMENTWISE), (qt._bytewise_linear_kernel, forward, qt._BYTEWISE),
+            (qt._wordwise_gemv_kernel, forward, {"gemv": qt._WORDWISE}),
             (qt._grad_input_kernel, grad_input, {"dot": qt._GRAD_INPUT})]:
         for shape, table in tables.items():
             for config in table:
-                for bits, block_m in [(4, 1 if shape == "gemv" else 16), (8, 1 if shape == "gemv" else 64)]:
+                for bits, block_m in [(4, 1 if shape == "gemv" else 16), (8, 1 if shape == "gemv" else 64)][
+                        :1 if "BLOCK_W" in config.kwargs else 2]:  # word-wise: 4-bit codes only
                     types = dict(common, **{operand: "*bf16", row_stride: i32})
                     constexprs = dict(config.kwargs, BITS=bits, TILE=PREFIX_TILE, PRECISION="tf32", UPCAST=False,
                                       BLOCK_M=block_m, **{unit_stride: 1})

@@ -237,6 +237,66 @@ def _bytewise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
 
 
 @triton.jit
+def _popcount32(v):
+    """Set bits of each uint32 value (SWAR)."""
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _wordwise_gemv_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
+                          m, rows, cols, stride_xm, stride_xk, q_stride, n_groups, group_size, n_prefix_tiles,
+                          span, stride_os, stride_om, n_theta,
+                          BITS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """:func:`_linear_kernel` for one token and 4-bit codes on rows of whole 32-bit mask words
+    (cols and group_size multiples of 32). A step reads BLOCK_W mask words per row, the four code
+    words of each and its scale, as (rows, mask words, bytes, bits) tiles, so nothing is reshaped
+    or reloaded per element; an element's θ index is its mask word's running count, the pruned
+    bits of the bytes below it in the word (popcounts) and a scan over its byte."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < rows
+    first = split * span
+    last = tl.minimum(first + span, cols)
+    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=row_ok, other=0)
+    q = tl.arange(0, 4)  # byte of the mask word = code word
+    j = tl.arange(0, 8)  # bit of the byte = code of the code word
+    bytes_below = ((1 << (8 * q)) - 1).to(tl.uint32)
+    bit_of_word = (8 * q[:, None] + j[None, :]).to(tl.uint32)
+    mask_words = bitmap_ptr.to(tl.pointer_type(tl.int32))
+    code_words = qdata_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros((BLOCK_N, BLOCK_W, 4, 8), dtype=tl.float32)
+    for k0 in range(first, last, 32 * BLOCK_W):
+        w = k0 // 32 + tl.arange(0, BLOCK_W)  # mask word within the row
+        w_ok = w < last // 32
+        ok = row_ok[:, None] & w_ok[None, :]
+        pruned = ~tl.load(mask_words + rn[:, None] * (cols // 32) + w[None, :], mask=ok, other=-1).to(tl.uint32)
+        count = _popcount32(pruned)
+        word_start = running[:, None] + tl.cumsum(count, axis=1) - count
+        running += tl.sum(count, axis=1)
+        byte_start = word_start[:, :, None] + _popcount32(pruned[:, :, None] & bytes_below[None, None, :])
+        bit = ((pruned[:, :, None, None] >> bit_of_word[None, None, :, :]) & 1).to(tl.int32)
+        position = byte_start[:, :, :, None] + tl.cumsum(bit, axis=3) - bit
+        theta = tl.load(theta_ptr + position, mask=(bit != 0) & (position < n_theta), other=0.0)
+        words = tl.load(code_words + rn[:, None, None] * (q_stride // 4) + 4 * w[None, :, None] + q[None, None, :],
+                        mask=ok[:, :, None], other=0)
+        code = (words[:, :, :, None] >> (4 * j)[None, None, None, :]) & 15
+        group = rn[:, None] * n_groups + (32 * w[None, :]) // group_size
+        scale = tl.load(scale_ptr + group, mask=ok, other=0.0)[:, :, None, None]
+        offset = tl.load(offset_ptr + group, mask=ok, other=0.0)[:, :, None, None]
+        weight = tl.where(bit != 0, theta.to(tl.float32), code.to(tl.float32) * scale + offset)
+        x = tl.load(x_ptr + (32 * w[:, None, None] + 8 * q[None, :, None] + j[None, None, :]) * stride_xk,
+                    mask=w_ok[:, None, None], other=0.0)
+        acc += cast_to(weight, x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :, :, :]
+    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    tl.store(out_ptr + split * stride_os + rn, cast_to(y, out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
 def _grad_input_kernel(g_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
                        m, rows, cols, stride_gm, stride_gn, q_stride, n_groups, group_size, n_prefix_tiles,
                        span, stride_os, stride_om, n_theta,
@@ -321,12 +381,15 @@ _BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4)
                               "BLOCK_G", (16, PREFIX_TILE // 8, 4)),
              "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G",
                              (16, PREFIX_TILE // 8, 4))}
+_WORDWISE = _configs([(2, 16, 4), (4, 8, 4), (8, 8, 4), (4, 16, 4), (2, 32, 4), (8, 4, 4)], "BLOCK_W",
+                     (4, PREFIX_TILE // 32 or 1, 4))
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
 _GRAD_INPUT = _configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))
 # Forward splits start on a multiple of every tile width (and of PREFIX_TILE, which divides them).
 SPLIT_UNIT = max([c.kwargs["BLOCK_K"] for table in _ELEMENTWISE.values() for c in table] +
-                 [8 * c.kwargs["BLOCK_G"] for table in _BYTEWISE.values() for c in table])
+                 [8 * c.kwargs["BLOCK_G"] for table in _BYTEWISE.values() for c in table] +
+                 [32 * c.kwargs["BLOCK_W"] for c in _WORDWISE])
 
 
 def _by_tokens(table):
@@ -350,6 +413,7 @@ def _tuned(kernel, table):
 
 _linear_tuned = _tuned(_linear_heuristic, _ELEMENTWISE)
 _bytewise_linear_tuned = _tuned(_bytewise_linear_kernel, _BYTEWISE)
+_wordwise_gemv_tuned = triton.autotune(_WORDWISE, key=_KEY)(_wordwise_gemv_kernel)
 _grad_input_tuned = triton.autotune(_GRAD_INPUT, key=_KEY)(_grad_input_heuristic)
 
 
@@ -377,11 +441,38 @@ def _whole_bytes(qdata: torch.Tensor, cols: int, group_size: int) -> bool:
     return cols % 8 == 0 and group_size % 8 == 0 and qdata.data_ptr() % 4 == 0
 
 
+def _whole_words(qdata: torch.Tensor, bitmap: torch.Tensor, bits: int, cols: int, group_size: int) -> bool:
+    """Whether :func:`_wordwise_gemv_kernel` applies: 4-bit codes, every row's mask bits and codes
+    start on aligned 32-bit words and each mask word lies inside one quantization group."""
+    return (bits == 4 and cols % 32 == 0 and group_size % 32 == 0 and qdata.data_ptr() % 4 == 0
+            and bitmap.data_ptr() % 4 == 0)
+
+
+def _forward_kernel(qdata, bitmap, bits, cols, group_size, block_m: int, config: Optional[dict]):
+    """(autotuned, plain) forward kernel: the one ``config`` names by its width key (BLOCK_W,
+    BLOCK_G or BLOCK_K), else the fastest that applies: word-wise for one token, byte-wise on
+    whole-byte rows, element-wise for any shape."""
+    if config:
+        width = next(key for key in ("BLOCK_W", "BLOCK_G", "BLOCK_K") if key in config)
+    elif block_m == 1 and _whole_words(qdata, bitmap, bits, cols, group_size):
+        width = "BLOCK_W"
+    else:
+        width = "BLOCK_G" if _whole_bytes(qdata, cols, group_size) else "BLOCK_K"
+    if width == "BLOCK_W" and not (block_m == 1 and _whole_words(qdata, bitmap, bits, cols, group_size)):
+        raise ValueError("the word-wise forward kernel (BLOCK_W) takes one token, 4-bit codes and cols and "
+                         f"group_size multiples of 32, got {block_m} tokens, {bits} bits, cols {cols}, "
+                         f"group_size {group_size}")
+    return {"BLOCK_W": (_wordwise_gemv_tuned, _wordwise_gemv_kernel),
+            "BLOCK_G": (_bytewise_linear_tuned, _bytewise_linear_kernel),
+            "BLOCK_K": (_linear_tuned, _linear_heuristic)}[width]
+
+
 def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta,
                   tile_prefix, split: Optional[int], config: Optional[dict]):
     """x @ W_effᵀ (``grad_input`` False, inp (m, cols)) or g @ W_eff (inp (m, rows)). ``config``
-    (tests): BLOCK_N, num_warps and BLOCK_K (element-wise forward kernel) or BLOCK_G (bytewise
-    forward kernel; needs :func:`_whole_bytes`), bypassing the autotuner."""
+    (tests): BLOCK_N, num_warps and BLOCK_K (element-wise forward kernel), BLOCK_G (bytewise
+    forward kernel; needs :func:`_whole_bytes`) or BLOCK_W (word-wise, one token; needs
+    :func:`_whole_words`), bypassing the autotuner."""
     rows = qdata.shape[0]
     m = inp.shape[0]
     block_m = 1 if m == 1 and not grad_input else max(16, next_power_of_2(m))
@@ -402,9 +493,7 @@ def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, b
         grid = (triton.cdiv(cols, PREFIX_TILE), splits)
         kernel = _grad_input_tuned if config is None else _grad_input_heuristic
     else:
-        bytewise = "BLOCK_G" in config if config else _whole_bytes(qdata, cols, group_size)
-        tuned, untuned = ((_bytewise_linear_tuned, _bytewise_linear_kernel) if bytewise
-                          else (_linear_tuned, _linear_heuristic))
+        tuned, untuned = _forward_kernel(qdata, bitmap, bits, cols, group_size, block_m, config)
         kernel = tuned if config is None else untuned
 
         def grid(meta):

@@ -231,7 +231,8 @@ def _qresu_weight(rows, cols, bits, group_size, sparsity, theta_dtype, device):
 def _qresu_cases(big):
     if big:  # (rows, cols, bits, group_size)
         return [(1001, 1536, 4, 128), (515, 1000, 8, 64), (700, 999, 4, 999)]
-    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16), (9, 64, 4, 16)]  # the last: W_eff reads scales per group
+    # (9, 64, 4, 16): W_eff reads scales per group; (7, 96, 4, 32): the word-wise GEMV applies
+    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16), (9, 64, 4, 16), (7, 96, 4, 32)]
 
 
 def check_qresu_effective_weight(device, big):
@@ -265,7 +266,10 @@ def _qresu_matmul(device, big, grad_input):
             # forward: the element-wise kernel (BLOCK_K) always, the bytewise one (BLOCK_G) on whole-byte rows
             forward = [dict(BLOCK_N=16, BLOCK_K=k.PREFIX_TILE)] + [dict(BLOCK_N=16, BLOCK_G=k.PREFIX_TILE // 8)] * (
                 cols % 8 == 0 and group_size % 8 == 0)
+            forward += [dict(BLOCK_N=4, BLOCK_W=1)] * (m == 1 and bits == 4 and cols % 32 == 0 and group_size % 32 == 0)
             if big:
+                forward += [dict(BLOCK_N=2, BLOCK_W=16), dict(BLOCK_N=8, BLOCK_W=8)] * (
+                    m == 1 and bits == 4 and cols % 32 == 0 and group_size % 32 == 0)
                 forward += [dict(BLOCK_N=32, BLOCK_K=256, num_warps=8), dict(BLOCK_N=4, BLOCK_K=1024)] * (m == 1)
                 forward += [dict(BLOCK_N=32, BLOCK_G=64, num_warps=8), dict(BLOCK_N=4, BLOCK_G=128)] * (
                     m == 1 and cols % 8 == 0 and group_size % 8 == 0)
@@ -291,6 +295,10 @@ def _qresu_matmul(device, big, grad_input):
 
 def check_qresu_linear_small_m(device, big):
     _qresu_matmul(device, big, grad_input=False)
+    w, _ = _qresu_weight(13, 48, 4, 32, 0.5, torch.float32, device)  # 48 columns: not whole 32-bit mask words
+    with pytest.raises(ValueError, match="word-wise"):
+        package().quant_triton.linear_small_m(random_data((1, 48), torch.float32, device), **w, fused=True,
+                                              config=dict(BLOCK_N=4, BLOCK_W=1))
 
 
 def check_qresu_grad_input_small_m(device, big):
