@@ -269,7 +269,7 @@ def _wordwise_gemv_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, t
     bit_of_word = (8 * q[:, None] + j[None, :]).to(tl.uint32)
     mask_words = bitmap_ptr.to(tl.pointer_type(tl.int32))
     code_words = qdata_ptr.to(tl.pointer_type(tl.int32))
-    acc = tl.zeros((BLOCK_N, BLOCK_W, 4, 8), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_W, 4), dtype=tl.float32)  # a byte's eight products are summed in-thread
     for k0 in range(first, last, 32 * BLOCK_W):
         w = k0 // 32 + tl.arange(0, BLOCK_W)  # mask word within the row
         w_ok = w < last // 32
@@ -291,8 +291,8 @@ def _wordwise_gemv_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, t
         weight = tl.where(bit != 0, theta.to(tl.float32), code.to(tl.float32) * scale + offset)
         x = tl.load(x_ptr + (32 * w[:, None, None] + 8 * q[None, :, None] + j[None, None, :]) * stride_xk,
                     mask=w_ok[:, None, None], other=0.0)
-        acc += cast_to(weight, x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :, :, :]
-    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+        acc += tl.sum(cast_to(weight, x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :, :, :], axis=3)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + split * stride_os + rn, cast_to(y, out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -381,7 +381,7 @@ _BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4)
                               "BLOCK_G", (16, PREFIX_TILE // 8, 4)),
              "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G",
                              (16, PREFIX_TILE // 8, 4))}
-_WORDWISE = _configs([(2, 16, 4), (4, 8, 4), (8, 8, 4), (4, 16, 4), (2, 32, 4), (8, 4, 4)], "BLOCK_W",
+_WORDWISE = _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (4, 8, 4), (8, 8, 4)], "BLOCK_W",
                      (4, PREFIX_TILE // 32 or 1, 4))
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
