@@ -316,7 +316,7 @@ def measure_decode(bench: Bench):
                         for timing, timer in (("eager", bench.time_ms), ("graph", bench.graph_ms)):
                             def measure(fn=fn, timer=timer):
                                 with torch.no_grad():
-                                    return {"ms": timer(fn), "config": _tuned_config(tokens)}
+                                    return {"ms": timer(fn), "config": _tuned_config()}
 
                             record = bench.case("decode", f"qresu s={sparsity} θ {theta_name} ({path}, {timing})",
                                                 measure, optional=path != "library F.linear", mode="qresu",
@@ -327,18 +327,17 @@ def measure_decode(bench: Bench):
                     _release()
 
 
-def _tuned_config(tokens: int):
-    """The autotuner's choice for the last QRESU forward it tuned or ran at this token count: the
-    word-wise GEMV for one token, else the byte-wise or element-wise kernel (None without Triton)."""
+def _tuned_config():
+    """The autotuner's choice for the last fused QRESU forward it tuned or ran (the word-wise kernel,
+    else the byte-wise or element-wise one; None without Triton)."""
     from resu_tensor.kernels import HAS_TRITON
 
     if not HAS_TRITON:
         return None
     from resu_tensor.kernels import quant_triton
 
-    kernels = (quant_triton._bytewise_linear_tuned, quant_triton._linear_tuned)
-    configs = [getattr(kernel, "best_config", None)
-               for kernel in ((quant_triton._wordwise_gemv_tuned,) if tokens == 1 else kernels)]
+    configs = [getattr(kernel, "best_config", None) for kernel in (
+        quant_triton._wordwise_linear_tuned, quant_triton._bytewise_linear_tuned, quant_triton._linear_tuned)]
     return next((str(c) for c in configs if c is not None), None)
 
 

@@ -93,7 +93,7 @@ def _variants(quick: bool):
     forward, grad_input = ("x_ptr", ("stride_xm", "stride_xk")), ("g_ptr", ("stride_gm", "stride_gn"))
     for kernel, (operand, (row_stride, unit_stride)), tables in [
             (qt._linear_kernel, forward, qt._ELEMENTWISE), (qt._bytewise_linear_kernel, forward, qt._BYTEWISE),
-            (qt._wordwise_gemv_kernel, forward, {"gemv": qt._WORDWISE}),
+            (qt._wordwise_linear_kernel, forward, qt._WORDWISE),
             (qt._grad_input_kernel, grad_input, {"dot": qt._GRAD_INPUT})]:
         for shape, table in tables.items():
             for config in table:

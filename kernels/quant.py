@@ -6,11 +6,22 @@ import torch
 
 # Most tokens the Triton QRESU matmuls (quant_triton) route to their fused kernels when the caller
 # does not choose (``fused=None``); callers read them to know whether a prefix table will be used.
-# Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16): the
-# forward wins at one token only (45 vs 58 µs for W_eff + cuBLAS; 2 tokens 102 vs 57 µs), the
-# dX kernel never (334 vs 57 µs at one token).
+# Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5): the forward
+# wins at one token (word-wise kernel 26 vs 58 µs for W_eff + cuBLAS), the dX kernel never (420 vs
+# 59 µs at one token).
 FUSED_FORWARD_TOKENS = 1
 FUSED_GRAD_INPUT_TOKENS = 0
+# Where the word-wise forward applies (4-bit codes, rows of whole 32-bit mask words) with a 16-bit
+# θ, it wins up to 32 tokens (H100, same benchmark: 4096², s=0.5, 16 tokens 40 vs 57 µs; 11008×4096
+# 100 vs 139 µs); with a float32 θ it loses from 2 tokens (128 vs 59 µs), so those keep the above.
+FUSED_FORWARD_TOKENS_WORDWISE = 32
+
+
+def fused_forward_tokens(bits: int, cols: int, group_size: int, theta_dtype: torch.dtype) -> int:
+    """Most tokens the fused forward takes by default for a weight of this layout."""
+    wordwise = bits == 4 and cols % 32 == 0 and group_size % 32 == 0 and theta_dtype in (torch.bfloat16,
+                                                                                          torch.float16)
+    return FUSED_FORWARD_TOKENS_WORDWISE if wordwise else FUSED_FORWARD_TOKENS
 
 
 def _groups(t: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -246,54 +246,78 @@ def _popcount32(v):
 
 
 @triton.jit
-def _wordwise_gemv_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
-                          m, rows, cols, stride_xm, stride_xk, q_stride, n_groups, group_size, n_prefix_tiles,
-                          span, stride_os, stride_om, n_theta,
-                          BITS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """:func:`_linear_kernel` for one token and 4-bit codes on rows of whole 32-bit mask words
-    (cols and group_size multiples of 32). A step reads BLOCK_W mask words per row, the four code
-    words of each and its scale, as (rows, mask words, bytes, bits) tiles, so nothing is reshaped
-    or reloaded per element; an element's θ index is its mask word's running count, the pruned
-    bits of the bytes below it in the word (popcounts) and a scan over its byte."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rn < rows
-    first = split * span
-    last = tl.minimum(first + span, cols)
-    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=row_ok, other=0)
+def _word_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, w, ok, running, cols, q_stride,
+               n_groups, group_size, n_theta):
+    """W_eff of rows ``rn`` at 32-bit mask words ``w`` (4-bit codes, rows of whole words, each word
+    inside one quantization group) as float32 (rows, words, bytes, bits) tiles: column 32w + 8q + j
+    at [:, w, q, j]; and each row's θ count after them (``running``: before them). An element's θ
+    index is its word's running count, the pruned bits of the bytes below it in the word
+    (popcounts) and a scan over its byte; codes come one 32-bit word per eight, scales one per
+    mask word, so nothing is reshaped across lanes or reloaded per element."""
     q = tl.arange(0, 4)  # byte of the mask word = code word
     j = tl.arange(0, 8)  # bit of the byte = code of the code word
     bytes_below = ((1 << (8 * q)) - 1).to(tl.uint32)
     bit_of_word = (8 * q[:, None] + j[None, :]).to(tl.uint32)
     mask_words = bitmap_ptr.to(tl.pointer_type(tl.int32))
     code_words = qdata_ptr.to(tl.pointer_type(tl.int32))
-    acc = tl.zeros((BLOCK_N, BLOCK_W, 4), dtype=tl.float32)  # a byte's eight products are summed in-thread
+    pruned = ~tl.load(mask_words + rn[:, None] * (cols // 32) + w[None, :], mask=ok, other=-1).to(tl.uint32)
+    count = _popcount32(pruned)
+    word_start = running[:, None] + tl.cumsum(count, axis=1) - count
+    byte_start = word_start[:, :, None] + _popcount32(pruned[:, :, None] & bytes_below[None, None, :])
+    bit = ((pruned[:, :, None, None] >> bit_of_word[None, None, :, :]) & 1).to(tl.int32)
+    position = byte_start[:, :, :, None] + tl.cumsum(bit, axis=3) - bit
+    theta = tl.load(theta_ptr + position, mask=(bit != 0) & (position < n_theta), other=0.0)
+    words = tl.load(code_words + rn[:, None, None] * (q_stride // 4) + 4 * w[None, :, None] + q[None, None, :],
+                    mask=ok[:, :, None], other=0)
+    code = (words[:, :, :, None] >> (4 * j)[None, None, None, :]) & 15
+    group = rn[:, None] * n_groups + (32 * w[None, :]) // group_size
+    scale = tl.load(scale_ptr + group, mask=ok, other=0.0)[:, :, None, None]
+    offset = tl.load(offset_ptr + group, mask=ok, other=0.0)[:, :, None, None]
+    weight = tl.where(bit != 0, theta.to(tl.float32), code.to(tl.float32) * scale + offset)
+    return weight, running + tl.sum(count, axis=1)
+
+
+@triton.jit
+def _wordwise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
+                            m, rows, cols, stride_xm, stride_xk, q_stride, n_groups, group_size, n_prefix_tiles,
+                            span, stride_os, stride_om, n_theta,
+                            BITS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """:func:`_linear_kernel` on :func:`_word_tile` tiles of BLOCK_W mask words (4-bit codes, cols
+    and group_size multiples of 32). One token: a GEMV whose products are summed over each byte in
+    the thread that holds it; more: the tile flattened to (rows, 32·BLOCK_W) for tl.dot."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < rows
+    first = split * span
+    last = tl.minimum(first + span, cols)
+    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=row_ok, other=0)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_W, 4), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(first, last, 32 * BLOCK_W):
         w = k0 // 32 + tl.arange(0, BLOCK_W)  # mask word within the row
         w_ok = w < last // 32
-        ok = row_ok[:, None] & w_ok[None, :]
-        pruned = ~tl.load(mask_words + rn[:, None] * (cols // 32) + w[None, :], mask=ok, other=-1).to(tl.uint32)
-        count = _popcount32(pruned)
-        word_start = running[:, None] + tl.cumsum(count, axis=1) - count
-        running += tl.sum(count, axis=1)
-        byte_start = word_start[:, :, None] + _popcount32(pruned[:, :, None] & bytes_below[None, None, :])
-        bit = ((pruned[:, :, None, None] >> bit_of_word[None, None, :, :]) & 1).to(tl.int32)
-        position = byte_start[:, :, :, None] + tl.cumsum(bit, axis=3) - bit
-        theta = tl.load(theta_ptr + position, mask=(bit != 0) & (position < n_theta), other=0.0)
-        words = tl.load(code_words + rn[:, None, None] * (q_stride // 4) + 4 * w[None, :, None] + q[None, None, :],
-                        mask=ok[:, :, None], other=0)
-        code = (words[:, :, :, None] >> (4 * j)[None, None, None, :]) & 15
-        group = rn[:, None] * n_groups + (32 * w[None, :]) // group_size
-        scale = tl.load(scale_ptr + group, mask=ok, other=0.0)[:, :, None, None]
-        offset = tl.load(offset_ptr + group, mask=ok, other=0.0)[:, :, None, None]
-        weight = tl.where(bit != 0, theta.to(tl.float32), code.to(tl.float32) * scale + offset)
-        x = tl.load(x_ptr + (32 * w[:, None, None] + 8 * q[None, :, None] + j[None, None, :]) * stride_xk,
-                    mask=w_ok[:, None, None], other=0.0)
-        acc += tl.sum(cast_to(weight, x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :, :, :], axis=3)
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + split * stride_os + rn, cast_to(y, out_ptr.dtype.element_ty), mask=row_ok)
+        weight, running = _word_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, w,
+                                     row_ok[:, None] & w_ok[None, :], running, cols, q_stride, n_groups, group_size,
+                                     n_theta)
+        weight = cast_to(weight, x_ptr.dtype.element_ty)
+        if BLOCK_M == 1:
+            column = 32 * w[:, None, None] + 8 * tl.arange(0, 4)[None, :, None] + tl.arange(0, 8)[None, None, :]
+            x = tl.load(x_ptr + column * stride_xk, mask=w_ok[:, None, None], other=0.0)
+            acc += tl.sum(weight.to(tl.float32) * x.to(tl.float32)[None, :, :, :], axis=3)
+        else:
+            rk = k0 + tl.arange(0, 32 * BLOCK_W)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=(rm[:, None] < m) & (rk[None, :] < last), other=0.0)
+            acc = _accumulate(acc, x, tl.reshape(weight, (BLOCK_N, 32 * BLOCK_W)), PRECISION, UPCAST, BLOCK_M)
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rn[None, :],
+             cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & row_ok[None, :])
 
 
 @triton.jit
@@ -381,15 +405,17 @@ _BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4)
                               "BLOCK_G", (16, PREFIX_TILE // 8, 4)),
              "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G",
                              (16, PREFIX_TILE // 8, 4))}
-_WORDWISE = _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (4, 8, 4), (8, 8, 4)], "BLOCK_W",
-                     (4, PREFIX_TILE // 32 or 1, 4))
+_WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (4, 8, 4), (8, 8, 4)], "BLOCK_W",
+                              (4, PREFIX_TILE // 32 or 1, 4)),
+             "dot": _configs([(16, 4, 4), (32, 4, 4), (16, 8, 4), (32, 8, 8), (64, 4, 8)], "BLOCK_W",
+                             (16, PREFIX_TILE // 32 or 1, 4))}
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
 _GRAD_INPUT = _configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))
 # Forward splits start on a multiple of every tile width (and of PREFIX_TILE, which divides them).
 SPLIT_UNIT = max([c.kwargs["BLOCK_K"] for table in _ELEMENTWISE.values() for c in table] +
                  [8 * c.kwargs["BLOCK_G"] for table in _BYTEWISE.values() for c in table] +
-                 [32 * c.kwargs["BLOCK_W"] for c in _WORDWISE])
+                 [32 * c.kwargs["BLOCK_W"] for table in _WORDWISE.values() for c in table])
 
 
 def _by_tokens(table):
@@ -413,7 +439,7 @@ def _tuned(kernel, table):
 
 _linear_tuned = _tuned(_linear_heuristic, _ELEMENTWISE)
 _bytewise_linear_tuned = _tuned(_bytewise_linear_kernel, _BYTEWISE)
-_wordwise_gemv_tuned = triton.autotune(_WORDWISE, key=_KEY)(_wordwise_gemv_kernel)
+_wordwise_linear_tuned = _tuned(_wordwise_linear_kernel, _WORDWISE)
 _grad_input_tuned = triton.autotune(_GRAD_INPUT, key=_KEY)(_grad_input_heuristic)
 
 
@@ -442,27 +468,26 @@ def _whole_bytes(qdata: torch.Tensor, cols: int, group_size: int) -> bool:
 
 
 def _whole_words(qdata: torch.Tensor, bitmap: torch.Tensor, bits: int, cols: int, group_size: int) -> bool:
-    """Whether :func:`_wordwise_gemv_kernel` applies: 4-bit codes, every row's mask bits and codes
+    """Whether :func:`_wordwise_linear_kernel` applies: 4-bit codes, every row's mask bits and codes
     start on aligned 32-bit words and each mask word lies inside one quantization group."""
     return (bits == 4 and cols % 32 == 0 and group_size % 32 == 0 and qdata.data_ptr() % 4 == 0
             and bitmap.data_ptr() % 4 == 0)
 
 
-def _forward_kernel(qdata, bitmap, bits, cols, group_size, block_m: int, config: Optional[dict]):
+def _forward_kernel(qdata, bitmap, bits, cols, group_size, config: Optional[dict]):
     """(autotuned, plain) forward kernel: the one ``config`` names by its width key (BLOCK_W,
-    BLOCK_G or BLOCK_K), else the fastest that applies: word-wise for one token, byte-wise on
-    whole-byte rows, element-wise for any shape."""
+    BLOCK_G or BLOCK_K), else the fastest that applies: word-wise, byte-wise on whole-byte rows,
+    element-wise for any shape."""
     if config:
         width = next(key for key in ("BLOCK_W", "BLOCK_G", "BLOCK_K") if key in config)
-    elif block_m == 1 and _whole_words(qdata, bitmap, bits, cols, group_size):
+    elif _whole_words(qdata, bitmap, bits, cols, group_size):
         width = "BLOCK_W"
     else:
         width = "BLOCK_G" if _whole_bytes(qdata, cols, group_size) else "BLOCK_K"
-    if width == "BLOCK_W" and not (block_m == 1 and _whole_words(qdata, bitmap, bits, cols, group_size)):
-        raise ValueError("the word-wise forward kernel (BLOCK_W) takes one token, 4-bit codes and cols and "
-                         f"group_size multiples of 32, got {block_m} tokens, {bits} bits, cols {cols}, "
-                         f"group_size {group_size}")
-    return {"BLOCK_W": (_wordwise_gemv_tuned, _wordwise_gemv_kernel),
+    if width == "BLOCK_W" and not _whole_words(qdata, bitmap, bits, cols, group_size):
+        raise ValueError("the word-wise forward kernel (BLOCK_W) takes 4-bit codes and cols and group_size "
+                         f"multiples of 32, got {bits} bits, cols {cols}, group_size {group_size}")
+    return {"BLOCK_W": (_wordwise_linear_tuned, _wordwise_linear_kernel),
             "BLOCK_G": (_bytewise_linear_tuned, _bytewise_linear_kernel),
             "BLOCK_K": (_linear_tuned, _linear_heuristic)}[width]
 
@@ -471,8 +496,8 @@ def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, b
                   tile_prefix, split: Optional[int], config: Optional[dict]):
     """x @ W_effᵀ (``grad_input`` False, inp (m, cols)) or g @ W_eff (inp (m, rows)). ``config``
     (tests): BLOCK_N, num_warps and BLOCK_K (element-wise forward kernel), BLOCK_G (bytewise
-    forward kernel; needs :func:`_whole_bytes`) or BLOCK_W (word-wise, one token; needs
-    :func:`_whole_words`), bypassing the autotuner."""
+    forward kernel; needs :func:`_whole_bytes`) or BLOCK_W (word-wise; needs :func:`_whole_words`),
+    bypassing the autotuner."""
     rows = qdata.shape[0]
     m = inp.shape[0]
     block_m = 1 if m == 1 and not grad_input else max(16, next_power_of_2(m))
@@ -493,7 +518,7 @@ def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, b
         grid = (triton.cdiv(cols, PREFIX_TILE), splits)
         kernel = _grad_input_tuned if config is None else _grad_input_heuristic
     else:
-        tuned, untuned = _forward_kernel(qdata, bitmap, bits, cols, group_size, block_m, config)
+        tuned, untuned = _forward_kernel(qdata, bitmap, bits, cols, group_size, config)
         kernel = tuned if config is None else untuned
 
         def grid(meta):
@@ -514,7 +539,7 @@ def linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, q
                    split: Optional[int] = None, config: Optional[dict] = None,
                    fused: Optional[bool] = None) -> torch.Tensor:
     """:func:`quant.qresu_linear_small_m`: the fused kernel for ``fused=True`` (at most SMALL_M
-    tokens) or, by default, up to ``quant.FUSED_FORWARD_TOKENS`` tokens; W_eff + cuBLAS otherwise.
+    tokens) or, by default, up to ``quant.fused_forward_tokens(...)`` tokens; W_eff + cuBLAS otherwise.
     ``split``: reduction splits (default: enough programs for the GPU); ``config``: see
     :func:`_fused_matmul`."""
     _check_quantized(qdata, qscale, bits, group_size, cols)
@@ -522,7 +547,8 @@ def linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, q
     if x.shape[-1] != cols:
         raise ValueError(f"qresu_linear_small_m: x has {x.shape[-1]} features, the weight {cols} columns")
     x2 = x.reshape(-1, cols)
-    if not _takes_fused("qresu_linear_small_m", x2.shape[0], fused, quant.FUSED_FORWARD_TOKENS):
+    default_tokens = quant.fused_forward_tokens(bits, cols, group_size, theta.dtype)
+    if not _takes_fused("qresu_linear_small_m", x2.shape[0], fused, default_tokens):
         w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, x.dtype, bitmap, block_prefix,
                              block_size, theta)
         return (x2 @ w.t()).reshape(*x.shape[:-1], rows)

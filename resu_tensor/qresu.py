@@ -46,12 +46,13 @@ def tile_prefix(tensor, tokens: int, grad_input: bool) -> Optional[torch.Tensor]
     """The fused matmuls' table of θ entries before each (row, PREFIX_TILE-column tile), kept
     while the mask is unchanged (building it is a kernel launch and a cumsum per call). None
     where the kernels will not fuse a product of ``tokens`` tokens (they build W_eff instead, see
-    ``quant.FUSED_FORWARD_TOKENS``) and while tracing (the op builds it inside the graph)."""
-    fused_tokens = quant.FUSED_GRAD_INPUT_TOKENS if grad_input else quant.FUSED_FORWARD_TOKENS
+    ``quant.fused_forward_tokens``) and while tracing (the op builds it inside the graph)."""
+    rows, cols = tensor.storage_shape
+    fused_tokens = quant.FUSED_GRAD_INPUT_TOKENS if grad_input else quant.fused_forward_tokens(
+        tensor.quant_bits, cols, tensor.group_size, tensor.theta.dtype)
     bitmap = tensor.mask_bitmap
     if tokens > fused_tokens or is_traced(bitmap):
         return None
-    rows, cols = tensor.storage_shape
     return tensor.kept_while_unchanged("_tile_prefix_cache", bitmap, lambda: kernels.bitmap_tile_prefix(
         bitmap, rows, cols, kernels.PREFIX_TILE, True))
 

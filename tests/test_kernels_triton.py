@@ -259,17 +259,18 @@ def _qresu_matmul(device, big, grad_input):
               (33 if big else 17, torch.bfloat16, torch.bfloat16), (1, torch.float32, torch.bfloat16)]
     for i, (rows, cols, bits, group_size) in enumerate(_qresu_cases(big)):
         # (tokens, dtype, θ dtype): every combination on the GPU, one per weight on the interpreter
-        for m, dtype, theta_dtype in combos if big else combos[i:i + 1] + combos[3:] * (i > 0):
+        for m, dtype, theta_dtype in combos if big else (combos[i:i + 1] or combos[1:3]) + combos[3:] * (i > 0):
             w, _ = _qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
             x = random_data((m, rows if grad_input else cols), dtype, device)
             expected = ref_fn(x, **w)
             # forward: the element-wise kernel (BLOCK_K) always, the bytewise one (BLOCK_G) on whole-byte rows
             forward = [dict(BLOCK_N=16, BLOCK_K=k.PREFIX_TILE)] + [dict(BLOCK_N=16, BLOCK_G=k.PREFIX_TILE // 8)] * (
                 cols % 8 == 0 and group_size % 8 == 0)
-            forward += [dict(BLOCK_N=4, BLOCK_W=1)] * (m == 1 and bits == 4 and cols % 32 == 0 and group_size % 32 == 0)
+            whole_words = bits == 4 and cols % 32 == 0 and group_size % 32 == 0
+            forward += [dict(BLOCK_N=4 if m == 1 else 16, BLOCK_W=1)] * whole_words
             if big:
-                forward += [dict(BLOCK_N=2, BLOCK_W=16), dict(BLOCK_N=8, BLOCK_W=8)] * (
-                    m == 1 and bits == 4 and cols % 32 == 0 and group_size % 32 == 0)
+                forward += ([dict(BLOCK_N=2, BLOCK_W=16), dict(BLOCK_N=8, BLOCK_W=8)] if m == 1 else
+                            [dict(BLOCK_N=32, BLOCK_W=4), dict(BLOCK_N=16, BLOCK_W=8)]) * whole_words
                 forward += [dict(BLOCK_N=32, BLOCK_K=256, num_warps=8), dict(BLOCK_N=4, BLOCK_K=1024)] * (m == 1)
                 forward += [dict(BLOCK_N=32, BLOCK_G=64, num_warps=8), dict(BLOCK_N=4, BLOCK_G=128)] * (
                     m == 1 and cols % 8 == 0 and group_size % 8 == 0)
@@ -295,7 +296,23 @@ def _qresu_matmul(device, big, grad_input):
 
 def check_qresu_linear_small_m(device, big):
     _qresu_matmul(device, big, grad_input=False)
-    w, _ = _qresu_weight(13, 48, 4, 32, 0.5, torch.float32, device)  # 48 columns: not whole 32-bit mask words
+    # Default routing: the fused kernel up to fused_forward_tokens (more with a 16-bit θ on whole
+    # 32-bit mask words), W_eff + matmul beyond.
+    tri = package().quant_triton
+    fused_calls = []
+    original = tri._fused_matmul
+    tri._fused_matmul = lambda *args: fused_calls.append(args[1].shape[0]) or original(*args)
+    try:
+        for theta_dtype, fused_up_to in [(torch.bfloat16, package().quant.FUSED_FORWARD_TOKENS_WORDWISE),
+                                         (torch.float32, package().quant.FUSED_FORWARD_TOKENS)]:
+            w, _ = _qresu_weight(5, 64, 4, 32, 0.5, theta_dtype, device)
+            fused_calls.clear()
+            for tokens in (1, 2, 33):
+                tri.linear_small_m(random_data((tokens, 64), torch.bfloat16, device), **w)
+            assert fused_calls == [t for t in (1, 2, 33) if t <= fused_up_to], (theta_dtype, fused_calls)
+    finally:
+        tri._fused_matmul = original
+    w, _ = _qresu_weight(13, 48, 4, 32, 0.5, torch.float32, device)  # 48 columns: no whole 32-bit mask words
     with pytest.raises(ValueError, match="word-wise"):
         package().quant_triton.linear_small_m(random_data((1, 48), torch.float32, device), **w, fused=True,
                                               config=dict(BLOCK_N=4, BLOCK_W=1))
