@@ -146,6 +146,22 @@ def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block
 
 
 @triton.jit
+def _forward_program(tile_prefix_ptr, rows, cols, span, n_prefix_tiles, TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """What a forward program (grid (row blocks, reduction splits)) owns: its tokens ``rm``, rows
+    ``rn`` (``row_ok`` inside the matrix), ``split``, columns [first, last) and each row's θ index
+    at ``first`` (``running``, from the prefix table)."""
+    split = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < rows
+    first = split * span
+    last = tl.minimum(first + span, cols)
+    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=row_ok, other=0)
+    return rm, rn, row_ok, split, first, last, running
+
+
+@triton.jit
 def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
                    m, rows, cols, stride_xm, stride_xk, q_stride, n_groups, group_size, n_prefix_tiles,
                    span, stride_os, stride_om, n_theta,
@@ -154,13 +170,8 @@ def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_pre
     """out[split, :, rn] = x[:, cols of split] @ W_eff[rn, cols of split]ᵀ, a split being ``span``
     columns (a multiple of BLOCK_K and TILE); grid (⌈rows/BLOCK_N⌉, splits). Each program walks
     its rows left to right keeping their θ index, so the prefix table is read once per split."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    first = split * span
-    last = tl.minimum(first + span, cols)
-    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=rn < rows, other=0)
+    rm, rn, row_ok, split, first, last, running = _forward_program(tile_prefix_ptr, rows, cols, span, n_prefix_tiles,
+                                                                 TILE, BLOCK_M, BLOCK_N)
     acc = _accumulator(BLOCK_M, BLOCK_N, BLOCK_K)
     for k0 in range(first, last, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -194,14 +205,8 @@ def _bytewise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
     columns per lane: one bitmap byte and one 32-bit word of 4-bit codes (two words of 8-bit
     codes) per lane, unpacked by shifts in a static loop over the eight columns, so nothing is
     reshaped across lanes; the θ index is a scan over bytes (popcounts), not over elements."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rn < rows
-    first = split * span
-    last = tl.minimum(first + span, cols)
-    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=row_ok, other=0)
+    rm, rn, row_ok, split, first, last, running = _forward_program(tile_prefix_ptr, rows, cols, span, n_prefix_tiles,
+                                                                 TILE, BLOCK_M, BLOCK_N)
     acc = _accumulator(BLOCK_M, BLOCK_N, BLOCK_G)
     for k0 in range(first, last, 8 * BLOCK_G):
         g = k0 // 8 + tl.arange(0, BLOCK_G)  # byte column within the row
@@ -286,14 +291,8 @@ def _wordwise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
     """:func:`_linear_kernel` on :func:`_word_tile` tiles of BLOCK_W mask words (4-bit codes, cols
     and group_size multiples of 32). One token: a GEMV whose products are summed over each byte in
     the thread that holds it; more: the tile flattened to (rows, 32·BLOCK_W) for tl.dot."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rn < rows
-    first = split * span
-    last = tl.minimum(first + span, cols)
-    running = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + first // TILE, mask=row_ok, other=0)
+    rm, rn, row_ok, split, first, last, running = _forward_program(tile_prefix_ptr, rows, cols, span, n_prefix_tiles,
+                                                                 TILE, BLOCK_M, BLOCK_N)
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, BLOCK_W, 4), dtype=tl.float32)
     else:
@@ -478,13 +477,12 @@ def _forward_kernel(qdata, bitmap, bits, cols, group_size, config: Optional[dict
     """(autotuned, plain) forward kernel: the one ``config`` names by its width key (BLOCK_W,
     BLOCK_G or BLOCK_K), else the fastest that applies: word-wise, byte-wise on whole-byte rows,
     element-wise for any shape."""
+    whole_words = _whole_words(qdata, bitmap, bits, cols, group_size)
     if config:
         width = next(key for key in ("BLOCK_W", "BLOCK_G", "BLOCK_K") if key in config)
-    elif _whole_words(qdata, bitmap, bits, cols, group_size):
-        width = "BLOCK_W"
     else:
-        width = "BLOCK_G" if _whole_bytes(qdata, cols, group_size) else "BLOCK_K"
-    if width == "BLOCK_W" and not _whole_words(qdata, bitmap, bits, cols, group_size):
+        width = "BLOCK_W" if whole_words else "BLOCK_G" if _whole_bytes(qdata, cols, group_size) else "BLOCK_K"
+    if width == "BLOCK_W" and not whole_words:
         raise ValueError("the word-wise forward kernel (BLOCK_W) takes 4-bit codes and cols and group_size "
                          f"multiples of 32, got {bits} bits, cols {cols}, group_size {group_size}")
     return {"BLOCK_W": (_wordwise_linear_tuned, _wordwise_linear_kernel),
