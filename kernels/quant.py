@@ -11,16 +11,15 @@ import torch
 # 59 µs at one token).
 FUSED_FORWARD_TOKENS = 1
 FUSED_GRAD_INPUT_TOKENS = 0
-# Where the word-wise forward applies (4-bit codes, rows of whole 32-bit mask words) with a 16-bit
-# θ, it wins up to 32 tokens (H100, same benchmark: 4096², s=0.5, 16 tokens 40 vs 57 µs; 11008×4096
-# 100 vs 139 µs); with a float32 θ it loses from 2 tokens (128 vs 59 µs), so those keep the above.
+# Where the word-wise forward applies (4-bit codes, rows of whole 32-bit mask words) it wins up to
+# 32 tokens (H100, same benchmark: 4096², s=0.5, bf16 θ, 16 tokens 40 vs 57 µs; 11008×4096 100 vs
+# 139 µs; float32 θ with one pipeline stage 51.5 vs 59 µs).
 FUSED_FORWARD_TOKENS_WORDWISE = 32
 
 
-def fused_forward_tokens(bits: int, cols: int, group_size: int, theta_dtype: torch.dtype) -> int:
+def fused_forward_tokens(bits: int, cols: int, group_size: int) -> int:
     """Most tokens the fused forward takes by default for a weight of this layout."""
-    wordwise = bits == 4 and cols % 32 == 0 and group_size % 32 == 0 and theta_dtype in (torch.bfloat16,
-                                                                                          torch.float16)
+    wordwise = bits == 4 and cols % 32 == 0 and group_size % 32 == 0
     return FUSED_FORWARD_TOKENS_WORDWISE if wordwise else FUSED_FORWARD_TOKENS
 
 

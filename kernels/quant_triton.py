@@ -391,11 +391,11 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
     return out
 
 
-def _configs(tiles, width: str, interpreted: tuple):
+def _configs(tiles, width: str, interpreted: tuple, stages: int = 2):
     """Autotuner configs from (BLOCK_N, width, warps) tiles; one small config on the interpreter."""
     if interpreting():
         tiles = [interpreted]
-    return [triton.Config({"BLOCK_N": n, width: k}, num_warps=w, num_stages=2) for n, k, w in tiles]
+    return [triton.Config({"BLOCK_N": n, width: k}, num_warps=w, num_stages=stages) for n, k, w in tiles]
 
 
 # Tuned per shape on the GPU: GEMV tiles for one token (narrow row blocks, long K chunks), tiles
@@ -406,8 +406,10 @@ _BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4)
                              (16, PREFIX_TILE // 8, 4))}
 _WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (4, 8, 4), (8, 8, 4)], "BLOCK_W",
                               (4, PREFIX_TILE // 32 or 1, 4)),
-             "dot": _configs([(16, 4, 4), (32, 4, 4), (16, 8, 4), (32, 8, 8), (64, 4, 8)], "BLOCK_W",
-                             (16, PREFIX_TILE // 32 or 1, 4))}
+             # one stage: pipelining the θ gather made a float32 θ 2-3x slower (H100, 16 tokens, 4096²:
+             # 51.5 vs 126-184 µs), a bfloat16 θ no faster (41.0 vs 40.4-40.7 µs)
+             "dot": _configs([(16, 8, 4), (32, 8, 8), (16, 4, 4), (32, 4, 4)], "BLOCK_W",
+                             (16, PREFIX_TILE // 32 or 1, 4), stages=1)}
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
 _GRAD_INPUT = _configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))
@@ -545,7 +547,7 @@ def linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, q
     if x.shape[-1] != cols:
         raise ValueError(f"qresu_linear_small_m: x has {x.shape[-1]} features, the weight {cols} columns")
     x2 = x.reshape(-1, cols)
-    default_tokens = quant.fused_forward_tokens(bits, cols, group_size, theta.dtype)
+    default_tokens = quant.fused_forward_tokens(bits, cols, group_size)
     if not _takes_fused("qresu_linear_small_m", x2.shape[0], fused, default_tokens):
         w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, x.dtype, bitmap, block_prefix,
                              block_size, theta)

@@ -49,7 +49,7 @@ def tile_prefix(tensor, tokens: int, grad_input: bool) -> Optional[torch.Tensor]
     ``quant.fused_forward_tokens``) and while tracing (the op builds it inside the graph)."""
     rows, cols = tensor.storage_shape
     fused_tokens = quant.FUSED_GRAD_INPUT_TOKENS if grad_input else quant.fused_forward_tokens(
-        tensor.quant_bits, cols, tensor.group_size, tensor.theta.dtype)
+        tensor.quant_bits, cols, tensor.group_size)
     bitmap = tensor.mask_bitmap
     if tokens > fused_tokens or is_traced(bitmap):
         return None

@@ -296,20 +296,22 @@ def _qresu_matmul(device, big, grad_input):
 
 def check_qresu_linear_small_m(device, big):
     _qresu_matmul(device, big, grad_input=False)
-    # Default routing: the fused kernel up to fused_forward_tokens (more with a 16-bit θ on whole
-    # 32-bit mask words), W_eff + matmul beyond.
-    tri = package().quant_triton
+    # Default routing: the fused kernel up to fused_forward_tokens (more on whole 32-bit mask words
+    # with 4-bit codes), W_eff + matmul beyond.
+    k = package()
+    tri = k.quant_triton
     fused_calls = []
     original = tri._fused_matmul
     tri._fused_matmul = lambda *args: fused_calls.append(args[1].shape[0]) or original(*args)
     try:
-        for theta_dtype, fused_up_to in [(torch.bfloat16, package().quant.FUSED_FORWARD_TOKENS_WORDWISE),
-                                         (torch.float32, package().quant.FUSED_FORWARD_TOKENS)]:
-            w, _ = _qresu_weight(5, 64, 4, 32, 0.5, theta_dtype, device)
+        for cols, bits, group_size, fused_up_to in [(64, 4, 32, k.quant.FUSED_FORWARD_TOKENS_WORDWISE),
+                                                    (48, 4, 16, k.quant.FUSED_FORWARD_TOKENS),
+                                                    (64, 8, 32, k.quant.FUSED_FORWARD_TOKENS)]:
+            w, _ = _qresu_weight(5, cols, bits, group_size, 0.5, torch.float32, device)
             fused_calls.clear()
             for tokens in (1, 2, 33):
-                tri.linear_small_m(random_data((tokens, 64), torch.bfloat16, device), **w)
-            assert fused_calls == [t for t in (1, 2, 33) if t <= fused_up_to], (theta_dtype, fused_calls)
+                tri.linear_small_m(random_data((tokens, cols), torch.bfloat16, device), **w)
+            assert fused_calls == [t for t in (1, 2, 33) if t <= fused_up_to], (cols, bits, fused_calls)
     finally:
         tri._fused_matmul = original
     w, _ = _qresu_weight(13, 48, 4, 32, 0.5, torch.float32, device)  # 48 columns: no whole 32-bit mask words
