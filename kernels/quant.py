@@ -7,8 +7,8 @@ import torch
 # Most tokens the Triton QRESU matmuls (quant_triton) route to their fused kernels when the caller
 # does not choose (``fused=None``); callers read them to know whether a prefix table will be used.
 # Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5): the forward
-# wins at one token (word-wise kernel 26 vs 58 µs for W_eff + cuBLAS), the dX kernel never (420 vs
-# 59 µs at one token).
+# wins at one token (word-wise kernel 26 vs 58 µs for W_eff + cuBLAS), the dX kernel never (335 vs
+# 57 µs at one token).
 FUSED_FORWARD_TOKENS = 1
 FUSED_GRAD_INPUT_TOKENS = 0
 # Where the word-wise forward applies (4-bit codes, rows of whole 32-bit mask words) it wins up to
