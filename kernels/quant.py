@@ -17,10 +17,15 @@ FUSED_GRAD_INPUT_TOKENS = 0
 FUSED_FORWARD_TOKENS_WORDWISE = 32
 
 
+def whole_words(bits: int, cols: int, group_size: int) -> bool:
+    """Whether the word-wise kernels can read this layout: 4-bit codes, rows of whole 32-bit mask
+    words, each word inside one quantization group (they also need word-aligned storage)."""
+    return bits == 4 and cols % 32 == 0 and group_size % 32 == 0
+
+
 def fused_forward_tokens(bits: int, cols: int, group_size: int) -> int:
     """Most tokens the fused forward takes by default for a weight of this layout."""
-    wordwise = bits == 4 and cols % 32 == 0 and group_size % 32 == 0
-    return FUSED_FORWARD_TOKENS_WORDWISE if wordwise else FUSED_FORWARD_TOKENS
+    return FUSED_FORWARD_TOKENS_WORDWISE if whole_words(bits, cols, group_size) else FUSED_FORWARD_TOKENS
 
 
 def _groups(t: torch.Tensor, group_size: int) -> torch.Tensor:

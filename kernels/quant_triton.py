@@ -469,10 +469,9 @@ def _whole_bytes(qdata: torch.Tensor, cols: int, group_size: int) -> bool:
 
 
 def _whole_words(qdata: torch.Tensor, bitmap: torch.Tensor, bits: int, cols: int, group_size: int) -> bool:
-    """Whether :func:`_wordwise_linear_kernel` applies: 4-bit codes, every row's mask bits and codes
-    start on aligned 32-bit words and each mask word lies inside one quantization group."""
-    return (bits == 4 and cols % 32 == 0 and group_size % 32 == 0 and qdata.data_ptr() % 4 == 0
-            and bitmap.data_ptr() % 4 == 0)
+    """Whether :func:`_wordwise_linear_kernel` applies: :func:`quant.whole_words` on storage whose
+    codes and mask bits start on aligned 32-bit words."""
+    return quant.whole_words(bits, cols, group_size) and qdata.data_ptr() % 4 == 0 and bitmap.data_ptr() % 4 == 0
 
 
 def _forward_kernel(qdata, bitmap, bits, cols, group_size, config: Optional[dict]):
