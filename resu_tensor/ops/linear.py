@@ -30,6 +30,12 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
     return t if t is None or dtype is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (tokens, features); 2-D tensors as they are (every skipped call counts: this runs
+    twice per linear per step)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 def _fused_qresu(x2: torch.Tensor, weight: ResuTensor, transpose_weight: bool) -> bool:
     """Whether x @ W_effᵀ and its dX = g @ W_eff of a QRESU weight go through the QRESU kernels
     table (on the GPU). The kernels route by token count (kernels/quant.py FUSED_*_TOKENS): one token
@@ -45,7 +51,7 @@ class ResuMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, transpose_weight):
         compute_dtype = _autocast_dtype(x.device.type)
-        x2 = _cast(x, compute_dtype).reshape(-1, x.shape[-1])
+        x2 = _rows(_cast(x, compute_dtype))
         bias_c = _cast(bias, compute_dtype)
         b = None
         if _fused_qresu(x2, weight, transpose_weight):
@@ -67,9 +73,11 @@ class ResuMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Host time matters here (one call per linear per step, on autograd's device thread):
+        # each reshape, cast or reduction below runs only when it changes something.
         x2, weight, bias, b = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        gy2 = _cast(grad_out, dtype or weight.compute_dtype).reshape(-1, grad_out.shape[-1])
+        gy2 = _rows(_cast(grad_out, dtype or weight.compute_dtype))
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             if _fused_qresu(gy2, weight, ctx.transpose_weight):
@@ -79,7 +87,7 @@ class ResuMatmul(torch.autograd.Function):
             else:
                 b = _cast(_right_operand(weight, ctx.transpose_weight), dtype) if b is None else b
                 grad_x = gy2 @ b.t()
-            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_x = _cast(grad_x if len(ctx.x_shape) == 2 else grad_x.reshape(ctx.x_shape), ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             # Storage-oriented dW: (gy2ᵀ·x2) when exactly one of the two transposes applies.
             flip = ctx.transpose_weight != weight.transposed
@@ -94,7 +102,9 @@ class ResuMatmul(torch.autograd.Function):
                 flat = kernels.compact_weight_grad(a_op, b_op, weight.trainable_flat(), weight.compute_dtype)
             grad_weight = weight.compact(flat)
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = gy2.sum_to_size(bias.shape).to(bias.dtype)
+            # A bias of one value per output (nn.Linear's) takes a plain column sum.
+            summed = gy2.sum(0) if bias.shape == gy2.shape[1:] else gy2.sum_to_size(bias.shape)
+            grad_bias = _cast(summed, bias.dtype)
         return grad_x, grad_weight, grad_bias, None
 
 
