@@ -470,6 +470,8 @@ def measure_kernels(bench: Bench):
                 lambda: quant.qresu_effective_weight(*args))}, optional=True, **info)
             bench.case("kernels", "W_eff Triton", lambda: {"ms": bench.time_ms(
                 lambda: quant_triton.qresu_effective_weight(*args))}, optional=True, **info)
+            bench.case("kernels", "W_eff Triton element-wise", lambda: {"ms": bench.time_ms(
+                lambda: quant_triton.effective_weight(*args, wordwise=False))}, optional=True, **info)
 
 
 # --------------------------------------------------------------------------- report

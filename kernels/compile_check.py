@@ -87,6 +87,11 @@ def _variants(quick: bool):
                      group_size=i32, block_size=i32, n_theta=i32)
         constexprs = {"BITS": bits, "EVEN_COLS": True, "ALIGNED": True, "GROUP_SHIFT": 6, "CHUNK": 1024}
         yield qt._effective_weight_kernel, types, constexprs, {"enable_fp_fusion": False}
+    for theta in ("*fp32", "*bf16"):
+        types = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", block_prefix_ptr="*i32",
+                     theta_ptr=theta, out_ptr="*bf16", numel=i32, group_size=i32, block_size=i32, n_theta=i32)
+        yield qt._wordwise_effective_weight_kernel, types, {"BLOCK_W": qt._EFFECTIVE_WEIGHT_WORDS}, \
+            {"enable_fp_fusion": False, "num_warps": qt._EFFECTIVE_WEIGHT_WARPS}
     common = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", tile_prefix_ptr="*i32",
                   theta_ptr="*fp32", out_ptr="*fp32", m=i32, rows=i32, cols=i32, q_stride=i32, n_groups=i32,
                   group_size=i32, n_prefix_tiles=i32, span=i32, stride_os=i32, stride_om=i32, n_theta=i32)

@@ -320,6 +320,26 @@ def _wordwise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
 
 
 @triton.jit
+def _wordwise_effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block_prefix_ptr, theta_ptr,
+                                      out_ptr, numel, group_size, block_size, n_theta, BLOCK_W: tl.constexpr):
+    """:func:`_effective_weight_kernel` on :func:`_word_tile` tiles of BLOCK_W mask words: where
+    rows are whole mask words and whole groups, an element's mask word, code word and group follow
+    from its flat index alone, so the weight is read as one long row; one program per prefix block."""
+    block = tl.program_id(0)
+    start = block.to(tl.int64) * block_size
+    row = tl.zeros((1,), dtype=tl.int32)  # the one long row
+    running = row.to(tl.int64) + selected_before_block(block_prefix_ptr, block, start, True)  # θ entries before
+    end = tl.minimum(start + block_size, numel) // 32
+    for offset in range(0, block_size, 32 * BLOCK_W):
+        w = (start + offset) // 32 + tl.arange(0, BLOCK_W)
+        ok = (w < end)[None, :]
+        weight, running = _word_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, row, w, ok, running,
+                                     numel, numel // 2, 0, group_size, n_theta)
+        element = 32 * w[:, None, None] + 8 * tl.arange(0, 4)[None, :, None] + tl.arange(0, 8)[None, None, :]
+        tl.store(out_ptr + element[None], cast_to(weight, out_ptr.dtype.element_ty), mask=ok[:, :, None, None])
+
+
+@triton.jit
 def _grad_input_kernel(g_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
                        m, rows, cols, stride_gm, stride_gn, q_stride, n_groups, group_size, n_prefix_tiles,
                        span, stride_os, stride_om, n_theta,
@@ -375,19 +395,32 @@ def _group_shift(group_size: int, cols: int, block_size: int, chunk: int) -> int
 
 def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int, group_size: int,
                      cols: int, dtype: torch.dtype, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
-                     theta: torch.Tensor) -> torch.Tensor:
-    """:func:`quant.qresu_effective_weight` in one kernel (bit-identical: no FMA contraction)."""
+                     theta: torch.Tensor, wordwise: Optional[bool] = None) -> torch.Tensor:
+    """:func:`quant.qresu_effective_weight` in one kernel (bit-identical: no FMA contraction): the
+    word-wise one where :func:`_flat_words` holds (``wordwise`` None), else the element-wise one."""
     _check_quantized(qdata, qscale, bits, group_size, cols)
     rows = qdata.shape[0]
     out = torch.empty(rows, cols, dtype=dtype, device=qdata.device)
     if out.numel() == 0:
         return out
+    grid = (triton.cdiv(out.numel(), block_size),)
+    operands = (qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, block_prefix, theta.contiguous(), out,
+                out.numel())
+    if wordwise is None:
+        wordwise = _flat_words(qdata, bitmap, bits, cols, group_size, block_size)
+    if wordwise:
+        if not _flat_words(qdata, bitmap, bits, cols, group_size, block_size):
+            raise ValueError("the word-wise W_eff kernel takes 4-bit codes, group_size a multiple of 32 and cols "
+                             f"a multiple of group_size, got {bits} bits, cols {cols}, group_size {group_size}")
+        _wordwise_effective_weight_kernel[grid](*operands, group_size, block_size, theta.numel(),
+                                                BLOCK_W=_EFFECTIVE_WEIGHT_WORDS, num_warps=_EFFECTIVE_WEIGHT_WARPS,
+                                                enable_fp_fusion=False)
+        return out
     walk = block_walk(block_size)
-    _effective_weight_kernel[(triton.cdiv(out.numel(), block_size),)](
-        qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, block_prefix, theta.contiguous(), out, out.numel(),
-        cols, qdata.shape[1], qscale.shape[1], group_size, block_size, theta.numel(), BITS=bits,
-        EVEN_COLS=cols % 2 == 0, GROUP_SHIFT=_group_shift(group_size, cols, block_size, walk["CHUNK"]), **walk,
-        enable_fp_fusion=False)
+    _effective_weight_kernel[grid](*operands, cols, qdata.shape[1], qscale.shape[1], group_size, block_size,
+                                   theta.numel(), BITS=bits, EVEN_COLS=cols % 2 == 0,
+                                   GROUP_SHIFT=_group_shift(group_size, cols, block_size, walk["CHUNK"]), **walk,
+                                   enable_fp_fusion=False)
     return out
 
 
@@ -412,6 +445,10 @@ _WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (
                              (16, PREFIX_TILE // 32 or 1, 4), stages=1)}
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
+# Word-wise W_eff: mask words per step (1024 elements) and warps. A sweep on the H100 (BLOCK_W 8-32,
+# 1-8 warps; 4096², 11008×4096, 4096×11008; s 0.5/0.9; bf16/fp32 θ) found 32 words on 2 warps within
+# 10% of the best everywhere, 6-29% faster than the element-wise kernel (4096², s=0.5, bf16 θ: 35.5 vs 48.1 µs).
+_EFFECTIVE_WEIGHT_WORDS, _EFFECTIVE_WEIGHT_WARPS = 32, 2
 _GRAD_INPUT = _configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))
 # Forward splits start on a multiple of every tile width (and of PREFIX_TILE, which divides them).
 SPLIT_UNIT = max([c.kwargs["BLOCK_K"] for table in _ELEMENTWISE.values() for c in table] +
@@ -472,6 +509,14 @@ def _whole_words(qdata: torch.Tensor, bitmap: torch.Tensor, bits: int, cols: int
     """Whether :func:`_wordwise_linear_kernel` applies: :func:`quant.whole_words` on storage whose
     codes and mask bits start on aligned 32-bit words."""
     return quant.whole_words(bits, cols, group_size) and qdata.data_ptr() % 4 == 0 and bitmap.data_ptr() % 4 == 0
+
+
+def _flat_words(qdata: torch.Tensor, bitmap: torch.Tensor, bits: int, cols: int, group_size: int,
+                block_size: int) -> bool:
+    """Whether :func:`_wordwise_effective_weight_kernel` applies: :func:`_whole_words`, rows of
+    whole groups and prefix blocks of whole BLOCK_W-word steps."""
+    return (_whole_words(qdata, bitmap, bits, cols, group_size) and cols % group_size == 0
+            and block_size % (32 * _EFFECTIVE_WEIGHT_WORDS) == 0)
 
 
 def _forward_kernel(qdata, bitmap, bits, cols, group_size, config: Optional[dict]):

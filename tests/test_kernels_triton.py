@@ -231,8 +231,9 @@ def _qresu_weight(rows, cols, bits, group_size, sparsity, theta_dtype, device):
 def _qresu_cases(big):
     if big:  # (rows, cols, bits, group_size)
         return [(1001, 1536, 4, 128), (515, 1000, 8, 64), (700, 999, 4, 999)]
-    # (9, 64, 4, 16): W_eff reads scales per group; (7, 96, 4, 32): the word-wise GEMV applies
-    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16), (9, 64, 4, 16), (7, 96, 4, 32)]
+    # (9, 64, 4, 16): W_eff reads scales per group; (13, 96, 4, 32): the word-wise kernels apply (two prefix
+    # blocks, the second starting inside a row)
+    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16), (9, 64, 4, 16), (13, 96, 4, 32)]
 
 
 def check_qresu_effective_weight(device, big):
@@ -248,6 +249,14 @@ def check_qresu_effective_weight(device, big):
             ours = tri.qresu_effective_weight(*args)
             assert torch.equal(ours, expected), (rows, cols, bits, theta_dtype, dtype)
             assert torch.equal(ours[~keep], w["theta"].to(dtype))  # θ lands in row-major pruned order
+            # the default takes the word-wise kernel where it applies; the element-wise one serves any layout
+            flat = tri._flat_words(w["qdata"], w["bitmap"], bits, cols, group_size, w["block_size"])
+            assert flat == (bits == 4 and cols % 32 == 0 and group_size % 32 == 0 and cols % group_size == 0)
+            if flat:
+                assert torch.equal(tri.effective_weight(*args, wordwise=False), expected), (rows, cols)
+            else:
+                with pytest.raises(ValueError, match="word-wise W_eff"):
+                    tri.effective_weight(*args, wordwise=True)
 
 
 def _qresu_matmul(device, big, grad_input):
