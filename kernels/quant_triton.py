@@ -437,11 +437,12 @@ _BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4)
                               "BLOCK_G", (16, PREFIX_TILE // 8, 4)),
              "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G",
                              (16, PREFIX_TILE // 8, 4))}
-_WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (4, 8, 4), (8, 8, 4)], "BLOCK_W",
-                              (4, PREFIX_TILE // 32 or 1, 4)),
+_WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (4, 8, 4), (8, 8, 4), (2, 32, 2),
+                               (1, 32, 2), (2, 16, 2), (1, 64, 2), (1, 32, 1), (1, 16, 1), (2, 16, 1), (1, 64, 1)],
+                              "BLOCK_W", (4, PREFIX_TILE // 32 or 1, 4)),
              # one stage: pipelining the θ gather made a float32 θ 2-3x slower (H100, 16 tokens, 4096²:
              # 51.5 vs 126-184 µs), a bfloat16 θ no faster (41.0 vs 40.4-40.7 µs)
-             "dot": _configs([(16, 8, 4), (32, 8, 8), (16, 4, 4), (32, 4, 4)], "BLOCK_W",
+             "dot": _configs([(16, 8, 4), (32, 8, 8), (16, 4, 4), (32, 4, 4), (16, 8, 2), (16, 4, 2)], "BLOCK_W",
                              (16, PREFIX_TILE // 32 or 1, 4), stages=1)}
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
