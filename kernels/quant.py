@@ -6,14 +6,15 @@ import torch
 
 # Most tokens the Triton QRESU matmuls (quant_triton) route to their fused kernels when the caller
 # does not choose (``fused=None``); callers read them to know whether a prefix table will be used.
-# Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5): the forward
-# wins at one token (word-wise kernel 26 vs 58 µs for W_eff + cuBLAS), the dX kernel never (335 vs
-# 57 µs at one token).
+# Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16 θ): the
+# forward wins at one token (word-wise kernel 23 vs 45 µs for W_eff + cuBLAS), the dX kernel never
+# (335 vs 43 µs at one token).
 FUSED_FORWARD_TOKENS = 1
 FUSED_GRAD_INPUT_TOKENS = 0
-# Where the word-wise forward applies (4-bit codes, rows of whole 32-bit mask words) it wins up to
-# 32 tokens (H100, same benchmark: 4096², s=0.5, bf16 θ, 16 tokens 40 vs 57 µs; 11008×4096 100 vs
-# 139 µs; float32 θ with one pipeline stage 51.5 vs 59 µs).
+# Where the word-wise forward applies (4-bit codes, rows of whole 32-bit mask words) it takes up to
+# 32 tokens. Same benchmark, 2-32 tokens: it wins 22 of 45 cells (every 11008x4096 one, 16 tokens
+# 99 vs 113 µs; 4096², s=0.5, bf16 θ 40 vs 45 µs) and loses the rest by 1-13% (4096x11008, float32
+# θ at 4096², s=0.9 from 8 tokens): wins and losses of one size, so no rule by shape.
 FUSED_FORWARD_TOKENS_WORDWISE = 32
 
 
