@@ -8,13 +8,12 @@ import torch
 # does not choose (``fused=None``); callers read them to know whether a prefix table will be used.
 # Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16 θ): the
 # forward wins at one token (word-wise kernel 23 vs 45 µs for W_eff + cuBLAS), the dX kernel never
-# (335 vs 43 µs at one token).
+# (339 vs 45 µs at 16 tokens).
 FUSED_FORWARD_TOKENS = 1
 FUSED_GRAD_INPUT_TOKENS = 0
 # Where the word-wise forward applies (4-bit codes, rows of whole 32-bit mask words) it takes up to
-# 32 tokens. Same benchmark, 2-32 tokens: it wins 22 of 45 cells (every 11008x4096 one, 16 tokens
-# 99 vs 113 µs; 4096², s=0.5, bf16 θ 40 vs 45 µs) and loses the rest by 1-13% (4096x11008, float32
-# θ at 4096², s=0.9 from 8 tokens): wins and losses of one size, so no rule by shape.
+# 32 tokens: same benchmark, 2-32 tokens, it wins 43 of 45 cells at 0.78-0.98x (16 tokens, s=0.5,
+# bf16 θ: 4096² 37 vs 45 µs, 11008x4096 99 vs 113, 4096x11008 99 vs 120) and loses two at 32 tokens.
 FUSED_FORWARD_TOKENS_WORDWISE = 32
 
 
