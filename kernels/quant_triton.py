@@ -446,9 +446,9 @@ _WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (
                              (16, PREFIX_TILE // 32 or 1, 4), stages=1)}
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
-# Word-wise W_eff: mask words per step (1024 elements) and warps. A sweep on the H100 (BLOCK_W 8-32,
-# 1-8 warps; 4096², 11008×4096, 4096×11008; s 0.5/0.9; bf16/fp32 θ) found 32 words on 2 warps within
-# 10% of the best everywhere, 6-29% faster than the element-wise kernel (4096², s=0.5, bf16 θ: 35.5 vs 48.1 µs).
+# Word-wise W_eff: mask words per step (1024 elements) and warps. An ad-hoc sweep on the H100 (BLOCK_W
+# 8-32, 1-8 warps; 4096², 11008×4096, 4096×11008; s 0.5/0.9; bf16/fp32 θ) found 32 words on 2 warps
+# within 10% of the best everywhere; benchmarks.layers kernels rows: 36.0 vs 48.8 µs element-wise (4096²).
 _EFFECTIVE_WEIGHT_WORDS, _EFFECTIVE_WEIGHT_WARPS = 32, 2
 _GRAD_INPUT = _configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))
 # Forward splits start on a multiple of every tile width (and of PREFIX_TILE, which divides them).
