@@ -109,7 +109,8 @@ def _variants(quick: bool):
                                       BLOCK_M=block_m, **{unit_stride: 1})
                     if "BLOCK_K" in config.kwargs:
                         constexprs["GROUP_ALIGNED"] = bits == 4
-                    yield kernel, types, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                    yield kernel, types, constexprs, dict(options, maxnreg=config.maxnreg) if config.maxnreg else options
                 if quick:
                     break
 

@@ -425,10 +425,12 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
 
 
 def _configs(tiles, width: str, interpreted: tuple, stages: int = 2):
-    """Autotuner configs from (BLOCK_N, width, warps) tiles; one small config on the interpreter."""
+    """Autotuner configs from (BLOCK_N, width, warps[, stages[, maxnreg]]) tiles; one small config on
+    the interpreter."""
     if interpreting():
         tiles = [interpreted]
-    return [triton.Config({"BLOCK_N": n, width: k}, num_warps=w, num_stages=stages) for n, k, w in tiles]
+    return [triton.Config({"BLOCK_N": n, width: k}, num_warps=w, num_stages=rest[0] if rest else stages,
+                          maxnreg=rest[1] if len(rest) > 1 else None) for n, k, w, *rest in tiles]
 
 
 # Tuned per shape on the GPU: GEMV tiles for one token (narrow row blocks, long K chunks), tiles
@@ -437,8 +439,11 @@ _BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4)
                               "BLOCK_G", (16, PREFIX_TILE // 8, 4)),
              "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G",
                              (16, PREFIX_TILE // 8, 4))}
-_WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 4), (2, 16, 4), (4, 16, 4), (4, 8, 4), (8, 8, 4), (2, 32, 2),
-                               (1, 32, 2), (2, 16, 2), (1, 64, 2), (1, 32, 1), (1, 16, 1), (2, 16, 1), (1, 64, 1)],
+# Word-wise GEMV: 1-2 rows per program on 1-2 warps won on the H100; Nsight Compute found it
+# latency-bound with occupancy capped by registers (71 a thread: 28 one-warp programs per SM, 4096
+# rows = 1.11 waves), so some configs cap registers at 64 (32 programs per SM, one wave).
+_WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 2), (2, 32, 2), (1, 64, 2), (1, 32, 1), (1, 16, 1),
+                               (1, 32, 1, 1), (1, 16, 1, 1), (1, 32, 1, 2, 64), (1, 16, 1, 2, 64)],
                               "BLOCK_W", (4, PREFIX_TILE // 32 or 1, 4)),
              # one stage: pipelining the θ gather made a float32 θ 2-3x slower (H100, 16 tokens, 4096²:
              # 51.5 vs 126-184 µs), a bfloat16 θ no faster (41.0 vs 40.4-40.7 µs)
