@@ -406,10 +406,11 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
     grid = (triton.cdiv(out.numel(), block_size),)
     operands = (qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, block_prefix, theta.contiguous(), out,
                 out.numel())
+    flat_words = _flat_words(qdata, bitmap, bits, cols, group_size, block_size)
     if wordwise is None:
-        wordwise = _flat_words(qdata, bitmap, bits, cols, group_size, block_size)
+        wordwise = flat_words
     if wordwise:
-        if not _flat_words(qdata, bitmap, bits, cols, group_size, block_size):
+        if not flat_words:
             raise ValueError("the word-wise W_eff kernel takes 4-bit codes, group_size a multiple of 32 and cols "
                              f"a multiple of group_size, got {bits} bits, cols {cols}, group_size {group_size}")
         _wordwise_effective_weight_kernel[grid](*operands, group_size, block_size, theta.numel(),
