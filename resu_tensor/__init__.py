@@ -30,6 +30,7 @@ def _import_torchao_quietly() -> None:
 
 _import_torchao_quietly()
 
+from resu_tensor import torch_compat  # noqa: E402,F401  (torch.compile(optimizer.step) on torch 2.11)
 from resu_tensor import ops  # noqa: E402,F401  (registers the op tables)
 from resu_tensor.calibration import calibrate  # noqa: E402
 from resu_tensor.compact import CompactTensor  # noqa: E402
