@@ -70,17 +70,17 @@ def dense_params(model) -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_sgd_is_exact() -> bool:
+def compiled_sgd_is_exact(device: str = "cpu") -> bool:
     """Whether this torch's compiled momentum-SGD step is bit-identical to eager on a plain
     nn.Linear (torch 2.13: yes; torch 2.11: no, ~1e-7 apart after a step): ResuTensor steps are
     held to bit-identity wherever plain tensors get it."""
     torch.manual_seed(0)
-    plain = nn.Linear(32, 8)
+    plain = nn.Linear(32, 8, device=device)
     twin = copy.deepcopy(plain)
     opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01) for m in (plain, twin))
     step = torch.compile(opt.step, backend=BACKEND)
     for _ in range(2):
-        x = torch.randn(6, 32)
+        x = torch.randn(6, 32, device=device)
         plain(x).square().sum().backward()
         twin(x).square().sum().backward()
         step()
@@ -232,12 +232,14 @@ def test_forward_and_backward_in_one_fullgraph_function(mode):
         torch.testing.assert_close(w.grad.flat, v.grad.flat)
 
 
-def test_recompiles_only_when_mode_or_trainable_set_changes():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_recompiles_only_when_mode_or_trainable_set_changes(device):
     """Two ResuScheduler cycles (DENSE → prune → RESU → commit → same-mask re-prune → RESU →
     commit), compiled next to an eager twin: the model recompiles exactly once per new (mode,
     trainable set) of its layers, the optimizer step only in the two steps after such a change
     (its state is reset, then re-created), and the two runs agree (SGD: bit-exact where a plain model's is)."""
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
     quantize_(model, rt.resu_config(sparsity=0.0))
     eager = copy.deepcopy(model)
     config = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=2, sparsity=0.5, stabilize_fraction=0.2,
@@ -259,7 +261,7 @@ def test_recompiles_only_when_mode_or_trainable_set_changes():
             if state != previous:
                 last_change = step
             model_before, step_before = model_compiles.frame_count, step_compiles.frame_count
-            x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+            x, y = torch.randn(8, 16, device=device), torch.randint(0, 4, (8,), device=device)
             F.cross_entropy(compiled_model(x), y).backward()
             compiled_step()
             opt.zero_grad()
@@ -276,7 +278,7 @@ def test_recompiles_only_when_mode_or_trainable_set_changes():
 
     assert modes[0] == "dense" and "sparse" in modes and "resu" in modes
     assert model_compiles.frame_count == len(seen) == 5  # dense, sparse, resu, sparse (new mask), resu
-    assert_params_match(model, eager, exact=compiled_sgd_is_exact())
+    assert_params_match(model, eager, exact=compiled_sgd_is_exact(device))
     for w, v in zip(resu_params(model), resu_params(eager)):
         assert torch.equal(w.mask(), v.mask()) and w.trainable_key == v.trainable_key
 
@@ -397,6 +399,7 @@ def test_compiled_function_takes_and_returns_resu_tensors():
 
 # ------------------------------------------------------------------------------ CUDA (pytest -m cuda)
 TRITON_OPS = {  # what the compiled graphs must call on CUDA: the Triton custom ops, not dense + gather
+    "dense": set(),
     "sparse": {"resu_tensor.gather_by_bitmap.default"},
     "resu": {"resu_tensor.gather_by_bitmap.default"},
     "qresu": {"resu_tensor.gather_by_bitmap.default", "resu_tensor.qresu_linear_small_m.default",
@@ -406,7 +409,7 @@ TRITON_OPS = {  # what the compiled graphs must call on CUDA: the Triton custom 
 
 # What the compiled foreach AdamW step must call on CUDA: the weight's in-place updates as the
 # one-pass Triton kernel (QRESU trains a compact θ: plain element-wise ops, nothing to select).
-STEP_TRITON_OPS = {"sparse": {"resu_tensor.update_by_bitmap_.default"},
+STEP_TRITON_OPS = {"dense": set(), "sparse": {"resu_tensor.update_by_bitmap_.default"},
                    "resu": {"resu_tensor.update_by_bitmap_.default"}, "qresu": set()}
 
 
