@@ -34,9 +34,9 @@ def with_own_grad_context(meta_tensor):
     @functools.wraps(meta_tensor)
     def wrapper(*args, **kwargs):
         call = signature.bind(*args, **kwargs)
-        context = call.arguments.get("symbolic_context")
+        context, grad_desc = call.arguments.get("symbolic_context"), call.arguments.get("t")
         is_grad = getattr(call.arguments.get("source"), "member", None) == "grad"
-        if is_grad and context is not None and not _context_covers(context, call.arguments["t"]):
+        if is_grad and context is not None and grad_desc is not None and not _context_covers(context, grad_desc):
             call.arguments["symbolic_context"] = None
         return meta_tensor(*call.args, **call.kwargs)
 
