@@ -472,6 +472,17 @@ def measure_kernels(bench: Bench):
                 lambda: quant_triton.qresu_effective_weight(*args))}, optional=True, **info)
             bench.case("kernels", "W_eff Triton element-wise", lambda: {"ms": bench.time_ms(
                 lambda: quant_triton.effective_weight(*args, wordwise=False))}, optional=True, **info)
+            # QRESU θ's AdamW(fused=True) step: torch's fused op vs the library's flat kernel
+            grad, exp_avg, exp_avg_sq = (torch.randn_like(theta) for _ in range(3))
+            exp_avg_sq.abs_()
+            step, adam = torch.tensor(3.0, device=DEVICE), dict(lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01,
+                                                               eps=1e-8)
+            flat = ([theta], [grad], [exp_avg], [exp_avg_sq])
+            bench.case("kernels", "θ AdamW torch._fused_adamw_", lambda: {"ms": bench.time_ms(
+                lambda: torch._fused_adamw_(*flat, [], [step], amsgrad=False, maximize=False, **adam))},
+                optional=True, **info)
+            bench.case("kernels", "θ AdamW kernels.foreach_adam_flat_", lambda: {"ms": bench.time_ms(
+                lambda: kernels.foreach_adam_flat_(*flat, [step], *adam.values(), True, False))}, optional=True, **info)
 
 
 # --------------------------------------------------------------------------- report

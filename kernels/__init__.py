@@ -64,6 +64,7 @@ for _name, _fn in [
     ("qresu_grad_input_small_m", quant.qresu_grad_input_small_m),
     ("adam_by_bitmap_", optim.adam_by_bitmap_),
     ("foreach_adam_by_bitmap_", optim.foreach_adam_by_bitmap_),
+    ("foreach_adam_flat_", optim.foreach_adam_flat_),
     ("update_by_bitmap_", mask_ops.update_by_bitmap_),
     ("foreach_update_by_bitmap_", mask_ops.foreach_update_by_bitmap_),
     ("selective_scores_", selective.selective_scores_),
@@ -91,6 +92,7 @@ if HAS_TRITON:
         ("qresu_grad_input_small_m", quant_triton.qresu_grad_input_small_m),
         ("adam_by_bitmap_", optim_triton.adam_by_bitmap_),
         ("foreach_adam_by_bitmap_", optim_triton.foreach_adam_by_bitmap_),
+        ("foreach_adam_flat_", optim_triton.foreach_adam_flat_),
         ("update_by_bitmap_", update_triton.update_by_bitmap_),
         ("foreach_update_by_bitmap_", update_triton.foreach_update_by_bitmap_),
         ("selective_scores_", selective_triton.selective_scores_),
@@ -113,6 +115,7 @@ qresu_linear_small_m = _dispatched("qresu_linear_small_m")
 qresu_grad_input_small_m = _dispatched("qresu_grad_input_small_m")
 adam_by_bitmap_ = _dispatched("adam_by_bitmap_")
 foreach_adam_by_bitmap_ = _dispatched("foreach_adam_by_bitmap_")
+foreach_adam_flat_ = _dispatched("foreach_adam_flat_")
 update_by_bitmap_ = _dispatched("update_by_bitmap_")
 foreach_update_by_bitmap_ = _dispatched("foreach_update_by_bitmap_")
 selective_scores_ = _dispatched("selective_scores_")
@@ -138,6 +141,7 @@ __all__ = [
     "qresu_grad_input_small_m",
     "adam_by_bitmap_",
     "foreach_adam_by_bitmap_",
+    "foreach_adam_flat_",
     "update_by_bitmap_",
     "foreach_update_by_bitmap_",
     "selective_scores_",

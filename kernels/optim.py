@@ -1,7 +1,7 @@
 """Reference for the fused Adam/AdamW step on a weight's bitmap-selected coordinates, for one weight
 or a list of them: the formula of ``torch._fused_adam_`` / ``torch._fused_adamw_`` (the
 ``fused=True`` optimizers), with the weight stored dense and its gradient and moments compact
-(row-major over the selection)."""
+(row-major over the selection); and the same step on flat weights that are all trainable (QRESU's θ)."""
 from typing import List
 
 import torch
@@ -56,3 +56,17 @@ def foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tens
     check_foreach_lengths("foreach_adam_by_bitmap_", lists)
     for weight in zip(*lists):
         adam_by_bitmap_(*weight, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
+
+
+def foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                       exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], lr: float, beta1: float,
+                       beta2: float, weight_decay: float, eps: float, decoupled: bool, maximize: bool) -> None:
+    """:func:`adam_math_` on each of equally long lists of contiguous flat tensors (entry j of
+    every list belongs to parameter j), with shared hyperparameters."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    check_foreach_lengths("foreach_adam_flat_", lists)
+    for j, (p, g, m, v, step) in enumerate(zip(*lists)):
+        if not p.numel() == g.numel() == m.numel() == v.numel():
+            raise ValueError(f"foreach_adam_flat_: parameter {j}, its grad and moments must be the same length, got "
+                             f"{p.numel()}, {g.numel()}, {m.numel()}, {v.numel()}")
+        adam_math_(p, g, m, v, step, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)

@@ -11,10 +11,11 @@ from masked_reference import MaskedDenseWeight
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])  # fused: the one-pass Adam kernels
 @pytest.mark.parametrize("tokens", [(2, 33), (1,)], ids=["66_tokens", "decode"])  # QRESU: W_eff / fused kernels
 @pytest.mark.parametrize("mode", ["dense", "sparse", "resu", "qresu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_and_adamw_on_cuda(mode, dtype, tokens):
+def test_linear_and_adamw_on_cuda(mode, dtype, tokens, fused):
     w = rt.ResuTensor.from_dense(torch.randn(96, 200, device="cuda", dtype=dtype), sparsity=0.0 if mode == "dense" else 0.6)
     if mode == "resu":
         w.enter_resu()
@@ -24,10 +25,12 @@ def test_linear_and_adamw_on_cuda(mode, dtype, tokens):
     w = nn.Parameter(w)
     assert w.device.type == "cuda" and w.device_of_storage.type == "cuda"
     ref = MaskedDenseWeight(w.dequantize(), w.trainable_mask())
-    opt, opt_ref = torch.optim.AdamW([w], lr=1e-2), torch.optim.AdamW([ref.flat], lr=1e-2)
+    opt, opt_ref = torch.optim.AdamW([w], lr=1e-2, fused=fused), torch.optim.AdamW([ref.flat], lr=1e-2, fused=fused)
     frozen = ~w.trainable_mask()
     frozen_before = w.dequantize()[frozen]
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    if fused:  # our one-pass Adam and torch's fused op differ in the last bits; ten steps carry that into y and dX
+        tol["atol"] *= 2.5 if dtype == torch.bfloat16 else 10
     for _ in range(10):
         x = torch.randn(*tokens, 200, device="cuda", dtype=dtype, requires_grad=True)
         x_ref = x.detach().clone().requires_grad_()

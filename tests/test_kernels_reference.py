@@ -89,7 +89,7 @@ def test_every_op_has_a_reference_and_cuda_kernels_exactly_when_triton_imports()
     names = ["pack_bitmap", "unpack_bitmap", "gather_trainable", "scatter_trainable_", "gather_by_bitmap",
              "scatter_by_bitmap_", "bitmap_tile_prefix", "compact_weight_grad", "compact_weight_grad_bitmap",
              "qresu_effective_weight", "qresu_linear_small_m", "qresu_grad_input_small_m", "adam_by_bitmap_",
-             "foreach_adam_by_bitmap_"]
+             "foreach_adam_by_bitmap_", "foreach_adam_flat_"]
     for name in names:
         assert callable(getattr(kernels, name))
         reference = kernels.implementation(name, "cpu")

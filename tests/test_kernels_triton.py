@@ -145,6 +145,37 @@ def check_foreach_adam_by_bitmap(device, big):
         assert not torch.equal(values.view(-1)[selected], w["values"].view(-1)[selected])
 
 
+def check_foreach_adam_flat(device, big):
+    """Flat parameters that train whole (QRESU's θ), lengths not multiples of the kernels' blocks:
+    a bf16 group of two and a float32 group of one in one call, then one alone; each against the
+    reference."""
+    k = package()
+    ref, tri = k.optim, k.optim_triton
+    lengths = (2053, 7, 4099) if not big else (15_099_495, 1_003, 4_099_111)
+    params = []
+    for j, (numel, dtype) in enumerate(zip(lengths, (torch.bfloat16, torch.float32, torch.bfloat16))):
+        params.append([random_data(numel, dtype, device), random_data(numel, dtype, device),
+                       random_data(numel, dtype, device), random_data(numel, dtype, device).abs(),
+                       torch.tensor(float(j + 2), device=device)])
+    # views from element 1 on: addresses not 16-byte aligned (the kernels must not assume they are)
+    shifted = [random_data(lengths[0] + 1, torch.bfloat16, device)[1:] for _ in range(3)]
+    shifted = [shifted[0], shifted[1], shifted[2], random_data(lengths[0], torch.bfloat16, device).abs(), params[0][4]]
+    # all three in one call (a bf16 pair and a float32 one), then one alone, then the shifted one
+    for group, decoupled, maximize in ((params, True, False), (params[:1], False, True), ([shifted], True, False)):
+        hyper = (0.01, 0.9, 0.999, 0.1, 1e-8, decoupled, maximize)
+        ours = [[t.clone() for t in p[:4]] + [p[4]] for p in group]
+        theirs = [[t.clone() for t in p[:4]] + [p[4]] for p in group]
+        tri.foreach_adam_flat_(*map(list, zip(*ours)), *hyper)
+        ref.foreach_adam_flat_(*map(list, zip(*theirs)), *hyper)
+        for before, a, b in zip(group, ours, theirs):
+            # the kernel's exp2-based bias corrections differ from torch.pow's in the last bits
+            tolerance = dict(rtol=1e-4, atol=1e-5) if a[0].dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+            for got, expected in zip((a[0], a[2], a[3]), (b[0], b[2], b[3])):
+                torch.testing.assert_close(got, expected, **tolerance)
+            assert torch.equal(a[1], before[1])  # the grad is read only
+            assert not torch.equal(a[0], before[0]) and not torch.equal(a[2], before[2])
+
+
 def check_tile_prefix(device, big):
     k = package()
     ref, tri = k.mask_ops, k.mask_ops_triton
@@ -364,6 +395,10 @@ def check_custom_ops_trace(device, big):
                                        [random_data(count, torch.float32, device).abs() for _ in range(2)],
                                        [torch.tensor(2.0, device=device)] * 2, 0.01, 0.9, 0.999, 0.1, 1e-8, True,
                                        False)),
+        (ops.foreach_adam_flat_, ([values.view(-1).clone()], [random_data(values.numel(), torch.float32, device)],
+                                  [random_data(values.numel(), torch.float32, device)],
+                                  [random_data(values.numel(), torch.float32, device).abs()],
+                                  [torch.tensor(2.0, device=device)], 0.01, 0.9, 0.999, 0.1, 1e-8, True, False)),
     ]:
         torch.library.opcheck(op, args, test_utils=tests)
 

@@ -58,12 +58,21 @@ def test_enter_qresu_stores_codes_and_flat_theta():
     assert w.theta.std() > 0
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
 @pytest.mark.parametrize("theta_dtype", [None, torch.float32])
-def test_qresu_training_matches_reference_and_keeps_w_a_bit_identical(theta_dtype):
+def test_qresu_training_matches_reference_and_keeps_w_a_bit_identical(theta_dtype, fused, monkeypatch):
     w, _ = make_qresu(theta_dtype=theta_dtype, shape=(16, 64), group_size=32)
     ref = MaskedDenseWeight(w.dequantize(), w.trainable_mask())
     assert torch.equal(w.trainable_mask(), ~w.mask())
-    opt, opt_ref = torch.optim.AdamW([w], lr=1e-2), torch.optim.AdamW([ref.flat], lr=1e-2)
+    opt, opt_ref = torch.optim.AdamW([w], lr=1e-2, fused=fused), torch.optim.AdamW([ref.flat], lr=1e-2, fused=fused)
+    flat_steps = []  # fused: θ takes the one-pass flat Adam (kernels.foreach_adam_flat_)
+    flat_adam = rt.kernels.foreach_adam_flat_
+
+    def counted(params, *args):
+        flat_steps.append(params[0])
+        return flat_adam(params, *args)
+
+    monkeypatch.setattr(rt.kernels, "foreach_adam_flat_", counted)
     active_before = w.dequantize()[w.mask()]
     qdata_before = w.qdata.clone()
     for _ in range(20):
@@ -75,6 +84,7 @@ def test_qresu_training_matches_reference_and_keeps_w_a_bit_identical(theta_dtyp
     torch.testing.assert_close(w.dequantize(), ref.weight().detach(), rtol=1e-5, atol=1e-6)
     assert torch.equal(w.qdata, qdata_before) and torch.equal(w.dequantize()[w.mask()], active_before)
     assert opt.state[w]["exp_avg"].flat.numel() == w.theta.numel()
+    assert len(flat_steps) == (20 if fused else 0) and all(p is w.theta for p in flat_steps)
 
 
 def test_qresu_memory_at_half_sparsity():

@@ -3,10 +3,11 @@ over lists that hold ResuTensor weights.
 
 A weight whose trainable set is a bitmap (SPARSE: set bits, RESU: clear bits) takes the whole
 step in one kernel pass over its mask, weights, compact grad and moments, and all such weights of
-the call share one launch (:func:`resu_tensor.kernels.foreach_adam_by_bitmap_`). Everything else
-(plain tensors, DENSE weights, QRESU θ, index-encoded masks, and the amsgrad / grad-scaler /
-tensor-lr variants) runs torch's own fused op on the flattened trainable coordinates, as
-:mod:`resu_tensor.ops.foreach` does.
+the call share one launch (:func:`resu_tensor.kernels.foreach_adam_by_bitmap_`). QRESU weights
+whose whole θ trains share another (:func:`resu_tensor.kernels.foreach_adam_flat_`). Everything
+else (plain tensors, DENSE weights, index-encoded masks, a QRESU subset, and the amsgrad /
+grad-scaler / tensor-lr variants) runs torch's own fused op on the flattened trainable
+coordinates, as :mod:`resu_tensor.ops.foreach` does.
 """
 import torch
 
@@ -41,19 +42,25 @@ def fused_adam(func, types, args, kwargs):
     params, grads, exp_avgs, exp_avg_sqs, _, state_steps = args[:6]
     one_pass = _one_pass_variant(kwargs)
     decoupled = func._schema.name == "aten::_fused_adamw_"
-    rest, bitmap_weights = [], []
+    hyper = (kwargs["lr"], kwargs["beta1"], kwargs["beta2"], kwargs["weight_decay"], kwargs["eps"], decoupled,
+             kwargs.get("maximize", False))
+    rest, bitmap_weights, flat_weights = [], [], []
     for j, param in enumerate(params):
-        bits = (param.bitmap_kernels_for(param.values)
-                if one_pass and isinstance(param, ResuTensor) and param.values is not None else None)
-        if bits is None:
+        if not (one_pass and isinstance(param, ResuTensor)):
             rest.append(j)
             continue
-        grad, exp_avg, exp_avg_sq = _compact_state(func, param, (grads[j], exp_avgs[j], exp_avg_sqs[j]))
-        bitmap_weights.append((param.values, *bits[:4], grad, exp_avg, exp_avg_sq, state_steps[j]))
-    if bitmap_weights:  # one launch for all of them (per dtype group), not one per weight
-        kernels.foreach_adam_by_bitmap_(*map(list, zip(*bitmap_weights)), kwargs["lr"], kwargs["beta1"],
-                                        kwargs["beta2"], kwargs["weight_decay"], kwargs["eps"], decoupled,
-                                        kwargs.get("maximize", False))
+        state = (grads[j], exp_avgs[j], exp_avg_sqs[j])
+        if param.values is None and param.trainable_values_are_storage:  # QRESU, all of θ trains
+            flat_weights.append((param.theta, *_compact_state(func, param, state), state_steps[j]))
+        elif param.values is not None and (bits := param.bitmap_kernels_for(param.values)) is not None:
+            bitmap_weights.append((param.values, *bits[:4], *_compact_state(func, param, state), state_steps[j]))
+        else:
+            rest.append(j)
+    # one launch for each kind (per dtype group), not one per weight
+    if bitmap_weights:
+        kernels.foreach_adam_by_bitmap_(*map(list, zip(*bitmap_weights)), *hyper)
+    if flat_weights:
+        kernels.foreach_adam_flat_(*map(list, zip(*flat_weights)), *hyper)
     if rest:
         sub = [[a[j] for j in rest] if isinstance(a, (list, tuple)) and len(a) else a for a in args]
         foreach_op(func, types, tuple(sub), kwargs)
