@@ -302,6 +302,9 @@ def measure_decode(bench: Bench):
                             w.mask_block_prefix, prefix_block_size(in_features), w.theta)
                     tile_prefix = kernels.bitmap_tile_prefix(w.mask_bitmap, out_features, in_features,
                                                              kernels.PREFIX_TILE, True)
+                    # What the forward must read at least, against the dense bf16 weight: at equal
+                    # bandwidth no kernel beats this ratio (θ alone is 1.8× the dense bytes at s=0.9 in fp32).
+                    bytes_vs_dense = sum(w.nbytes_breakdown().values()) / dense_weight.nbytes
 
                     def kernel_alone():  # the fused kernel at any token count (the library routes M > 1 to W_eff)
                         if not (kernels.HAS_TRITON and x.is_cuda):
@@ -321,7 +324,7 @@ def measure_decode(bench: Bench):
                             record = bench.case("decode", f"qresu s={sparsity} θ {theta_name} ({path}, {timing})",
                                                 measure, optional=path != "library F.linear", mode="qresu",
                                                 sparsity=sparsity, theta_dtype=theta_name, path=path, timing=timing,
-                                                **info)
+                                                weight_bytes_vs_dense=bytes_vs_dense, **info)
                             _add_ratios(record, dense[timing], None)
                     del layer, w
                     _release()

@@ -60,4 +60,6 @@ def test_layers_benchmark_runs_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
     assert {r["tokens"] for r in decode} == {1, 16}
     assert {r["path"] for r in decode} == {"library F.linear", "fused small-M kernel"}
     assert {r["timing"] for r in decode} == {"eager", "graph"}
+    floors = {(r["sparsity"], r["theta_dtype"]): r["weight_bytes_vs_dense"] for r in decode}
+    assert all(floors[(s, "float32")] > floors[(s, "bfloat16")] > 0 for s, _ in floors)  # θ's bytes counted
     assert "wrote" in capsys.readouterr().out and results["total_s"] >= 0
