@@ -146,9 +146,8 @@ def check_foreach_adam_by_bitmap(device, big):
 
 
 def check_foreach_adam_flat(device, big):
-    """Flat parameters that train whole (QRESU's θ), lengths not multiples of the kernels' blocks:
-    a bf16 group of two and a float32 group of one in one call, then one alone; each against the
-    reference."""
+    """Flat parameters that train whole (QRESU's θ), lengths not multiples of the kernels' blocks,
+    one at a time and several in one call, aligned and not; each against the reference."""
     k = package()
     ref, tri = k.optim, k.optim_triton
     lengths = (2053, 7, 4099) if not big else (15_099_495, 1_003, 4_099_111)
@@ -157,14 +156,21 @@ def check_foreach_adam_flat(device, big):
         params.append([random_data(numel, dtype, device), random_data(numel, dtype, device),
                        random_data(numel, dtype, device), random_data(numel, dtype, device).abs(),
                        torch.tensor(float(j + 2), device=device)])
-    # views from element 1 on: addresses not 16-byte aligned (the kernels must not assume they are)
-    shifted = [random_data(lengths[0] + 1, torch.bfloat16, device)[1:] for _ in range(3)]
-    shifted = [shifted[0], shifted[1], shifted[2], random_data(lengths[0], torch.bfloat16, device).abs(), params[0][4]]
-    # all three in one call (a bf16 pair and a float32 one), then one alone, then the shifted one
-    for group, decoupled, maximize in ((params, True, False), (params[:1], False, True), ([shifted], True, False)):
+
+    def copied(group, shifts):
+        """Copies of each parameter's tensors starting ``shift`` elements into fresh buffers (1: an
+        address not 16-byte aligned, which the kernels must not assume)."""
+        def one(t, shift):
+            return torch.empty(t.numel() + shift, dtype=t.dtype, device=t.device)[shift:].copy_(t)
+
+        return [[one(t, shift) for t in p[:4]] + [p[4]] for p, shift in zip(group, shifts)]
+
+    # all three in one call (a bf16 pair and a float32 one), one alone, then shifted: the pair with
+    # only its second parameter shifted (an aligned table base, odd offsets), and one alone
+    for group, shifts, decoupled, maximize in ((params, (0, 0, 0), True, False), (params[:1], (0,), False, True),
+                                               (params[::2], (0, 1), True, False), (params[:1], (1,), True, False)):
         hyper = (0.01, 0.9, 0.999, 0.1, 1e-8, decoupled, maximize)
-        ours = [[t.clone() for t in p[:4]] + [p[4]] for p in group]
-        theirs = [[t.clone() for t in p[:4]] + [p[4]] for p in group]
+        ours, theirs = copied(group, shifts), copied(group, shifts)
         tri.foreach_adam_flat_(*map(list, zip(*ours)), *hyper)
         ref.foreach_adam_flat_(*map(list, zip(*theirs)), *hyper)
         for before, a, b in zip(group, ours, theirs):
