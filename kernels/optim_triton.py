@@ -273,8 +273,11 @@ def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], e
     check_foreach_lengths("foreach_adam_flat_", lists)
     groups = {}
     for j, (p, g, m, v, step) in enumerate(zip(*lists)):
-        for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
-            if not t.is_contiguous() or t.dtype not in TL_DTYPES:
+        for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v), ("step", step)):
+            if t.device != p.device:
+                raise ValueError(f"foreach_adam_flat_: {name} of parameter {j} is on {t.device}, the parameter on "
+                                 f"{p.device}")
+            if name != "step" and (not t.is_contiguous() or t.dtype not in TL_DTYPES):
                 raise ValueError(f"foreach_adam_flat_: {name} of parameter {j} must be contiguous and one of "
                                  f"{sorted(str(d) for d in TL_DTYPES)}, got {t.dtype}, contiguous={t.is_contiguous()}")
         if not p.numel() == g.numel() == m.numel() == v.numel():
@@ -284,7 +287,7 @@ def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], e
             raise ValueError(f"foreach_adam_flat_: parameter {j} needs moments of one dtype and a one-element "
                              f"float32 step, got {m.dtype}, {v.dtype} and a {step.dtype} step of {step.numel()}")
         if p.numel():
-            groups.setdefault((p.dtype, g.dtype, m.dtype), []).append(j)
+            groups.setdefault((p.device, p.dtype, g.dtype, m.dtype), []).append(j)  # one table: one address space
     hyper = (float(lr), float(beta1), float(beta2), float(weight_decay), float(eps))
     flags = dict(DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS)
     for rows in groups.values():

@@ -180,6 +180,9 @@ def check_foreach_adam_flat(device, big):
                 torch.testing.assert_close(got, expected, **tolerance)
             assert torch.equal(a[1], before[1])  # the grad is read only
             assert not torch.equal(a[0], before[0]) and not torch.equal(a[2], before[2])
+    p = params[0]
+    with pytest.raises(ValueError, match="exp_avg_sq of parameter 0 is on meta"):
+        tri.foreach_adam_flat_([p[0]], [p[1]], [p[2]], [p[3].to("meta")], [p[4]], *hyper)
 
 
 def check_tile_prefix(device, big):
