@@ -66,7 +66,14 @@ def foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], ex
     lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
     check_foreach_lengths("foreach_adam_flat_", lists)
     for j, (p, g, m, v, step) in enumerate(zip(*lists)):
-        if not p.numel() == g.numel() == m.numel() == v.numel():
-            raise ValueError(f"foreach_adam_flat_: parameter {j}, its grad and moments must be the same length, got "
-                             f"{p.numel()}, {g.numel()}, {m.numel()}, {v.numel()}")
+        check_flat_lengths(j, p, g, m, v)
         adam_math_(p, g, m, v, step, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
+
+
+def check_flat_lengths(j: int, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                       exp_avg_sq: torch.Tensor) -> None:
+    """ValueError unless parameter ``j`` of a :func:`foreach_adam_flat_` call and its grad and
+    moments are equally long."""
+    if not param.numel() == grad.numel() == exp_avg.numel() == exp_avg_sq.numel():
+        raise ValueError(f"foreach_adam_flat_: parameter {j}, its grad and moments must be the same length, got "
+                         f"{param.numel()}, {grad.numel()}, {exp_avg.numel()}, {exp_avg_sq.numel()}")

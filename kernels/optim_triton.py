@@ -280,9 +280,7 @@ def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], e
             if name != "step" and (not t.is_contiguous() or t.dtype not in TL_DTYPES):
                 raise ValueError(f"foreach_adam_flat_: {name} of parameter {j} must be contiguous and one of "
                                  f"{sorted(str(d) for d in TL_DTYPES)}, got {t.dtype}, contiguous={t.is_contiguous()}")
-        if not p.numel() == g.numel() == m.numel() == v.numel():
-            raise ValueError(f"foreach_adam_flat_: parameter {j}, its grad and moments must be the same length, got "
-                             f"{p.numel()}, {g.numel()}, {m.numel()}, {v.numel()}")
+        optim.check_flat_lengths(j, p, g, m, v)
         if m.dtype != v.dtype or step.dtype != torch.float32 or step.numel() != 1:
             raise ValueError(f"foreach_adam_flat_: parameter {j} needs moments of one dtype and a one-element "
                              f"float32 step, got {m.dtype}, {v.dtype} and a {step.dtype} step of {step.numel()}")
