@@ -36,6 +36,9 @@ SHAPES = [(4096, 4096), (4096, 11008)]  # (in_features, out_features)
 SPARSITIES = [0.5, 0.9]
 SMALL = (32, 512, 256)  # (tokens, in, out)
 DECODE_TOKENS = [1, 16]
+# θ of GPT-2 small's 48 linear weights at s=0.5 (12 × attention in/out, MLP in/out): one optimizer
+# step over many parameters, the multi-tensor path of the flat AdamW kernel
+MANY_THETA = [768 * 2304 // 2, 768 * 768 // 2, 768 * 3072 // 2, 3072 * 768 // 2] * 12
 GROUP_SIZE = 128
 DTYPE = torch.bfloat16
 BUDGET_S = 270  # optional cases are skipped once this much time has passed
@@ -406,8 +409,9 @@ def measure_kernels(bench: Bench):
     if not kernels.HAS_TRITON:
         bench.records.append({"section": "kernels", "name": "all", "error": "triton does not import"})
         return
-    from resu_tensor.kernels import mask_ops_triton, quant_triton, weight_grad_triton
+    from resu_tensor.kernels import mask_ops_triton, optim_triton, quant_triton, weight_grad_triton
 
+    adam = dict(lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8)
     for in_features, out_features in SHAPES:
         rows, cols = out_features, in_features
         torch.manual_seed(3)
@@ -478,14 +482,30 @@ def measure_kernels(bench: Bench):
             # QRESU θ's AdamW(fused=True) step: torch's fused op vs the library's flat kernel
             grad, exp_avg, exp_avg_sq = (torch.randn_like(theta) for _ in range(3))
             exp_avg_sq.abs_()
-            step, adam = torch.tensor(3.0, device=DEVICE), dict(lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01,
-                                                               eps=1e-8)
+            step = torch.tensor(3.0, device=DEVICE)
             flat = ([theta], [grad], [exp_avg], [exp_avg_sq])
             bench.case("kernels", "θ AdamW torch._fused_adamw_", lambda: {"ms": bench.time_ms(
                 lambda: torch._fused_adamw_(*flat, [], [step], amsgrad=False, maximize=False, **adam))},
                 optional=True, **info)
             bench.case("kernels", "θ AdamW kernels.foreach_adam_flat_", lambda: {"ms": bench.time_ms(
                 lambda: kernels.foreach_adam_flat_(*flat, [step], *adam.values(), True, False))}, optional=True, **info)
+
+    # Many parameters in one step: the kernel's multi-tensor (table) path against torch's fused op
+    thetas = [torch.randn(n, device=DEVICE, dtype=DTYPE) for n in MANY_THETA]
+    grads, exp_avgs, exp_avg_sqs = ([torch.randn_like(t) for t in thetas] for _ in range(3))
+    torch._foreach_abs_(exp_avg_sqs)
+    steps = [torch.tensor(3.0, device=DEVICE) for _ in thetas]
+    many = (thetas, grads, exp_avgs, exp_avg_sqs)
+    info = dict(parameters=len(thetas), elements=sum(MANY_THETA))
+    bench.case("kernels", f"{len(thetas)} θ AdamW torch._fused_adamw_", lambda: {"ms": bench.time_ms(
+        lambda: torch._fused_adamw_(*many, [], steps, amsgrad=False, maximize=False, **adam))}, optional=True, **info)
+    bench.case("kernels", f"{len(thetas)} θ AdamW kernels.foreach_adam_flat_", lambda: {"ms": bench.time_ms(
+        lambda: kernels.foreach_adam_flat_(*many, steps, *adam.values(), True, False))}, optional=True, **info)
+    # the same launch with its offset table built once: the GPU's time where the eager call is host-bound
+    table = optim_triton.flat_table((*many, steps), list(range(len(thetas))))
+    bench.case("kernels", f"{len(thetas)} θ AdamW flat kernel alone", lambda: {"ms": bench.time_ms(
+        lambda: optim_triton.launch_flat_table(*table, max(MANY_THETA), *adam.values(), True, False))},
+        optional=True, **info)
 
 
 # --------------------------------------------------------------------------- report

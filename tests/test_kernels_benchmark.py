@@ -25,6 +25,7 @@ def test_layers_benchmark_runs_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(layers, "SPARSITIES", [0.5])
     monkeypatch.setattr(layers, "SMALL", (8, 64, 32))
     monkeypatch.setattr(layers, "GROUP_SIZE", 32)
+    monkeypatch.setattr(layers, "MANY_THETA", [37, 96, 5])
     monkeypatch.setattr(layers, "DTYPE", torch.float32)
     monkeypatch.setattr(layers, "COMPILE_BACKEND", "aot_eager")
     calls = []
