@@ -245,7 +245,7 @@ def _foreach_adam_flat_kernel(p_base, g_base, m_base, v_base, step_base, table_p
     offsets from the ``*_base`` tensors (ALIGNED: every offset a multiple of 16 elements). Tensor
     arguments plus offsets, not absolute addresses turned into pointers: on the H100, 48
     GPT-2-small θ vectors (42M bf16 elements) took 324 µs this way, 395 µs from absolute
-    addresses, 498 µs in torch's fused op (ad-hoc)."""
+    addresses, 498 µs in torch's fused op (ad-hoc, before the rounding below: 214 µs with it)."""
     block = tl.program_id(0)
     row = tl.program_id(1)
     numel = table_entry(table_ptr, row, 5, _FLAT_WIDTH)
