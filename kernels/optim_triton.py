@@ -267,6 +267,20 @@ def _foreach_adam_flat_kernel(p_base, g_base, m_base, v_base, step_base, table_p
                          beta2, weight_decay, eps, DECOUPLED, MAXIMIZE, BLOCK)
 
 
+def _refuse_flat_parameter(j: int, p, g, m, v, step) -> None:
+    """ValueError naming what parameter ``j`` of a :func:`_foreach_adam_flat_` call gets wrong."""
+    for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v), ("step", step)):
+        if t.device != p.device:
+            raise ValueError(f"foreach_adam_flat_: {name} of parameter {j} is on {t.device}, the parameter on "
+                             f"{p.device}")
+        if name != "step" and (not t.is_contiguous() or t.dtype not in TL_DTYPES):
+            raise ValueError(f"foreach_adam_flat_: {name} of parameter {j} must be contiguous and one of "
+                             f"{sorted(str(d) for d in TL_DTYPES)}, got {t.dtype}, contiguous={t.is_contiguous()}")
+    optim.check_flat_lengths(j, p, g, m, v)
+    raise ValueError(f"foreach_adam_flat_: parameter {j} needs moments of one dtype and a one-element "
+                     f"float32 step, got {m.dtype}, {v.dtype} and a {step.dtype} step of {step.numel()}")
+
+
 def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                         exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], lr: float, beta1: float,
                         beta2: float, weight_decay: float, eps: float, decoupled: bool, maximize: bool) -> None:
@@ -275,19 +289,17 @@ def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], e
     check_foreach_lengths("foreach_adam_flat_", lists)
     groups = {}
     for j, (p, g, m, v, step) in enumerate(zip(*lists)):
-        for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v), ("step", step)):
-            if t.device != p.device:
-                raise ValueError(f"foreach_adam_flat_: {name} of parameter {j} is on {t.device}, the parameter on "
-                                 f"{p.device}")
-            if name != "step" and (not t.is_contiguous() or t.dtype not in TL_DTYPES):
-                raise ValueError(f"foreach_adam_flat_: {name} of parameter {j} must be contiguous and one of "
-                                 f"{sorted(str(d) for d in TL_DTYPES)}, got {t.dtype}, contiguous={t.is_contiguous()}")
-        optim.check_flat_lengths(j, p, g, m, v)
-        if m.dtype != v.dtype or step.dtype != torch.float32 or step.numel() != 1:
-            raise ValueError(f"foreach_adam_flat_: parameter {j} needs moments of one dtype and a one-element "
-                             f"float32 step, got {m.dtype}, {v.dtype} and a {step.dtype} step of {step.numel()}")
-        if p.numel():
-            groups.setdefault((p.device, p.dtype, g.dtype, m.dtype), []).append(j)  # one table: one address space
+        # one expression per parameter (the step's host time grows with the parameter count; the
+        # per-tensor loop with its messages cost ~1 µs a check): the message only on failure
+        device, numel = p.device, p.numel()
+        if not (g.device == device and m.device == device and v.device == device and step.device == device
+                and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+                and p.dtype in TL_DTYPES and g.dtype in TL_DTYPES and m.dtype in TL_DTYPES and v.dtype == m.dtype
+                and g.numel() == numel and m.numel() == numel and v.numel() == numel
+                and step.dtype == torch.float32 and step.numel() == 1):
+            _refuse_flat_parameter(j, p, g, m, v, step)
+        if numel:
+            groups.setdefault((device, p.dtype, g.dtype, m.dtype), []).append(j)  # one table: one address space
     hyper = (float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), bool(decoupled), bool(maximize))
     for rows in groups.values():
         numel = max(params[j].numel() for j in rows)
@@ -310,8 +322,9 @@ def flat_table(lists: tuple, rows: List[int]) -> tuple:
     tensor as an element offset from the first row's tensor of its column (tensors of one dtype:
     their addresses differ by whole elements)."""
     bases = [column[rows[0]] for column in lists]
-    table = [[(column[j].data_ptr() - base.data_ptr()) // base.element_size() for column, base in zip(lists, bases)]
-             + [lists[0][j].numel()] for j in rows]
+    columns = [(column, base.data_ptr(), base.element_size()) for column, base in zip(lists, bases)]
+    table = [[(column[j].data_ptr() - address) // size for column, address, size in columns] + [lists[0][j].numel()]
+             for j in rows]
     aligned = all(offset % 16 == 0 for row in table for offset in row[:4])
     return bases, address_table(table, bases[0].device), aligned
 

@@ -183,6 +183,11 @@ def check_foreach_adam_flat(device, big):
     p = params[0]
     with pytest.raises(ValueError, match="exp_avg_sq of parameter 0 is on meta"):
         tri.foreach_adam_flat_([p[0]], [p[1]], [p[2]], [p[3].to("meta")], [p[4]], *hyper)
+    for bad, match in (((p[0], p[1][:-1], *p[2:]), "must be the same length"),
+                       ((*p[:2], p[2].double(), *p[3:]), "exp_avg of parameter 0 must be contiguous and one of"),
+                       ((*p[:4], p[4].double()), "one-element float32 step")):
+        with pytest.raises(ValueError, match=match):
+            tri.foreach_adam_flat_(*[[t] for t in bad], *hyper)
 
 
 def check_tile_prefix(device, big):
