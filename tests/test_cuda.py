@@ -66,3 +66,32 @@ def test_model_moves_to_cuda_and_trains_under_autocast():
     assert torch.equal(w.dequantize()[w.mask()], active_before)
     rt.commit_(model, strategy="magnitude")
     assert w.mode == rt.Mode.SPARSE and abs(w.sparsity - 0.5) < 1e-3
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
+@pytest.mark.parametrize("tokens", [(2, 33), (1,)], ids=["66_tokens", "decode"])
+@pytest.mark.parametrize("mode", ["sparse", "resu", "qresu"])
+def test_training_step_never_waits_for_the_gpu(mode, tokens, fused):
+    """A warmed-up step (forward, backward, AdamW) makes no synchronizing call (``.item()``, a
+    device-to-host copy, a data-dependent size): one would stall the host on the GPU every step.
+    ``set_sync_debug_mode("error")`` raises on such a call."""
+    w = rt.ResuTensor.from_dense(torch.randn(96, 256, device="cuda", dtype=torch.bfloat16), sparsity=0.6)
+    if mode != "sparse":
+        w.enter_resu(**({"quantize_bits": 4, "group_size": 64} if mode == "qresu" else {}))
+    w = nn.Parameter(w)
+    opt = torch.optim.AdamW([w], lr=1e-3, fused=fused)
+    x = torch.randn(*tokens, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        F.linear(x, w).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        x.grad = None
+
+    step(), step()  # state, autotuning and cached tables exist now
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
