@@ -289,8 +289,8 @@ def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], e
     check_foreach_lengths("foreach_adam_flat_", lists)
     groups = {}
     for j, (p, g, m, v, step) in enumerate(zip(*lists)):
-        # one expression per parameter (the step's host time grows with the parameter count; the
-        # per-tensor loop with its messages cost ~1 µs a check): the message only on failure
+        # one expression per parameter, the message only on failure: host time grows with the
+        # parameter count (48 parameters: 262 → 175 µs with flat_table's change, CPU, launch stubbed)
         device, numel = p.device, p.numel()
         if not (g.device == device and m.device == device and v.device == device and step.device == device
                 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
@@ -300,16 +300,16 @@ def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], e
             _refuse_flat_parameter(j, p, g, m, v, step)
         if numel:
             groups.setdefault((device, p.dtype, g.dtype, m.dtype), []).append(j)  # one table: one address space
-    hyper = (float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), bool(decoupled), bool(maximize))
+    hyper = (float(lr), float(beta1), float(beta2), float(weight_decay), float(eps))
     for rows in groups.values():
         numel = max(params[j].numel() for j in rows)
         if len(rows) == 1:  # no table to build and copy
             j = rows[0]
             _adam_flat_kernel[(max(1, triton.cdiv(numel // 16 * 16, _FLAT_BLOCK)),)](
-                params[j], grads[j], exp_avgs[j], exp_avg_sqs[j], steps[j], numel // 16 * 16, numel, *hyper[:5],
-                **_flat_flags(*hyper[5:]))
+                params[j], grads[j], exp_avgs[j], exp_avg_sqs[j], steps[j], numel // 16 * 16, numel, *hyper,
+                **_flat_flags(bool(decoupled), bool(maximize)))
         else:
-            launch_flat_table(*flat_table(lists, rows), numel, *hyper)
+            launch_flat_table(*flat_table(lists, rows), numel, *hyper, bool(decoupled), bool(maximize))
 
 
 def _flat_flags(decoupled: bool, maximize: bool) -> dict:
