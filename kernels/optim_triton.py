@@ -305,11 +305,16 @@ def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], e
         numel = max(params[j].numel() for j in rows)
         if len(rows) == 1:  # no table to build and copy
             j = rows[0]
-            _adam_flat_kernel[(max(1, triton.cdiv(numel // 16 * 16, _FLAT_BLOCK)),)](
+            _adam_flat_kernel[(_flat_blocks(numel),)](
                 params[j], grads[j], exp_avgs[j], exp_avg_sqs[j], steps[j], numel // 16 * 16, numel, *hyper,
                 **_flat_flags(bool(decoupled), bool(maximize)))
         else:
             launch_flat_table(*flat_table(lists, rows), numel, *hyper, bool(decoupled), bool(maximize))
+
+
+def _flat_blocks(numel: int) -> int:
+    """Programs per parameter: blocks of the 16-multiple body (block 0 also takes the tail)."""
+    return max(1, triton.cdiv(numel // 16 * 16, _FLAT_BLOCK))
 
 
 def _flat_flags(decoupled: bool, maximize: bool) -> dict:
@@ -332,7 +337,7 @@ def flat_table(lists: tuple, rows: List[int]) -> tuple:
 def launch_flat_table(bases: list, table: torch.Tensor, aligned: bool, numel: int, lr: float, beta1: float,
                       beta2: float, weight_decay: float, eps: float, decoupled: bool, maximize: bool) -> None:
     """One launch over a :func:`flat_table` (``numel``: the longest parameter's length)."""
-    grid = (max(1, triton.cdiv(numel // 16 * 16, _FLAT_BLOCK)), table.shape[0])
+    grid = (_flat_blocks(numel), table.shape[0])
     _foreach_adam_flat_kernel[grid](*bases, table, lr, beta1, beta2, weight_decay, eps, ALIGNED=aligned,
                                     **_flat_flags(decoupled, maximize))
 
