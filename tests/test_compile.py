@@ -413,6 +413,27 @@ STEP_TRITON_OPS = {"dense": set(), "sparse": {"resu_tensor.update_by_bitmap_.def
                    "resu": {"resu_tensor.update_by_bitmap_.default"}, "qresu": set()}
 
 
+def train_side_by_side(compiled, model, eager, step, opt, eager_opt, steps, frozen):
+    """``steps`` CUDA training steps of ``compiled`` (weights in ``model``, stepped by ``step``)
+    beside ``eager``: outputs and compact grads match each step, the weights match at the end and
+    the frozen coordinates stay bit-identical."""
+    for _ in range(steps):
+        x = torch.randn(6, 32, device="cuda")
+        out, expected = compiled(x), eager(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for w, v in zip(resu_params(model), resu_params(eager)):
+            torch.testing.assert_close(w.grad.flat, v.grad.flat, rtol=1e-4, atol=1e-5)
+        step()
+        eager_opt.step()
+        opt.zero_grad()
+        eager_opt.zero_grad()
+    assert_params_match(model, eager, exact=False)
+    for w, before in zip(resu_params(model), frozen):
+        assert torch.equal(frozen_values(w), before)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
@@ -433,21 +454,7 @@ def test_compiled_training_step_on_cuda_runs_the_triton_ops(mode, fused):
     model_graphs, step_graphs = AotEagerAndRecordGraphs(), AotEagerAndRecordGraphs()
     compiled = torch.compile(model, backend=model_graphs, fullgraph=True)
     compiled_step = torch.compile(opt.step, backend=step_graphs)
-    for _ in range(3):
-        x = torch.randn(6, 32, device="cuda")
-        out, expected = compiled(x), eager(x)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        out.square().sum().backward()
-        expected.square().sum().backward()
-        for w, v in zip(resu_params(model), resu_params(eager)):
-            torch.testing.assert_close(w.grad.flat, v.grad.flat, rtol=1e-4, atol=1e-5)
-        compiled_step()
-        eager_opt.step()
-        opt.zero_grad()
-        eager_opt.zero_grad()
-    assert_params_match(model, eager, exact=False)
-    for w, before in zip(resu_params(model), frozen):
-        assert torch.equal(frozen_values(w), before)
+    train_side_by_side(compiled, model, eager, compiled_step, opt, eager_opt, steps=3, frozen=frozen)
 
     def called(backend):
         # An op that mutates its inputs is traced as auto_functionalized(op, ...).
@@ -478,17 +485,7 @@ def test_cuda_graphs_training_and_decode_match_eager(mode):
     opt, eager_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, eager))
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     counters.clear()
-    for _ in range(5):
-        x = torch.randn(6, 32, device="cuda")
-        out, expected = compiled(x), eager(x)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        out.square().sum().backward()
-        expected.square().sum().backward()
-        opt.step(), eager_opt.step()
-        opt.zero_grad(), eager_opt.zero_grad()
-    assert_params_match(model, eager, exact=False)
-    for w, before in zip(resu_params(model), frozen):
-        assert torch.equal(frozen_values(w), before)
+    train_side_by_side(compiled, model, eager, opt.step, opt, eager_opt, steps=5, frozen=frozen)
     with torch.no_grad():
         token = torch.randn(1, 32, device="cuda")
         for _ in range(3):
