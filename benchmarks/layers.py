@@ -7,7 +7,8 @@ One process, bf16, ``triton.testing.do_bench`` medians, dense and ours side by s
   ``rt.enter_resu_``, stock ``torch.optim.AdamW``, default foreach and ``fused=True``), and the same steps with the fused Triton
   weight-gradient kernel registered instead of dense-matmul-then-gather; the floor (three
   matmuls at the bf16 matmul rate measured here) and peak memory of one step;
-* the small shape (M=32, 512→256), eager and under ``torch.compile``;
+* the small shape (M=32, 512→256), eager, under ``torch.compile``, and with the whole step
+  captured in one CUDA graph;
 * decode forwards at M=1 and M=16: dense ``F.linear`` vs QRESU (bf16 θ and float32 θ), through
   the library and through the fused small-M kernel directly, each eager (host overhead included)
   and as CUDA-graph replays (GPU time alone);
@@ -263,6 +264,50 @@ def measure_small_compiled(bench: Bench):
                                   mode="dense", fused_adamw=fused, **info)
         for mode in ("sparse", "resu", "qresu"):
             record = bench.case("small_compiled", f"{mode} s=0.5 + {adamw}, compiled",
+                                lambda mode=mode: run(_resu_linear(in_features, out_features, mode, 0.5), fused),
+                                mode=mode, sparsity=0.5, fused_adamw=fused, **info)
+            _add_ratios(record, dense_record, None)
+        _add_ratios(dense_record, dense_record, None)
+
+
+def _captured(step):
+    """``step`` recorded once as a CUDA graph, after warm-up steps on a side stream (PyTorch's
+    whole-network capture recipe); returns the replay. On the CPU smoke test, ``step`` itself."""
+    if not _on_gpu():
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # autotunes the kernels, creates the optimizer state
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure_small_graph(bench: Bench):
+    """The small shape's whole training step (zero_grad, forward, backward, AdamW) captured in one
+    CUDA graph and replayed, dense and ours alike (``capturable=True``): what a loop that records
+    its step pays, GPU work with no per-op host overhead."""
+    tokens, in_features, out_features = SMALL
+    info = dict(shape=[in_features, out_features], tokens=tokens)
+
+    def run(layer, fused: bool):
+        x, grad_out = _inputs(tokens, in_features, out_features)
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=fused, foreach=not fused,
+                                      capturable=_on_gpu())
+        replay = _captured(_train_step(layer, optimizer, x, grad_out))
+        return {"ms": bench.time_ms(replay), "captured": _on_gpu()}
+
+    for fused in (True, False):
+        adamw = "fused AdamW" if fused else "foreach AdamW"
+        dense_record = bench.case("small_graph", f"dense nn.Linear + {adamw}, one CUDA graph",
+                                  lambda: run(_linear(in_features, out_features), fused),
+                                  mode="dense", fused_adamw=fused, **info)
+        for mode in ("sparse", "resu", "qresu"):
+            record = bench.case("small_graph", f"{mode} s=0.5 + {adamw}, one CUDA graph",
                                 lambda mode=mode: run(_resu_linear(in_features, out_features, mode, 0.5), fused),
                                 mode=mode, sparsity=0.5, fused_adamw=fused, **info)
             _add_ratios(record, dense_record, None)
@@ -531,6 +576,7 @@ SECTIONS = {
     "small": lambda bench, rate: measure_training(bench, rate, SMALL[0], [SMALL[1:]], [0.5], "small",
                                                   fused_grad=False),
     "small_compiled": lambda bench, rate: measure_small_compiled(bench),
+    "small_graph": lambda bench, rate: measure_small_graph(bench),
     "decode": lambda bench, rate: measure_decode(bench),
     "nf4": lambda bench, rate: measure_nf4(bench),
     "kernels": lambda bench, rate: measure_kernels(bench),

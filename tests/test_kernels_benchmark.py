@@ -48,11 +48,15 @@ def test_layers_benchmark_runs_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
         assert "error" not in record, record
         assert record["ms"] > 0, record
     sections = {r["section"] for r in records}
-    assert {"matmul", "train", "small", "small_compiled", "decode", "nf4", "kernels"} <= sections
+    assert {"matmul", "train", "small", "small_compiled", "small_graph", "decode", "nf4", "kernels"} <= sections
     compiled = [r for r in records if r["section"] == "small_compiled"]
     assert {r["mode"] for r in compiled} == {"dense", "sparse", "resu", "qresu"}
     assert all("vs_dense" in r and r["optimizer_step_compiled"] for r in compiled)
     assert {r["fused_adamw"] for r in compiled} == {True, False}
+    graphed = [r for r in records if r["section"] == "small_graph"]
+    assert {(r["mode"], r["fused_adamw"]) for r in graphed} == {(m, f) for m in ("dense", "sparse", "resu", "qresu")
+                                                                 for f in (True, False)}
+    assert all("vs_dense" in r for r in graphed)
     train = [r for r in records if r["section"] == "train" and r.get("mode") in ("sparse", "resu", "qresu")]
     assert {r["mode"] for r in train} == {"sparse", "resu", "qresu"}
     assert all("vs_dense" in r and "vs_floor" in r for r in train)
