@@ -294,24 +294,30 @@ def measure_small_graph(bench: Bench):
     tokens, in_features, out_features = SMALL
     info = dict(shape=[in_features, out_features], tokens=tokens)
 
-    def run(layer, fused: bool):
+    def run(layer, fused: bool, compiled: bool):
+        if compiled:  # forward and backward as Inductor graphs, inside the captured step
+            torch._dynamo.reset()
+            layer = torch.compile(layer, backend=COMPILE_BACKEND)
         x, grad_out = _inputs(tokens, in_features, out_features)
         optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=fused, foreach=not fused,
                                       capturable=_on_gpu())
         replay = _captured(_train_step(layer, optimizer, x, grad_out))
         return {"ms": bench.time_ms(replay), "captured": _on_gpu()}
 
-    for fused in (True, False):
-        adamw = "fused AdamW" if fused else "foreach AdamW"
-        dense_record = bench.case("small_graph", f"dense nn.Linear + {adamw}, one CUDA graph",
-                                  lambda: run(_linear(in_features, out_features), fused),
-                                  mode="dense", fused_adamw=fused, **info)
-        for mode in ("sparse", "resu", "qresu"):
-            record = bench.case("small_graph", f"{mode} s=0.5 + {adamw}, one CUDA graph",
-                                lambda mode=mode: run(_resu_linear(in_features, out_features, mode, 0.5), fused),
-                                mode=mode, sparsity=0.5, fused_adamw=fused, **info)
-            _add_ratios(record, dense_record, None)
-        _add_ratios(dense_record, dense_record, None)
+    for compiled in (False, True):
+        for fused in (True, False):
+            adamw = ("fused AdamW" if fused else "foreach AdamW") + (", compiled layer" if compiled else "")
+            tags = dict(fused_adamw=fused, compiled=compiled, **info)
+            dense_record = bench.case("small_graph", f"dense nn.Linear + {adamw}, one CUDA graph",
+                                      lambda: run(_linear(in_features, out_features), fused, compiled),
+                                      mode="dense", **tags)
+            for mode in ("sparse", "resu", "qresu"):
+                record = bench.case("small_graph", f"{mode} s=0.5 + {adamw}, one CUDA graph",
+                                    lambda mode=mode: run(_resu_linear(in_features, out_features, mode, 0.5), fused,
+                                                          compiled),
+                                    mode=mode, sparsity=0.5, **tags)
+                _add_ratios(record, dense_record, None)
+            _add_ratios(dense_record, dense_record, None)
 
 
 def _add_ratios(record: dict, dense: dict, floor_ms) -> None:

@@ -144,19 +144,12 @@ def table_grid(rows: list) -> tuple:
     return max(-(-row[3] // row[5]) for row in rows), len(rows)
 
 
-# Pinned tables whose copy a CUDA graph captured: every replay copies from the same host address
-# again, so the buffer must never be recycled (the caching host allocator would reuse it once the
-# capture-time copy "completed"). A few hundred bytes per captured launch, kept for the process.
-CAPTURED_TABLES: list = []
-
-
 def address_table(rows: list, device: torch.device) -> torch.Tensor:
     """int64 rows (tensor addresses and sizes) of a multi-tensor kernel, on ``device``: copied from
     pinned memory without waiting for the GPU (the caching host allocator keeps the buffer until
-    the copy is done; for ever if a CUDA graph captured the copy)."""
+    the copy is done, and never recycles one allocated while a CUDA graph captures: every replay
+    copies from it again)."""
     table = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        CAPTURED_TABLES.append(table)
     return table.to(device, non_blocking=True)
 
 

@@ -103,9 +103,10 @@ def test_whole_training_step_replays_as_one_cuda_graph(mode, fused):
     """zero_grad, forward, backward and AdamW(capturable=True) recorded once with torch.cuda.graph
     (PyTorch's whole-network capture), then replayed on fresh inputs: bit-identical to the same
     steps run eagerly, frozen coordinates untouched. Three weights, so the optimizer's one-launch
-    kernels read a device table of addresses copied from pinned memory: the eager steps between
-    replays build tables of the same size, which would take over that pinned buffer if the
-    capture did not keep it (every replay copies it again)."""
+    kernels read a device table of addresses copied from pinned memory, which every replay copies
+    again: the eager steps between replays build tables of the same size, which would take that
+    buffer over if it were recycled (torch ≥ 2.11's host allocator keeps buffers allocated under
+    capture)."""
     def model():
         torch.manual_seed(3)
         layers = nn.Sequential(nn.Linear(256, 96, bias=False), nn.ReLU(), nn.Linear(96, 160), nn.ReLU(),

@@ -54,8 +54,8 @@ def test_layers_benchmark_runs_end_to_end_on_cpu(monkeypatch, tmp_path, capsys):
     assert all("vs_dense" in r and r["optimizer_step_compiled"] for r in compiled)
     assert {r["fused_adamw"] for r in compiled} == {True, False}
     graphed = [r for r in records if r["section"] == "small_graph"]
-    assert {(r["mode"], r["fused_adamw"]) for r in graphed} == {(m, f) for m in ("dense", "sparse", "resu", "qresu")
-                                                                 for f in (True, False)}
+    assert {(r["mode"], r["fused_adamw"], r["compiled"]) for r in graphed} == {
+        (m, f, c) for m in ("dense", "sparse", "resu", "qresu") for f in (True, False) for c in (True, False)}
     assert all("vs_dense" in r for r in graphed)
     train = [r for r in records if r["section"] == "train" and r.get("mode") in ("sparse", "resu", "qresu")]
     assert {r["mode"] for r in train} == {"sparse", "resu", "qresu"}
