@@ -270,27 +270,12 @@ def measure_small_compiled(bench: Bench):
         _add_ratios(dense_record, dense_record, None)
 
 
-def _captured(step):
-    """``step`` recorded once as a CUDA graph, after warm-up steps on a side stream (PyTorch's
-    whole-network capture recipe); returns the replay. On the CPU smoke test, ``step`` itself."""
-    if not _on_gpu():
-        return step
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # autotunes the kernels, creates the optimizer state
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def measure_small_graph(bench: Bench):
     """The small shape's whole training step (zero_grad, forward, backward, AdamW) captured in one
     CUDA graph and replayed, dense and ours alike (``capturable=True``): what a loop that records
     its step pays, GPU work with no per-op host overhead."""
+    from benchmarks.semi_structured import graphed  # PyTorch's whole-network capture recipe
+
     tokens, in_features, out_features = SMALL
     info = dict(shape=[in_features, out_features], tokens=tokens)
 
@@ -301,7 +286,8 @@ def measure_small_graph(bench: Bench):
         x, grad_out = _inputs(tokens, in_features, out_features)
         optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=fused, foreach=not fused,
                                       capturable=_on_gpu())
-        replay = _captured(_train_step(layer, optimizer, x, grad_out))
+        step = _train_step(layer, optimizer, x, grad_out)
+        replay = graphed(step) if _on_gpu() else step  # warm-up steps on a side stream, then the capture
         return {"ms": bench.time_ms(replay), "captured": _on_gpu()}
 
     for compiled in (False, True):
