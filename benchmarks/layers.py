@@ -247,7 +247,6 @@ def measure_small_compiled(bench: Bench):
     the same optimizer on both sides. With fused AdamW only the step's Python compiles (torch
     never traces the fused kernel, for any tensor type); the foreach step compiles whole."""
     tokens, in_features, out_features = SMALL
-    info = dict(shape=[in_features, out_features], tokens=tokens)
 
     def run(layer, fused: bool):
         torch._dynamo.reset()  # every variant compiles afresh (past recompile_limit Dynamo runs eagerly)
@@ -259,15 +258,23 @@ def measure_small_compiled(bench: Bench):
 
     for fused in (True, False):
         adamw = "fused AdamW" if fused else "foreach AdamW"
-        dense_record = bench.case("small_compiled", f"dense nn.Linear + {adamw}, compiled",
-                                  lambda: run(_linear(in_features, out_features), fused),
-                                  mode="dense", fused_adamw=fused, **info)
-        for mode in ("sparse", "resu", "qresu"):
-            record = bench.case("small_compiled", f"{mode} s=0.5 + {adamw}, compiled",
-                                lambda mode=mode: run(_resu_linear(in_features, out_features, mode, 0.5), fused),
-                                mode=mode, sparsity=0.5, fused_adamw=fused, **info)
-            _add_ratios(record, dense_record, None)
-        _add_ratios(dense_record, dense_record, None)
+        _small_cases(bench, "small_compiled", f"{adamw}, compiled", lambda layer, fused=fused: run(layer, fused),
+                     fused_adamw=fused)
+
+
+def _small_cases(bench: Bench, section: str, label: str, run, **tags) -> None:
+    """The small shape's dense ``nn.Linear`` and its SPARSE, RESU and QRESU (s=0.5) forms, each
+    measured by ``run(layer) -> figures`` and recorded as "<mode> + <label>" with its ratio to dense."""
+    tokens, in_features, out_features = SMALL
+    info = dict(shape=[in_features, out_features], tokens=tokens, **tags)
+    dense_record = bench.case(section, f"dense nn.Linear + {label}", lambda: run(_linear(in_features, out_features)),
+                              mode="dense", **info)
+    for mode in ("sparse", "resu", "qresu"):
+        record = bench.case(section, f"{mode} s=0.5 + {label}",
+                            lambda mode=mode: run(_resu_linear(in_features, out_features, mode, 0.5)),
+                            mode=mode, sparsity=0.5, **info)
+        _add_ratios(record, dense_record, None)
+    _add_ratios(dense_record, dense_record, None)
 
 
 def measure_small_graph(bench: Bench):
@@ -277,7 +284,6 @@ def measure_small_graph(bench: Bench):
     from benchmarks.semi_structured import graphed  # PyTorch's whole-network capture recipe
 
     tokens, in_features, out_features = SMALL
-    info = dict(shape=[in_features, out_features], tokens=tokens)
 
     def run(layer, fused: bool, compiled: bool):
         if compiled:  # forward and backward as Inductor graphs, inside the captured step
@@ -293,17 +299,9 @@ def measure_small_graph(bench: Bench):
     for compiled in (False, True):
         for fused in (True, False):
             adamw = ("fused AdamW" if fused else "foreach AdamW") + (", compiled layer" if compiled else "")
-            tags = dict(fused_adamw=fused, compiled=compiled, **info)
-            dense_record = bench.case("small_graph", f"dense nn.Linear + {adamw}, one CUDA graph",
-                                      lambda: run(_linear(in_features, out_features), fused, compiled),
-                                      mode="dense", **tags)
-            for mode in ("sparse", "resu", "qresu"):
-                record = bench.case("small_graph", f"{mode} s=0.5 + {adamw}, one CUDA graph",
-                                    lambda mode=mode: run(_resu_linear(in_features, out_features, mode, 0.5), fused,
-                                                          compiled),
-                                    mode=mode, sparsity=0.5, **tags)
-                _add_ratios(record, dense_record, None)
-            _add_ratios(dense_record, dense_record, None)
+            _small_cases(bench, "small_graph", f"{adamw}, one CUDA graph",
+                         lambda layer, fused=fused, compiled=compiled: run(layer, fused, compiled),
+                         fused_adamw=fused, compiled=compiled)
 
 
 def _add_ratios(record: dict, dense: dict, floor_ms) -> None:
