@@ -100,10 +100,11 @@ def build(mode: str, config: GPTConfig, sparsity: float, device: torch.device) -
     return model
 
 
-def optimizer_for(model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+def optimizer_for(model: nn.Module, fused: bool = False, capturable: bool = False) -> torch.optim.Optimizer:
     """Stock AdamW over every parameter, ResuTensors included (its default foreach path on CUDA,
-    or ``fused=True``)."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
+    or ``fused=True``; ``capturable=True`` for a step recorded in a CUDA graph)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None,
+                             capturable=capturable)
 
 
 def synchronize(device: torch.device) -> None:

@@ -18,6 +18,10 @@ Variants, each a fresh model and optimizer, measured side by side in one process
 * ``resu``: then ``rt.enter_resu_``: active weights frozen, θ trains in the pruned slots;
 * ``qresu4``: ``rt.enter_resu_(quantize_bits=4)``: active weights frozen as 4-bit codes, θ trains.
 
+``--cuda-graph`` records each variant's whole step once as a CUDA graph (``AdamW(capturable=True)``,
+PyTorch's whole-network capture recipe) and times its replays: the step without host overhead
+(no ``host_ms`` then).
+
 Per variant: median step time (forward + backward + ``optimizer.step()`` + ``zero_grad()``;
 ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU) and its ratio to ``plain``,
 tokens/s, on CUDA the GPU kernel time per step (torch.profiler over ``--profile-steps`` steps: what
@@ -30,6 +34,7 @@ the host alone; a step takes about max(host, GPU) plus host jitter), peak memory
 be 0). Every variant runs in its own try/except: a failure is an ``error`` in the JSON.
 
     python -m benchmarks.model                                     # GPU: GPT-2 small, batch 8 × 1024
+    python -m benchmarks.model --cuda-graph --out benchmarks/results/model_h100_cuda_graph.json
     python -m benchmarks.model --device cpu --preset tiny --out /tmp/model_cpu.json
 
 Data-parallel scaling (``--ddp``, under torchrun): every variant at every world size 1..N (weak
@@ -126,6 +131,30 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, bf16: bo
         losses.append(loss.detach())
 
     return step
+
+
+def captured(step, losses: list):
+    """``step`` recorded once as a CUDA graph and replayed (``benchmarks.semi_structured.graphed``:
+    three real steps on a side stream, then the capture, which runs nothing). Replays overwrite the
+    captured loss tensor, so each one keeps a copy of it."""
+    from benchmarks.semi_structured import graphed
+
+    replay = graphed(step)
+    static_loss = losses.pop()  # the capture's entry: recorded, not run
+
+    def run():
+        replay()
+        losses.append(static_loss.clone())
+
+    return run
+
+
+def training_step(model: nn.Module, args, x, y, losses: list):
+    """(optimizer, step): a stock AdamW and the step of ``model`` on (x, y), eager or (``--cuda-graph``) captured
+    with ``capturable=True`` and replayed."""
+    optimizer = optimizer_for(model, fused=args.fused_adamw, capturable=args.cuda_graph)
+    step = make_step(model, optimizer, x, y, args.bf16, losses)
+    return optimizer, captured(step, losses) if args.cuda_graph else step
 
 
 # --------------------------------------------------------------------------- frozen-coordinate check
@@ -236,7 +265,6 @@ def measure_variant(variant: str, args, config: GPTConfig, device: torch.device,
     is called at the end, before the model is freed (tests inspect the trained model there)."""
     began = time.perf_counter()
     model = build_variant(variant, config, args.sparsity, device, args.group_size)
-    optimizer = optimizer_for(model, fused=args.fused_adamw)
     resu = [w for _, _, w in rt.resu_weights(model)]
     record = {"variant": variant, "label": label(variant, args.sparsity),
               "sparsity": args.sparsity if variant in PRUNED else 0.0,
@@ -246,7 +274,7 @@ def measure_variant(variant: str, args, config: GPTConfig, device: torch.device,
     before = snapshot(model) if args.check else None
     x, y = token_batch(config, args.batch, device)
     losses = []
-    step = make_step(model, optimizer, x, y, args.bf16, losses)
+    optimizer, step = training_step(model, args, x, y, losses)
     record.update(time_step(step, device, args.warmup, args.steps))
     record.update(steps_taken=len(losses), loss_first=losses[0].item(), loss_last=losses[-1].item(),
                   tokens_per_s=args.batch * config.seq / (record["step_ms"] / 1e3))
@@ -263,7 +291,7 @@ def _warm_step(variant: str, args, config: GPTConfig, device: torch.device, batc
     """The training step of a fresh model of ``variant``, after ``args.warmup`` steps."""
     model = build_variant(variant, config, args.sparsity, device, args.group_size)
     x, y = token_batch(config, batch, device)
-    step = make_step(model, optimizer_for(model, fused=args.fused_adamw), x, y, args.bf16, [])
+    _, step = training_step(model, args, x, y, [])
     for _ in range(max(1, args.warmup)):
         step()
     return step
@@ -372,7 +400,9 @@ def _header(args, config: GPTConfig, device: torch.device) -> dict:
                        "qresu_group_size": min(args.group_size, config.width), "warmup": args.warmup,
                        "steps": args.steps, "bf16_autocast": args.bf16,
                        "optimizer": "torch.optim.AdamW(lr=1e-4, weight_decay=0.1), one group, "
-                                    + ("fused=True" if args.fused_adamw else "default (foreach)")},
+                                    + ("fused=True" if args.fused_adamw else "default (foreach)")
+                                    + (", capturable=True" if args.cuda_graph else ""),
+                       "step": "one CUDA graph, replayed" if args.cuda_graph else "eager"},
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -394,7 +424,7 @@ def run(args, on_variant=None) -> dict:
             began = time.perf_counter()
             try:
                 record = measure_variant(variant, args, config, device, on_variant)
-                if device.type == "cuda" and round_index == 0:
+                if device.type == "cuda" and round_index == 0 and not args.cuda_graph:  # replays wait for no host
                     _release(device)
                     record["host_ms"] = host_ms(variant, args, config, device)
             except Exception as exc:  # keep going: the JSON says what failed and why
@@ -507,6 +537,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (do_bench: about this many)")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for every variant")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="CUDA: record each variant's whole step (forward, backward, AdamW(capturable=True), "
+                             "zero_grad) as one CUDA graph and time its replays")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the variants this many times, interleaved; ratios per round, median in 'summary'")
     parser.add_argument("--profile-steps", type=int, default=3,
@@ -525,6 +558,8 @@ def parse_args(argv=None):
         args.preset = "gpt2-small" if args.device == "cuda" else "tiny"
     if not 0 < args.sparsity < 1:
         parser.error("--sparsity must lie in (0, 1)")
+    if args.cuda_graph and (args.device != "cuda" or args.ddp):
+        parser.error("--cuda-graph records the step on one GPU: it needs --device cuda and no --ddp")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     return args

@@ -50,6 +50,7 @@ def graphed(fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    graph.recorded_from = fn  # the graph holds raw addresses: what fn uses must live as long as it
     return graph.replay
 
 

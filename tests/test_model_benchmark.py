@@ -7,6 +7,8 @@ tests/test_distributed.py's job."""
 import json
 import math
 
+import pytest
+
 import torch
 
 import resu_tensor as rt
@@ -102,7 +104,26 @@ def test_rounds_interleave_variants_and_ratio_each_round_to_its_own_plain(tmp_pa
 
 
 def test_rounds_must_be_positive():
-    import pytest
-
     with pytest.raises(SystemExit):
         bench.parse_args(TINY + ["--rounds", "0"])
+
+
+def test_cuda_graph_needs_one_gpu():
+    with pytest.raises(SystemExit):
+        bench.parse_args(TINY + ["--cuda-graph"])  # TINY runs on the CPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_benchmark_replays_the_whole_step_as_one_cuda_graph(tmp_path, fused):
+    gpu = [a if a != "cpu" else "cuda" for a in TINY] + ["--cuda-graph", "--steps", "50", "--profile-steps", "2"]
+    saved = bench.main(gpu + (["--fused-adamw"] if fused else []) + ["--out", str(tmp_path / "graph.json")])
+    assert saved["config"]["step"] == "one CUDA graph, replayed"
+    for r in saved["variants"]:
+        assert "error" not in r, (r["variant"], r.get("traceback"))
+        # replays train: the same batch every step, so its loss falls; nothing frozen moves
+        assert math.isfinite(r["loss_last"]) and r["loss_last"] < r["loss_first"], r
+        assert r["frozen_changed"] == 0 and not r["masks_changed"], r
+        if r["variant"] != "plain":
+            assert r["trainable_moved_fraction"] > 0.9, r
+        assert "host_ms" not in r and r["gpu_kernel_ms"] > 0
