@@ -18,9 +18,9 @@ Variants, each a fresh model and optimizer, measured side by side in one process
 * ``resu``: then ``rt.enter_resu_``: active weights frozen, θ trains in the pruned slots;
 * ``qresu4``: ``rt.enter_resu_(quantize_bits=4)``: active weights frozen as 4-bit codes, θ trains.
 
-``--cuda-graph`` records each variant's whole step once as a CUDA graph (``AdamW(capturable=True)``,
-PyTorch's whole-network capture recipe) and times its replays: the step without host overhead
-(no ``host_ms`` then).
+``--cuda-graph`` records each variant's whole step as one CUDA graph (``rt.CudaGraphStep``,
+``AdamW(capturable=True)``) and times its replays: the step without per-op host overhead (no
+``host_ms`` then).
 
 Per variant: median step time (forward + backward + ``optimizer.step()`` + ``zero_grad()``;
 ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU) and its ratio to ``plain``,
@@ -118,7 +118,7 @@ def token_batch(config: GPTConfig, batch: int, device, seed: int = 1):
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, bf16: bool, losses: list):
-    """One training step; appends the (detached, unsynchronised) loss to ``losses``."""
+    """One training step; returns its (detached, unsynchronised) loss and appends it to ``losses``."""
     device_type = x.device.type
 
     def step():
@@ -129,32 +129,23 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, bf16: bo
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
+        return loss.detach()
 
     return step
 
 
-def captured(step, losses: list):
-    """``step`` recorded once as a CUDA graph and replayed (``benchmarks.semi_structured.graphed``:
-    three real steps on a side stream, then the capture, which runs nothing). Replays overwrite the
-    captured loss tensor, so each one keeps a copy of it."""
-    from benchmarks.semi_structured import graphed
-
-    replay = graphed(step)
-    static_loss = losses.pop()  # the capture's entry: recorded, not run
-
-    def run():
-        replay()
-        losses.append(static_loss.clone())
-
-    return run
-
-
 def training_step(model: nn.Module, args, x, y, losses: list):
-    """(optimizer, step): a stock AdamW and the step of ``model`` on (x, y), eager or (``--cuda-graph``) captured
-    with ``capturable=True`` and replayed."""
+    """(optimizer, step): a stock AdamW and the step of ``model`` on (x, y), eager or
+    (``--cuda-graph``) recorded and replayed by ``rt.CudaGraphStep`` with ``capturable=True``."""
     optimizer = optimizer_for(model, fused=args.fused_adamw, capturable=args.cuda_graph)
-    step = make_step(model, optimizer, x, y, args.bf16, losses)
-    return optimizer, captured(step, losses) if args.cuda_graph else step
+    if not args.cuda_graph:
+        return optimizer, make_step(model, optimizer, x, y, args.bf16, losses)
+    graphed = rt.CudaGraphStep(make_step(model, optimizer, x, y, args.bf16, []), model, optimizer)
+
+    def replay():
+        losses.append(graphed().clone())  # the next replay overwrites the tensor it returns
+
+    return optimizer, replay
 
 
 # --------------------------------------------------------------------------- frozen-coordinate check

@@ -35,6 +35,7 @@ from resu_tensor import ops  # noqa: E402,F401  (registers the op tables)
 from resu_tensor.calibration import calibrate  # noqa: E402
 from resu_tensor.compact import CompactTensor  # noqa: E402
 from resu_tensor.config import ResuConfig, resu_config  # noqa: E402
+from resu_tensor.cuda_graph import CudaGraphStep  # noqa: E402
 from resu_tensor.lifecycle import COMMIT_STRATEGIES  # noqa: E402
 from resu_tensor.memory import MemoryReport, memory_report  # noqa: E402
 from resu_tensor.model_api import commit_, enter_resu_, prune_, reset_optimizer_state_, resu_weights  # noqa: E402
@@ -54,7 +55,7 @@ from resu_tensor.integrations import enable_flat_state_dict, load_resu_safetenso
 torch.serialization.add_safe_globals([ResuTensor, CompactTensor])
 
 __all__ = [
-    "ResuTensor", "CompactTensor", "Mode", "ResuConfig", "resu_config", "prune_", "enter_resu_", "commit_",
+    "ResuTensor", "CompactTensor", "CudaGraphStep", "Mode", "ResuConfig", "resu_config", "prune_", "enter_resu_", "commit_",
     "reset_optimizer_state_", "SelectiveConfig", "StaticSubsetConfig", "ScheduleConfig", "ResuScheduler", "CycleStats",
     "AmnestyStats", "format_stats_table", "resurrection_ratio", "plot_history", "resu_weights", "memory_report", "MemoryReport", "PRUNE_METHODS", "COMMIT_STRATEGIES",
     "calibrate", "PRUNE_GRANULARITIES", "PRUNE_SCOPES", "to_dense_", "to_semi_structured_",

@@ -98,6 +98,53 @@ def test_training_step_never_waits_for_the_gpu(mode, tokens, fused):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
+@pytest.mark.parametrize("quantize_bits", [None, 4], ids=["resu", "qresu"])
+def test_cuda_graph_step_follows_the_scheduler_through_its_cycles(quantize_bits, fused):
+    """rt.CudaGraphStep under a ResuScheduler (DENSE → SPARSE → RESU/QRESU → commit, twice): each
+    call is one step, bit-identical to the same run eager, and every lifecycle change (which gives
+    weights and optimizer state new tensors) makes the next call record again instead of replaying
+    a graph that would write into freed memory."""
+    def model():
+        torch.manual_seed(5)
+        layers = nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 64, bias=False)).to("cuda", torch.bfloat16)
+        quantize_(layers, rt.resu_config(sparsity=0.0))
+        return layers
+
+    config = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=2, sparsity=0.5, quantize_bits=quantize_bits,
+                               group_size=32, progress=False)
+    x = torch.empty(16, 128, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in ("graphed", "eager"):
+        m = model()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused, foreach=not fused, capturable=True)
+
+        def step(m=m, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss = m(x).float().square().mean()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        runs.append((m, rt.ResuScheduler(m, opt, config), step))
+    (graphed_model, graphed_scheduler, step), (eager_model, eager_scheduler, eager_step) = runs
+    graphed = rt.CudaGraphStep(step, graphed_model, graphed_scheduler.optimizer)
+    modes, generator = set(), torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(config.steps_per_cycle * config.num_cycles):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=generator))
+        loss, eager_loss = graphed(), eager_step()
+        assert torch.equal(loss, eager_loss)
+        graphed_scheduler.step(loss), eager_scheduler.step(eager_loss)
+        for a, b in zip(graphed_model.parameters(), eager_model.parameters()):
+            a, b = (t.dequantize() if isinstance(t, rt.ResuTensor) else t for t in (a, b))
+            assert torch.equal(a, b)
+        modes.add(graphed_model[0].weight.mode)
+    assert {rt.Mode.DENSE, rt.Mode.SPARSE, rt.Mode.QRESU if quantize_bits else rt.Mode.RESU} <= modes
+    # recorded once, then once after each change of the trainable sets: prune, enter RESU, commit per cycle
+    assert 4 <= graphed.recordings <= 1 + 3 * config.num_cycles, graphed.recordings
+    assert len(graphed_scheduler.history) == config.num_cycles
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
 @pytest.mark.parametrize("mode", ["sparse", "resu", "qresu"])
 def test_whole_training_step_replays_as_one_cuda_graph(mode, fused):
     """zero_grad, forward, backward and AdamW(capturable=True) recorded once with torch.cuda.graph

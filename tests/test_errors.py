@@ -95,3 +95,14 @@ def test_bad_model_and_optimizer_arguments():
         rt.prune_(torch.randn(3, 3), 0.5)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         rt.reset_optimizer_state_({}, None)
+
+
+def test_cuda_graph_step_needs_a_capturable_optimizer_and_a_cuda_model():
+    model = nn.Linear(8, 4)
+    quantize_(model, rt.resu_config(sparsity=0.5))
+    with pytest.raises(ValueError, match="capturable=True"):
+        rt.CudaGraphStep(lambda: None, model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(ValueError, match="needs the model on a CUDA device; weight is on cpu"):
+        rt.CudaGraphStep(lambda: None, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="callable"):
+        rt.CudaGraphStep(None, model, torch.optim.SGD(model.parameters(), lr=0.1))
