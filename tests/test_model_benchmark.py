@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-
 import torch
 
 import resu_tensor as rt
