@@ -3,9 +3,7 @@ the Triton interpreter on CPU.
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so a test file's checks run in
 child processes (the file executed as a script, :func:`child_main`); the rest of the suite never
-sees the variable. In the child the checks use the top-level ``kernels`` package (no torchao
-import, quicker start), in pytest ``resu_tensor.kernels`` (:func:`package`). On the GPU
-(``pytest -m cuda``) the same checks run compiled, on larger shapes.
+sees the variable. On the GPU (``pytest -m cuda``) the same checks run compiled, on larger shapes.
 """
 import json
 import os
@@ -19,13 +17,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-_IN_CHILD = False
 
 
 def package():
-    """The kernels package: top-level ``kernels`` in an interpreter child, else ``resu_tensor.kernels``."""
-    if _IN_CHILD:
-        return sys.modules["kernels"]
+    """The kernels package, ``resu_tensor.kernels``."""
     from resu_tensor import kernels
 
     return kernels
@@ -60,12 +55,9 @@ def run_checks(checks: dict, names) -> dict:
 
 def child_main(checks: dict) -> None:
     """The script side: run this shard (argv ``i/n``, default all) of ``checks`` and print them."""
-    global _IN_CHILD
     assert os.environ.get("TRITON_INTERPRET") == "1", "run by the tests with TRITON_INTERPRET=1"
-    _IN_CHILD = True
     torch.set_num_threads(1)
-    sys.path.insert(0, str(REPO))
-    import kernels  # noqa: F401  (registers the top-level package that package() returns)
+    sys.path.insert(0, str(REPO))  # the source tree's resu_tensor, as pytest's pythonpath gives
 
     shard, count = (int(part) for part in sys.argv[1].split("/")) if len(sys.argv) > 1 else (0, 1)
     print("RESULTS " + json.dumps(run_checks(checks, sorted(checks)[shard::count])))

@@ -97,6 +97,13 @@ def test_training_step_never_waits_for_the_gpu(mode, tokens, fused):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def assert_same_parameters(model: nn.Module, reference: nn.Module) -> None:
+    """Every parameter bit-identical to the reference's (a ResuTensor by its effective weight)."""
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        a, b = (t.dequantize() if isinstance(t, rt.ResuTensor) else t for t in (a, b))
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
 @pytest.mark.parametrize("quantize_bits", [None, 4], ids=["resu", "qresu"])
 def test_cuda_graph_step_follows_the_scheduler_through_its_cycles(quantize_bits, fused):
@@ -134,9 +141,7 @@ def test_cuda_graph_step_follows_the_scheduler_through_its_cycles(quantize_bits,
         loss, eager_loss = graphed(), eager_step()
         assert torch.equal(loss, eager_loss)
         graphed_scheduler.step(loss), eager_scheduler.step(eager_loss)
-        for a, b in zip(graphed_model.parameters(), eager_model.parameters()):
-            a, b = (t.dequantize() if isinstance(t, rt.ResuTensor) else t for t in (a, b))
-            assert torch.equal(a, b)
+        assert_same_parameters(graphed_model, eager_model)
         modes.add(graphed_model[0].weight.mode)
     assert {rt.Mode.DENSE, rt.Mode.SPARSE, rt.Mode.QRESU if quantize_bits else rt.Mode.RESU} <= modes
     # recorded once, then once after each change of the trainable sets: prune, enter RESU, commit per cycle
@@ -188,9 +193,7 @@ def test_whole_training_step_replays_as_one_cuda_graph(mode, fused):
         x.copy_(torch.randn_like(x))
         graph.replay()
         step(eager, optimizers[1])
-        for a, b in zip(graphed.parameters(), eager.parameters()):
-            a, b = (t.dequantize() if isinstance(t, rt.ResuTensor) else t for t in (a, b))
-            assert torch.equal(a, b)
+        assert_same_parameters(graphed, eager)
     for w, before in zip(weights, frozen):
         assert torch.equal(w.dequantize()[~w.trainable_mask()], before)
     assert not torch.equal(weights[0].dequantize(), model()[0].weight.dequantize())  # the replays trained
