@@ -1,5 +1,6 @@
 """The kernel table's references for the bitmap-direct and QRESU ops, against independent
 computations and against the library's own tensors; and the table's import guards."""
+import importlib.util
 import subprocess
 import sys
 import warnings
@@ -142,3 +143,10 @@ def test_a_kernel_that_does_not_compile_falls_back_to_its_reference_once():
     strict = _triton_support.eager_or_op("test_strict_op", wrong_input, None, lambda x: x)
     with pytest.raises(ValueError, match="bad input"):  # input errors are not compile errors
         strict(1)
+
+
+def test_no_top_level_module_of_ours_shadows_another_package():
+    """The repository root is on sys.path in tests, benchmarks and `python -m` runs from it: a
+    top-level `kernels/` there hid Hugging Face's `kernels` package, which transformers imports."""
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(spec.origin).parent.parent != REPO, spec.origin
