@@ -145,7 +145,7 @@ def test_a_kernel_that_does_not_compile_falls_back_to_its_reference_once():
         strict(1)
 
 
-def test_no_top_level_module_of_ours_shadows_another_package():
+def test_no_top_level_kernels_module_of_ours_shadows_hugging_faces():
     """The repository root is on sys.path in tests, benchmarks and `python -m` runs from it: a
     top-level `kernels/` there hid Hugging Face's `kernels` package, which transformers imports."""
     spec = importlib.util.find_spec("kernels")
