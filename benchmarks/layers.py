@@ -318,7 +318,7 @@ def measure_decode(bench: Bench):
     overhead included) and as CUDA-graph replays (``graph_ms``: the GPU's time, as in a
     graph-captured decoder); ratios compare like with like."""
     from resu_tensor import kernels
-    from resu_tensor.mask_encoding import prefix_block_size
+    from resu_tensor.core.mask_encoding import prefix_block_size
 
     for in_features, out_features in SHAPES:
         for tokens in DECODE_TOKENS:
@@ -439,7 +439,7 @@ def measure_kernels(bench: Bench):
     """The kernels alone, so a caller can pick the faster weight-gradient strategy."""
     from resu_tensor import kernels
     from resu_tensor.kernels import mask_ops, quant, weight_grad
-    from resu_tensor.mask_encoding import prefix_block_size
+    from resu_tensor.core.mask_encoding import prefix_block_size
 
     if not kernels.HAS_TRITON:
         bench.records.append({"section": "kernels", "name": "all", "error": "triton does not import"})

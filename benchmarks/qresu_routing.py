@@ -14,8 +14,8 @@ def run() -> list:
     from benchmarks.layers import Bench
     from resu_tensor import kernels
     from resu_tensor.kernels import quant_triton as qt
-    from resu_tensor.mask_encoding import prefix_block_size
-    from resu_tensor.qresu import quantize_active
+    from resu_tensor.core.mask_encoding import prefix_block_size
+    from resu_tensor.core.qresu import quantize_active
 
     bench = Bench(quick=False)
 

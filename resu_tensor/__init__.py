@@ -30,25 +30,28 @@ def _import_torchao_quietly() -> None:
 
 _import_torchao_quietly()
 
-from resu_tensor import torch_compat  # noqa: E402,F401  (torch.compile(optimizer.step) on torch 2.11)
+from resu_tensor.core import torch_compat  # noqa: E402,F401  (torch.compile(optimizer.step) on torch 2.11)
 from resu_tensor import ops  # noqa: E402,F401  (registers the op tables)
-from resu_tensor.calibration import calibrate  # noqa: E402
-from resu_tensor.compact import CompactTensor  # noqa: E402
-from resu_tensor.config import ResuConfig, resu_config  # noqa: E402
-from resu_tensor.cuda_graph import CudaGraphStep  # noqa: E402
-from resu_tensor.lifecycle import COMMIT_STRATEGIES  # noqa: E402
-from resu_tensor.memory import MemoryReport, memory_report  # noqa: E402
-from resu_tensor.model_api import commit_, enter_resu_, prune_, reset_optimizer_state_, resu_weights  # noqa: E402
-from resu_tensor.mode import Mode  # noqa: E402
-from resu_tensor.pruning import PRUNE_GRANULARITIES, PRUNE_METHODS, PRUNE_SCOPES  # noqa: E402
-from resu_tensor.selective import SelectiveConfig, StaticSubsetConfig  # noqa: E402
-from resu_tensor.amnesty import AmnestyStats, format_stats_table, resurrection_ratio  # noqa: E402
-from resu_tensor.plot import plot_history  # noqa: E402
-from resu_tensor.schedule import ScheduleConfig  # noqa: E402
-from resu_tensor.scheduler import CycleStats, ResuScheduler  # noqa: E402
-from resu_tensor.tensor import ResuTensor  # noqa: E402
+from resu_tensor.training.calibration import calibrate  # noqa: E402
+from resu_tensor.core.compact import CompactTensor  # noqa: E402
+from resu_tensor.training.config import ResuConfig, resu_config  # noqa: E402
+from resu_tensor.training.cuda_graph import CudaGraphStep  # noqa: E402
+from resu_tensor.core.transitions import COMMIT_STRATEGIES  # noqa: E402
+from resu_tensor.training.memory import MemoryReport, memory_report  # noqa: E402
+from resu_tensor.training.filters import resu_weights  # noqa: E402
+from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_  # noqa: E402
+from resu_tensor.training.optimizer_state import reset_optimizer_state_  # noqa: E402
+from resu_tensor.training import optimizer_hook  # noqa: E402,F401  (installs the one optimizer step pre-hook)
+from resu_tensor.core.mode import Mode  # noqa: E402
+from resu_tensor.method.pruning import PRUNE_GRANULARITIES, PRUNE_METHODS, PRUNE_SCOPES  # noqa: E402
+from resu_tensor.method.selective import SelectiveConfig, StaticSubsetConfig  # noqa: E402
+from resu_tensor.method.amnesty import AmnestyStats, format_stats_table, resurrection_ratio  # noqa: E402
+from resu_tensor.training.plot import plot_history  # noqa: E402
+from resu_tensor.method.schedule import ScheduleConfig  # noqa: E402
+from resu_tensor.training.scheduler import CycleStats, ResuScheduler  # noqa: E402
+from resu_tensor.core.tensor import ResuTensor  # noqa: E402
 from resu_tensor import distributed  # noqa: E402,F401  (rt.distributed.prepare_ddp)
-from resu_tensor.export import to_dense_, to_semi_structured_  # noqa: E402
+from resu_tensor.training.export import to_dense_, to_semi_structured_  # noqa: E402
 from resu_tensor.integrations import enable_flat_state_dict, load_resu_safetensors, save_resu_safetensors  # noqa: E402
 
 # torch.load(weights_only=True) must be allowed to rebuild our tensors.

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
-from resu_tensor.mask_encoding import encode_mask
+from resu_tensor.core.mask_encoding import encode_mask
 
 # Shared by every method: AdamW(lr=1e-2), one cosine over the run, batch 128, 2000 steps (picked for
 # the dense models on a held-out 500 of the training set; see docs/results.md).

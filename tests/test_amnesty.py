@@ -5,7 +5,7 @@ import expecttest
 import pytest
 import torch
 
-from resu_tensor.amnesty import (
+from resu_tensor.method.amnesty import (
     AmnestyStats, amnesty_mask, format_stats_table, resurrection_ratio, score_for_commit, simple_mask,
     wanda_reprune_mask,
 )

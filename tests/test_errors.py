@@ -77,7 +77,7 @@ def test_quantize_twice_and_copy_from_dense():
     model = nn.Sequential(nn.Linear(8, 4))
     quantize_(model, rt.resu_config(sparsity=0.5))
     with pytest.raises(ValueError, match="already a ResuTensor"):
-        rt.config._resu_transform(model[0], rt.resu_config())
+        rt.training.config._resu_transform(model[0], rt.resu_config())
     with pytest.raises(TypeError, match="needs a ResuTensor source"):
         with torch.no_grad():
             model[0].weight.copy_(torch.randn(4, 8))

@@ -12,7 +12,7 @@ import torch
 import resu_tensor as rt
 from resu_tensor import kernels
 from resu_tensor.kernels import mask_ops, quant, weight_grad
-from resu_tensor.mask_encoding import prefix_block_size
+from resu_tensor.core.mask_encoding import prefix_block_size
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 (kernels/selective.py), the way tests/test_kernels_triton.py checks the others: on CPU under the
 Triton interpreter in a child process (``TRITON_INTERPRET=1`` must precede the triton import),
 small odd lengths; on the GPU (``pytest -m cuda``) compiled, on ~1M elements, plus the whole
-filter (resu_tensor.selective.consistency_filter_) against its CPU run, without a host sync.
+filter (resu_tensor.method.selective.consistency_filter_) against its CPU run, without a host sync.
 
 Fresh random non-zero data per check; float32 results must be bit-identical (the kernels avoid
 FMA contraction and approximate division), bfloat16 ones too (round to nearest even both ways).
@@ -142,7 +142,7 @@ def test_kernel_on_gpu(name):
 def test_filter_on_gpu_matches_cpu_without_a_host_sync(ema_dtype):
     from resu_tensor import kernels
     from resu_tensor.kernels._triton_support import FALLEN_BACK
-    from resu_tensor.selective import SelectiveConfig, consistency_filter_
+    from resu_tensor.method.selective import SelectiveConfig, consistency_filter_
 
     for name in ("selective_scores_", "selective_apply_"):
         assert kernels.implementation(name, "cuda") is not kernels.implementation(name, "cpu"), name

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from resu_tensor import kernels
-from resu_tensor.mask_encoding import bitmap_nbytes, decode_mask, encode_mask, encoded_nbytes, prefix_block_size
+from resu_tensor.core.mask_encoding import bitmap_nbytes, decode_mask, encode_mask, encoded_nbytes, prefix_block_size
 
 
 def reference_bits(mask_flat):

@@ -12,7 +12,7 @@ import torch
 
 import resu_tensor as rt
 from benchmarks import model as bench
-from resu_tensor.mode import Mode
+from resu_tensor.core.mode import Mode
 
 TINY = ["--device", "cpu", "--preset", "tiny", "--layers", "2", "--width", "64", "--heads", "2", "--seq", "32",
         "--batch-size", "2", "--vocab", "256", "--warmup", "2", "--steps", "2"]

@@ -6,7 +6,7 @@ from torch import nn
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
-from resu_tensor.pruning import erk_densities, granularity_of, mask_from_scores, prune_mask, score
+from resu_tensor.method.pruning import erk_densities, granularity_of, mask_from_scores, prune_mask, score
 
 
 def resu_model(*layers: nn.Module) -> nn.Sequential:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resu_tensor as rt
-from resu_tensor.selective import consistency_filter_, subset_mask
+from resu_tensor.method.selective import consistency_filter_, subset_mask
 
 
 def reference_filter(g, m, v, beta=0.9, tau=0.5, screen=0.5, select=0.2, delta=1e-8):

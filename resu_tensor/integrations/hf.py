@@ -34,12 +34,12 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from resu_tensor.config import ResuConfig, resu_config
+from resu_tensor.training.config import ResuConfig, resu_config
 from resu_tensor.integrations.safetensors_io import (META, PART, enable_flat_state_dict, flatten_state_dict,
                                                      read_safetensors, rebuild_resu_tensor, resu_keys, state_targets)
-from resu_tensor.schedule import ScheduleConfig
-from resu_tensor.scheduler import CycleStats, ResuScheduler
-from resu_tensor.tensor import ResuTensor
+from resu_tensor.method.schedule import ScheduleConfig
+from resu_tensor.training.scheduler import CycleStats, ResuScheduler
+from resu_tensor.core.tensor import ResuTensor
 
 
 SCHEDULER_STATE_NAME = "resu_scheduler.pt"
@@ -122,7 +122,7 @@ def use_single_tensor_path_(optimizer: torch.optim.Optimizer) -> list[str]:
 
 
 class ResuCallback(TrainerCallback):
-    """Drives a :class:`~resu_tensor.scheduler.ResuScheduler` from ``transformers.Trainer``.
+    """Drives a :class:`~resu_tensor.training.scheduler.ResuScheduler` from ``transformers.Trainer``.
 
     At ``on_train_begin`` it builds the scheduler on the Trainer's model and optimizer (the one
     inside accelerate's wrapper); after every optimizer step (``on_step_end``) it calls

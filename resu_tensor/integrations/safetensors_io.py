@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from resu_tensor import kernels
-from resu_tensor.mask_encoding import KINDS, EncodedMask, active_count, prefix_block_size
-from resu_tensor.mode import Mode
-from resu_tensor.tensor import SUPPORTED_DTYPES, TRAINABLE_SIDES, ResuTensor, _trainable_key
+from resu_tensor.core.mask_encoding import KINDS, EncodedMask, active_count, prefix_block_size
+from resu_tensor.core.mode import Mode
+from resu_tensor.core.tensor import SUPPORTED_DTYPES, TRAINABLE_SIDES, ResuTensor
+from resu_tensor.core.state import trainable_key
 
 FORMAT = "resu_tensor.flat/1"
 PART = ".resu."
@@ -213,7 +214,7 @@ def _check_tensors(key: str, f: dict, tensors: dict) -> None:
         require(f["trainable_side"] == "subset", "a subset encoding needs trainable_side 'subset'")
     # ResuTensor hashes an absent subset as None (from_dense) or as EncodedMask("none") (set_state_).
     variants = [subset] if f["subset_kind"] != "none" else [None, EncodedMask("none")]
-    hashes = {_trainable_key(f["trainable_side"], mask, s, f["storage_shape"]) for s in variants}
+    hashes = {trainable_key(f["trainable_side"], mask, s, f["storage_shape"]) for s in variants}
     require(f["trainable_key"] in hashes, "the mask (or subset) does not match its recorded trainable-set hash")
 
 

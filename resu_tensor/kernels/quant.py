@@ -4,6 +4,8 @@ from typing import Optional
 
 import torch
 
+from .mask_ops import scatter_by_bitmap_, unpack_bitmap
+
 # Most tokens the Triton QRESU matmuls (quant_triton) route to their fused kernels when the caller
 # does not choose (``fused=None``); callers read them to know whether a prefix table will be used.
 # Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16 θ): the
@@ -96,8 +98,6 @@ def qresu_effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: t
                            block_prefix: torch.Tensor, block_size: int, theta: torch.Tensor) -> torch.Tensor:
     """Dense W_eff (rows, cols) in ``dtype``: dequantized codes where the bitmap bit is set (the
     active set), θ (flat, row-major over the clear bits) everywhere else."""
-    from .mask_ops import scatter_by_bitmap_, unpack_bitmap
-
     rows = qdata.shape[0]
     keep = unpack_bitmap(bitmap, rows * cols).view(rows, cols)
     dense = dequantize_active(qdata, qscale, qoffset, bits, group_size, cols, dtype, keep)

@@ -13,9 +13,9 @@ from torch.optim import optimizer as _optimizer
 from torch.utils import _foreach_utils
 
 from resu_tensor import kernels
-from resu_tensor.compact import CompactTensor
+from resu_tensor.core.compact import CompactTensor
 from resu_tensor.ops.trainable import _named_arguments, _Operands, _is_inplace, bitmap_update_args, write_back
-from resu_tensor.tensor import ResuTensor
+from resu_tensor.core.tensor import ResuTensor
 
 aten = torch.ops.aten
 _SUBCLASSES = (ResuTensor, CompactTensor)

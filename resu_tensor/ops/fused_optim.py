@@ -12,10 +12,10 @@ coordinates, as :mod:`resu_tensor.ops.foreach` does.
 import torch
 
 from resu_tensor import kernels
-from resu_tensor.compact import CompactTensor
+from resu_tensor.core.compact import CompactTensor
 from resu_tensor.ops.foreach import foreach_op
 from resu_tensor.ops.trainable import _Operands
-from resu_tensor.tensor import ResuTensor
+from resu_tensor.core.tensor import ResuTensor
 
 aten = torch.ops.aten
 FUSED_ADAM_OPS = [getattr(op, overload) for op in (aten._fused_adam_, aten._fused_adamw_) for overload in op.overloads()]

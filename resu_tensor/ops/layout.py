@@ -1,9 +1,9 @@
 """Layout ops: transpose views, dtype/device moves and whole-state copies."""
 import torch
 
-from resu_tensor.compact import CompactTensor
+from resu_tensor.core.compact import CompactTensor
 from resu_tensor.ops.trainable import trainable_op
-from resu_tensor.tensor import SUPPORTED_DTYPES, ResuTensor
+from resu_tensor.core.tensor import SUPPORTED_DTYPES, ResuTensor
 
 aten = torch.ops.aten
 

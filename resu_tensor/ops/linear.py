@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from resu_tensor import kernels
-from resu_tensor.qresu import kernel_operands, tile_prefix
-from resu_tensor.tensor import ResuTensor, is_traced
+from resu_tensor.core.qresu import kernel_operands, tile_prefix
+from resu_tensor.core.tensor import ResuTensor, is_traced
 
 aten = torch.ops.aten
 

@@ -9,7 +9,7 @@
     flat = padded.view(-1)                           # kept, but unused with the all-gather extension
     local = padded.narrow(0, 0, L)                   # this rank's shard
 
-Each row block is a complete ResuTensor of its rows (``resu_tensor.fsdp.slice_rows``): its own
+Each row block is a complete ResuTensor of its rows (``resu_tensor.core.row_blocks.slice_rows``): its own
 mask encoding and trainable set, and views of its rows' data (values or codes and scales, θ, EMA
 and Σ|g| entries: all row-major, so contiguous), so in-place updates of a block reach the weight.
 A slice of all rows shares every inner tensor; a whole-state ``copy_`` into it replaces the base's
@@ -23,8 +23,9 @@ import weakref
 
 import torch
 
+from resu_tensor.core.row_blocks import assign_state_, slice_rows, write_rows_into_zero_base_
 from resu_tensor.ops.layout import copy_resu
-from resu_tensor.tensor import ResuTensor
+from resu_tensor.core.tensor import ResuTensor
 
 aten = torch.ops.aten
 
@@ -40,7 +41,6 @@ def _dim0(func, t: ResuTensor, dim: int) -> None:
 
 
 def _split(func, types, args, kwargs):
-    from resu_tensor.fsdp import slice_rows
 
     t, split_size = args[0], args[1]
     dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
@@ -74,7 +74,6 @@ def _new_rows(func, types, args, kwargs):
 
 
 def _slice(func, types, args, kwargs):
-    from resu_tensor.fsdp import slice_rows
 
     t = args[0]
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -114,7 +113,6 @@ def _copy(func, types, args, kwargs):
             "(FSDP2's padded shard); build the whole weight and copy_ it instead"
         )
     dest = copy_resu(func, types, args, kwargs)
-    from resu_tensor.fsdp import assign_state_, write_rows_into_zero_base_
 
     if whole:
         assign_state_(base, dest)

@@ -14,8 +14,8 @@ import torch._inductor.inductor_prims  # defines prims.fma (torchao imports it a
 from torch.utils._pytree import tree_map
 
 from resu_tensor import kernels
-from resu_tensor.compact import CompactTensor
-from resu_tensor.tensor import ResuTensor, is_traced
+from resu_tensor.core.compact import CompactTensor
+from resu_tensor.core.tensor import ResuTensor, is_traced
 
 aten = torch.ops.aten
 

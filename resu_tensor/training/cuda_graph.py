@@ -1,7 +1,7 @@
 """A whole training step recorded as one CUDA graph, and recorded again when what it captured changes.
 
 A CUDA graph replays raw addresses. A lifecycle change (prune, ``enter_resu``, commit, and the
-optimizer-state reset after it, all of which a :class:`~resu_tensor.scheduler.ResuScheduler`
+optimizer-state reset after it, all of which a :class:`~resu_tensor.training.scheduler.ResuScheduler`
 makes mid-run) gives the weights and the optimizer new tensors, so replaying a graph recorded
 before it would read freed memory and write into it. :class:`CudaGraphStep` checks before every
 replay that the model's parameters and buffers, each ResuTensor's tensors and the optimizer's
@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from resu_tensor.tensor import ResuTensor
+from resu_tensor.core.tensor import ResuTensor
 
 
 class CudaGraphStep:

@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from resu_tensor.model_api import FilterFn, resu_weights
+from resu_tensor.training.filters import FilterFn, resu_weights
 
 
-def _run_batch(model: nn.Module, batch) -> None:
+def run_batch(model: nn.Module, batch) -> None:
     if isinstance(batch, Mapping):
         model(**batch)
     elif isinstance(batch, (tuple, list)):
@@ -58,7 +58,7 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                _run_batch(model, batch)
+                run_batch(model, batch)
                 n_batches += 1
     finally:
         for handle in handles:

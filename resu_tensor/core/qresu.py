@@ -10,8 +10,8 @@ import torch
 
 from resu_tensor import kernels
 from resu_tensor.kernels import quant
-from resu_tensor.mask_encoding import prefix_block_size
-from resu_tensor.tensor import is_traced
+from resu_tensor.core.mask_encoding import prefix_block_size
+from resu_tensor.core.tracing import is_traced
 
 QUANT_BITS = (4, 8)
 

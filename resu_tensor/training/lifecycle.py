@@ -1,26 +1,17 @@
 """Model-level lifecycle functions: apply a ResuTensor method to every chosen weight."""
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from resu_tensor.compact import CompactTensor
-from resu_tensor.tensor import ResuTensor
-
-FilterFn = Callable[[nn.Module, str], bool]
-
-
-def resu_weights(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> Iterator[tuple[str, nn.Module, ResuTensor]]:
-    """(module name, module, weight) for every module whose ``weight`` is a ResuTensor and that
-    ``filter_fn(module, name)`` accepts (all of them when it is None)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, ResuTensor) and (filter_fn is None or filter_fn(module, name)):
-            yield name, module, weight
-
+from resu_tensor.core.mode import Mode
+from resu_tensor.core.subset import restrict_to_subset_
+from resu_tensor.core.tensor import ResuTensor
+from resu_tensor.method.pruning import (check_finite, check_input_norms, check_method, check_scope, erk_densities,
+                                        global_sparsities, parse_granularity, resolve_sparsity, score)
+from resu_tensor.method.selective import StaticSubsetConfig
+from resu_tensor.training.calibration import input_norms_for
+from resu_tensor.training.filters import FilterFn, resu_weights
 
 def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "magnitude",
            filter_fn: Optional[FilterFn] = None, generator: Optional[torch.Generator] = None, *,
@@ -45,10 +36,6 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
         rt.prune_(model, method="wanda", granularity="2:4", calibration=[x1, x2])
         rt.prune_(model, 0.9, scope="erk")
     """
-    from resu_tensor.mode import Mode
-    from resu_tensor.pruning import (check_finite, check_input_norms, check_method, check_scope, erk_densities,
-                                     global_sparsities, parse_granularity, resolve_sparsity, score)
-
     check_method(method)
     check_scope(scope)
     layer_sparsity = resolve_sparsity(sparsity, granularity)
@@ -70,8 +57,6 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
         check_finite(weight.values, f"prune_: layer {name!r}")
     input_norms = {}
     if method == "wanda":
-        from resu_tensor.calibration import input_norms_for  # calibration imports resu_weights from here
-
         input_norms = input_norms_for(model, [name for name, _ in layers], calibration, filter_fn)
         for name, weight in layers:
             check_input_norms(input_norms[name], weight.values.shape[1])
@@ -114,8 +99,6 @@ def enter_resu_(model: nn.Module, epsilon: float = 0.1, freeze_active: bool = Tr
         rt.enter_resu_(model, epsilon=0.1, freeze_active=True)
         rt.enter_resu_(model, quantize_bits=4, group_size=128, selective=rt.SelectiveConfig())
     """
-    from resu_tensor.selective import StaticSubsetConfig
-
     selective = options.get("selective")
     weights = [w for _, _, w in resu_weights(model, filter_fn)]
     if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient":
@@ -125,8 +108,6 @@ def enter_resu_(model: nn.Module, epsilon: float = 0.1, freeze_active: bool = Tr
         for weight in weights:
             weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator, **probe_options)
         scores = _probe_gradients(model, weights, probe_fn)
-        from resu_tensor.selective import restrict_to_subset_
-
         for weight in weights:
             restrict_to_subset_(weight, selective, scores[id(weight)], generator)
         return model
@@ -162,55 +143,5 @@ def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[Filt
     layers = list(resu_weights(model, filter_fn))
     input_norms = {}
     if (strategy == "amnesty" and options.get("score") == "wanda") or strategy == "wanda_reprune":
-        from resu_tensor.calibration import input_norms_for
-
         input_norms = input_norms_for(model, [name for name, _, _ in layers], calibration, filter_fn)
     return {name: weight.commit(strategy, input_norms=input_norms.get(name), **options) for name, _, weight in layers}
-
-
-def reset_optimizer_state_(optimizer: torch.optim.Optimizer, model: Optional[nn.Module] = None) -> int:
-    """Drop the optimizer state of every ResuTensor parameter (of ``model``, if given) whose state
-    belongs to another trainable set than the parameter's current one. Returns how many.
-
-    Example::
-
-        rt.enter_resu_(model); rt.reset_optimizer_state_(optimizer, model)
-    """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    allowed = None if model is None else {id(w) for _, _, w in resu_weights(model)}
-    stale = [p for p in stale_parameters(optimizer) if allowed is None or id(p) in allowed]
-    for param in stale:
-        del optimizer.state[param]
-    return len(stale)
-
-
-def stale_parameters(optimizer: torch.optim.Optimizer) -> list[ResuTensor]:
-    """ResuTensor parameters whose optimizer state belongs to another trainable set."""
-    return [
-        param
-        for group in optimizer.param_groups
-        for param in group["params"]
-        if isinstance(param, ResuTensor) and any(_is_stale(v, param) for v in optimizer.state.get(param, {}).values())
-    ]
-
-
-def _is_stale(value, param: ResuTensor) -> bool:
-    if isinstance(value, CompactTensor):
-        return value.trainable_key != param.trainable_key
-    # dim() first: the step counters are 0-d, and param.shape costs a __torch_function__ call
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == param.shape
-
-
-def _refuse_stale_state(optimizer, args, kwargs) -> None:
-    """Runs before every optimizer.step(): stale state raises before any coordinate moves."""
-    stale = stale_parameters(optimizer)
-    if stale:
-        raise ValueError(
-            f"{type(optimizer).__name__}.step(): optimizer state of {len(stale)} ResuTensor parameter(s) was "
-            "created for an earlier trainable set (their mode or mask changed since). Call "
-            "rt.reset_optimizer_state_(optimizer, model) after mode changes; the ResuScheduler does it for you."
-        )
-
-
-register_optimizer_step_pre_hook(_refuse_stale_state)

@@ -3,9 +3,9 @@
 Consistency filtering (DESIGN.md §1) keeps per-θ EMAs m ← βm + (1−β)g and v ← βv + (1−β)|g|, with
 C = |m| / (v + δ) ∈ [0, 1]. Each step: P_mag = the ``screen`` fraction of θ with the largest |g|;
 P_con = {C > τ}; P_select = the ``select``·p coordinates of P_mag ∩ P_con with the largest C·|g|.
-The optimizer receives 1[P_select]·C·g (with SGD that is the method's update rule exactly). It
-runs in an optimizer step pre-hook, so it sees the gradient the step will apply (after any
-accumulation or clipping) and stock optimizers need no change.
+The optimizer receives 1[P_select]·C·g (with SGD that is the method's update rule exactly). The
+library runs it in its optimizer step pre-hook, so it sees the gradient the step will apply (after
+any accumulation or clipping) and stock optimizers need no change.
 
 The static subset picks S ⊂ P, |S| = ⌊α·p⌋, once at phase start (at random, or by gradient
 magnitude from a probe batch): only S is trainable, so grads and optimizer state are O(αp).
@@ -14,12 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from resu_tensor import kernels
-from resu_tensor.compact import CompactTensor
-from resu_tensor.mask_encoding import encode_mask
-from resu_tensor.tensor import ResuTensor
 
 EMA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SUBSET_BY = ("random", "gradient")
@@ -133,44 +129,3 @@ def subset_mask(pruned: torch.Tensor, alpha: float, scores: Optional[torch.Tenso
     chosen = torch.zeros_like(flat_pruned)
     chosen[candidates[order[:k]]] = True
     return chosen.view(pruned.shape)
-
-
-def restrict_to_subset_(tensor: ResuTensor, config: StaticSubsetConfig, scores: Optional[torch.Tensor] = None,
-                        generator: Optional[torch.Generator] = None) -> None:
-    """Make only a static subset S ⊂ P of a RESU/QRESU weight trainable (a new trainable set)."""
-    if tensor.trainable_side not in ("pruned", "subset"):
-        raise ValueError("a static subset needs a RESU weight whose active set is frozen (freeze_active=True)")
-    subset = subset_mask(~tensor.storage_mask(), config.alpha, scores, generator)
-    resu_state = {"nm": tensor.nm}
-    if tensor.selective is not None:
-        n = int(subset.sum())
-        dtype = EMA_DTYPES[tensor.selective[-1]]
-        resu_state.update(selective=tensor.selective, selective_m=torch.zeros(n, dtype=dtype, device=subset.device),
-                          selective_v=torch.zeros(n, dtype=dtype, device=subset.device))
-    if tensor.grad_abs_sum is not None:
-        resu_state["grad_abs_sum"] = torch.zeros(int(subset.sum()), device=subset.device)
-    storage = {"values": tensor.values} if tensor.values is not None else {"quantized": (
-        tensor.qdata, tensor.qscale, tensor.qoffset, tensor.theta, tensor.quant_bits, tensor.group_size)}
-    tensor.set_state_(mode=tensor.mode, mask=tensor.encoded_mask(), trainable_side="subset",
-                      subset=encode_mask(subset), **storage, **resu_state)
-
-
-def _prepare_resu_gradients(optimizer, args, kwargs) -> None:
-    """Before each step: accumulate |g| for gradient-scored commits, then apply the consistency
-    filter, on every ResuTensor parameter that asks for either."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            # plain attributes first: reading .grad costs a __torch_function__ call per parameter
-            if not isinstance(param, ResuTensor) or (param.grad_abs_sum is None and param.selective is None):
-                continue
-            grad = param.grad
-            if not isinstance(grad, CompactTensor) or grad.trainable_key != param.trainable_key:
-                continue  # no gradient, or stale: the stale-state check reports it
-            flat = grad.flat
-            if param.grad_abs_sum is not None:
-                param.grad_abs_sum.add_(flat.abs().float())
-            if param.selective is not None:
-                consistency_filter_(flat, param.selective_m, param.selective_v, param.selective)
-
-
-register_optimizer_step_pre_hook(_prepare_resu_gradients)

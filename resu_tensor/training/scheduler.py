@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 from resu_tensor import kernels
-from resu_tensor.model_api import commit_, enter_resu_, prune_, reset_optimizer_state_, resu_weights
-from resu_tensor.schedule import ScheduleConfig
+from resu_tensor.core.subset import restrict_to_subset_
+from resu_tensor.training.filters import resu_weights
+from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_
+from resu_tensor.training.optimizer_state import reset_optimizer_state_
+from resu_tensor.method.schedule import ScheduleConfig
 
 PHASES = ("train", "stabilize", "resu")
 
@@ -124,7 +127,6 @@ class ResuScheduler:
         resu_start = self.config.train_steps + self.config.stabilize_steps
         in_resu = self.global_step % self.config.steps_per_cycle - resu_start
         if in_resu > 0 and in_resu % every == 0:
-            from resu_tensor.selective import restrict_to_subset_
 
             for _, _, w in resu_weights(self.model, self.filter_fn):
                 restrict_to_subset_(w, self.config.selective, None, self.generator)

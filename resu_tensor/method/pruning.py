@@ -1,6 +1,6 @@
 """Pruning as pure functions on plain tensors: scores (magnitude, random, Wanda), keep-masks at a
 granularity (element, row, structured row/column, N:M) and per-layer sparsities for a scope
-(layer, global, ERK). ``lifecycle.prune`` and ``model_api.prune_`` apply them to ResuTensors.
+(layer, global, ERK). ``core.transitions.prune`` and ``training.lifecycle.prune_`` apply them to ResuTensors.
 
 Example::
 

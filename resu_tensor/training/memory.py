@@ -5,8 +5,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from resu_tensor.compact import CompactTensor
-from resu_tensor.tensor import ResuTensor
+from resu_tensor.core.compact import CompactTensor
+from resu_tensor.core.tensor import ResuTensor
 
 
 def tensor_nbytes(t) -> int:

@@ -4,9 +4,14 @@ from typing import Optional
 import torch
 
 from resu_tensor import kernels
-from resu_tensor.mask_encoding import encode_mask
-from resu_tensor.mode import Mode
-from resu_tensor.pruning import (check_finite, check_method, check_sparsity, mask_from_scores,
+from resu_tensor.core.mask_encoding import encode_mask
+from resu_tensor.core.mode import Mode
+from resu_tensor.core.qresu import check_quant_args, quantize_active
+from resu_tensor.core.subset import restrict_to_subset_
+from resu_tensor.method import amnesty
+from resu_tensor.method.amnesty import AmnestyStats
+from resu_tensor.method.selective import EMA_DTYPES, SelectiveConfig, StaticSubsetConfig
+from resu_tensor.method.pruning import (check_finite, check_method, check_sparsity, mask_from_scores,
                                   parse_granularity, resolve_sparsity, row_pattern, score)
 
 COMMIT_STRATEGIES = ("amnesty", "wanda_reprune", "magnitude", "simple")
@@ -40,7 +45,7 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
     if scores is None:
         if method == "wanda":
             raise ValueError(
-                "prune(method='wanda') needs scores: pass scores=rt.pruning.score(w.values, 'wanda', input_norms=...) "
+                "prune(method='wanda') needs scores: pass scores=resu_tensor.method.pruning.score(w.values, 'wanda', input_norms=...) "
                 "or use rt.prune_(model, sparsity, method='wanda', calibration=batches)"
             )
         scores = score(tensor.values, method, generator=generator)
@@ -65,8 +70,6 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
     (``subset_scores``, dense |gradient| from a probe, picks S when ``by="gradient"``).
     ``track_gradients`` accumulates Σ|g| per θ for gradient-scored commits.
     """
-    from resu_tensor.selective import EMA_DTYPES, SelectiveConfig, StaticSubsetConfig, restrict_to_subset_
-
     _require_mode(tensor, (Mode.SPARSE,), "enter_resu")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
         raise ValueError(f"epsilon must be a non-negative float, got {epsilon!r}")
@@ -100,8 +103,6 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
         tensor.set_state_(values=tensor.values, mode=Mode.RESU, mask=tensor.encoded_mask(), trainable_side=side,
                           **resu_state)
     else:
-        from resu_tensor.qresu import check_quant_args, quantize_active
-
         group_size = check_quant_args(quantize_bits, group_size, tensor.storage_shape[1])
         qdata, scale, offset = quantize_active(tensor.values, keep, quantize_bits, group_size)
         theta = theta.to(theta_dtype or tensor.compute_dtype)
@@ -127,8 +128,6 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
 
     ``sparsity`` defaults to the layer's last pruning sparsity. QRESU's W_A is dequantized first.
     """
-    from resu_tensor import amnesty
-
     if strategy not in COMMIT_STRATEGIES:
         raise ValueError(f"unknown commit strategy {strategy!r}; accepted: {', '.join(COMMIT_STRATEGIES)}")
     _require_mode(tensor, (Mode.RESU, Mode.QRESU), "commit")
@@ -171,8 +170,6 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
 
 def commit_stats(old_mask: torch.Tensor, new_mask: torch.Tensor, reserved: int = 0):
     """AmnestyStats of any commit: who stayed, who came back, who left."""
-    from resu_tensor.amnesty import AmnestyStats
-
     kept = int(new_mask.sum())
     return AmnestyStats(
         active_kept=int((old_mask & new_mask).sum()), resurrected_kept=int((~old_mask & new_mask).sum()),

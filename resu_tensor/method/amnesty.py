@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from resu_tensor.pruning import check_sparsity
+from resu_tensor.method.pruning import check_sparsity
 
 COMMIT_SCORE_METHODS = ("magnitude", "gradient", "wanda")
 

@@ -8,7 +8,7 @@ SPARSITY_SCHEDULES = ("constant", "linear", "cubic", "cosine")
 
 @dataclass
 class ScheduleConfig:
-    """How a :class:`~resu_tensor.scheduler.ResuScheduler` moves layers through RESU cycles.
+    """How a :class:`~resu_tensor.training.scheduler.ResuScheduler` moves layers through RESU cycles.
 
     Each cycle of ``steps_per_cycle`` optimizer steps is TRAIN → PRUNE → STABILIZE → RESU →
     COMMIT; the fractions give the TRAIN, STABILIZE and RESU budgets (TRAIN takes what is left).

@@ -6,9 +6,9 @@ from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from resu_tensor.pruning import check_method, check_sparsity
-from resu_tensor.qresu import check_quant_args
-from resu_tensor.tensor import ResuTensor, check_weight
+from resu_tensor.method.pruning import check_method, check_sparsity
+from resu_tensor.core.qresu import check_quant_args
+from resu_tensor.core.tensor import ResuTensor, check_weight
 
 
 @dataclass

@@ -1,16 +1,19 @@
 """ResuTensor: one weight's values, mask and mode packed into a tensor subclass (DESIGN.md §2)."""
-import hashlib
 from typing import Optional
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
 from torchao.utils import TorchAOBaseTensor
 
 from resu_tensor import kernels
-from resu_tensor.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames
-from resu_tensor.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes, prefix_block_size
-from resu_tensor.mode import Mode
+from resu_tensor.core.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames
+from resu_tensor.core.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes, prefix_block_size
+from resu_tensor.core import transitions
+from resu_tensor.core.fsdp_extension import FsdpRowSharding
+from resu_tensor.core.mode import Mode
+from resu_tensor.core.qresu import effective_weight as qresu_effective_weight
+from resu_tensor.core.state import trainable_key
+from resu_tensor.core.tracing import is_traced
+from resu_tensor.method.pruning import check_sparsity
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRAINABLE_SIDES = ("all", "active", "pruned", "subset")
@@ -25,32 +28,13 @@ def check_weight(weight: torch.Tensor) -> None:
         raise TypeError(f"ResuTensor supports dtypes {[str(d) for d in SUPPORTED_DTYPES]}, got {weight.dtype}")
 
 
-def _trainable_key(side: str, mask: EncodedMask, subset: Optional[EncodedMask], shape) -> int:
-    """A content hash of the trainable set: equal across processes, so saved optimizer state
-    restores onto the same set and is recognised as stale on any other."""
-    encodings = [mask] + ([subset] if subset is not None and subset.kind != "none" else [])
-    digest = hashlib.blake2b(f"{side}|{[e.kind for e in encodings]}|{tuple(shape)}".encode(), digest_size=8)
-    for encoded in encodings:
-        for t in (encoded.bitmap, encoded.indices):
-            if t is not None:
-                digest.update(t.detach().cpu().numpy().tobytes())
-    return int.from_bytes(digest.digest(), "little") >> 2
-
-
-def is_traced(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a torch.compile trace value rather than data: Dynamo's fake tensors, or
-    AOTAutograd's functional ones (torch.compiler.is_compiling() is not set there on every
-    supported torch). Traced code must avoid ops whose output size depends on the data."""
-    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
-
-
-class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
+class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBaseTensor):
     """A weight (out, in) that knows its mask, its mode and which coordinates train.
 
     DENSE, SPARSE and RESU store ``values`` dense with θ in place at pruned slots, so the
     effective weight *is* the stored values. QRESU stores the frozen active weights as 4/8-bit
     codes (``qdata``, ``qscale``, ``qoffset``) and θ flat (``theta``, row-major over the pruned
-    coordinates). The mask is an :mod:`~resu_tensor.mask_encoding` (indices or bitmap, whichever
+    coordinates). The mask is an :mod:`~resu_tensor.core.mask_encoding` (indices or bitmap, whichever
     is smaller); a static RESU-Selective subset S ⊂ P is a second encoding (``subset_*``).
 
     Example::
@@ -128,13 +112,11 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
             linear.weight = torch.nn.Parameter(w)
         """
         check_weight(weight)
-        from resu_tensor.pruning import check_sparsity
-
         check_sparsity(sparsity)
         values = weight.detach().clone().contiguous()
         encoded = EncodedMask("none")
         tensor = cls(tuple(values.shape), values.dtype, Mode.DENSE.value, "none", "all", values.numel(), 0.0,
-                     _trainable_key("all", encoded, None, values.shape), values=values)
+                     trainable_key("all", encoded, None, values.shape), values=values)
         if sparsity > 0:
             tensor.prune(sparsity, method=method, generator=generator)
         return tensor
@@ -176,7 +158,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
         if resu_state:
             raise TypeError(f"unknown RESU state fields: {sorted(resu_state)}")
         old_key = self.trainable_key
-        self.trainable_key = _trainable_key(trainable_side, mask, subset, self.storage_shape)
+        self.trainable_key = trainable_key(trainable_side, mask, subset, self.storage_shape)
         if self.trainable_key != old_key:
             self.grad = None
 
@@ -275,9 +257,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
         except in QRESU, where W_A is dequantized and θ scattered into a new tensor."""
         if self.values is not None:
             return self.values
-        from resu_tensor.qresu import effective_weight
-
-        return effective_weight(self)
+        return qresu_effective_weight(self)
 
     def effective_weight(self) -> torch.Tensor:
         """W_eff in this tensor's logical orientation (a view of the storage where possible)."""
@@ -391,7 +371,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
             kernels.scatter_trainable_(dense, flat, compact)
         return dense.t() if self.transposed else dense
 
-    # ----------------------------------------------------------------- lifecycle (see lifecycle.py)
+    # ----------------------------------------------------------------- lifecycle (see transitions.py)
     @torch._dynamo.disable
     def prune(self, sparsity: Optional[float], method: str = "magnitude", generator: Optional[torch.Generator] = None,
               granularity: str = "element", scores: Optional[torch.Tensor] = None) -> "ResuTensor":
@@ -403,29 +383,23 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
 
             w.prune(0.5, granularity="row"); w.prune(None, granularity="2:4")
         """
-        from resu_tensor import lifecycle
-
-        lifecycle.prune(self, sparsity, method, generator, granularity, scores)
+        transitions.prune(self, sparsity, method, generator, granularity, scores)
         return self
 
     @torch._dynamo.disable
     def enter_resu(self, epsilon: float = 0.1, freeze_active: bool = True,
                    generator: Optional[torch.Generator] = None, **options) -> "ResuTensor":
         """SPARSE → RESU: θ ~ N(0, (ε·σ_A)²) in the pruned slots; ``quantize_bits=4`` → QRESU.
-        Options: see :func:`resu_tensor.lifecycle.enter_resu`. Returns self."""
-        from resu_tensor import lifecycle
-
-        lifecycle.enter_resu(self, epsilon, freeze_active, generator, **options)
+        Options: see :func:`resu_tensor.core.transitions.enter_resu`. Returns self."""
+        transitions.enter_resu(self, epsilon, freeze_active, generator, **options)
         return self
 
     @torch._dynamo.disable
     def commit(self, strategy: str = "simple", **options):
         """RESU/QRESU → SPARSE: merge θ and choose the new mask by ``strategy`` ("amnesty",
-        "wanda_reprune", "magnitude", "simple"); options: see :func:`resu_tensor.lifecycle.commit`.
+        "wanda_reprune", "magnitude", "simple"); options: see :func:`resu_tensor.core.transitions.commit`.
         Returns the commit's AmnestyStats."""
-        from resu_tensor import lifecycle
-
-        return lifecycle.commit(self, strategy, **options)
+        return transitions.commit(self, strategy, **options)
 
     def __repr__(self) -> str:
         return (
@@ -433,16 +407,3 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, TorchAOBaseTensor):
             f"dtype={self.dtype}, mask={self.mask_kind}, trainable={self.trainable_side}"
             f"{', transposed' if self.transposed else ''})"
         )
-
-    # ----------------------------------------------------------------- FSDP2 all-gather extension
-    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        """FSDP2 hook: what to all-gather for this row shard (see :mod:`resu_tensor.fsdp`)."""
-        from resu_tensor import fsdp
-
-        return fsdp.fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy)
-
-    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
-        """FSDP2 hook: the unsharded weight from the all-gather outputs (see :mod:`resu_tensor.fsdp`)."""
-        from resu_tensor import fsdp
-
-        return fsdp.fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)

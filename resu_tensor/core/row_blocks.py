@@ -1,0 +1,156 @@
+"""Row blocks of a ResuTensor: rows [start, end) as a ResuTensor of their own.
+
+FSDP2 shards a ResuTensor parameter along dim 0, and ``w[a:b]`` / ``torch.chunk`` slice it the same
+way: each block carries the values (or QRESU's codes and scales) of its rows, the mask re-encoded
+from them, its θ / subset / EMA entries and its own trainable set.
+"""
+from typing import Optional
+
+import torch
+
+from resu_tensor import kernels
+from resu_tensor.core.mask_encoding import EncodedMask, decode_mask, encode_mask
+from resu_tensor.core.state import trainable_key
+
+EMA_NAMES = ("selective_m", "selective_v", "grad_abs_sum")
+
+# ---------------------------------------------------------------------------------------- row blocks
+def row_fields(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every part of ``t``'s state as a tensor whose dim 0 is ``t``'s rows (storage orientation),
+    so that rows [r0, r1) of each are the state of rows [r0, r1) of the weight."""
+    if t.transposed:
+        raise NotImplementedError("row blocks of a transposed ResuTensor view: use the weight itself")
+    rows, cols = t.storage_shape
+    device = t.device_of_storage
+    fields: dict[str, torch.Tensor] = {}
+    mask = None
+    if t.mask_kind != "none":
+        mask = t.storage_mask()
+        fields["mask"] = mask.to(torch.uint8)
+    if t.values is not None:
+        fields["values"] = t.values
+    if t.qdata is not None:
+        fields.update(qdata=t.qdata, qscale=t.qscale, qoffset=t.qoffset)
+    if t.theta is not None:
+        theta = torch.zeros(rows, cols, dtype=t.theta.dtype, device=device)
+        kernels.scatter_trainable_(theta, ~mask.view(-1), t.theta)
+        fields["theta"] = theta
+    if t.subset_kind != "none":
+        fields["subset"] = decode_mask(t.encoded_subset(), t.storage_shape, device).to(torch.uint8)
+    for name in EMA_NAMES:
+        vector = getattr(t, name)
+        if vector is not None:
+            fields[name] = t.expand_trainable(vector)  # zero outside the trainable set
+    return fields
+
+
+def row_attributes(t: torch.Tensor) -> dict:
+    """The Python attributes a row block shares with its weight."""
+    names = ("compute_dtype", "mode_name", "trainable_side", "target_sparsity", "quant_bits", "group_size",
+             "selective", "nm")
+    return {name: getattr(t, name) for name in names}
+
+
+def from_row_fields(cls, attributes: dict, fields: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """The ``cls`` (a ResuTensor class) of ``shape`` whose state is ``fields`` (see :func:`row_fields`)."""
+    rows, cols = shape
+    mask = fields["mask"].bool() if "mask" in fields else None
+    encoded = encode_mask(mask) if mask is not None else EncodedMask("none")
+    subset = encode_mask(fields["subset"].bool()) if "subset" in fields else EncodedMask("none")
+    side = attributes["trainable_side"]
+    tensors = {name: fields[name].contiguous() for name in ("values", "qdata", "qscale", "qoffset") if name in fields}
+    if "theta" in fields:
+        tensors["theta"] = kernels.gather_trainable(fields["theta"].contiguous(), ~mask.reshape(-1))
+    n_active = rows * cols if mask is None else int(mask.sum())
+    t = cls(
+        (rows, cols), attributes["compute_dtype"], attributes["mode_name"], encoded.kind, side, n_active,
+        attributes["target_sparsity"], trainable_key(side, encoded, subset, (rows, cols)),
+        mask_bitmap=encoded.bitmap, mask_block_prefix=encoded.block_prefix, mask_indices=encoded.indices,
+        subset_kind=subset.kind, subset_bitmap=subset.bitmap, subset_block_prefix=subset.block_prefix,
+        subset_indices=subset.indices, quant_bits=attributes["quant_bits"], group_size=attributes["group_size"],
+        selective=attributes["selective"], nm=attributes["nm"], **tensors,
+    )
+    present = [name for name in EMA_NAMES if name in fields]
+    if present:
+        trainable = t.trainable_flat()
+        for name in present:
+            dense = fields[name].contiguous()
+            flat = dense.reshape(-1).clone() if trainable is None else kernels.gather_trainable(dense, trainable)
+            setattr(t, name, flat)
+    return t
+
+
+def slice_rows(t: torch.Tensor, start: int, end: int, share: bool = False) -> torch.Tensor:
+    """Rows [start, end) of ``t`` as a ResuTensor of their own: the mask (and subset) re-encoded
+    from those rows, the θ, EMA and Σ|g| entries of those rows (contiguous: they are row-major),
+    its own trainable set. With ``share`` the data (values, codes, scales, θ, EMAs) are views of
+    ``t``'s, so in-place updates of the block's trainable coordinates reach ``t`` (``w[a:b]``,
+    ``torch.chunk``); otherwise they are copies.
+
+    Example::
+
+        top = slice_rows(w, 0, w.shape[0] // 2)
+        torch.equal(top.mask(), w.mask()[: w.shape[0] // 2])   # True
+    """
+    if t.transposed:
+        raise NotImplementedError("row blocks of a transposed ResuTensor view: use the weight itself")
+    rows, cols = t.storage_shape
+    if not 0 <= start < end <= rows:
+        raise ValueError(f"slice_rows: rows [{start}, {end}) are not a non-empty range of the weight's {rows} rows")
+    take = (lambda x: x) if share else (lambda x: x.clone())
+    lo, hi = start * cols, end * cols
+    device = t.device_of_storage
+
+    def flat_range(selected: Optional[torch.Tensor]) -> tuple[int, int]:
+        """Where rows [start, end) begin and end in a vector over ``selected`` (row-major)."""
+        if selected is None:
+            return lo, hi
+        first = int(selected[:lo].sum())
+        return first, first + int(selected[lo:hi].sum())
+
+    mask = t.storage_mask().reshape(-1) if t.mask_kind != "none" else None
+    encoded = encode_mask(mask[lo:hi].view(end - start, cols)) if mask is not None else EncodedMask("none")
+    subset = EncodedMask("none")
+    if t.subset_kind != "none":
+        subset = encode_mask(decode_mask(t.encoded_subset(), t.storage_shape, device)[start:end])
+    tensors = {name: take(getattr(t, name)[start:end]) for name in ("values", "qdata", "qscale", "qoffset")
+               if getattr(t, name) is not None}
+    if t.theta is not None:
+        p0, p1 = flat_range(~mask)
+        tensors["theta"] = take(t.theta[p0:p1])
+    if any(getattr(t, name) is not None for name in EMA_NAMES):
+        k0, k1 = flat_range(t.trainable_flat())
+        tensors.update({name: take(getattr(t, name)[k0:k1]) for name in EMA_NAMES if getattr(t, name) is not None})
+    side, shape = t.trainable_side, (end - start, cols)
+    attributes = row_attributes(t)
+    return type(t)(
+        shape, attributes.pop("compute_dtype"), attributes.pop("mode_name"), encoded.kind, side,
+        shape[0] * cols if mask is None else int(mask[lo:hi].sum()), attributes.pop("target_sparsity"),
+        trainable_key(side, encoded, subset, shape),
+        mask_bitmap=encoded.bitmap, mask_block_prefix=encoded.block_prefix, mask_indices=encoded.indices,
+        subset_kind=subset.kind, subset_bitmap=subset.bitmap, subset_block_prefix=subset.block_prefix,
+        subset_indices=subset.indices, **{k: v for k, v in attributes.items() if k != "trainable_side"}, **tensors,
+    )
+
+
+def assign_state_(dest: torch.Tensor, src: torch.Tensor) -> None:
+    """Give ``dest`` (same Python object: a DTensor, Parameter and optimizer keep referring to it)
+    ``src``'s whole state, without copying."""
+    for name, value in src.fields().items():
+        setattr(dest, name, value)
+
+
+def write_rows_into_zero_base_(base: torch.Tensor, rows: torch.Tensor, start: int, end: int) -> None:
+    """FSDP2's padded shard (``new_zeros`` then ``narrow(0, 0, L).copy_(shard)``): ``base`` takes
+    ``rows``' mode, with their state at rows [start, end) and zero rows elsewhere. The zero rows are
+    active and zero, i.e. frozen in RESU/QRESU; FSDP only keeps rows [0, L) of this tensor."""
+    n_rows, cols = base.storage_shape
+    fields = {}
+    for name, f in row_fields(rows).items():
+        fill = 1 if name in ("mask", "qscale") else 0
+        full = torch.full((n_rows, *f.shape[1:]), fill, dtype=f.dtype, device=f.device)
+        full[start:end] = f
+        fields[name] = full
+    assign_state_(base, from_row_fields(type(base), row_attributes(rows), fields, (n_rows, cols)))
+
+

@@ -1,0 +1,136 @@
+"""Export a trained model for inference: plain dense weights, or 2:4 semi-structured sparse ones.
+
+Both export the *committed* weights M⊙W of layers in DENSE or SPARSE mode. A layer still in
+RESU or QRESU carries uncommitted θ (and in QRESU a 4/8-bit W_A): export refuses it and asks
+for ``rt.commit_(model, ...)`` first, so what is served is exactly one chosen mask. Every layer
+is checked before any changes, so a refused export leaves the model untouched.
+
+Example::
+
+    rt.commit_(model, strategy="amnesty")           # if a RESU phase is open
+    to_dense_(model)                                # every weight a plain nn.Parameter
+    # or, on CUDA after rt.prune_(model, granularity="2:4"):
+    to_semi_structured_(model)                      # torch.sparse semi-structured weights
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from resu_tensor.core.mode import Mode
+from resu_tensor.training.filters import resu_weights
+from resu_tensor.core.tensor import ResuTensor
+
+FilterFn = Callable[[nn.Module, str], bool]
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+SEMI_STRUCTURED_BACKENDS = (None, "cusparselt", "cutlass")
+
+
+def _committed_layers(model: nn.Module, filter_fn: Optional[FilterFn], action: str) -> list:
+    layers = list(resu_weights(model, filter_fn))
+    open_phase = [f"{name or '<root>'} ({w.mode.value})" for name, _, w in layers
+                  if w.mode not in (Mode.DENSE, Mode.SPARSE)]
+    if open_phase:
+        raise ValueError(
+            f"{action}: layer(s) {open_phase} hold uncommitted θ; export takes committed weights only. "
+            "Call rt.commit_(model, strategy=...) first (or let the ResuScheduler finish its cycle)")
+    return layers
+
+
+def committed_weight(weight: ResuTensor) -> torch.Tensor:
+    """M⊙W of a DENSE or SPARSE ResuTensor as a new plain tensor (storage orientation, its dtype)."""
+    if weight.mode not in (Mode.DENSE, Mode.SPARSE):
+        raise ValueError(f"committed_weight needs a 'dense' or 'sparse' weight, got mode {weight.mode.value!r}; "
+                         "call commit first")
+    values = weight.values.detach()
+    if weight.mode == Mode.DENSE:
+        return values.clone()
+    return values.masked_fill(~weight.storage_mask(), 0)
+
+
+def to_dense_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Replace every ResuTensor weight (chosen by ``filter_fn(module, name)``, default all) by a
+    plain ``nn.Parameter`` holding M⊙W, keeping dtype, device and ``requires_grad``; the model
+    then holds no tensor subclass and runs, saves and compiles like any other. Raises
+    ``ValueError`` (changing nothing) if a layer is in RESU/QRESU: commit first. Returns the model.
+
+    Example::
+
+        rt.export.to_dense_(model)
+        torch.save(model.state_dict(), "dense.pt")
+    """
+    layers = _committed_layers(model, filter_fn, "to_dense_")
+    replacements = {id(w): nn.Parameter(committed_weight(w), requires_grad=w.requires_grad) for _, _, w in layers}
+    for _, module, weight in layers:  # a weight shared by two modules stays shared
+        module.weight = replacements[id(weight)]
+    return model
+
+
+def _semi_structured_24(weight: ResuTensor) -> bool:
+    """Every group of 4 consecutive inputs of every row holds at most 2 active weights."""
+    rows, cols = weight.storage_shape
+    if cols % 4:
+        return False
+    return bool((weight.storage_mask().view(rows, cols // 4, 4).sum(dim=2) <= 2).all())
+
+
+def _convert_24(dense: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    if backend is None:
+        backend = "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+    forced = SparseSemiStructuredTensor._FORCE_CUTLASS  # torch's own switch between the two subclasses
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+    try:
+        return to_sparse_semi_structured(dense)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = forced
+
+
+def to_semi_structured_(model: nn.Module, filter_fn: Optional[FilterFn] = None,
+                        backend: Optional[str] = None) -> nn.Module:
+    """Replace every ResuTensor weight with a 2:4 mask by ``torch.sparse.to_sparse_semi_structured``
+    of M⊙W, for sparse tensor-core inference (``F.linear`` on it runs the 2:4 kernels; frozen:
+    ``requires_grad=False``). Needs CUDA (an Ampere or newer GPU), float16 or bfloat16 weights,
+    SPARSE layers whose mask is 2:4 along the inputs (``rt.prune_(model, granularity="2:4")``;
+    amnesty commits keep it) and the shapes torch's kernels accept (rows a multiple of 32,
+    inputs a multiple of 64 for float16/bfloat16). Raises ``ValueError``, before any layer
+    changes, otherwise. ``backend``: ``"cusparselt"`` or ``"cutlass"``; None takes cuSPARSELt
+    when torch has it, else CUTLASS. Returns the model.
+
+    Example::
+
+        rt.prune_(model, granularity="2:4"); model.half().cuda()
+        rt.export.to_semi_structured_(model)
+    """
+    if backend not in SEMI_STRUCTURED_BACKENDS:
+        raise ValueError(f"backend must be one of {SEMI_STRUCTURED_BACKENDS}, got {backend!r}")
+    layers = _committed_layers(model, filter_fn, "to_semi_structured_")
+    if not layers:
+        raise ValueError("to_semi_structured_: the model has no ResuTensor weights (chosen by filter_fn)")
+    converted = {}
+    for name, _, weight in layers:
+        where = f"to_semi_structured_: layer {name!r}"
+        if id(weight) in converted:
+            continue
+        if weight.mode != Mode.SPARSE or not _semi_structured_24(weight):
+            raise ValueError(f"{where} has no 2:4 mask (mode {weight.mode.value!r}, nm={weight.nm}); prune it with "
+                             "rt.prune_(model, granularity='2:4')")
+        if weight.dtype not in SEMI_STRUCTURED_DTYPES:
+            raise ValueError(f"{where} has dtype {weight.dtype}; semi-structured export takes "
+                             f"{[str(d) for d in SEMI_STRUCTURED_DTYPES]}: convert with model.half() or "
+                             "model.to(torch.bfloat16)")
+        if weight.device.type != "cuda":
+            raise ValueError(f"{where} is on {weight.device}; 2:4 semi-structured kernels run on CUDA only: "
+                             "move the model with model.cuda() first")
+        try:
+            converted[id(weight)] = _convert_24(committed_weight(weight), backend)
+        except (RuntimeError, ValueError, NotImplementedError) as error:
+            raise ValueError(f"{where}: torch cannot convert its {list(weight.shape)} {weight.dtype} weight to "
+                             f"semi-structured form: {error}") from None
+    for _, module, weight in layers:
+        module.weight = nn.Parameter(converted[id(weight)], requires_grad=False)
+    return model
+
+
+__all__ = ["to_dense_", "to_semi_structured_", "committed_weight"]
