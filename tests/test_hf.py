@@ -308,7 +308,7 @@ def test_use_single_tensor_path(hf_modules):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     assert hf.use_single_tensor_path_(opt) == ["fused"] and not opt.param_groups[0]["fused"]
     F.mse_loss(model(torch.randn(4, 40)), torch.zeros(4, 5)).backward()
-    opt.step()  # the single-tensor path ResuTensor supports
+    opt.step()
 
 
 class _Data(torch.utils.data.Dataset):
@@ -348,8 +348,10 @@ def _train(transformers, hf, out, resume=None, snapshot=None, **arg_overrides):
 def test_trainer_trains_logs_cycles_and_resumes_exactly(hf_modules, tmp_path):
     transformers, hf = hf_modules
     snapshot = {}
-    with pytest.warns(UserWarning, match="single-tensor path"):  # transformers 5's default optim
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ResuCallback")
         model, trainer, callback = _train(transformers, hf, tmp_path, snapshot=snapshot, optim="adamw_torch_fused")
+    assert all(group["fused"] for group in callback.scheduler.optimizer.param_groups)  # kept as configured
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
     cycles = [e for e in trainer.state.log_history if "resu/cycle" in e]
@@ -366,10 +368,8 @@ def test_trainer_trains_logs_cycles_and_resumes_exactly(hf_modules, tmp_path):
     for name, _, weight in rt.resu_weights(restored):
         assert_same_resu_state(snapshot[name], weight)
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="ResuCallback")  # optim="adamw_torch": nothing to switch
-        resumed, trainer_2, callback_2 = _train(transformers, hf, tmp_path, resume=str(tmp_path / "checkpoint-7"),
-                                                optim="adamw_torch")
+    resumed, trainer_2, callback_2 = _train(transformers, hf, tmp_path, resume=str(tmp_path / "checkpoint-7"),
+                                            optim="adamw_torch_fused")
     assert_same_models(model, resumed)
     assert callback_2.scheduler.history == callback.scheduler.history
 

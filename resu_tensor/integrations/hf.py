@@ -17,11 +17,10 @@ Example::
     hf.save_resu_pretrained(model, "out")                    # or model.save_pretrained("out")
     again = hf.from_resu_pretrained(LlamaForCausalLM, "out") # exact: modes, masks, θ, 4-bit W_A
 
-Optimizers: a ResuTensor supports the single-tensor path of torch optimizers, not the fused
-or foreach kernels. ``Trainer``'s default ``optim`` is ``"adamw_torch_fused"``; pass
-``optim="adamw_torch"`` (or your own optimizer through ``optimizers=(opt, None)``).
-``ResuCallback`` also switches any fused/foreach parameter group holding ResuTensors to the
-single-tensor path at the start of training (with a warning), so the default works too.
+Optimizers: ``ResuCallback`` keeps the Trainer's optimizer as configured. ResuTensor weights
+train on every path of torch's optimizers: ``Trainer``'s default ``optim="adamw_torch_fused"``
+takes the library's fused Triton AdamW on CUDA (torch's fused op per weight on CPU), and
+``"adamw_torch"`` the foreach path; your own optimizer goes through ``optimizers=(opt, None)``.
 """
 import json
 import os
@@ -108,7 +107,13 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
 
 def use_single_tensor_path_(optimizer: torch.optim.Optimizer) -> list[str]:
     """Switch every parameter group holding a ResuTensor from the fused / foreach kernels to the
-    single-tensor path (the one ResuTensor supports). Returns the flags changed, e.g. ["fused"]."""
+    single-tensor (for-loop) path. Returns the flags changed, e.g. ["fused"]. Not needed for
+    training: ResuTensor runs on all three paths; use it to compare paths or to debug one.
+
+    Example::
+
+        hf.use_single_tensor_path_(trainer.optimizer)   # ["fused"] for Trainer's default optim
+    """
     changed = set()
     for group in optimizer.param_groups:
         if any(isinstance(p, ResuTensor) for p in group["params"]):
@@ -174,11 +179,6 @@ class ResuCallback(TrainerCallback):
             raise ValueError("ResuCallback needs the Trainer's model and optimizer (on_train_begin got none)")
         enable_flat_state_dict(model)
         optimizer = unwrap_optimizer(optimizer)
-        changed = use_single_tensor_path_(optimizer)
-        if changed:
-            warnings.warn(f"ResuCallback: switched the optimizer's parameter groups holding ResuTensors from "
-                          f"{'/'.join(changed)} to the single-tensor path (ResuTensor supports only that one); "
-                          "pass TrainingArguments(optim='adamw_torch') to avoid this warning", stacklevel=2)
         if self.scheduler is None:
             self.scheduler = ResuScheduler(model, optimizer, self.config, calibration=self.calibration,
                                            filter_fn=self.filter_fn)
