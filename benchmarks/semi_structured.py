@@ -5,7 +5,7 @@ For each weight shape and token count: a 2:4-pruned ResuTensor layer is exported
 against ``F.linear`` with the same masked weight stored dense, in one process, under
 ``torch.inference_mode``: eager calls, and the same calls replayed from a CUDA graph (kernel time
 alone, without Python and launch overhead). Reports medians, the dense/sparse ratios (> 1: 2:4 is
-faster), the dense matmul floor at the reference rate (DESIGN.md §5) and the outputs' largest
+faster), the dense matmul floor at the reference rate and the outputs' largest
 difference.
 Writes benchmarks/results/semi_structured.json.
 
@@ -25,7 +25,7 @@ from resu_tensor.export import to_semi_structured_
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features)
 TOKENS = [1, 16, 128, 1024, 8192]
 QUICK_SHAPES, QUICK_TOKENS = [(4096, 4096)], [16, 2048]
-REFERENCE_TFLOPS = 745.0  # measured bf16 matmul rate of the lent H100 (DESIGN.md §5)
+REFERENCE_TFLOPS = 745.0  # measured bf16 matmul rate of the lent H100
 
 
 def backends() -> list[str]:

@@ -1,4 +1,4 @@
-"""torch.compile with ResuTensor weights (issue 6), on CPU.
+"""torch.compile with ResuTensor weights, on CPU.
 
 Compiled code runs on the "aot_eager" backend: Dynamo and AOTAutograd are the layers that see the
 subclass, Inductor only lowers the plain graph they produce, and compiling its C++ on 2 cores

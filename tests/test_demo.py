@@ -1,11 +1,11 @@
-"""The demo (python -m resu_tensor.demo): the comparison and the walk-through, end to end, tiny settings."""
+"""The demo (python examples/mnist1d_demo.py): the comparison and the walk-through, end to end, tiny settings."""
 import json
 
 import pytest
 
 pytest.importorskip("mnist1d")
 
-from resu_tensor import demo  # noqa: E402
+from examples import mnist1d_demo as demo  # noqa: E402
 
 # 60 steps: three 15-step RESU cycles (RESU phase = steps 9..15 of each), then 15 fine-tuning steps.
 TINY = ["--steps", "60", "--sparsities", "0.6", "--seeds", "1", "--jobs", "1"]

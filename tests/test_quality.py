@@ -1,4 +1,4 @@
-"""The comparison's building blocks (resu_tensor.demo): im2col conv, RigL's mask update, GMP,
+"""The comparison's building blocks (benchmarks/quality/mnist1d_harness.py): im2col conv, RigL's mask update, GMP,
 one-shot, and the summary, each against an independent plain-PyTorch computation."""
 import math
 
@@ -9,13 +9,13 @@ from torch import nn
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
-from resu_tensor import demo
+from benchmarks.quality import mnist1d_harness as harness
 
 
 def test_conv_as_linear_matches_conv1d():
     torch.manual_seed(11)
     conv = nn.Conv1d(6, 5, 3, stride=2, padding=1)
-    ours = demo.Conv1dAsLinear(6, 5, 3, stride=2, padding=1)
+    ours = harness.Conv1dAsLinear(6, 5, 3, stride=2, padding=1)
     with torch.no_grad():
         ours.linear.weight.copy_(conv.weight.reshape(5, -1))
         ours.linear.bias.copy_(conv.bias)
@@ -41,7 +41,7 @@ def test_rigl_update_drops_smallest_grows_largest_dense_gradient():
             plain[i].bias.copy_(model[i].bias)
     F.cross_entropy(plain(x), y).backward()
 
-    swapped = demo.rigl_update_(model, x, y, fraction=0.25)
+    swapped = harness.rigl_update_(model, x, y, fraction=0.25)
 
     expected_total = 0
     for i, (old_mask, old_values) in zip((0, 2), before):
@@ -64,7 +64,7 @@ def test_rigl_update_drops_smallest_grows_largest_dense_gradient():
 
 
 def run(method: str, sparsity: float = 0.6, steps: int = 40) -> dict:
-    return demo.run_one(dict(arch="mlp", method=method, sparsity=sparsity, seed=5, steps=steps))
+    return harness.run_one(dict(arch="mlp", method=method, sparsity=sparsity, seed=5, steps=steps))
 
 
 @pytest.mark.parametrize("method", ["oneshot", "gmp", "rigl", "resu"])
@@ -83,7 +83,7 @@ def test_rigl_swaps_a_decaying_number_of_weights():
 def test_summary_mean_and_std_over_seeds():
     runs = [dict(arch="mlp", method="gmp", sparsity=0.5, seed=s, accuracy=a, sparse_peak_bytes=10 + s,
                  final_bytes=5, wall_s=1.0, cpu_s=0.5) for s, a in enumerate([0.5, 0.7, 0.6])]
-    (row,) = demo.summarize(runs)
+    (row,) = harness.summarize(runs)
     assert row["accuracy_mean"] == pytest.approx(0.6) and row["accuracy_std"] == pytest.approx(0.1)
     assert row["sparse_peak_bytes"] == 12 and row["seeds"] == 3 and row["resurrected_mean"] is None
-    assert "0.600 ± 0.100" in demo.format_table([row]) and demo.format_table([row], markdown=True).startswith("| arch")
+    assert "0.600 ± 0.100" in harness.format_table([row]) and harness.format_table([row], markdown=True).startswith("| arch")

@@ -173,7 +173,7 @@ def test_plot_history_writes_png(tmp_path):
 
 def test_end_to_end_on_mnist1d_with_resume():
     """Three cycles on real MNIST-1D data: phase order, sparsity per cycle, learning, and resume."""
-    from resu_tensor.demo import load_mnist1d
+    from benchmarks.quality.mnist1d_harness import load_mnist1d
 
     x, y, x_test, y_test = load_mnist1d()
 

@@ -9,7 +9,7 @@ from resu_tensor.method.selective import consistency_filter_, subset_mask
 
 
 def reference_filter(g, m, v, beta=0.9, tau=0.5, screen=0.5, select=0.2, delta=1e-8):
-    """Plain-Python reading of DESIGN.md §1, element by element."""
+    """Plain-Python reading of the consistency filter (docs/method.md), element by element."""
     m = [beta * mi + (1 - beta) * gi for mi, gi in zip(m, g)]
     v = [beta * vi + (1 - beta) * abs(gi) for vi, gi in zip(v, g)]
     c = [abs(mi) / (vi + delta) for mi, vi in zip(m, v)]

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from resu_tensor.demo import LABELS
+from benchmarks.quality.mnist1d_harness import LABELS
 
 
 def plot_accuracy(summary: list[dict], path: Path) -> Path:
