@@ -1,8 +1,9 @@
 """FSDP2 (fully_shard) sharding ResuTensor weights by rows: 2 CPU processes (gloo) against a
 single-process run over the same global batch, in SPARSE, RESU and QRESU, with gradient
 accumulation (FSDP's no-sync micro-batches, and several synced backward passes), an uneven row
-split, the manual mode-change API and the ResuScheduler changing modes mid-run (prune → RESU /
-QRESU → amnesty commit) on the gathered layers.
+split, and mode changes mid-run (prune → RESU / QRESU → amnesty commit) through the same
+model-level API as without FSDP (``rt.prune_`` / ``enter_resu_`` / ``commit_`` / ``calibrate`` /
+``reset_optimizer_state_`` / ``ResuScheduler``), which gathers the layers itself.
 
 One spawn runs every scenario (process start-up dominates); each rank saves what it measured and
 the tests below check it. FSDP2 does not broadcast at construction, so both ranks build the model
@@ -18,6 +19,7 @@ from torch import nn
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
+from resu_tensor.core.row_blocks import slice_rows
 from resu_tensor import fsdp as rtf
 
 WORLD = two_ranks.WORLD
@@ -194,7 +196,8 @@ def scenario_accumulation(rank):
 
 
 def scenario_manual_mode_changes(rank):
-    """rtf.prune_ / enter_resu_ (QRESU) / commit_ (amnesty) mid-run; uneven rows (7 over 2 ranks)."""
+    """rt.prune_ / enter_resu_ (QRESU) / commit_ (amnesty) mid-run with optimizer=, on the sharded
+    model as on the reference; uneven rows (7 over 2 ranks)."""
     model, reference = shard_model(make_model(out=7)), make_model(out=7)
     optimizer, reference_optimizer = adamw(model), adamw(reference)
     rows = [t.shape[0] for t in shards(model)]
@@ -203,51 +206,86 @@ def scenario_manual_mode_changes(rank):
         train(model, optimizer, reference, reference_optimizer, rank, steps=n, scenario_seed=seed, out=7)
 
     steps(2, 5)
-    rtf.prune_(model, 0.5, optimizer=optimizer)
-    rt.prune_(reference, 0.5)
-    rt.reset_optimizer_state_(reference_optimizer, reference)
+    rt.prune_(model, 0.5, optimizer=optimizer)
+    rt.prune_(reference, 0.5, optimizer=reference_optimizer)
     state_dropped = all(model[i].weight not in optimizer.state for i in resu_layers(model))
     steps(2, 6)
     options = dict(epsilon=0.5, quantize_bits=4, group_size=8, track_gradients=True)
-    rtf.enter_resu_(model, generator=torch.Generator().manual_seed(3), optimizer=optimizer, **options)
-    rt.enter_resu_(reference, generator=torch.Generator().manual_seed(3), **options)
-    rt.reset_optimizer_state_(reference_optimizer, reference)
+    rt.enter_resu_(model, generator=torch.Generator().manual_seed(3), optimizer=optimizer, **options)
+    rt.enter_resu_(reference, generator=torch.Generator().manual_seed(3), optimizer=reference_optimizer, **options)
     modes = [t.mode.value for t in shards(model)]
     steps(3, 7)
     commit = dict(strategy="amnesty", sparsity=0.5, score="gradient", r_start=0.5, r_end=0.5)
-    stats = rtf.commit_(model, optimizer=optimizer, **commit)
-    reference_stats = rt.commit_(reference, **commit)
-    rt.reset_optimizer_state_(reference_optimizer, reference)
+    stats = rt.commit_(model, optimizer=optimizer, **commit)
+    reference_stats = rt.commit_(reference, optimizer=reference_optimizer, **commit)
     steps(2, 8)
     return {**compare(model, reference), "rows": rows, "state_dropped": state_dropped, "modes": modes,
             "stats": {k: v.resurrected_kept for k, v in stats.items()},
             "reference_stats": {k: v.resurrected_kept for k, v in reference_stats.items()}}
 
 
+def scenario_stale_state(rank):
+    """A mode change without optimizer=: the next step refuses the stale sharded state (naming
+    rt.reset_optimizer_state_) before any coordinate moves; rt.reset_optimizer_state_ drops it."""
+    model, reference = shard_model(make_model(sparsity=0.5)), make_model(sparsity=0.5)
+    optimizer, reference_optimizer = adamw(model), adamw(reference)
+
+    def steps(n, seed):
+        train(model, optimizer, reference, reference_optimizer, rank, steps=n, scenario_seed=seed)
+
+    steps(2, 13)
+    options = dict(epsilon=0.5, generator=torch.Generator().manual_seed(4))
+    rt.enter_resu_(model, **options)
+    rt.enter_resu_(reference, **dict(options, generator=torch.Generator().manual_seed(4)))
+    before = [t.dequantize().clone() for t in shards(model)]
+    x, y = global_batch(0, scenario_seed=14)
+    optimizer.zero_grad()
+    F.cross_entropy(model(shard(x, rank)), shard(y, rank)).backward()
+    try:
+        optimizer.step()
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    unmoved = all(torch.equal(a, t.dequantize()) for a, t in zip(before, shards(model)))
+    dropped = rt.reset_optimizer_state_(optimizer, model)
+    reference_dropped = rt.reset_optimizer_state_(reference_optimizer, reference)
+    steps(2, 15)
+    return {**compare(model, reference), "error": error, "unmoved": unmoved, "dropped": dropped,
+            "reference_dropped": reference_dropped, "dropped_again": rt.reset_optimizer_state_(optimizer, model)}
+
+
 def scenario_wanda(rank):
-    """rtf.calibrate over every rank's batches equals rt.calibrate over all of them; Wanda pruning
-    of the sharded model then picks the single-process masks."""
+    """rt.calibrate of the sharded model over every rank's batches equals rt.calibrate over all of
+    them; Wanda pruning of the sharded model then picks the single-process masks, whether it gets
+    those norms or this rank's batches."""
     model, reference = shard_model(make_model()), make_model()
     batches = [global_batch(step, scenario_seed=12)[0] for step in range(2)]
-    norms = rtf.calibrate(model, [shard(x, rank) for x in batches])
+    my_batches = [shard(x, rank) for x in batches]
+    norms = rt.calibrate(model, my_batches)
     reference_norms = rt.calibrate(reference, batches)
-    rtf.prune_(model, 0.5, method="wanda", calibration=norms)
+    rt.prune_(model, 0.5, method="wanda", calibration=norms)
     rt.prune_(reference, 0.5, method="wanda", calibration=reference_norms)
+    from_batches = shard_model(make_model())
+    rt.prune_(from_batches, 0.5, method="wanda", calibration=my_batches)
     return {**compare(model, reference), "layers": sorted(norms),
-            "norm_diff": max((norms[k] - reference_norms[k]).abs().max().item() for k in reference_norms)}
+            "norm_diff": max((norms[k] - reference_norms[k]).abs().max().item() for k in reference_norms),
+            "from_batches": compare(from_batches, reference)}
 
 
 SCHEDULE = dict(steps_per_cycle=10, num_cycles=2, sparsity=0.6, stabilize_fraction=0.2, resu_fraction=0.4,
                 epsilon=0.5, r_start=0.3, r_end=0.1, commit_score="gradient", seed=0, progress=False)
 
 
-def run_scheduler(rank, scenario_seed, steps, **options):
-    """ResuScheduler on every rank: DENSE → prune → STABILIZE → RESU (or QRESU) → amnesty commit."""
+def run_scheduler(rank, scenario_seed, steps, calibration=None, **options):
+    """rt.ResuScheduler on every rank: DENSE → prune → STABILIZE → RESU (or QRESU) → amnesty
+    commit; ``calibration``: the global batches (each rank gets its part)."""
     model, reference = shard_model(make_model()), make_model()
     optimizer, reference_optimizer = adamw(model), adamw(reference)
     config = dict(SCHEDULE, **options)
-    scheduler = rtf.ResuScheduler(model, optimizer, rt.ScheduleConfig(**config))
-    reference_scheduler = rt.ResuScheduler(reference, reference_optimizer, rt.ScheduleConfig(**config))
+    scheduler = rt.ResuScheduler(model, optimizer, rt.ScheduleConfig(**config),
+                                 calibration=[shard(x, rank) for x in calibration] if calibration else None)
+    reference_scheduler = rt.ResuScheduler(reference, reference_optimizer, rt.ScheduleConfig(**config),
+                                           calibration=calibration)
     trace = []
 
     def after_step(loss, reference_loss):
@@ -273,14 +311,22 @@ def scenario_scheduler_qresu(rank):
                          selective=rt.StaticSubsetConfig(alpha=0.5, refresh_every=2))
 
 
+def scenario_scheduler_wanda(rank):
+    """Wanda pruning and Wanda-scored amnesty, each rank calibrating on its part of the batches."""
+    calibration = [global_batch(step, scenario_seed=16)[0] for step in range(2)]
+    return run_scheduler(rank, 17, steps=10, num_cycles=1, calibration=calibration, prune_method="wanda",
+                         commit_score="wanda")
+
+
 def scenario_errors(rank):
     model = shard_model(make_model(sparsity=0.5))
     optimizer = adamw(model)
     errors = {}
     for name, call in {
-        "selective": lambda: rtf.ResuScheduler(model, optimizer, rt.ScheduleConfig(**SCHEDULE,
-                                                                                   selective=rt.SelectiveConfig())),
-        "probe": lambda: rtf.enter_resu_(model, selective=rt.StaticSubsetConfig(by="gradient"), probe_fn=lambda m: 0),
+        "selective": lambda: rt.ResuScheduler(model, optimizer, rt.ScheduleConfig(**SCHEDULE,
+                                                                                  selective=rt.SelectiveConfig())),
+        "selective_enter": lambda: rt.enter_resu_(model, selective=rt.SelectiveConfig()),
+        "probe": lambda: rt.enter_resu_(model, selective=rt.StaticSubsetConfig(by="gradient"), probe_fn=lambda m: 0),
         "replaced": lambda: _replace_inside(model),
     }.items():
         try:
@@ -340,6 +386,19 @@ def test_wanda_calibration_over_every_rank(ranks):
         assert_matches_reference(result)
 
 
+def test_wanda_from_each_ranks_batches(ranks):
+    for result in results(ranks, "wanda"):
+        assert_matches_reference(result["from_batches"])
+
+
+def test_stale_sharded_state_is_refused_then_reset(ranks):
+    for result in results(ranks, "stale_state"):
+        assert result["error"] is not None and "rt.reset_optimizer_state_(optimizer, model)" in result["error"]
+        assert result["unmoved"], "a coordinate moved in the refused step"
+        assert result["dropped"] == 2 and result["reference_dropped"] == 2 and result["dropped_again"] == 0
+        assert_matches_reference(result)
+
+
 def test_manual_mode_changes_on_uneven_shards(ranks):
     rank0, rank1 = results(ranks, "manual_mode_changes")
     assert rank0["rows"] == [HIDDEN // WORLD, 4] and rank1["rows"] == [HIDDEN // WORLD, 3]
@@ -351,7 +410,8 @@ def test_manual_mode_changes_on_uneven_shards(ranks):
 
 
 @pytest.mark.parametrize("scenario, modes_seen", [("scheduler", {"dense", "sparse", "resu"}),
-                                                  ("scheduler_qresu", {"dense", "sparse", "qresu"})])
+                                                  ("scheduler_qresu", {"dense", "sparse", "qresu"}),
+                                                  ("scheduler_wanda", {"dense", "sparse", "resu"})])
 def test_scheduler_mode_changes_keep_masks_identical_on_every_rank(ranks, scenario, modes_seen):
     for result in results(ranks, scenario):
         modes = [step_modes for step_modes, _, _ in result["trace"]]
@@ -366,12 +426,20 @@ def test_scheduler_mode_changes_keep_masks_identical_on_every_rank(ranks, scenar
 def test_unsupported_features_raise_and_change_nothing(ranks):
     for result in results(ranks, "errors"):
         assert "NotImplementedError" in result["selective"] and "SelectiveConfig" in result["selective"]
+        assert "NotImplementedError" in result["selective_enter"] and "SelectiveConfig" in result["selective_enter"]
         assert "NotImplementedError" in result["probe"]
         assert "TypeError" in result["replaced"] and "replaced inside the block" in result["replaced"]
         assert result["modes_after"] == ["sparse", "sparse"]
 
 
 # ------------------------------------------------------------------------------ single process
+def test_fsdp_module_names_are_the_model_level_api():
+    """resu_tensor.fsdp keeps its names; the mode-change ones are the rt functions themselves."""
+    for name in ("prune_", "enter_resu_", "commit_", "calibrate", "reset_optimizer_state_", "ResuScheduler"):
+        assert getattr(rtf, name) is getattr(rt, name), name
+    assert rtf.slice_rows is slice_rows
+
+
 def _states(rng):
     dense = rt.ResuTensor.from_dense(torch.randn(10, 24, generator=rng))
     sparse = rt.ResuTensor.from_dense(torch.randn(10, 24, generator=rng), sparsity=0.6)

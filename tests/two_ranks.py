@@ -43,9 +43,9 @@ def _worker(rank: int, module_name: str, init_file: str, out_dir: str, device: s
 def run(module_name: str, out_dir, device: str) -> dict:
     """{rank: {scenario: measurements}} from one 2-process run of ``module_name``'s SCENARIOS.
 
-    A worker killed by a signal is run once more, with a warning: once in four full CPU suites a
-    gloo worker aborted at start-up ("terminate called without an active exception") and passed
-    on every rerun. A second death fails as before, so a crash that repeats still shows."""
+    A worker killed by a signal is run once more, with a warning: a gloo worker can abort at
+    start-up ("terminate called without an active exception") for reasons outside the code under
+    test. A second death fails, so a crash that repeats still shows."""
     for attempt in (1, 2):
         run_dir = out_dir / f"attempt{attempt}"
         run_dir.mkdir()

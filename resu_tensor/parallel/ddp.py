@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from resu_tensor.training.calibration import calibrate as _calibrate
+from resu_tensor.training.calibration import all_reduce_input_norms, calibrate as _calibrate
 from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.tensor import ResuTensor
 
@@ -366,28 +366,6 @@ def check_replicas(model: nn.Module, group: Optional[dist.ProcessGroup] = None, 
 
 
 # ------------------------------------------------------------------------------------ Wanda calibration
-def all_reduce_input_norms(norms: dict, group: Optional[dist.ProcessGroup] = None) -> dict:
-    """Combine per-rank Wanda input norms {layer: ‖X_j‖₂ over this rank's tokens} into the norms
-    over every rank's tokens, sqrt(Σ_ranks ‖X_j‖₂²), identical on every rank. Collective.
-
-    Example::
-
-        norms = rt.distributed.all_reduce_input_norms(rt.calibrate(model, my_batches))
-    """
-    _require_process_group()
-    names = sorted(norms)
-    all_names = [None] * dist.get_world_size(group)
-    dist.all_gather_object(all_names, names, group=group)
-    if any(n != names for n in all_names):
-        raise ValueError(f"all_reduce_input_norms: the ranks calibrated different layers: {all_names}")
-    if not names:
-        return {}
-    squares = torch.cat([norms[n].float().reshape(-1).pow(2) for n in names])
-    dist.all_reduce(squares, group=group)
-    sizes = [norms[n].numel() for n in names]
-    return {n: part.sqrt() for n, part in zip(names, torch.split(squares, sizes))}
-
-
 def calibrate(model: nn.Module, batches, filter_fn=None, group: Optional[dist.ProcessGroup] = None) -> dict:
     """:func:`resu_tensor.calibrate` over every rank's ``batches``: identical Wanda input norms on
     all ranks, so Wanda pruning and commits choose the same mask everywhere. Collective. Layer

@@ -1,12 +1,17 @@
 """Wanda calibration: the L2 norm of every input feature of each ResuTensor layer, over the
-tokens of a few calibration batches, collected by forward pre-hooks."""
+tokens of a few calibration batches, collected by forward pre-hooks. On a model whose ResuTensor
+weights FSDP2 shards, each rank runs its own batches and the norms are combined over the ranks."""
+from __future__ import annotations  # annotations name dist.ProcessGroup, absent where distributed is not built
+
 from collections.abc import Iterable, Mapping
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from resu_tensor.training.filters import FilterFn, resu_weights
+from resu_tensor.training.sharded import sharded_weights
 
 
 def run_batch(model: nn.Module, batch) -> None:
@@ -25,6 +30,10 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
     leading dim) of every batch. A batch is passed as ``model(batch)``, ``model(*batch)`` for a
     tuple/list, ``model(**batch)`` for a dict. Modules that saw no input are left out.
 
+    Under FSDP2 (ResuTensor weights sharded by ``fully_shard``) ``batches`` are this rank's, the
+    model runs through FSDP, and the norms are over every rank's tokens, identical on every rank
+    (:func:`all_reduce_input_norms` on the default process group). Collective then.
+
     Example::
 
         norms = rt.calibrate(model, [x1, x2])          # {"0": tensor([...]), "2": tensor([...])}
@@ -34,7 +43,9 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
         raise TypeError("calibrate needs an iterable of batches; wrap a single batch tensor in a list: [x]")
     if not isinstance(batches, Iterable):
         raise TypeError(f"calibrate needs an iterable of batches, got {type(batches).__name__}")
-    layers = list(resu_weights(model, filter_fn))
+    sharded = sharded_weights(model, filter_fn)
+    layers = [(name, module, weight.shape[1]) for name, module, weight in resu_weights(model, filter_fn)]
+    layers += [(entry.module_name, entry.module, entry.param.shape[1]) for entry in sharded]
     sums_of_squares: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str, in_features: int):
@@ -51,8 +62,8 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
         return accumulate
 
     training_flags = {module: module.training for module in model.modules()}
-    handles = [module.register_forward_pre_hook(make_hook(name, weight.shape[1]), with_kwargs=True)
-               for name, module, weight in layers]
+    handles = [module.register_forward_pre_hook(make_hook(name, in_features), with_kwargs=True)
+               for name, module, in_features in layers]
     n_batches = 0
     try:
         model.eval()
@@ -65,9 +76,36 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
             handle.remove()
         for module, training in training_flags.items():
             module.training = training
+    norms = {name: sums.sqrt() for name, sums in sums_of_squares.items()}
+    if sharded:  # a rank without batches is caught by the ranks' differing layer names, on every rank
+        return all_reduce_input_norms(norms)
     if n_batches == 0:
         raise ValueError("calibrate got no batches; pass at least one input batch")
-    return {name: sums.sqrt() for name, sums in sums_of_squares.items()}
+    return norms
+
+
+def all_reduce_input_norms(norms: dict, group: Optional[dist.ProcessGroup] = None) -> dict:
+    """Combine per-rank Wanda input norms {layer: ‖X_j‖₂ over this rank's tokens} into the norms
+    over every rank's tokens, sqrt(Σ_ranks ‖X_j‖₂²), identical on every rank. Collective.
+
+    Example::
+
+        norms = rt.distributed.all_reduce_input_norms(rt.calibrate(model, my_batches))
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("all_reduce_input_norms needs an initialized default process group: call "
+                           "torch.distributed.init_process_group(...) first (torchrun sets the environment)")
+    names = sorted(norms)
+    all_names = [None] * dist.get_world_size(group)
+    dist.all_gather_object(all_names, names, group=group)
+    if any(n != names for n in all_names):
+        raise ValueError(f"all_reduce_input_norms: the ranks calibrated different layers: {all_names}")
+    if not names:
+        return {}
+    squares = torch.cat([norms[n].float().reshape(-1).pow(2) for n in names])
+    dist.all_reduce(squares, group=group)
+    sizes = [norms[n].numel() for n in names]
+    return {n: part.sqrt() for n, part in zip(names, torch.split(squares, sizes))}
 
 
 def input_norms_for(model: nn.Module, layer_names: list[str], calibration,
@@ -91,4 +129,4 @@ def input_norms_for(model: nn.Module, layer_names: list[str], calibration,
     return norms
 
 
-__all__ = ["calibrate", "input_norms_for"]
+__all__ = ["calibrate", "input_norms_for", "all_reduce_input_norms"]

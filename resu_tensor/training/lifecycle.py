@@ -1,4 +1,10 @@
-"""Model-level lifecycle functions: apply a ResuTensor method to every chosen weight."""
+"""Model-level lifecycle functions: apply a ResuTensor method to every chosen weight.
+
+Each works on plain ResuTensor weights and on FSDP2-sharded ones alike: the latter are gathered
+into whole layers for the change and each rank keeps its rows (training/sharded.py), so masks are
+identical on every rank and equal to a single-process run's. ``optimizer=`` (one or a list)
+drops the state the change made stale, sharded or not."""
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import torch
@@ -10,13 +16,24 @@ from resu_tensor.core.tensor import ResuTensor
 from resu_tensor.method.pruning import (check_finite, check_input_norms, check_method, check_scope, erk_densities,
                                         global_sparsities, parse_granularity, resolve_sparsity, score)
 from resu_tensor.method.selective import StaticSubsetConfig
-from resu_tensor.training.calibration import input_norms_for
+from resu_tensor.training.calibration import calibrate, input_norms_for
 from resu_tensor.training.filters import FilterFn, resu_weights
+from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
+
+
+def _norms_before_gathering(model: nn.Module, calibration, filter_fn, needed: bool):
+    """Calibration batches become input norms while the model can still run (never inside
+    :func:`full_weights`); on a sharded model ``calibrate`` combines every rank's batches."""
+    if not needed or calibration is None or isinstance(calibration, Mapping) or not sharded_weights(model, filter_fn):
+        return calibration
+    return calibrate(model, calibration, filter_fn)
+
 
 def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "magnitude",
            filter_fn: Optional[FilterFn] = None, generator: Optional[torch.Generator] = None, *,
-           granularity: str = "element", scope: str = "layer", calibration=None) -> nn.Module:
-    """Prune every chosen ResuTensor weight (→ SPARSE).
+           granularity: str = "element", scope: str = "layer", calibration=None, optimizer=None) -> nn.Module:
+    """Prune every chosen ResuTensor weight (→ SPARSE), FSDP2-sharded ones included (collective
+    then: every rank calls it with the same arguments and generator seed).
 
     * ``method``: ``magnitude`` |W|, ``random``, or ``wanda`` |W_ij|·‖X_j‖₂, which needs
       ``calibration``: an iterable of input batches (run through :func:`resu_tensor.calibrate`) or
@@ -27,6 +44,7 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
     * ``scope``: ``layer`` (every layer to ``sparsity``), ``global`` (one score threshold over all
       chosen layers; element granularity only) or ``erk`` (Erdős–Rényi-Kernel per-layer
       densities whose kept total is (1 − sparsity)·total).
+    * ``optimizer`` (one or a list): its state of the weights whose trainable set changed is dropped.
 
     Every layer is checked (mode, calibration) and every score computed before any layer changes.
 
@@ -34,8 +52,16 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
 
         rt.prune_(model, sparsity=0.7, method="magnitude")
         rt.prune_(model, method="wanda", granularity="2:4", calibration=[x1, x2])
-        rt.prune_(model, 0.9, scope="erk")
+        rt.prune_(model, 0.9, scope="erk", optimizer=optimizer)
     """
+    calibration = _norms_before_gathering(model, calibration, filter_fn, needed=method == "wanda")
+    with full_weights(model, optimizer, filter_fn):
+        _prune_layers(model, sparsity, method, filter_fn, generator, granularity, scope, calibration)
+    return model
+
+
+def _prune_layers(model: nn.Module, sparsity, method: str, filter_fn, generator, granularity: str, scope: str,
+                  calibration) -> None:
     check_method(method)
     check_scope(scope)
     layer_sparsity = resolve_sparsity(sparsity, granularity)
@@ -67,7 +93,7 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
     if scope == "layer":
         for name, weight in layers:
             weight.prune(sparsity, method=method, granularity=granularity, scores=layer_scores(name, weight))
-        return model
+        return
     if scope == "global":
         scores = {name: layer_scores(name, weight) for name, weight in layers}
         sparsities = global_sparsities(scores, layer_sparsity)
@@ -83,22 +109,36 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
     for name, weight in layers:
         layer_score = scores.pop(name) if name in scores else layer_scores(name, weight)
         weight.prune(sparsities[name], method=method, granularity=granularity, scores=layer_score)
-    return model
 
 
 def enter_resu_(model: nn.Module, epsilon: float = 0.1, freeze_active: bool = True,
                 filter_fn: Optional[FilterFn] = None, generator: Optional[torch.Generator] = None,
-                probe_fn: Optional[Callable[[nn.Module], torch.Tensor]] = None, **options) -> nn.Module:
+                probe_fn: Optional[Callable[[nn.Module], torch.Tensor]] = None, *, optimizer=None,
+                **options) -> nn.Module:
     """Move every chosen SPARSE weight into RESU (θ in the pruned slots), or QRESU with
     ``quantize_bits=4`` (or 8) and ``group_size``. ``selective`` takes a SelectiveConfig or a
     StaticSubsetConfig; one with ``by="gradient"`` needs ``probe_fn(model) -> loss``, whose
-    gradient ranks the pruned coordinates. Other options: see ``lifecycle.enter_resu``.
+    gradient ranks the pruned coordinates. ``optimizer`` (one or a list): its state of the
+    weights whose trainable set changed is dropped. Other options: see ``ResuTensor.enter_resu``.
+
+    FSDP2-sharded weights get θ drawn for the whole layer from ``generator``, identical on every
+    rank (collective); SelectiveConfig and gradient-probed subsets are not supported there
+    (``NotImplementedError``).
 
     Example::
 
-        rt.enter_resu_(model, epsilon=0.1, freeze_active=True)
+        rt.enter_resu_(model, epsilon=0.1, freeze_active=True, optimizer=optimizer)
         rt.enter_resu_(model, quantize_bits=4, group_size=128, selective=rt.SelectiveConfig())
     """
+    if sharded_weights(model, filter_fn):
+        check_gatherable_options(options, probe_fn)
+    with full_weights(model, optimizer, filter_fn):
+        _enter_resu_layers(model, epsilon, freeze_active, filter_fn, generator, probe_fn, options)
+    return model
+
+
+def _enter_resu_layers(model: nn.Module, epsilon: float, freeze_active: bool, filter_fn, generator, probe_fn,
+                       options: dict) -> None:
     selective = options.get("selective")
     weights = [w for _, _, w in resu_weights(model, filter_fn)]
     if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient":
@@ -110,10 +150,9 @@ def enter_resu_(model: nn.Module, epsilon: float = 0.1, freeze_active: bool = Tr
         scores = _probe_gradients(model, weights, probe_fn)
         for weight in weights:
             restrict_to_subset_(weight, selective, scores[id(weight)], generator)
-        return model
+        return
     for weight in weights:
         weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator, **options)
-    return model
 
 
 def _probe_gradients(model: nn.Module, weights: list, probe_fn) -> dict:
@@ -129,19 +168,25 @@ def _probe_gradients(model: nn.Module, weights: list, probe_fn) -> dict:
 
 
 def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[FilterFn] = None, *,
-            calibration=None, **options) -> dict:
+            calibration=None, optimizer=None, **options) -> dict:
     """Merge θ into every chosen RESU/QRESU weight and pick its new mask (→ SPARSE). Returns
     {layer name: AmnestyStats}. Strategies and ``options`` (sparsity, cycle, num_cycles, score,
-    r_start, r_end): see ``lifecycle.commit``; Wanda scores need ``calibration`` (batches or
-    the dict of ``rt.calibrate``).
+    r_start, r_end): see ``ResuTensor.commit``; Wanda scores need ``calibration`` (batches or
+    the dict of ``rt.calibrate``). ``optimizer`` (one or a list): its state of the weights whose
+    trainable set changed is dropped. On FSDP2-sharded weights the amnesty tournament runs over
+    the whole layer, identical on every rank and to a single-process run (collective).
 
     Example::
 
-        stats = rt.commit_(model, strategy="amnesty", cycle=1, num_cycles=4)
+        stats = rt.commit_(model, strategy="amnesty", cycle=1, num_cycles=4, optimizer=optimizer)
         print(rt.format_stats_table(stats))
     """
-    layers = list(resu_weights(model, filter_fn))
-    input_norms = {}
-    if (strategy == "amnesty" and options.get("score") == "wanda") or strategy == "wanda_reprune":
-        input_norms = input_norms_for(model, [name for name, _, _ in layers], calibration, filter_fn)
-    return {name: weight.commit(strategy, input_norms=input_norms.get(name), **options) for name, _, weight in layers}
+    wanda = (strategy == "amnesty" and options.get("score") == "wanda") or strategy == "wanda_reprune"
+    calibration = _norms_before_gathering(model, calibration, filter_fn, needed=wanda)
+    with full_weights(model, optimizer, filter_fn):
+        layers = list(resu_weights(model, filter_fn))
+        input_norms = {}
+        if wanda:
+            input_norms = input_norms_for(model, [name for name, _, _ in layers], calibration, filter_fn)
+        return {name: weight.commit(strategy, input_norms=input_norms.get(name), **options)
+                for name, _, weight in layers}

@@ -16,14 +16,13 @@ from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.fsdp_extension import compact_grad_, is_sharded_resu
 from resu_tensor.core.tensor import ResuTensor
 from resu_tensor.method.selective import consistency_filter_
-from resu_tensor.training.optimizer_state import stale_parameters
+from resu_tensor.training.optimizer_state import is_stale_for_shard, stale_parameters
+from resu_tensor.training.sharded import SELECTIVE_UNSUPPORTED_SHARDED
 
 _CACHE = "_resu_tensor_parameters"
 
-SELECTIVE_UNSUPPORTED_SHARDED = (
-    "RESU-Selective's consistency filter (SelectiveConfig) ranks θ over the whole layer at every step; it is not "
-    "implemented for FSDP2-sharded weights. Use StaticSubsetConfig(by='random'), or prepare_ddp (replicated weights)"
-)
+_STALE_ADVICE = ("Call rt.reset_optimizer_state_(optimizer, model) after mode changes, or pass optimizer= to "
+                 "rt.prune_ / rt.enter_resu_ / rt.commit_; the ResuScheduler does it for you.")
 
 
 def resu_parameters(optimizer: torch.optim.Optimizer) -> tuple[list, list]:
@@ -46,8 +45,7 @@ def _refuse_stale_state(optimizer, plain: list) -> None:
     if stale:
         raise ValueError(
             f"{type(optimizer).__name__}.step(): optimizer state of {len(stale)} ResuTensor parameter(s) was "
-            "created for an earlier trainable set (their mode or mask changed since). Call "
-            "rt.reset_optimizer_state_(optimizer, model) after mode changes; the ResuScheduler does it for you."
+            f"created for an earlier trainable set (their mode or mask changed since). {_STALE_ADVICE}"
         )
 
 
@@ -69,14 +67,11 @@ def _prepare_gradients(plain: list) -> None:
 def _prepare_sharded(optimizer, sharded: list) -> None:
     for param in sharded:
         shard = param._local_tensor
-        for value in optimizer.state.get(param, {}).values():
-            local = getattr(value, "_local_tensor", value)
-            if isinstance(local, CompactTensor) and local.trainable_key != shard.trainable_key:
-                raise ValueError(
-                    f"{type(optimizer).__name__}.step(): the optimizer state of a sharded ResuTensor was created "
-                    "for an earlier trainable set. Change modes through rtf.full_weights(model, optimizer) / "
-                    "rtf.ResuScheduler, or call rtf.reset_optimizer_state_(optimizer, model)"
-                )
+        if any(is_stale_for_shard(value, shard) for value in optimizer.state.get(param, {}).values()):
+            raise ValueError(
+                f"{type(optimizer).__name__}.step(): the optimizer state of an FSDP2-sharded ResuTensor parameter "
+                f"was created for an earlier trainable set (its mode or mask changed since). {_STALE_ADVICE}"
+            )
         if param.grad is None:
             continue
         compact_grad_(param)

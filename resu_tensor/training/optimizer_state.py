@@ -1,17 +1,21 @@
-"""Optimizer state of ResuTensor parameters: find and drop what belongs to an earlier trainable set."""
+"""Optimizer state of ResuTensor parameters: find and drop what belongs to an earlier trainable set.
+
+Covers plain ResuTensor parameters and FSDP2-sharded ones (a DTensor whose local tensor is this
+rank's ResuTensor row block, with DTensor optimizer state of CompactTensors)."""
 from typing import Optional
 
 import torch
 from torch import nn
 
 from resu_tensor.core.compact import CompactTensor
+from resu_tensor.core.fsdp_extension import is_sharded_resu
 from resu_tensor.core.tensor import ResuTensor
-from resu_tensor.training.filters import resu_weights
 
 
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer, model: Optional[nn.Module] = None) -> int:
-    """Drop the optimizer state of every ResuTensor parameter (of ``model``, if given) whose state
-    belongs to another trainable set than the parameter's current one. Returns how many.
+    """Drop the optimizer state of every ResuTensor parameter (of ``model``, if given; plain or
+    FSDP2-sharded) whose state belongs to another trainable set than the parameter's current
+    one. Returns how many (on this rank).
 
     Example::
 
@@ -19,8 +23,15 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, model: Optional[nn.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    allowed = None if model is None else {id(w) for _, _, w in resu_weights(model)}
-    stale = [p for p in stale_parameters(optimizer) if allowed is None or id(p) in allowed]
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (or None for every parameter), got {type(model).__name__}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if model is not None:
+        allowed = {id(p) for p in model.parameters()}
+        params = [p for p in params if id(p) in allowed]
+    plain = [p for p in params if isinstance(p, ResuTensor)]
+    sharded = [p for p in params if is_sharded_resu(p)]
+    stale = stale_parameters(optimizer, plain) + stale_sharded_parameters(optimizer, sharded)
     for param in stale:
         del optimizer.state[param]
     return len(stale)
@@ -33,6 +44,21 @@ def stale_parameters(optimizer: torch.optim.Optimizer, params: Optional[list] = 
         params = [p for group in optimizer.param_groups for p in group["params"] if isinstance(p, ResuTensor)]
     state = optimizer.state
     return [param for param in params if any(_is_stale(v, param) for v in state.get(param, {}).values())]
+
+
+def stale_sharded_parameters(optimizer: torch.optim.Optimizer, params: list) -> list:
+    """FSDP2-sharded ResuTensor parameters of ``params`` whose optimizer state belongs to another
+    trainable set than their shard's."""
+    state = optimizer.state
+    return [param for param in params
+            if any(is_stale_for_shard(v, param._local_tensor) for v in state.get(param, {}).values())]
+
+
+def is_stale_for_shard(value, shard: ResuTensor) -> bool:
+    """Whether one optimizer state entry of a sharded parameter (a DTensor of a CompactTensor)
+    was made for another trainable set than ``shard``'s."""
+    local = getattr(value, "_local_tensor", value)
+    return isinstance(local, CompactTensor) and local.trainable_key != shard.trainable_key
 
 
 def _is_stale(value, param: ResuTensor) -> bool:

@@ -6,7 +6,10 @@
         scheduler.step(loss)            # once per optimizer step
 
 It never runs the training loop; Wanda pruning or scoring only needs ``calibration`` batches.
+The same class drives a model whose ResuTensor weights FSDP2 shards: each phase change runs on
+the gathered layers (training/sharded.py), identically on every rank.
 """
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
@@ -15,10 +18,12 @@ from torch import nn
 
 from resu_tensor import kernels
 from resu_tensor.core.subset import restrict_to_subset_
+from resu_tensor.method.schedule import ScheduleConfig
+from resu_tensor.training.calibration import calibrate
 from resu_tensor.training.filters import resu_weights
 from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_
 from resu_tensor.training.optimizer_state import reset_optimizer_state_
-from resu_tensor.method.schedule import ScheduleConfig
+from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
 
 PHASES = ("train", "stabilize", "resu")
 
@@ -38,7 +43,21 @@ class CycleStats:
 class ResuScheduler:
     """Call :meth:`step` once per optimizer step. Mode changes reset exactly the optimizer state
     of the layers whose trainable set changed. ``history`` holds one :class:`CycleStats` per
-    finished cycle; ``state_dict``/``load_state_dict`` make runs resumable mid-cycle."""
+    finished cycle; ``state_dict``/``load_state_dict`` make runs resumable mid-cycle.
+
+    ``calibration`` (for Wanda): input batches, or the dict of :func:`resu_tensor.calibrate`.
+
+    Under FSDP2 (``fully_shard`` sharding the ResuTensor weights by rows) call :meth:`step` on
+    every rank with the same config and seed: every phase change (prune, enter RESU, commit,
+    subset refresh) runs on the gathered layers, so masks are identical on every rank and equal
+    to a single-process run's. Calibration batches are then each rank's own (norms over every
+    rank's). RESU-Selective's consistency filter and gradient-probed subsets are not supported
+    there (``NotImplementedError``).
+
+    Example::
+
+        scheduler = rt.ResuScheduler(model, optimizer, rt.ScheduleConfig(steps_per_cycle=500, num_cycles=4))
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: ScheduleConfig,
                  calibration: Optional[Iterable] = None, filter_fn=None):
@@ -47,8 +66,11 @@ class ResuScheduler:
         needs_wanda = config.prune_method == "wanda" or config.commit_score == "wanda" or config.commit_strategy == "wanda_reprune"
         if needs_wanda and calibration is None:
             raise ValueError("Wanda pruning/scoring needs calibration batches: ResuScheduler(..., calibration=batches)")
+        if isinstance(calibration, torch.Tensor):
+            raise TypeError("calibration needs an iterable of batches; wrap a single batch tensor in a list: [x]")
         self.model, self.optimizer, self.config = model, optimizer, config
-        self.calibration = list(calibration) if calibration is not None else None
+        self.calibration = dict(calibration) if isinstance(calibration, Mapping) else \
+            list(calibration) if calibration is not None else None
         self.filter_fn = filter_fn
         self.generator = torch.Generator().manual_seed(config.seed)
         self.global_step = 0
@@ -57,8 +79,11 @@ class ResuScheduler:
         self._ever_resurrected: dict[str, torch.Tensor] = {}  # packed bitmaps, 1 bit per element
         self._pre_resu_masks: dict[str, torch.Tensor] = {}
         self._progress = None
-        if not list(resu_weights(model, filter_fn)):
+        self._sharded = bool(sharded_weights(model, filter_fn))
+        if not self._sharded and not list(resu_weights(model, filter_fn)):
             raise ValueError("the model has no ResuTensor weights: run quantize_(model, rt.resu_config(...)) first")
+        if self._sharded:
+            check_gatherable_options({"selective": config.selective})
 
     # ------------------------------------------------------------------ position in the schedule
     @property
@@ -105,20 +130,35 @@ class ResuScheduler:
     def _reset_state(self) -> None:
         reset_optimizer_state_(self.optimizer, self.model)
 
+    def _gathered(self):
+        """Whole layers for a phase change: FSDP2-sharded weights are gathered (and the optimizer
+        state they made stale dropped on exit); unsharded ones are used as they are."""
+        return full_weights(self.model, self.optimizer, self.filter_fn)
+
+    def _calibration(self, needed: bool):
+        """Input norms, computed while the model can still run when its weights are sharded (the
+        model must not run inside :meth:`_gathered`); otherwise what the user passed."""
+        if not needed or not self._sharded or self.calibration is None or isinstance(self.calibration, dict):
+            return self.calibration
+        return calibrate(self.model, self.calibration, self.filter_fn)
+
     def _prune(self, cycle: int) -> None:
         c = self.config
-        prune_(self.model, c.sparsity_at(cycle), method=c.prune_method, granularity=c.granularity, scope=c.scope,
-               calibration=self.calibration, filter_fn=self.filter_fn, generator=self.generator)
-        self._reset_state()
+        calibration = self._calibration(c.prune_method == "wanda")
+        with self._gathered():
+            prune_(self.model, c.sparsity_at(cycle), method=c.prune_method, granularity=c.granularity, scope=c.scope,
+                   calibration=calibration, filter_fn=self.filter_fn, generator=self.generator)
+            self._reset_state()
 
     def _enter_resu(self) -> None:
         c = self.config
-        self._pre_resu_masks = {name: kernels.pack_bitmap(w.storage_mask().view(-1))
-                                for name, _, w in resu_weights(self.model, self.filter_fn)}
-        enter_resu_(self.model, epsilon=c.epsilon, freeze_active=c.freeze_active, filter_fn=self.filter_fn,
-                    generator=self.generator, quantize_bits=c.quantize_bits, group_size=c.group_size,
-                    selective=c.selective, track_gradients=c.commit_score == "gradient")
-        self._reset_state()
+        with self._gathered():
+            self._pre_resu_masks = {name: kernels.pack_bitmap(w.storage_mask().view(-1))
+                                    for name, _, w in resu_weights(self.model, self.filter_fn)}
+            enter_resu_(self.model, epsilon=c.epsilon, freeze_active=c.freeze_active, filter_fn=self.filter_fn,
+                        generator=self.generator, quantize_bits=c.quantize_bits, group_size=c.group_size,
+                        selective=c.selective, track_gradients=c.commit_score == "gradient")
+            self._reset_state()
 
     def _maybe_refresh_subset(self) -> None:
         every = getattr(self.config.selective, "refresh_every", None)
@@ -127,12 +167,21 @@ class ResuScheduler:
         resu_start = self.config.train_steps + self.config.stabilize_steps
         in_resu = self.global_step % self.config.steps_per_cycle - resu_start
         if in_resu > 0 and in_resu % every == 0:
-
-            for _, _, w in resu_weights(self.model, self.filter_fn):
-                restrict_to_subset_(w, self.config.selective, None, self.generator)
-            self._reset_state()
+            with self._gathered():
+                for _, _, w in resu_weights(self.model, self.filter_fn):
+                    restrict_to_subset_(w, self.config.selective, None, self.generator)
+                self._reset_state()
 
     def _commit(self, cycle: int) -> None:
+        c = self.config
+        wanda = c.commit_score == "wanda" or c.commit_strategy == "wanda_reprune"
+        calibration = self._calibration(wanda)
+        with self._gathered():
+            self._commit_layers(cycle, calibration)
+        if cycle in tuple(c.pause_at):
+            c.on_pause(self, cycle)
+
+    def _commit_layers(self, cycle: int, calibration) -> None:
         c = self.config
         weights = list(resu_weights(self.model, self.filter_fn))
         consistency = [w.selective_m.float().abs() / (w.selective_v.float() + w.selective[4])
@@ -140,7 +189,7 @@ class ResuScheduler:
         mean_consistency = torch.cat(consistency).mean().item() if consistency else None
         commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle,
                 num_cycles=c.num_cycles, score=c.commit_score, r_start=c.r_start, r_end=c.r_end,
-                calibration=self.calibration, filter_fn=self.filter_fn)
+                calibration=calibration, filter_fn=self.filter_fn)
         self._reset_state()
         resurrected = survivors = pruned = numel = 0
         for name, _, w in weights:
@@ -158,8 +207,6 @@ class ResuScheduler:
         loss = self._loss_sum / self._loss_count if self._loss_count else None
         self.history.append(CycleStats(cycle, pruned / numel, resurrected, survivors, mean_consistency, loss))
         self._loss_sum, self._loss_count = 0.0, 0
-        if cycle in tuple(c.pause_at):
-            c.on_pause(self, cycle)
 
     # ------------------------------------------------------------------ progress bar
     def _update_progress(self) -> None:

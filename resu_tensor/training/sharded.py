@@ -1,0 +1,212 @@
+"""FSDP2-sharded ResuTensor weights at model level: find them, gather whole layers, write rows back.
+
+``fully_shard`` keeps on each rank a ResuTensor of its row block, wrapped in FSDP's DTensor
+(core/fsdp_extension.py). Mode changes (prune, enter RESU/QRESU, commit/amnesty, subsets) are
+whole-layer decisions, so the model-level functions (``rt.prune_``, ``rt.enter_resu_``,
+``rt.commit_``, the ResuScheduler's phase changes) run inside :func:`full_weights`: every sharded
+ResuTensor is all-gathered into its full layer on every rank, presented as the module's weight,
+changed by the unchanged single-process code identically on every rank, and each rank's rows are
+written back. Masks are therefore identical on every rank and equal to a single-process run's.
+"""
+from __future__ import annotations  # annotations name dist.ProcessGroup, absent where distributed is not built
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from resu_tensor.core.fsdp_extension import is_sharded_resu, rows_per_rank
+from resu_tensor.core.row_blocks import assign_state_, from_row_fields, row_attributes, row_fields, slice_rows
+from resu_tensor.core.tensor import ResuTensor
+from resu_tensor.method.selective import SelectiveConfig, StaticSubsetConfig
+from resu_tensor.training.optimizer_state import reset_optimizer_state_
+
+SELECTIVE_UNSUPPORTED_SHARDED = (
+    "RESU-Selective's consistency filter (SelectiveConfig) ranks θ over the whole layer at every step; it is not "
+    "implemented for FSDP2-sharded weights. Use StaticSubsetConfig(by='random'), or prepare_ddp (replicated weights)"
+)
+
+
+class ShardedWeight:
+    """One FSDP-sharded ResuTensor parameter, the module that holds it and this rank's rows."""
+
+    def __init__(self, module_name: str, module: Optional[nn.Module], param_name: str, param: DTensor):
+        self.module_name, self.module, self.param_name, self.param = module_name, module, param_name, param
+        placements = param.placements
+        shard_dims = [i for i, p in enumerate(placements) if p.is_shard()]
+        if len(shard_dims) != 1 or placements[shard_dims[0]].dim != 0:
+            raise NotImplementedError(f"sharded ResuTensor {self.fqn!r}: only FSDP's Shard(0) over one mesh dimension "
+                                      f"(FSDP or HSDP) is supported, got placements {placements}")
+        mesh_dim = shard_dims[0]
+        mesh = param.device_mesh
+        self.group = mesh.get_group(mesh_dim)
+        self.world = mesh.size(mesh_dim)
+        self.rank = mesh.get_local_rank(mesh_dim)
+        self.padded_rows, self.rows = rows_per_rank(param.shape[0], self.world)
+        self.start = self.rank * self.padded_rows
+
+    @property
+    def fqn(self) -> str:
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
+    @property
+    def shard(self) -> ResuTensor:
+        return self.param._local_tensor
+
+
+def _check_fsdp_states_sharded(model: nn.Module) -> None:
+    """Refuse to work while FSDP holds a ResuTensor unsharded (its module then has the dense
+    all-gathered weight, not the shard, and the weight would look absent). Reads FSDP internals;
+    skipped where they differ."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+    except ImportError:
+        return
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = getattr(module, "_get_fsdp_state", lambda: None)()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for group in groups:
+            for fsdp_param in getattr(group, "fsdp_params", []):
+                if isinstance(getattr(fsdp_param.sharded_param, "_local_tensor", None), ResuTensor) and \
+                        getattr(fsdp_param, "sharded_state", ShardedState.SHARDED) != ShardedState.SHARDED:
+                    raise RuntimeError(
+                        f"sharded ResuTensor {fsdp_param._param_fqn or ''}: FSDP holds it unsharded now; change modes "
+                        "between optimizer steps (after backward), not between forward and backward"
+                    )
+
+
+def sharded_weights(model: nn.Module, filter_fn=None) -> list[ShardedWeight]:
+    """Every FSDP-sharded ResuTensor weight of ``model`` (modules whose ``weight`` is one and that
+    ``filter_fn(module, name)`` accepts); empty for a model FSDP does not shard.
+
+    Example::
+
+        from resu_tensor import fsdp as rtf
+        [w.fqn for w in rtf.sharded_weights(model)]      # ["0.weight", "2.weight"]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    _check_fsdp_states_sharded(model)
+    found = []
+    for name, module in model.named_modules():
+        param = module._parameters.get("weight")
+        if is_sharded_resu(param) and (filter_fn is None or filter_fn(module, name)):
+            found.append(ShardedWeight(name, module, "weight", param))
+    return found
+
+
+def full_tensor(param: DTensor) -> ResuTensor:
+    """The whole ResuTensor of an FSDP-sharded parameter, identical on every rank of its shard
+    group (every state field is all-gathered by rows). Collective over that group.
+
+    Example::
+
+        from resu_tensor import fsdp as rtf
+        w = rtf.full_tensor(model[0].weight)      # on every rank
+        w.mask(), w.dequantize()
+    """
+    if not is_sharded_resu(param):
+        raise TypeError(f"full_tensor expects an FSDP-sharded ResuTensor parameter (a DTensor of a ResuTensor), "
+                        f"got {type(param).__name__}")
+    return _gather(ShardedWeight("", None, "weight", param))
+
+
+def _gather(entry: ShardedWeight) -> ResuTensor:
+    shard = entry.shard
+    fields = row_fields(shard)
+    gathered = {}
+    for name, f in fields.items():  # same names in the same order on every rank: the mode is global
+        padded = f
+        if f.shape[0] < entry.padded_rows:
+            padded = torch.cat([f, f.new_zeros(entry.padded_rows - f.shape[0], *f.shape[1:])])
+        as_bytes = padded.contiguous().view(torch.uint8)  # any dtype travels (bf16 over gloo, too)
+        parts = [torch.empty_like(as_bytes) for _ in range(entry.world)]
+        dist.all_gather(parts, as_bytes, group=entry.group)
+        gathered[name] = torch.cat([part[:n].view(f.dtype) for part, n in zip(parts, entry.rows)])
+    return from_row_fields(type(shard), row_attributes(shard), gathered, tuple(entry.param.shape))
+
+
+def optimizers_of(optimizer) -> list:
+    """``optimizer`` (None, one, or a list/tuple of them) as a list, each checked."""
+    if optimizer is None:
+        return []
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for o in optimizers:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer (or a list of them), got {type(o).__name__}")
+    return optimizers
+
+
+@contextlib.contextmanager
+def full_weights(model: nn.Module, optimizer=None, filter_fn=None) -> Iterator[list[str]]:
+    """Inside the block, every FSDP-sharded ResuTensor weight of ``model`` is its full layer (the
+    same on every rank), registered as the module's ``weight``: single-process code such as
+    ``w.prune(...)`` works on them unchanged. On exit each rank keeps its rows of the result;
+    parameters whose trainable set changed lose their ``.grad``, and ``optimizer`` (one or a
+    list) loses the state of every ResuTensor parameter of ``model`` made for an earlier
+    trainable set. Collective: every rank enters it and does the same inside (the same calls,
+    the same generator seeds). If the block raises, no shard changes. Do not run the model
+    inside. Yields the gathered weights' names; on a model without sharded weights it gathers
+    nothing. ``rt.prune_`` / ``enter_resu_`` / ``commit_`` use it themselves.
+
+    Example::
+
+        from resu_tensor import fsdp as rtf
+        with rtf.full_weights(model, optimizer):
+            for w in (model[0].weight, model[2].weight):
+                w.prune(0.5)
+    """
+    optimizers = optimizers_of(optimizer)
+    entries = sharded_weights(model, filter_fn)
+    gathered = [_gather(entry) for entry in entries]
+    try:
+        for entry, full in zip(entries, gathered):
+            entry.module._parameters[entry.param_name] = nn.Parameter(full, requires_grad=entry.param.requires_grad)
+        del gathered  # the modules hold them now (nn.Parameter of a subclass is a new object)
+        yield [entry.fqn for entry in entries]
+        changed = []
+        for entry in entries:
+            full = entry.module._parameters[entry.param_name]
+            if not isinstance(full, ResuTensor) or tuple(full.shape) != tuple(entry.param.shape) or full.transposed:
+                raise TypeError(f"full_weights: {entry.fqn!r} was replaced inside the block by "
+                                f"{type(full).__name__}; change the ResuTensor in place (prune, enter_resu, commit)")
+            if full.selective is not None:
+                raise NotImplementedError(SELECTIVE_UNSUPPORTED_SHARDED)
+            rows = entry.rows[entry.rank]
+            changed.append(slice_rows(full, entry.start, entry.start + rows))
+    finally:
+        for entry in entries:
+            entry.module._parameters[entry.param_name] = entry.param
+    for entry, new_shard in zip(entries, changed):
+        shard = entry.shard
+        old_key = shard.trainable_key
+        assign_state_(shard, new_shard)
+        if shard.trainable_key != old_key:
+            entry.param.grad = None
+    for o in optimizers:  # sharded and unsharded (e.g. FSDP's ignored_params) ResuTensors alike
+        reset_optimizer_state_(o, model)
+
+
+def check_gatherable_options(options: dict, probe_fn=None) -> None:
+    """Refuse, before any layer is gathered, mode-change options that FSDP2-sharded weights do
+    not support: RESU-Selective's consistency filter and subsets ranked by a probe backward."""
+    selective = options.get("selective")
+    if isinstance(selective, SelectiveConfig):
+        raise NotImplementedError(SELECTIVE_UNSUPPORTED_SHARDED)
+    if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient" or probe_fn is not None:
+        raise NotImplementedError("StaticSubsetConfig(by='gradient') runs a probe forward/backward (probe_fn) while "
+                                  "the weights are gathered; not supported under FSDP2. Use by='random'")
+
+
+__all__ = ["ShardedWeight", "sharded_weights", "full_tensor", "full_weights", "optimizers_of",
+           "check_gatherable_options", "SELECTIVE_UNSUPPORTED_SHARDED", "slice_rows"]
