@@ -262,6 +262,7 @@ def scenario_wanda(rank):
     batches = [global_batch(step, scenario_seed=12)[0] for step in range(2)]
     my_batches = [shard(x, rank) for x in batches]
     norms = rt.calibrate(model, my_batches)
+    ddp_norms = rt.distributed.calibrate(model, my_batches)  # the sharded layers are reduced once, not twice
     reference_norms = rt.calibrate(reference, batches)
     rt.prune_(model, 0.5, method="wanda", calibration=norms)
     rt.prune_(reference, 0.5, method="wanda", calibration=reference_norms)
@@ -269,6 +270,7 @@ def scenario_wanda(rank):
     rt.prune_(from_batches, 0.5, method="wanda", calibration=my_batches)
     return {**compare(model, reference), "layers": sorted(norms),
             "norm_diff": max((norms[k] - reference_norms[k]).abs().max().item() for k in reference_norms),
+            "ddp_norm_diff": max((ddp_norms[k] - reference_norms[k]).abs().max().item() for k in reference_norms),
             "from_batches": compare(from_batches, reference)}
 
 
@@ -382,7 +384,7 @@ def test_gradient_accumulation_with_and_without_sync(ranks):
 
 def test_wanda_calibration_over_every_rank(ranks):
     for result in results(ranks, "wanda"):
-        assert result["layers"] == ["0", "2"] and result["norm_diff"] < 1e-5
+        assert result["layers"] == ["0", "2"] and result["norm_diff"] < 1e-5 and result["ddp_norm_diff"] < 1e-5
         assert_matches_reference(result)
 
 

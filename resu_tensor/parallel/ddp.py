@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from resu_tensor.training.calibration import all_reduce_input_norms, calibrate as _calibrate
+from resu_tensor.training.sharded import sharded_weights
 from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.tensor import ResuTensor
 
@@ -376,7 +377,10 @@ def calibrate(model: nn.Module, batches, filter_fn=None, group: Optional[dist.Pr
         norms = rt.distributed.calibrate(model, my_shard_of_batches)
         rt.prune_(model, 0.5, method="wanda", calibration=norms)
     """
-    return all_reduce_input_norms(_calibrate(model, batches, filter_fn), group)
+    norms = _calibrate(model, batches, filter_fn)
+    if sharded_weights(model, filter_fn):
+        return norms  # rt.calibrate already reduced the norms of FSDP2-sharded layers over the ranks
+    return all_reduce_input_norms(norms, group)
 
 
 __all__ = ["prepare_ddp", "ResuGradSync", "broadcast_resu_state_", "check_replicas", "all_reduce_input_norms",
