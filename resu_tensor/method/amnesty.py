@@ -1,4 +1,4 @@
-"""Commit-time mask selection (DESIGN.md §1): the amnesty tournament, Wanda re-prune and the
+"""Commit-time mask selection: the amnesty tournament, Wanda re-prune and the
 simple merge, as pure tensor functions (plain tensors in, plain tensors out).
 
 Typical use at commit, for one weight in RESU mode (``values`` holds W at A and θ at P)::
@@ -97,7 +97,7 @@ class AmnestyStats:
 
 def amnesty_mask(scores: torch.Tensor, old_mask: torch.Tensor, sparsity: float, ratio: float,
                  nm: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, AmnestyStats]:
-    """The relative tournament of DESIGN.md §1: keep n_keep = numel − round(sparsity·numel)
+    """The relative tournament: keep n_keep = numel − round(sparsity·numel)
     coordinates, with round(ratio·n_keep) slots reserved for resurrected ones (``old_mask`` False)
     and the rest for old-active ones (``old_mask`` True); top-k by ``scores`` runs inside each
     side separately. Slots a side cannot fill go to resurrected first, then active. Equal
