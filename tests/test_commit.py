@@ -47,7 +47,7 @@ def test_nm_masks_stay_nm_through_commit(strategy):
     w = rt.ResuTensor.from_dense(torch.randn(8, 16)).prune(None, granularity="2:4").enter_resu(epsilon=2.0)
     w.commit(strategy)
     kept_per_group = w.mask().view(8, 4, 4).sum(-1)
-    assert torch.all(kept_per_group == 2) and w.nm == (2, 4)
+    assert torch.all(kept_per_group == 2) and w.nm_pattern == (2, 4)
 
 
 def test_wanda_reprune_through_the_model_api():

@@ -78,7 +78,7 @@ def test_to_semi_structured_errors_on_cpu():
     with pytest.raises(ValueError, match="no 2:4 mask"):
         to_semi_structured_(model)
     rt.prune_(model, granularity="2:4")
-    assert all(w.nm == (2, 4) for _, _, w in rt.resu_weights(model))
+    assert all(w.nm_pattern == (2, 4) for _, _, w in rt.resu_weights(model))
     with pytest.raises(ValueError, match="dtype torch.float32"):
         to_semi_structured_(model)
     model.half()

@@ -72,7 +72,7 @@ def put_every_mode(model: nn.Sequential) -> None:
     w[8].prune(None, granularity="2:4")
     modes = [x.mode.value for x in w]
     assert modes == ["dense", "sparse", "sparse", "resu", "resu", "resu", "qresu", "qresu", "sparse"]
-    assert w[2].mask_kind == "active_indices" and w[1].mask_kind == "bitmap" and w[8].nm == (2, 4)
+    assert w[2].mask_kind == "active_indices" and w[1].mask_kind == "bitmap" and w[8].nm_pattern == (2, 4)
 
 
 def test_safetensors_round_trip_every_mode_exactly(tmp_path):
@@ -174,7 +174,7 @@ def _json(text: str) -> torch.Tensor:
     ("garbage", "cannot read"),
     ("bad_json", "not valid JSON"),
     ("other_format", "unsupported ResuTensor checkpoint format"),
-    ("flipped_mask_bit", "trainable-set hash"),
+    ("flipped_mask_bit", "trainable-set hash|nonzero entries at pruned coordinates"),
     ("bad_prefix", "block_prefix does not match"),
     ("missing_part", "missing"),
     ("wrong_theta_length", "theta has shape"),

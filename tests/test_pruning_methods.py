@@ -143,7 +143,7 @@ def test_n_m_keeps_exactly_n_of_every_m(n, m):
         groups = w.mask().reshape(6, 4, m)
         assert (groups.sum(-1) == n).all()
         assert w.sparsity == 1 - n / m and w.target_sparsity == 1 - n / m
-        assert w.nm == (n, m) and granularity_of(w) == f"{n}:{m}"
+        assert w.nm_pattern == (n, m) and granularity_of(w) == f"{n}:{m}"
         magnitude_groups = weight.abs().reshape(6, 4, m)
         kept_min = magnitude_groups.masked_fill(~groups, float("inf")).amin(-1)
         pruned_max = magnitude_groups.masked_fill(groups, -float("inf")).amax(-1)
@@ -152,7 +152,7 @@ def test_n_m_keeps_exactly_n_of_every_m(n, m):
     w.prune(None, granularity=granularity_of(w))
     assert (w.mask().reshape(6, 4, m).sum(-1) == n).all()
     w.prune(0.5)
-    assert w.nm is None and granularity_of(w) == "element"
+    assert w.nm_pattern is None and w.row_keep is None and granularity_of(w) == "element"
 
 
 def test_n_m_through_prune_with_wanda_scores():
@@ -160,7 +160,7 @@ def test_n_m_through_prune_with_wanda_scores():
     rt.prune_(model, method="wanda", granularity="2:4", calibration=[torch.randn(5, 16)])
     for layer in (model[0], model[1]):
         keep = layer.weight.mask()
-        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all() and layer.weight.nm == (2, 4)
+        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all() and layer.weight.nm_pattern == (2, 4)
 
 
 def _masks(model) -> dict[str, torch.Tensor]:

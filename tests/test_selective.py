@@ -105,7 +105,7 @@ def test_filter_with_bfloat16_emas_rounds_them_once():
 
 def test_filter_rejects_bad_operands():
     g, m, v = torch.randn(9), torch.randn(9), torch.rand(9)
-    config = rt.SelectiveConfig().as_tuple()
+    config = rt.SelectiveConfig()
     with pytest.raises(ValueError, match="same number of elements"):
         consistency_filter_(g, m[:8], v, config)
     with pytest.raises(ValueError, match="grad must be contiguous"):

@@ -1,4 +1,6 @@
 """CompactTensor: a gradient or optimizer state holding only one trainable set's coordinates."""
+import hashlib
+
 import torch
 from torchao.utils import TorchAOBaseTensor
 
@@ -27,6 +29,18 @@ class NoDynamoFrames:
         return super().__tensor_flatten__()
 
 
+def stable_hash(fields: dict, requires_grad: bool) -> str:
+    """A process-independent digest of a subclass's fields for AOT autograd's cache key: inner
+    tensors by their metadata, other values by their repr (stable for ints, floats, strings,
+    tuples, dtypes and the frozen config dataclasses)."""
+    parts = [f"requires_grad={requires_grad}"]
+    for name, value in sorted(fields.items()):
+        if isinstance(value, torch.Tensor):
+            value = ("tensor", tuple(value.shape), value.stride(), str(value.dtype), value.device.type)
+        parts.append(f"{name}={value!r}")
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
+
 _PROPERTY_ACCESS = type(torch.Tensor.grad.__get__)  # what __torch_function__ gets for .grad, .shape, ...
 # Functions that only read the wrapper's dtype (the optimizers' per-parameter checks call them).
 _DTYPE_QUERIES = frozenset([torch.is_complex, torch.Tensor.is_complex, torch.is_floating_point,
@@ -36,8 +50,8 @@ _DTYPE_QUERIES = frozenset([torch.is_complex, torch.Tensor.is_complex, torch.is_
 class FastPropertyAccess:
     """Tensor properties (``.grad``, ``.shape``, ``.requires_grad``, ...) and dtype queries
     (``torch.is_complex``, ...) skip the op table: the optimizers and hooks read them about 15
-    times per parameter per step, the table never holds them, and the table lookup nearly doubled
-    the cost of each read (host time of small layers)."""
+    times per parameter per step and the table never holds them, so the lookup would only add
+    host time to each read."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -78,6 +92,12 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
 
     def with_flat(self, flat: torch.Tensor) -> "CompactTensor":
         return CompactTensor(flat, self.trainable_key, self.logical_shape, self.transposed)
+
+    def _stable_hash_for_caching(self) -> str:
+        """AOT autograd's cache key of this tensor: trainable set, logical shape, orientation and
+        the flat vector's metadata (not its values)."""
+        return stable_hash({"trainable_key": self.trainable_key, "logical_shape": self.logical_shape,
+                            "transposed": self.transposed, "flat": self.flat}, self.requires_grad)
 
     def __repr__(self) -> str:
         return (

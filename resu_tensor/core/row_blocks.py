@@ -10,9 +10,7 @@ import torch
 
 from resu_tensor import kernels
 from resu_tensor.core.mask_encoding import EncodedMask, decode_mask, encode_mask
-from resu_tensor.core.state import trainable_key
-
-EMA_NAMES = ("selective_m", "selective_v", "grad_abs_sum")
+from resu_tensor.core.state import EMA_NAMES, QuantizedActive, build_state
 
 # ---------------------------------------------------------------------------------------- row blocks
 def row_fields(t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -47,37 +45,49 @@ def row_fields(t: torch.Tensor) -> dict[str, torch.Tensor]:
 def row_attributes(t: torch.Tensor) -> dict:
     """The Python attributes a row block shares with its weight."""
     names = ("compute_dtype", "mode_name", "trainable_side", "target_sparsity", "quant_bits", "group_size",
-             "selective", "nm")
+             "selective", "nm_pattern", "row_keep")
     return {name: getattr(t, name) for name in names}
 
 
+def _trainable_flat(side: str, mask: Optional[torch.Tensor], subset: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Row-major bool vector of the trainable coordinates (None: all of them)."""
+    if side == "subset":
+        return subset.reshape(-1)
+    if side == "all":
+        return None
+    return mask.reshape(-1) if side == "active" else ~mask.reshape(-1)
+
+
+def _state(cls, attributes: dict, shape: tuple[int, int], mask: EncodedMask, subset: EncodedMask,
+           tensors: dict, where: str) -> torch.Tensor:
+    """The ``cls`` of ``shape`` built (and checked) by ``build_state`` from a row block's parts."""
+    quantized = None
+    if "qdata" in tensors:
+        quantized = QuantizedActive(tensors.pop("qdata"), tensors.pop("qscale"), tensors.pop("qoffset"),
+                                    tensors.pop("theta"), attributes["quant_bits"], attributes["group_size"])
+    return cls(**build_state(
+        shape, attributes["compute_dtype"], mode=attributes["mode_name"], mask=mask,
+        trainable_side=attributes["trainable_side"], subset=subset, quantized=quantized,
+        target_sparsity=attributes["target_sparsity"], selective=attributes["selective"],
+        nm_pattern=attributes["nm_pattern"], row_keep=attributes["row_keep"], where=where, **tensors))
+
+
 def from_row_fields(cls, attributes: dict, fields: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-    """The ``cls`` (a ResuTensor class) of ``shape`` whose state is ``fields`` (see :func:`row_fields`)."""
-    rows, cols = shape
+    """The ``cls`` (a ResuTensor class) of ``shape`` whose state is ``fields`` (see :func:`row_fields`),
+    checked like every state that enters a ResuTensor (``core.state.build_state``)."""
     mask = fields["mask"].bool() if "mask" in fields else None
     encoded = encode_mask(mask) if mask is not None else EncodedMask("none")
-    subset = encode_mask(fields["subset"].bool()) if "subset" in fields else EncodedMask("none")
-    side = attributes["trainable_side"]
+    subset_mask = fields["subset"].bool() if "subset" in fields else None
+    subset = encode_mask(subset_mask) if subset_mask is not None else EncodedMask("none")
     tensors = {name: fields[name].contiguous() for name in ("values", "qdata", "qscale", "qoffset") if name in fields}
     if "theta" in fields:
         tensors["theta"] = kernels.gather_trainable(fields["theta"].contiguous(), ~mask.reshape(-1))
-    n_active = rows * cols if mask is None else int(mask.sum())
-    t = cls(
-        (rows, cols), attributes["compute_dtype"], attributes["mode_name"], encoded.kind, side, n_active,
-        attributes["target_sparsity"], trainable_key(side, encoded, subset, (rows, cols)),
-        mask_bitmap=encoded.bitmap, mask_block_prefix=encoded.block_prefix, mask_indices=encoded.indices,
-        subset_kind=subset.kind, subset_bitmap=subset.bitmap, subset_block_prefix=subset.block_prefix,
-        subset_indices=subset.indices, quant_bits=attributes["quant_bits"], group_size=attributes["group_size"],
-        selective=attributes["selective"], nm=attributes["nm"], **tensors,
-    )
-    present = [name for name in EMA_NAMES if name in fields]
-    if present:
-        trainable = t.trainable_flat()
-        for name in present:
+    trainable = _trainable_flat(attributes["trainable_side"], mask, subset_mask)
+    for name in EMA_NAMES:
+        if name in fields:
             dense = fields[name].contiguous()
-            flat = dense.reshape(-1).clone() if trainable is None else kernels.gather_trainable(dense, trainable)
-            setattr(t, name, flat)
-    return t
+            tensors[name] = dense.reshape(-1).clone() if trainable is None else kernels.gather_trainable(dense, trainable)
+    return _state(cls, attributes, tuple(shape), encoded, subset, tensors, "from_row_fields")
 
 
 def slice_rows(t: torch.Tensor, start: int, end: int, share: bool = False) -> torch.Tensor:
@@ -121,16 +131,7 @@ def slice_rows(t: torch.Tensor, start: int, end: int, share: bool = False) -> to
     if any(getattr(t, name) is not None for name in EMA_NAMES):
         k0, k1 = flat_range(t.trainable_flat())
         tensors.update({name: take(getattr(t, name)[k0:k1]) for name in EMA_NAMES if getattr(t, name) is not None})
-    side, shape = t.trainable_side, (end - start, cols)
-    attributes = row_attributes(t)
-    return type(t)(
-        shape, attributes.pop("compute_dtype"), attributes.pop("mode_name"), encoded.kind, side,
-        shape[0] * cols if mask is None else int(mask[lo:hi].sum()), attributes.pop("target_sparsity"),
-        trainable_key(side, encoded, subset, shape),
-        mask_bitmap=encoded.bitmap, mask_block_prefix=encoded.block_prefix, mask_indices=encoded.indices,
-        subset_kind=subset.kind, subset_bitmap=subset.bitmap, subset_block_prefix=subset.block_prefix,
-        subset_indices=subset.indices, **{k: v for k, v in attributes.items() if k != "trainable_side"}, **tensors,
-    )
+    return _state(type(t), row_attributes(t), (end - start, cols), encoded, subset, tensors, "slice_rows")
 
 
 def assign_state_(dest: torch.Tensor, src: torch.Tensor) -> None:

@@ -1,22 +1,21 @@
-"""ResuTensor: one weight's values, mask and mode packed into a tensor subclass (DESIGN.md §2)."""
+"""ResuTensor: one weight's values, mask and mode packed into a tensor subclass."""
 from typing import Optional
 
 import torch
-from torchao.utils import TorchAOBaseTensor
+from torchao.utils import TorchAOBaseTensor, _torchao_base_tensor__setstate__
 
 from resu_tensor import kernels
-from resu_tensor.core.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames
+from resu_tensor.core.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames, stable_hash
 from resu_tensor.core.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes, prefix_block_size
 from resu_tensor.core import transitions
 from resu_tensor.core.fsdp_extension import FsdpRowSharding
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.qresu import effective_weight as qresu_effective_weight
-from resu_tensor.core.state import trainable_key
+from resu_tensor.core.state import (SUPPORTED_DTYPES, TRAINABLE_SIDES, QuantizedActive, build_state, check_state,
+                                    upgrade_legacy_fields)
 from resu_tensor.core.tracing import is_traced
 from resu_tensor.method.pruning import check_sparsity
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TRAINABLE_SIDES = ("all", "active", "pruned", "subset")
+from resu_tensor.method.selective import SelectiveConfig
 
 
 def check_weight(weight: torch.Tensor) -> None:
@@ -55,7 +54,8 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         "subset_bitmap", "subset_block_prefix", "subset_indices",
         "selective_m", "selective_v", "grad_abs_sum",
     ]
-    optional_tensor_attribute_names = ["transposed", "subset_kind", "quant_bits", "group_size", "selective", "nm"]
+    optional_tensor_attribute_names = ["transposed", "subset_kind", "quant_bits", "group_size", "selective", "nm_pattern",
+                                       "row_keep"]
 
     def __new__(cls, storage_shape, compute_dtype, *args, **kwargs):
         shape = torch.Size(storage_shape[::-1] if kwargs.get("transposed") else storage_shape)
@@ -75,7 +75,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         self.target_sparsity = target_sparsity
         self.trainable_key = trainable_key
         defaults = {"transposed": False, "subset_kind": "none", "quant_bits": None, "group_size": None,
-                    "selective": None, "nm": None}
+                    "selective": None, "nm_pattern": None, "row_keep": None}
         for name in self.optional_tensor_data_names:
             setattr(self, name, optional.pop(name, None))
         for name, default in defaults.items():
@@ -114,51 +114,62 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         check_weight(weight)
         check_sparsity(sparsity)
         values = weight.detach().clone().contiguous()
-        encoded = EncodedMask("none")
-        tensor = cls(tuple(values.shape), values.dtype, Mode.DENSE.value, "none", "all", values.numel(), 0.0,
-                     trainable_key("all", encoded, None, values.shape), values=values)
+        tensor = cls(**build_state(values.shape, values.dtype, mode=Mode.DENSE, mask=EncodedMask("none"),
+                                   trainable_side="all", values=values, where="ResuTensor.from_dense"))
         if sparsity > 0:
             tensor.prune(sparsity, method=method, generator=generator)
         return tensor
 
+    @classmethod
+    @torch._dynamo.disable
+    def from_fields(cls, fields: dict, where: str = "ResuTensor") -> "ResuTensor":
+        """A ResuTensor of recorded ``fields`` (as :meth:`fields` returns them), after
+        :func:`~resu_tensor.core.state.check_state` refused any that break an invariant
+        (``ValueError`` naming the field, prefixed by ``where``).
+
+        Example::
+
+            same = ResuTensor.from_fields(w.fields())
+        """
+        check_state(fields, where)
+        return cls(**fields)
+
     @torch._dynamo.disable
     def set_state_(self, *, mode: Mode, mask: EncodedMask, trainable_side: str, values: Optional[torch.Tensor] = None,
-                   quantized: Optional[tuple] = None, subset: Optional[EncodedMask] = None,
+                   quantized: Optional[QuantizedActive] = None, subset: Optional[EncodedMask] = None,
                    target_sparsity: Optional[float] = None, **resu_state) -> None:
         """Replace this tensor's contents in place (same Python object, so a Parameter and the
-        optimizer's reference to it stay valid). Exactly one of ``values`` (dense storage) and
-        ``quantized`` = (qdata, qscale, qoffset, theta, bits, group_size) is given. ``resu_state``
-        may set ``selective``, ``selective_m``, ``selective_v``, ``grad_abs_sum``, ``nm``; the
-        others reset. Drops ``.grad`` when the trainable set changes."""
+        optimizer's reference to it stay valid), through :func:`~resu_tensor.core.state.build_state`:
+        a state that breaks an invariant raises ``ValueError`` and leaves the tensor unchanged.
+        Exactly one of ``values`` (dense storage) and ``quantized`` (a QuantizedActive) is given.
+        ``resu_state`` may set ``selective``, ``selective_m``, ``selective_v``, ``grad_abs_sum``
+        (the others reset), ``nm_pattern`` and ``row_keep`` (kept when not given). Drops ``.grad``
+        when the trainable set changes.
+
+        Example::
+
+            w.set_state_(mode=Mode.SPARSE, mask=encode_mask(keep), trainable_side="active",
+                         values=w.values.masked_fill(~keep, 0))
+        """
         if self.transposed:
             raise ValueError("lifecycle changes apply to the weight itself, not to a transposed view")
         if trainable_side not in TRAINABLE_SIDES:
             raise ValueError(f"trainable_side must be one of {TRAINABLE_SIDES}, got {trainable_side!r}")
-        if (values is None) == (quantized is None):
-            raise ValueError("set_state_ needs exactly one of values= and quantized=")
         if values is not None and (tuple(values.shape) != self.storage_shape or values.dtype != self.compute_dtype):
             raise ValueError("set_state_ cannot change the weight's shape or dtype")
-        self.values = None if values is None else values.contiguous()
-        self.qdata, self.qscale, self.qoffset, self.theta, self.quant_bits, self.group_size = (
-            quantized if quantized is not None else (None,) * 6
-        )
-        self.mode_name = Mode(mode).value
-        self.mask_kind = mask.kind
-        self.mask_bitmap, self.mask_block_prefix, self.mask_indices = mask.bitmap, mask.block_prefix, mask.indices
-        subset = subset or EncodedMask("none")
-        self.subset_kind = subset.kind
-        self.subset_bitmap, self.subset_block_prefix, self.subset_indices = subset.bitmap, subset.block_prefix, subset.indices
-        self.n_active = active_count(mask, self.numel())
-        self.trainable_side = trainable_side
-        if target_sparsity is not None:
-            self.target_sparsity = float(target_sparsity)
-        for name in ("selective", "selective_m", "selective_v", "grad_abs_sum"):
-            setattr(self, name, resu_state.pop(name, None))
-        self.nm = resu_state.pop("nm", self.nm)
-        if resu_state:
-            raise TypeError(f"unknown RESU state fields: {sorted(resu_state)}")
+        unknown = set(resu_state) - {"selective", "selective_m", "selective_v", "grad_abs_sum", "nm_pattern", "row_keep"}
+        if unknown:
+            raise TypeError(f"unknown RESU state fields: {sorted(unknown)}")
+        resu_state.setdefault("nm_pattern", self.nm_pattern)
+        resu_state.setdefault("row_keep", self.row_keep)
+        fields = build_state(
+            self.storage_shape, self.compute_dtype, mode=mode, mask=mask, trainable_side=trainable_side,
+            values=values, quantized=quantized, subset=subset,
+            target_sparsity=self.target_sparsity if target_sparsity is None else target_sparsity,
+            where="ResuTensor.set_state_", **resu_state)
         old_key = self.trainable_key
-        self.trainable_key = trainable_key(trainable_side, mask, subset, self.storage_shape)
+        for name, value in fields.items():
+            setattr(self, name, value)
         if self.trainable_key != old_key:
             self.grad = None
 
@@ -170,7 +181,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
     @property
     def logical_shape(self) -> tuple:
         """``tuple(self.shape)`` from plain attributes: hot paths avoid tensor properties, which
-        go through ``__torch_function__`` (1-7 µs a read, more inside autograd's backward)."""
+        go through ``__torch_function__``."""
         return self.storage_shape[::-1] if self.transposed else self.storage_shape
 
     @property
@@ -401,9 +412,31 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         Returns the commit's AmnestyStats."""
         return transitions.commit(self, strategy, **options)
 
+    def _stable_hash_for_caching(self) -> str:
+        """What AOT autograd's cache key records of this tensor: every non-tensor field (mode,
+        mask kind, trainable side and set, quantization, ...) and each inner tensor's metadata
+        (shape, stride, dtype, device), not its values."""
+        return stable_hash(self.fields(), self.requires_grad)
+
     def __repr__(self) -> str:
         return (
             f"ResuTensor(shape={tuple(self.shape)}, mode={self.mode_name}, sparsity={self.sparsity:.4f}, "
             f"dtype={self.dtype}, mask={self.mask_kind}, trainable={self.trainable_side}"
             f"{', transposed' if self.transposed else ''})"
         )
+
+
+def _restore_checked(self, state) -> None:
+    """Unpickling (torch.load, weights_only or not; copy.deepcopy): the recorded fields, upgraded
+    from the first layout (``nm``, a ``selective`` tuple), are checked before the tensor is usable,
+    so a corrupted file fails at load with a ValueError naming the field."""
+    if isinstance(state, dict):
+        state = upgrade_legacy_fields(state)
+    _torchao_base_tensor__setstate__(self, state)
+    check_state(self.fields(), where="ResuTensor (unpickled by torch.load)")
+
+
+# TorchAOBaseTensor.__init_subclass__ installs its own __setstate__ on each subclass: ours goes in after.
+ResuTensor.__setstate__ = _restore_checked
+# A ResuTensor's pickled state holds its SelectiveConfig; torch.load(weights_only=True) must accept it.
+torch.serialization.add_safe_globals([SelectiveConfig])

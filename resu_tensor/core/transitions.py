@@ -7,6 +7,7 @@ from resu_tensor import kernels
 from resu_tensor.core.mask_encoding import encode_mask
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.qresu import check_quant_args, quantize_active
+from resu_tensor.core.state import QuantizedActive
 from resu_tensor.core.subset import restrict_to_subset_
 from resu_tensor.method import amnesty
 from resu_tensor.method.amnesty import AmnestyStats
@@ -25,10 +26,11 @@ def _require_mode(tensor, allowed: tuple[Mode, ...], action: str) -> None:
         )
 
 
-def _set_sparse(tensor, keep: torch.Tensor, target_sparsity: Optional[float]) -> None:
+def _set_sparse(tensor, keep: torch.Tensor, target_sparsity: Optional[float],
+                nm_pattern: Optional[tuple[int, int]], row_keep: Optional[int]) -> None:
     values = tensor.values.masked_fill(~keep, 0)
-    tensor.set_state_(values=values, mode=Mode.SPARSE, mask=encode_mask(keep),
-                      trainable_side="active", target_sparsity=target_sparsity)
+    tensor.set_state_(values=values, mode=Mode.SPARSE, mask=encode_mask(keep), trainable_side="active",
+                      target_sparsity=target_sparsity, nm_pattern=nm_pattern, row_keep=row_keep)
 
 
 def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generator: Optional[torch.Generator] = None,
@@ -36,8 +38,9 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
     """DENSE/SPARSE → SPARSE at ``sparsity`` and ``granularity`` (see ``pruning.mask_from_scores``):
     pruned coordinates become exactly zero. ``scores`` (storage shape (out, in)) replaces the
     ``method``'s own scores; ``wanda`` needs them (``pruning.score(w.values, "wanda", input_norms)``).
-    An N:M prune remembers (N, M) in ``tensor.nm``, a row prune (kept per row, in_features) (None
-    otherwise), so a re-prune or commit keeps the same count in every group or row."""
+    An N:M prune remembers (N, M) in ``tensor.nm_pattern``, a row prune the count kept per row in
+    ``tensor.row_keep`` (both None otherwise), so a re-prune or commit keeps the same count in every
+    group or row."""
     _require_mode(tensor, (Mode.DENSE, Mode.SPARSE), "prune")
     target_sparsity = resolve_sparsity(sparsity, granularity)
     check_method(method)
@@ -53,9 +56,8 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
         raise ValueError(f"prune: scores must be a tensor of the weight's storage shape {tuple(tensor.values.shape)}, "
                          f"got {getattr(scores, 'shape', type(scores).__name__)}")
     keep = mask_from_scores(scores, target_sparsity, granularity).to(tensor.values.device)
-    _set_sparse(tensor, keep, target_sparsity)
-    tensor.nm = (row_pattern(target_sparsity, tensor.storage_shape[1]) if granularity == "row"
-                 else parse_granularity(granularity))
+    row_keep = row_pattern(target_sparsity, tensor.storage_shape[1])[0] if granularity == "row" else None
+    _set_sparse(tensor, keep, target_sparsity, parse_granularity(granularity), row_keep)
 
 
 def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generator: Optional[torch.Generator] = None,
@@ -93,7 +95,7 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
     resu_state = {}
     if isinstance(selective, SelectiveConfig):
         dtype = EMA_DTYPES[selective.ema_dtype]
-        resu_state.update(selective=selective.as_tuple(),
+        resu_state.update(selective=selective,
                           selective_m=torch.zeros(n_trainable, dtype=dtype, device=theta.device),
                           selective_v=torch.zeros(n_trainable, dtype=dtype, device=theta.device))
     if track_gradients:
@@ -106,7 +108,7 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
         group_size = check_quant_args(quantize_bits, group_size, tensor.storage_shape[1])
         qdata, scale, offset = quantize_active(tensor.values, keep, quantize_bits, group_size)
         theta = theta.to(theta_dtype or tensor.compute_dtype)
-        tensor.set_state_(quantized=(qdata, scale, offset, theta, quantize_bits, group_size), mode=Mode.QRESU,
+        tensor.set_state_(quantized=QuantizedActive(qdata, scale, offset, theta, quantize_bits, group_size), mode=Mode.QRESU,
                           mask=tensor.encoded_mask(), trainable_side=side, **resu_state)
     if isinstance(selective, StaticSubsetConfig):
         scores = subset_scores if selective.by == "gradient" else None
@@ -116,7 +118,7 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
 def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None, cycle: int = 0,
            num_cycles: int = 1, score: str = "magnitude", r_start: float = 0.10, r_end: float = 0.02,
            input_norms: Optional[torch.Tensor] = None):
-    """RESU/QRESU → SPARSE: merge θ and choose the new mask (DESIGN.md §1). Returns AmnestyStats.
+    """RESU/QRESU → SPARSE: merge θ and choose the new mask. Returns AmnestyStats.
 
     * ``simple``: every θ becomes an active weight (no re-prune).
     * ``magnitude``: re-prune the merged weight by |W|.
@@ -133,11 +135,13 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
     _require_mode(tensor, (Mode.RESU, Mode.QRESU), "commit")
     sparsity = tensor.target_sparsity if sparsity is None else sparsity
     check_sparsity(sparsity)
-    nm = tensor.nm
-    if nm is not None and nm[1] == tensor.storage_shape[1]:
-        # A per-row count (row prune): the requested sparsity sets it, rounded per row.
-        nm = row_pattern(sparsity, nm[1])
-        sparsity = 1 - nm[0] / nm[1]
+    nm_pattern, row_keep = tensor.nm_pattern, tensor.row_keep
+    group_pattern = nm_pattern  # (kept, group length) that every group of a row keeps exactly
+    if row_keep is not None:
+        # A per-row count (row prune): the requested sparsity sets it, rounded per row; one group per row.
+        group_pattern = row_pattern(sparsity, tensor.storage_shape[1])
+        row_keep = group_pattern[0]
+        sparsity = 1 - group_pattern[0] / group_pattern[1]
     grad_abs = None
     if tensor.grad_abs_sum is not None:
         grad_abs = tensor.expand_trainable(tensor.grad_abs_sum)
@@ -153,18 +157,21 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
         if score == "gradient" and tensor.trainable_side != "all":
             scores = torch.where(old_mask, merged.abs().float(), scores)  # frozen active weights have no ḡ
         ratio = amnesty.resurrection_ratio(cycle, num_cycles, r_start, r_end)
-        keep, stats = amnesty.amnesty_mask(scores, old_mask, sparsity, ratio, nm=nm)
+        keep, stats = amnesty.amnesty_mask(scores, old_mask, sparsity, ratio, nm=group_pattern)
         reserved = stats.reserved_for_resurrected
     else:
         method = "magnitude" if strategy == "magnitude" else "wanda"
         scores = amnesty.score_for_commit(merged, method, input_norms=input_norms)
         # an N:M (or per-row) layer stays so
-        keep = mask_from_scores(scores, None if nm else sparsity, f"{nm[0]}:{nm[1]}" if nm else "element")
+        granularity = f"{group_pattern[0]}:{group_pattern[1]}" if group_pattern else "element"
+        keep = mask_from_scores(scores, None if group_pattern else sparsity, granularity)
         reserved = 0
     if tensor.values is None:  # QRESU: back to dense storage before the new mask is applied
         tensor.set_state_(values=merged, mode=Mode.RESU, mask=tensor.encoded_mask(), trainable_side="pruned")
-    _set_sparse(tensor, keep, sparsity if strategy != "simple" else None)
-    tensor.nm = None if strategy == "simple" else nm
+    if strategy == "simple":
+        _set_sparse(tensor, keep, None, None, None)
+    else:
+        _set_sparse(tensor, keep, sparsity, nm_pattern, row_keep)
     return commit_stats(old_mask, keep, reserved)
 
 

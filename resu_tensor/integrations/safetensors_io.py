@@ -11,12 +11,15 @@ Safetensors stores plain tensors only, so each ResuTensor weight ``K`` (e.g.
   ``mask_indices``, ``qdata``, ``qscale``, ``qoffset``, ``theta``, subset and selective state),
   bit for bit.
 * ``K.resu.meta``: the non-tensor fields (mode, mask kind, trainable side, shape, dtype, bits,
-  group size, N:M, the trainable set's content hash ...) as JSON in a uint8 tensor, so the
-  format survives every writer that keeps tensors only (``save_pretrained``, the Trainer).
+  group size, N:M pattern or per-row count, the SelectiveConfig, the trainable set's content
+  hash ...) as JSON in a uint8 tensor, so the format survives every writer that keeps tensors
+  only (``save_pretrained``, the Trainer).
 
-Loading rebuilds the ResuTensor and checks it: known format, fields and tensors, shapes,
-mask and prefix counts, and the recorded hash of the trainable set. Any mismatch raises a
-``ValueError`` naming the weight; nothing in the model changes before every entry has passed.
+Loading rebuilds the ResuTensor and checks it (``core.state.check_state``): known format, fields
+and tensors, shapes, mask and prefix counts, and the recorded hash of the trainable set. Any
+mismatch raises a ``ValueError`` naming the weight; nothing in the model changes before every
+entry has passed. Files of the first format (``resu_tensor.flat/1``: one ``nm`` field for both
+the N:M pattern and the per-row count, ``selective`` as a list) still load.
 
 Example::
 
@@ -26,6 +29,7 @@ Example::
     fresh = build_model(); quantize_(fresh, rt.resu_config())   # same layers quantized
     load_resu_safetensors(fresh, "ckpt.safetensors")            # exact: modes, masks, θ, codes
 """
+import dataclasses
 import json
 import os
 from typing import Optional
@@ -33,17 +37,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from resu_tensor import kernels
-from resu_tensor.core.mask_encoding import KINDS, EncodedMask, active_count, prefix_block_size
+from resu_tensor.core.mask_encoding import KINDS
 from resu_tensor.core.mode import Mode
-from resu_tensor.core.tensor import SUPPORTED_DTYPES, TRAINABLE_SIDES, ResuTensor
-from resu_tensor.core.state import trainable_key
+from resu_tensor.core.state import SUPPORTED_DTYPES, TRAINABLE_SIDES, upgrade_legacy_fields
+from resu_tensor.core.tensor import ResuTensor
+from resu_tensor.method.selective import SelectiveConfig
 
-FORMAT = "resu_tensor.flat/1"
+FORMAT = "resu_tensor.flat/2"
+LEGACY_FORMATS = ("resu_tensor.flat/1",)  # one ``nm`` for N:M pattern and row count; selective as a list
 PART = ".resu."
 META = PART + "meta"
 _DTYPES = {str(d).removeprefix("torch."): d for d in SUPPORTED_DTYPES}
-_TUPLE_FIELDS = ("storage_shape", "selective", "nm")
+_TUPLE_FIELDS = ("storage_shape", "nm_pattern")
 
 
 # --------------------------------------------------------------------------------- one tensor
@@ -56,6 +61,8 @@ def flatten_resu_tensor(key: str, tensor: ResuTensor) -> dict[str, torch.Tensor]
         value = getattr(tensor, name)
         if name == "compute_dtype":
             value = str(value).removeprefix("torch.")
+        elif isinstance(value, SelectiveConfig):
+            value = dataclasses.asdict(value)
         elif isinstance(value, tuple):
             value = list(value)
         meta[name] = value
@@ -80,9 +87,19 @@ def _decode_meta(key: str, raw: torch.Tensor) -> dict:
         meta = json.loads(bytes(raw.cpu().tolist()).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{key}: corrupt checkpoint: {key + META!r} is not valid JSON ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, *LEGACY_FORMATS):
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{key}: unsupported ResuTensor checkpoint format {found!r}; this version reads {FORMAT!r}")
+        raise ValueError(f"{key}: unsupported ResuTensor checkpoint format {found!r}; this version reads "
+                         f"{[FORMAT, *LEGACY_FORMATS]}")
+    if meta["format"] in LEGACY_FORMATS:
+        if isinstance(meta.get("storage_shape"), list):
+            meta["storage_shape"] = tuple(meta["storage_shape"])
+        try:
+            meta = upgrade_legacy_fields(meta)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{key}: corrupt checkpoint metadata: {error}") from None
+        if isinstance(meta.get("selective"), SelectiveConfig):
+            meta["selective"] = dataclasses.asdict(meta["selective"])
     return meta
 
 
@@ -102,9 +119,14 @@ def rebuild_resu_tensor(key: str, entries: dict[str, torch.Tensor],
     unknown = sorted(set(meta) - {*names, "format", "tensors"})
     if missing or unknown:
         raise ValueError(f"{key}: corrupt checkpoint metadata: missing fields {missing}, unknown fields {unknown}")
-    fields = {n: (tuple(meta[n]) if n in _TUPLE_FIELDS and meta[n] is not None else meta[n]) for n in names}
+    fields = {n: (tuple(meta[n]) if n in _TUPLE_FIELDS and isinstance(meta[n], list) else meta[n]) for n in names}
     _check_fields(key, fields, expected_shape)
     fields["compute_dtype"] = _DTYPES[fields["compute_dtype"]]
+    if fields["selective"] is not None:
+        try:
+            fields["selective"] = SelectiveConfig(**fields["selective"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{key}: corrupt checkpoint metadata: selective={fields['selective']!r} ({error})") from None
     tensor_names = meta["tensors"]
     if not set(tensor_names) <= set(ResuTensor.optional_tensor_data_names):
         raise ValueError(f"{key}: corrupt checkpoint metadata: unknown tensors "
@@ -119,8 +141,8 @@ def rebuild_resu_tensor(key: str, entries: dict[str, torch.Tensor],
     tensors = {n: entries[key + PART + n] for n in expected_parts}
     if "values" in tensor_names:
         tensors["values"] = entries[key]
-    _check_tensors(key, fields, tensors)
-    return ResuTensor(**fields, **tensors)
+    return ResuTensor.from_fields({**fields, **{n: tensors.get(n) for n in ResuTensor.optional_tensor_data_names}},
+                                  where=f"{key}: corrupt or mismatched checkpoint")
 
 
 def _check_fields(key: str, f: dict, expected_shape) -> None:
@@ -145,77 +167,13 @@ def _check_fields(key: str, f: dict, expected_shape) -> None:
         raise bad("trainable_side", TRAINABLE_SIDES)
     if f["transposed"] is not False:
         raise bad("transposed", "false")
+    if f["selective"] is not None and not isinstance(f["selective"], dict):
+        raise bad("selective", "null or an object of SelectiveConfig fields")
     for name in ("n_active", "trainable_key"):
         if not isinstance(f[name], int) or isinstance(f[name], bool) or f[name] < 0:
             raise bad(name, "a non-negative int")
     if not isinstance(f["target_sparsity"], (int, float)) or not 0 <= f["target_sparsity"] <= 1:
         raise bad("target_sparsity", "a float in [0, 1]")
-
-
-def _check_tensors(key: str, f: dict, tensors: dict) -> None:
-    rows, cols = f["storage_shape"]
-    numel = rows * cols
-    mode = Mode(f["mode_name"])
-
-    def require(condition: bool, what: str) -> None:
-        if not condition:
-            raise ValueError(f"{key}: corrupt or mismatched checkpoint: {what}")
-
-    def check(name, shape, dtypes) -> torch.Tensor:
-        t = tensors.get(name)
-        require(t is not None, f"{name} is missing")
-        require(tuple(t.shape) == tuple(shape), f"{name} has shape {list(t.shape)}, expected {list(shape)}")
-        require(t.dtype in dtypes, f"{name} has dtype {t.dtype}, expected one of {[str(d) for d in dtypes]}")
-        return t
-
-    def check_encoding(prefix: str, kind: str) -> EncodedMask:
-        names = {"bitmap": [f"{prefix}_bitmap", f"{prefix}_block_prefix"], "none": []}.get(kind, [f"{prefix}_indices"])
-        held = sorted(n for n in tensors if n.startswith(prefix + "_"))
-        require(held == sorted(names), f"{prefix} kind {kind!r} needs tensors {sorted(names)}, found {held}")
-        if kind == "none":
-            return EncodedMask("none")
-        if kind == "bitmap":
-            bitmap = check(f"{prefix}_bitmap", (-(-numel // 8),), (torch.uint8,))
-            n_blocks = -(-numel // prefix_block_size(cols))
-            block_prefix = check(f"{prefix}_block_prefix", (n_blocks - 1,), (torch.int32,))
-            flat = kernels.unpack_bitmap(bitmap, numel)
-            require(torch.equal(block_prefix, kernels.block_prefix_counts(flat, prefix_block_size(cols))),
-                    f"{prefix}_block_prefix does not match {prefix}_bitmap")
-            return EncodedMask("bitmap", bitmap=bitmap, block_prefix=block_prefix)
-        indices = tensors[f"{prefix}_indices"]
-        require(indices.dim() == 1 and indices.dtype == torch.int32, f"{prefix}_indices must be 1-D int32")
-        if indices.numel():
-            require(int(indices.min()) >= 0 and int(indices.max()) < numel, f"{prefix}_indices out of range")
-            require(bool((indices[1:] > indices[:-1]).all()), f"{prefix}_indices are not strictly increasing")
-        return EncodedMask(kind, indices=indices)
-
-    floats = SUPPORTED_DTYPES
-    mask = check_encoding("mask", f["mask_kind"])
-    subset = check_encoding("subset", f["subset_kind"])
-    require((mode == Mode.DENSE) == (f["mask_kind"] == "none"),
-            f"mode {mode.value!r} with mask kind {f['mask_kind']!r}")
-    n_active = active_count(mask, numel)
-    require(n_active == f["n_active"], f"n_active {f['n_active']} but the mask holds {n_active} active elements")
-    quantized = ("qdata", "qscale", "qoffset", "theta")
-    if mode == Mode.QRESU:
-        require("values" not in tensors, "a QRESU weight stores no dense values")
-        bits, group_size = f["quant_bits"], f["group_size"]
-        require(bits in (4, 8), f"quant_bits {bits!r}")
-        require(isinstance(group_size, int) and group_size >= 1, f"group_size {group_size!r}")
-        check("qdata", (rows, -(-cols // 2) if bits == 4 else cols), (torch.uint8,))
-        n_groups = -(-cols // group_size)
-        check("qscale", (rows, n_groups), (torch.float32,))
-        check("qoffset", (rows, n_groups), (torch.float32,))
-        check("theta", (numel - n_active,), floats)
-    else:
-        require(not any(n in tensors for n in quantized), f"a {mode.value!r} weight stores no quantized parts")
-        check("values", (rows, cols), (f["compute_dtype"],))
-    if f["subset_kind"] != "none":
-        require(f["trainable_side"] == "subset", "a subset encoding needs trainable_side 'subset'")
-    # ResuTensor hashes an absent subset as None (from_dense) or as EncodedMask("none") (set_state_).
-    variants = [subset] if f["subset_kind"] != "none" else [None, EncodedMask("none")]
-    hashes = {trainable_key(f["trainable_side"], mask, s, f["storage_shape"]) for s in variants}
-    require(f["trainable_key"] in hashes, "the mask (or subset) does not match its recorded trainable-set hash")
 
 
 # --------------------------------------------------------------------------------- state dicts

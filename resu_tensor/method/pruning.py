@@ -45,8 +45,9 @@ def check_finite(weight: torch.Tensor, what: str = "prune", holder: str = "the w
 
 
 def row_pattern(sparsity: float, in_features: int) -> tuple[int, int]:
-    """(kept per row, in_features): what a ``"row"`` prune at ``sparsity`` keeps in every row,
-    remembered as ``tensor.nm`` so commits keep the same count per row."""
+    """(kept per row, in_features): what a ``"row"`` prune at ``sparsity`` keeps in every row
+    (remembered as ``tensor.row_keep``, so commits keep the same count per row), as an N:M pattern
+    with one group per row."""
     return in_features - round(sparsity * in_features), in_features
 
 
@@ -250,12 +251,16 @@ def erk_densities(shapes: Mapping[str, tuple[int, int]], sparsity: float) -> dic
 
 def granularity_of(tensor) -> str:
     """The granularity that keeps a ResuTensor's mask structure on a re-prune/commit: its
-    remembered N:M pattern (``tensor.nm``, set by an N:M prune, or by a row prune as
-    (kept per row, in_features)) as ``"N:M"``, else ``"element"``.
+    remembered N:M pattern (``tensor.nm_pattern``, set by an N:M prune) as ``"N:M"``, its per-row
+    count (``tensor.row_keep``, set by a row prune) as ``"kept:in_features"``, else ``"element"``.
 
     Example::
 
         keep = prune_mask(w.values, w.target_sparsity, "magnitude", granularity=granularity_of(w))
     """
-    n_m = getattr(tensor, "nm", None)
-    return "element" if n_m is None else f"{n_m[0]}:{n_m[1]}"
+    pattern, row_keep = getattr(tensor, "nm_pattern", None), getattr(tensor, "row_keep", None)
+    if pattern is not None:
+        return f"{pattern[0]}:{pattern[1]}"
+    if row_keep is not None:
+        return f"{row_keep}:{tensor.storage_shape[1]}"
+    return "element"

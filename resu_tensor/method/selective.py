@@ -1,6 +1,6 @@
 """RESU-Selective: which θ move at each step (consistency filtering), or which ever can (static subset).
 
-Consistency filtering (DESIGN.md §1) keeps per-θ EMAs m ← βm + (1−β)g and v ← βv + (1−β)|g|, with
+Consistency filtering keeps per-θ EMAs m ← βm + (1−β)g and v ← βv + (1−β)|g|, with
 C = |m| / (v + δ) ∈ [0, 1]. Each step: P_mag = the ``screen`` fraction of θ with the largest |g|;
 P_con = {C > τ}; P_select = the ``select``·p coordinates of P_mag ∩ P_con with the largest C·|g|.
 The optimizer receives 1[P_select]·C·g (with SGD that is the method's update rule exactly). The
@@ -87,9 +87,10 @@ def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(x, x.numel() - k + 1, largest=False, sorted=False).values.max().float()
 
 
-def consistency_filter_(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, config: tuple) -> torch.Tensor:
+def consistency_filter_(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, config) -> torch.Tensor:
     """Update the EMAs ``m``, ``v`` with ``grad`` and replace ``grad`` by 1[P_select]·C·g, all in
-    place (contiguous flat tensors; ``config`` is ``SelectiveConfig.as_tuple()``). Returns ``grad``.
+    place (contiguous flat tensors; ``config`` is a SelectiveConfig, e.g. ``w.selective``, or its
+    ``as_tuple()``). Returns ``grad``.
 
     Two elementwise kernels (``kernels.selective_scores_`` / ``selective_apply_``) around two
     top-k thresholds that stay on the device, so nothing waits for the host. Coordinates tied
@@ -98,9 +99,12 @@ def consistency_filter_(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, co
 
     Example::
 
-        grad = consistency_filter_(grad, m, v, rt.SelectiveConfig().as_tuple())
+        grad = consistency_filter_(grad, m, v, rt.SelectiveConfig())
     """
-    beta, tau, screen, select, delta, _ = config
+    if isinstance(config, SelectiveConfig):
+        beta, tau, screen, select, delta = config.beta, config.tau, config.screen, config.select, config.delta
+    else:
+        beta, tau, screen, select, delta, _ = config
     p = grad.numel()
     if p == 0:
         return grad

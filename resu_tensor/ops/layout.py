@@ -2,6 +2,7 @@
 import torch
 
 from resu_tensor.core.compact import CompactTensor
+from resu_tensor.core.state import check_state
 from resu_tensor.ops.trainable import trainable_op
 from resu_tensor.core.tensor import SUPPORTED_DTYPES, ResuTensor
 
@@ -63,7 +64,10 @@ def _same_layout(dest: ResuTensor, src: ResuTensor) -> bool:
 def copy_resu(func, types, args, kwargs):
     """``dest.copy_(src)`` between two ResuTensors copies the whole state (mode, mask, values,
     θ, quantized W_A): this is how ``load_state_dict`` restores a checkpoint into a freshly
-    quantized model. The destination keeps its device and dtype."""
+    quantized model. The destination keeps its device and dtype. ``src``'s state is checked first
+    (``core.state.check_state``): a state that breaks an invariant raises ``ValueError`` and
+    ``dest`` is left unchanged. Registered for ``aten.copy_`` by ``ops/sharding.py``, which adds
+    row-slice write-through."""
     dest, src = args[0], args[1]
     if isinstance(src, CompactTensor):
         # Trainable coordinates only, like every in-place op (Dynamo turns the optimizer's
@@ -76,6 +80,7 @@ def copy_resu(func, types, args, kwargs):
         )
     if dest.shape != src.shape or dest.transposed != src.transposed:
         raise ValueError(f"copy_: shape mismatch, destination {tuple(dest.shape)} vs source {tuple(src.shape)}")
+    check_state(src.fields(), where="copy_ into a ResuTensor")
     old_key = dest.trainable_key
     device = dest.device_of_storage
     in_place = _same_layout(dest, src)
@@ -98,4 +103,3 @@ ResuTensor.implements([aten.t.default, aten.transpose.int, aten.permute.default]
 CompactTensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])(transpose)
 ResuTensor.implements(aten._to_copy.default)(to_copy_resu)
 CompactTensor.implements(aten._to_copy.default)(to_copy_compact)
-ResuTensor.implements(aten.copy_.default)(copy_resu)

@@ -97,7 +97,8 @@ def _slice(func, types, args, kwargs):
 
 
 def _copy(func, types, args, kwargs):
-    """layout.copy_resu, plus writing a row slice's new state through to its base: all rows, or
+    """``aten.copy_`` of a ResuTensor (its one registration): layout.copy_resu (whole-state copy,
+    checked), plus writing a row slice's new state through to its base: all rows, or
     a part of a zero base made by new_zeros (FSDP2's padded shard). A whole-state copy into a part
     of any other base would leave the base's mask and data inconsistent: refused."""
     dest, src = args[0], args[1]

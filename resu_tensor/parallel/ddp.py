@@ -109,8 +109,9 @@ def broadcast_resu_state_(model: nn.Module, src: int = 0, group: Optional[dist.P
             n_bytes = torch.Size(shape).numel() * dtype.itemsize
             tensors[field] = payload[offset:offset + n_bytes].clone().view(dtype).reshape(shape)  # aligned copy
             offset += n_bytes
+        received = ResuTensor.from_fields({**attributes, **tensors}, where=f"broadcast_resu_state_: {name}")
         with torch.no_grad():
-            param.copy_(ResuTensor(**attributes, **tensors))  # whole-state copy (ops/layout.py)
+            param.copy_(received)  # whole-state copy (ops/layout.py)
     return len(params)
 
 

@@ -114,7 +114,7 @@ def to_semi_structured_(model: nn.Module, filter_fn: Optional[FilterFn] = None,
         if id(weight) in converted:
             continue
         if weight.mode != Mode.SPARSE or not _semi_structured_24(weight):
-            raise ValueError(f"{where} has no 2:4 mask (mode {weight.mode.value!r}, nm={weight.nm}); prune it with "
+            raise ValueError(f"{where} has no 2:4 mask (mode {weight.mode.value!r}, nm_pattern={weight.nm_pattern}); prune it with "
                              "rt.prune_(model, granularity='2:4')")
         if weight.dtype not in SEMI_STRUCTURED_DTYPES:
             raise ValueError(f"{where} has dtype {weight.dtype}; semi-structured export takes "

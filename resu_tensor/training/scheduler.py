@@ -184,7 +184,7 @@ class ResuScheduler:
     def _commit_layers(self, cycle: int, calibration) -> None:
         c = self.config
         weights = list(resu_weights(self.model, self.filter_fn))
-        consistency = [w.selective_m.float().abs() / (w.selective_v.float() + w.selective[4])
+        consistency = [w.selective_m.float().abs() / (w.selective_v.float() + w.selective.delta)
                        for _, _, w in weights if w.selective_m is not None]
         mean_consistency = torch.cat(consistency).mean().item() if consistency else None
         commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle,
