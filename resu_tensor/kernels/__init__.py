@@ -8,7 +8,7 @@ An op is declared once, where its code lives: its reference carries ``@kernel_op
 ``*_triton.py`` module declares its CUDA implementation (a ``torch.library`` custom op
 ``resu_tensor::<name>``) and compile variants beside the kernel (``_triton_support.cuda_op``).
 ``HAS_TRITON`` says whether the CUDA implementations exist. ``PREFIX_TILE`` is the tile width of
-the ``bitmap_tile_prefix`` tables that the matmul kernels accept as an optional cache.
+the ``bitmap_tile_prefix`` tables that the QRESU forward kernels accept as an optional cache.
 
     >>> import torch
     >>> from resu_tensor import kernels

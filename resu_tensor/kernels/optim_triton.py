@@ -45,7 +45,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
                         numel, block_size, n_compact, lr, beta1, beta2, weight_decay, eps,
                         INVERT: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per prefix block; positions as in mask_ops_triton._bitmap_move_kernel."""
+    """One program per prefix block; positions as in mask_ops_triton._gather_by_bitmap_kernel."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)

@@ -44,7 +44,7 @@ def _updated(v, a, b, scalar, OP: tl.constexpr):
 @triton.jit
 def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_ptr, numel, block_size, n_compact,
                           scalar, INVERT: tl.constexpr, OP: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per prefix block; positions as in mask_ops_triton._bitmap_move_kernel."""
+    """One program per prefix block; positions as in mask_ops_triton._gather_by_bitmap_kernel."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
