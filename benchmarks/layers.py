@@ -5,7 +5,8 @@ One process, bf16, ``triton.testing.do_bench`` medians, dense and ours side by s
 * training steps (fwd + bwd + AdamW) at M=8192 tokens for 4096→4096 and 4096→11008 at sparsity
   0.5 and 0.9: dense ``nn.Linear`` with fused AdamW vs the library (``quantize_`` +
   ``rt.enter_resu_``, stock ``torch.optim.AdamW``, default foreach and ``fused=True``), and the same steps with the fused Triton
-  weight-gradient kernel registered instead of dense-matmul-then-gather; the floor (three
+  weight-gradient kernel of ``benchmarks.kernels_unrouted`` registered instead of the library's
+  dense-matmul-then-gather; the floor (three
   matmuls at the bf16 matmul rate measured here) and peak memory of one step;
 * the small shape (M=32, 512→256), eager, under ``torch.compile``, and with the whole step
   captured in one CUDA graph;
@@ -226,9 +227,9 @@ def measure_training(bench: Bench, rate_tflops: float, tokens: int, shapes, spar
                     if not fused:
                         return _timed_step(bench, step)
                     default = kernels.implementation("compact_weight_grad", "cuda")
-                    from resu_tensor.kernels import weight_grad_triton
+                    from benchmarks import kernels_unrouted
 
-                    kernels.register("compact_weight_grad", "cuda", weight_grad_triton.compact_weight_grad_fused)
+                    kernels.register("compact_weight_grad", "cuda", kernels_unrouted.compact_weight_grad_fused)
                     try:
                         return _timed_step(bench, step)
                     finally:
@@ -349,11 +350,12 @@ def measure_decode(bench: Bench):
                             return kernels.qresu_linear_small_m(x, *args, tile_prefix=tile_prefix)
                         from resu_tensor.kernels import quant_triton
 
-                        return quant_triton.linear_small_m(x, *args, tile_prefix=tile_prefix, fused=True)
+                        return quant_triton.fused_linear(x, *args, tile_prefix=tile_prefix)
 
                     with torch.no_grad():
                         torch.testing.assert_close(kernel_alone(), F.linear(x, w.dequantize()), rtol=2e-2, atol=5e-2)
-                    for path, fn in (("library F.linear", lambda: layer(x)), ("fused small-M kernel", kernel_alone)):
+                    for path, fn in (("library F.linear", lambda layer=layer: layer(x)),
+                                     ("fused small-M kernel", kernel_alone)):
                         for timing, timer in (("eager", bench.time_ms), ("graph", bench.graph_ms)):
                             def measure(fn=fn, timer=timer):
                                 with torch.no_grad():
@@ -378,7 +380,8 @@ def _tuned_config():
     from resu_tensor.kernels import quant_triton
 
     configs = [getattr(kernel, "best_config", None) for kernel in (
-        quant_triton._wordwise_linear_tuned, quant_triton._bytewise_linear_tuned, quant_triton._linear_tuned)]
+        quant_triton._wordwise_linear_tuned, quant_triton._bytewise_linear_tuned,
+        quant_triton._elementwise_linear_tuned)]
     return next((str(c) for c in configs if c is not None), None)
 
 
@@ -444,6 +447,7 @@ def measure_kernels(bench: Bench):
     if not kernels.HAS_TRITON:
         bench.records.append({"section": "kernels", "name": "all", "error": "triton does not import"})
         return
+    from benchmarks import kernels_unrouted
     from resu_tensor.kernels import mask_ops_triton, optim_triton, quant_triton, weight_grad_triton
 
     adam = dict(lr=1e-4, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8)
@@ -465,15 +469,15 @@ def measure_kernels(bench: Bench):
                 candidates = {
                     "dW reference (mm, bool index)": lambda: weight_grad.compact_weight_grad(grad_out, x, selected,
                                                                                              DTYPE),
-                    "dW dense cuBLAS + Triton gather": lambda: weight_grad_triton.compact_weight_grad_dense_gather(
+                    "dW dense cuBLAS + Triton gather": lambda: weight_grad_triton.compact_weight_grad(
                         grad_out, x, selected, DTYPE),
-                    "dW fused Triton (bool mask)": lambda: weight_grad_triton.compact_weight_grad_fused(
+                    "dW fused Triton (bool mask)": lambda: kernels_unrouted.compact_weight_grad_fused(
                         grad_out, x, selected, DTYPE),
-                    "dW bitmap dense + gather": lambda: weight_grad_triton.compact_weight_grad_bitmap_dense_gather(
+                    "dW bitmap dense + gather": lambda: weight_grad_triton.compact_weight_grad_bitmap(
                         grad_out, x, bitmap, prefix, block_size, invert, count, DTYPE),
-                    "dW bitmap fused": lambda: weight_grad_triton.compact_weight_grad_bitmap_fused(
+                    "dW bitmap fused": lambda: kernels_unrouted.compact_weight_grad_bitmap_fused(
                         grad_out, x, bitmap, prefix, block_size, invert, count, DTYPE),
-                    "dW bitmap fused, cached tile prefix": lambda: weight_grad_triton.fused_matmul_bitmap(
+                    "dW bitmap fused, cached tile prefix": lambda: kernels_unrouted.fused_matmul_bitmap(
                         grad_out, x, bitmap, invert, count, DTYPE, tile_prefix=cached),
                 }
                 for name, fn in candidates.items():

@@ -1,6 +1,7 @@
 """Where the QRESU fused small-M kernels beat W_eff + cuBLAS: forward and dX at 1–32 tokens, as
 CUDA-graph replays (GPU time), for the layer shapes and sparsities of ``benchmarks.layers``.
-``kernels.quant.FUSED_FORWARD_TOKENS`` / ``FUSED_GRAD_INPUT_TOKENS`` come from this.
+``kernels.quant.FUSED_FORWARD_TOKENS`` / ``FUSED_GRAD_INPUT_TOKENS`` come from this; the fused dX
+kernel, which the library does not route to, is in ``benchmarks.kernels_unrouted``.
 
     python -m benchmarks.qresu_routing [--out benchmarks/results/qresu_routing_<gpu>.json]
 """
@@ -13,6 +14,7 @@ import torch
 def run() -> list:
     from benchmarks.layers import Bench
     from resu_tensor import kernels
+    from benchmarks import kernels_unrouted
     from resu_tensor.kernels import quant_triton as qt
     from resu_tensor.core.mask_encoding import prefix_block_size
     from resu_tensor.core.qresu import quantize_active
@@ -39,10 +41,10 @@ def run() -> list:
                 x = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16)
                 g = torch.randn(tokens, rows, device="cuda", dtype=torch.bfloat16)
                 record = dict(rows=rows, cols=cols, s=sparsity, theta=str(theta_dtype), m=tokens)
-                record["fwd_fused"] = graph_us(lambda: qt.linear_small_m(x, *args, tile_prefix=tiles, fused=True))
-                record["fwd_weff_mm"] = graph_us(lambda: qt.linear_small_m(x, *args, fused=False))
-                record["dx_fused"] = graph_us(lambda: qt.grad_input_small_m(g, *args, tile_prefix=tiles, fused=True))
-                record["dx_weff_mm"] = graph_us(lambda: qt.grad_input_small_m(g, *args, fused=False))
+                record["fwd_fused"] = graph_us(lambda: qt.fused_linear(x, *args, tile_prefix=tiles))
+                record["fwd_weff_mm"] = graph_us(lambda: x @ qt.effective_weight(*args[:6], x.dtype, *args[6:]).t())
+                record["dx_fused"] = graph_us(lambda: kernels_unrouted.fused_grad_input(g, *args, tile_prefix=tiles))
+                record["dx_weff_mm"] = graph_us(lambda: qt.grad_input_small_m(g, *args))
                 record["dense_fwd"] = graph_us(lambda: x @ weight.t())
                 print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in record.items()}),
                       flush=True)

@@ -40,6 +40,45 @@ def random_data(shape, dtype, device):
     return x
 
 
+def grad_cases(big):
+    """(tokens, rows, cols) of the weight-gradient checks."""
+    if big:
+        return [(777, 1001, 1537)]
+    return [(45, 37, 45), (5, 3, 70)]
+
+
+def matmul_tolerance(dtype):
+    """Outputs are sums of ~cols products of N(0, 1) values (|y| up to ~40 on the GPU shapes):
+    bf16 results may differ by a couple of bf16 steps, float32 ones by summation order."""
+    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-3)
+
+
+def qresu_weight(rows, cols, bits, group_size, sparsity, theta_dtype, device):
+    """(the kernel arguments of a random QRESU weight, by name; its keep mask)."""
+    k = package()
+    quant, masks = k.quant, k.mask_ops
+    weight = torch.randn(rows, cols, device=device)
+    keep = random_mask(rows * cols, 1 - sparsity, device).view(rows, cols)
+    codes, scale, offset = quant.quantize_groupwise(weight, keep, bits, group_size)
+    qdata = quant.pack_4bit(codes) if bits == 4 else codes
+    bitmap = masks.pack_bitmap(keep.view(-1))
+    block_size = 1024 * max(1, -(-cols // 1024))
+    prefix = masks.block_prefix_counts(keep.view(-1), block_size)
+    theta = random_data(int((~keep).sum()), theta_dtype, device)
+    return dict(qdata=qdata, qscale=scale, qoffset=offset, bits=bits, group_size=group_size, cols=cols,
+                bitmap=bitmap, block_prefix=prefix, block_size=block_size, theta=theta), keep
+
+
+def qresu_cases(big):
+    """(rows, cols, bits, group_size) of the QRESU checks: odd shapes on the interpreter."""
+    if big:
+        return [(1001, 1536, 4, 128), (515, 1000, 8, 64), (700, 999, 4, 999)]
+    # (9, 64, 4, 16): W_eff reads scales per group; (13, 96, 4, 32): the word-wise kernels apply (two prefix
+    # blocks, the second starting inside a row)
+    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16), (9, 64, 4, 16), (13, 96, 4, 32)]
+
+
+
 def run_checks(checks: dict, names) -> dict:
     """name → None or the traceback; each check seeded by its name (fresh data per check)."""
     results = {}

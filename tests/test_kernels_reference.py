@@ -86,16 +86,61 @@ def test_qresu_references_agree_with_a_library_qresu_weight(bits, group_size, th
     torch.testing.assert_close(quant.qresu_grad_input_small_m(g, *args, *mask_args), g @ w.dequantize())
 
 
+CUDA_OPS = ["pack_bitmap", "unpack_bitmap", "gather_trainable", "scatter_trainable_", "gather_by_bitmap",
+            "scatter_by_bitmap_", "bitmap_tile_prefix", "compact_weight_grad", "compact_weight_grad_bitmap",
+            "qresu_effective_weight", "qresu_linear_small_m", "qresu_grad_input_small_m", "foreach_adam_by_bitmap_",
+            "foreach_adam_flat_", "update_by_bitmap_", "foreach_update_by_bitmap_", "selective_scores_",
+            "selective_apply_"]
+
+
 def test_every_op_has_a_reference_and_cuda_kernels_exactly_when_triton_imports():
-    names = ["pack_bitmap", "unpack_bitmap", "gather_trainable", "scatter_trainable_", "gather_by_bitmap",
-             "scatter_by_bitmap_", "bitmap_tile_prefix", "compact_weight_grad", "compact_weight_grad_bitmap",
-             "qresu_effective_weight", "qresu_linear_small_m", "qresu_grad_input_small_m", "adam_by_bitmap_",
-             "foreach_adam_by_bitmap_", "foreach_adam_flat_"]
-    for name in names:
-        assert callable(getattr(kernels, name))
+    assert sorted(kernels.OPS) == sorted(CUDA_OPS + ["block_prefix_counts"])
+    assert set(kernels.__all__) == set(kernels.OPS) | {"HAS_TRITON", "PREFIX_TILE", "register", "implementation"}
+    for name, op in kernels.OPS.items():
+        assert callable(getattr(kernels, name)) and getattr(kernels, name).__doc__ == op.reference.__doc__
         reference = kernels.implementation(name, "cpu")
-        assert reference is kernels._IMPLS[name]["reference"]
-        assert (kernels.implementation(name, "cuda") is not reference) == kernels.HAS_TRITON, name
+        assert reference is op.reference and reference.__name__ == name
+        has_kernel = kernels.HAS_TRITON and name in CUDA_OPS
+        assert (kernels.implementation(name, "cuda") is not reference) == has_kernel, name
+
+
+def test_register_replaces_an_implementation_and_refuses_unknown_ops():
+    def doubled(mask_flat):
+        return kernels.mask_ops.pack_bitmap(mask_flat) * 2
+
+    mask = torch.rand(20) < 0.5
+    default = kernels.implementation("pack_bitmap", "cpu")
+    kernels.register("pack_bitmap", "cpu", doubled)
+    try:
+        assert torch.equal(kernels.pack_bitmap(mask), default(mask) * 2)
+    finally:
+        kernels.OPS["pack_bitmap"].implementations.pop("cpu")
+    assert torch.equal(kernels.pack_bitmap(mask), default(mask))
+    with pytest.raises(ValueError, match="unknown kernel op 'no_such_op'"):
+        kernels.register("no_such_op", "cpu", doubled)
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+def test_every_cuda_op_declares_the_compile_variants_of_its_kernels():
+    """compile_check builds what the ops declare: every kernel of the Triton modules, each variant
+    naming every argument of its kernel (the weight gradients launch only the gather ops' kernels)."""
+    from triton.runtime.jit import JITFunction
+
+    from resu_tensor.kernels import compile_check
+
+    without = {name for name, op in kernels.OPS.items() if op.variants is None}
+    assert without == {"block_prefix_counts", "compact_weight_grad", "compact_weight_grad_bitmap"}
+    kernels_seen = set()
+    for variant in compile_check.variants(quick=True):
+        fn = variant.kernel
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        kernels_seen.add(fn.__name__)
+        assert set(fn.arg_names) == set(variant.types) | set(variant.constexprs), fn.__name__
+    defined = {name for module in (kernels.mask_ops_triton, kernels.optim_triton, kernels.quant_triton,
+                                   kernels.selective_triton, kernels.update_triton)
+               for name, value in vars(module).items() if isinstance(value, JITFunction) and name.endswith("_kernel")}
+    assert kernels_seen == defined
 
 
 def test_kernels_import_and_run_without_triton():
@@ -106,7 +151,7 @@ def test_kernels_import_and_run_without_triton():
         "import torch\n"
         "from resu_tensor import kernels\n"
         "assert not kernels.HAS_TRITON\n"
-        "assert all(set(impls) == {'reference'} for impls in kernels._IMPLS.values())\n"
+        "assert kernels.OPS and all(set(impls) == {'reference'} for impls in kernels._IMPLS.values())\n"
         "m = torch.rand(100) < 0.5\n"
         "assert torch.equal(kernels.unpack_bitmap(kernels.pack_bitmap(m), 100), m)\n"
         "print('ok')\n"

@@ -13,7 +13,7 @@ asserts that elements outside the selection are bit-identical to what they were.
 import kernel_checks
 import pytest
 import torch
-from kernel_checks import package, random_data, random_mask
+from kernel_checks import grad_cases, matmul_tolerance, package, qresu_cases, qresu_weight, random_data, random_mask
 
 SHARDS = 2  # child processes run concurrently (one per core on CI)
 
@@ -64,7 +64,7 @@ def check_bitmap_gather_scatter(device, big):
             expected = ref.gather_by_bitmap(values, bitmap, prefix, block_size, invert, count)
             assert torch.equal(tri.gather_by_bitmap(values, bitmap, prefix, block_size, invert, count), expected)
             if invert:  # the fused cast to another dtype
-                wide = tri.gather_bitmap(values, bitmap, prefix, block_size, invert, count, torch.float32)
+                wide = tri.gather_by_bitmap_cast(values, bitmap, prefix, block_size, invert, count, torch.float32)
                 assert torch.equal(wide, expected.float())
             compact = random_data(count, torch.float32, device)
             ours, theirs = values.clone(), values.clone()
@@ -75,6 +75,7 @@ def check_bitmap_gather_scatter(device, big):
 
 
 def check_adam_by_bitmap(device, big):
+    """One weight: the single-weight kernel (what foreach_adam_by_bitmap_ launches for a group of one)."""
     k = package()
     ref, tri, masks = k.optim, k.optim_triton, k.mask_ops
     shape = (37, 41) if not big else (1003, 4099)
@@ -90,7 +91,8 @@ def check_adam_by_bitmap(device, big):
         hyper = (step, 0.01, 0.9, 0.999, 0.1, 1e-8, decoupled, maximize)
         ours, theirs = values.clone(), values.clone()
         ours_m, theirs_m = [m.clone() for m in moments], [m.clone() for m in moments]
-        assert tri.adam_by_bitmap_(ours, bitmap, prefix, block_size, invert, grad, *ours_m, *hyper) is ours
+        tri.foreach_adam_by_bitmap_([ours], [bitmap], [prefix], [block_size], [invert], [grad], *([m] for m in ours_m),
+                                    [hyper[0]], *hyper[1:])
         ref.adam_by_bitmap_(theirs, bitmap, prefix, block_size, invert, grad, *theirs_m, *hyper)
         tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(ours, theirs, **tolerance)
@@ -102,8 +104,8 @@ def check_adam_by_bitmap(device, big):
 
 def check_foreach_adam_by_bitmap(device, big):
     """Several weights in one call: two groups of three (bf16 and float32 weights, both sides, three
-    prefix-block sizes that share one chunk walk) and a group of one; each must match the single-weight kernel bit for
-    bit and the reference closely, and leave its unselected elements untouched."""
+    prefix-block sizes that share one chunk walk) and a group of one; each must match the weight stepped alone (the
+    single-weight kernel) bit for bit and the reference closely, and leave its unselected elements untouched."""
     k = package()
     ref, tri, masks = k.optim, k.optim_triton, k.mask_ops
     shapes = [(37, 41), (5, 300), (23, 17)] if not big else [(1003, 4099), (768, 3072), (301, 777)]
@@ -132,7 +134,7 @@ def check_foreach_adam_by_bitmap(device, big):
         single, single_m = w["values"].clone(), [m.clone() for m in w["moments"]]
         theirs, theirs_m = w["values"].clone(), [m.clone() for m in w["moments"]]
         operands = (w["bitmap"], w["prefix"], w["block_size"], w["invert"], w["grad"])
-        tri.adam_by_bitmap_(single, *operands, *single_m, w["step"], *hyper)
+        tri.foreach_adam_by_bitmap_([single], *([o] for o in operands), *([m] for m in single_m), [w["step"]], *hyper)
         ref.adam_by_bitmap_(theirs, *operands, *theirs_m, w["step"], *hyper)
         assert torch.equal(values, single) and all(torch.equal(a, b) for a, b in zip(moments, single_m))
         # the kernels' exp2-based bias corrections differ from torch.pow's in the last bits
@@ -201,93 +203,47 @@ def check_tile_prefix(device, big):
             assert torch.equal(tri.bitmap_tile_prefix(bitmap, rows, cols, tile, invert), expected)
 
 
-def _grad_cases(big):
-    if big:
-        return [(777, 1001, 1537)]
-    return [(45, 37, 45), (5, 3, 70)]
-
-
-def _tolerance(dtype):
-    """Outputs are sums of ~cols products of N(0, 1) values (|y| up to ~40 on the GPU shapes):
-    bf16 results may differ by a couple of bf16 steps, float32 ones by summation order."""
-    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-3)
-
-
 def check_compact_weight_grad(device, big):
     k = package()
     ref, tri = k.weight_grad, k.weight_grad_triton
     dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
-    for i, (tokens, rows, cols) in enumerate(_grad_cases(big)):
+    for i, (tokens, rows, cols) in enumerate(grad_cases(big)):
         for in_dtype, out_dtype in dtypes if big or i == 0 else dtypes[1:2]:
             a, b = random_data((tokens, rows), in_dtype, device), random_data((tokens, cols), in_dtype, device)
             mask = random_mask(rows * cols, 0.45, device)
-            expected = ref.compact_weight_grad(a, b, mask, out_dtype)
-            # dense_gather uses the reference's own matmul: identical to the last bit
-            assert torch.equal(tri.compact_weight_grad_dense_gather(a, b, mask, out_dtype), expected)
-            fused = tri.compact_weight_grad_fused(a, b, mask, out_dtype)
-            assert fused.dtype == out_dtype and fused.shape == expected.shape
-            torch.testing.assert_close(fused.float(), (a.float().t() @ b.float()).reshape(-1)[mask].to(out_dtype)
-                                       .float(), **_tolerance(torch.bfloat16 if torch.bfloat16 in (in_dtype, out_dtype)
-                                                               else torch.float32))
-            everything = tri.compact_weight_grad_fused(a, b, None, out_dtype)
-            assert torch.equal(everything, ref.compact_weight_grad(a, b, None, out_dtype))
+            # the reference's own matmul, then the gather with the cast fused: identical to the last bit
+            ours = tri.compact_weight_grad(a, b, mask, out_dtype)
+            assert ours.dtype == out_dtype
+            assert torch.equal(ours, ref.compact_weight_grad(a, b, mask, out_dtype))
+            assert torch.equal(tri.compact_weight_grad(a, b, None, out_dtype),
+                               ref.compact_weight_grad(a, b, None, out_dtype))
+    with pytest.raises(ValueError, match="one dtype"):
+        tri.compact_weight_grad(a, b.double(), mask, torch.float32)
 
 
 def check_compact_weight_grad_bitmap(device, big):
     k = package()
     ref, masks, tri = k.weight_grad, k.mask_ops, k.weight_grad_triton
-    for tokens, rows, cols in _grad_cases(big):
+    for tokens, rows, cols in grad_cases(big):
         a, b = random_data((tokens, rows), torch.bfloat16, device), random_data((tokens, cols), torch.bfloat16, device)
         mask = random_mask(rows * cols, 0.6, device)
         bitmap = masks.pack_bitmap(mask)
         block_size = 1024 * max(1, -(-cols // 1024))
         prefix = masks.block_prefix_counts(mask, block_size)
-        exact = (a.float().t() @ b.float()).reshape(-1)
         for invert in (False, True):
-            selected = ~mask if invert else mask
-            count = int(selected.sum())
+            count = int((~mask if invert else mask).sum())
             expected = ref.compact_weight_grad_bitmap(a, b, bitmap, prefix, block_size, invert, count, torch.float32)
-            ours = tri.compact_weight_grad_bitmap_dense_gather(a, b, bitmap, prefix, block_size, invert, count,
-                                                               torch.float32)
+            ours = tri.compact_weight_grad_bitmap(a, b, bitmap, prefix, block_size, invert, count, torch.float32)
             assert torch.equal(ours, expected)
-            fused = tri.compact_weight_grad_bitmap_fused(a, b, bitmap, prefix, block_size, invert, count,
-                                                         torch.float32)
-            torch.testing.assert_close(fused, exact[selected], rtol=1e-4, atol=1e-3)
-            cached = masks.bitmap_tile_prefix(bitmap, rows, cols, k.PREFIX_TILE, invert)
-            again = tri.fused_matmul_bitmap(a, b, bitmap, invert, count, torch.float32, tile_prefix=cached)
-            assert torch.equal(again, fused)
-
-
-def _qresu_weight(rows, cols, bits, group_size, sparsity, theta_dtype, device):
-    k = package()
-    quant, masks = k.quant, k.mask_ops
-    weight = torch.randn(rows, cols, device=device)
-    keep = random_mask(rows * cols, 1 - sparsity, device).view(rows, cols)
-    codes, scale, offset = quant.quantize_groupwise(weight, keep, bits, group_size)
-    qdata = quant.pack_4bit(codes) if bits == 4 else codes
-    bitmap = masks.pack_bitmap(keep.view(-1))
-    block_size = 1024 * max(1, -(-cols // 1024))
-    prefix = masks.block_prefix_counts(keep.view(-1), block_size)
-    theta = random_data(int((~keep).sum()), theta_dtype, device)
-    return dict(qdata=qdata, qscale=scale, qoffset=offset, bits=bits, group_size=group_size, cols=cols,
-                bitmap=bitmap, block_prefix=prefix, block_size=block_size, theta=theta), keep
-
-
-def _qresu_cases(big):
-    if big:  # (rows, cols, bits, group_size)
-        return [(1001, 1536, 4, 128), (515, 1000, 8, 64), (700, 999, 4, 999)]
-    # (9, 64, 4, 16): W_eff reads scales per group; (13, 96, 4, 32): the word-wise kernels apply (two prefix
-    # blocks, the second starting inside a row)
-    return [(19, 37, 4, 6), (13, 48, 4, 32), (11, 40, 8, 16), (9, 64, 4, 16), (13, 96, 4, 32)]
 
 
 def check_qresu_effective_weight(device, big):
     k = package()
     quant, tri = k.quant, k.quant_triton
-    for rows, cols, bits, group_size in _qresu_cases(big):
+    for rows, cols, bits, group_size in qresu_cases(big):
         for theta_dtype, dtype in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
                                    (torch.float32, torch.float32)]:
-            w, keep = _qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
+            w, keep = qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
             args = (w["qdata"], w["qscale"], w["qoffset"], bits, group_size, cols, dtype, w["bitmap"],
                     w["block_prefix"], w["block_size"], w["theta"])
             expected = quant.qresu_effective_weight(*args)
@@ -304,78 +260,84 @@ def check_qresu_effective_weight(device, big):
                     tri.effective_weight(*args, wordwise=True)
 
 
-def _qresu_matmul(device, big, grad_input):
+def check_qresu_linear_small_m(device, big):
+    """The fused forward (every kernel that applies, split or not, a cached prefix table) and the
+    default routing (the fused kernel up to fused_forward_tokens, W_eff + matmul beyond)."""
     k = package()
     quant, tri = k.quant, k.quant_triton
-    ref_fn = quant.qresu_grad_input_small_m if grad_input else quant.qresu_linear_small_m
-    tri_fn = tri.grad_input_small_m if grad_input else tri.linear_small_m
     combos = [(1, torch.bfloat16, torch.float32), (5, torch.float32, torch.float32),
               (33 if big else 17, torch.bfloat16, torch.bfloat16), (1, torch.float32, torch.bfloat16)]
-    for i, (rows, cols, bits, group_size) in enumerate(_qresu_cases(big)):
+    for i, (rows, cols, bits, group_size) in enumerate(qresu_cases(big)):
         # (tokens, dtype, θ dtype): every combination on the GPU, one per weight on the interpreter
         for m, dtype, theta_dtype in combos if big else (combos[i:i + 1] or combos[1:3]) + combos[3:] * (i > 0):
-            w, _ = _qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
-            x = random_data((m, rows if grad_input else cols), dtype, device)
-            expected = ref_fn(x, **w)
-            # forward: the element-wise kernel (BLOCK_K) always, the bytewise one (BLOCK_G) on whole-byte rows
-            forward = [dict(BLOCK_N=16, BLOCK_K=k.PREFIX_TILE)] + [dict(BLOCK_N=16, BLOCK_G=k.PREFIX_TILE // 8)] * (
+            w, _ = qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
+            x = random_data((m, cols), dtype, device)
+            expected = quant.qresu_linear_small_m(x, **w)
+            # the element-wise kernel (BLOCK_K) always, the bytewise one (BLOCK_G) on whole-byte rows
+            configs = [dict(BLOCK_N=16, BLOCK_K=k.PREFIX_TILE)] + [dict(BLOCK_N=16, BLOCK_G=k.PREFIX_TILE // 8)] * (
                 cols % 8 == 0 and group_size % 8 == 0)
             whole_words = bits == 4 and cols % 32 == 0 and group_size % 32 == 0
-            forward += [dict(BLOCK_N=4 if m == 1 else 16, BLOCK_W=1)] * whole_words
+            configs += [dict(BLOCK_N=4 if m == 1 else 16, BLOCK_W=1)] * whole_words
             if big:
-                forward += ([dict(BLOCK_N=2, BLOCK_W=16), dict(BLOCK_N=8, BLOCK_W=8)] if m == 1 else
+                configs += ([dict(BLOCK_N=2, BLOCK_W=16), dict(BLOCK_N=8, BLOCK_W=8)] if m == 1 else
                             [dict(BLOCK_N=32, BLOCK_W=4), dict(BLOCK_N=16, BLOCK_W=8)]) * whole_words
-                forward += [dict(BLOCK_N=32, BLOCK_K=256, num_warps=8), dict(BLOCK_N=4, BLOCK_K=1024)] * (m == 1)
-                forward += [dict(BLOCK_N=32, BLOCK_G=64, num_warps=8), dict(BLOCK_N=4, BLOCK_G=128)] * (
+                configs += [dict(BLOCK_N=32, BLOCK_K=256, num_warps=8), dict(BLOCK_N=4, BLOCK_K=1024)] * (m == 1)
+                configs += [dict(BLOCK_N=32, BLOCK_G=64, num_warps=8), dict(BLOCK_N=4, BLOCK_G=128)] * (
                     m == 1 and cols % 8 == 0 and group_size % 8 == 0)
-            dx = [dict(BLOCK_N=16), dict(BLOCK_N=32, num_warps=8)]
-            variants = [dict(), dict(fused=True)] + [dict(split=split, config=config, fused=True)
-                                                     for config in (dx if grad_input else forward)
-                                                     for split in ((1, 3) if big else (2,))]
+            variants = [dict()] + [dict(split=split, config=config) for config in configs
+                                   for split in ((1, 3) if big else (2,))]
             for variant in variants:
-                ours = tri_fn(x, **w, **variant)
+                ours = tri.fused_linear(x, **w, **variant)
                 assert ours.dtype == dtype and ours.shape == expected.shape
-                torch.testing.assert_close(ours, expected, **_tolerance(dtype))
+                torch.testing.assert_close(ours, expected, **matmul_tolerance(dtype))
+            routed = tri.linear_small_m(x, **w)
+            assert routed.dtype == dtype and routed.shape == expected.shape
+            torch.testing.assert_close(routed, expected, **matmul_tolerance(dtype))
             if i == 0:
                 cached = k.mask_ops.bitmap_tile_prefix(w["bitmap"], rows, cols, k.PREFIX_TILE, True)
-                torch.testing.assert_close(tri_fn(x, **w, tile_prefix=cached), expected, **_tolerance(dtype))
-    # more than SMALL_M tokens: W_eff kernel + matmul, never the fused kernel
-    w, _ = _qresu_weight(9, 21, 4, 8, 0.5, torch.float32, device)
-    x = random_data((tri.SMALL_M + 1, 9 if grad_input else 21), torch.float32, device)
-    torch.testing.assert_close(tri_fn(x, **w), ref_fn(x, **w), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(tri_fn(x, **w, fused=False), ref_fn(x, **w), rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(tri.linear_small_m(x, **w, tile_prefix=cached), expected,
+                                           **matmul_tolerance(dtype))
+    # more than SMALL_M tokens: W_eff kernel + matmul; the fused kernel refuses them
+    w, _ = qresu_weight(9, 21, 4, 8, 0.5, torch.float32, device)
+    x = random_data((tri.SMALL_M + 1, 21), torch.float32, device)
+    torch.testing.assert_close(tri.linear_small_m(x, **w), quant.qresu_linear_small_m(x, **w), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="at most"):
-        tri_fn(x, **w, fused=True)
-
-
-def check_qresu_linear_small_m(device, big):
-    _qresu_matmul(device, big, grad_input=False)
-    # Default routing: the fused kernel up to fused_forward_tokens (more on whole 32-bit mask words
-    # with 4-bit codes), W_eff + matmul beyond.
-    k = package()
-    tri = k.quant_triton
+        tri.fused_linear(x, **w)
     fused_calls = []
-    original = tri._fused_matmul
-    tri._fused_matmul = lambda *args: fused_calls.append(args[1].shape[0]) or original(*args)
+    original = tri.fused_linear
+    tri.fused_linear = lambda *args: fused_calls.append(args[0].shape[0]) or original(*args)
     try:
-        for cols, bits, group_size, fused_up_to in [(64, 4, 32, k.quant.FUSED_FORWARD_TOKENS_WORDWISE),
-                                                    (48, 4, 16, k.quant.FUSED_FORWARD_TOKENS),
-                                                    (64, 8, 32, k.quant.FUSED_FORWARD_TOKENS)]:
-            w, _ = _qresu_weight(5, cols, bits, group_size, 0.5, torch.float32, device)
+        for cols, bits, group_size, fused_up_to in [(64, 4, 32, quant.FUSED_FORWARD_TOKENS_WORDWISE),
+                                                    (48, 4, 16, quant.FUSED_FORWARD_TOKENS),
+                                                    (64, 8, 32, quant.FUSED_FORWARD_TOKENS)]:
+            w, _ = qresu_weight(5, cols, bits, group_size, 0.5, torch.float32, device)
             fused_calls.clear()
             for tokens in (1, 2, 33):
                 tri.linear_small_m(random_data((tokens, cols), torch.bfloat16, device), **w)
             assert fused_calls == [t for t in (1, 2, 33) if t <= fused_up_to], (cols, bits, fused_calls)
     finally:
-        tri._fused_matmul = original
-    w, _ = _qresu_weight(13, 48, 4, 32, 0.5, torch.float32, device)  # 48 columns: no whole 32-bit mask words
+        tri.fused_linear = original
+    w, _ = qresu_weight(13, 48, 4, 32, 0.5, torch.float32, device)  # 48 columns: no whole 32-bit mask words
     with pytest.raises(ValueError, match="word-wise"):
-        package().quant_triton.linear_small_m(random_data((1, 48), torch.float32, device), **w, fused=True,
-                                              config=dict(BLOCK_N=4, BLOCK_W=1))
+        tri.fused_linear(random_data((1, 48), torch.float32, device), **w, config=dict(BLOCK_N=4, BLOCK_W=1))
 
 
 def check_qresu_grad_input_small_m(device, big):
-    _qresu_matmul(device, big, grad_input=True)
+    """dX = g @ W_eff (the W_eff kernel and a matmul) at few and many tokens, with or without a
+    prefix table (which it does not need)."""
+    k = package()
+    quant, tri = k.quant, k.quant_triton
+    for i, (rows, cols, bits, group_size) in enumerate(qresu_cases(big)):
+        for m, dtype, theta_dtype in [(1, torch.bfloat16, torch.float32), (17, torch.float32, torch.bfloat16),
+                                      (tri.SMALL_M + 1, torch.bfloat16, torch.bfloat16)][: 3 if big or i == 0 else 1]:
+            w, _ = qresu_weight(rows, cols, bits, group_size, 0.6, theta_dtype, device)
+            g = random_data((m, rows), dtype, device)
+            expected = quant.qresu_grad_input_small_m(g, **w)
+            ours = tri.grad_input_small_m(g, **w)
+            assert ours.dtype == dtype and ours.shape == expected.shape
+            torch.testing.assert_close(ours, expected, **matmul_tolerance(dtype))
+    with pytest.raises(ValueError, match="features"):
+        tri.grad_input_small_m(random_data((2, rows + 1), torch.float32, device), **w)
 
 
 def check_custom_ops_trace(device, big):
@@ -389,7 +351,7 @@ def check_custom_ops_trace(device, big):
     prefix = k.mask_ops.block_prefix_counts(mask, 64)
     count = int(mask.sum())
     a, b = random_data((7, 9), torch.float32, device), random_data((7, 13), torch.float32, device)
-    w, _ = _qresu_weight(9, 16, 4, 8, 0.5, torch.float32, device)
+    w, _ = qresu_weight(9, 16, 4, 8, 0.5, torch.float32, device)
     qresu_args = (w["qdata"], w["qscale"], w["qoffset"], 4, 8, 16)
     tests = ("test_schema", "test_faketensor")
     for op, args in [
@@ -398,7 +360,7 @@ def check_custom_ops_trace(device, big):
         (ops.gather_by_bitmap, (values, bitmap, prefix, 64, True, mask.numel() - count)),
         (ops.scatter_by_bitmap_, (values.clone(), bitmap, prefix, 64, False, random_data(count, torch.float32, device))),
         (ops.bitmap_tile_prefix, (bitmap, 9, 13, 16, True)),
-        (ops.compact_weight_grad_bitmap_fused, (a, b, bitmap, prefix, 64, False, count, torch.float32)),
+        (ops.compact_weight_grad_bitmap, (a, b, bitmap, prefix, 64, False, count, torch.float32)),
         (ops.qresu_effective_weight, (*qresu_args, torch.float32, w["bitmap"], w["block_prefix"], w["block_size"],
                                       w["theta"])),
         (ops.qresu_linear_small_m, (random_data((3, 16), torch.float32, device), *qresu_args, w["bitmap"],
@@ -418,8 +380,7 @@ def check_custom_ops_trace(device, big):
 
     def step(values, a, b):
         compact = k.mask_ops_triton.gather_by_bitmap(values, bitmap, prefix, 64, False, count)
-        grad = k.weight_grad_triton.compact_weight_grad_bitmap_fused(a, b, bitmap, prefix, 64, False, count,
-                                                                     torch.float32)
+        grad = k.weight_grad_triton.compact_weight_grad_bitmap(a, b, bitmap, prefix, 64, False, count, torch.float32)
         return k.mask_ops_triton.scatter_by_bitmap_(values.clone(), bitmap, prefix, 64, False, compact - grad)
 
     torch._dynamo.reset()

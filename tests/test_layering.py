@@ -16,8 +16,6 @@ FACADE = len(LAYERS)
 # Modules allowed to import the package's own modules inside a function, each for an optional
 # dependency that a module-level import would make everyone install.
 LAZY_IMPORTS_ALLOWED = {
-    "resu_tensor.kernels.compile_check": "compiles the Triton kernels ahead of time; imports them only once "
-                                         "triton is known to be present",
     "resu_tensor.integrations": "loads integrations.hf, and with it transformers (the [hf] extra), on first use",
 }
 

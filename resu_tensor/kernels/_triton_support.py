@@ -1,5 +1,6 @@
-"""What every Triton kernel module shares: the guarded import, the interpreter flag, and the
-torch.library custom-op wrapper.
+"""What every Triton kernel module shares: the guarded import, the interpreter flag, the
+torch.library custom-op wrapper, and :func:`cuda_op`, which declares an op's CUDA implementation
+and compile variants in the kernel table (``_table``).
 
 Importing this module never fails: without triton (or with a broken install) ``HAS_TRITON`` is
 False and the kernel modules are simply not imported (see ``kernels/__init__.py``).
@@ -14,9 +15,11 @@ import math
 import os
 import struct
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
+
+from ._table import Variant, declared
 
 try:  # pragma: no cover - depends on the machine
     import triton  # noqa: F401
@@ -112,6 +115,33 @@ def eager_or_op(name: str, impl: Callable, op: Callable, fallback: Callable,
 
     call.__name__ = name
     call.__doc__ = impl.__doc__
+    return call
+
+
+def cuda_op(reference: Callable, launcher: Callable, fake: Callable, mutates_args: Iterable[str] = (),
+            returns_first_arg: bool = False, variants: Optional[Callable[[bool], Iterable[Variant]]] = None
+            ) -> Callable:
+    """Declare the CUDA implementation of the kernel op whose reference is ``reference`` (declared
+    with ``@kernel_op``): ``launcher`` (the Triton launch, same arguments as the reference) becomes
+    the custom op ``resu_tensor::<name>`` with ``fake`` as its meta implementation, and the
+    :func:`eager_or_op` around both is registered for "cuda" and returned. ``returns_first_arg``:
+    an in-place op whose launcher returns nothing but whose reference returns its first argument.
+    ``variants(quick)`` yields the :class:`Variant` s of the kernels it launches (compile_check)::
+
+        pack_bitmap = cuda_op(mask_ops.pack_bitmap, _pack_bitmap, _fake_pack, variants=_pack_variants)
+    """
+    op = declared(reference)
+    eager = launcher
+    if returns_first_arg:
+        def eager(*args, **kwargs):
+            launcher(*args, **kwargs)
+            return args[0]
+
+        eager.__doc__ = launcher.__doc__
+    call = eager_or_op(op.name, eager, define_op(op.name, launcher, fake, mutates_args), reference,
+                       returns_first_arg=returns_first_arg)
+    op.implementations["cuda"] = call
+    op.variants = variants
     return call
 
 
@@ -218,8 +248,8 @@ if HAS_TRITON:
         """Mask bits of elements ``first`` … ``first + CHUNK − 1`` (bit j of byte i = element 8i+j;
         0 past ``numel``). ALIGNED (``first`` a multiple of 8, as in every prefix block of
         ``prefix_block_size``): one byte load per 8 elements, each byte repeated 8 times in
-        registers by interleaving. A byte load per element, the general path, was the slowest part
-        of every bitmap walk (16M elements, H100: 19.5 µs for the bits alone, 10–14 µs aligned)."""
+        registers by interleaving, instead of a byte load per element (the general path), which
+        dominates the cost of a bitmap walk."""
         if ALIGNED:
             byte_index = first // 8 + tl.arange(0, CHUNK // 8)
             byte = tl.load(bitmap_ptr + byte_index, mask=byte_index < (numel + 7) // 8, other=0).to(tl.int32)
@@ -252,8 +282,8 @@ if HAS_TRITON:
         ``start``: the step of the kernels that walk one prefix block per program (gather/scatter,
         Adam, in-place updates, W_eff). Those kernels read the chunk's weights masked by ``inside`` before
         :func:`chunk_selection`, not by the selection after it: the read then does not wait for
-        the mask bytes and the scan (gather 44 → 35 µs at 4096², H100), costs no extra DRAM
-        traffic (a random mask leaves almost no 32-byte sector unselected) and writes nothing."""
+        the mask bytes and the scan, costs no extra DRAM traffic (a random mask leaves almost no
+        32-byte sector unselected) and writes nothing."""
         local = offset + tl.arange(0, CHUNK)
         element = start + local
         return element, (local < block_size) & (element < numel)
@@ -308,13 +338,3 @@ if HAS_TRITON:
         if DTYPE.primitive_bitwidth == 16:
             value = value.to(tl.uint16, bitcast=True)
         tl.store(ptr + offset, value, mask=mask)
-
-    @triton.jit
-    def move_selected(values_ptr, compact_ptr, element, position, selected, GATHER: tl.constexpr):
-        """GATHER: compact[position] = values[element]; else values[element] = compact[position]."""
-        if GATHER:
-            value = tl.load(values_ptr + element, mask=selected)
-            tl.store(compact_ptr + position, cast_to(value, compact_ptr.dtype.element_ty), mask=selected)
-        else:
-            value = tl.load(compact_ptr + position, mask=selected)
-            tl.store(values_ptr + element, cast_to(value, values_ptr.dtype.element_ty), mask=selected)

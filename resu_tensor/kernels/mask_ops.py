@@ -7,9 +7,12 @@ from typing import List, Optional
 
 import torch
 
+from ._table import kernel_op
+
 _BIT_WEIGHTS = [1 << j for j in range(8)]
 
 
+@kernel_op
 def pack_bitmap(mask_flat: torch.Tensor) -> torch.Tensor:
     """Pack a 1-D bool mask into ``ceil(n / 8)`` uint8 bytes, little-endian bits."""
     n = mask_flat.numel()
@@ -19,6 +22,7 @@ def pack_bitmap(mask_flat: torch.Tensor) -> torch.Tensor:
     return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
+@kernel_op
 def unpack_bitmap(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bitmap`: a 1-D bool mask of ``numel`` elements."""
     shifts = torch.arange(8, dtype=torch.uint8, device=bitmap.device)
@@ -26,6 +30,7 @@ def unpack_bitmap(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.view(-1)[:numel].bool()
 
 
+@kernel_op
 def block_prefix_counts(mask_flat: torch.Tensor, block_size: int) -> torch.Tensor:
     """Number of set elements before the start of blocks 1, 2, ... (block 0 starts at 0).
 
@@ -40,11 +45,13 @@ def block_prefix_counts(mask_flat: torch.Tensor, block_size: int) -> torch.Tenso
     return per_block.cumsum(0)[:-1].to(torch.int32)
 
 
+@kernel_op
 def gather_trainable(values: torch.Tensor, trainable_flat: torch.Tensor) -> torch.Tensor:
     """The selected elements of ``values`` (any shape, read row-major) as a new 1-D tensor."""
     return values.reshape(-1)[trainable_flat]
 
 
+@kernel_op
 def scatter_trainable_(values: torch.Tensor, trainable_flat: torch.Tensor, compact: torch.Tensor) -> torch.Tensor:
     """Write ``compact`` into the selected elements of contiguous ``values``; others stay untouched."""
     values.view(-1).masked_scatter_(trainable_flat, compact.to(values.dtype))
@@ -69,6 +76,7 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
         raise ValueError(f"{op}: the bitmap selects {found} elements but count={count}")
 
 
+@kernel_op
 def gather_by_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                      invert: bool, count: int) -> torch.Tensor:
     """The ``count`` elements of ``values`` (any shape, read row-major) whose bitmap bit is set
@@ -78,6 +86,7 @@ def gather_by_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: t
     return values.reshape(-1)[selected]
 
 
+@kernel_op
 def scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                        invert: bool, compact: torch.Tensor) -> torch.Tensor:
     """Write ``compact`` (row-major order) into the elements of contiguous ``values`` whose bit is
@@ -88,6 +97,7 @@ def scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix:
     return values
 
 
+@kernel_op
 def bitmap_tile_prefix(bitmap: torch.Tensor, rows: int, cols: int, tile: int, invert: bool) -> torch.Tensor:
     """int32 (rows, ceil(cols / tile)): how many selected elements (set bits, or clear bits if
     ``invert``) come, row-major, before element (r, j·tile). Matmul kernels use it to place a
@@ -131,6 +141,7 @@ def check_update(op: str, values: torch.Tensor, tensor1, tensor2) -> None:
                          f"got {tensor1.dtype}")
 
 
+@kernel_op
 def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                       invert: bool, op: str, tensor1, tensor2, scalar: float) -> torch.Tensor:
     """An in-place update of the elements of contiguous ``values`` whose bit is set (clear if
@@ -154,6 +165,7 @@ def check_foreach_lengths(name: str, lists) -> None:
         raise ValueError(f"{name}: every list must hold one entry per weight, got lengths {[len(a) for a in lists]}")
 
 
+@kernel_op
 def foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor],
                               block_prefixes: List[torch.Tensor], block_sizes: List[int], inverts: List[bool], op: str,
                               tensor1s: List[Optional[torch.Tensor]], tensor2s: List[Optional[torch.Tensor]],

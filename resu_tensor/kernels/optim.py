@@ -7,6 +7,7 @@ from typing import List
 import torch
 
 from .mask_ops import check_foreach_lengths, gather_by_bitmap, scatter_by_bitmap_
+from ._table import kernel_op
 
 
 def adam_math_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -45,6 +46,7 @@ def adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: to
     return scatter_by_bitmap_(values, bitmap, block_prefix, block_size, invert, flat)
 
 
+@kernel_op
 def foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor], block_prefixes: List[torch.Tensor],
                             block_sizes: List[int], inverts: List[bool], grads: List[torch.Tensor],
                             exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor],
@@ -58,6 +60,7 @@ def foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tens
         adam_by_bitmap_(*weight, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
 
 
+@kernel_op
 def foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                        exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], lr: float, beta1: float,
                        beta2: float, weight_decay: float, eps: float, decoupled: bool, maximize: bool) -> None:

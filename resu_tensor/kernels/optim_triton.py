@@ -11,8 +11,8 @@ import torch
 
 from . import optim
 from .mask_ops import check_foreach_lengths
-from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, address_table, block_walk, cast_to, chunk_elements,
-                              chunk_selection, define_op, eager_or_op, load_float, selected_before_block, store_float,
+from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, Variant, address_table, block_walk, cast_to, chunk_elements,
+                              chunk_selection, cuda_op, load_float, selected_before_block, store_float,
                               table_block, table_entry, table_grid, table_group, table_pointer, table_row,
                               table_walk_start, tl, triton)
 
@@ -45,7 +45,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
                         numel, block_size, n_compact, lr, beta1, beta2, weight_decay, eps,
                         INVERT: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per prefix block; positions as in mask_ops_triton._bitmap_move_kernel."""
+    """One program per prefix block; positions as in mask_ops_triton._gather_by_bitmap_kernel."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
@@ -134,7 +134,7 @@ def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Ten
                              beta2: float, weight_decay: float, eps: float, decoupled: bool, maximize: bool) -> None:
     """:func:`optim.foreach_adam_by_bitmap_` in one launch per group of weights that share dtypes,
     side and walk (usually one): a table of their addresses goes to the GPU (pinned, asynchronous)
-    instead of a launch per weight (GPT-2 small, 48 weights, H100 host: AdamW.step 3.5 → 2.5 ms)."""
+    instead of a launch per weight, whose host cost dominates a step of many small weights."""
     lists = (values, bitmaps, block_prefixes, block_sizes, inverts, grads, exp_avgs, exp_avg_sqs, steps)
     check_foreach_lengths("foreach_adam_by_bitmap_", lists)
     groups = {}
@@ -164,36 +164,34 @@ def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Ten
             INVERT=invert, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), ALIGNED=aligned, CHUNK=chunk)
 
 
-def _fake_adam(values, bitmap, block_prefix, block_size, invert, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2,
-               weight_decay, eps, decoupled, maximize):
-    return None
-
-
-def _returning_values(values, *args):
-    _adam_by_bitmap_(values, *args)
-    return values
-
-
-adam_by_bitmap_op = define_op("adam_by_bitmap_", _adam_by_bitmap_, _fake_adam,
-                              mutates_args=["values", "exp_avg", "exp_avg_sq"])
-# What the kernel table registers for "cuda" (signature and result of optim.adam_by_bitmap_).
-adam_by_bitmap_ = eager_or_op("adam_by_bitmap_", _returning_values, adam_by_bitmap_op, optim.adam_by_bitmap_,
-                              returns_first_arg=True)
-
-
 def _fake_foreach_adam(values, bitmaps, block_prefixes, block_sizes, inverts, grads, exp_avgs, exp_avg_sqs, steps, lr,
                        beta1, beta2, weight_decay, eps, decoupled, maximize):
     return None
 
 
-foreach_adam_by_bitmap_op = define_op("foreach_adam_by_bitmap_", _foreach_adam_by_bitmap_, _fake_foreach_adam,
-                                      mutates_args=["values", "exp_avgs", "exp_avg_sqs"])
-foreach_adam_by_bitmap_ = eager_or_op("foreach_adam_by_bitmap_", _foreach_adam_by_bitmap_, foreach_adam_by_bitmap_op,
-                                      optim.foreach_adam_by_bitmap_)
+def _foreach_adam_by_bitmap_variants(quick: bool):
+    """The single-weight kernel (a group of one) and the table kernel, on bf16 and float32 weights."""
+    for values, invert, decoupled in [("*bf16", True, True), ("*fp32", False, False)]:
+        types = dict(values_ptr=values, bitmap_ptr="*u8", block_prefix_ptr="*i32", grad_ptr=values, m_ptr=values,
+                     v_ptr=values, step_ptr="*fp32", numel="i32", block_size="i32", n_compact="i32", lr="fp32",
+                     beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
+        yield Variant(_adam_bitmap_kernel, types, {"INVERT": invert, "DECOUPLED": decoupled, "MAXIMIZE": False,
+                                                   "ALIGNED": True, "CHUNK": 1024})
+    for dtype, invert in [(torch.bfloat16, True), (torch.float32, False)]:
+        types = dict(table_ptr="*i64", lr="fp32", beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
+        tl_dtype = TL_DTYPES[dtype]
+        yield Variant(_foreach_adam_bitmap_kernel, types, {"P_DTYPE": tl_dtype, "G_DTYPE": tl_dtype,
+                                                           "S_DTYPE": tl_dtype, "INVERT": invert, "DECOUPLED": True,
+                                                           "MAXIMIZE": False, "ALIGNED": True, "CHUNK": 1024})
 
 
-# Flat parameters whose every element trains (QRESU's θ): the same step without a mask walk.
-# torch's own fused AdamW ran at 1.3–1.9 TB/s on such bf16 vectors (15–41M elements, H100).
+foreach_adam_by_bitmap_ = cuda_op(optim.foreach_adam_by_bitmap_, _foreach_adam_by_bitmap_, _fake_foreach_adam,
+                                  mutates_args=["values", "exp_avgs", "exp_avg_sqs"],
+                                  variants=_foreach_adam_by_bitmap_variants)
+
+
+# Flat parameters whose every element trains (QRESU's θ): the same step without a mask walk, many
+# parameters in one launch (torch's own fused AdamW launches per chunk of a tensor list).
 _FLAT_TABLE = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "numel")  # offsets from the bases, length
 _FLAT_WIDTH = tl.constexpr(len(_FLAT_TABLE))
 _FLAT_BLOCK, _FLAT_WARPS = 1024, 4
@@ -216,8 +214,7 @@ def _adam_flat_span(p_ptr, g_ptr, m_ptr, v_ptr, element, inside, bias1, bias2_sq
 def _adam_flat_block(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, block, body, numel, lr, beta1, beta2, weight_decay, eps,
                      DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
     """Block ``block`` of the first ``body`` elements (a multiple of 16, so the masked loads and
-    stores stay vectorized: an odd length made them scalar, 15.1M bf16 elements 78 → 155 µs on the
-    H100); block 0 also the last ``numel - body``."""
+    stores stay vectorized: an odd length makes them scalar); block 0 also the last ``numel - body``."""
     bias1, bias2_sqrt = _bias_corrections(step_ptr, beta1, beta2)
     element = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     _adam_flat_span(p_ptr, g_ptr, m_ptr, v_ptr, element, element < body, bias1, bias2_sqrt, lr, beta1, beta2,
@@ -243,9 +240,8 @@ def _foreach_adam_flat_kernel(p_base, g_base, m_base, v_base, step_base, table_p
     """Many parameters in one launch: grid (most blocks of any parameter, parameters); program
     (b, j) steps block b of the parameter in table row j, whose tensors lie at the table's element
     offsets from the ``*_base`` tensors (ALIGNED: every offset a multiple of 16 elements). Tensor
-    arguments plus offsets, not absolute addresses turned into pointers: on the H100, 48
-    GPT-2-small θ vectors (42M bf16 elements) took 324 µs this way, 395 µs from absolute
-    addresses, 498 µs in torch's fused op (ad-hoc, before the rounding below: 214 µs with it)."""
+    arguments plus offsets, not absolute addresses turned into pointers: Triton then knows each
+    pointer's dtype and alignment, and the loads vectorize."""
     block = tl.program_id(0)
     row = tl.program_id(1)
     numel = table_entry(table_ptr, row, 5, _FLAT_WIDTH)
@@ -256,8 +252,7 @@ def _foreach_adam_flat_kernel(p_base, g_base, m_base, v_base, step_base, table_p
         m_offset = table_entry(table_ptr, row, 2, _FLAT_WIDTH)
         v_offset = table_entry(table_ptr, row, 3, _FLAT_WIDTH)
         if ALIGNED:  # the same offsets, rounded where Triton's alignment analysis sees it: the loads
-            # vectorize (16 bytes), which tl.multiple_of on the loaded offsets did not achieve (its PTX
-            # kept one 16-bit load per element; 48 GPT-2 θ, bf16: 284.5 → 213.7 µs, H100, ad-hoc)
+            # vectorize (16 bytes), which tl.multiple_of on the loaded offsets does not achieve
             p_offset = p_offset // 16 * 16
             g_offset = g_offset // 16 * 16
             m_offset = m_offset // 16 * 16
@@ -289,8 +284,8 @@ def _foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], e
     check_foreach_lengths("foreach_adam_flat_", lists)
     groups = {}
     for j, (p, g, m, v, step) in enumerate(zip(*lists)):
-        # one expression per parameter, the message only on failure: host time grows with the
-        # parameter count (48 parameters: 262 → 175 µs with flat_table's change, CPU, launch stubbed)
+        # one expression per parameter, the message only on failure: this host time grows with the
+        # parameter count
         device, numel = p.device, p.numel()
         if not (g.device == device and m.device == device and v.device == device and step.device == device
                 and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
@@ -347,7 +342,20 @@ def _fake_foreach_adam_flat(params, grads, exp_avgs, exp_avg_sqs, steps, lr, bet
     return None
 
 
-foreach_adam_flat_op = define_op("foreach_adam_flat_", _foreach_adam_flat_, _fake_foreach_adam_flat,
-                                 mutates_args=["params", "exp_avgs", "exp_avg_sqs"])
-foreach_adam_flat_ = eager_or_op("foreach_adam_flat_", _foreach_adam_flat_, foreach_adam_flat_op,
-                                 optim.foreach_adam_flat_)
+def _foreach_adam_flat_variants(quick: bool):
+    """The single-parameter kernel and the table kernel (aligned offsets or not), bf16 and float32."""
+    hyper = dict(lr="fp32", beta1="fp32", beta2="fp32", weight_decay="fp32", eps="fp32")
+    flags = dict(DECOUPLED=True, MAXIMIZE=False, BLOCK=_FLAT_BLOCK)
+    options = dict(num_warps=_FLAT_WARPS)
+    for dtype in ("*bf16", "*fp32"):
+        types = dict(p_ptr=dtype, g_ptr=dtype, m_ptr=dtype, v_ptr=dtype, step_ptr="*fp32", body="i32", numel="i32",
+                     **hyper)
+        yield Variant(_adam_flat_kernel, types, flags, options)
+        for aligned in (True, False):
+            types = dict(p_base=dtype, g_base=dtype, m_base=dtype, v_base=dtype, step_base="*fp32", table_ptr="*i64",
+                         **hyper)
+            yield Variant(_foreach_adam_flat_kernel, types, dict(flags, ALIGNED=aligned), options)
+
+
+foreach_adam_flat_ = cuda_op(optim.foreach_adam_flat_, _foreach_adam_flat_, _fake_foreach_adam_flat,
+                             mutates_args=["params", "exp_avgs", "exp_avg_sqs"], variants=_foreach_adam_flat_variants)

@@ -5,17 +5,16 @@ from typing import Optional
 import torch
 
 from .mask_ops import scatter_by_bitmap_, unpack_bitmap
+from ._table import kernel_op
 
-# Most tokens the Triton QRESU matmuls (quant_triton) route to their fused kernels when the caller
-# does not choose (``fused=None``); callers read them to know whether a prefix table will be used.
-# Measured on the H100 by benchmarks.qresu_routing (CUDA-graph time, 4096², s=0.5, bf16 θ): the
-# forward wins at one token (word-wise kernel 23 vs 45 µs for W_eff + cuBLAS), the dX kernel never
-# (339 vs 45 µs at 16 tokens).
+# Most tokens for which the Triton QRESU forward (quant_triton.linear_small_m) runs its fused kernel
+# instead of W_eff + cuBLAS; callers read them to know whether a prefix table will be used. Set from
+# benchmarks/qresu_routing.py (GPU time on the layer shapes of benchmarks/layers.py): the fused
+# forward wins at one token, and where the word-wise kernel applies (4-bit codes, rows of whole
+# 32-bit mask words) up to 32 tokens. A fused dX kernel never won, so dX is always W_eff + cuBLAS
+# (no prefix table); benchmarks/kernels_unrouted.py keeps that kernel for measuring.
 FUSED_FORWARD_TOKENS = 1
 FUSED_GRAD_INPUT_TOKENS = 0
-# Where the word-wise forward applies (4-bit codes, rows of whole 32-bit mask words) it takes up to
-# 32 tokens: same benchmark, 2-32 tokens, it wins 43 of 45 cells at 0.78-0.98x (16 tokens, s=0.5,
-# bf16 θ: 4096² 37 vs 45 µs, 11008x4096 99 vs 113, 4096x11008 99 vs 120) and loses two at 32 tokens.
 FUSED_FORWARD_TOKENS_WORDWISE = 32
 
 
@@ -93,6 +92,7 @@ def dequantize_active(qdata: torch.Tensor, scale: torch.Tensor, offset: torch.Te
 # row-major order) with block prefix counts; see kernels/mask_ops.py for the layout.
 
 
+@kernel_op
 def qresu_effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
                            group_size: int, cols: int, dtype: torch.dtype, bitmap: torch.Tensor,
                            block_prefix: torch.Tensor, block_size: int, theta: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,7 @@ def qresu_effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: t
     return scatter_by_bitmap_(dense, bitmap, block_prefix, block_size, True, theta)
 
 
+@kernel_op
 def qresu_linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
                          group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                          theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -115,6 +116,7 @@ def qresu_linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Ten
     return x @ w.t()
 
 
+@kernel_op
 def qresu_grad_input_small_m(grad_out: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor,
                              bits: int, group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor,
                              block_size: int, theta: torch.Tensor,

@@ -1,14 +1,15 @@
-"""Triton kernels for QRESU weights (references in :mod:`quant`): W_eff in one pass, and small-M
-matmuls that dequantize inside the K loop so W_eff is never materialised.
+"""Triton kernels for QRESU weights (references in :mod:`quant`): W_eff in one pass, and the
+small-M forward x @ W_effᵀ dequantizing inside the K loop so W_eff is never materialised (dX is
+W_eff and cuBLAS).
 
 A QRESU weight (rows, cols): 4-bit codes two per byte (even column in the low nibble) or 8-bit
 codes one per byte, float32 scale and offset per (row, group of ``group_size`` columns), the
 mask bitmap (set bit = active) and θ flat over the clear bits in row-major order. An element's
 θ index is the number of clear bits before it: the W_eff kernel walks a prefix block keeping a
-running count (start from the stored block prefix); the matmul kernels read it from a
+running count (start from the stored block prefix); the forward kernels read it from a
 ``bitmap_tile_prefix`` table (clear bits before each (row, PREFIX_TILE-column tile)) plus an
-in-tile scan, so any tile can be decoded independently (the forward reads it once per row and
-reduction split, then keeps a running count along its rows).
+in-tile scan, so any tile can be decoded independently (they read it once per row and
+reduction split, then keep a running count along the row).
 
 Import only where triton imports (``kernels/__init__.py`` checks).
 """
@@ -17,12 +18,12 @@ from typing import Optional
 import torch
 
 from . import quant
-from ._triton_support import (DOT_UPCAST, PREFIX_TILE, block_walk, cast_to, chunk_elements, chunk_selection,
-                              define_op, dot_precision, eager_or_op, interpreting, next_power_of_2, num_sms,
-                              repeat_each, selected_before_block, tl, triton)
+from ._triton_support import (DOT_UPCAST, PREFIX_TILE, Variant, block_walk, cast_to, chunk_elements, chunk_selection,
+                              cuda_op, dot_precision, interpreting, next_power_of_2, num_sms, repeat_each,
+                              selected_before_block, tl, triton)
 from .mask_ops_triton import tile_prefix_and_total
 
-SMALL_M = 64  # the fused matmuls take at most this many tokens; more go through W_eff + cuBLAS
+SMALL_M = 64  # the fused forward takes at most this many tokens; more go through W_eff + cuBLAS
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -101,7 +102,7 @@ def _accumulated(acc, BLOCK_M: tl.constexpr):
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block_prefix_ptr, theta_ptr, out_ptr,
+def _elementwise_effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block_prefix_ptr, theta_ptr, out_ptr,
                              numel, cols, q_stride, n_groups, group_size, block_size, n_theta,
                              BITS: tl.constexpr, EVEN_COLS: tl.constexpr, ALIGNED: tl.constexpr,
                              GROUP_SHIFT: tl.constexpr, CHUNK: tl.constexpr):
@@ -162,7 +163,7 @@ def _forward_program(tile_prefix_ptr, rows, cols, span, n_prefix_tiles, TILE: tl
 
 
 @triton.jit
-def _linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
+def _elementwise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
                    m, rows, cols, stride_xm, stride_xk, q_stride, n_groups, group_size, n_prefix_tiles,
                    span, stride_os, stride_om, n_theta,
                    BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
@@ -201,7 +202,7 @@ def _bytewise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
                             span, stride_os, stride_om, n_theta,
                             BITS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """:func:`_linear_kernel` for whole-byte rows (cols and group_size multiples of 8), eight
+    """:func:`_elementwise_linear_kernel` for whole-byte rows (cols and group_size multiples of 8), eight
     columns per lane: one bitmap byte and one 32-bit word of 4-bit codes (two words of 8-bit
     codes) per lane, unpacked by shifts in a static loop over the eight columns, so nothing is
     reshaped across lanes; the θ index is a scan over bytes (popcounts), not over elements."""
@@ -288,7 +289,7 @@ def _wordwise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
                             span, stride_os, stride_om, n_theta,
                             BITS: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """:func:`_linear_kernel` on :func:`_word_tile` tiles of BLOCK_W mask words (4-bit codes, cols
+    """:func:`_elementwise_linear_kernel` on :func:`_word_tile` tiles of BLOCK_W mask words (4-bit codes, cols
     and group_size multiples of 32). One token: a GEMV whose products are summed over each byte in
     the thread that holds it; more: the tile flattened to (rows, 32·BLOCK_W) for tl.dot."""
     rm, rn, row_ok, split, first, last, running = _forward_program(tile_prefix_ptr, rows, cols, span, n_prefix_tiles,
@@ -322,7 +323,7 @@ def _wordwise_linear_kernel(x_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr,
 @triton.jit
 def _wordwise_effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, block_prefix_ptr, theta_ptr,
                                       out_ptr, numel, group_size, block_size, n_theta, BLOCK_W: tl.constexpr):
-    """:func:`_effective_weight_kernel` on :func:`_word_tile` tiles of BLOCK_W mask words: where
+    """:func:`_elementwise_effective_weight_kernel` on :func:`_word_tile` tiles of BLOCK_W mask words: where
     rows are whole mask words and whole groups, an element's mask word, code word and group follow
     from its flat index alone, so the weight is read as one long row; one program per prefix block."""
     block = tl.program_id(0)
@@ -337,39 +338,6 @@ def _wordwise_effective_weight_kernel(qdata_ptr, scale_ptr, offset_ptr, bitmap_p
                                      numel, numel // 2, 0, group_size, n_theta)
         element = 32 * w[:, None, None] + 8 * tl.arange(0, 4)[None, :, None] + tl.arange(0, 8)[None, None, :]
         tl.store(out_ptr + element[None], cast_to(weight, out_ptr.dtype.element_ty), mask=ok[:, :, None, None])
-
-
-@triton.jit
-def _grad_input_kernel(g_ptr, qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, tile_prefix_ptr, theta_ptr, out_ptr,
-                       m, rows, cols, stride_gm, stride_gn, q_stride, n_groups, group_size, n_prefix_tiles,
-                       span, stride_os, stride_om, n_theta,
-                       BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, TILE: tl.constexpr,
-                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """out[split, :, rk] = g[:, rows of split] @ W_eff[rows of split, rk], a split being ``span``
-    rows; grid (⌈cols/BLOCK_K⌉, splits)."""
-    pid_k = tl.program_id(0)
-    split = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    first = split * span
-    last = tl.minimum(first + span, rows)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(first, last, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :] * stride_gn,
-                    mask=(rm[:, None] < m) & (rn[None, :] < last), other=0.0)  # last ≤ rows
-        base = tl.load(tile_prefix_ptr + rn * n_prefix_tiles + pid_k * (BLOCK_K // TILE), mask=rn < rows, other=0)
-        w, _ = _weight_tile(qdata_ptr, scale_ptr, offset_ptr, bitmap_ptr, theta_ptr, rn, pid_k * BLOCK_K, base,
-                            rows, cols, q_stride, n_groups, group_size, n_theta, BITS, GROUP_ALIGNED,
-                            BLOCK_N, BLOCK_K)
-        w = cast_to(w, g_ptr.dtype.element_ty)
-        if UPCAST:
-            acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(g, w, acc, input_precision=PRECISION)
-    tl.store(out_ptr + split * stride_os + rm[:, None] * stride_om + rk[None, :],
-             cast_to(acc, out_ptr.dtype.element_ty), mask=(rm[:, None] < m) & (rk[None, :] < cols))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -418,7 +386,7 @@ def effective_weight(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.T
                                                 enable_fp_fusion=False)
         return out
     walk = block_walk(block_size)
-    _effective_weight_kernel[grid](*operands, cols, qdata.shape[1], qscale.shape[1], group_size, block_size,
+    _elementwise_effective_weight_kernel[grid](*operands, cols, qdata.shape[1], qscale.shape[1], group_size, block_size,
                                    theta.numel(), BITS=bits, EVEN_COLS=cols % 2 == 0,
                                    GROUP_SHIFT=_group_shift(group_size, cols, block_size, walk["CHUNK"]), **walk,
                                    enable_fp_fusion=False)
@@ -440,23 +408,19 @@ _BYTEWISE = {"gemv": _configs([(4, 128, 4), (8, 64, 4), (8, 128, 4), (16, 64, 4)
                               "BLOCK_G", (16, PREFIX_TILE // 8, 4)),
              "dot": _configs([(16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8)], "BLOCK_G",
                              (16, PREFIX_TILE // 8, 4))}
-# Word-wise GEMV: 1-2 rows per program on 1-2 warps won on the H100; Nsight Compute found it
-# latency-bound with occupancy capped by registers (71 a thread: 28 one-warp programs per SM, 4096
-# rows = 1.11 waves), so some configs cap registers at 64 (32 programs per SM, one wave).
+# Word-wise GEMV: 1-2 rows per program on 1-2 warps. It is latency-bound with occupancy capped by
+# registers, so some configs cap registers at 64 (enough programs per SM for one wave of 4096 rows).
 _WORDWISE = {"gemv": _configs([(2, 32, 4), (1, 32, 2), (2, 32, 2), (1, 64, 2), (1, 32, 1), (1, 16, 1),
                                (1, 32, 1, 1), (1, 16, 1, 1), (1, 32, 1, 2, 64), (1, 16, 1, 2, 64)],
                               "BLOCK_W", (4, PREFIX_TILE // 32 or 1, 4)),
-             # one stage: pipelining the θ gather made a float32 θ 2-3x slower (H100, 16 tokens, 4096²:
-             # 51.5 vs 126-184 µs), a bfloat16 θ no faster (41.0 vs 40.4-40.7 µs)
+             # one stage: pipelining the θ gather slows a float32 θ down and a bfloat16 θ gains nothing
              "dot": _configs([(16, 8, 4), (32, 8, 8), (16, 4, 4), (32, 4, 4), (16, 8, 2), (16, 4, 2)], "BLOCK_W",
                              (16, PREFIX_TILE // 32 or 1, 4), stages=1)}
 _ELEMENTWISE = {"gemv": _configs([(8, 256, 4), (16, 128, 4), (8, 512, 8)], "BLOCK_K", (16, PREFIX_TILE, 4)),
                 "dot": _configs([(16, 128, 4), (32, 128, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))}
-# Word-wise W_eff: mask words per step (1024 elements) and warps. An ad-hoc sweep on the H100 (BLOCK_W
-# 8-32, 1-8 warps; 4096², 11008×4096, 4096×11008; s 0.5/0.9; bf16/fp32 θ) found 32 words on 2 warps
-# within 10% of the best everywhere; benchmarks.layers kernels rows: 36.0 vs 48.8 µs element-wise (4096²).
+# Word-wise W_eff: mask words per step (1024 elements) and warps; one setting, near the best for the
+# layer shapes and sparsities of benchmarks/layers.py, so W_eff needs no autotuning.
 _EFFECTIVE_WEIGHT_WORDS, _EFFECTIVE_WEIGHT_WARPS = 32, 2
-_GRAD_INPUT = _configs([(16, PREFIX_TILE, 4), (32, PREFIX_TILE, 8)], "BLOCK_K", (16, PREFIX_TILE, 4))
 # Forward splits start on a multiple of every tile width (and of PREFIX_TILE, which divides them).
 SPLIT_UNIT = max([c.kwargs["BLOCK_K"] for table in _ELEMENTWISE.values() for c in table] +
                  [8 * c.kwargs["BLOCK_G"] for table in _BYTEWISE.values() for c in table] +
@@ -472,8 +436,7 @@ def _by_tokens(table):
 
 # A tile inside one quantization group of every row reads one scale and offset per row.
 _group_aligned = triton.heuristics({"GROUP_ALIGNED": lambda a: a["group_size"] % a["BLOCK_K"] == 0})
-_linear_heuristic = _group_aligned(_linear_kernel)
-_grad_input_heuristic = _group_aligned(_grad_input_kernel)
+_elementwise_linear_heuristic = _group_aligned(_elementwise_linear_kernel)
 _KEY = ["BLOCK_M", "rows", "cols"]
 
 
@@ -482,10 +445,9 @@ def _tuned(kernel, table):
         table)})(kernel)
 
 
-_linear_tuned = _tuned(_linear_heuristic, _ELEMENTWISE)
+_elementwise_linear_tuned = _tuned(_elementwise_linear_heuristic, _ELEMENTWISE)
 _bytewise_linear_tuned = _tuned(_bytewise_linear_kernel, _BYTEWISE)
 _wordwise_linear_tuned = _tuned(_wordwise_linear_kernel, _WORDWISE)
-_grad_input_tuned = triton.autotune(_GRAD_INPUT, key=_KEY)(_grad_input_heuristic)
 
 
 def _span(reduce_dim: int, programs: int, unit: int, device: torch.device, split: Optional[int],
@@ -540,121 +502,89 @@ def _forward_kernel(qdata, bitmap, bits, cols, group_size, config: Optional[dict
                          f"multiples of 32, got {bits} bits, cols {cols}, group_size {group_size}")
     return {"BLOCK_W": (_wordwise_linear_tuned, _wordwise_linear_kernel),
             "BLOCK_G": (_bytewise_linear_tuned, _bytewise_linear_kernel),
-            "BLOCK_K": (_linear_tuned, _linear_heuristic)}[width]
+            "BLOCK_K": (_elementwise_linear_tuned, _elementwise_linear_heuristic)}[width]
 
 
-def _fused_matmul(grad_input: bool, inp: torch.Tensor, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta,
-                  tile_prefix, split: Optional[int], config: Optional[dict]):
-    """x @ W_effᵀ (``grad_input`` False, inp (m, cols)) or g @ W_eff (inp (m, rows)). ``config``
-    (tests): BLOCK_N, num_warps and BLOCK_K (element-wise forward kernel), BLOCK_G (bytewise
-    forward kernel; needs :func:`_whole_bytes`) or BLOCK_W (word-wise; needs :func:`_whole_words`),
-    bypassing the autotuner."""
-    rows = qdata.shape[0]
-    m = inp.shape[0]
-    block_m = 1 if m == 1 and not grad_input else max(16, next_power_of_2(m))
-    reduce_dim, out_dim = (rows, cols) if grad_input else (cols, rows)
-    if grad_input:  # programs own PREFIX_TILE columns; splits of rows, two programs per SM
-        span = _span(reduce_dim, triton.cdiv(out_dim, PREFIX_TILE), PREFIX_TILE, inp.device, split, 2)
-    else:  # splits of columns only if the rows leave SMs idle: one token's GEMV runs 1-8 rows per
-        # program; the tl.dot form 16-32, where two splits per SM's worth of 16-row blocks paid off
-        # (H100, 4-32 tokens, 4096 rows: 11008 columns 130 -> 100 µs, 4096 with a float32 θ 53 -> 43 µs;
-        # 11008 rows, which this leaves unsplit, lost 1-8% when split)
-        span = _span(reduce_dim, triton.cdiv(out_dim, 16), SPLIT_UNIT, inp.device, split, 1 if block_m == 1 else 2)
-    splits = triton.cdiv(reduce_dim, span)
-    out = torch.empty(splits, m, out_dim, dtype=inp.dtype if splits == 1 else torch.float32, device=inp.device)
-    args = (inp, qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, tile_prefix, theta, out, m, rows, cols,
-            inp.stride(0), inp.stride(1), qdata.shape[1], qscale.shape[1], group_size, tile_prefix.shape[1], span,
-            out.stride(0), out.stride(1), theta.numel())
-    meta = dict(BITS=bits, TILE=PREFIX_TILE, PRECISION=dot_precision(inp.dtype), UPCAST=DOT_UPCAST, BLOCK_M=block_m)
-    if grad_input:
-        if config is not None:  # dX tiles are PREFIX_TILE wide
-            config = {**config, "BLOCK_K": PREFIX_TILE}
-        grid = (triton.cdiv(cols, PREFIX_TILE), splits)
-        kernel = _grad_input_tuned if config is None else _grad_input_heuristic
-    else:
-        tuned, untuned = _forward_kernel(qdata, bitmap, bits, cols, group_size, config)
-        kernel = tuned if config is None else untuned
-
-        def grid(meta):
-            return (triton.cdiv(rows, meta["BLOCK_N"]), splits)
-    kernel[grid](*args, **meta, **(config or {}))
-    return out[0] if splits == 1 else out.sum(0).to(inp.dtype)
-
-
-def _takes_fused(op: str, tokens: int, fused: Optional[bool], default_tokens: int) -> bool:
-    if fused and tokens > SMALL_M:
-        raise ValueError(f"{op}: the fused kernel takes at most {SMALL_M} tokens, got {tokens}")
-    return tokens > 0 and (fused if fused is not None else tokens <= default_tokens)
-
-
-def linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
-                   group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
-                   theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None,
-                   split: Optional[int] = None, config: Optional[dict] = None,
-                   fused: Optional[bool] = None) -> torch.Tensor:
-    """:func:`quant.qresu_linear_small_m`: the fused kernel for ``fused=True`` (at most SMALL_M
-    tokens) or, by default, up to ``quant.fused_forward_tokens(...)`` tokens; W_eff + cuBLAS otherwise.
-    ``split``: reduction splits (default: enough programs for the GPU); ``config``: see
-    :func:`_fused_matmul`."""
+def fused_linear(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
+                 group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                 theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None, split: Optional[int] = None,
+                 config: Optional[dict] = None) -> torch.Tensor:
+    """y = x @ W_effᵀ (:func:`quant.qresu_linear_small_m`) in one fused kernel, W_eff never
+    materialised, for x (..., cols) with at most SMALL_M tokens, whatever the routing default.
+    ``split``: reduction splits (default: enough programs for the GPU). ``config`` (tests): BLOCK_N,
+    num_warps and the width key of one kernel, bypassing the autotuner: BLOCK_K (element-wise),
+    BLOCK_G (byte-wise; needs :func:`_whole_bytes`) or BLOCK_W (word-wise; needs :func:`_whole_words`)."""
     _check_quantized(qdata, qscale, bits, group_size, cols)
     rows = qdata.shape[0]
     if x.shape[-1] != cols:
         raise ValueError(f"qresu_linear_small_m: x has {x.shape[-1]} features, the weight {cols} columns")
     x2 = x.reshape(-1, cols)
-    default_tokens = quant.fused_forward_tokens(bits, cols, group_size)
-    if not _takes_fused("qresu_linear_small_m", x2.shape[0], fused, default_tokens):
-        w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, x.dtype, bitmap, block_prefix,
-                             block_size, theta)
-        return (x2 @ w.t()).reshape(*x.shape[:-1], rows)
+    m = x2.shape[0]
+    if m > SMALL_M:
+        raise ValueError(f"qresu_linear_small_m: the fused kernel takes at most {SMALL_M} tokens, got {m}")
+    if m == 0:
+        return x.new_zeros(*x.shape[:-1], rows)
     tile_prefix = _prepared(bitmap, rows, cols, tile_prefix)
-    y = _fused_matmul(False, x2, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta.contiguous(),
-                      tile_prefix, split, config)
+    theta = theta.contiguous()
+    block_m = 1 if m == 1 else max(16, next_power_of_2(m))
+    # Split the columns only where the row blocks leave SMs idle: one token's GEMV runs a few rows
+    # per program, the tl.dot form 16-32 and wants two programs per SM.
+    span = _span(cols, triton.cdiv(rows, 16), SPLIT_UNIT, x.device, split, 1 if block_m == 1 else 2)
+    splits = triton.cdiv(cols, span)
+    out = torch.empty(splits, m, rows, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    tuned, untuned = _forward_kernel(qdata, bitmap, bits, cols, group_size, config)
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_N"]), splits)
+
+    (tuned if config is None else untuned)[grid](
+        x2, qdata, qscale.contiguous(), qoffset.contiguous(), bitmap, tile_prefix, theta, out, m, rows, cols,
+        x2.stride(0), x2.stride(1), qdata.shape[1], qscale.shape[1], group_size, tile_prefix.shape[1], span,
+        out.stride(0), out.stride(1), theta.numel(), BITS=bits, TILE=PREFIX_TILE, PRECISION=dot_precision(x.dtype),
+        UPCAST=DOT_UPCAST, BLOCK_M=block_m, **(config or {}))
+    y = out[0] if splits == 1 else out.sum(0).to(x.dtype)
     return y.reshape(*x.shape[:-1], rows)
+
+
+def linear_small_m(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
+                   group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
+                   theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`quant.qresu_linear_small_m`: :func:`fused_linear` for 1 to
+    ``quant.fused_forward_tokens(...)`` tokens, the W_eff kernel and cuBLAS otherwise."""
+    _check_quantized(qdata, qscale, bits, group_size, cols)
+    if x.shape[-1] != cols:
+        raise ValueError(f"qresu_linear_small_m: x has {x.shape[-1]} features, the weight {cols} columns")
+    tokens = x.numel() // cols if cols else 0
+    if 0 < tokens <= quant.fused_forward_tokens(bits, cols, group_size):
+        return fused_linear(x, qdata, qscale, qoffset, bits, group_size, cols, bitmap, block_prefix, block_size, theta,
+                            tile_prefix)
+    w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, x.dtype, bitmap, block_prefix, block_size,
+                         theta)
+    return x @ w.t()
 
 
 def grad_input_small_m(grad_out: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor,
                        bits: int, group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor,
-                       block_size: int, theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None,
-                       split: Optional[int] = None, config: Optional[dict] = None,
-                       fused: Optional[bool] = None) -> torch.Tensor:
-    """:func:`quant.qresu_grad_input_small_m`, routed as :func:`linear_small_m` (by default never
-    fused: ``quant.FUSED_GRAD_INPUT_TOKENS``)."""
+                       block_size: int, theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+    """:func:`quant.qresu_grad_input_small_m` as the W_eff kernel and cuBLAS at every token count
+    (``quant.FUSED_GRAD_INPUT_TOKENS``: no fused dX kernel); ``tile_prefix`` is not needed."""
     _check_quantized(qdata, qscale, bits, group_size, cols)
     rows = qdata.shape[0]
     if grad_out.shape[-1] != rows:
         raise ValueError(f"qresu_grad_input_small_m: grad_out has {grad_out.shape[-1]} features, the weight has "
                          f"{rows} rows")
-    g2 = grad_out.reshape(-1, rows)
-    if not _takes_fused("qresu_grad_input_small_m", g2.shape[0], fused, quant.FUSED_GRAD_INPUT_TOKENS):
-        w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, grad_out.dtype, bitmap, block_prefix,
-                             block_size, theta)
-        return (g2 @ w).reshape(*grad_out.shape[:-1], cols)
-    tile_prefix = _prepared(bitmap, rows, cols, tile_prefix)
-    dx = _fused_matmul(True, g2, qdata, qscale, qoffset, bits, group_size, cols, bitmap, theta.contiguous(),
-                       tile_prefix, split, config)
-    return dx.reshape(*grad_out.shape[:-1], cols)
+    w = effective_weight(qdata, qscale, qoffset, bits, group_size, cols, grad_out.dtype, bitmap, block_prefix,
+                         block_size, theta)
+    return grad_out @ w
 
 
-# --------------------------------------------------------------------------- custom ops
+# --------------------------------------------------------------------------- fake (meta) implementations
 def _effective_weight_op(qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int, group_size: int,
                          cols: int, dtype: torch.dtype, bitmap: torch.Tensor, block_prefix: torch.Tensor,
                          block_size: int, theta: torch.Tensor) -> torch.Tensor:
     return effective_weight(qdata, qscale, qoffset, bits, group_size, cols, dtype, bitmap, block_prefix, block_size,
                             theta)
-
-
-def _linear_op(x: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor, bits: int,
-               group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
-               theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return linear_small_m(x, qdata, qscale, qoffset, bits, group_size, cols, bitmap, block_prefix, block_size, theta,
-                          tile_prefix)
-
-
-def _grad_input_op(grad_out: torch.Tensor, qdata: torch.Tensor, qscale: torch.Tensor, qoffset: torch.Tensor,
-                   bits: int, group_size: int, cols: int, bitmap: torch.Tensor, block_prefix: torch.Tensor,
-                   block_size: int, theta: torch.Tensor, tile_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return grad_input_small_m(grad_out, qdata, qscale, qoffset, bits, group_size, cols, bitmap, block_prefix,
-                              block_size, theta, tile_prefix)
 
 
 def _fake_effective_weight(qdata, qscale, qoffset, bits, group_size, cols, dtype, bitmap, block_prefix, block_size,
@@ -672,13 +602,50 @@ def _fake_grad_input(grad_out, qdata, qscale, qoffset, bits, group_size, cols, b
     return grad_out.new_empty(*grad_out.shape[:-1], cols)
 
 
-effective_weight_op = define_op("qresu_effective_weight", _effective_weight_op, _fake_effective_weight)
-linear_small_m_op = define_op("qresu_linear_small_m", _linear_op, _fake_linear)
-grad_input_small_m_op = define_op("qresu_grad_input_small_m", _grad_input_op, _fake_grad_input)
+# --------------------------------------------------------------------------- compile variants
+def _effective_weight_variants(quick: bool):
+    for bits in (4, 8):
+        types = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", block_prefix_ptr="*i32",
+                     theta_ptr="*fp32", out_ptr="*bf16", numel="i32", cols="i32", q_stride="i32", n_groups="i32",
+                     group_size="i32", block_size="i32", n_theta="i32")
+        constexprs = {"BITS": bits, "EVEN_COLS": True, "ALIGNED": True, "GROUP_SHIFT": 6, "CHUNK": 1024}
+        yield Variant(_elementwise_effective_weight_kernel, types, constexprs, {"enable_fp_fusion": False})
+    for theta in ("*fp32", "*bf16"):
+        types = dict(qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8", block_prefix_ptr="*i32",
+                     theta_ptr=theta, out_ptr="*bf16", numel="i32", group_size="i32", block_size="i32", n_theta="i32")
+        yield Variant(_wordwise_effective_weight_kernel, types, {"BLOCK_W": _EFFECTIVE_WEIGHT_WORDS},
+                      {"enable_fp_fusion": False, "num_warps": _EFFECTIVE_WEIGHT_WARPS})
 
-# Table entries (signatures of quant.qresu_effective_weight / qresu_linear_small_m / qresu_grad_input_small_m).
-qresu_effective_weight = eager_or_op("qresu_effective_weight", effective_weight, effective_weight_op,
-                                     quant.qresu_effective_weight)
-qresu_linear_small_m = eager_or_op("qresu_linear_small_m", _linear_op, linear_small_m_op, quant.qresu_linear_small_m)
-qresu_grad_input_small_m = eager_or_op("qresu_grad_input_small_m", _grad_input_op, grad_input_small_m_op,
-                                       quant.qresu_grad_input_small_m)
+
+def _linear_variants(quick: bool):
+    """Every autotune config of the three forward kernels, for one token (GEMV tiles) and more
+    (tl.dot tiles), with 4- and 8-bit codes (the word-wise kernel reads 4-bit codes only); and W_eff."""
+    types = dict(x_ptr="*bf16", qdata_ptr="*u8", scale_ptr="*fp32", offset_ptr="*fp32", bitmap_ptr="*u8",
+                 tile_prefix_ptr="*i32", theta_ptr="*fp32", out_ptr="*fp32", m="i32", rows="i32", cols="i32",
+                 stride_xm="i32", q_stride="i32", n_groups="i32", group_size="i32", n_prefix_tiles="i32", span="i32",
+                 stride_os="i32", stride_om="i32", n_theta="i32")
+    for kernel, tables in [(_elementwise_linear_kernel, _ELEMENTWISE), (_bytewise_linear_kernel, _BYTEWISE),
+                           (_wordwise_linear_kernel, _WORDWISE)]:
+        for shape, table in tables.items():
+            for config in table:
+                for bits, block_m in [(4, 1 if shape == "gemv" else 16), (8, 1 if shape == "gemv" else 64)][
+                        :1 if "BLOCK_W" in config.kwargs else 2]:
+                    constexprs = dict(config.kwargs, BITS=bits, TILE=PREFIX_TILE, PRECISION="tf32", UPCAST=False,
+                                      BLOCK_M=block_m, stride_xk=1)
+                    if "BLOCK_K" in config.kwargs:
+                        constexprs["GROUP_ALIGNED"] = bits == 4
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                    if config.maxnreg:
+                        options["maxnreg"] = config.maxnreg
+                    yield Variant(kernel, types, constexprs, options)
+                if quick:
+                    break
+    yield from _effective_weight_variants(quick)
+
+
+# --------------------------------------------------------------------------- the ops (quant's signatures)
+qresu_effective_weight = cuda_op(quant.qresu_effective_weight, _effective_weight_op, _fake_effective_weight,
+                                 variants=_effective_weight_variants)
+qresu_linear_small_m = cuda_op(quant.qresu_linear_small_m, linear_small_m, _fake_linear, variants=_linear_variants)
+qresu_grad_input_small_m = cuda_op(quant.qresu_grad_input_small_m, grad_input_small_m, _fake_grad_input,
+                                   variants=_effective_weight_variants)

@@ -1,4 +1,4 @@
-"""Reference for RESU-Selective's consistency filter (DESIGN.md §1), split in its two elementwise
+"""Reference for RESU-Selective's consistency filter, split in its two elementwise
 passes so that the top-k thresholds between them stay on the device:
 
 1. :func:`selective_scores_`: update the EMAs m, v with g, and score each θ: C·|g| if it passed
@@ -9,6 +9,8 @@ All math is float32; m and v are stored in their own dtype (float32 or bfloat16)
 always computed from the stored values, so both passes see the same C.
 """
 import torch
+
+from ._table import kernel_op
 
 
 def _check(op: str, threshold_name: str, threshold: torch.Tensor, **flat: torch.Tensor) -> None:
@@ -41,6 +43,7 @@ def consistency(m: torch.Tensor, v: torch.Tensor, delta: float) -> torch.Tensor:
     return m.float().abs() / (v.float() + delta)
 
 
+@kernel_op
 def selective_scores_(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta: float, tau: float, delta: float,
                       screen_threshold: torch.Tensor) -> torch.Tensor:
     """m ← β·m + (1−β)·g and v ← β·v + (1−β)·|g| in place; returns the float32 score
@@ -54,6 +57,7 @@ def selective_scores_(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta
     return torch.where(candidates, c * g.abs(), -1.0)
 
 
+@kernel_op
 def selective_apply_(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, score: torch.Tensor, delta: float,
                      select_threshold: torch.Tensor) -> torch.Tensor:
     """grad ← C·g where ``score`` ≥ ``select_threshold`` (a one-element tensor) and score ≥ 0,

@@ -8,7 +8,7 @@ Import only where triton imports (``kernels/__init__.py`` checks).
 import torch
 
 from . import selective
-from ._triton_support import cast_to, define_op, eager_or_op, tl, triton
+from ._triton_support import Variant, cast_to, cuda_op, tl, triton
 
 BLOCK = 1024
 
@@ -76,15 +76,17 @@ def _fake_apply(grad, m, v, score, delta, select_threshold):
     return None
 
 
-def _returning_grad(grad, *args):
-    _selective_apply(grad, *args)
-    return grad
+def _variants(kernel, **operands):
+    def variants(quick: bool):
+        for grad, ema in [("*bf16", "*bf16"), ("*fp32", "*fp32")]:
+            types = dict(grad_ptr=grad, m_ptr=ema, v_ptr=ema, score_ptr="*fp32", numel="i32", delta="fp32", **operands)
+            yield Variant(kernel, types, {"BLOCK": BLOCK}, {"enable_fp_fusion": False})
+    return variants
 
 
-selective_scores_op = define_op("selective_scores_", _selective_scores, _fake_scores, mutates_args=["m", "v"])
-selective_apply_op = define_op("selective_apply_", _selective_apply, _fake_apply, mutates_args=["grad"])
-# What the kernel table registers for "cuda" (signatures and results of selective.selective_scores_ / _apply_).
-selective_scores_ = eager_or_op("selective_scores_", _selective_scores, selective_scores_op,
-                                selective.selective_scores_)
-selective_apply_ = eager_or_op("selective_apply_", _returning_grad, selective_apply_op, selective.selective_apply_,
-                               returns_first_arg=True)
+# The ops (selective's signatures)
+selective_scores_ = cuda_op(selective.selective_scores_, _selective_scores, _fake_scores, mutates_args=["m", "v"],
+                            variants=_variants(_scores_kernel, screen_ptr="*fp32", beta="fp32",
+                                               one_minus_beta="fp32", tau="fp32"))
+selective_apply_ = cuda_op(selective.selective_apply_, _selective_apply, _fake_apply, mutates_args=["grad"],
+                           returns_first_arg=True, variants=_variants(_apply_kernel, select_ptr="*fp32"))

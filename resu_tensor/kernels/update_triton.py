@@ -7,13 +7,14 @@ Formulas are those of aten's CUDA kernels, in float32 (opmath): ``v + s * (t1 / 
 addcdiv, torch.lerp's two-sided form. Import only where triton imports (``kernels/__init__.py``
 checks).
 """
+import itertools
 from typing import List, Optional
 
 import torch
 
 from . import mask_ops
-from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, address_table, block_walk, cast_to, chunk_elements,
-                              chunk_selection, define_op, eager_or_op, float32_bits, load_float, selected_before_block,
+from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, Variant, address_table, block_walk, cast_to, chunk_elements,
+                              chunk_selection, cuda_op, float32_bits, load_float, selected_before_block,
                               store_float, table_block, table_entry, table_grid, table_group, table_pointer, table_row,
                               table_walk_start, tl, triton)
 
@@ -43,7 +44,7 @@ def _updated(v, a, b, scalar, OP: tl.constexpr):
 @triton.jit
 def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_ptr, numel, block_size, n_compact,
                           scalar, INVERT: tl.constexpr, OP: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per prefix block; positions as in mask_ops_triton._bitmap_move_kernel."""
+    """One program per prefix block; positions as in mask_ops_triton._gather_by_bitmap_kernel."""
     block = tl.program_id(0)
     start = block.to(tl.int64) * block_size
     running = selected_before_block(block_prefix_ptr, block, start, INVERT)
@@ -157,22 +158,31 @@ def _fake_update(values, bitmap, block_prefix, block_size, invert, op, tensor1, 
     return None
 
 
-def _returning_values(values, *args):
-    _update_by_bitmap_(values, *args)
-    return values
-
-
-update_by_bitmap_op = define_op("update_by_bitmap_", _update_by_bitmap_, _fake_update, mutates_args=["values"])
-# What the kernel table registers for "cuda" (signature and result of mask_ops.update_by_bitmap_).
-update_by_bitmap_ = eager_or_op("update_by_bitmap_", _returning_values, update_by_bitmap_op,
-                                mask_ops.update_by_bitmap_, returns_first_arg=True)
-
-
 def _fake_foreach_update(values, bitmaps, block_prefixes, block_sizes, inverts, op, tensor1s, tensor2s, scalars):
     return None
 
 
-foreach_update_by_bitmap_op = define_op("foreach_update_by_bitmap_", _foreach_update_by_bitmap_, _fake_foreach_update,
-                                        mutates_args=["values"])
-foreach_update_by_bitmap_ = eager_or_op("foreach_update_by_bitmap_", _foreach_update_by_bitmap_,
-                                        foreach_update_by_bitmap_op, mask_ops.foreach_update_by_bitmap_)
+def _update_variants(quick: bool):
+    """Every op on a bf16 weight with float32 operands (clear bits) and on float32 ones (set bits)."""
+    for update, (values, operand, invert) in itertools.product(mask_ops.UPDATE_OPS, [("*bf16", "*fp32", True),
+                                                                                  ("*fp32", "*fp32", False)]):
+        types = dict(values_ptr=values, bitmap_ptr="*u8", block_prefix_ptr="*i32", t1_ptr=operand, t2_ptr=operand,
+                     numel="i32", block_size="i32", n_compact="i32", scalar="fp32")
+        yield Variant(_update_bitmap_kernel, types, {"INVERT": invert, "OP": update, "ALIGNED": True, "CHUNK": 1024})
+
+
+def _foreach_update_variants(quick: bool):
+    yield from _update_variants(quick)  # a group of one weight
+    for update, (values, operand, invert) in itertools.product(mask_ops.UPDATE_OPS, [
+            (torch.bfloat16, torch.float32, True), (torch.float32, torch.float32, False)]):
+        values, operand = TL_DTYPES[values], TL_DTYPES[operand]
+        constexprs = {"P_DTYPE": values, "T1_DTYPE": operand, "T2_DTYPE": operand, "INVERT": invert, "OP": update,
+                      "ALIGNED": True, "CHUNK": 1024}
+        yield Variant(_foreach_update_bitmap_kernel, dict(table_ptr="*i64"), constexprs)
+
+
+# The ops (mask_ops' signatures)
+update_by_bitmap_ = cuda_op(mask_ops.update_by_bitmap_, _update_by_bitmap_, _fake_update, mutates_args=["values"],
+                            returns_first_arg=True, variants=_update_variants)
+foreach_update_by_bitmap_ = cuda_op(mask_ops.foreach_update_by_bitmap_, _foreach_update_by_bitmap_,
+                                    _fake_foreach_update, mutates_args=["values"], variants=_foreach_update_variants)

@@ -4,8 +4,10 @@ from typing import Optional
 import torch
 
 from . import mask_ops
+from ._table import kernel_op
 
 
+@kernel_op
 def compact_weight_grad(a: torch.Tensor, b: torch.Tensor, trainable_flat: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """Flat trainable part of ``a.T @ b`` (row-major), in ``out_dtype``.
 
@@ -19,6 +21,7 @@ def compact_weight_grad(a: torch.Tensor, b: torch.Tensor, trainable_flat: Option
     return dense.reshape(-1)[trainable_flat]
 
 
+@kernel_op
 def compact_weight_grad_bitmap(a: torch.Tensor, b: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor,
                                block_size: int, invert: bool, count: int, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`compact_weight_grad` with the trainable set given as a packed bitmap: its set bits
