@@ -20,7 +20,7 @@ OPTIMIZERS = {
     "adam_wd_foreach": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, foreach=True),
     "sgd_nesterov_foreach": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01,
                                                       foreach=True),
-    # fused: one kernel pass per bitmap-masked weight (kernels.adam_by_bitmap_), torch's fused op elsewhere
+    # fused: one kernel pass per bitmap-masked weight (kernels.foreach_adam_by_bitmap_), torch's fused op elsewhere
     "adamw_fused": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.5, fused=True),
     "adam_fused_wd_maximize": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, maximize=True, fused=True),
     "adamw_fused_amsgrad": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, amsgrad=True, fused=True),
