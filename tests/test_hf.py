@@ -18,17 +18,12 @@ safetensors = pytest.importorskip("safetensors")
 from resu_tensor.integrations import (enable_flat_state_dict, load_resu_safetensors,  # noqa: E402
                                       save_resu_safetensors)
 from resu_tensor.integrations.safetensors_io import META, flatten_state_dict  # noqa: E402
+from resu_asserts import assert_same_state  # noqa: E402
 
 
 def assert_same_resu_state(a: rt.ResuTensor, b: rt.ResuTensor) -> None:
-    """Every field equal, every inner tensor bit-identical (dtype included)."""
-    for name, value in a.fields().items():
-        other = getattr(b, name)
-        if isinstance(value, torch.Tensor):
-            assert isinstance(other, torch.Tensor) and value.dtype == other.dtype, name
-            assert torch.equal(value, other), name
-        else:
-            assert value == other, (name, value, other)
+    """:func:`assert_same_state`, and the same mode, mask and dense weight."""
+    assert_same_state(a, b)
     assert a.mode == b.mode and torch.equal(a.mask(), b.mask()) and torch.equal(a.dequantize(), b.dequantize())
 
 

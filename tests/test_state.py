@@ -20,17 +20,9 @@ from resu_tensor.core.mask_encoding import EncodedMask, encode_mask
 from resu_tensor.core.row_blocks import from_row_fields, row_attributes, row_fields, slice_rows
 from resu_tensor.core.state import QuantizedActive, build_state, check_state
 from resu_tensor.integrations.safetensors_io import META, flatten_resu_tensor, rebuild_resu_tensor
+from resu_asserts import assert_same_state
 
 
-def assert_same_state(a: rt.ResuTensor, b: rt.ResuTensor) -> None:
-    """Every field equal, every inner tensor bit-identical (dtype included)."""
-    for name, value in a.fields().items():
-        other = getattr(b, name)
-        if isinstance(value, torch.Tensor):
-            assert isinstance(other, torch.Tensor) and value.dtype == other.dtype, name
-            assert torch.equal(value, other), name
-        else:
-            assert value == other, (name, value, other)
 
 
 def make(kind: str, seed: int = 0, shape=(24, 40)) -> rt.ResuTensor:

@@ -71,14 +71,17 @@ def decode_mask(encoded: EncodedMask, shape: tuple[int, int], device: torch.devi
     return flat.view(shape)
 
 
-def active_count(encoded: EncodedMask, numel: int) -> int:
+def active_count(encoded: EncodedMask, numel: int, unpacked: Optional[torch.Tensor] = None) -> int:
+    """Set coordinates of ``encoded``; ``unpacked``: its bitmap already unpacked (saves a pass)."""
     if encoded.kind == "none":
         return numel
     if encoded.kind == "active_indices":
         return encoded.indices.numel()
     if encoded.kind == "pruned_indices":
         return numel - encoded.indices.numel()
-    return int(kernels.unpack_bitmap(encoded.bitmap, numel).sum())
+    if unpacked is None:
+        unpacked = kernels.unpack_bitmap(encoded.bitmap, numel)
+    return int(unpacked.sum())
 
 
 def encoded_nbytes(encoded: EncodedMask) -> int:

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 
 from resu_tensor import kernels
-from resu_tensor.core.mask_encoding import KINDS, EncodedMask, prefix_block_size
+from resu_tensor.core.mask_encoding import KINDS, EncodedMask, active_count, prefix_block_size
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.tracing import is_traced
 from resu_tensor.method.selective import EMA_DTYPES, SelectiveConfig
@@ -226,16 +226,6 @@ def _check_encoding(where, fields, prefix: str, shape, traced: bool) -> tuple[En
     return EncodedMask(kind, indices=indices), None
 
 
-def _count(encoded: EncodedMask, flat: Optional[torch.Tensor], numel: int) -> int:
-    if encoded.kind == "none":
-        return numel
-    if encoded.kind == "active_indices":
-        return encoded.indices.numel()
-    if encoded.kind == "pruned_indices":
-        return numel - encoded.indices.numel()
-    return int(flat.sum())
-
-
 def _decoded(encoded: EncodedMask, flat: Optional[torch.Tensor], numel: int, device) -> torch.Tensor:
     if flat is not None:
         return flat
@@ -287,7 +277,7 @@ def _check(f: Mapping, where: str) -> tuple[Optional[int], Optional[int]]:
     if (mode == Mode.DENSE) != (mask.kind == "none"):
         _fail(where, "mask_kind", repr(mask.kind), "'none' in mode 'dense' only" if mode == Mode.DENSE
               else f"a mask (bitmap or indices) in mode {mode.value!r}")
-    n_active = None if traced else _count(mask, mask_flat, numel)
+    n_active = None if traced else active_count(mask, numel, mask_flat)
 
     if mode == Mode.QRESU:
         _require_absent(where, f, ["values"], "QRESU stores the active weights quantized")
@@ -329,7 +319,7 @@ def _check(f: Mapping, where: str) -> tuple[Optional[int], Optional[int]]:
             if outside:
                 raise ValueError(f"{where}: the subset holds {outside} active coordinates, expected a subset of "
                                  "the pruned set")
-            trainable = _count(subset, subset_flat, numel)
+            trainable = active_count(subset, numel, subset_flat)
         else:
             trainable = {"all": numel, "active": n_active, "pruned": numel - n_active}[side]
 
