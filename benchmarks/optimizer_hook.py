@@ -101,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(1)
     hooks = library_hooks()
     entry = {
-        "package": str(pathlib.Path(rt.__file__).resolve().parent),
+        "package": rt.__name__,
         "commit": package_commit(),
         "hooks": [f"{h.__module__}.{h.__name__}" for h in hooks],
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
