@@ -158,16 +158,31 @@ def test_checkpoint_mid_cycle_resumes_identically():
         else:
             assert torch.equal(a, b)
     assert [vars(h) for h in scheduler.history] == [vars(h) for h in fresh_scheduler.history]
+    assert scheduler.steps == fresh_scheduler.steps and len(scheduler.steps) == 60
 
 
-def test_plot_history_writes_png(tmp_path):
+def test_plot_history_draws_the_per_step_history_headless(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here; plot_history itself uses no pyplot state
     model, optimizer, scheduler = make_run({"num_cycles": 2})
     generator = torch.Generator().manual_seed(8)
-    with pytest.raises(ValueError, match="no finished cycle"):
-        rt.plot_history(scheduler, tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="no recorded step"):
+        rt.plot_history(scheduler)
     while not scheduler.finished:
         train_step(model, optimizer, scheduler, generator)
-    path = rt.plot_history(scheduler, tmp_path / "history.png")
+    fig = rt.plot_history(scheduler)
+    assert [ax.get_title() for ax in fig.axes] == ["training loss", "sparsity", "resurrected share of the active set"]
+    loss_line = fig.axes[0].get_lines()[0]
+    assert list(loss_line.get_xdata()) == list(range(1, 41))
+    assert list(loss_line.get_ydata()) == [r.loss for r in scheduler.steps]
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == [r.sparsity for r in scheduler.steps]
+    # one vertical line per prune and per commit (2 cycles), after the data line
+    boundaries = [line.get_xdata()[0] for line in fig.axes[1].get_lines()[1:]]
+    assert sorted(boundaries) == [10, 20, 30, 40]
+    assert len(fig.axes[2].patches) == 2  # the two RESU phases, shaded
+    path = tmp_path / "history.png"
+    rt.plot_history(scheduler, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
@@ -240,3 +255,75 @@ def test_progress_bar_shows_cycle_and_phase(capsys):
         train_step(model, optimizer, scheduler, generator)
     err = capsys.readouterr().err
     assert "RESU" in err and "20/20" in err and "cycle=1" in err
+
+
+def test_resurrected_share_counts_a_coordinate_resurrected_twice_once():
+    """'simple' commits make every θ active, so the next prune cuts mostly the same small
+    coordinates again: many are pruned and resurrected twice. Reference: the masks seen from
+    outside after every step."""
+    model, optimizer, scheduler = make_run({"commit_strategy": "simple", "num_cycles": 3, "epsilon": 0.01})
+    generator = torch.Generator().manual_seed(11)
+    weights = [w for _, _, w in rt.resu_weights(model)]
+    ever_pruned = [torch.zeros(w.shape, dtype=torch.bool) for w in weights]
+    resurrections = [torch.zeros(w.shape, dtype=torch.int64) for w in weights]
+    while not scheduler.finished:
+        before = [w.mask().clone() for w in weights]
+        train_step(model, optimizer, scheduler, generator)
+        for i, w in enumerate(weights):
+            mask = w.mask()
+            ever_pruned[i] |= ~mask
+            resurrections[i] += (mask & ~before[i]).long()
+            if scheduler.steps[-1].event == "commit":
+                assert (mask & ~before[i]).any()  # the commit brought coordinates back
+        active = sum(int(w.mask().sum()) for w in weights)
+        expected = sum(int((p & w.mask()).sum()) for p, w in zip(ever_pruned, weights)) / active
+        assert scheduler.steps[-1].resurrected_share == expected
+    twice = sum(int((r >= 2).sum()) for r in resurrections)
+    assert twice > 0  # the case this test is about
+    final = scheduler.history[-1]
+    once = sum(int((p & w.mask()).sum()) for p, w in zip(ever_pruned, weights))
+    assert final.resurrected_share == once / final.active and final.active == sum(w.numel() for w in weights)
+    # this cycle's resurrections plus earlier ones still active: each coordinate once
+    assert final.resurrected + final.survivors == once
+    assert sum(h.resurrected for h in scheduler.history) - once >= twice  # what summing per cycle overcounts
+
+
+def test_step_records_loss_phase_sparsity_and_metrics():
+    model, optimizer, scheduler = make_run({"num_cycles": 1})
+    generator = torch.Generator().manual_seed(12)
+    with pytest.raises(TypeError, match="metrics must be a dict"):
+        scheduler.step(1.0, metrics=[0.5])
+    with pytest.raises(TypeError, match=r"metrics\['acc'\] must be a number"):
+        scheduler.step(1.0, metrics={"acc": "high"})
+    with pytest.raises(ValueError, match="one-element tensor"):
+        scheduler.step(torch.ones(2))
+    assert scheduler.global_step == 0 and not scheduler.steps  # a rejected step changes nothing
+    phases = []
+    while not scheduler.finished:
+        phases.append(scheduler.phase)
+        x = torch.randn(8, 16, generator=generator)
+        loss = F.cross_entropy(model(x), torch.randint(0, 4, (8,), generator=generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metrics = {"val_acc": torch.tensor(0.5 + scheduler.global_step / 100), "n": 3} \
+            if scheduler.global_step % 5 == 4 else None
+        scheduler.step(loss if scheduler.global_step != 0 else None, metrics=metrics)
+    records = scheduler.steps
+    assert [r.step for r in records] == list(range(1, 21)) and [r.phase for r in records] == phases
+    assert records[0].loss is None and all(isinstance(r.loss, float) for r in records[1:])
+    assert [r.step for r in records if r.metrics] == [5, 10, 15, 20]
+    assert records[4].metrics == {"val_acc": pytest.approx(0.54), "n": 3.0}
+    assert [(r.step, r.event) for r in records if r.event] == [(10, "prune"), (14, "enter_resu"), (20, "commit")]
+    sparsity = sum(int((~w.mask()).sum()) for _, _, w in rt.resu_weights(model)) / \
+        sum(w.numel() for _, _, w in rt.resu_weights(model))
+    assert [r.sparsity for r in records[:9]] == [0.0] * 9 and records[-1].sparsity == sparsity
+    assert scheduler.history[0].loss == pytest.approx(sum(r.loss for r in records[1:]) / 19)
+
+
+def test_no_stabilize_budget_prunes_and_enters_resu_in_one_step():
+    model, optimizer, scheduler = make_run({"num_cycles": 1, "stabilize_fraction": 0.0})
+    generator = torch.Generator().manual_seed(13)
+    while not scheduler.finished:
+        train_step(model, optimizer, scheduler, generator)
+    assert [(r.step, r.event) for r in scheduler.steps if r.event] == [(14, "prune+enter_resu"), (20, "commit")]

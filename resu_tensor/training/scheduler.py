@@ -6,11 +6,15 @@
         scheduler.step(loss)            # once per optimizer step
 
 It never runs the training loop; Wanda pruning or scoring only needs ``calibration`` batches.
+Every phase change is announced on the ``resu_tensor`` logger (INFO: the phase change and its
+figures; DEBUG: per-layer details); ``logging.basicConfig(level=logging.INFO)`` shows them.
 The same class drives a model whose ResuTensor weights FSDP2 shards: each phase change runs on
 the gathered layers (training/sharded.py), identically on every rank.
 """
+import logging
+import numbers
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable, Optional
 
 import torch
@@ -18,6 +22,7 @@ from torch import nn
 
 from resu_tensor import kernels
 from resu_tensor.core.subset import restrict_to_subset_
+from resu_tensor.method.amnesty import AmnestyStats, format_stats_table
 from resu_tensor.method.schedule import ScheduleConfig
 from resu_tensor.training.calibration import calibrate
 from resu_tensor.training.filters import resu_weights
@@ -27,6 +32,9 @@ from resu_tensor.training.sharded import check_gatherable_options, full_weights,
 
 PHASES = ("train", "stabilize", "resu")
 
+logger = logging.getLogger("resu_tensor")
+logger.addHandler(logging.NullHandler())  # silent unless the application configures logging
+
 
 @dataclass
 class CycleStats:
@@ -34,16 +42,51 @@ class CycleStats:
 
     cycle: int
     sparsity: float
-    resurrected: int  # pruned before RESU, active after commit
-    survivors: int  # resurrected in an earlier cycle and still active after this commit
+    resurrected: int  # pruned before this cycle's RESU, active after its commit
+    # resurrected in an earlier cycle and still active after this commit, and not counted in
+    # ``resurrected`` again (a coordinate pruned and resurrected a second time counts there only)
+    survivors: int
     mean_consistency: Optional[float]  # RESU-Selective's mean C over θ at commit (None without it)
     loss: Optional[float]  # mean of the losses passed to step() during the cycle
+    active: Optional[int] = None  # size of the active set after the commit
+    # share of that active set pruned at some point before (each coordinate once, however often
+    # it was pruned and resurrected)
+    resurrected_share: Optional[float] = None
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step of a ResuScheduler run (``scheduler.steps``).
+
+    ``step``: the step count after it (1 for the first step, as ``global_step``); ``phase``: the
+    phase the step trained in; ``sparsity`` and ``resurrected_share`` (share of the active set
+    pruned at some point before, each coordinate once) as they are after the step, after any
+    phase change it triggered (None for FSDP2-sharded weights before the first phase change);
+    ``event``: the phase change the step triggered (``prune``, ``enter_resu``, ``commit``; a
+    step ending TRAIN with no STABILIZE budget gives ``prune+enter_resu``), else None;
+    ``metrics``: what was passed to ``step(loss, metrics=...)``.
+    """
+
+    step: int
+    cycle: int
+    phase: str
+    loss: Optional[float]
+    sparsity: Optional[float]
+    resurrected_share: Optional[float]
+    event: Optional[str] = None
+    metrics: dict = field(default_factory=dict)
 
 
 class ResuScheduler:
     """Call :meth:`step` once per optimizer step. Mode changes reset exactly the optimizer state
     of the layers whose trainable set changed. ``history`` holds one :class:`CycleStats` per
-    finished cycle; ``state_dict``/``load_state_dict`` make runs resumable mid-cycle.
+    finished cycle and ``steps`` one :class:`StepRecord` per step (loss, phase, sparsity, the
+    exact resurrected share, your metrics); ``state_dict``/``load_state_dict`` make runs
+    resumable mid-cycle and carry both. Phase changes are logged on the ``resu_tensor`` logger.
+
+    Evaluation metrics: pass them with the step they belong to, e.g. every 100 steps
+    ``scheduler.step(loss, metrics={"val_acc": evaluate(model)})``; they land in that step's
+    record and in :func:`resu_tensor.plot_history`.
 
     ``calibration`` (for Wanda): input batches, or the dict of :func:`resu_tensor.calibrate`.
 
@@ -75,6 +118,10 @@ class ResuScheduler:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.global_step = 0
         self.history: list[CycleStats] = []
+        self.steps: list[StepRecord] = []
+        self._sparsity: Optional[float] = None  # after the last phase change (masks move only there)
+        self._resurrected_share: Optional[float] = None
+        self._ever_pruned: dict[str, torch.Tensor] = {}  # packed bitmaps: pruned at some point
         self._loss_sum, self._loss_count = 0.0, 0
         self._ever_resurrected: dict[str, torch.Tensor] = {}  # packed bitmaps, 1 bit per element
         self._pre_resu_masks: dict[str, torch.Tensor] = {}
@@ -105,26 +152,48 @@ class ResuScheduler:
         return "stabilize" if in_cycle < c.train_steps + c.stabilize_steps else "resu"
 
     # ------------------------------------------------------------------ stepping
-    def step(self, loss=None) -> None:
-        """Advance one optimizer step; runs PRUNE / enter RESU / COMMIT at phase boundaries."""
+    def step(self, loss=None, metrics: Optional[Mapping] = None) -> None:
+        """Advance one optimizer step; runs PRUNE / enter RESU / COMMIT at phase boundaries.
+
+        ``loss`` (a number or a 0-d tensor) and ``metrics`` ({name: number}, e.g. an evaluation
+        score computed for this step) go into the step's :class:`StepRecord`.
+
+        Example::
+
+            scheduler.step(loss, metrics={"val_acc": 0.91} if step % 100 == 0 else None)
+        """
+        metrics = _check_metrics(metrics)
         if self.finished:
             return
         if loss is not None:
-            self._loss_sum += float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            loss = _as_float("loss", loss)
+            self._loss_sum += loss
             self._loss_count += 1
+        if not self.steps and self._sparsity is None and not self._sharded:
+            self._update_mask_figures()  # the starting point (a model may start SPARSE)
         before = self.phase
         cycle = self.cycle
         self.global_step += 1
         self._maybe_refresh_subset()
         in_cycle = self.global_step % self.config.steps_per_cycle
+        event = None
         if in_cycle == 0:
             self._commit(cycle)
+            event = "commit"
         elif before == "train" and self.phase == "stabilize":
             self._prune(cycle)
+            event = "prune"
         elif before != "resu" and self.phase == "resu":
+            event = "enter_resu"
             if before == "train":  # no STABILIZE budget: prune and enter RESU at once
                 self._prune(cycle)
-            self._enter_resu()
+                event = "prune+enter_resu"
+            self._enter_resu(cycle)
+        self.steps.append(StepRecord(self.global_step, cycle, before, loss, self._sparsity, self._resurrected_share,
+                                     event, metrics))
+        if self.finished:
+            logger.info("step %d: RESU schedule finished after %d cycles: sparsity %.4f, resurrected share %.4f",
+                        self.global_step, self.config.num_cycles, self._sparsity, self._resurrected_share)
         self._update_progress()
 
     def _reset_state(self) -> None:
@@ -146,11 +215,17 @@ class ResuScheduler:
         c = self.config
         calibration = self._calibration(c.prune_method == "wanda")
         with self._gathered():
+            self._update_mask_figures()  # coordinates pruned before the scheduler's first prune count too
             prune_(self.model, c.sparsity_at(cycle), method=c.prune_method, granularity=c.granularity, scope=c.scope,
                    calibration=calibration, filter_fn=self.filter_fn, generator=self.generator)
             self._reset_state()
+            layers = self._update_mask_figures()
+        logger.info("step %d: cycle %d: pruned %d layers (%s) to target sparsity %.4f: actual sparsity %.4f",
+                    self.global_step, cycle, len(layers), c.prune_method, c.sparsity_at(cycle), self._sparsity)
+        for name, sparsity in layers.items():
+            logger.debug("step %d: cycle %d: pruned layer %r: sparsity %.4f", self.global_step, cycle, name, sparsity)
 
-    def _enter_resu(self) -> None:
+    def _enter_resu(self, cycle: int) -> None:
         c = self.config
         with self._gathered():
             self._pre_resu_masks = {name: kernels.pack_bitmap(w.storage_mask().view(-1))
@@ -159,6 +234,20 @@ class ResuScheduler:
                         generator=self.generator, quantize_bits=c.quantize_bits, group_size=c.group_size,
                         selective=c.selective, track_gradients=c.commit_score == "gradient")
             self._reset_state()
+            # θ fills every pruned slot; ``trainable`` is what the optimizer moves (a subset of θ
+            # under a static subset, θ and the active weights with freeze_active=False)
+            counts = {name: (w.storage_numel - w.n_active, w.trainable_count)
+                      for name, _, w in resu_weights(self.model, self.filter_fn)}
+        theta = sum(t for t, _ in counts.values())
+        trainable = sum(n for _, n in counts.values())
+        if c.quantize_bits is None:
+            logger.info("step %d: cycle %d: entered RESU on %d layers: %d θ, %d trainable",
+                        self.global_step, cycle, len(counts), theta, trainable)
+        else:
+            logger.info("step %d: cycle %d: entered QRESU (%d-bit) on %d layers: %d θ, %d trainable",
+                        self.global_step, cycle, c.quantize_bits, len(counts), theta, trainable)
+        for name, (t, n) in counts.items():
+            logger.debug("step %d: cycle %d: entered RESU layer %r: %d θ, %d trainable", self.global_step, cycle, name, t, n)
 
     def _maybe_refresh_subset(self) -> None:
         every = getattr(self.config.selective, "refresh_every", None)
@@ -187,11 +276,11 @@ class ResuScheduler:
         consistency = [w.selective_m.float().abs() / (w.selective_v.float() + w.selective.delta)
                        for _, _, w in weights if w.selective_m is not None]
         mean_consistency = torch.cat(consistency).mean().item() if consistency else None
-        commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle,
-                num_cycles=c.num_cycles, score=c.commit_score, r_start=c.r_start, r_end=c.r_end,
-                calibration=calibration, filter_fn=self.filter_fn)
+        layer_stats = commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle,
+                              num_cycles=c.num_cycles, score=c.commit_score, r_start=c.r_start, r_end=c.r_end,
+                              calibration=calibration, filter_fn=self.filter_fn)
         self._reset_state()
-        resurrected = survivors = pruned = numel = 0
+        resurrected = survivors = 0
         for name, _, w in weights:
             mask = w.storage_mask().view(-1)
             before = self._pre_resu_masks.get(name)
@@ -199,14 +288,45 @@ class ResuScheduler:
             new = mask & ~before
             ever = self._ever_resurrected.get(name)
             ever = kernels.unpack_bitmap(ever, mask.numel()) if ever is not None else torch.zeros_like(mask)
-            survivors += int((ever & mask).sum())
+            survivors += int((ever & mask & ~new).sum())  # a second resurrection counts in ``resurrected`` only
             resurrected += int(new.sum())
             self._ever_resurrected[name] = kernels.pack_bitmap(ever | new)
-            pruned += mask.numel() - int(mask.sum())
-            numel += mask.numel()
+        self._update_mask_figures()
+        active = sum(int(w.n_active) for _, _, w in weights)
         loss = self._loss_sum / self._loss_count if self._loss_count else None
-        self.history.append(CycleStats(cycle, pruned / numel, resurrected, survivors, mean_consistency, loss))
+        stats = CycleStats(cycle, self._sparsity, resurrected, survivors, mean_consistency, loss, active,
+                           self._resurrected_share)
+        self.history.append(stats)
         self._loss_sum, self._loss_count = 0.0, 0
+        totals = AmnestyStats(*(sum(getattr(s, f.name) for s in layer_stats.values()) for f in fields(AmnestyStats)))
+        logger.info("step %d: cycle %d: committed (%s): %d resurrected (%.2f%% of the new active set of %d), "
+                    "%d survivors, resurrected share %.4f, sparsity %.4f; %s",
+                    self.global_step, cycle, c.commit_strategy, resurrected, 100 * resurrected / max(active, 1),
+                    active, survivors, self._resurrected_share, self._sparsity,
+                    ", ".join(f"{f.name}={getattr(totals, f.name)}" for f in fields(AmnestyStats)))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("step %d: cycle %d: commit per layer:\n%s", self.global_step, cycle,
+                         format_stats_table(layer_stats))
+
+    def _update_mask_figures(self) -> dict:
+        """Sparsity and resurrected share of the scheduled layers as the masks are now; marks the
+        pruned coordinates as pruned at some point. Returns {layer: sparsity}."""
+        pruned = numel = resurrected_active = active = 0
+        layers = {}
+        for name, _, w in resu_weights(self.model, self.filter_fn):
+            mask = w.storage_mask().view(-1)
+            ever = self._ever_pruned.get(name)
+            ever = (kernels.unpack_bitmap(ever, mask.numel()) if ever is not None else torch.zeros_like(mask)) | ~mask
+            self._ever_pruned[name] = kernels.pack_bitmap(ever)
+            kept = int(mask.sum())
+            resurrected_active += int((ever & mask).sum())
+            active += kept
+            pruned += mask.numel() - kept
+            numel += mask.numel()
+            layers[name] = 1 - kept / mask.numel()
+        self._sparsity = pruned / numel if numel else 0.0
+        self._resurrected_share = resurrected_active / active if active else 0.0
+        return layers
 
     # ------------------------------------------------------------------ progress bar
     def _update_progress(self) -> None:
@@ -232,6 +352,9 @@ class ResuScheduler:
             "ever_resurrected": dict(self._ever_resurrected),
             "pre_resu_masks": dict(self._pre_resu_masks),
             "generator": self.generator.get_state(),
+            "steps": [asdict(r) for r in self.steps],
+            "ever_pruned": dict(self._ever_pruned),
+            "mask_figures": (self._sparsity, self._resurrected_share),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -241,6 +364,10 @@ class ResuScheduler:
         self._ever_resurrected = dict(state["ever_resurrected"])
         self._pre_resu_masks = dict(state["pre_resu_masks"])
         self.generator.set_state(state["generator"])
+        # states saved before the per-step history existed have none of these
+        self.steps = [StepRecord(**r) for r in state.get("steps", [])]
+        self._ever_pruned = dict(state.get("ever_pruned", {}))
+        self._sparsity, self._resurrected_share = state.get("mask_figures", (None, None))
 
     def summary(self) -> str:
         """The per-cycle stats as a table."""
@@ -253,4 +380,25 @@ class ResuScheduler:
         return "\n".join(rows)
 
 
-__all__ = ["ResuScheduler", "CycleStats", "PHASES"]
+def _as_float(name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+        return float(value.detach())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _check_metrics(metrics) -> dict:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict {{name: number}}, got {type(metrics).__name__}")
+    for name in metrics:
+        if not isinstance(name, str):
+            raise TypeError(f"metrics names must be str, got {name!r} ({type(name).__name__})")
+    return {name: _as_float(f"metrics[{name!r}]", value) for name, value in metrics.items()}
+
+
+__all__ = ["ResuScheduler", "CycleStats", "StepRecord", "PHASES", "logger"]
