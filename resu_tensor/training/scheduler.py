@@ -80,7 +80,8 @@ class StepRecord:
 class ResuScheduler:
     """Call :meth:`step` once per optimizer step. Mode changes reset exactly the optimizer state
     of the layers whose trainable set changed. ``history`` holds one :class:`CycleStats` per
-    finished cycle and ``steps`` one :class:`StepRecord` per step (loss, phase, sparsity, the
+    finished cycle, ``phase_changes`` the figures of every logged phase change (prune, enter_resu,
+    commit, finished) and ``steps`` one :class:`StepRecord` per step (loss, phase, sparsity, the
     exact resurrected share, your metrics); ``state_dict``/``load_state_dict`` make runs
     resumable mid-cycle and carry both. Phase changes are logged on the ``resu_tensor`` logger.
 
@@ -119,6 +120,7 @@ class ResuScheduler:
         self.global_step = 0
         self.history: list[CycleStats] = []
         self.steps: list[StepRecord] = []
+        self.phase_changes: list[dict] = []  # {"step", "event", "cycle", figures...} per logged phase change
         self._sparsity: Optional[float] = None  # after the last phase change (masks move only there)
         self._resurrected_share: Optional[float] = None
         self._ever_pruned: dict[str, torch.Tensor] = {}  # packed bitmaps: pruned at some point
@@ -192,8 +194,10 @@ class ResuScheduler:
         self.steps.append(StepRecord(self.global_step, cycle, before, loss, self._sparsity, self._resurrected_share,
                                      event, metrics))
         if self.finished:
-            logger.info("step %d: RESU schedule finished after %d cycles: sparsity %.4f, resurrected share %.4f",
-                        self.global_step, self.config.num_cycles, self._sparsity, self._resurrected_share)
+            self._announce("finished", "step %d: RESU schedule finished after %d cycles: sparsity %.4f, resurrected "
+                           "share %.4f", self.global_step, self.config.num_cycles, self._sparsity, self._resurrected_share,
+                           cycle=self.config.num_cycles - 1, sparsity=self._sparsity,
+                           resurrected_share=self._resurrected_share)
         self._update_progress()
 
     def _reset_state(self) -> None:
@@ -220,8 +224,9 @@ class ResuScheduler:
                    calibration=calibration, filter_fn=self.filter_fn, generator=self.generator)
             self._reset_state()
             layers = self._update_mask_figures()
-        logger.info("step %d: cycle %d: pruned %d layers (%s) to target sparsity %.4f: actual sparsity %.4f",
-                    self.global_step, cycle, len(layers), c.prune_method, c.sparsity_at(cycle), self._sparsity)
+        self._announce("prune", "step %d: cycle %d: pruned %d layers (%s) to target sparsity %.4f: actual sparsity %.4f",
+                       self.global_step, cycle, len(layers), c.prune_method, c.sparsity_at(cycle), self._sparsity,
+                       cycle=cycle, target_sparsity=c.sparsity_at(cycle), layers=len(layers), sparsity=self._sparsity)
         for name, sparsity in layers.items():
             logger.debug("step %d: cycle %d: pruned layer %r: sparsity %.4f", self.global_step, cycle, name, sparsity)
 
@@ -240,12 +245,14 @@ class ResuScheduler:
                       for name, _, w in resu_weights(self.model, self.filter_fn)}
         theta = sum(t for t, _ in counts.values())
         trainable = sum(n for _, n in counts.values())
+        figures = dict(cycle=cycle, mode="resu" if c.quantize_bits is None else "qresu", layers=len(counts),
+                       theta=theta, trainable=trainable, bits=c.quantize_bits)
         if c.quantize_bits is None:
-            logger.info("step %d: cycle %d: entered RESU on %d layers: %d θ, %d trainable",
-                        self.global_step, cycle, len(counts), theta, trainable)
+            self._announce("enter_resu", "step %d: cycle %d: entered RESU on %d layers: %d θ, %d trainable",
+                           self.global_step, cycle, len(counts), theta, trainable, **figures)
         else:
-            logger.info("step %d: cycle %d: entered QRESU (%d-bit) on %d layers: %d θ, %d trainable",
-                        self.global_step, cycle, c.quantize_bits, len(counts), theta, trainable)
+            self._announce("enter_resu", "step %d: cycle %d: entered QRESU (%d-bit) on %d layers: %d θ, %d trainable",
+                           self.global_step, cycle, c.quantize_bits, len(counts), theta, trainable, **figures)
         for name, (t, n) in counts.items():
             logger.debug("step %d: cycle %d: entered RESU layer %r: %d θ, %d trainable", self.global_step, cycle, name, t, n)
 
@@ -299,14 +306,24 @@ class ResuScheduler:
         self.history.append(stats)
         self._loss_sum, self._loss_count = 0.0, 0
         totals = AmnestyStats(*(sum(getattr(s, f.name) for s in layer_stats.values()) for f in fields(AmnestyStats)))
-        logger.info("step %d: cycle %d: committed (%s): %d resurrected (%.2f%% of the new active set of %d), "
-                    "%d survivors, resurrected share %.4f, sparsity %.4f; %s",
-                    self.global_step, cycle, c.commit_strategy, resurrected, 100 * resurrected / max(active, 1),
-                    active, survivors, self._resurrected_share, self._sparsity,
-                    ", ".join(f"{f.name}={getattr(totals, f.name)}" for f in fields(AmnestyStats)))
+        self._announce("commit", "step %d: cycle %d: committed (%s): %d resurrected (%.2f%% of the new active set of "
+                       "%d), %d survivors, resurrected share %.4f, sparsity %.4f; %s",
+                       self.global_step, cycle, c.commit_strategy, resurrected, 100 * resurrected / max(active, 1),
+                       active, survivors, self._resurrected_share, self._sparsity,
+                       ", ".join(f"{f.name}={getattr(totals, f.name)}" for f in fields(AmnestyStats)),
+                       cycle=cycle, strategy=c.commit_strategy, resurrected=resurrected, active=active,
+                       resurrected_of_active=resurrected / active if active else 0.0, survivors=survivors,
+                       resurrected_share=self._resurrected_share, sparsity=self._sparsity, amnesty=asdict(totals))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("step %d: cycle %d: commit per layer:\n%s", self.global_step, cycle,
                          format_stats_table(layer_stats))
+
+    def _announce(self, event: str, message: str, *args, **figures) -> None:
+        """Log a phase change at INFO and keep its figures in ``phase_changes``; the log record
+        carries them too (``record.resu``), for handlers that want numbers rather than text."""
+        entry = {"step": self.global_step, "event": event, **figures}
+        self.phase_changes.append(entry)
+        logger.info(message, *args, extra={"resu": entry})
 
     def _update_mask_figures(self) -> dict:
         """Sparsity and resurrected share of the scheduled layers as the masks are now; marks the
@@ -353,6 +370,7 @@ class ResuScheduler:
             "pre_resu_masks": dict(self._pre_resu_masks),
             "generator": self.generator.get_state(),
             "steps": [asdict(r) for r in self.steps],
+            "phase_changes": [dict(e) for e in self.phase_changes],
             "ever_pruned": dict(self._ever_pruned),
             "mask_figures": (self._sparsity, self._resurrected_share),
         }
@@ -366,6 +384,7 @@ class ResuScheduler:
         self.generator.set_state(state["generator"])
         # states saved before the per-step history existed have none of these
         self.steps = [StepRecord(**r) for r in state.get("steps", [])]
+        self.phase_changes = [dict(e) for e in state.get("phase_changes", [])]
         self._ever_pruned = dict(state.get("ever_pruned", {}))
         self._sparsity, self._resurrected_share = state.get("mask_figures", (None, None))
 
