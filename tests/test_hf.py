@@ -4,6 +4,7 @@ The safetensors tests need only ``safetensors``; the Hugging Face ones need the 
 build tiny Llama models from a config (nothing is downloaded).
 """
 import copy
+import logging
 import warnings
 
 import pytest
@@ -322,7 +323,7 @@ def _train(transformers, hf, out, resume=None, snapshot=None, **arg_overrides):
     model = tiny_llama(transformers)
     hf.quantize_hf_(model)  # DENSE; the scheduler prunes
     schedule = rt.ScheduleConfig(steps_per_cycle=8, num_cycles=2, sparsity=0.5, stabilize_fraction=0.25,
-                                 resu_fraction=0.25, quantize_bits=4, group_size=16, progress=False)
+                                 resu_fraction=0.25, quantize_bits=4, group_size=16)  # progress=True by default
     callback = hf.ResuCallback(schedule)
     callbacks = [callback]
     if snapshot is not None:
@@ -340,21 +341,44 @@ def _train(transformers, hf, out, resume=None, snapshot=None, **arg_overrides):
     return model, trainer, callback
 
 
-def test_trainer_trains_logs_cycles_and_resumes_exactly(hf_modules, tmp_path):
+def test_trainer_trains_logs_cycles_and_resumes_exactly(hf_modules, tmp_path, caplog, capsys):
     transformers, hf = hf_modules
     snapshot = {}
+    caplog.set_level(logging.INFO, logger="resu_tensor")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="ResuCallback")
         model, trainer, callback = _train(transformers, hf, tmp_path, snapshot=snapshot, optim="adamw_torch_fused")
     assert all(group["fused"] for group in callback.scheduler.optimizer.param_groups)  # kept as configured
+    # one progress bar, the Trainer's (disabled here): the scheduler's own is off although the config asked for it
+    assert not callback.scheduler.config.progress and callback.scheduler._progress is None
+    assert "RESU" not in capsys.readouterr().err
+    # a log at every phase change: prune (4, 12), enter QRESU (6, 14), commit (8, 16), besides logging_steps=4
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [4, 6, 8, 12, 14, 16]
+    assert losses[-1] < 0.8 * losses[0]
+    changes = callback.scheduler.phase_changes
+    pruned = [e for e in trainer.state.log_history if "resu/prune_cycle" in e]
+    assert [(e["step"], e["resu/prune_cycle"], e["resu/target_sparsity"], e["resu/pruned_sparsity"]) for e in pruned] == \
+        [(c["step"], c["cycle"], c["target_sparsity"], c["sparsity"]) for c in changes if c["event"] == "prune"]
+    assert [e["step"] for e in pruned] == [4, 12] and all(e["resu/pruned_sparsity"] == pytest.approx(0.5, abs=1e-3)
+                                                         for e in pruned)
+    entered = [e for e in trainer.state.log_history if "resu/enter_cycle" in e]
+    n_resu = sum(w.numel() for _, _, w in rt.resu_weights(model))
+    assert [(e["step"], e["resu/enter_cycle"], e["resu/bits"]) for e in entered] == [(6, 0, 4), (14, 1, 4)]
+    assert all(e["resu/theta"] == e["resu/trainable"] == n_resu - round(0.5 * n_resu) for e in entered)
     cycles = [e for e in trainer.state.log_history if "resu/cycle" in e]
     assert [(e["step"], e["resu/cycle"]) for e in cycles] == [(8, 0), (16, 1)]
     for entry, stats in zip(cycles, callback.scheduler.history):
         assert entry["resu/sparsity"] == pytest.approx(0.5, abs=1e-3) and entry["resu/resurrected"] == stats.resurrected
         assert entry["resu/cycle_loss"] == pytest.approx(stats.loss) and "loss" in entry
+        assert entry["resu/resurrected_share"] == stats.resurrected_share and entry["resu/active"] == stats.active
     assert cycles[0]["resu/resurrected"] > 0 and cycles[1]["resu/survivors"] > 0
+    # the same phase changes on the resu_tensor logger, at the Trainer's steps
+    logged = [(r.resu["step"], r.resu["event"]) for r in caplog.records if r.name == "resu_tensor" and hasattr(r, "resu")]
+    assert logged == [(4, "prune"), (6, "enter_resu"), (8, "commit"), (12, "prune"), (14, "enter_resu"),
+                      (16, "commit"), (16, "finished")]
+    assert [r.step for r in callback.scheduler.steps] == list(range(1, 17))
+    assert all(r.loss is not None for r in callback.scheduler.steps)
     assert {w.mode for _, _, w in rt.resu_weights(model)} == {rt.Mode.SPARSE}
 
     # the step-7 checkpoint was taken mid-RESU: QRESU layers, 4-bit W_A, θ, optimizer state
@@ -367,9 +391,21 @@ def test_trainer_trains_logs_cycles_and_resumes_exactly(hf_modules, tmp_path):
                                             optim="adamw_torch_fused")
     assert_same_models(model, resumed)
     assert callback_2.scheduler.history == callback.scheduler.history
+    assert callback_2.scheduler.steps == callback.scheduler.steps  # steps 1-7 from the checkpoint, 8-16 rerun
 
     def resu_logs(history):
         return [{k: v for k, v in e.items() if k.startswith("resu/") or k == "step"}
                 for e in history if "resu/cycle" in e]
 
     assert resu_logs(trainer_2.state.log_history) == resu_logs(cycles)
+
+
+def test_callback_turns_the_schedulers_own_progress_bar_off_unless_asked(hf_modules):
+    _, hf = hf_modules
+    config = rt.ScheduleConfig(steps_per_cycle=8, num_cycles=2)
+    assert config.progress  # the default for a hand-written loop
+    assert not hf.ResuCallback(config).config.progress
+    assert config.progress  # the user's config object is left as it was
+    assert hf.ResuCallback(config, progress=True).config is config
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        hf.ResuCallback(config, progress="yes")

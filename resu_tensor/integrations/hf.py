@@ -22,6 +22,7 @@ train on every path of torch's optimizers: ``Trainer``'s default ``optim="adamw_
 takes the library's fused Triton AdamW on CUDA (torch's fused op per weight on CPU), and
 ``"adamw_torch"`` the foreach path; your own optimizer goes through ``optimizers=(opt, None)``.
 """
+import dataclasses
 import json
 import os
 import warnings
@@ -136,13 +137,22 @@ class ResuCallback(TrainerCallback):
     own ``outputs.loss`` of the step (summed over micro-batches when the Trainer passes
     ``num_items_in_batch``, else averaged), caught by a forward hook; None if the model returns none.
 
-    At the step that ends a cycle it asks the Trainer to log and adds the cycle's stats
-    (``resu/cycle``, ``resu/sparsity``, ``resu/resurrected``, ``resu/survivors``,
-    ``resu/mean_consistency``, ``resu/cycle_loss``) to that log: they appear in
-    ``trainer.state.log_history`` and in the ``logs`` every callback after this one receives.
+    At every phase change it asks the Trainer to log (the Trainer's ``loss`` then averages over
+    the steps since its previous log) and adds the change's figures to that log: at a prune
+    ``resu/prune_cycle``, ``resu/target_sparsity``, ``resu/pruned_sparsity``; on entering
+    RESU/QRESU ``resu/enter_cycle``, ``resu/theta``, ``resu/trainable`` (and ``resu/bits``);
+    at the step that ends a cycle the cycle's stats (``resu/cycle``, ``resu/sparsity``,
+    ``resu/resurrected``, ``resu/survivors``, ``resu/active``, ``resu/resurrected_share``,
+    ``resu/mean_consistency``, ``resu/cycle_loss``). They appear in ``trainer.state.log_history``
+    and in the ``logs`` every callback after this one receives; the scheduler also announces each
+    change on the ``resu_tensor`` logger (``logging.getLogger("resu_tensor").setLevel("INFO")``
+    with a handler shows them), and ``callback.scheduler.steps`` holds the per-step history.
     Reporting integrations (``report_to``: TensorBoard, W&B ...) sit before user callbacks in
     the Trainer's list; to have them report the stats too, move this callback ahead of them:
     ``handler = trainer.callback_handler; handler.callbacks.remove(cb); handler.callbacks.insert(1, cb)``.
+
+    One progress bar: the Trainer's. The scheduler's own (``ScheduleConfig.progress``) is turned
+    off unless ``progress=True``.
 
     Checkpoints: the model's ResuTensors go into ``model.safetensors`` through
     :func:`enable_flat_state_dict` (installed at ``on_init_end``/``on_train_begin``), the
@@ -154,18 +164,22 @@ class ResuCallback(TrainerCallback):
 
     Example::
 
-        callback = ResuCallback(rt.ScheduleConfig(steps_per_cycle=200, num_cycles=3, sparsity=0.5, progress=False))
+        callback = ResuCallback(rt.ScheduleConfig(steps_per_cycle=200, num_cycles=3, sparsity=0.5))
         Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
         print(callback.scheduler.summary())
     """
 
     def __init__(self, config: ScheduleConfig, *, calibration=None, filter_fn: Optional[FilterFn] = None,
-                 log_prefix: str = "resu/"):
+                 log_prefix: str = "resu/", progress: bool = False):
         if not isinstance(config, ScheduleConfig):
             raise TypeError(f"config must be a ScheduleConfig, got {type(config).__name__}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {progress!r}")
+        if config.progress and not progress:  # the Trainer shows its own bar; a copy leaves the user's config alone
+            config = dataclasses.replace(config, progress=False)
         self.config, self.calibration, self.filter_fn, self.log_prefix = config, calibration, filter_fn, log_prefix
         self.scheduler: Optional[ResuScheduler] = None
-        self._pending: list[CycleStats] = []
+        self._pending: list[tuple[int, dict]] = []  # (step, log entries) of phase changes not logged yet
         self._losses: list[tuple[torch.Tensor, bool]] = []
         self._hook = None
 
@@ -222,16 +236,35 @@ class ResuCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.scheduler is None:
             return
-        cycles = len(self.scheduler.history)
+        cycles, changes = len(self.scheduler.history), len(self.scheduler.phase_changes)
         self.scheduler.step(self._step_loss())
-        if len(self.scheduler.history) > cycles:
-            self._pending.extend(self.scheduler.history[cycles:])
+        entry = {}
+        for change in self.scheduler.phase_changes[changes:]:
+            entry.update(self.phase_change_logs(change))
+        for stats in self.scheduler.history[cycles:]:
+            entry.update(self.cycle_logs(stats))
+        if entry:
+            self._pending.append((self.scheduler.global_step, entry))
             control.should_log = True
+
+    def phase_change_logs(self, change: dict) -> dict:
+        """A prune's or a RESU entry's figures (an item of ``scheduler.phase_changes``) as Trainer
+        log entries; commits go through :meth:`cycle_logs`."""
+        if change["event"] == "prune":
+            values = {"prune_cycle": change["cycle"], "target_sparsity": change["target_sparsity"],
+                      "pruned_sparsity": change["sparsity"]}
+        elif change["event"] == "enter_resu":
+            values = {"enter_cycle": change["cycle"], "theta": change["theta"], "trainable": change["trainable"],
+                      "bits": change["bits"]}
+        else:
+            values = {}
+        return {self.log_prefix + k: v for k, v in values.items() if v is not None}
 
     def cycle_logs(self, stats: CycleStats) -> dict:
         """One cycle's stats as Trainer log entries (None values left out)."""
         values = {"cycle": stats.cycle, "sparsity": stats.sparsity, "resurrected": stats.resurrected,
-                  "survivors": stats.survivors, "mean_consistency": stats.mean_consistency, "cycle_loss": stats.loss}
+                  "survivors": stats.survivors, "active": stats.active, "resurrected_share": stats.resurrected_share,
+                  "mean_consistency": stats.mean_consistency, "cycle_loss": stats.loss}
         return {self.log_prefix + k: v for k, v in values.items() if v is not None}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -239,13 +272,12 @@ class ResuCallback(TrainerCallback):
             return
         pending, self._pending = self._pending, []
         last = state.log_history[-1] if state.log_history else None
-        for i, stats in enumerate(pending):
-            entry = self.cycle_logs(stats)
-            if i == 0 and last is not None and last.get("step") == state.global_step:
+        for step, entry in pending:
+            if step == state.global_step and last is not None and last.get("step") == step:
                 last.update(entry)  # the entry Trainer.log just appended for these logs
             else:
-                state.log_history.append({**entry, "step": state.global_step})
-            if logs is not None:
+                state.log_history.append({**entry, "step": step})
+            if logs is not None and step == state.global_step:
                 logs.update(entry)
 
     # ---------------------------------------------------------------- checkpoints and end
