@@ -48,7 +48,7 @@ from resu_tensor.method.selective import SelectiveConfig, StaticSubsetConfig  # 
 from resu_tensor.method.amnesty import AmnestyStats, format_stats_table, resurrection_ratio  # noqa: E402
 from resu_tensor.training.plot import plot_history  # noqa: E402
 from resu_tensor.method.schedule import ScheduleConfig  # noqa: E402
-from resu_tensor.training.scheduler import CycleStats, ResuScheduler  # noqa: E402
+from resu_tensor.training.scheduler import CycleStats, ResuScheduler, StepRecord  # noqa: E402
 from resu_tensor.core.tensor import ResuTensor  # noqa: E402
 from resu_tensor import distributed  # noqa: E402,F401  (rt.distributed.prepare_ddp)
 from resu_tensor.training.export import to_dense_, to_semi_structured_  # noqa: E402
@@ -59,7 +59,7 @@ torch.serialization.add_safe_globals([ResuTensor, CompactTensor])
 
 __all__ = [
     "ResuTensor", "CompactTensor", "CudaGraphStep", "Mode", "ResuConfig", "resu_config", "prune_", "enter_resu_", "commit_",
-    "reset_optimizer_state_", "SelectiveConfig", "StaticSubsetConfig", "ScheduleConfig", "ResuScheduler", "CycleStats",
+    "reset_optimizer_state_", "SelectiveConfig", "StaticSubsetConfig", "ScheduleConfig", "ResuScheduler", "CycleStats", "StepRecord",
     "AmnestyStats", "format_stats_table", "resurrection_ratio", "plot_history", "resu_weights", "memory_report", "MemoryReport", "PRUNE_METHODS", "COMMIT_STRATEGIES",
     "calibrate", "PRUNE_GRANULARITIES", "PRUNE_SCOPES", "to_dense_", "to_semi_structured_",
     "distributed", "enable_flat_state_dict", "load_resu_safetensors", "save_resu_safetensors",

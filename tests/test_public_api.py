@@ -42,6 +42,7 @@ ResuTensor
 ScheduleConfig
 SelectiveConfig
 StaticSubsetConfig
+StepRecord
 calibrate
 commit_
 distributed
