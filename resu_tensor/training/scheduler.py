@@ -54,7 +54,7 @@ class CycleStats:
     resurrected_share: Optional[float] = None
 
 
-@dataclass
+@dataclass(slots=True)  # one per step of a long run: no per-instance __dict__
 class StepRecord:
     """One optimizer step of a ResuScheduler run (``scheduler.steps``).
 
