@@ -319,6 +319,16 @@ def test_step_records_loss_phase_sparsity_and_metrics():
         sum(w.numel() for _, _, w in rt.resu_weights(model))
     assert [r.sparsity for r in records[:9]] == [0.0] * 9 and records[-1].sparsity == sparsity
     assert scheduler.history[0].loss == pytest.approx(sum(r.loss for r in records[1:]) / 19)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = rt.plot_history(scheduler)
+    assert fig.axes[-1].get_title() == "metrics" and len(fig.axes) == 4
+    lines = {line.get_label(): line for line in fig.axes[-1].get_lines() if not line.get_label().startswith("_")}
+    assert sorted(lines) == ["n", "val_acc"]
+    assert list(lines["val_acc"].get_xdata()) == [5, 10, 15, 20]
+    assert list(lines["val_acc"].get_ydata()) == [r.metrics["val_acc"] for r in records if r.metrics]
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == list(range(2, 21))  # step 1 had no loss
 
 
 def test_no_stabilize_budget_prunes_and_enters_resu_in_one_step():
