@@ -61,15 +61,12 @@ def plot_history(scheduler, path: Optional[Union[str, Path]] = None):
 def _resu_spans(records) -> list[tuple[int, int]]:
     """(first step, last step) of every RESU phase in the records."""
     spans, start = [], None
-    for r in records:
+    for r, after in zip(records, records[1:] + [None]):
         if r.phase == "resu" and start is None:
             start = r.step
-        if r.phase != "resu" and start is not None:
-            spans.append((start, previous))
+        if start is not None and (after is None or after.phase != "resu"):
+            spans.append((start, r.step))
             start = None
-        previous = r.step
-    if start is not None:
-        spans.append((start, records[-1].step))
     return spans
 
 
