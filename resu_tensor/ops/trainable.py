@@ -261,7 +261,10 @@ def empty_like_resu(func, types, args, kwargs):
             f"to_empty / empty_like(device=...): a {weight.mode.value!r} ResuTensor on the meta device has no mask or θ "
             "to move (they are data). Quantize on meta with rt.resu_config(sparsity=0.0) (DENSE), call "
             "model.to_empty(device=...), initialise the weights, then rt.prune_(model, sparsity)")
-    return weight.to(device=device, dtype=dtype)
+    moved = {n: getattr(weight, n).to(device) for n in weight.optional_tensor_data_names if getattr(weight, n) is not None}
+    if weight.values is not None:
+        moved["values"] = weight.values.to(device=device, dtype=dtype)
+    return weight.replace(compute_dtype=dtype, **moved)
 
 
 def _register(cls, ops, handler):
