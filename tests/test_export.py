@@ -66,7 +66,8 @@ def test_to_dense_dense_mode_filter_and_shared_weights():
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(16, 4))
     quantize_(model, rt.resu_config(sparsity=0.0))  # DENSE
     dense_before = model[3].weight.dequantize()
-    rt.enter_resu_(model, filter_fn=lambda m, name: False)  # no-op
+    with pytest.raises(ValueError, match="filter_fn matched none"):  # a filter choosing nothing is a mistake
+        rt.enter_resu_(model, filter_fn=lambda m, name: False)
     to_dense_(model, filter_fn=lambda m, name: name == "3")
     assert torch.equal(model[3].weight, dense_before) and isinstance(model[0].weight, rt.ResuTensor)
     to_dense_(model)

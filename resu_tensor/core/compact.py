@@ -42,6 +42,7 @@ def stable_hash(fields: dict, requires_grad: bool) -> str:
 
 
 _PROPERTY_ACCESS = type(torch.Tensor.grad.__get__)  # what __torch_function__ gets for .grad, .shape, ...
+_DATA_SETTER = torch.Tensor.data.__set__
 # Functions that only read the wrapper's dtype (the optimizers' per-parameter checks call them).
 _DTYPE_QUERIES = frozenset([torch.is_complex, torch.Tensor.is_complex, torch.is_floating_point,
                             torch.Tensor.is_floating_point])
@@ -55,7 +56,8 @@ class FastPropertyAccess:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if type(func) is _PROPERTY_ACCESS or func in _DTYPE_QUERIES:
+        # the ``.data`` setter goes to the table (ops/layout.py): by default it would leave the values unchanged
+        if (type(func) is _PROPERTY_ACCESS and func != _DATA_SETTER) or func in _DTYPE_QUERIES:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
         return super().__torch_function__(func, types, args, kwargs)

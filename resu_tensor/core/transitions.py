@@ -12,8 +12,9 @@ from resu_tensor.core.subset import restrict_to_subset_
 from resu_tensor.method import amnesty
 from resu_tensor.method.amnesty import AmnestyStats
 from resu_tensor.method.selective import EMA_DTYPES, SelectiveConfig, StaticSubsetConfig
-from resu_tensor.method.pruning import (check_finite, check_method, check_sparsity, mask_from_scores,
-                                  parse_granularity, resolve_sparsity, row_pattern, score)
+from resu_tensor.method.pruning import (check_finite, check_input_norms, check_keeps_weights, check_method, check_sparsity,
+                                        mask_from_scores, parse_granularity, resolve_sparsity, row_pattern, score)
+from resu_tensor.core.state import SUPPORTED_DTYPES
 
 COMMIT_STRATEGIES = ("amnesty", "wanda_reprune", "magnitude", "simple")
 
@@ -43,6 +44,7 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
     group or row."""
     _require_mode(tensor, (Mode.DENSE, Mode.SPARSE), "prune")
     target_sparsity = resolve_sparsity(sparsity, granularity)
+    check_keeps_weights(target_sparsity, granularity, tensor.storage_shape)
     check_method(method)
     check_finite(tensor.values)
     if scores is None:
@@ -60,6 +62,42 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
     _set_sparse(tensor, keep, target_sparsity, parse_granularity(granularity), row_keep)
 
 
+def check_enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generator=None, *,
+                     quantize_bits: Optional[int] = None, group_size: Optional[int] = 128,
+                     theta_dtype: Optional[torch.dtype] = None, selective=None, track_gradients: bool = False,
+                     subset_scores: Optional[torch.Tensor] = None, probed: bool = False) -> None:
+    """Every check :func:`enter_resu` makes before it changes ``tensor`` (same arguments; an
+    unknown option is a TypeError): a model-level call runs it on every layer first.
+    ``probed``: gradient subset scores will be provided by a probe (so none are needed yet).
+
+    Example::
+
+        check_enter_resu(w, 0.1, quantize_bits=4, group_size=64)
+    """
+    _require_mode(tensor, (Mode.SPARSE,), "enter_resu")
+    if tensor.transposed:
+        raise ValueError("enter_resu applies to the weight itself, not to a transposed view")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
+        raise ValueError(f"epsilon must be a non-negative float, got {epsilon!r}")
+    if not isinstance(freeze_active, bool):
+        raise TypeError(f"freeze_active must be a bool, got {freeze_active!r}")
+    if selective is not None and not isinstance(selective, (SelectiveConfig, StaticSubsetConfig)):
+        raise TypeError(f"selective must be a SelectiveConfig or StaticSubsetConfig, got {type(selective).__name__}")
+    if quantize_bits is not None and not freeze_active:
+        raise ValueError("QRESU stores the active weights frozen: quantize_bits needs freeze_active=True")
+    if quantize_bits is not None:
+        check_quant_args(quantize_bits, group_size, tensor.storage_shape[1])
+    if theta_dtype is not None and theta_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"theta_dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]} or None, got {theta_dtype!r}")
+    if isinstance(selective, StaticSubsetConfig) and not freeze_active:
+        raise ValueError("a static subset trains θ only: it needs freeze_active=True")
+    if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient" and subset_scores is None and not probed:
+        raise ValueError('StaticSubsetConfig(by="gradient") needs probe gradients (enter_resu_(..., probe_fn=...))')
+    if subset_scores is not None and tuple(getattr(subset_scores, "shape", ())) != tuple(tensor.storage_shape):
+        raise ValueError(f"subset_scores must be a tensor of the weight's storage shape {tensor.storage_shape}, "
+                         f"got {getattr(subset_scores, 'shape', type(subset_scores).__name__)}")
+
+
 def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generator: Optional[torch.Generator] = None,
                *, quantize_bits: Optional[int] = None, group_size: Optional[int] = 128,
                theta_dtype: Optional[torch.dtype] = None, selective=None, track_gradients: bool = False,
@@ -72,17 +110,9 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
     (``subset_scores``, dense |gradient| from a probe, picks S when ``by="gradient"``).
     ``track_gradients`` accumulates Σ|g| per θ for gradient-scored commits.
     """
-    _require_mode(tensor, (Mode.SPARSE,), "enter_resu")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-        raise ValueError(f"epsilon must be a non-negative float, got {epsilon!r}")
-    if selective is not None and not isinstance(selective, (SelectiveConfig, StaticSubsetConfig)):
-        raise TypeError(f"selective must be a SelectiveConfig or StaticSubsetConfig, got {type(selective).__name__}")
-    if quantize_bits is not None and not freeze_active:
-        raise ValueError("QRESU stores the active weights frozen: quantize_bits needs freeze_active=True")
-    if isinstance(selective, StaticSubsetConfig) and not freeze_active:
-        raise ValueError("a static subset trains θ only: it needs freeze_active=True")
-    if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient" and subset_scores is None:
-        raise ValueError('StaticSubsetConfig(by="gradient") needs probe gradients (enter_resu_(..., probe_fn=...))')
+    check_enter_resu(tensor, epsilon, freeze_active, quantize_bits=quantize_bits, group_size=group_size,
+                     theta_dtype=theta_dtype, selective=selective, track_gradients=track_gradients,
+                     subset_scores=subset_scores)
     keep = tensor.storage_mask()
     pruned = ~keep.view(-1)
     active_values = tensor.values.reshape(-1)[~pruned].float()
@@ -115,6 +145,43 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
         restrict_to_subset_(tensor, selective, scores, generator)
 
 
+def check_commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None, cycle: int = 0,
+                 num_cycles: int = 1, score: str = "magnitude", r_start: float = 0.10, r_end: float = 0.02,
+                 input_norms: Optional[torch.Tensor] = None, norms_later: bool = False) -> float:
+    """Every check :func:`commit` makes before it changes ``tensor`` (same arguments; an unknown
+    option is a TypeError); returns the sparsity the commit prunes to. A model-level call runs it
+    on every layer first (``norms_later``: Wanda's input norms come after, from calibration). A re-prune that would keep no weight (or none in a row of a row-pruned
+    layer) is refused here.
+
+    Example::
+
+        check_commit(w, "amnesty", cycle=1, num_cycles=4)
+    """
+    if strategy not in COMMIT_STRATEGIES:
+        raise ValueError(f"unknown commit strategy {strategy!r}; accepted: {', '.join(COMMIT_STRATEGIES)}")
+    _require_mode(tensor, (Mode.RESU, Mode.QRESU), "commit")
+    if tensor.transposed:
+        raise ValueError("commit applies to the weight itself, not to a transposed view")
+    sparsity = tensor.target_sparsity if sparsity is None else sparsity
+    check_sparsity(sparsity)
+    if strategy == "amnesty":
+        amnesty.resurrection_ratio(cycle, num_cycles, r_start, r_end)
+        if score not in amnesty.COMMIT_SCORE_METHODS:
+            raise ValueError(f"unknown commit score method {score!r}; accepted: {', '.join(amnesty.COMMIT_SCORE_METHODS)}")
+        if score == "gradient" and tensor.grad_abs_sum is None:
+            raise ValueError("commit(score='gradient') needs gradient statistics: enter RESU with track_gradients=True")
+    wanda = strategy == "wanda_reprune" or (strategy == "amnesty" and score == "wanda")
+    if wanda and not norms_later:
+        if input_norms is None:
+            raise ValueError(f"commit strategy {strategy!r} with Wanda scores needs input_norms (rt.commit_(..., "
+                             "calibration=batches))")
+        check_input_norms(input_norms, tensor.storage_shape[1])
+    if strategy != "simple" and tensor.nm_pattern is None:
+        granularity = "row" if tensor.row_keep is not None else "element"
+        check_keeps_weights(sparsity, granularity, tensor.storage_shape, f"commit (re-prune at {strategy!r})")
+    return sparsity
+
+
 def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None, cycle: int = 0,
            num_cycles: int = 1, score: str = "magnitude", r_start: float = 0.10, r_end: float = 0.02,
            input_norms: Optional[torch.Tensor] = None):
@@ -130,11 +197,8 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
 
     ``sparsity`` defaults to the layer's last pruning sparsity. QRESU's W_A is dequantized first.
     """
-    if strategy not in COMMIT_STRATEGIES:
-        raise ValueError(f"unknown commit strategy {strategy!r}; accepted: {', '.join(COMMIT_STRATEGIES)}")
-    _require_mode(tensor, (Mode.RESU, Mode.QRESU), "commit")
-    sparsity = tensor.target_sparsity if sparsity is None else sparsity
-    check_sparsity(sparsity)
+    sparsity = check_commit(tensor, strategy, sparsity=sparsity, cycle=cycle, num_cycles=num_cycles, score=score,
+                            r_start=r_start, r_end=r_end, input_norms=input_norms)
     nm_pattern, row_keep = tensor.nm_pattern, tensor.row_keep
     group_pattern = nm_pattern  # (kept, group length) that every group of a row keeps exactly
     if row_keep is not None:
@@ -185,4 +249,4 @@ def commit_stats(old_mask: torch.Tensor, new_mask: torch.Tensor, reserved: int =
     )
 
 
-__all__ = ["prune", "enter_resu", "commit", "COMMIT_STRATEGIES", "check_method", "check_sparsity"]
+__all__ = ["prune", "enter_resu", "commit", "check_enter_resu", "check_commit", "COMMIT_STRATEGIES", "check_method", "check_sparsity"]

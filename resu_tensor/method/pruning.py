@@ -51,6 +51,27 @@ def row_pattern(sparsity: float, in_features: int) -> tuple[int, int]:
     return in_features - round(sparsity * in_features), in_features
 
 
+def check_keeps_weights(sparsity: float, granularity: str, shape: tuple[int, int], where: str = "prune") -> None:
+    """Refuse a ``sparsity`` at ``granularity`` that would keep no weight of a (out, in) layer, or
+    none in some row (``row``; ``"N:M"`` keeps N >= 1 per group by construction): ``ValueError``
+    naming ``where`` (e.g. the layer), the sparsity and the largest sparsity that keeps one.
+
+    Example::
+
+        check_keeps_weights(0.97, "row", (8, 16))   # ValueError: ... largest ... 0.9375
+    """
+    if parse_granularity(granularity) is not None:
+        return
+    n_rows, n_cols = shape
+    counts = {"element": (n_rows * n_cols, "weight of the layer"), "row": (n_cols, "weight in every row"),
+              "structured_row": (n_rows, "row of the layer"), "structured_column": (n_cols, "input column of the layer")}
+    count, unit = counts[granularity]
+    if count - round(float(sparsity) * count) < 1:
+        raise ValueError(f"{where}: sparsity {sparsity:g} at granularity {granularity!r} keeps no {unit} "
+                         f"({count} to choose from); the largest sparsity that keeps at least one is "
+                         f"{(count - 1) / count:g} (= {count - 1}/{count})")
+
+
 def parse_granularity(granularity: str) -> Optional[tuple[int, int]]:
     """Validate a granularity name; return (N, M) for an ``"N:M"`` string, None for the others.
 

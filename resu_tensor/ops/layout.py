@@ -2,7 +2,9 @@
 import torch
 
 from resu_tensor.core.compact import CompactTensor
-from resu_tensor.core.state import check_state
+from resu_tensor.core.mode import Mode
+from resu_tensor.core.qresu import quantize_active
+from resu_tensor.core.state import QuantizedActive, check_state
 from resu_tensor.ops.trainable import trainable_op
 from resu_tensor.core.tensor import SUPPORTED_DTYPES, ResuTensor
 
@@ -99,6 +101,53 @@ def copy_resu(func, types, args, kwargs):
     return dest
 
 
+def assign_data(func, types, args, kwargs):
+    """``weight.data = t`` (``torch.nn.utils.vector_to_parameters`` does it too). A ResuTensor
+    ``t`` replaces the whole state, as ``weight.copy_(t)``. A plain tensor of the weight's shape
+    becomes the weight's values under its current mask and mode: DENSE and RESU take it whole
+    (RESU's pruned coordinates become θ), SPARSE needs it zero at every pruned coordinate, QRESU
+    re-quantizes the active coordinates (θ from the pruned ones). The weight keeps its dtype and
+    device. Without this, the setter would change only the wrapper's metadata and leave the
+    values as they were.
+
+    Example::
+
+        w.data = torch.randn(w.shape) * w.mask()      # a SPARSE weight: zero where pruned
+    """
+    dest, src = args[0], args[1]
+    if isinstance(src, ResuTensor):
+        with torch.no_grad():
+            return copy_resu(aten.copy_.default, types, (dest, src), {})
+    if not isinstance(src, torch.Tensor) or isinstance(src, CompactTensor) or type(src).__torch_dispatch__ is not \
+            torch.Tensor.__torch_dispatch__:
+        raise TypeError(f"`.data =` on a ResuTensor needs a plain tensor of shape {tuple(dest.shape)} or a ResuTensor, "
+                        f"got {type(src).__name__}")
+    if tuple(src.shape) != tuple(dest.shape):
+        raise ValueError(f"`.data =` on a ResuTensor of shape {tuple(dest.shape)} got a tensor of shape "
+                         f"{tuple(src.shape)}; the shape cannot change (build a new ResuTensor.from_dense instead)")
+    if dest.transposed:
+        raise ValueError("`.data =` applies to the weight itself, not to a transposed view")
+    src = src.detach().to(device=dest.device_of_storage, dtype=dest.compute_dtype)
+    keep = dest.storage_mask() if dest.mode != Mode.DENSE else None
+    if dest.mode == Mode.SPARSE and bool((src[~keep] != 0).any()):
+        raise ValueError(
+            f"`.data =` on a SPARSE weight: the new values are non-zero at {int((src[~keep] != 0).sum())} pruned "
+            "coordinates; zero them (t * weight.mask()), or re-prune: weight.copy_(rt.ResuTensor.from_dense(t, sparsity))")
+    with torch.no_grad():
+        if dest.values is not None:
+            dest.values.copy_(src)
+            return None
+        qdata, scale, offset = quantize_active(src, keep, dest.quant_bits, dest.group_size)
+        theta = src.reshape(-1)[~keep.reshape(-1)].to(dest.theta.dtype)
+        quantized = QuantizedActive(qdata, scale, offset, theta, dest.quant_bits, dest.group_size)
+        subset = dest.encoded_subset() if dest.trainable_side == "subset" else None
+        dest.set_state_(mode=Mode.QRESU, mask=dest.encoded_mask(), trainable_side=dest.trainable_side,
+                        quantized=quantized, subset=subset, selective=dest.selective, selective_m=dest.selective_m,
+                        selective_v=dest.selective_v, grad_abs_sum=dest.grad_abs_sum)
+    return None
+
+
+ResuTensor.implements_torch_function(torch.Tensor.data.__set__)(assign_data)
 ResuTensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])(transpose)
 CompactTensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])(transpose)
 ResuTensor.implements(aten._to_copy.default)(to_copy_resu)

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_map
 
 from resu_tensor import kernels
 from resu_tensor.core.compact import CompactTensor
+from resu_tensor.core.mode import Mode
 from resu_tensor.core.tensor import ResuTensor, is_traced
 
 aten = torch.ops.aten
@@ -45,6 +46,7 @@ ELEMENTWISE_OPS = [
     aten.zero_.default, *_overload(aten.fill_, ["Scalar"]),
     aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
     aten.rand_like.default, aten.randn_like.default,
+    aten.uniform_.default, aten.normal_.default,  # nn.init re-initialising a weight (trainable coordinates)
     aten.isnan.default, aten.isinf.default, aten.sgn.default,
     *_overload(aten.eq, ["Tensor", "Scalar"]), *_overload(aten.ne, ["Tensor", "Scalar"]),
     *_overload(aten.gt, ["Tensor", "Scalar"]), *_overload(aten.lt, ["Tensor", "Scalar"]),
@@ -239,6 +241,32 @@ def detach_compact(func, types, args, kwargs):
     return self.with_flat(self.flat.detach())
 
 
+def empty_like_resu(func, types, args, kwargs):
+    """``torch.empty_like(weight)`` is a CompactTensor of the trainable coordinates: optimizer
+    state. ``torch.empty_like(weight, device=d)``, which ``nn.Module.to_empty(device=d)`` calls
+    (optimizers never name a device), is a ResuTensor again: DENSE gets uninitialised values on
+    ``d``; another mode keeps its state (mask, θ, codes), copied to ``d``, which a weight on the
+    meta device does not have (``ValueError``: quantize on meta with sparsity 0, prune after
+    initialising)."""
+    kwargs = kwargs or {}
+    weight, device = args[0], kwargs.get("device")
+    if device is None:
+        return trainable_op(func, types, args, kwargs)
+    dtype = kwargs.get("dtype") or weight.compute_dtype
+    if weight.mode == Mode.DENSE:
+        values = torch.empty(weight.storage_shape, dtype=dtype, device=device)
+        return weight.replace(values=values, compute_dtype=dtype)
+    if weight.device_of_storage.type == "meta":
+        raise ValueError(
+            f"to_empty / empty_like(device=...): a {weight.mode.value!r} ResuTensor on the meta device has no mask or θ "
+            "to move (they are data). Quantize on meta with rt.resu_config(sparsity=0.0) (DENSE), call "
+            "model.to_empty(device=...), initialise the weights, then rt.prune_(model, sparsity)")
+    moved = {n: getattr(weight, n).to(device) for n in weight.optional_tensor_data_names if getattr(weight, n) is not None}
+    if weight.values is not None:
+        moved["values"] = weight.values.to(device=device, dtype=dtype)
+    return weight.replace(compute_dtype=dtype, **moved)
+
+
 def _register(cls, ops, handler):
     cls.implements(ops)(handler)
 
@@ -248,6 +276,7 @@ for _cls in (ResuTensor, CompactTensor):
     _register(_cls, FULL_REDUCTIONS, full_reduction)
     _register(_cls, [aten.detach_.default], detach_inplace)
 _register(CompactTensor, COMPACT_ONLY_OPS, trainable_op)
+_register(ResuTensor, [aten.empty_like.default], empty_like_resu)
 _GENERIC_DETACH = CompactTensor._ATEN_OP_TABLE[CompactTensor][aten.detach.default]
 _register(CompactTensor, [aten.detach.default], detach_compact)
 _register(CompactTensor, [aten.new_empty.default, aten.new_zeros.default, aten.new_empty_strided.default], new_like_logical)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resu_tensor.training.filters import FilterFn, resu_weights
+from resu_tensor.training.filters import FilterFn, require_chosen, resu_weights
 from resu_tensor.training.sharded import sharded_weights
 
 
@@ -27,7 +27,8 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
     """Run ``model`` on each batch (``torch.no_grad``, eval mode, restored afterwards) and return
     {module name: ‖X_j‖₂ for every input feature j}, a float32 (in_features,) tensor per module
     whose ``weight`` is a ResuTensor (and that ``filter_fn`` accepts), over all tokens (every
-    leading dim) of every batch. A batch is passed as ``model(batch)``, ``model(*batch)`` for a
+    leading dim) of every batch. No chosen layer (no ResuTensor weight, or ``filter_fn`` matching
+    none) is a ``ValueError``. A batch is passed as ``model(batch)``, ``model(*batch)`` for a
     tuple/list, ``model(**batch)`` for a dict. Modules that saw no input are left out.
 
     Under FSDP2 (ResuTensor weights sharded by ``fully_shard``) ``batches`` are this rank's, the
@@ -46,6 +47,7 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
     sharded = sharded_weights(model, filter_fn)
     layers = [(name, module, weight.shape[1]) for name, module, weight in resu_weights(model, filter_fn)]
     layers += [(entry.module_name, entry.module, entry.param.shape[1]) for entry in sharded]
+    require_chosen(layers, model, filter_fn, "calibrate")  # norms of no layer would be an empty dict
     sums_of_squares: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str, in_features: int):

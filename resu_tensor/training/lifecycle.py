@@ -3,22 +3,70 @@
 Each works on plain ResuTensor weights and on FSDP2-sharded ones alike: the latter are gathered
 into whole layers for the change and each rank keeps its rows (training/sharded.py), so masks are
 identical on every rank and equal to a single-process run's. ``optimizer=`` (one or a list)
-drops the state the change made stale, sharded or not."""
+drops the state the change made stale, sharded or not.
+
+Every call changes all chosen layers or none: each layer's mode and options are checked before
+any changes, and a layer that still fails part-way restores the layers changed before it. A call
+that chooses no layer raises (the model has no ResuTensor weight, or ``filter_fn`` matched none)."""
+import contextlib
 from collections.abc import Mapping
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
+from resu_tensor.core.mask_encoding import decode_mask
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.subset import restrict_to_subset_
 from resu_tensor.core.tensor import ResuTensor
-from resu_tensor.method.pruning import (check_finite, check_input_norms, check_method, check_scope, erk_densities,
-                                        global_sparsities, parse_granularity, resolve_sparsity, score)
+from resu_tensor.core.transitions import check_commit, check_enter_resu
+from resu_tensor.method.pruning import (check_finite, check_input_norms, check_keeps_weights, check_method,
+                                        check_scope, erk_densities, global_sparsities, parse_granularity,
+                                        resolve_sparsity, score)
 from resu_tensor.method.selective import StaticSubsetConfig
 from resu_tensor.training.calibration import calibrate, input_norms_for
-from resu_tensor.training.filters import FilterFn, resu_weights
+from resu_tensor.training.filters import FilterFn, require_chosen, resu_weights
 from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
+
+
+def _chosen_layers(model: nn.Module, filter_fn, call: str) -> list[tuple[str, nn.Module, ResuTensor]]:
+    return require_chosen(list(resu_weights(model, filter_fn)), model, filter_fn, call)
+
+
+def _checked(where: str, check: Callable[[], object]):
+    """``check()``, its ValueError/TypeError prefixed with ``where`` (the call and the layer)."""
+    try:
+        return check()
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{where}: {error}") from error
+
+
+@contextlib.contextmanager
+def all_or_none(weights: list[ResuTensor]) -> Iterator[None]:
+    """If the block raises, every weight of ``weights`` gets back the state (and ``.grad``) it had
+    on entry. The saved state holds the same inner tensors, not copies: the transitions build new
+    tensors, and the one thing they change in place is θ written into the pruned slots of a
+    SPARSE weight's values (``enter_resu``), which were exactly zero and are zeroed again.
+
+    Example::
+
+        with all_or_none([w1, w2]):
+            w1.enter_resu(); w2.enter_resu()
+    """
+    saved = [(w, w.fields(), w.grad, w.values._version if w.values is not None else None) for w in weights]
+    try:
+        yield
+    except BaseException:
+        for weight, fields, grad, version in saved:
+            for name, value in fields.items():
+                setattr(weight, name, value)
+            values = fields["values"]
+            if values is not None and values._version != version and fields["mode_name"] == Mode.SPARSE.value:
+                keep = decode_mask(weight.encoded_mask(), weight.storage_shape, values.device)
+                with torch.no_grad():
+                    values.masked_fill_(~keep, 0)
+            weight.grad = grad
+        raise
 
 
 def _norms_before_gathering(model: nn.Module, calibration, filter_fn, needed: bool):
@@ -72,7 +120,7 @@ def _prune_layers(model: nn.Module, sparsity, method: str, filter_fn, generator,
     if scope == "erk" and n_m is not None:
         raise ValueError(f"scope='erk' gives every layer its own sparsity, but granularity {granularity!r} fixes it at "
                          f"{layer_sparsity:g}; use scope='layer'")
-    layers = [(name, weight) for name, _, weight in resu_weights(model, filter_fn)]
+    layers = [(name, weight) for name, _, weight in _chosen_layers(model, filter_fn, "prune_")]
     for name, weight in layers:
         if weight.mode not in (Mode.DENSE, Mode.SPARSE):
             raise ValueError(f"prune_: layer {name!r} is in mode {weight.mode.value!r}; "
@@ -81,6 +129,8 @@ def _prune_layers(model: nn.Module, sparsity, method: str, filter_fn, generator,
             raise ValueError(f"prune_: layer {name!r}: granularity {granularity!r} needs in_features divisible by "
                              f"{n_m[1]}, got {weight.values.shape[1]}")
         check_finite(weight.values, f"prune_: layer {name!r}")
+        if scope == "layer":
+            check_keeps_weights(layer_sparsity, granularity, weight.storage_shape, f"prune_: layer {name!r}")
     input_norms = {}
     if method == "wanda":
         input_norms = input_norms_for(model, [name for name, _ in layers], calibration, filter_fn)
@@ -91,8 +141,9 @@ def _prune_layers(model: nn.Module, sparsity, method: str, filter_fn, generator,
         return score(weight.values, method, input_norms.get(name), generator)
 
     if scope == "layer":
-        for name, weight in layers:
-            weight.prune(sparsity, method=method, granularity=granularity, scores=layer_scores(name, weight))
+        with all_or_none([weight for _, weight in layers]):
+            for name, weight in layers:
+                weight.prune(sparsity, method=method, granularity=granularity, scores=layer_scores(name, weight))
         return
     if scope == "global":
         scores = {name: layer_scores(name, weight) for name, weight in layers}
@@ -106,9 +157,13 @@ def _prune_layers(model: nn.Module, sparsity, method: str, filter_fn, generator,
         scores = {}
         densities = erk_densities({name: tuple(weight.values.shape) for name, weight in layers}, layer_sparsity)
         sparsities = {name: max(0.0, 1.0 - density) for name, density in densities.items()}
-    for name, weight in layers:
-        layer_score = scores.pop(name) if name in scores else layer_scores(name, weight)
-        weight.prune(sparsities[name], method=method, granularity=granularity, scores=layer_score)
+        for name, weight in layers:
+            check_keeps_weights(sparsities[name], granularity, weight.storage_shape,
+                                f"prune_(scope='erk', sparsity={sparsity}): layer {name!r}")
+    with all_or_none([weight for _, weight in layers]):
+        for name, weight in layers:
+            layer_score = scores.pop(name) if name in scores else layer_scores(name, weight)
+            weight.prune(sparsities[name], method=method, granularity=granularity, scores=layer_score)
 
 
 def enter_resu_(model: nn.Module, epsilon: float = 0.1, freeze_active: bool = True,
@@ -140,19 +195,25 @@ def enter_resu_(model: nn.Module, epsilon: float = 0.1, freeze_active: bool = Tr
 def _enter_resu_layers(model: nn.Module, epsilon: float, freeze_active: bool, filter_fn, generator, probe_fn,
                        options: dict) -> None:
     selective = options.get("selective")
-    weights = [w for _, _, w in resu_weights(model, filter_fn)]
-    if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient":
-        if probe_fn is None:
-            raise ValueError('StaticSubsetConfig(by="gradient") needs probe_fn(model) -> loss')
-        probe_options = {k: v for k, v in options.items() if k != "selective"}
+    layers = _chosen_layers(model, filter_fn, "enter_resu_")
+    by_gradient = isinstance(selective, StaticSubsetConfig) and selective.by == "gradient"
+    if by_gradient and probe_fn is None:
+        raise ValueError('enter_resu_: StaticSubsetConfig(by="gradient") needs probe_fn(model) -> loss')
+    for name, _, weight in layers:
+        _checked(f"enter_resu_: layer {name!r}", lambda: check_enter_resu(
+            weight, epsilon, freeze_active, generator, probed=by_gradient, **options))
+    weights = [w for _, _, w in layers]
+    with all_or_none(weights):
+        if by_gradient:
+            probe_options = {k: v for k, v in options.items() if k != "selective"}
+            for weight in weights:
+                weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator, **probe_options)
+            scores = _probe_gradients(model, weights, probe_fn)
+            for weight in weights:
+                restrict_to_subset_(weight, selective, scores[id(weight)], generator)
+            return
         for weight in weights:
-            weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator, **probe_options)
-        scores = _probe_gradients(model, weights, probe_fn)
-        for weight in weights:
-            restrict_to_subset_(weight, selective, scores[id(weight)], generator)
-        return
-    for weight in weights:
-        weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator, **options)
+            weight.enter_resu(epsilon=epsilon, freeze_active=freeze_active, generator=generator, **options)
 
 
 def _probe_gradients(model: nn.Module, weights: list, probe_fn) -> dict:
@@ -184,9 +245,15 @@ def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[Filt
     wanda = (strategy == "amnesty" and options.get("score") == "wanda") or strategy == "wanda_reprune"
     calibration = _norms_before_gathering(model, calibration, filter_fn, needed=wanda)
     with full_weights(model, optimizer, filter_fn):
-        layers = list(resu_weights(model, filter_fn))
+        layers = _chosen_layers(model, filter_fn, "commit_")
+        for name, _, weight in layers:  # strategy and options first: they need no calibration run
+            _checked(f"commit_: layer {name!r}", lambda: check_commit(weight, strategy, norms_later=wanda, **options))
         input_norms = {}
         if wanda:
             input_norms = input_norms_for(model, [name for name, _, _ in layers], calibration, filter_fn)
-        return {name: weight.commit(strategy, input_norms=input_norms.get(name), **options)
-                for name, _, weight in layers}
+            for name, _, weight in layers:
+                _checked(f"commit_: layer {name!r}", lambda: check_commit(
+                    weight, strategy, input_norms=input_norms[name], **options))
+        with all_or_none([weight for _, _, weight in layers]):
+            return {name: weight.commit(strategy, input_norms=input_norms.get(name), **options)
+                    for name, _, weight in layers}

@@ -15,7 +15,9 @@ from resu_tensor.core.tensor import ResuTensor
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer, model: Optional[nn.Module] = None) -> int:
     """Drop the optimizer state of every ResuTensor parameter (of ``model``, if given; plain or
     FSDP2-sharded) whose state belongs to another trainable set than the parameter's current
-    one. Returns how many (on this rank).
+    one. Returns how many (on this rank). Returning 0 is normal (nothing was stale); a ``model``
+    with no ResuTensor parameter at all raises ``ValueError`` (the call could never do anything:
+    the weights were not converted, or the wrong model was passed).
 
     Example::
 
@@ -27,7 +29,11 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, model: Optional[nn.
         raise TypeError(f"model must be an nn.Module (or None for every parameter), got {type(model).__name__}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if model is not None:
-        allowed = {id(p) for p in model.parameters()}
+        model_params = list(model.parameters())
+        if not any(isinstance(p, ResuTensor) or is_sharded_resu(p) for p in model_params):
+            raise ValueError("reset_optimizer_state_: the model has no ResuTensor weight; convert its Linear weights "
+                             "first: quantize_(model, rt.resu_config(...))")
+        allowed = {id(p) for p in model_params}
         params = [p for p in params if id(p) in allowed]
     plain = [p for p in params if isinstance(p, ResuTensor)]
     sharded = [p for p in params if is_sharded_resu(p)]

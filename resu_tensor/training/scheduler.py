@@ -25,7 +25,7 @@ from resu_tensor.core.subset import restrict_to_subset_
 from resu_tensor.method.amnesty import AmnestyStats, format_stats_table
 from resu_tensor.method.schedule import ScheduleConfig
 from resu_tensor.training.calibration import calibrate
-from resu_tensor.training.filters import resu_weights
+from resu_tensor.training.filters import require_chosen, resu_weights
 from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_
 from resu_tensor.training.optimizer_state import reset_optimizer_state_
 from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
@@ -129,8 +129,8 @@ class ResuScheduler:
         self._pre_resu_masks: dict[str, torch.Tensor] = {}
         self._progress = None
         self._sharded = bool(sharded_weights(model, filter_fn))
-        if not self._sharded and not list(resu_weights(model, filter_fn)):
-            raise ValueError("the model has no ResuTensor weights: run quantize_(model, rt.resu_config(...)) first")
+        if not self._sharded:
+            require_chosen(list(resu_weights(model, filter_fn)), model, filter_fn, "ResuScheduler")
         if self._sharded:
             check_gatherable_options({"selective": config.selective})
 
