@@ -1,8 +1,20 @@
 """CompactTensor: a gradient or optimizer state holding only one trainable set's coordinates."""
 import hashlib
+from typing import Callable, Optional
 
 import torch
 from torchao.utils import TorchAOBaseTensor
+
+
+# What runs an aten op that no op table of the operands' classes holds; set by resu_tensor.ops
+# (the layer that knows how to compute on the dense view), None until that package is imported.
+_unhandled_op: Optional[Callable] = None
+
+
+def set_unhandled_op_handler(handler: Callable) -> None:
+    """Install ``handler(func, types, args, kwargs)`` for aten ops without a table entry."""
+    global _unhandled_op
+    _unhandled_op = handler
 
 
 class NoDynamoFrames:
@@ -12,12 +24,22 @@ class NoDynamoFrames:
     function they also run eagerly, after a graph break (e.g. at ``loss.backward()``) or in
     AOTAutograd's runtime wrappers, and Dynamo would compile those frames as user code: it
     recompiles per tensor and turns attributes such as ``trainable_key`` into SymInts.
+
+    An op in no operand class's table goes to the handler installed by
+    :func:`set_unhandled_op_handler` (the dense fallback of ``resu_tensor.ops``).
     """
 
     @classmethod
     @torch._dynamo.disable
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        tables = cls._ATEN_OP_TABLE
+        if func in tables.get(cls, ()):
+            return tables[cls][func](func, types, args, kwargs or {})
+        if any(func in tables.get(t, ()) for t in types if t is not cls):
+            return NotImplemented  # another operand's class handles it
+        if _unhandled_op is None:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        return _unhandled_op(func, types, args, kwargs or {})
 
     @classmethod
     @torch._dynamo.disable

@@ -1,0 +1,81 @@
+"""The dense fallback: every aten op without a table entry sees the tensors a user means.
+
+A ResuTensor reads as its effective weight W_eff (logical orientation, compute dtype); a
+CompactTensor (a gradient or optimizer state) reads as its dense expansion, zero outside its
+trainable set. The op runs on those plain tensors and returns plain tensors. The op tables keep
+what must stay compact (optimizer arithmetic, ``*_like(param)``, in-place updates of trainable
+coordinates) and the fast paths (linear/matmul); everything else lands here, with no per-op list.
+
+An in-place op without a handler whose target is a ResuTensor or CompactTensor raises: writing
+W_eff's dense copy would be a silent no-op, and writing every coordinate would move frozen ones.
+
+Example::
+
+    w = ResuTensor.from_dense(torch.randn(8, 16), sparsity=0.5)
+    w[0], w.mean(), torch.where(w > 0, w, 0.0), w.sum(1)   # all plain tensors of W_eff
+"""
+import torch
+from torch.utils._pytree import tree_map
+
+from resu_tensor.core.compact import CompactTensor, set_unhandled_op_handler
+from resu_tensor.core.tensor import ResuTensor, expand_compact
+
+_IN_PLACE_HELP = (
+    "in-place ops on a ResuTensor or its CompactTensor gradient/state change trainable coordinates only and exist "
+    "for the optimizer's arithmetic (add_, sub_, mul_, div_, addcmul_, addcdiv_, lerp_, clamp_, sqrt_, neg_, abs_, "
+    "pow_, fill_, zero_, copy_ and their _foreach_ forms). For anything else compute on a dense copy "
+    "(w.dequantize(), w.expand_trainable(w.grad)) and write back with w.copy_(ResuTensor.from_dense(...)) or a "
+    "supported in-place op"
+)
+
+
+def _returns_alias(func) -> bool:
+    return any(r.alias_info is not None for r in func._schema.returns)
+
+
+def dense_view(t, copy: bool = False):
+    """What user code sees of ``t``: W_eff for a ResuTensor, the dense expansion for a
+    CompactTensor, ``t`` itself otherwise. ``copy`` gives a ResuTensor's W_eff as a new tensor
+    (for ops whose result aliases their input: writes to it must not reach the weight)."""
+    if isinstance(t, ResuTensor):
+        return t.dequantize() if copy else t.effective_weight()
+    if isinstance(t, CompactTensor):
+        return expand_compact(t)
+    return t
+
+
+def _written_subclass_argument(func, args, kwargs):
+    """The name of an argument the op writes into that is a ResuTensor/CompactTensor, or None."""
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(argument.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, (ResuTensor, CompactTensor)) for v in values):
+            return argument.name
+    return None
+
+
+def dense_fallback(func, types, args, kwargs):
+    """Run aten op ``func`` on the dense views of its ResuTensor/CompactTensor operands."""
+    kwargs = kwargs or {}
+    written = _written_subclass_argument(func, args, kwargs)
+    if written is not None:
+        raise TypeError(f"{func}: cannot write into a ResuTensor/CompactTensor argument {written!r}: {_IN_PLACE_HELP}")
+    copy = _returns_alias(func)
+    unwrap = lambda t: dense_view(t, copy)  # noqa: E731
+    return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _to_python(func, types, args, kwargs):
+    """``w.numpy()`` / ``w.tolist()``: W_eff's values (numpy refuses a tensor that requires grad,
+    as for any tensor, unless ``force=True``)."""
+    t = args[0]
+    if func is torch.Tensor.numpy and t.requires_grad and not (args[1:] or kwargs.get("force", False)):
+        raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
+    dense = dense_view(t, copy=True)
+    return dense.numpy(*args[1:], **kwargs) if func is torch.Tensor.numpy else dense.tolist()
+
+
+set_unhandled_op_handler(dense_fallback)
+ResuTensor.implements_torch_function([torch.Tensor.numpy, torch.Tensor.tolist])(_to_python)
