@@ -11,10 +11,22 @@ from torchao.utils import TorchAOBaseTensor
 _unhandled_op: Optional[Callable] = None
 
 
+# What runs a torch function on a ResuTensor that its torch-function table does not hold (the
+# autograd entry of resu_tensor.ops.fallback); None: the function runs as it is.
+_unhandled_function: Optional[Callable] = None
+
+
 def set_unhandled_op_handler(handler: Callable) -> None:
     """Install ``handler(func, types, args, kwargs)`` for aten ops without a table entry."""
     global _unhandled_op
     _unhandled_op = handler
+
+
+def set_unhandled_function_handler(handler: Callable) -> None:
+    """Install ``handler(func, types, args, kwargs)`` for torch functions of a ResuTensor
+    without a torch-function table entry."""
+    global _unhandled_function
+    _unhandled_function = handler
 
 
 class NoDynamoFrames:
@@ -73,13 +85,16 @@ class FastPropertyAccess:
     """Tensor properties (``.grad``, ``.shape``, ``.requires_grad``, ...) and dtype queries
     (``torch.is_complex``, ...) skip the op table: the optimizers and hooks read them about 15
     times per parameter per step and the table never holds them, so the lookup would only add
-    host time to each read."""
+    host time to each read. Functions outside the table go to the handler installed by
+    :func:`set_unhandled_function_handler` (autograd's entry to the dense view)."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if type(func) is _PROPERTY_ACCESS or func in _DTYPE_QUERIES:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
+        if _unhandled_function is not None and func not in cls._TORCH_FN_TABLE.get(cls, ()):
+            return _unhandled_function(func, types, args, kwargs or {})
         return super().__torch_function__(func, types, args, kwargs)
 
 

@@ -15,9 +15,9 @@ Example::
     w[0], w.mean(), torch.where(w > 0, w, 0.0), w.sum(1)   # all plain tensors of W_eff
 """
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
-from resu_tensor.core.compact import CompactTensor, set_unhandled_op_handler
+from resu_tensor.core.compact import CompactTensor, set_unhandled_function_handler, set_unhandled_op_handler
 from resu_tensor.core.tensor import ResuTensor, expand_compact
 
 _IN_PLACE_HELP = (
@@ -67,6 +67,75 @@ def dense_fallback(func, types, args, kwargs):
     return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
 
+class EffectiveWeight(torch.autograd.Function):
+    """W_eff of a ResuTensor as a plain tensor, differentiably: the one autograd node through
+    which a weight that requires grad enters an op without a fast path (an L2 penalty, einsum,
+    conv, ...). Backward hands the weight its gradient's trainable coordinates, compact, as the
+    linear fast path does."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.save_for_backward(weight)
+        return weight.dequantize()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        storage_grad = grad.t() if weight.transposed else grad
+        return weight.compact(weight.gather_trainable(storage_grad.to(weight.compute_dtype).contiguous()))
+
+
+def effective_weight(weight: ResuTensor) -> torch.Tensor:
+    """W_eff of ``weight`` as a plain tensor; differentiable when ``weight`` requires grad.
+
+    Example::
+
+        penalty = effective_weight(w).pow(2).sum()   # what w.pow(2).sum() runs
+    """
+    with torch._C.DisableTorchFunctionSubclass():
+        return EffectiveWeight.apply(weight)
+
+
+# Tensor methods and functions that keep a ResuTensor a ResuTensor under autograd: metadata,
+# hooks, serialization, layout views the fast paths understand, dtype/device moves, optimizer
+# state (*_like), and in-place ops (their handlers or the dispatch error decide).
+_STRUCTURAL = frozenset([
+    torch.Tensor.__hash__, torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.__reduce_ex__,
+    torch.Tensor.__deepcopy__, torch.Tensor.__setstate__, torch.Tensor.__setitem__,
+    torch.Tensor.backward, torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook,
+    torch.Tensor.requires_grad_, torch.Tensor.retain_grad, torch.Tensor.detach, torch.Tensor.detach_,
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.data_ptr,
+    torch.Tensor.is_contiguous, torch.Tensor.element_size, torch.Tensor.__len__, torch.Tensor.storage_offset,
+    torch.Tensor.untyped_storage, torch.Tensor.is_pinned,
+    torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute,
+    torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.float, torch.Tensor.half,
+    torch.Tensor.bfloat16, torch.Tensor.double, torch.Tensor.type, torch.Tensor.clone, torch.clone,
+    torch.Tensor.new_zeros, torch.Tensor.new_empty, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
+    torch.Tensor.narrow, torch.narrow,
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
+])
+
+
+def _in_place(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i") and name.endswith("__") \
+        and name not in ("__int__", "__index__", "__invert__")
+
+
+def enter_autograd(func, types, args, kwargs):
+    """A torch function outside ResuTensor's table: with grad enabled, each ResuTensor that
+    requires grad enters it through :class:`EffectiveWeight` (one node; the op itself then runs on
+    plain tensors, its own backward included); otherwise it runs as it is and the aten ops it
+    calls reach the op tables and the dense fallback."""
+    if torch.is_grad_enabled() and func not in _STRUCTURAL and not _in_place(func):
+        flat, _ = tree_flatten((args, kwargs))
+        if any(isinstance(a, ResuTensor) and a.requires_grad for a in flat):
+            enter = lambda a: effective_weight(a) if isinstance(a, ResuTensor) and a.requires_grad else a  # noqa: E731
+            args, kwargs = tree_map(enter, args), tree_map(enter, kwargs)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
 def _to_python(func, types, args, kwargs):
     """``w.numpy()`` / ``w.tolist()``: W_eff's values (numpy refuses a tensor that requires grad,
     as for any tensor, unless ``force=True``)."""
@@ -78,4 +147,5 @@ def _to_python(func, types, args, kwargs):
 
 
 set_unhandled_op_handler(dense_fallback)
+set_unhandled_function_handler(enter_autograd)
 ResuTensor.implements_torch_function([torch.Tensor.numpy, torch.Tensor.tolist])(_to_python)

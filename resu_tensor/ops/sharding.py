@@ -82,13 +82,12 @@ def _slice(func, types, args, kwargs):
     start = args[2] if len(args) > 2 else kwargs.get("start")
     end = args[3] if len(args) > 3 else kwargs.get("end")
     step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    _dim0(func, t, dim)
+    if dim % 2 != 0 or step != 1 or t.transposed:
+        return dense_fallback(func, types, args, kwargs)  # w[:, a:b], w[::2]: a slice of a copy of W_eff
     rows = t.shape[0]
     start, end = (start or 0), (rows if end is None else end)
     start, end = start + rows if start < 0 else start, end + rows if end < 0 else end
     start, end = max(0, min(start, rows)), max(0, min(end, rows))
-    if step != 1:
-        raise NotImplementedError(f"{func}: row slices of a ResuTensor need step 1, got {step}")
     if end <= start:
         raise ValueError(f"{func}: an empty row slice [{start}:{end}] of a ResuTensor is not supported")
     # A view op must return a new object: all rows share t's inner tensors; a part shares its data
