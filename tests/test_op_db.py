@@ -126,6 +126,50 @@ def test_op_on_compact_gradient_reads_the_dense_gradient(op, sample):
     _compare(op, _run(op, sample, grad), _run(op, sample, w.expand_trainable(grad)), w)
 
 
+def _float_outputs(out):
+    flat, _ = tree_flatten(out)
+    return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+
+
+def _backward(op, sample, first):
+    """Gradient of a fixed random projection of the op's float outputs, or the error it raised."""
+    out = _run(op, sample, first)
+    if isinstance(out, Exception):
+        return out
+    outputs = _float_outputs(out)
+    if not outputs:
+        return None
+    generator = torch.Generator().manual_seed(3)
+    loss = sum((t * torch.randn(t.shape, generator=generator)).sum() for t in outputs)
+    try:
+        loss.backward()
+    except Exception as error:  # compared with the reference's own error
+        return error
+    return first.grad
+
+
+DIFFERENTIABLE = [i for i, (op, _) in enumerate(CASES) if op.supports_autograd and op.name not in UNDETERMINED_VALUES]
+
+
+@pytest.mark.parametrize("op, sample", [CASES[i] for i in DIFFERENTIABLE], ids=[CASE_IDS[i] for i in DIFFERENTIABLE])
+@pytest.mark.parametrize("mode", ["sparse", "resu", "qresu"])
+def test_backward_through_an_op_hands_the_weight_its_compact_gradient(op, sample, mode):
+    _skip(op, "backward")
+    w = _weight(sample.input, mode)
+    reference = w.dequantize().requires_grad_()
+    expected = _backward(op, sample, reference)
+    parameter = torch.nn.Parameter(w)
+    got = _backward(op, sample, parameter)
+    if isinstance(expected, Exception) or expected is None:
+        assert type(got) is type(expected), f"{op.name}: the dense input gave {expected!r}, got {got!r}"
+        return
+    if isinstance(got, Exception):
+        raise got
+    assert isinstance(got, CompactTensor) and got.trainable_key == w.trainable_key
+    # the gradient of W_eff at the trainable coordinates, nothing else
+    torch.testing.assert_close(got.flat, w.gather_trainable(expected), equal_nan=True, **TOLERANCE)
+
+
 def test_the_sampled_ops_cover_pytorchs_matrix_ops_with_few_skips():
     assert len(CASES) >= 150
     assert len(SKIPS) <= 0.05 * len(CASES)

@@ -96,30 +96,38 @@ def effective_weight(weight: ResuTensor) -> torch.Tensor:
         return EffectiveWeight.apply(weight)
 
 
-# Tensor methods and functions that keep a ResuTensor a ResuTensor under autograd: metadata,
-# hooks, serialization, layout views the fast paths understand, dtype/device moves, optimizer
-# state (*_like), and in-place ops (their handlers or the dispatch error decide).
+# Tensor methods and functions that keep a ResuTensor a ResuTensor under autograd: layout views
+# the fast paths understand, dtype/device moves, row blocks (FSDP), optimizer state (*_like).
 _STRUCTURAL = frozenset([
-    torch.Tensor.__hash__, torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.__reduce_ex__,
-    torch.Tensor.__deepcopy__, torch.Tensor.__setstate__, torch.Tensor.__setitem__,
-    torch.Tensor.backward, torch.Tensor.register_hook, torch.Tensor.register_post_accumulate_grad_hook,
-    torch.Tensor.requires_grad_, torch.Tensor.retain_grad, torch.Tensor.detach, torch.Tensor.detach_,
-    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.data_ptr,
-    torch.Tensor.is_contiguous, torch.Tensor.element_size, torch.Tensor.__len__, torch.Tensor.storage_offset,
-    torch.Tensor.untyped_storage, torch.Tensor.is_pinned,
     torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute,
     torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.float, torch.Tensor.half,
     torch.Tensor.bfloat16, torch.Tensor.double, torch.Tensor.type, torch.Tensor.clone, torch.clone,
-    torch.Tensor.new_zeros, torch.Tensor.new_empty, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
-    torch.Tensor.narrow, torch.narrow,
+    torch.Tensor.detach, torch.Tensor.new_zeros, torch.Tensor.new_empty, torch.Tensor.split, torch.split,
+    torch.Tensor.chunk, torch.chunk, torch.Tensor.narrow, torch.narrow,
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
 ])
+# Python operators that compute (w * 2, w[0], w == 0, -w, ...); other dunders (__hash__, __repr__,
+# __reduce_ex__, __setitem__, in-place __iadd__, ...) keep the tensor as it is.
+_COMPUTING_DUNDERS = frozenset(
+    f"__{name}__" for name in (
+        "add radd sub rsub mul rmul truediv rtruediv div rdiv floordiv rfloordiv mod rmod pow rpow matmul rmatmul "
+        "neg pos abs invert and rand or ror xor rxor lshift rlshift rshift rrshift eq ne lt le gt ge getitem "
+        "float int bool index array").split())
 
 
-def _in_place(func) -> bool:
+def _computes(func) -> bool:
+    """Whether ``func`` computes values from its tensors (and so must see W_eff under autograd),
+    as opposed to reading metadata (``size``, ``is_conj``, ``_is_view``, ...), registering hooks,
+    serializing, updating in place, or a structural op of :data:`_STRUCTURAL`."""
+    if func in _STRUCTURAL or (getattr(func, "__module__", None) or "").startswith(("torch.autograd", "torch.distributed")):
+        return False  # autograd.grad/backward, collectives: not computations on the weight's values
     name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i") and name.endswith("__") \
-        and name not in ("__int__", "__index__", "__invert__")
+    if name.startswith("__"):
+        return name in _COMPUTING_DUNDERS
+    metadata = name.startswith(("_", "is_", "has_", "register_", "data_ptr", "storage", "untyped_storage")) or name in (
+        "size", "dim", "ndimension", "numel", "nelement", "stride", "element_size", "get_device", "backward",
+        "requires_grad_", "retain_grad", "detach_", "numpy", "tolist", "item")
+    return not metadata and not name.endswith("_")
 
 
 def enter_autograd(func, types, args, kwargs):
@@ -127,7 +135,7 @@ def enter_autograd(func, types, args, kwargs):
     requires grad enters it through :class:`EffectiveWeight` (one node; the op itself then runs on
     plain tensors, its own backward included); otherwise it runs as it is and the aten ops it
     calls reach the op tables and the dense fallback."""
-    if torch.is_grad_enabled() and func not in _STRUCTURAL and not _in_place(func):
+    if torch.is_grad_enabled() and _computes(func):
         flat, _ = tree_flatten((args, kwargs))
         if any(isinstance(a, ResuTensor) and a.requires_grad for a in flat):
             enter = lambda a: effective_weight(a) if isinstance(a, ResuTensor) and a.requires_grad else a  # noqa: E731
