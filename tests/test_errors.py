@@ -86,8 +86,15 @@ def test_quantize_twice_and_copy_from_dense():
 def test_mixing_plain_and_compact_tensors():
     w = nn.Parameter(rt.ResuTensor.from_dense(torch.randn(4, 8), sparsity=0.5))
     F.linear(torch.randn(2, 8), w).sum().backward()
-    with pytest.raises(TypeError, match="gather_trainable"):
+    # A gradient reads as its dense expansion: a plain tensor of another shape fails as it would
+    # with a dense gradient, one of its shape gives the dense sum (values outside the trainable set kept).
+    with pytest.raises(RuntimeError, match="must match"):
         w.grad.add(torch.randn(3, 3))
+    noise = torch.randn(4, 8)
+    assert torch.equal(w.grad.add(noise), w.expand_trainable(w.grad) + noise)
+    # Writing into it refuses a plain tensor it cannot place
+    with pytest.raises(TypeError, match="gather_trainable"):
+        w.grad.add_(noise)
 
 
 def test_bad_model_and_optimizer_arguments():

@@ -1,8 +1,32 @@
 """CompactTensor: a gradient or optimizer state holding only one trainable set's coordinates."""
 import hashlib
+from typing import Callable, Optional
 
 import torch
 from torchao.utils import TorchAOBaseTensor
+
+
+# What runs an aten op that no op table of the operands' classes holds; set by resu_tensor.ops
+# (the layer that knows how to compute on the dense view), None until that package is imported.
+_unhandled_op: Optional[Callable] = None
+
+
+# What runs a torch function on a ResuTensor that its torch-function table does not hold (the
+# autograd entry of resu_tensor.ops.fallback); None: the function runs as it is.
+_unhandled_function: Optional[Callable] = None
+
+
+def set_unhandled_op_handler(handler: Callable) -> None:
+    """Install ``handler(func, types, args, kwargs)`` for aten ops without a table entry."""
+    global _unhandled_op
+    _unhandled_op = handler
+
+
+def set_unhandled_function_handler(handler: Callable) -> None:
+    """Install ``handler(func, types, args, kwargs)`` for torch functions of a ResuTensor
+    without a torch-function table entry."""
+    global _unhandled_function
+    _unhandled_function = handler
 
 
 class NoDynamoFrames:
@@ -12,12 +36,22 @@ class NoDynamoFrames:
     function they also run eagerly, after a graph break (e.g. at ``loss.backward()``) or in
     AOTAutograd's runtime wrappers, and Dynamo would compile those frames as user code: it
     recompiles per tensor and turns attributes such as ``trainable_key`` into SymInts.
+
+    An op in no operand class's table goes to the handler installed by
+    :func:`set_unhandled_op_handler` (the dense fallback of ``resu_tensor.ops``).
     """
 
     @classmethod
     @torch._dynamo.disable
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        tables = cls._ATEN_OP_TABLE
+        if func in tables.get(cls, ()):
+            return tables[cls][func](func, types, args, kwargs or {})
+        if any(func in tables.get(t, ()) for t in types if t is not cls):
+            return NotImplemented  # another operand's class handles it
+        if _unhandled_op is None:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        return _unhandled_op(func, types, args, kwargs or {})
 
     @classmethod
     @torch._dynamo.disable
@@ -52,7 +86,8 @@ class FastPropertyAccess:
     """Tensor properties (``.grad``, ``.shape``, ``.requires_grad``, ...) and dtype queries
     (``torch.is_complex``, ...) skip the op table: the optimizers and hooks read them about 15
     times per parameter per step and the table never holds them, so the lookup would only add
-    host time to each read."""
+    host time to each read. Functions outside the table go to the handler installed by
+    :func:`set_unhandled_function_handler` (autograd's entry to the dense view)."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -60,6 +95,8 @@ class FastPropertyAccess:
         if (type(func) is _PROPERTY_ACCESS and func != _DATA_SETTER) or func in _DTYPE_QUERIES:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
+        if _unhandled_function is not None and func not in cls._TORCH_FN_TABLE.get(cls, ()):
+            return _unhandled_function(func, types, args, kwargs or {})
         return super().__torch_function__(func, types, args, kwargs)
 
 

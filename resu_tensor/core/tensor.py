@@ -1,4 +1,5 @@
 """ResuTensor: one weight's values, mask and mode packed into a tensor subclass."""
+import weakref
 from typing import Optional
 
 import torch
@@ -25,6 +26,99 @@ def check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"ResuTensor needs a 2-D (out_features, in_features) weight, got shape {tuple(weight.shape)}")
     if weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"ResuTensor supports dtypes {[str(d) for d in SUPPORTED_DTYPES]}, got {weight.dtype}")
+
+
+def trainable_flat_of(side: str, mask: EncodedMask, subset: EncodedMask, storage_shape, device) -> Optional[torch.Tensor]:
+    """Row-major bool mask of the trainable coordinates over storage, or None if all train."""
+    if side == "all":
+        return None
+    if side == "subset":
+        return decode_mask(subset, storage_shape, device).view(-1)
+    flat = decode_mask(mask, storage_shape, device).view(-1)
+    return flat if side == "active" else ~flat
+
+
+_MASK_PARTS = ("bitmap", "block_prefix", "indices")
+
+
+class _TrainableSet:
+    """What defines one trainable set (side, shape, mask and subset encodings), the encodings held
+    weakly: enough to expand a CompactTensor, which holds only the set's key, without keeping a
+    weight (or its masks) alive. Weak references to the encodings, not to the weight: a weight
+    with a weak reference could no longer be swapped (``module.to()`` swaps parameters)."""
+
+    def __init__(self, weight: "ResuTensor", on_release):
+        self.side, self.storage_shape = weight.trainable_side, weight.storage_shape
+        self.kinds = (weight.mask_kind, weight.subset_kind)
+        self.refs, self.versions = {}, {}
+        for prefix in ("mask", "subset"):
+            for part in _MASK_PARTS:
+                t = getattr(weight, f"{prefix}_{part}")
+                if t is not None:
+                    self.refs[f"{prefix}_{part}"] = weakref.ref(t, on_release)
+                    self.versions[f"{prefix}_{part}"] = t._version
+
+    def alive(self) -> bool:
+        """Whether every encoding is still alive and unchanged (a whole-state ``copy_`` writes a
+        new mask into the old tensors in place)."""
+        return all((t := ref()) is not None and t._version == self.versions[name] for name, ref in self.refs.items())
+
+    def trainable_flat(self, device) -> Optional[torch.Tensor]:
+        """As :meth:`ResuTensor.trainable_flat`; raises LookupError unless :meth:`alive`."""
+        if not self.alive():
+            raise LookupError
+        tensors = {name: ref() for name, ref in self.refs.items()}
+        mask, subset = (EncodedMask(kind, *(tensors.get(f"{prefix}_{p}") for p in _MASK_PARTS))
+                        for kind, prefix in zip(self.kinds, ("mask", "subset")))
+        return trainable_flat_of(self.side, mask, subset, self.storage_shape, device)
+
+
+# trainable_key → its _TrainableSet, for the weights alive in this process (the key is a content
+# hash of the set, so any weight of that set describes it).
+_TRAINABLE_SETS: dict[int, _TrainableSet] = {}
+
+
+def remember_trainable_set(weight: "ResuTensor") -> None:
+    """Record ``weight``'s trainable set so that :func:`expand_compact` can expand its gradients."""
+    key = weight.trainable_key
+    if key is None or (key in _TRAINABLE_SETS and _TRAINABLE_SETS[key].alive()):
+        return
+    storage = next((getattr(weight, n) for n in weight.optional_tensor_data_names if getattr(weight, n) is not None),
+                   None)
+    if storage is None or is_traced(storage):
+        return  # a trace value describes no real gradient
+
+    def release(_ref, key=key):
+        record = _TRAINABLE_SETS.get(key)
+        if record is not None and not record.alive():
+            del _TRAINABLE_SETS[key]
+
+    _TRAINABLE_SETS[key] = _TrainableSet(weight, release)
+
+
+def expand_compact(compact: CompactTensor) -> torch.Tensor:
+    """The dense tensor a CompactTensor stands for: its logical shape, its values at its trainable
+    set's coordinates, zero elsewhere; the set taken from a live weight that has it.
+
+    Example::
+
+        loss.backward(); expand_compact(w.grad)   # same as w.expand_trainable(w.grad)
+    """
+    record = _TRAINABLE_SETS.get(compact.trainable_key)
+    try:
+        trainable = None if record is None else record.trainable_flat(compact.flat.device)
+    except LookupError:
+        record = None
+    if record is None:
+        raise ValueError(
+            f"cannot expand this CompactTensor (trainable_key={compact.trainable_key:#x}): no live ResuTensor has "
+            "its trainable set any more; use weight.expand_trainable(compact) with the weight it belongs to")
+    dense = torch.zeros(record.storage_shape, dtype=compact.flat.dtype, device=compact.flat.device)
+    if trainable is None:
+        dense.view(-1).copy_(compact.flat)
+    else:
+        kernels.scatter_trainable_(dense, trainable, compact.flat)
+    return dense.t() if compact.transposed else dense
 
 
 class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBaseTensor):
@@ -82,6 +176,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             setattr(self, name, optional.pop(name, default))
         if optional:
             raise TypeError(f"unknown ResuTensor fields: {sorted(optional)}")
+        remember_trainable_set(self)
 
     def fields(self) -> dict:
         """Every constructor argument, by name (see :meth:`replace`)."""
@@ -172,6 +267,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             setattr(self, name, value)
         if self.trainable_key != old_key:
             self.grad = None
+            remember_trainable_set(self)
 
     # ----------------------------------------------------------------- queries
     @property
@@ -243,10 +339,8 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         """Row-major bool mask of the trainable coordinates over storage, or None if all train."""
         if self.trainable_side == "all":
             return None
-        if self.trainable_side == "subset":
-            return decode_mask(self.encoded_subset(), self.storage_shape, self.device_of_storage).view(-1)
-        flat = self.storage_mask().view(-1)
-        return flat if self.trainable_side == "active" else ~flat
+        return trainable_flat_of(self.trainable_side, self.encoded_mask(), self.encoded_subset(), self.storage_shape,
+                                 self.device_of_storage)
 
     def trainable_mask(self) -> torch.Tensor:
         """Bool mask of this tensor's logical shape, True = the optimizer may change it."""
@@ -365,6 +459,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
     def compact(self, flat: torch.Tensor) -> CompactTensor:
         if flat.numel() != self.trainable_count:
             raise ValueError(f"expected {self.trainable_count} trainable values, got {flat.numel()}")
+        remember_trainable_set(self)
         return CompactTensor(flat, self.trainable_key, self.logical_shape, self.transposed)
 
     def expand_trainable(self, compact: torch.Tensor) -> torch.Tensor:

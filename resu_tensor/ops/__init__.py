@@ -1,2 +1,3 @@
-"""Op tables of ResuTensor and CompactTensor; importing this package registers them."""
-from resu_tensor.ops import foreach, fused_optim, layout, linear, sharding, trainable  # noqa: F401
+"""Op tables of ResuTensor and CompactTensor; importing this package registers them. Ops in no
+table run on the dense view (``fallback``)."""
+from resu_tensor.ops import fallback, foreach, fused_optim, layout, linear, sharding, trainable  # noqa: F401

@@ -25,7 +25,10 @@ def transpose(func, types, args, kwargs):
         swap = args[1] % 2 != args[2] % 2
     else:  # permute
         swap = [d % 2 for d in args[1]] == [1, 0]
-    return _transposed_view(t) if swap else t
+    if swap:
+        return _transposed_view(t)
+    # a view op must return a new object (an identity permute included)
+    return t.with_flat(t.flat) if isinstance(t, CompactTensor) else t.replace()
 
 
 def _to_kwargs(t, args, kwargs):

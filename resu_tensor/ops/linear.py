@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from resu_tensor import kernels
 from resu_tensor.core.qresu import kernel_operands, tile_prefix
 from resu_tensor.core.tensor import ResuTensor, is_traced
+from resu_tensor.ops.fallback import dense_fallback, enter_autograd
 
 aten = torch.ops.aten
 
@@ -127,29 +128,40 @@ def resu_matmul(x, weight: ResuTensor, bias=None, transpose_weight: bool = False
         return ResuMatmul.apply(x, weight, bias, transpose_weight)
 
 
+def _fast_path_fits(x, weight) -> bool:
+    """Whether the fast path serves this call: a ResuTensor right-hand operand, a plain input.
+    Anything else (w @ x, w @ w.t()) computes on W_eff through the generic autograd entry."""
+    return isinstance(weight, ResuTensor) and not isinstance(x, ResuTensor)
+
+
 def _linear(func, types, args, kwargs):
     x, weight = args[0], args[1]
+    if not _fast_path_fits(x, weight):
+        return enter_autograd(func, types, args, kwargs)
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     return resu_matmul(x, weight, bias, transpose_weight=True, op="linear")
 
 
 def _matmul(func, types, args, kwargs):
     x, weight = args[0], args[1]
-    if not isinstance(weight, ResuTensor):
-        raise TypeError("matmul: a ResuTensor can only be the weight (right-hand) operand, as in x @ w.t()")
+    if not _fast_path_fits(x, weight):
+        return enter_autograd(func, types, args, kwargs)
     return resu_matmul(x, weight, op="matmul")
 
 
 def _addmm(func, types, args, kwargs):
     bias, x, weight = args[0], args[1], args[2]
-    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
-        raise ValueError("addmm with a ResuTensor supports beta=1 and alpha=1 only")
+    if (kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3 or isinstance(bias, ResuTensor)
+            or not _fast_path_fits(x, weight)):
+        return enter_autograd(func, types, args, kwargs)
     if x.dim() != 2:
         raise ValueError(f"addmm: input must be 2-D, got shape {tuple(x.shape)}")
     return resu_matmul(x, weight, bias, op="addmm")
 
 
 def _mm(func, types, args, kwargs):
+    if not _fast_path_fits(args[0], args[1]):
+        return enter_autograd(func, types, args, kwargs)
     if args[0].dim() != 2:
         raise ValueError(f"mm: input must be 2-D, got shape {tuple(args[0].shape)}")
     return _matmul(func, types, args, kwargs)
@@ -166,7 +178,7 @@ ResuTensor.implements_torch_function([torch.addmm, torch.Tensor.addmm, aten.addm
 # Below autograd (e.g. traced graphs): plain forward math on the effective weight.
 @ResuTensor.implements([aten.mm.default, aten.addmm.default])
 def _dispatch_mm(func, types, args, kwargs):
-    if any(isinstance(a, ResuTensor) for a in args[:-1]):
-        raise TypeError(f"{func}: a ResuTensor can only be the right-hand matrix")
     weight = args[-1]
+    if any(isinstance(a, ResuTensor) for a in args[:-1]) or not isinstance(weight, ResuTensor):
+        return dense_fallback(func, types, args, kwargs)
     return func(*args[:-1], weight.effective_weight(), **kwargs)

@@ -16,14 +16,16 @@ A slice of all rows shares every inner tensor; a whole-state ``copy_`` into it r
 state too, as FSDP expects. A whole-state ``copy_`` into a partial row slice writes the rows through
 only to a zero base made by ``new_zeros``: FSDP's uneven split, where the last ranks hold fewer
 rows than ``R`` (anything else would leave the base's mask and data inconsistent, and raises).
-``view(-1)`` returns a meta tensor of the right size: FSDP only keeps it (the all-gather goes
-through ``ResuTensor.fsdp_pre_all_gather``), and any read of its data fails loudly.
+``view(-1)`` of the padded shard returns a meta tensor of the right size: FSDP only keeps it (the
+all-gather goes through ``ResuTensor.fsdp_pre_all_gather``), and any read of its data fails loudly.
+Other flat views read a copy of W_eff (ops/fallback.py).
 """
 import weakref
 
 import torch
 
 from resu_tensor.core.row_blocks import assign_state_, slice_rows, write_rows_into_zero_base_
+from resu_tensor.ops.fallback import dense_fallback
 from resu_tensor.ops.layout import copy_resu
 from resu_tensor.core.tensor import ResuTensor
 
@@ -80,13 +82,12 @@ def _slice(func, types, args, kwargs):
     start = args[2] if len(args) > 2 else kwargs.get("start")
     end = args[3] if len(args) > 3 else kwargs.get("end")
     step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    _dim0(func, t, dim)
+    if dim % 2 != 0 or step != 1 or t.transposed:
+        return dense_fallback(func, types, args, kwargs)  # w[:, a:b], w[::2]: a slice of a copy of W_eff
     rows = t.shape[0]
     start, end = (start or 0), (rows if end is None else end)
     start, end = start + rows if start < 0 else start, end + rows if end < 0 else end
     start, end = max(0, min(start, rows)), max(0, min(end, rows))
-    if step != 1:
-        raise NotImplementedError(f"{func}: row slices of a ResuTensor need step 1, got {step}")
     if end <= start:
         raise ValueError(f"{func}: an empty row slice [{start}:{end}] of a ResuTensor is not supported")
     # A view op must return a new object: all rows share t's inner tensors; a part shares its data
@@ -124,13 +125,11 @@ def _copy(func, types, args, kwargs):
 
 def _view(func, types, args, kwargs):
     t, size = args[0], list(args[1])
-    if size in ([-1], [t.numel()]):
-        return torch.empty(t.numel(), dtype=t.dtype, device="meta")
+    if size in ([-1], [t.numel()]) and getattr(t, _ZERO_BASE, False):
+        return torch.empty(t.numel(), dtype=t.dtype, device="meta")  # FSDP's padded shard: kept, never read
     if size in ([-1, t.shape[1]], [t.shape[0], -1], list(t.shape)):
         return t.replace()  # a view op must return a new object; this one shares t's inner tensors
-    raise NotImplementedError(
-        f"{func}: a ResuTensor has no flat storage to view as {size}; use w.dequantize() for a dense copy"
-    )
+    return dense_fallback(func, types, args, kwargs)  # a copy of W_eff, viewed
 
 
 def _is_pinned(func, types, args, kwargs):

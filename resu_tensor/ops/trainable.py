@@ -17,6 +17,7 @@ from resu_tensor import kernels
 from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.tensor import ResuTensor, is_traced
+from resu_tensor.ops.fallback import dense_fallback
 
 aten = torch.ops.aten
 
@@ -62,6 +63,12 @@ FULL_REDUCTIONS = [aten.linalg_vector_norm.default, aten.sum.default, aten.max.d
                    aten._is_any_true.default]  # anomaly mode's NaN check of every gradient
 # Ops that only make sense on grads / state, never on the weight (copy_ of weights: layout.py).
 COMPACT_ONLY_OPS = [aten.copy_.default, aten.clone.default]
+# Optimizer state of a parameter: compact even with the parameter as the only operand.
+LIKE_OPS = frozenset([aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+                      aten.full_like.default, aten.rand_like.default, aten.randn_like.default])
+# Full reductions a flat trainable vector answers for its dense expansion (zeros elsewhere change
+# neither a sum, a positive-order norm nor an any); max, min, all, ... need the zeros.
+_ZERO_BLIND_REDUCTIONS = frozenset([aten.sum.default, aten.any.default, aten._is_any_true.default])
 
 
 class _Operands:
@@ -107,8 +114,29 @@ def _is_inplace(func) -> bool:
     return func._schema.name.endswith("_")
 
 
+def _has_compact(args, kwargs) -> bool:
+    return any(isinstance(a, CompactTensor) for a in (*args, *kwargs.values()))
+
+
+def stays_compact(func, args, kwargs) -> bool:
+    """Whether an element-wise op works on trainable coordinates: it writes into a parameter or
+    its state (in place), makes state like a parameter (``*_like``), or has a CompactTensor
+    operand. Anything else, e.g. ``w.abs()`` or ``w == 0`` on the parameter alone, reads W_eff."""
+    if _is_inplace(func):
+        return isinstance(args[0], (ResuTensor, CompactTensor))
+    if func in LIKE_OPS:
+        return True
+    # A full plain tensor alongside a gradient (g + noise) has values outside the trainable set:
+    # only the dense result keeps them.
+    operands = (*args, *kwargs.values())
+    return _has_compact(args, kwargs) and not any(
+        type(a) is torch.Tensor and a.numel() > 1 and not is_traced(a) for a in operands)
+
+
 def trainable_op(func, types, args, kwargs):
     kwargs = kwargs or {}
+    if not stays_compact(func, args, kwargs):
+        return dense_fallback(func, types, args, kwargs)
     operands = _Operands(func, args, kwargs)
     if bitmap_update_(func, operands, args, kwargs):
         return args[0]
@@ -206,12 +234,26 @@ def write_back(func, target, flat: torch.Tensor) -> None:
         target.write_trainable_(flat)
 
 
+def _reads_flat(func, named: dict, operands: _Operands) -> bool:
+    """Whether a full reduction of CompactTensors gives its dense expansion's answer on the flat
+    trainable vector: always when every coordinate trains, else only for zero-blind reductions."""
+    if operands.n_trainable == operands.logical_shape[0] * operands.logical_shape[1]:
+        return True
+    if func is aten.linalg_vector_norm.default:
+        return named.get("ord", 2) > 0
+    return func in _ZERO_BLIND_REDUCTIONS
+
+
 def full_reduction(func, types, args, kwargs):
+    """A reduction of a gradient or optimizer state reduces its dense expansion (on the flat
+    trainable vector where that gives the same answer); of the parameter alone, W_eff."""
     kwargs = kwargs or {}
-    dim = _named_arguments(func, args, kwargs).get("dim")
-    if dim not in (None, [], ()):
-        raise ValueError(f"{func}: only reductions over all elements are supported on trainable coordinates, got dim={dim}")
+    named = _named_arguments(func, args, kwargs)
+    if named.get("dim") not in (None, [], ()) or not _has_compact(args, kwargs):
+        return dense_fallback(func, types, args, kwargs)
     operands = _Operands(func, args, kwargs)
+    if not _reads_flat(func, named, operands):
+        return dense_fallback(func, types, args, kwargs)
     return func(*tree_map(operands.flat, args), **tree_map(operands.flat, kwargs))
 
 
