@@ -23,6 +23,9 @@ UNDETERMINED_VALUES = {"empty_like", "new_empty", "new_empty_strided", "rand_lik
                        "exponential", "geometric", "log_normal", "svd_lowrank", "pca_lowrank"}
 # (op name, variant) → why it is not run. Variant "weight", "grad" or "*".
 SKIPS = {
+    ("_unsafe_masked_index", "backward"): "a private aten op (leading underscore): the autograd entry takes underscore "
+                                          "names for metadata queries (_is_view, ...) and lets them through",
+    ("_unsafe_masked_index_put_accumulate", "backward"): "as _unsafe_masked_index",
 }
 
 
