@@ -5,6 +5,8 @@ from typing import Callable, Optional
 import torch
 from torchao.utils import TorchAOBaseTensor
 
+from resu_tensor.core.tracing import is_traced
+
 
 # What runs an aten op that no op table of the operands' classes holds; set by resu_tensor.ops
 # (the layer that knows how to compute on the dense view), None until that package is imported.
@@ -139,7 +141,17 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
                             "transposed": self.transposed, "flat": self.flat}, self.requires_grad)
 
     def __repr__(self) -> str:
-        return (
-            f"CompactTensor(shape={self.logical_shape}, trainable={self.flat.numel()}, "
-            f"dtype={self.dtype}, key={self.trainable_key:#x})"
-        )
+        """``CompactTensor(tensor([[...]]), trainable=n, key=...)``: the dense gradient (zero at
+        frozen coordinates) formatted as torch formats a plain tensor, where a live weight has
+        this trainable set; else (and under torch.compile tracing) shape and dtype instead."""
+        identity = f"trainable={self.flat.numel()}, key={self.trainable_key:#x}"
+        if _unhandled_op is not None and not is_traced(self.flat) and self.flat.device.type != "meta":
+            try:
+                # any op without a table entry reads the dense expansion (the dense fallback)
+                dense = _unhandled_op(torch.ops.aten.alias.default, (CompactTensor,), (self,), {})
+            except ValueError:  # no live weight has this trainable set any more
+                dense = None
+            if dense is not None:
+                values = repr(dense)
+                return "CompactTensor(" + values.replace("\n", "\n" + " " * len("CompactTensor(")) + f", {identity})"
+        return f"CompactTensor(shape={self.logical_shape}, dtype={self.dtype}, {identity})"

@@ -514,11 +514,17 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         return stable_hash(self.fields(), self.requires_grad)
 
     def __repr__(self) -> str:
-        return (
-            f"ResuTensor(shape={tuple(self.shape)}, mode={self.mode_name}, sparsity={self.sparsity:.4f}, "
-            f"dtype={self.dtype}, mask={self.mask_kind}, trainable={self.trainable_side}"
-            f"{', transposed' if self.transposed else ''})"
-        )
+        """``ResuTensor(tensor([[...]]), mode=..., ...)``: W_eff formatted as torch formats a plain
+        tensor (summarised when large), then this weight's identity. Under torch.compile tracing
+        there are no values to show: shape and dtype take their place."""
+        identity = (f"mode={self.mode_name}, sparsity={self.sparsity:.4f}, mask={self.mask_kind}, "
+                    f"trainable={self.trainable_side}{', transposed' if self.transposed else ''}")
+        storage = next(getattr(self, n) for n in self.optional_tensor_data_names if getattr(self, n) is not None)
+        if is_traced(storage) or storage.device.type == "meta":
+            return f"ResuTensor(shape={tuple(self.shape)}, dtype={self.dtype}, {identity})"
+        with torch.no_grad():
+            values = repr(self.effective_weight())
+        return "ResuTensor(" + values.replace("\n", "\n" + " " * len("ResuTensor(")) + f", {identity})"
 
 
 def _restore_checked(self, state) -> None:
