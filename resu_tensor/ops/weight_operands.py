@@ -1,6 +1,7 @@
 """In-place ops on a ResuTensor whose other operand is a whole weight: another ResuTensor (an EMA or
 SWA copy moving toward the live weight: ``ema.lerp_(w, 0.01)``, ``ema.mul_(d).add_(w, alpha=1 - d)``,
-``torch._foreach_lerp_``) or, for ``copy_``, a plain tensor of the weight's shape (AveragedModel's
+``torch._foreach_lerp_``; ``copy_`` of a ResuTensor copies its whole state instead) or, for
+``copy_``, a plain tensor of the weight's shape (AveragedModel's
 ``avg.copy_(avg + (w - avg) / (n + 1))``, ``nn.init.trunc_normal_``).
 
 An in-place op writes the target's trainable coordinates only. That equals the dense result exactly
@@ -39,7 +40,7 @@ def _is_whole_weight(func, operand, target: ResuTensor) -> bool:
     if operand is target:
         return False
     if isinstance(operand, ResuTensor):
-        return True
+        return func not in _COPY_OPS  # copy_ of a ResuTensor copies the whole state (load_state_dict)
     return (func in _COPY_OPS and type(operand) in _PLAIN and tuple(operand.shape) == target.logical_shape
             and not is_traced(operand))
 
