@@ -67,3 +67,33 @@ parameter  shape    mode    sparsity  weights   mask   grads  optimizer    total
 --------------------------------------------------------------------------------
 total                                 136,744  4,384  68,648    137,312  347,088
 (bytes)""")
+
+
+def _held_bytes(t) -> int:
+    """Bytes of every inner tensor a (plain / ResuTensor / CompactTensor) tensor holds, independently of memory_report."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return 0
+    if isinstance(t, rt.ResuTensor):
+        return sum(getattr(t, n).nbytes for n in t.optional_tensor_data_names if getattr(t, n) is not None)
+    if isinstance(t, rt.CompactTensor):
+        return t.flat.nbytes
+    return t.nbytes
+
+
+@pytest.mark.parametrize("mode", ["sparse", "resu", "qresu"])
+def test_memory_report_equals_the_bytes_held_after_adamw_steps(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    quantize_(model, rt.resu_config(sparsity=0.5))
+    if mode != "sparse":
+        rt.enter_resu_(model, **({"quantize_bits": 4, "group_size": 16} if mode == "qresu" else {}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 64)), torch.randint(0, 4, (8,))).backward()
+        opt.step()
+    report = rt.memory_report(model, opt)
+    held = sum(_held_bytes(p) + _held_bytes(p.grad) + sum(_held_bytes(v) for v in opt.state[p].values())
+               for p in model.parameters())
+    assert report.total.total == held
+    assert model[0].weight.mode.value == mode
