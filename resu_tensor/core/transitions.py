@@ -187,7 +187,7 @@ def check_commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] 
         if input_norms is None:
             raise ValueError(f"commit strategy {strategy!r} with Wanda scores needs input_norms (rt.commit_(..., "
                              "calibration=batches))")
-        check_input_norms(input_norms, tensor.storage_shape[1])
+        check_input_norms(input_norms, tensor.storage_shape[1], tensor.storage_shape[0])
     if strategy != "simple" and tensor.nm_pattern is None:
         granularity = "row" if tensor.row_keep is not None else "element"
         check_keeps_weights(sparsity, granularity, tensor.storage_shape, f"commit (re-prune at {strategy!r})")

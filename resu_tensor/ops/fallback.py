@@ -115,10 +115,11 @@ _COMPUTING_DUNDERS = frozenset(
         "float int bool index array").split())
 
 
-# Layout views that keep an (out, in) weight a ResuTensor but compute on an N-D conv weight (its
-# permutations are not its storage or the storage's transpose).
+# Layout views and row blocks that keep an (out, in) weight a ResuTensor but compute on an N-D conv
+# weight (its permutations are not its storage or the storage's transpose; its blocks are W_eff's).
 _LAYOUT_VIEWS = frozenset([torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute,
-                           torch.permute])
+                           torch.permute, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
+                           torch.Tensor.narrow, torch.narrow])
 
 
 def _computes(func) -> bool:
