@@ -17,6 +17,7 @@ from resu_tensor.core.state import check_state
 from resu_tensor.core.tensor import expand_compact
 from resu_tensor.integrations.safetensors_io import META, flatten_resu_tensor, rebuild_resu_tensor
 from resu_tensor.method.pruning import score
+from resu_tensor.training.export import to_dense_
 from resu_tensor.training.calibration import input_column_norms
 
 MODES = [Mode.DENSE, Mode.SPARSE, Mode.RESU, Mode.QRESU]
@@ -398,3 +399,19 @@ def test_grouped_conv_wanda_prune_and_commit_take_per_row_norms():
     w.enter_resu(0.1)
     w.commit("wanda_reprune", input_norms=norms)
     assert w.mode == Mode.SPARSE and w.n_active == w.storage_numel // 2
+
+
+def test_to_dense_export_keeps_each_layer_shape():
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), Conv1D(5, 16), nn.ReLU())
+    model[0].weight = nn.Parameter(in_mode(model[0].weight.detach(), Mode.RESU))
+    model[2].weight = nn.Parameter(in_mode(model[2].weight.detach(), Mode.RESU, transposed=True))
+    for layer in (model[0], model[2]):
+        layer.weight.commit("magnitude")
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    masked = [layer.weight.dequantize() for layer in (model[0], model[2])]
+    to_dense_(model)
+    assert all(type(layer.weight) is nn.Parameter for layer in (model[0], model[2]))
+    assert torch.equal(model[0].weight, masked[0]) and torch.equal(model[2].weight, masked[1])
+    torch.testing.assert_close(model(x), expected)  # the same math; Conv1D's addmm may round differently by layout
