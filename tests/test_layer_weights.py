@@ -336,6 +336,26 @@ def test_nd_weight_layout_ops_read_the_effective_weight():
     torch.testing.assert_close(p.expand_trainable(p.grad), w.trainable_mask().to(dense.dtype))
     with pytest.raises(NotImplementedError, match="N-D conv"):
         torch.chunk(w.detach(), 2)
+    with torch.no_grad():
+        for size in [(4, -1), (-1, 2), (-1, 3), (4, 2, 3)]:
+            viewed = w.view(*size)
+            assert tuple(viewed.shape) == tuple(dense.view(*size).shape) and torch.equal(viewed, dense.view(*size))
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_whole_state_copy_and_data_assignment(layer):
+    torch.manual_seed(15)
+    make, options, _, _ = LAYERS[layer]
+    source = in_mode(make(), Mode.QRESU, **options)
+    dest = in_mode(make(), Mode.SPARSE, seed=1, **options)
+    with torch.no_grad():
+        dest.copy_(source)
+    assert dest.mode == Mode.QRESU and tuple(dest.shape) == tuple(source.shape)
+    assert torch.equal(dest.dequantize(), source.dequantize())
+    sparse = in_mode(make(), Mode.SPARSE, **options)
+    new_values = torch.randn(sparse.shape) * sparse.mask()
+    sparse.data = new_values
+    assert torch.equal(sparse.dequantize(), new_values)
 
 
 # ------------------------------------------------------------------------------------------ Wanda norms
