@@ -12,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import resu_tensor as rt
 from resu_tensor import CompactTensor, Mode, ResuTensor
 from resu_tensor.core.state import check_state
 from resu_tensor.core.tensor import expand_compact
 from resu_tensor.integrations.safetensors_io import META, flatten_resu_tensor, rebuild_resu_tensor
 from resu_tensor.method.pruning import score
-from resu_tensor.training.export import to_dense_
 from resu_tensor.training.calibration import input_column_norms
+from resu_tensor.training.export import to_dense_
 
 MODES = [Mode.DENSE, Mode.SPARSE, Mode.RESU, Mode.QRESU]
 
@@ -435,3 +436,18 @@ def test_to_dense_export_keeps_each_layer_shape():
     assert all(type(layer.weight) is nn.Parameter for layer in (model[0], model[2]))
     assert torch.equal(model[0].weight, masked[0]) and torch.equal(model[2].weight, masked[1])
     torch.testing.assert_close(model(x), expected)  # the same math; Conv1D's addmm may round differently by layout
+
+
+def test_model_level_wanda_prune_of_conv_and_conv1d_layers():
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.Flatten(), Conv1D(5, 6 * 16))
+    model[0].weight = nn.Parameter(ResuTensor.from_dense(model[0].weight.detach()))
+    model[2].weight = nn.Parameter(ResuTensor.from_dense(model[2].weight.detach(), transposed=True))
+    x = torch.randn(3, 4, 4, 4)
+    expected = {}
+    for name, layer, layer_input in (("0", model[0], x), ("2", model[2], model[1](model[0](x)).detach())):
+        scores = layer.weight.values.abs() * input_column_norms(layer, layer_input)
+        expected[name] = ResuTensor.from_dense(layer.weight.dequantize(), transposed=layer.weight.transposed) \
+            .prune(0.5, method="wanda", scores=scores).mask()
+    rt.prune_(model, 0.5, method="wanda", calibration=[x])
+    assert torch.equal(model[0].weight.mask(), expected["0"]) and torch.equal(model[2].weight.mask(), expected["2"])
