@@ -36,7 +36,7 @@ def in_mode(weight: torch.Tensor, mode: Mode, seed: int = 0, **from_dense) -> Re
     return w
 
 
-def check_against_dense(w: ResuTensor, forward, inputs):
+def check_against_dense(w: ResuTensor, forward, inputs, forward_tol: float = 0.0, grad_tol: float = 1e-6):
     """``forward(inputs, weight)`` with the ResuTensor parameter and with its plain W_eff: same output,
     same input gradient, and the weight's compact gradient = the dense gradient ⊙ trainable mask."""
     p = nn.Parameter(w)
@@ -45,17 +45,17 @@ def check_against_dense(w: ResuTensor, forward, inputs):
     x_ref = inputs.clone().requires_grad_(inputs.is_floating_point())
     y, y_ref = forward(x, p), forward(x_ref, reference)
     assert type(y) is torch.Tensor
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=forward_tol, atol=forward_tol)
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g)
     assert isinstance(p.grad, CompactTensor) and tuple(p.grad.shape) == tuple(w.shape)
     assert p.grad.flat.numel() == w.trainable_count
     expected = reference.grad * w.trainable_mask()
-    torch.testing.assert_close(p.expand_trainable(p.grad), expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(expand_compact(p.grad), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p.expand_trainable(p.grad), expected, rtol=grad_tol, atol=grad_tol)
+    torch.testing.assert_close(expand_compact(p.grad), expected, rtol=grad_tol, atol=grad_tol)
     if x.requires_grad:
-        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=grad_tol, atol=grad_tol)
     return p
 
 
@@ -451,3 +451,26 @@ def test_model_level_wanda_prune_of_conv_and_conv1d_layers():
             .prune(0.5, method="wanda", scores=scores).mask()
     rt.prune_(model, 0.5, method="wanda", calibration=[x])
     assert torch.equal(model[0].weight.mask(), expected["0"]) and torch.equal(model[2].weight.mask(), expected["2"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_layers_on_cuda(mode):
+    """On the GPU (QRESU's fused kernels serve the Conv1D addmm with a bitmap mask): conv, Conv1D
+    and embedding weights against the dense layer on W_eff."""
+    torch.manual_seed(17)
+    cases = [
+        (torch.randn(32, 8, 4, 4), {}, lambda x, w: F.conv2d(x, w, padding=1), torch.randn(2, 8, 6, 6)),
+        (torch.randn(128, 64), {"transposed": True}, lambda x, w: torch.addmm(torch.zeros(64, device="cuda"), x, w),
+         torch.randn(3, 128)),
+        (torch.randn(64, 128), {}, lambda x, w: F.embedding(x, w), torch.randint(0, 64, (3, 5))),
+    ]
+    for weight, options, forward, inputs in cases:
+        g = torch.Generator().manual_seed(0)
+        w = ResuTensor.from_dense(weight.cuda(), 0.0 if mode == Mode.DENSE else 0.5, **options)
+        if mode == Mode.RESU:
+            w.enter_resu(0.5, generator=g)
+        elif mode == Mode.QRESU:
+            w.enter_resu(0.5, generator=g, quantize_bits=4, group_size=64)
+        check_against_dense(w, forward, inputs.cuda(), forward_tol=1e-3, grad_tol=1e-3)
