@@ -14,7 +14,10 @@ Example::
     w = ResuTensor.from_dense(torch.randn(8, 16), sparsity=0.5)
     w[0], w.mean(), torch.where(w > 0, w, 0.0), w.sum(1)   # all plain tensors of W_eff
 """
+import inspect
+
 import torch
+import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 from resu_tensor.core.compact import CompactTensor, set_unhandled_function_handler, set_unhandled_op_handler
@@ -81,8 +84,8 @@ class EffectiveWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        storage_grad = grad.t() if weight.transposed else grad
-        return weight.compact(weight.gather_trainable(storage_grad.to(weight.compute_dtype).contiguous()))
+        storage_grad = weight.to_storage(grad.to(weight.compute_dtype))
+        return weight.compact(weight.gather_trainable(storage_grad.contiguous()))
 
 
 def effective_weight(weight: ResuTensor) -> torch.Tensor:
@@ -115,6 +118,13 @@ _COMPUTING_DUNDERS = frozenset(
         "float int bool index array").split())
 
 
+# Layout views and row blocks that keep an (out, in) weight a ResuTensor but compute on an N-D conv
+# weight (its permutations are not its storage or the storage's transpose; its blocks are W_eff's).
+_LAYOUT_VIEWS = frozenset([torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute,
+                           torch.permute, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
+                           torch.Tensor.narrow, torch.narrow])
+
+
 def _computes(func) -> bool:
     """Whether ``func`` computes values from its tensors (and so must see W_eff under autograd),
     as opposed to reading metadata (``size``, ``is_conj``, ``_is_view``, ...), registering hooks,
@@ -135,7 +145,8 @@ def enter_autograd(func, types, args, kwargs):
     requires grad enters it through :class:`EffectiveWeight` (one node; the op itself then runs on
     plain tensors, its own backward included); otherwise it runs as it is and the aten ops it
     calls reach the op tables and the dense fallback."""
-    if torch.is_grad_enabled() and _computes(func):
+    if torch.is_grad_enabled() and (_computes(func) or (func in _LAYOUT_VIEWS and args
+                                                        and getattr(args[0], "view_shape", None) is not None)):
         flat, _ = tree_flatten((args, kwargs))
         if any(isinstance(a, ResuTensor) and a.requires_grad for a in flat):
             enter = lambda a: effective_weight(a) if isinstance(a, ResuTensor) and a.requires_grad else a  # noqa: E731
@@ -157,3 +168,22 @@ def _to_python(func, types, args, kwargs):
 set_unhandled_op_handler(dense_fallback)
 set_unhandled_function_handler(enter_autograd)
 ResuTensor.implements_torch_function([torch.Tensor.numpy, torch.Tensor.tolist])(_to_python)
+
+
+def _embedding(func, types, args, kwargs):
+    """``F.embedding(idx, w)`` with a ResuTensor weight: the lookup of W_eff rows through the
+    autograd entry (gradient compact, zero at frozen coordinates). ``sparse=True`` would hand back
+    a sparse gradient over every looked-up row, frozen coordinates included, and ``max_norm``
+    renormalizes the weight in place, a write that would move frozen coordinates: both raise."""
+    bound = _EMBEDDING_SIGNATURE.bind(*args, **kwargs)
+    if bound.arguments.get("sparse", False):
+        raise ValueError("F.embedding(..., sparse=True) with a ResuTensor weight is not supported (a sparse gradient "
+                         "covers frozen coordinates); use nn.Embedding(..., sparse=False)")
+    if bound.arguments.get("max_norm") is not None:
+        raise ValueError("F.embedding(..., max_norm=...) with a ResuTensor weight is not supported (it renormalizes "
+                         "the weight in place, frozen coordinates included); use max_norm=None")
+    return enter_autograd(func, types, args, kwargs)
+
+
+_EMBEDDING_SIGNATURE = inspect.signature(F.embedding)
+ResuTensor.implements_torch_function([F.embedding])(_embedding)

@@ -60,7 +60,8 @@ def to_dense_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
         torch.save(model.state_dict(), "dense.pt")
     """
     layers = _committed_layers(model, filter_fn, "to_dense_")
-    replacements = {id(w): nn.Parameter(committed_weight(w), requires_grad=w.requires_grad) for _, _, w in layers}
+    replacements = {id(w): nn.Parameter(w.to_logical(committed_weight(w)).contiguous(), requires_grad=w.requires_grad)
+                    for _, _, w in layers}  # in the layer's own shape (a conv's N-D, a Conv1D's (in, out))
     for _, module, weight in layers:  # a weight shared by two modules stays shared
         module.weight = replacements[id(weight)]
     return model
@@ -113,6 +114,9 @@ def to_semi_structured_(model: nn.Module, filter_fn: Optional[FilterFn] = None,
         where = f"to_semi_structured_: layer {name!r}"
         if id(weight) in converted:
             continue
+        if weight.transposed or weight.view_shape is not None:
+            raise ValueError(f"{where}: semi-structured export takes (out, in) Linear weights, got a weight of shape "
+                             f"{list(weight.shape)}; leave it out with filter_fn (or use to_dense_)")
         if weight.mode != Mode.SPARSE or not _semi_structured_24(weight):
             raise ValueError(f"{where} has no 2:4 mask (mode {weight.mode.value!r}, nm_pattern={weight.nm_pattern}); prune it with "
                              "rt.prune_(model, granularity='2:4')")
