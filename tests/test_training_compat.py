@@ -460,3 +460,14 @@ def test_print_shows_dense_values_and_identity(mode):
     big = rt.ResuTensor.from_dense(torch.randn(500, 600), sparsity=0.5)
     assert "..." in repr(big) and len(repr(big)) < 2000
     assert "Linear(in_features=8, out_features=6" in str(nn.Sequential(layer))
+
+
+def test_gradient_expands_after_the_tensor_the_parameter_was_made_from_is_freed():
+    import gc
+
+    source = rt.ResuTensor.from_dense(torch.randn(8, 16), sparsity=0.5)
+    weight = nn.Parameter(source)
+    F.linear(torch.randn(4, 16), weight).sum().backward()
+    del source
+    gc.collect()
+    torch.testing.assert_close(weight.grad.dequantize(), weight.expand_trainable(weight.grad), rtol=0, atol=0)

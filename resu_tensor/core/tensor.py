@@ -66,6 +66,10 @@ class _TrainableSet:
                     self.refs[f"{prefix}_{part}"] = weakref.ref(t, on_release)
                     self.versions[f"{prefix}_{part}"] = t._version
 
+    def describes(self, weight: "ResuTensor") -> bool:
+        """Whether this record holds ``weight``'s own encoding tensors (alive and unchanged)."""
+        return self.alive() and all(ref() is getattr(weight, name) for name, ref in self.refs.items())
+
     def alive(self) -> bool:
         """Whether every encoding is still alive and unchanged (a whole-state ``copy_`` writes a
         new mask into the old tensors in place)."""
@@ -81,15 +85,20 @@ class _TrainableSet:
         return trainable_flat_of(self.side, mask, subset, self.storage_shape, device)
 
 
-# trainable_key → its _TrainableSet, for the weights alive in this process (the key is a content
-# hash of the set, so any weight of that set describes it).
-_TRAINABLE_SETS: dict[int, _TrainableSet] = {}
+# trainable_key → the _TrainableSet of each live weight with that set (the key is a content hash
+# of the set, so any of them describes it). One record per weight whose encodings are distinct
+# tensors, not one per key: ``nn.Parameter(w)`` and ``detach`` make new inner tensors, and the
+# set must stay known while any of those weights lives, whichever is freed first.
+_TRAINABLE_SETS: dict[int, list[_TrainableSet]] = {}
 
 
 def remember_trainable_set(weight: "ResuTensor") -> None:
     """Record ``weight``'s trainable set so that :func:`expand_compact` can expand its gradients."""
     key = weight.trainable_key
-    if key is None or (key in _TRAINABLE_SETS and _TRAINABLE_SETS[key].alive()):
+    if key is None:
+        return
+    records = _TRAINABLE_SETS.get(key, [])
+    if any(record.describes(weight) for record in records):
         return
     storage = next((getattr(weight, n) for n in weight.optional_tensor_data_names if getattr(weight, n) is not None),
                    None)
@@ -97,11 +106,18 @@ def remember_trainable_set(weight: "ResuTensor") -> None:
         return  # a trace value describes no real gradient
 
     def release(_ref, key=key):
-        record = _TRAINABLE_SETS.get(key)
-        if record is not None and not record.alive():
-            del _TRAINABLE_SETS[key]
+        alive = [record for record in _TRAINABLE_SETS.get(key, []) if record.alive()]
+        if alive:
+            _TRAINABLE_SETS[key] = alive
+        else:
+            _TRAINABLE_SETS.pop(key, None)
 
-    _TRAINABLE_SETS[key] = _TrainableSet(weight, release)
+    _TRAINABLE_SETS[key] = [*records, _TrainableSet(weight, release)]
+
+
+def live_trainable_set(key: int) -> Optional[_TrainableSet]:
+    """A live record of the trainable set ``key``, or None."""
+    return next((record for record in _TRAINABLE_SETS.get(key, []) if record.alive()), None)
 
 
 def expand_compact(compact: CompactTensor) -> torch.Tensor:
@@ -112,15 +128,12 @@ def expand_compact(compact: CompactTensor) -> torch.Tensor:
 
         loss.backward(); expand_compact(w.grad)   # same as w.expand_trainable(w.grad)
     """
-    record = _TRAINABLE_SETS.get(compact.trainable_key)
-    try:
-        trainable = None if record is None else record.trainable_flat(compact.flat.device)
-    except LookupError:
-        record = None
+    record = live_trainable_set(compact.trainable_key)
     if record is None:
         raise ValueError(
             f"cannot expand this CompactTensor (trainable_key={compact.trainable_key:#x}): no live ResuTensor has "
             "its trainable set any more; use weight.expand_trainable(compact) with the weight it belongs to")
+    trainable = record.trainable_flat(compact.flat.device)
     dense = torch.zeros(record.storage_shape, dtype=compact.flat.dtype, device=compact.flat.device)
     if trainable is None:
         dense.view(-1).copy_(compact.flat)
