@@ -89,6 +89,7 @@ def foreach_op(func, types, args, kwargs):
         if not positions:
             continue
         flat = [_flatten(flattening[j], columns[j]) for j in positions]
+        upcast = _upcast_stored_targets(args[0], positions, flat) if inplace else set()
         call_args = list(args)
         for k, i in enumerate(tensor_lists):
             call_args[i] = [column[k] for column in flat]
@@ -99,9 +100,25 @@ def foreach_op(func, types, args, kwargs):
         for k, j in enumerate(positions):
             if not inplace:
                 results[j] = _wrap(flattening[j], out[k])
+            elif j in upcast:
+                args[0][j].write_trainable_(flat[k][0])
             elif isinstance(flattening[j], _Operands):
                 write_back(func, args[0][j], flat[k][0])
     return None if inplace else results
+
+
+def _upcast_stored_targets(targets, positions, flat) -> set:
+    """Weights whose trainable values are stored in another dtype than the weight's (a QRESU θ
+    dtype) take the op in the weight's dtype, as their grads and state have it (foreach and
+    fused kernels want one dtype per list position); the result is rounded into storage by
+    write_trainable_. Replaces those targets in ``flat``; returns their positions."""
+    upcast = set()
+    for k, j in enumerate(positions):
+        target = targets[j]
+        if isinstance(target, ResuTensor) and flat[k][0].dtype != target.dtype:
+            flat[k] = [flat[k][0].to(target.dtype), *flat[k][1:]]
+            upcast.add(j)
+    return upcast
 
 
 def _position(named: dict, j: int, n: int) -> dict:
