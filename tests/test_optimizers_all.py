@@ -30,6 +30,9 @@ class Lion(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -93,7 +96,10 @@ TABLE = {
 }
 MODES = ("sparse", "resu", "qresu", "qresu_theta_bfloat16", "qresu_theta_float16")
 # (optimizer entry or "*", path or "*", mode or "*") → why that combination is not run.
-SKIPS = {}
+_LBFGS_ROUNDING = ("LBFGS writes the weight at every inner iteration and line-search evaluation; rounding θ to "
+                   "its stored dtype at each write changes the curvature pairs, which no per-step reference models")
+SKIPS = {(name, "*", mode): _LBFGS_ROUNDING for name in ("LBFGS", "LBFGS_strong_wolfe")
+         for mode in ("qresu_theta_bfloat16", "qresu_theta_float16")}
 
 PATH_OPTIONS = {"for_loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True), "default": {}}
 

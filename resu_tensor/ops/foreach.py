@@ -14,6 +14,7 @@ from torch.utils import _foreach_utils
 
 from resu_tensor import kernels
 from resu_tensor.core.compact import CompactTensor
+from resu_tensor.ops.fallback import dense_view
 from resu_tensor.ops.trainable import _named_arguments, _Operands, _is_inplace, bitmap_update_args, write_back
 from resu_tensor.core.tensor import ResuTensor
 
@@ -27,6 +28,7 @@ def _is_tensor_list(a) -> bool:
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _OWN_CALL = object()
+_DENSE = object()
 
 
 def _column(func, column):
@@ -36,6 +38,8 @@ def _column(func, column):
     a ResuTensor is among them; _OWN_CALL for other subclasses (e.g. the DTensors of
     FSDP2-sharded neighbours), which refuse plain tensors in their list."""
     first = column[0]
+    if _is_inplace(func) and type(first) in _PLAIN_TYPES and any(isinstance(t, _SUBCLASSES) for t in column):
+        return _DENSE  # a plain target (e.g. Adafactor's update ⊙ grad): its operands' dense views
     if type(first) is CompactTensor and all(
             type(t) is CompactTensor and t.trainable_key == first.trainable_key and t.transposed == first.transposed
             for t in column):
@@ -51,13 +55,15 @@ def _flatten(how, column):
         return column
     if type(how) is CompactTensor:
         return [t.flat for t in column]
+    if how is _DENSE:
+        return [dense_view(t) for t in column]
     return [how.flat(t) for t in column]
 
 
 def _wrap(how, out):
     if type(how) is CompactTensor:
         return how.with_flat(out) if out.dim() == 1 and out.numel() == how.flat.numel() else out
-    return out if how is None or how is _OWN_CALL else how.wrap(out)
+    return out if how is None or how is _OWN_CALL or how is _DENSE else how.wrap(out)
 
 
 def foreach_op(func, types, args, kwargs):

@@ -105,6 +105,8 @@ class _Operands:
         return a
 
     def wrap(self, out):
+        if isinstance(out, (tuple, list)):  # ops with several results (frexp, ...)
+            return type(out)(self.wrap(o) for o in out)
         if isinstance(out, torch.Tensor) and out.dim() == 1 and out.numel() == self.n_trainable:
             return CompactTensor(out, self.key, self.logical_shape, self.transposed)
         return out
@@ -381,10 +383,11 @@ _register(CompactTensor, [aten.detach.default], detach_compact)
 _register(CompactTensor, [aten.new_empty.default, aten.new_zeros.default, aten.new_empty_strided.default], new_like_logical)
 
 
-def _pointwise_write_ops() -> list:
-    """Every in-place and out= overload torch tags pointwise, except those with a handler above."""
+def _pointwise_ops() -> tuple[list, list]:
+    """(functional, in-place and out=) overloads torch tags pointwise, except those with a
+    handler above."""
     handled = set(CompactTensor._ATEN_OP_TABLE[CompactTensor]) | set(ResuTensor._ATEN_OP_TABLE[ResuTensor])
-    ops = []
+    functional, writes = [], []
     for name in dir(aten):
         packet = getattr(aten, name)
         if not isinstance(packet, torch._ops.OpOverloadPacket):
@@ -392,13 +395,17 @@ def _pointwise_write_ops() -> list:
         for overload in packet.overloads():
             op = getattr(packet, overload)
             tags = op.tags
-            if torch.Tag.pointwise in tags and (torch.Tag.inplace in tags or torch.Tag.out in tags) and op not in handled:
-                ops.append(op)
-    return ops
+            if torch.Tag.pointwise not in tags or op in handled:
+                continue
+            (writes if torch.Tag.inplace in tags or torch.Tag.out in tags else functional).append(op)
+    return functional, writes
 
 
-POINTWISE_WRITE_OPS = _pointwise_write_ops()
+# Functional pointwise ops (torch.where(g.eq(0), 0, g), g.exp(), ...) stay compact with a
+# CompactTensor operand (stays_compact) and read the dense views otherwise, as trainable_op decides.
+POINTWISE_OPS, POINTWISE_WRITE_OPS = _pointwise_ops()
 MASKED_WRITE_OPS = [aten.index_put_.default, *_overload(aten.masked_fill_, ["Scalar", "Tensor"])]
 for _cls in (ResuTensor, CompactTensor):
+    _register(_cls, POINTWISE_OPS, trainable_op)
     _register(_cls, POINTWISE_WRITE_OPS, pointwise_write)
     _register(_cls, MASKED_WRITE_OPS, masked_write)
