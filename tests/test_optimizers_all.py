@@ -201,3 +201,47 @@ def test_sparse_adam_refuses_a_resu_tensor_by_name():
     with pytest.raises((TypeError, RuntimeError), match="SparseAdam"):
         opt.step()
     assert torch.equal(w.dequantize(), before)
+
+
+IN_PLACE_RULE = {  # name → (the op on weight or state t with a compact operand g, the same op on plain tensors)
+    "sign_": (lambda t, g: t.sign_(), lambda t, g: t.sign_()),
+    "maximum_out": (lambda t, g: torch.maximum(t, g, out=t), lambda t, g: torch.maximum(t, g, out=t)),
+    "clamp_tensor_min": (lambda t, g: t.clamp_(min=g), lambda t, g: t.clamp_(min=g)),
+    "exp_": (lambda t, g: t.exp_(), lambda t, g: t.exp_()),
+    "mask_write": (lambda t, g: t.__setitem__(g.gt(0), 2.0), lambda t, g: t.__setitem__(g.gt(0), 2.0)),
+    "masked_fill_": (lambda t, g: t.masked_fill_(g.lt(0), -1.0), lambda t, g: t.masked_fill_(g.lt(0), -1.0)),
+}
+
+
+@pytest.mark.parametrize("target", ["weight", "state"])
+@pytest.mark.parametrize("name", list(IN_PLACE_RULE))
+def test_in_place_pointwise_ops_write_trainable_coordinates_only(name, target):
+    """Any in-place / out= pointwise op (and a write under a compact boolean mask) on a weight or
+    its compact state changes the trainable coordinates as the op on plain tensors does, and
+    nothing else."""
+    op, plain_op = IN_PLACE_RULE[name]
+    w = make_weight("resu", torch.Generator().manual_seed(1)).detach()
+    trainable = w.trainable_mask()
+    g = w.compact(torch.randn(w.trainable_count, generator=torch.Generator().manual_seed(2)))
+    t = w if target == "weight" else w.compact(torch.randn(w.trainable_count))
+    before = w.dequantize() if target == "weight" else t.flat.clone()
+    with torch.no_grad():
+        op(t, g)
+    expected = (before[trainable] if target == "weight" else before).clone()
+    plain_op(expected, g.flat)
+    got = w.dequantize() if target == "weight" else t.flat
+    if target == "weight":
+        assert torch.equal(got[~trainable], before[~trainable])
+        got = got[trainable]
+    assert isinstance(t, (rt.ResuTensor, rt.CompactTensor))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, before[trainable] if target == "weight" else before)
+
+
+def test_indexed_write_with_a_plain_mask_raises_and_changes_nothing():
+    w = make_weight("sparse", torch.Generator().manual_seed(1)).detach()
+    state = w.compact(torch.randn(w.trainable_count))
+    before = state.flat.clone()
+    with pytest.raises(TypeError, match="boolean CompactTensor mask"):
+        state[torch.ones(8, 32, dtype=torch.bool)] = 0.0
+    assert torch.equal(state.flat, before)
