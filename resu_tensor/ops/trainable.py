@@ -6,6 +6,16 @@ on those vectors, and the result is wrapped back. An in-place op on a ResuTensor
 trainable coordinates, so frozen coordinates never move, weight decay included. Arguments of
 different trainable sets (stale optimizer state) raise instead of being misapplied. The in-place
 ops optimizers call on a bitmap-selected weight take one kernel pass instead (:func:`bitmap_update_`).
+
+Beyond the explicit lists, one rule covers every aten op torch tags ``pointwise``: with a
+CompactTensor operand it runs on the flat vectors, and its in-place / ``out=`` forms write the
+trainable coordinates of a ResuTensor or CompactTensor target (:func:`pointwise_write`); writes
+under a boolean CompactTensor mask (``g[g.gt(0)] = 1``) do the same (:func:`masked_write`).
+
+Example::
+
+    m = torch.zeros_like(w)                 # CompactTensor state of w's trainable coordinates
+    m.lerp_(w.grad, 0.1); w.add_(m.sign(), alpha=-1e-3)   # Lion: frozen coordinates never move
 """
 from typing import Optional
 
