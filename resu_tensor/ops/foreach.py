@@ -14,6 +14,7 @@ from torch.utils import _foreach_utils
 
 from resu_tensor import kernels
 from resu_tensor.core.compact import CompactTensor
+from resu_tensor.ops.fallback import dense_view
 from resu_tensor.ops.trainable import _named_arguments, _Operands, _is_inplace, bitmap_update_args, write_back
 from resu_tensor.core.tensor import ResuTensor
 
@@ -27,6 +28,7 @@ def _is_tensor_list(a) -> bool:
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _OWN_CALL = object()
+_DENSE = object()
 
 
 def _column(func, column):
@@ -36,6 +38,8 @@ def _column(func, column):
     a ResuTensor is among them; _OWN_CALL for other subclasses (e.g. the DTensors of
     FSDP2-sharded neighbours), which refuse plain tensors in their list."""
     first = column[0]
+    if _is_inplace(func) and type(first) in _PLAIN_TYPES and any(isinstance(t, _SUBCLASSES) for t in column):
+        return _DENSE  # a plain target (e.g. Adafactor's update ⊙ grad): its operands' dense views
     if type(first) is CompactTensor and all(
             type(t) is CompactTensor and t.trainable_key == first.trainable_key and t.transposed == first.transposed
             for t in column):
@@ -51,13 +55,15 @@ def _flatten(how, column):
         return column
     if type(how) is CompactTensor:
         return [t.flat for t in column]
+    if how is _DENSE:
+        return [dense_view(t) for t in column]
     return [how.flat(t) for t in column]
 
 
 def _wrap(how, out):
     if type(how) is CompactTensor:
         return how.with_flat(out) if out.dim() == 1 and out.numel() == how.flat.numel() else out
-    return out if how is None or how is _OWN_CALL else how.wrap(out)
+    return out if how is None or how is _OWN_CALL or how is _DENSE else how.wrap(out)
 
 
 def foreach_op(func, types, args, kwargs):
@@ -89,6 +95,7 @@ def foreach_op(func, types, args, kwargs):
         if not positions:
             continue
         flat = [_flatten(flattening[j], columns[j]) for j in positions]
+        upcast = _upcast_stored_targets(args[0], positions, flat) if inplace else set()
         call_args = list(args)
         for k, i in enumerate(tensor_lists):
             call_args[i] = [column[k] for column in flat]
@@ -99,9 +106,25 @@ def foreach_op(func, types, args, kwargs):
         for k, j in enumerate(positions):
             if not inplace:
                 results[j] = _wrap(flattening[j], out[k])
+            elif j in upcast:
+                args[0][j].write_trainable_(flat[k][0])
             elif isinstance(flattening[j], _Operands):
                 write_back(func, args[0][j], flat[k][0])
     return None if inplace else results
+
+
+def _upcast_stored_targets(targets, positions, flat) -> set:
+    """Weights whose trainable values are stored in another dtype than the weight's (a QRESU θ
+    dtype) take the op in the weight's dtype, as their grads and state have it (foreach and
+    fused kernels want one dtype per list position); the result is rounded into storage by
+    write_trainable_. Replaces those targets in ``flat``; returns their positions."""
+    upcast = set()
+    for k, j in enumerate(positions):
+        target = targets[j]
+        if isinstance(target, ResuTensor) and flat[k][0].dtype != target.dtype:
+            flat[k] = [flat[k][0].to(target.dtype), *flat[k][1:]]
+            upcast.add(j)
+    return upcast
 
 
 def _position(named: dict, j: int, n: int) -> dict:

@@ -1,5 +1,5 @@
-"""``torch._fused_adam_`` / ``torch._fused_adamw_`` (``Adam(fused=True)``, ``AdamW(fused=True)``)
-over lists that hold ResuTensor weights.
+"""``torch._fused_adam_`` / ``torch._fused_adamw_`` (``Adam(fused=True)``, ``AdamW(fused=True)``),
+``torch._fused_sgd_`` and ``torch._fused_adagrad_`` over lists that hold ResuTensor weights.
 
 A weight whose trainable set is a bitmap (SPARSE: set bits, RESU: clear bits) takes the whole
 step in one kernel pass over its mask, weights, compact grad and moments, and all such weights of
@@ -50,7 +50,8 @@ def fused_adam(func, types, args, kwargs):
             rest.append(j)
             continue
         state = (grads[j], exp_avgs[j], exp_avg_sqs[j])
-        if param.values is None and param.trainable_values_are_storage:  # QRESU, all of θ trains
+        if param.values is None and param.trainable_values_are_storage and param.theta.dtype == param.dtype:
+            # QRESU, all of θ trains, stored in the weight's dtype
             flat_weights.append((param.theta, *_compact_state(func, param, state), state_steps[j]))
         elif param.values is not None and (bits := param.bitmap_kernels_for(param.values)) is not None:
             bitmap_weights.append((param.values, *bits[:4], *_compact_state(func, param, state), state_steps[j]))
@@ -66,5 +67,10 @@ def fused_adam(func, types, args, kwargs):
         foreach_op(func, types, tuple(sub), kwargs)
 
 
+# Fused SGD and Adagrad (torch's CPU kernels) run on the flat trainable coordinates of each list
+# position, as the foreach ops do.
+FUSED_FLAT_OPS = [getattr(op, overload) for op in (aten._fused_sgd_, aten._fused_adagrad_) for overload in op.overloads()]
+
 for _cls in (ResuTensor, CompactTensor):
     _cls.implements(FUSED_ADAM_OPS)(fused_adam)
+    _cls.implements(FUSED_FLAT_OPS)(foreach_op)

@@ -6,6 +6,16 @@ on those vectors, and the result is wrapped back. An in-place op on a ResuTensor
 trainable coordinates, so frozen coordinates never move, weight decay included. Arguments of
 different trainable sets (stale optimizer state) raise instead of being misapplied. The in-place
 ops optimizers call on a bitmap-selected weight take one kernel pass instead (:func:`bitmap_update_`).
+
+Beyond the explicit lists, one rule covers every aten op torch tags ``pointwise``: with a
+CompactTensor operand it runs on the flat vectors, and its in-place / ``out=`` forms write the
+trainable coordinates of a ResuTensor or CompactTensor target (:func:`pointwise_write`); writes
+under a boolean CompactTensor mask (``g[g.gt(0)] = 1``) do the same (:func:`masked_write`).
+
+Example::
+
+    m = torch.zeros_like(w)                 # CompactTensor state of w's trainable coordinates
+    m.lerp_(w.grad, 0.1); w.add_(m.sign(), alpha=-1e-3)   # Lion: frozen coordinates never move
 """
 import math
 from typing import Optional
@@ -106,6 +116,8 @@ class _Operands:
         return a
 
     def wrap(self, out):
+        if isinstance(out, (tuple, list)):  # ops with several results (frexp, ...)
+            return type(out)(self.wrap(o) for o in out)
         if isinstance(out, torch.Tensor) and out.dim() == 1 and out.numel() == self.n_trainable:
             return CompactTensor(out, self.key, self.logical_shape, self.transposed)
         return out
@@ -138,6 +150,10 @@ def trainable_op(func, types, args, kwargs):
     kwargs = kwargs or {}
     if not stays_compact(func, args, kwargs):
         return dense_fallback(func, types, args, kwargs)
+    if func in LIKE_OPS and isinstance(args[0], ResuTensor) and kwargs.get("dtype") is None:
+        # state like a parameter has the parameter's dtype (what optimizers check), also where
+        # its trainable values are stored in another (a QRESU θ dtype)
+        kwargs = {**kwargs, "dtype": args[0].dtype}
     operands = _Operands(func, args, kwargs)
     if bitmap_update_(func, operands, args, kwargs):
         return args[0]
@@ -258,19 +274,72 @@ def full_reduction(func, types, args, kwargs):
     return func(*tree_map(operands.flat, args), **tree_map(operands.flat, kwargs))
 
 
+def _written_arguments(func, args, kwargs) -> list:
+    """The tensors an op writes into (its ``self`` in place, its ``out=`` tensors)."""
+    named = _named_arguments(func, args, kwargs)
+    return [named[a.name] for a in func._schema.arguments
+            if a.alias_info is not None and a.alias_info.is_write and named.get(a.name) is not None]
+
+
+def pointwise_write(func, types, args, kwargs):
+    """Any in-place or ``out=`` form of a pointwise aten op (torch's ``pointwise`` tag) that
+    writes into a ResuTensor or CompactTensor: it runs on the flat trainable vectors of its
+    operands (which must share one trainable set; plain tensors of the logical shape next to a
+    weight are gathered at its trainable coordinates, 0-d tensors and numbers stay as they are),
+    so a parameter changes at its trainable coordinates only and state stays compact. One rule
+    for ``sign_``, ``maximum(out=)``, ``sqrt_``, ``clamp_(min=tensor)``, ... instead of a list.
+    An op writing into plain tensors only runs on the dense views (the dense fallback)."""
+    kwargs = kwargs or {}
+    written = _written_arguments(func, args, kwargs)
+    subclass = [isinstance(t, (ResuTensor, CompactTensor)) for t in written]
+    if not any(subclass):
+        return dense_fallback(func, types, args, kwargs)
+    if not all(subclass):
+        raise TypeError(f"{func}: writes into a ResuTensor/CompactTensor and a plain tensor at once; write into "
+                        "tensors of one kind (compute on w.expand_trainable(t) for a dense result)")
+    if _is_inplace(func):
+        return trainable_op(func, types, args, kwargs)
+    operands = _Operands(func, args, kwargs)
+    flat_args, flat_kwargs = tree_map(operands.flat, args), tree_map(operands.flat, kwargs)
+    func(*flat_args, **flat_kwargs)
+    for target, flat in zip(written, _written_arguments(func, flat_args, flat_kwargs)):
+        write_back(func, target, flat)
+    return written[0] if len(written) == 1 else tuple(written)
+
+
+def masked_write(func, types, args, kwargs):
+    """``t[mask] = v`` (index_put_) and ``t.masked_fill_(mask, v)`` on a gradient, optimizer state
+    or parameter, with a boolean mask that is a CompactTensor of the same trainable set (e.g.
+    Rprop's ``sign[sign.gt(0)] = etaplus``): the write runs on the flat trainable vectors. Other
+    indices (integer, or a plain mask) raise: they address dense coordinates the compact target
+    does not hold."""
+    kwargs = kwargs or {}
+    named = _named_arguments(func, args, kwargs)
+    masks = named["indices"] if func._overloadpacket is aten.index_put_ else [named["mask"]]
+    if not isinstance(named["self"], (ResuTensor, CompactTensor)):
+        return dense_fallback(func, types, args, kwargs)
+    if not (len(masks) == 1 and isinstance(masks[0], CompactTensor) and masks[0].dtype == torch.bool):
+        raise TypeError(
+            f"{func}: indexed writes into a ResuTensor/CompactTensor take one boolean CompactTensor mask of the same "
+            "trainable set (e.g. g[g.gt(0)] = 1.0); for other indices compute on a dense copy "
+            "(w.expand_trainable(g)) and write back with a supported in-place op")
+    return trainable_op(func, types, args, kwargs)
+
+
 def detach_inplace(func, types, args, kwargs):
     return args[0]
 
 
 def new_like_logical(func, types, args, kwargs):
     """new_empty/new_zeros/new_empty_strided at the logical shape → a compact tensor of that set
-    (AccumulateGrad calls these when it clones a gradient)."""
+    (AccumulateGrad calls these when it clones a gradient); at any other shape, a plain tensor
+    (e.g. Adafactor's row and column statistics, ``grad.new_zeros(out, 1)``)."""
     self, size = args[0], tuple(args[1])
-    if size != tuple(self.shape):
-        raise ValueError(f"{func}: a CompactTensor can only make new tensors of its logical shape {tuple(self.shape)}")
     factory = torch.zeros if func is aten.new_zeros.default else torch.empty
     dtype = kwargs.get("dtype") or self.dtype
     device = kwargs.get("device") or self.device
+    if size != tuple(self.shape):
+        return factory(size, dtype=dtype, device=device)
     return self.with_flat(factory(self.flat.numel(), dtype=dtype, device=device))
 
 
@@ -323,3 +392,31 @@ _register(ResuTensor, [aten.empty_like.default], empty_like_resu)
 _GENERIC_DETACH = CompactTensor._ATEN_OP_TABLE[CompactTensor][aten.detach.default]
 _register(CompactTensor, [aten.detach.default], detach_compact)
 _register(CompactTensor, [aten.new_empty.default, aten.new_zeros.default, aten.new_empty_strided.default], new_like_logical)
+
+
+def _pointwise_ops() -> tuple[list, list]:
+    """(functional, in-place and out=) overloads torch tags pointwise, except those with a
+    handler above."""
+    handled = set(CompactTensor._ATEN_OP_TABLE[CompactTensor]) | set(ResuTensor._ATEN_OP_TABLE[ResuTensor])
+    functional, writes = [], []
+    for name in dir(aten):
+        packet = getattr(aten, name)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            tags = op.tags
+            if torch.Tag.pointwise not in tags or op in handled:
+                continue
+            (writes if torch.Tag.inplace in tags or torch.Tag.out in tags else functional).append(op)
+    return functional, writes
+
+
+# Functional pointwise ops (torch.where(g.eq(0), 0, g), g.exp(), ...) stay compact with a
+# CompactTensor operand (stays_compact) and read the dense views otherwise, as trainable_op decides.
+POINTWISE_OPS, POINTWISE_WRITE_OPS = _pointwise_ops()
+MASKED_WRITE_OPS = [aten.index_put_.default, *_overload(aten.masked_fill_, ["Scalar", "Tensor"])]
+for _cls in (ResuTensor, CompactTensor):
+    _register(_cls, POINTWISE_OPS, trainable_op)
+    _register(_cls, POINTWISE_WRITE_OPS, pointwise_write)
+    _register(_cls, MASKED_WRITE_OPS, masked_write)
