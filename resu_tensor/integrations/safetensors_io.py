@@ -221,12 +221,27 @@ def _flatten_hook(module, state_dict, prefix, local_metadata) -> None:
             state_dict.update(flatten_resu_tensor(key, value))
 
 
+def _has_all_parts(key: str, state_dict: dict) -> bool:
+    """Whether ``state_dict`` holds ``key`` and every part its metadata lists."""
+    tensors = _decode_meta(key, state_dict[key + META]).get("tensors")
+    if key not in state_dict or not isinstance(tensors, list):
+        return key in state_dict  # corrupt metadata: rebuild_resu_tensor names what is wrong
+    return all(key + PART + name in state_dict for name in tensors if name != "values")
+
+
 def _rebuild_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                   error_msgs) -> None:
     for name in {k[len(prefix):-len(META)] for k in state_dict if k.startswith(prefix) and k.endswith(META)}:
         if "." in name:
             continue  # a submodule's parameter: its own hook rebuilds it
         key = prefix + name
+        if not _has_all_parts(key, state_dict):
+            # A tied copy whose dense entry or parts (those sharing storage with its partner's)
+            # the writer dropped, as save_pretrained does: the partner's entries load the one
+            # shared Parameter; left out here, the key counts as missing like any tied weight.
+            for k in [k for k in state_dict if k == key or k.startswith(key + PART)]:
+                del state_dict[k]
+            continue
         weight = module._parameters.get(name)
         if not isinstance(weight, ResuTensor):
             raise ValueError(f"{key}: the checkpoint holds a ResuTensor but the model's parameter is "
