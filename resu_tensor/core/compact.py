@@ -63,6 +63,15 @@ class NoDynamoFrames:
         return super().__tensor_flatten__()
 
 
+def contiguous_strides(shape) -> tuple:
+    """Row-major strides of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def stable_hash(fields: dict, requires_grad: bool) -> str:
     """A process-independent digest of a subclass's fields for AOT autograd's cache key: inner
     tensors by their metadata, other values by their repr (stable for ints, floats, strings,
@@ -101,7 +110,7 @@ class FastPropertyAccess:
 
 
 class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
-    """Logical shape (out, in); stores only the trainable coordinates of one ResuTensor, flat,
+    """Logical shape: its weight's ((out, in), (in, out) or N-D conv); stores only the trainable coordinates of one ResuTensor, flat,
     in row-major order of the weight's storage.
 
     ``trainable_key`` names the trainable set the values belong to: ops that mix a CompactTensor
@@ -118,7 +127,7 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
     def __new__(cls, flat: torch.Tensor, trainable_key: int, logical_shape, transposed: bool = False):
         shape = torch.Size(logical_shape)
         return torch.Tensor._make_wrapper_subclass(
-            cls, shape, strides=(shape[1], 1), dtype=flat.dtype, device=flat.device, requires_grad=False
+            cls, shape, strides=contiguous_strides(shape), dtype=flat.dtype, device=flat.device, requires_grad=False
         )
 
     def __init__(self, flat: torch.Tensor, trainable_key: int, logical_shape, transposed: bool = False):

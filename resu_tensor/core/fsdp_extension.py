@@ -29,8 +29,10 @@ class FsdpRowSharding:
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         """The shard's effective weight in the parameter dtype, padded to FSDP's padded shard rows."""
-        if self.transposed:
-            raise NotImplementedError("FSDP2 shards the weight itself, not a transposed ResuTensor view")
+        if self.transposed or self.view_shape is not None:
+            raise NotImplementedError(f"FSDP2 shards ResuTensor weights of (out, in) layout only, got a "
+                                      f"{'transposed' if self.transposed else 'N-D conv'} weight of shape "
+                                      f"{self.logical_shape}")
         _register_grad_hook(module)
         weight = self.storage_weight()
         dtype = getattr(mp_policy, "param_dtype", None) or self.compute_dtype

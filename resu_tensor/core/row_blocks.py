@@ -16,8 +16,9 @@ from resu_tensor.core.state import EMA_NAMES, QuantizedActive, build_state
 def row_fields(t: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every part of ``t``'s state as a tensor whose dim 0 is ``t``'s rows (storage orientation),
     so that rows [r0, r1) of each are the state of rows [r0, r1) of the weight."""
-    if t.transposed:
-        raise NotImplementedError("row blocks of a transposed ResuTensor view: use the weight itself")
+    if t.transposed or t.view_shape is not None:
+        raise NotImplementedError(f"row blocks of a ResuTensor of (out, in) layout only, got a "
+                                  f"{'transposed' if t.transposed else 'N-D conv'} weight of shape {t.logical_shape}")
     rows, cols = t.storage_shape
     device = t.device_of_storage
     fields: dict[str, torch.Tensor] = {}
@@ -102,8 +103,9 @@ def slice_rows(t: torch.Tensor, start: int, end: int, share: bool = False) -> to
         top = slice_rows(w, 0, w.shape[0] // 2)
         torch.equal(top.mask(), w.mask()[: w.shape[0] // 2])   # True
     """
-    if t.transposed:
-        raise NotImplementedError("row blocks of a transposed ResuTensor view: use the weight itself")
+    if t.transposed or t.view_shape is not None:
+        raise NotImplementedError(f"row blocks of a ResuTensor of (out, in) layout only, got a "
+                                  f"{'transposed' if t.transposed else 'N-D conv'} weight of shape {t.logical_shape}")
     rows, cols = t.storage_shape
     if not 0 <= start < end <= rows:
         raise ValueError(f"slice_rows: rows [{start}, {end}) are not a non-empty range of the weight's {rows} rows")

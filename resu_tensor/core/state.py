@@ -9,6 +9,7 @@ changes and loading, never to the per-step ops. On tensors being traced (torch.c
 functional tensors) only the metadata (kinds, shapes, dtypes) is checked.
 """
 import hashlib
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -69,10 +70,14 @@ def build_state(storage_shape, compute_dtype: torch.dtype, *, mode, mask: Encode
                 selective: Optional[SelectiveConfig] = None, selective_m: Optional[torch.Tensor] = None,
                 selective_v: Optional[torch.Tensor] = None, grad_abs_sum: Optional[torch.Tensor] = None,
                 nm_pattern: Optional[tuple] = None, row_keep: Optional[int] = None,
+                transposed: bool = False, view_shape: Optional[tuple] = None,
                 where: str = "ResuTensor") -> dict:
-    """Every constructor field of a ResuTensor (transposed False) from the parts of its state, with
-    ``n_active`` (from the mask) and ``trainable_key`` derived, checked by :func:`check_state`.
-    Exactly one of ``values`` (dense storage) and ``quantized`` (QRESU) is given.
+    """Every constructor field of a ResuTensor from the parts of its state, with ``n_active``
+    (from the mask) and ``trainable_key`` derived, checked by :func:`check_state`. Exactly one of
+    ``values`` (dense storage) and ``quantized`` (QRESU) is given. The logical layout over the
+    (out, in) storage: ``transposed`` (an (in, out) weight, e.g. transformers' Conv1D) or
+    ``view_shape`` (an N-D conv weight (out, in/groups, k...), the storage its row-major
+    (out, in·k...) reshape); neither: the storage shape itself.
 
     Example::
 
@@ -99,7 +104,8 @@ def build_state(storage_shape, compute_dtype: torch.dtype, *, mode, mask: Encode
         "qdata": None, "qscale": None, "qoffset": None, "theta": None,
         "subset_bitmap": subset.bitmap, "subset_block_prefix": subset.block_prefix, "subset_indices": subset.indices,
         "selective_m": selective_m, "selective_v": selective_v, "grad_abs_sum": grad_abs_sum,
-        "transposed": False, "subset_kind": subset.kind, "quant_bits": None, "group_size": None,
+        "transposed": transposed, "view_shape": None if view_shape is None else tuple(view_shape),
+        "subset_kind": subset.kind, "quant_bits": None, "group_size": None,
         "selective": selective, "nm_pattern": nm_pattern, "row_keep": row_keep,
     }
     if quantized is not None:
@@ -226,6 +232,19 @@ def _check_encoding(where, fields, prefix: str, shape, traced: bool) -> tuple[En
     return EncodedMask(kind, indices=indices), None
 
 
+def _check_view_shape(where, view_shape, shape, transposed) -> None:
+    """``view_shape``: None, or the N-D logical shape (3 or more positive ints) whose row-major
+    (out, in·k...) reshape is the storage shape; never together with ``transposed``."""
+    if view_shape is None:
+        return
+    if not (isinstance(view_shape, tuple) and len(view_shape) >= 3 and all(_is_int(s) and s > 0 for s in view_shape)):
+        _fail(where, "view_shape", repr(view_shape), "None or a tuple of 3 or more positive ints (out, in/groups, k...)")
+    if view_shape[0] != shape[0] or math.prod(view_shape[1:]) != shape[1]:
+        _fail(where, "view_shape", repr(view_shape), f"a shape whose (out, in·k...) reshape is the storage shape {shape}")
+    if transposed:
+        raise ValueError(f"{where}: view_shape {view_shape!r} and transposed=True are both set; a weight has one layout")
+
+
 def _decoded(encoded: EncodedMask, flat: Optional[torch.Tensor], numel: int, device) -> torch.Tensor:
     if flat is not None:
         return flat
@@ -260,6 +279,7 @@ def _check(f: Mapping, where: str) -> tuple[Optional[int], Optional[int]]:
         _fail(where, "target_sparsity", repr(sparsity), "a float in [0, 1]")
     if not isinstance(f.get("transposed", False), bool):
         _fail(where, "transposed", repr(f.get("transposed")), "a bool")
+    _check_view_shape(where, f.get("view_shape"), shape, f.get("transposed", False))
 
     tensors = [f.get(n) for n in (*STORAGE_NAMES, *EMA_NAMES, "mask_bitmap", "mask_block_prefix", "mask_indices",
                                   "subset_bitmap", "subset_block_prefix", "subset_indices")]

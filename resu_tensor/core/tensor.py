@@ -6,7 +6,7 @@ import torch
 from torchao.utils import TorchAOBaseTensor, _torchao_base_tensor__setstate__
 
 from resu_tensor import kernels
-from resu_tensor.core.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames, stable_hash
+from resu_tensor.core.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames, contiguous_strides, stable_hash
 from resu_tensor.core.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes, prefix_block_size
 from resu_tensor.core import transitions
 from resu_tensor.core.fsdp_extension import FsdpRowSharding
@@ -19,11 +19,19 @@ from resu_tensor.method.pruning import check_sparsity
 from resu_tensor.method.selective import SelectiveConfig
 
 
-def check_weight(weight: torch.Tensor) -> None:
+def check_weight(weight: torch.Tensor, transposed: bool = False) -> None:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor weight, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"ResuTensor needs a 2-D (out_features, in_features) weight, got shape {tuple(weight.shape)}")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"transposed must be a bool, got {transposed!r}")
+    if transposed and weight.dim() != 2:
+        raise ValueError(f"transposed=True takes a 2-D (in_features, out_features) weight, got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.dim() < 2:
+        raise ValueError(f"ResuTensor needs a 2-D (out_features, in_features) or N-D conv (out, in/groups, k...) "
+                         f"weight, got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"ResuTensor needs a non-empty weight, got shape {tuple(weight.shape)}")
     if weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"ResuTensor supports dtypes {[str(d) for d in SUPPORTED_DTYPES]}, got {weight.dtype}")
 
@@ -118,11 +126,25 @@ def expand_compact(compact: CompactTensor) -> torch.Tensor:
         dense.view(-1).copy_(compact.flat)
     else:
         kernels.scatter_trainable_(dense, trainable, compact.flat)
-    return dense.t() if compact.transposed else dense
+    return dense.t() if compact.transposed else dense.view(compact.logical_shape)
+
+
+def logical_shape_of(storage_shape, transposed: bool, view_shape) -> tuple:
+    """The shape a weight shows: ``view_shape`` (N-D conv), the storage reversed (transposed), or
+    the storage shape."""
+    if view_shape is not None:
+        return tuple(view_shape)
+    return tuple(storage_shape[::-1]) if transposed else tuple(storage_shape)
 
 
 class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBaseTensor):
-    """A weight (out, in) that knows its mask, its mode and which coordinates train.
+    """A weight that knows its mask, its mode and which coordinates train.
+
+    Storage, mask, θ and QRESU groups are always an (out, in) matrix, N:M groups and QRESU groups
+    along its rows (the reduction dimension). The logical shape over it is the matrix itself (a
+    Linear weight), its transpose (``transposed``: an (in, out) weight such as transformers'
+    Conv1D, or a ``w.t()`` view) or an N-D conv weight (``view_shape`` (out, in/groups, k...),
+    the storage its row-major reshape (out, in·k...)).
 
     DENSE, SPARSE and RESU store ``values`` dense with θ in place at pruned slots, so the
     effective weight *is* the stored values. QRESU stores the frozen active weights as 4/8-bit
@@ -149,13 +171,13 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         "selective_m", "selective_v", "grad_abs_sum",
     ]
     optional_tensor_attribute_names = ["transposed", "subset_kind", "quant_bits", "group_size", "selective", "nm_pattern",
-                                       "row_keep"]
+                                       "row_keep", "view_shape"]
 
     def __new__(cls, storage_shape, compute_dtype, *args, **kwargs):
-        shape = torch.Size(storage_shape[::-1] if kwargs.get("transposed") else storage_shape)
+        shape = torch.Size(logical_shape_of(storage_shape, kwargs.get("transposed"), kwargs.get("view_shape")))
         device = next(t.device for t in kwargs.values() if isinstance(t, torch.Tensor))
         return torch.Tensor._make_wrapper_subclass(
-            cls, shape, strides=(shape[1], 1), dtype=compute_dtype, device=device, requires_grad=False
+            cls, shape, strides=contiguous_strides(shape), dtype=compute_dtype, device=device, requires_grad=False
         )
 
     def __init__(self, storage_shape, compute_dtype, mode_name, mask_kind, trainable_side, n_active,
@@ -169,13 +191,18 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         self.target_sparsity = target_sparsity
         self.trainable_key = trainable_key
         defaults = {"transposed": False, "subset_kind": "none", "quant_bits": None, "group_size": None,
-                    "selective": None, "nm_pattern": None, "row_keep": None}
+                    "selective": None, "nm_pattern": None, "row_keep": None, "view_shape": None}
         for name in self.optional_tensor_data_names:
             setattr(self, name, optional.pop(name, None))
         for name, default in defaults.items():
             setattr(self, name, optional.pop(name, default))
         if optional:
             raise TypeError(f"unknown ResuTensor fields: {sorted(optional)}")
+        if self.view_shape is not None:
+            self.view_shape = tuple(self.view_shape)
+        # Set by layout ops on the views they make (w.t()): a view shares the weight's tensors, so
+        # a mode change or in-place write on it would not reach the weight and is refused.
+        self.layout_view = False
         remember_trainable_set(self)
 
     def fields(self) -> dict:
@@ -198,19 +225,28 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
     @classmethod
     @torch._dynamo.disable
     def from_dense(cls, weight: torch.Tensor, sparsity: float = 0.0, method: str = "magnitude",
-                   generator: Optional[torch.Generator] = None) -> "ResuTensor":
+                   generator: Optional[torch.Generator] = None, *, transposed: bool = False) -> "ResuTensor":
         """Wrap a dense weight: DENSE when ``sparsity == 0``, else pruned to SPARSE by ``method``.
+
+        ``weight`` is a Linear weight (out, in), an N-D conv weight (out, in/groups, k...) (mask,
+        N:M and QRESU groups over its (out, in·k...) reshape, N:M along in·k...), or with
+        ``transposed=True`` an (in, out) weight (transformers' Conv1D) stored as its transpose, so
+        mask, N:M groups and QRESU groups are those of the equivalent Linear.
 
         Example::
 
             w = ResuTensor.from_dense(linear.weight.detach(), sparsity=0.5, method="magnitude")
             linear.weight = torch.nn.Parameter(w)
+            c = ResuTensor.from_dense(conv1d_hf.weight.detach(), 0.5, transposed=True)   # c.shape: (in, out)
         """
-        check_weight(weight)
+        check_weight(weight, transposed)
         check_sparsity(sparsity)
-        values = weight.detach().clone().contiguous()
+        dense = weight.detach()
+        view_shape = tuple(dense.shape) if dense.dim() > 2 else None
+        values = (dense.t() if transposed else dense.reshape(dense.shape[0], -1)).clone().contiguous()
         tensor = cls(**build_state(values.shape, values.dtype, mode=Mode.DENSE, mask=EncodedMask("none"),
-                                   trainable_side="all", values=values, where="ResuTensor.from_dense"))
+                                   trainable_side="all", values=values, transposed=transposed, view_shape=view_shape,
+                                   where="ResuTensor.from_dense"))
         if sparsity > 0:
             tensor.prune(sparsity, method=method, generator=generator)
         return tensor
@@ -246,8 +282,8 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             w.set_state_(mode=Mode.SPARSE, mask=encode_mask(keep), trainable_side="active",
                          values=w.values.masked_fill(~keep, 0))
         """
-        if self.transposed:
-            raise ValueError("lifecycle changes apply to the weight itself, not to a transposed view")
+        if self.layout_view:
+            raise ValueError("lifecycle changes apply to the weight itself, not to a view of it (w.t())")
         if trainable_side not in TRAINABLE_SIDES:
             raise ValueError(f"trainable_side must be one of {TRAINABLE_SIDES}, got {trainable_side!r}")
         if values is not None and (tuple(values.shape) != self.storage_shape or values.dtype != self.compute_dtype):
@@ -261,7 +297,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             self.storage_shape, self.compute_dtype, mode=mode, mask=mask, trainable_side=trainable_side,
             values=values, quantized=quantized, subset=subset,
             target_sparsity=self.target_sparsity if target_sparsity is None else target_sparsity,
-            where="ResuTensor.set_state_", **resu_state)
+            transposed=self.transposed, view_shape=self.view_shape, where="ResuTensor.set_state_", **resu_state)
         old_key = self.trainable_key
         for name, value in fields.items():
             setattr(self, name, value)
@@ -278,7 +314,22 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
     def logical_shape(self) -> tuple:
         """``tuple(self.shape)`` from plain attributes: hot paths avoid tensor properties, which
         go through ``__torch_function__``."""
+        if self.view_shape is not None:
+            return self.view_shape
         return self.storage_shape[::-1] if self.transposed else self.storage_shape
+
+    def to_logical(self, t: torch.Tensor) -> torch.Tensor:
+        """A storage-oriented (out, in) tensor in this weight's logical shape (a view)."""
+        if self.view_shape is not None:
+            return t.view(self.view_shape)
+        return t.t() if self.transposed else t
+
+    def to_storage(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor of this weight's logical shape in storage orientation (out, in) (a view where
+        the layout allows; ``.contiguous()`` it for kernels)."""
+        if self.view_shape is not None:
+            return t.reshape(self.storage_shape)
+        return t.t() if self.transposed else t
 
     @property
     def storage_numel(self) -> int:
@@ -332,8 +383,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
     def mask(self) -> torch.Tensor:
         """Bool mask of this tensor's logical shape, True = active."""
-        m = self.storage_mask()
-        return m.t() if self.transposed else m
+        return self.to_logical(self.storage_mask())
 
     def trainable_flat(self) -> Optional[torch.Tensor]:
         """Row-major bool mask of the trainable coordinates over storage, or None if all train."""
@@ -347,8 +397,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         flat = self.trainable_flat()
         if flat is None:
             flat = torch.ones(self.storage_numel, dtype=torch.bool, device=self.device_of_storage)
-        m = flat.view(self.storage_shape)
-        return m.t() if self.transposed else m
+        return self.to_logical(flat.view(self.storage_shape))
 
     def _theta_selection(self) -> Optional[torch.Tensor]:
         """QRESU with a subset: which θ entries (row-major over P) are trainable; None = all of θ."""
@@ -366,8 +415,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
     def effective_weight(self) -> torch.Tensor:
         """W_eff in this tensor's logical orientation (a view of the storage where possible)."""
-        w = self.storage_weight()
-        return w.t() if self.transposed else w
+        return self.to_logical(self.storage_weight())
 
     def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Dense effective weight W_eff = M⊙W + (1−M)⊙Φ(θ), a new plain tensor."""
@@ -407,7 +455,10 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
     # ----------------------------------------------------------------- trainable coordinates
     def gather_trainable(self, dense: torch.Tensor) -> torch.Tensor:
-        """The trainable coordinates of a storage-oriented (out, in) tensor, flat."""
+        """The trainable coordinates of a storage-oriented (out, in) tensor (or, for an N-D conv
+        weight, one of its logical shape: the same row-major order), flat."""
+        if dense.dim() != 2:
+            dense = dense.reshape(self.storage_shape)
         bits = self.bitmap_kernels_for(dense)
         if bits is not None:
             return kernels.gather_by_bitmap(dense.contiguous(), *bits)
@@ -475,7 +526,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             dense.view(-1).copy_(compact)
         else:
             kernels.scatter_trainable_(dense, flat, compact)
-        return dense.t() if self.transposed else dense
+        return self.to_logical(dense)
 
     # ----------------------------------------------------------------- lifecycle (see transitions.py)
     @torch._dynamo.disable

@@ -34,6 +34,19 @@ def _set_sparse(tensor, keep: torch.Tensor, target_sparsity: Optional[float],
                       target_sparsity=target_sparsity, nm_pattern=nm_pattern, row_keep=row_keep)
 
 
+def storage_oriented(tensor, scores, what: str) -> torch.Tensor:
+    """Per-coordinate ``scores`` in storage orientation (out, in): given in that shape (which wins
+    for a square transposed weight), or in the weight's logical shape (an N-D conv weight's, a
+    transposed weight's (in, out)) and reshaped."""
+    shape = tuple(getattr(scores, "shape", ()))
+    if isinstance(scores, torch.Tensor) and shape == tuple(tensor.storage_shape):
+        return scores
+    if isinstance(scores, torch.Tensor) and shape == tuple(tensor.logical_shape):
+        return tensor.to_storage(scores)
+    raise ValueError(f"{what} must be a tensor of the weight's storage shape {tuple(tensor.storage_shape)} or its "
+                     f"logical shape {tuple(tensor.logical_shape)}, got {getattr(scores, 'shape', type(scores).__name__)}")
+
+
 def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generator: Optional[torch.Generator] = None,
           granularity: str = "element", scores: Optional[torch.Tensor] = None) -> None:
     """DENSE/SPARSE → SPARSE at ``sparsity`` and ``granularity`` (see ``pruning.mask_from_scores``):
@@ -54,9 +67,8 @@ def prune(tensor, sparsity: Optional[float], method: str = "magnitude", generato
                 "or use rt.prune_(model, sparsity, method='wanda', calibration=batches)"
             )
         scores = score(tensor.values, method, generator=generator)
-    elif not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(tensor.values.shape):
-        raise ValueError(f"prune: scores must be a tensor of the weight's storage shape {tuple(tensor.values.shape)}, "
-                         f"got {getattr(scores, 'shape', type(scores).__name__)}")
+    else:
+        scores = storage_oriented(tensor, scores, "prune: scores")
     keep = mask_from_scores(scores, target_sparsity, granularity).to(tensor.values.device)
     row_keep = row_pattern(target_sparsity, tensor.storage_shape[1])[0] if granularity == "row" else None
     _set_sparse(tensor, keep, target_sparsity, parse_granularity(granularity), row_keep)
@@ -75,8 +87,8 @@ def check_enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, g
         check_enter_resu(w, 0.1, quantize_bits=4, group_size=64)
     """
     _require_mode(tensor, (Mode.SPARSE,), "enter_resu")
-    if tensor.transposed:
-        raise ValueError("enter_resu applies to the weight itself, not to a transposed view")
+    if tensor.layout_view:
+        raise ValueError("enter_resu applies to the weight itself, not to a view of it (w.t())")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
         raise ValueError(f"epsilon must be a non-negative float, got {epsilon!r}")
     if not isinstance(freeze_active, bool):
@@ -93,9 +105,8 @@ def check_enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, g
         raise ValueError("a static subset trains θ only: it needs freeze_active=True")
     if isinstance(selective, StaticSubsetConfig) and selective.by == "gradient" and subset_scores is None and not probed:
         raise ValueError('StaticSubsetConfig(by="gradient") needs probe gradients (enter_resu_(..., probe_fn=...))')
-    if subset_scores is not None and tuple(getattr(subset_scores, "shape", ())) != tuple(tensor.storage_shape):
-        raise ValueError(f"subset_scores must be a tensor of the weight's storage shape {tensor.storage_shape}, "
-                         f"got {getattr(subset_scores, 'shape', type(subset_scores).__name__)}")
+    if subset_scores is not None:
+        storage_oriented(tensor, subset_scores, "enter_resu: subset_scores")
 
 
 def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generator: Optional[torch.Generator] = None,
@@ -141,7 +152,8 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
         tensor.set_state_(quantized=QuantizedActive(qdata, scale, offset, theta, quantize_bits, group_size), mode=Mode.QRESU,
                           mask=tensor.encoded_mask(), trainable_side=side, **resu_state)
     if isinstance(selective, StaticSubsetConfig):
-        scores = subset_scores if selective.by == "gradient" else None
+        scores = storage_oriented(tensor, subset_scores, "enter_resu: subset_scores") if selective.by == "gradient" \
+            else None
         restrict_to_subset_(tensor, selective, scores, generator)
 
 
@@ -160,8 +172,8 @@ def check_commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] 
     if strategy not in COMMIT_STRATEGIES:
         raise ValueError(f"unknown commit strategy {strategy!r}; accepted: {', '.join(COMMIT_STRATEGIES)}")
     _require_mode(tensor, (Mode.RESU, Mode.QRESU), "commit")
-    if tensor.transposed:
-        raise ValueError("commit applies to the weight itself, not to a transposed view")
+    if tensor.layout_view:
+        raise ValueError("commit applies to the weight itself, not to a view of it (w.t())")
     sparsity = tensor.target_sparsity if sparsity is None else sparsity
     check_sparsity(sparsity)
     if strategy == "amnesty":
@@ -175,7 +187,7 @@ def check_commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] 
         if input_norms is None:
             raise ValueError(f"commit strategy {strategy!r} with Wanda scores needs input_norms (rt.commit_(..., "
                              "calibration=batches))")
-        check_input_norms(input_norms, tensor.storage_shape[1])
+        check_input_norms(input_norms, tensor.storage_shape[1], tensor.storage_shape[0])
     if strategy != "simple" and tensor.nm_pattern is None:
         granularity = "row" if tensor.row_keep is not None else "element"
         check_keeps_weights(sparsity, granularity, tensor.storage_shape, f"commit (re-prune at {strategy!r})")

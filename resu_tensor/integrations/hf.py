@@ -430,7 +430,7 @@ def from_resu_pretrained(model_cls, pretrained_model_name_or_path: str, **kwargs
     rebuilt = {}
     for key in _one_key_per_tie(keys, targets, entries):
         parts = {n: t for n, t in entries.items() if n == key or n.startswith(key + PART)}
-        rebuilt[key] = rebuild_resu_tensor(key, parts, targets[key].storage_shape)
+        rebuilt[key] = rebuild_resu_tensor(key, parts, targets[key].logical_shape)
     with torch.no_grad():
         for key, value in rebuilt.items():
             targets[key].copy_(value)

@@ -40,7 +40,7 @@ from torch import nn
 from resu_tensor.core.mask_encoding import KINDS
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.state import SUPPORTED_DTYPES, TRAINABLE_SIDES, upgrade_legacy_fields
-from resu_tensor.core.tensor import ResuTensor
+from resu_tensor.core.tensor import ResuTensor, logical_shape_of
 from resu_tensor.method.selective import SelectiveConfig
 
 FORMAT = "resu_tensor.flat/2"
@@ -48,14 +48,16 @@ LEGACY_FORMATS = ("resu_tensor.flat/1",)  # one ``nm`` for N:M pattern and row c
 PART = ".resu."
 META = PART + "meta"
 _DTYPES = {str(d).removeprefix("torch."): d for d in SUPPORTED_DTYPES}
-_TUPLE_FIELDS = ("storage_shape", "nm_pattern")
+_TUPLE_FIELDS = ("storage_shape", "nm_pattern", "view_shape")
+# Fields added to format 2 after its first files: absent in those, they take these values.
+_OPTIONAL_FIELDS = {"view_shape": None}
 
 
 # --------------------------------------------------------------------------------- one tensor
 def flatten_resu_tensor(key: str, tensor: ResuTensor) -> dict[str, torch.Tensor]:
     """The plain entries that stand for ``tensor`` saved under ``key`` (see the module doc)."""
-    if tensor.transposed:
-        raise ValueError(f"{key}: cannot save a transposed ResuTensor view; save the weight itself")
+    if tensor.layout_view:
+        raise ValueError(f"{key}: cannot save a view of a ResuTensor (w.t()); save the weight itself")
     meta = {"format": FORMAT}
     for name in (*tensor.tensor_attribute_names, *tensor.optional_tensor_attribute_names):
         value = getattr(tensor, name)
@@ -68,7 +70,8 @@ def flatten_resu_tensor(key: str, tensor: ResuTensor) -> dict[str, torch.Tensor]
         meta[name] = value
     meta["tensors"] = [n for n in tensor.optional_tensor_data_names if getattr(tensor, n) is not None]
     parts = {key + PART + n: _own_storage(getattr(tensor, n).detach()) for n in meta["tensors"] if n != "values"}
-    weight = tensor.values if tensor.values is not None else tensor.storage_weight()
+    # In the weight's logical shape (an N-D conv's, a Conv1D's (in, out)), as a dense loader expects.
+    weight = tensor.to_logical(tensor.values if tensor.values is not None else tensor.storage_weight())
     encoded = json.dumps(meta, sort_keys=True).encode()
     return {key: _own_storage(weight.detach()), key + META: torch.frombuffer(bytearray(encoded), dtype=torch.uint8),
             **parts}
@@ -115,6 +118,7 @@ def rebuild_resu_tensor(key: str, entries: dict[str, torch.Tensor],
         raise ValueError(f"{key}: missing {key + META!r}: not a ResuTensor entry")
     meta = _decode_meta(key, entries[key + META])
     names = [*ResuTensor.tensor_attribute_names, *ResuTensor.optional_tensor_attribute_names]
+    meta = {**_OPTIONAL_FIELDS, **meta}
     missing = [n for n in names if n not in meta] + ([] if isinstance(meta.get("tensors"), list) else ["tensors"])
     unknown = sorted(set(meta) - {*names, "format", "tensors"})
     if missing or unknown:
@@ -140,9 +144,20 @@ def rebuild_resu_tensor(key: str, entries: dict[str, torch.Tensor],
         raise ValueError(f"{key}: missing the weight entry {key!r}")
     tensors = {n: entries[key + PART + n] for n in expected_parts}
     if "values" in tensor_names:
-        tensors["values"] = entries[key]
+        tensors["values"] = _storage_values(key, entries[key], fields)
     return ResuTensor.from_fields({**fields, **{n: tensors.get(n) for n in ResuTensor.optional_tensor_data_names}},
                                   where=f"{key}: corrupt or mismatched checkpoint")
+
+
+def _storage_values(key: str, weight: torch.Tensor, fields: dict) -> torch.Tensor:
+    """The saved weight entry (logical shape) as storage values (out, in)."""
+    logical = logical_shape_of(fields["storage_shape"], fields["transposed"], fields["view_shape"])
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != logical:
+        raise ValueError(f"{key}: corrupt checkpoint: the weight entry has shape "
+                         f"{list(getattr(weight, 'shape', []))}, its metadata says {list(logical)}")
+    if fields["transposed"]:
+        return weight.t().contiguous()
+    return weight.reshape(fields["storage_shape"])
 
 
 def _check_fields(key: str, f: dict, expected_shape) -> None:
@@ -152,6 +167,13 @@ def _check_fields(key: str, f: dict, expected_shape) -> None:
     shape = f["storage_shape"]
     if not (isinstance(shape, tuple) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise bad("storage_shape", "two positive ints")
+    if not isinstance(f["transposed"], bool):
+        raise bad("transposed", "true or false")
+    view_shape = f["view_shape"]
+    if view_shape is not None and not (isinstance(view_shape, tuple) and len(view_shape) >= 3
+                                       and all(isinstance(s, int) and s > 0 for s in view_shape)):
+        raise bad("view_shape", "null or a list of 3 or more positive ints")
+    shape = logical_shape_of(shape, f["transposed"], view_shape)
     if expected_shape is not None and shape != tuple(expected_shape):
         raise ValueError(f"{key}: shape mismatch: the checkpoint holds a {list(shape)} weight, the model a "
                          f"{list(expected_shape)} one")
@@ -165,8 +187,6 @@ def _check_fields(key: str, f: dict, expected_shape) -> None:
         raise bad("subset_kind", KINDS)
     if f["trainable_side"] not in TRAINABLE_SIDES:
         raise bad("trainable_side", TRAINABLE_SIDES)
-    if f["transposed"] is not False:
-        raise bad("transposed", "false")
     if f["selective"] is not None and not isinstance(f["selective"], dict):
         raise bad("selective", "null or an object of SelectiveConfig fields")
     for name in ("n_active", "trainable_key"):
@@ -247,7 +267,7 @@ def _rebuild_hook(module, state_dict, prefix, local_metadata, strict, missing_ke
             raise ValueError(f"{key}: the checkpoint holds a ResuTensor but the model's parameter is "
                              f"{type(weight).__name__}: quantize_ the model with the same layers first")
         parts = {k: state_dict[k] for k in list(state_dict) if k == key or k.startswith(key + PART)}
-        state_dict[key] = rebuild_resu_tensor(key, parts, weight.storage_shape)
+        state_dict[key] = rebuild_resu_tensor(key, parts, weight.logical_shape)
         for k in parts:
             if k != key:
                 del state_dict[k]
@@ -363,7 +383,7 @@ def load_resu_state_dict(model: nn.Module, entries: dict, *, strict: bool = True
     rebuilt = {}
     for key in sorted(ckpt_resu):
         parts = {k: v for k, v in entries.items() if k == key or k.startswith(key + PART)}
-        rebuilt[key] = rebuild_resu_tensor(key, parts, targets[key].storage_shape)
+        rebuilt[key] = rebuild_resu_tensor(key, parts, targets[key].logical_shape)
     with torch.no_grad():
         for key, value in rebuilt.items():
             targets[key].copy_(value)

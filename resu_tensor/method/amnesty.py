@@ -72,7 +72,8 @@ def score_for_commit(values: torch.Tensor, method: str, grad_mean_abs: Optional[
     else:
         if input_norms is None:
             raise ValueError("score method 'wanda' needs input_norms, an (in,) tensor of per-input-feature L2 norms")
-        _check_same_shape("input_norms", input_norms, (values.shape[1],))
+        if tuple(input_norms.shape) != tuple(values.shape):  # (out, in) norms: per row (a grouped conv's)
+            _check_same_shape("input_norms", input_norms, (values.shape[1],))
         scores = magnitude * input_norms.detach().float().abs().to(values.device)
     _check_finite_scores(scores, f"score_for_commit({method!r})")
     return scores

@@ -119,13 +119,19 @@ def resolve_sparsity(sparsity: Optional[float], granularity: str = "element") ->
     return implied
 
 
-def check_input_norms(input_norms, in_features: int) -> torch.Tensor:
+def check_input_norms(input_norms, in_features: int, out_features: Optional[int] = None) -> torch.Tensor:
+    """``input_norms`` checked: (in_features,) (one per input column), or (out_features,
+    in_features) (per row and column: a grouped conv's rows read different channels), finite,
+    >= 0. Without ``out_features`` any row count of the 2-D form passes (the scorer checks it)."""
     if not isinstance(input_norms, torch.Tensor):
         raise TypeError(f"wanda: input_norms must be a tensor of shape ({in_features},), "
                         f"got {type(input_norms).__name__}")
-    if tuple(input_norms.shape) != (in_features,):
-        raise ValueError(f"wanda: input_norms must have shape ({in_features},) (one per input feature), "
-                         f"got {tuple(input_norms.shape)}")
+    shape = tuple(input_norms.shape)
+    per_row = len(shape) == 2 and shape[1] == in_features and out_features in (None, shape[0])
+    if shape != (in_features,) and not per_row:
+        raise ValueError(f"wanda: input_norms must have shape ({in_features},) (one per input feature) or "
+                         f"({out_features if out_features is not None else 'out'}, {in_features}) (per row), "
+                         f"got {shape}")
     check_finite(input_norms, "wanda", "input_norms")
     if (input_norms < 0).any():
         raise ValueError("wanda: input_norms are L2 norms and must be >= 0")
@@ -136,7 +142,8 @@ def score(weight: torch.Tensor, method: str = "magnitude", input_norms: Optional
           generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Float32 importance scores of a (out, in) weight, higher = keep: ``magnitude`` |W|,
     ``random`` uniform noise (from ``generator``), ``wanda`` |W_ij|·‖X_j‖₂ with ``input_norms``
-    the (in,) L2 norms of the layer's input features (see :func:`resu_tensor.calibrate`).
+    the (in,) L2 norms of the layer's input features, or (out, in) per row (a grouped conv's; see
+    :func:`resu_tensor.calibrate`).
 
     Example::
 
@@ -154,8 +161,8 @@ def score(weight: torch.Tensor, method: str = "magnitude", input_norms: Optional
     if input_norms is None:
         raise ValueError("wanda needs input_norms: the (in_features,) L2 norms of the layer's inputs over "
                          "calibration tokens, e.g. from rt.calibrate(model, batches)")
-    norms = check_input_norms(input_norms, weight.shape[1])
-    return weight.detach().abs().float() * norms.to(device=weight.device, dtype=torch.float32)[None, :]
+    norms = check_input_norms(input_norms, weight.shape[1], weight.shape[0])
+    return weight.detach().abs().float() * norms.to(device=weight.device, dtype=torch.float32).expand(weight.shape)
 
 
 def _keep_top(scores: torch.Tensor, n_keep: int, dim: int) -> torch.Tensor:

@@ -81,8 +81,8 @@ class EffectiveWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        storage_grad = grad.t() if weight.transposed else grad
-        return weight.compact(weight.gather_trainable(storage_grad.to(weight.compute_dtype).contiguous()))
+        storage_grad = weight.to_storage(grad.to(weight.compute_dtype))
+        return weight.compact(weight.gather_trainable(storage_grad.contiguous()))
 
 
 def effective_weight(weight: ResuTensor) -> torch.Tensor:
@@ -115,6 +115,13 @@ _COMPUTING_DUNDERS = frozenset(
         "float int bool index array").split())
 
 
+# Layout views and row blocks that keep an (out, in) weight a ResuTensor but compute on an N-D conv
+# weight (its permutations are not its storage or the storage's transpose; its blocks are W_eff's).
+_LAYOUT_VIEWS = frozenset([torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute,
+                           torch.permute, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
+                           torch.Tensor.narrow, torch.narrow])
+
+
 def _computes(func) -> bool:
     """Whether ``func`` computes values from its tensors (and so must see W_eff under autograd),
     as opposed to reading metadata (``size``, ``is_conj``, ``_is_view``, ...), registering hooks,
@@ -135,7 +142,8 @@ def enter_autograd(func, types, args, kwargs):
     requires grad enters it through :class:`EffectiveWeight` (one node; the op itself then runs on
     plain tensors, its own backward included); otherwise it runs as it is and the aten ops it
     calls reach the op tables and the dense fallback."""
-    if torch.is_grad_enabled() and _computes(func):
+    if torch.is_grad_enabled() and (_computes(func) or (func in _LAYOUT_VIEWS and args
+                                                        and getattr(args[0], "view_shape", None) is not None)):
         flat, _ = tree_flatten((args, kwargs))
         if any(isinstance(a, ResuTensor) and a.requires_grad for a in flat):
             enter = lambda a: effective_weight(a) if isinstance(a, ResuTensor) and a.requires_grad else a  # noqa: E731

@@ -5,6 +5,7 @@ from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.qresu import quantize_active
 from resu_tensor.core.state import QuantizedActive, check_state
+from resu_tensor.ops.fallback import dense_fallback
 from resu_tensor.ops.trainable import trainable_op
 from resu_tensor.core.tensor import SUPPORTED_DTYPES, ResuTensor
 
@@ -14,11 +15,20 @@ aten = torch.ops.aten
 def _transposed_view(t):
     if isinstance(t, CompactTensor):
         return CompactTensor(t.flat, t.trainable_key, t.logical_shape[::-1], not t.transposed)
-    return t.replace(transposed=not t.transposed)
+    return _layout_view(t.replace(transposed=not t.transposed))
+
+
+def _layout_view(view: ResuTensor) -> ResuTensor:
+    view.layout_view = True
+    return view
 
 
 def transpose(func, types, args, kwargs):
     t = args[0]
+    if len(t.logical_shape) != 2:
+        # An N-D conv weight's permutations are not its (out, in·k...) storage or its transpose:
+        # they read W_eff, as any other op.
+        return dense_fallback(func, types, args, kwargs)
     if func is aten.t.default:
         swap = True
     elif func is aten.transpose.int:
@@ -28,7 +38,7 @@ def transpose(func, types, args, kwargs):
     if swap:
         return _transposed_view(t)
     # a view op must return a new object (an identity permute included)
-    return t.with_flat(t.flat) if isinstance(t, CompactTensor) else t.replace()
+    return t.with_flat(t.flat) if isinstance(t, CompactTensor) else _layout_view(t.replace())
 
 
 def _to_kwargs(t, args, kwargs):
@@ -83,7 +93,7 @@ def copy_resu(func, types, args, kwargs):
             f"copy_ into a ResuTensor needs a ResuTensor source, got {type(src).__name__}; "
             "wrap a dense weight with ResuTensor.from_dense(...) first"
         )
-    if dest.shape != src.shape or dest.transposed != src.transposed:
+    if dest.shape != src.shape or dest.transposed != src.transposed or dest.view_shape != src.view_shape:
         raise ValueError(f"copy_: shape mismatch, destination {tuple(dest.shape)} vs source {tuple(src.shape)}")
     check_state(src.fields(), where="copy_ into a ResuTensor")
     old_key = dest.trainable_key
@@ -128,9 +138,9 @@ def assign_data(func, types, args, kwargs):
     if tuple(src.shape) != tuple(dest.shape):
         raise ValueError(f"`.data =` on a ResuTensor of shape {tuple(dest.shape)} got a tensor of shape "
                          f"{tuple(src.shape)}; the shape cannot change (build a new ResuTensor.from_dense instead)")
-    if dest.transposed:
-        raise ValueError("`.data =` applies to the weight itself, not to a transposed view")
-    src = src.detach().to(device=dest.device_of_storage, dtype=dest.compute_dtype)
+    if dest.layout_view:
+        raise ValueError("`.data =` applies to the weight itself, not to a view of it (w.t())")
+    src = dest.to_storage(src.detach().to(device=dest.device_of_storage, dtype=dest.compute_dtype)).contiguous()
     keep = dest.storage_mask() if dest.mode != Mode.DENSE else None
     if dest.mode == Mode.SPARSE and bool((src[~keep] != 0).any()):
         raise ValueError(

@@ -45,6 +45,11 @@ def _dim0(func, t: ResuTensor, dim: int) -> None:
 def _split(func, types, args, kwargs):
 
     t, split_size = args[0], args[1]
+    if t.view_shape is not None:
+        # Row blocks (FSDP2's shards) of an N-D conv weight are not built: plain blocks of W_eff
+        # here would silently turn a sharded weight dense.
+        raise NotImplementedError(f"{func}: row blocks (torch.chunk/split, FSDP2) of an N-D conv ResuTensor of shape "
+                                  f"{t.logical_shape} are not supported; split w.dequantize() instead")
     dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
     _dim0(func, t, dim)
     rows = t.shape[0]
@@ -82,7 +87,7 @@ def _slice(func, types, args, kwargs):
     start = args[2] if len(args) > 2 else kwargs.get("start")
     end = args[3] if len(args) > 3 else kwargs.get("end")
     step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if dim % 2 != 0 or step != 1 or t.transposed:
+    if dim % 2 != 0 or step != 1 or t.transposed or t.view_shape is not None:
         return dense_fallback(func, types, args, kwargs)  # w[:, a:b], w[::2]: a slice of a copy of W_eff
     rows = t.shape[0]
     start, end = (start or 0), (rows if end is None else end)

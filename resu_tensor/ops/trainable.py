@@ -7,6 +7,7 @@ trainable coordinates, so frozen coordinates never move, weight decay included. 
 different trainable sets (stale optimizer state) raise instead of being misapplied. The in-place
 ops optimizers call on a bitmap-selected weight take one kernel pass instead (:func:`bitmap_update_`).
 """
+import math
 from typing import Optional
 
 import torch
@@ -197,8 +198,8 @@ def bitmap_update_args(func, operands: _Operands, named: dict) -> Optional[tuple
         return None
     op, tensor_names, scalar_name = form
     target = named["self"]
-    if not isinstance(target, ResuTensor) or target.values is None or target.transposed:
-        return None  # transposed: the generic path raises its error
+    if not isinstance(target, ResuTensor) or target.values is None or (target.transposed and target.layout_view):
+        return None  # a transposed view (w.t()): the generic path raises its error
     if op == "mul" and isinstance(named["other"], (int, float)):  # p.mul_(0.9) dispatches as mul_.Tensor
         op, tensor_names, scalar_name = "mul_scalar", (), "other"
     tensors = [named[name] for name in tensor_names]
@@ -227,8 +228,8 @@ def write_back(func, target, flat: torch.Tensor) -> None:
     ResuTensor target; CompactTensor targets were updated in place already."""
     if not isinstance(target, ResuTensor):
         return
-    if target.transposed:
-        raise ValueError(f"{func}: in-place updates apply to the weight itself, not to a transposed view")
+    if target.transposed and target.layout_view:
+        raise ValueError(f"{func}: in-place updates apply to the weight itself, not to a transposed view (w.t())")
     # Decided from the layout, not by comparing data_ptr(): traced (torch.compile) tensors have none.
     if not target.trainable_values_are_storage:
         target.write_trainable_(flat)
@@ -237,7 +238,7 @@ def write_back(func, target, flat: torch.Tensor) -> None:
 def _reads_flat(func, named: dict, operands: _Operands) -> bool:
     """Whether a full reduction of CompactTensors gives its dense expansion's answer on the flat
     trainable vector: always when every coordinate trains, else only for zero-blind reductions."""
-    if operands.n_trainable == operands.logical_shape[0] * operands.logical_shape[1]:
+    if operands.n_trainable == math.prod(operands.logical_shape):
         return True
     if func is aten.linalg_vector_norm.default:
         return named.get("ord", 2) > 0

@@ -1,14 +1,25 @@
-"""Wanda calibration: the L2 norm of every input feature of each ResuTensor layer, over the
-tokens of a few calibration batches, collected by forward pre-hooks. On a model whose ResuTensor
-weights FSDP2 shards, each rank runs its own batches and the norms are combined over the ranks."""
+"""Wanda calibration: the L2 norm of every input column of each ResuTensor layer's (out, in)
+weight matrix, over the tokens of a few calibration batches, collected by forward pre-hooks. On a
+model whose ResuTensor weights FSDP2 shards, each rank runs its own batches and the norms are
+combined over the ranks.
+
+What a column's input is depends on the layer (:func:`input_column_sums_of_squares`): a Linear's or
+transformers Conv1D's input feature j; for a Conv, column (c, k...) of the (out, in/groups·k...)
+matrix sees input channel c at kernel offset k of every patch the conv reads (``F.unfold``'s
+columns), and with ``groups > 1`` each group of output rows reads its own channels, so the norms
+are per (row, column)."""
 from __future__ import annotations  # annotations name dist.ProcessGroup, absent where distributed is not built
 
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+
+from resu_tensor.core.tensor import ResuTensor
 
 from resu_tensor.training.filters import FilterFn, require_chosen, resu_weights
 from resu_tensor.training.sharded import sharded_weights
@@ -23,10 +34,108 @@ def run_batch(model: nn.Module, batch) -> None:
         model(batch)
 
 
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, recognised without importing transformers: y = x @ W + b, W (in, out).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _linear_columns(module: nn.Module) -> int:
+    weight = module.weight
+    if isinstance(weight, ResuTensor):
+        return weight.storage_shape[1]
+    return weight.shape[0] if _is_transformers_conv1d(module) else weight.shape[1]
+
+
+def _conv_sums_of_squares(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """Σ x² over every patch the conv reads, per column (c, k...) of its (out, in/groups·k...)
+    weight matrix: for each kernel offset, the strided slice of the padded input that offset meets."""
+    d = len(conv.kernel_size)
+    if x.dim() == d + 1:  # unbatched
+        x = x.unsqueeze(0)
+    if x.dim() != d + 2 or x.shape[1] != conv.in_channels:
+        raise ValueError(f"input_column_norms: {type(conv).__name__} expects inputs (batch, {conv.in_channels}, "
+                         f"{d} spatial dims), got shape {tuple(x.shape)}")
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    squares = F.pad(x.detach().float(), conv._reversed_padding_repeated_twice, mode=mode).pow(2)
+    spatial = squares.shape[2:]
+    out_size = [(spatial[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1 for i in range(d)]
+    if min(out_size) < 1:
+        raise ValueError(f"input_column_norms: input of spatial size {tuple(spatial)} (padded) is smaller than "
+                         f"{type(conv).__name__}'s kernel {conv.kernel_size} at dilation {conv.dilation}")
+    sums = squares.new_zeros(conv.in_channels, *conv.kernel_size)
+    for offset in itertools.product(*(range(k) for k in conv.kernel_size)):
+        window = tuple(slice(o * dil, o * dil + stride * (n - 1) + 1, stride)
+                       for o, dil, stride, n in zip(offset, conv.dilation, conv.stride, out_size))
+        sums[(slice(None), *offset)] = squares[(slice(None), slice(None), *window)].sum(dim=[0, *range(2, d + 2)])
+    per_group = sums.reshape(conv.groups, -1)  # (groups, in/groups·k...): columns of each group's rows
+    if conv.groups == 1:
+        return per_group[0]
+    return per_group.repeat_interleave(conv.out_channels // conv.groups, dim=0)
+
+
+def input_column_sums_of_squares(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Σ x² over one batch ``x`` (the module's input) of what each column of ``module``'s
+    (out, in) weight matrix multiplies, float32: (in,) for nn.Linear and transformers Conv1D
+    (every leading dim is tokens); for nn.Conv1d/2d/3d (in/groups·prod(kernel),) over the unfolded
+    input patches (padding, stride, dilation and padding_mode as the conv applies them), or
+    (out, in/groups·prod(kernel)) when ``groups > 1`` (each group of rows reads its own channels).
+    Sums add over batches; :func:`input_column_norms` takes the square root.
+
+    nn.Embedding has no Wanda score here: its input is token ids, not features; it raises a
+    ValueError saying to prune it by magnitude (or leave it out with ``filter_fn``).
+
+    Example::
+
+        sq = input_column_sums_of_squares(conv, x) + input_column_sums_of_squares(conv, x2)
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input_column_norms: expected a tensor input for {type(module).__name__}, "
+                        f"got {type(x).__name__}")
+    if isinstance(module, nn.Embedding):
+        raise ValueError("input_column_norms: Wanda is not defined for nn.Embedding (its input is token ids, not "
+                         "features); prune embeddings with method='magnitude', or leave them out with filter_fn")
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        raise ValueError(f"input_column_norms: {type(module).__name__} is not supported (a transposed conv's weight "
+                         "is (in, out/groups, k...)); use method='magnitude' for it or leave it out with filter_fn")
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return _conv_sums_of_squares(module, x)
+    weight = getattr(module, "weight", None)
+    if (isinstance(module, nn.Linear) or _is_transformers_conv1d(module)
+            or (isinstance(weight, ResuTensor) and weight.view_shape is None)):  # a layer computing x @ Wᵀ
+        features = _linear_columns(module)
+        if x.dim() == 0 or x.shape[-1] != features:
+            raise ValueError(f"input_column_norms: {type(module).__name__} expects inputs with {features} features, "
+                             f"got {tuple(x.shape)}")
+        return x.detach().reshape(-1, features).float().pow(2).sum(0)
+    raise TypeError(f"input_column_norms: no input columns known for a {type(module).__name__}; accepted: "
+                    "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, a module with an (out, in) ResuTensor weight")
+
+
+def input_column_norms(module: nn.Module, inputs) -> torch.Tensor:
+    """Wanda's ‖X_j‖₂ per column j of ``module``'s (out, in) weight matrix over ``inputs`` (one
+    input tensor or an iterable of them): see :func:`input_column_sums_of_squares` for the shape
+    and what a column's input is per module type.
+
+    Example::
+
+        norms = input_column_norms(conv, [x1, x2])
+        w.prune(0.5, scores=w.values.abs() * norms)   # what prune_(method="wanda") does
+    """
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if not batches:
+        raise ValueError("input_column_norms needs at least one input tensor")
+    total = None
+    for x in batches:
+        squares = input_column_sums_of_squares(module, x)
+        total = squares if total is None else total + squares
+    return total.sqrt()
+
+
 def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn] = None) -> dict[str, torch.Tensor]:
     """Run ``model`` on each batch (``torch.no_grad``, eval mode, restored afterwards) and return
-    {module name: ‖X_j‖₂ for every input feature j}, a float32 (in_features,) tensor per module
-    whose ``weight`` is a ResuTensor (and that ``filter_fn`` accepts), over all tokens (every
+    {module name: ‖X_j‖₂ for every column j of its (out, in) weight matrix}, a float32 (in,) tensor
+    (or (out, in) for a grouped conv; see :func:`input_column_sums_of_squares`) per module whose
+    ``weight`` is a ResuTensor (and that ``filter_fn`` accepts), over all tokens (every
     leading dim) of every batch. No chosen layer (no ResuTensor weight, or ``filter_fn`` matching
     none) is a ``ValueError``. A batch is passed as ``model(batch)``, ``model(*batch)`` for a
     tuple/list, ``model(**batch)`` for a dict. Modules that saw no input are left out.
@@ -45,18 +154,24 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
     if not isinstance(batches, Iterable):
         raise TypeError(f"calibrate needs an iterable of batches, got {type(batches).__name__}")
     sharded = sharded_weights(model, filter_fn)
-    layers = [(name, module, weight.shape[1]) for name, module, weight in resu_weights(model, filter_fn)]
+    layers = [(name, module, None) for name, module, weight in resu_weights(model, filter_fn)]
     layers += [(entry.module_name, entry.module, entry.param.shape[1]) for entry in sharded]
     require_chosen(layers, model, filter_fn, "calibrate")  # norms of no layer would be an empty dict
     sums_of_squares: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str, in_features: int):
+    def make_hook(name: str, in_features: Optional[int]):
         def accumulate(module, args, kwargs):
             x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, torch.Tensor) or x.shape[-1:] != (in_features,):
+            if in_features is None:  # by module type (a sharded weight's module is a Linear: its full in_features)
+                try:
+                    squares = input_column_sums_of_squares(module, x)
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"calibrate: module {name!r}: {error}") from None
+            elif not isinstance(x, torch.Tensor) or x.shape[-1:] != (in_features,):
                 raise ValueError(f"calibrate: module {name!r} expects inputs with {in_features} features, "
                                  f"got {getattr(x, 'shape', type(x).__name__)}")
-            squares = x.detach().reshape(-1, in_features).float().pow(2).sum(0)
+            else:
+                squares = x.detach().reshape(-1, in_features).float().pow(2).sum(0)
             if name in sums_of_squares:
                 sums_of_squares[name] += squares
             else:
@@ -131,4 +246,5 @@ def input_norms_for(model: nn.Module, layer_names: list[str], calibration,
     return norms
 
 
-__all__ = ["calibrate", "input_norms_for", "all_reduce_input_norms"]
+__all__ = ["calibrate", "input_norms_for", "all_reduce_input_norms", "input_column_norms",
+           "input_column_sums_of_squares"]
