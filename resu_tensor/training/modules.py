@@ -8,7 +8,7 @@ handled everywhere. transformers stays optional: its ``Conv1D`` is recognised by
 module path, without importing transformers.
 """
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -40,21 +40,28 @@ def _recurrent_weights(module: nn.RNNBase) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class ModuleKind:
     """A module type whose parameters ``param_names(module)`` become ResuTensors; ``transposed``:
-    they are stored (in, out)."""
+    they are stored (in, out); ``no_wanda``: why Wanda scores cannot be computed for them (None
+    when they can)."""
 
     name: str
     matches: Callable[[nn.Module], bool]
     param_names: Callable[[nn.Module], tuple[str, ...]]
     transposed: bool = False
+    no_wanda: Optional[str] = None
 
 
 MODULE_KINDS = (
     ModuleKind("nn.Linear", lambda m: isinstance(m, nn.Linear), _weight),
     ModuleKind("nn.Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), _weight),
-    ModuleKind("nn.Embedding", lambda m: isinstance(m, nn.Embedding), _weight),
+    ModuleKind("nn.Embedding", lambda m: isinstance(m, nn.Embedding), _weight,
+               no_wanda="its input is token ids, not features"),
     ModuleKind("transformers Conv1D", is_hf_conv1d, _weight, transposed=True),
-    ModuleKind("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), _attention_weights),
-    ModuleKind("nn.RNN/LSTM/GRU", lambda m: isinstance(m, (nn.RNN, nn.LSTM, nn.GRU)), _recurrent_weights),
+    ModuleKind("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), _attention_weights,
+               no_wanda="its in-projection multiplies query, key and value, inputs that no forward hook sees "
+                        "separately"),
+    ModuleKind("nn.RNN/LSTM/GRU", lambda m: isinstance(m, (nn.RNN, nn.LSTM, nn.GRU)), _recurrent_weights,
+               no_wanda="its hidden-state and upper-layer inputs are computed inside the fused recurrent op, "
+                        "where no forward hook sees them"),
 )
 
 
@@ -84,6 +91,18 @@ def is_transposed_kind(module: nn.Module) -> bool:
     return kind is not None and kind.transposed
 
 
+def wanda_unsupported_reason(module: nn.Module):
+    """Why Wanda (|W|·‖X‖ scores from the inputs forward hooks see) cannot score ``module``'s
+    ResuTensor parameters, or None when it can.
+
+    Example::
+
+        wanda_unsupported_reason(nn.LSTM(4, 8))   # "its hidden-state and upper-layer inputs ..."
+    """
+    kind = module_kind(module)
+    return None if kind is None else kind.no_wanda
+
+
 def is_supported_module(module: nn.Module, fqn: str = "") -> bool:
     """Whether ``module`` has parameters that become ResuTensors: nn.Linear, nn.Conv1d/2d/3d,
     nn.Embedding, transformers' Conv1D, nn.MultiheadAttention (its in-projection; its
@@ -98,4 +117,4 @@ def is_supported_module(module: nn.Module, fqn: str = "") -> bool:
 
 
 __all__ = ["ModuleKind", "MODULE_KINDS", "module_kind", "resu_param_names", "is_transposed_kind",
-           "is_supported_module", "is_hf_conv1d"]
+           "is_supported_module", "is_hf_conv1d", "wanda_unsupported_reason"]
