@@ -60,7 +60,8 @@ def to_dense_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
         torch.save(model.state_dict(), "dense.pt")
     """
     layers = _committed_layers(model, filter_fn, "to_dense_")
-    replacements = [(w, nn.Parameter(committed_weight(w), requires_grad=w.requires_grad)) for _, _, w in layers]
+    replacements = [(w, nn.Parameter(w.to_logical(committed_weight(w)).contiguous(), requires_grad=w.requires_grad))
+                    for _, _, w in layers]  # in the module's layout: conv N-D, Conv1D (in, out)
     for weight, dense in replacements:  # every owner of a tied weight gets the one new Parameter
         replace_parameter_everywhere(model, weight, dense)
     return model
