@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+import two_ranks
 from torch import nn
 from torchao.quantization import quantize_
 
@@ -338,3 +339,124 @@ def test_gpt2_conv1d_projections_and_tied_head(tmp_path):
     loaded = hf.from_resu_pretrained(transformers.GPT2LMHeadModel, tmp_path).eval()
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+
+
+# ------------------------------------------------------------------------------ DDP and FSDP2 (2 CPU ranks)
+# Each scenario runs on both ranks (two_ranks.run spawns this module); the tests check what they measured.
+
+WORLD = two_ranks.WORLD
+DEVICE = "cpu"  # set by each worker
+VOCAB, WIDTH, PER_RANK, TOKENS = 16, 8, 3, 5
+
+
+class ConvTiedNet(nn.Module):
+    """An Embedding, a Conv1d over the sequence and a head tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.conv = nn.Conv1d(WIDTH, WIDTH, 3, padding=1)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        hidden = torch.tanh(self.conv(self.embed(ids).transpose(1, 2))).transpose(1, 2)
+        return self.head(hidden)
+
+
+def conv_tied_net(seed: int, filter_fn=rt.is_supported_module) -> ConvTiedNet:
+    torch.manual_seed(seed)
+    model = ConvTiedNet().to(DEVICE)
+    quantize_(model, rt.resu_config(sparsity=0.5), filter_fn=filter_fn)
+    return model
+
+
+def token_batch(step: int):
+    generator = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, VOCAB, (WORLD * PER_RANK, TOKENS + 1), generator=generator).to(DEVICE)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def lm_loss(model, ids, targets):
+    return F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+
+
+def train_against_reference(model, reference, rank, steps, first_step=0):
+    optimizer, reference_optimizer = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference))
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    for step in range(first_step, first_step + steps):
+        ids, targets = token_batch(step)
+        for m, o, (x, y) in ((model, optimizer, (ids[rows], targets[rows])), (reference, reference_optimizer, (ids, targets))):
+            o.zero_grad()
+            lm_loss(m, x, y).backward()
+            o.step()
+
+
+def effective(p) -> torch.Tensor:
+    return p.dequantize() if isinstance(p, rt.ResuTensor) else p.detach()
+
+
+def scenario_ddp_conv_embedding_tied(rank):
+    from resu_tensor import distributed as rtd
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = conv_tied_net(seed=rank)  # rank 1 starts elsewhere: prepare_ddp broadcasts rank 0's state
+    rtd.prepare_ddp(model)
+    ddp = DistributedDataParallel(model)
+    reference = conv_tied_net(seed=0)
+    train_against_reference(ddp, reference, rank, steps=3)
+    rt.enter_resu_(model, epsilon=0.5, generator=torch.Generator().manual_seed(0))
+    rt.enter_resu_(reference, epsilon=0.5, generator=torch.Generator().manual_seed(0))
+    train_against_reference(ddp, reference, rank, steps=3, first_step=3)
+    rtd.check_replicas(model)
+    reference_params = dict(reference.named_parameters())
+    return {"diffs": {n: (effective(p) - effective(reference_params[n])).abs().max().item()
+                      for n, p in model.named_parameters()},
+            "tied": model.head.weight is model.embed.weight,
+            "layers": [n for n, _, _ in rt.resu_weights(model)],
+            "modes": [w.mode.value for _, _, w in rt.resu_weights(model)]}
+
+
+def scenario_fsdp_conv_embedding_tied(rank):
+    from resu_tensor import fsdp as rtf
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 shards (out, in) ResuTensors: the conv stays a plain parameter that FSDP shards itself.
+    keep_conv_dense = lambda m, n: rt.is_supported_module(m, n) and n != "conv"  # noqa: E731
+    model = conv_tied_net(seed=0, filter_fn=keep_conv_dense)
+    reference = conv_tied_net(seed=0, filter_fn=keep_conv_dense)
+    fully_shard(model, mesh=init_device_mesh(DEVICE, (WORLD,)))
+    sharded = [w.fqn for w in rtf.sharded_weights(model)]
+    train_against_reference(model, reference, rank, steps=2)
+    rt.prune_(model, 0.75)
+    rt.prune_(reference, 0.75)
+    train_against_reference(model, reference, rank, steps=2, first_step=2)
+    full = rtf.full_tensor(model.embed.weight)
+    reference_params = dict(reference.named_parameters())
+    conv_diff = (model.conv.weight.full_tensor() - reference_params["conv.weight"]).abs().max().item()
+    return {"sharded": sharded, "embed_diff": (full.dequantize() - reference.embed.weight.dequantize()).abs().max().item(),
+            "same_mask": torch.equal(full.mask(), reference.embed.weight.mask()), "sparsity": full.sparsity,
+            "conv_diff": conv_diff, "tied": model.head.weight is model.embed.weight}
+
+
+SCENARIOS = {name[len("scenario_"):]: fn for name, fn in list(globals().items()) if name.startswith("scenario_")}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return two_ranks.run(__name__, tmp_path_factory.mktemp("layer_modules"), "cpu")
+
+
+def test_ddp_conv_embedding_and_tied_weight_match_single_process(ranks):
+    for result in two_ranks.results(ranks, "ddp_conv_embedding_tied"):
+        assert result["tied"] and result["layers"] == ["embed", "conv"]
+        assert result["modes"] == ["resu", "resu"]
+        assert max(result["diffs"].values()) < 2e-6, result["diffs"]
+
+
+def test_fsdp2_embedding_and_tied_weight_match_single_process(ranks):
+    for result in two_ranks.results(ranks, "fsdp_conv_embedding_tied"):
+        assert result["sharded"] == ["embed.weight"] and result["tied"]
+        assert result["same_mask"] and abs(result["sparsity"] - 0.75) < 0.05
+        assert result["embed_diff"] < 2e-6 and result["conv_diff"] < 2e-6
