@@ -54,10 +54,11 @@ def resu_config(sparsity: float = 0.0, method: str = "magnitude", quantize_bits:
                       epsilon=epsilon)
 
 
-# Old Parameter -> (config of the quantize_ call that converted it, its ResuTensor Parameter).
-# torchao calls the handler once per matched module, so a Parameter shared by two modules (tied
+# Old Parameter -> weak refs to (the config of the quantize_ call that converted it, its ResuTensor
+# Parameter). torchao calls the handler once per matched module, so a Parameter shared by two modules (tied
 # weights) is met twice; the second owner gets the same new Parameter. Weak keys: an entry lives
-# only while some module still holds the old Parameter, and ids are never reused while it does.
+# only while something still holds the old Parameter, and ids are never reused while it does; weak
+# values: the table keeps no converted weight alive.
 _converted = WeakIdKeyDictionary()
 
 
@@ -86,23 +87,26 @@ def _convert(module: nn.Module, param_name: str, config: ResuConfig, where: str)
         raise ValueError(f"{where} is already a ResuTensor; quantize_ it only once")
     done = _converted.get(weight) if isinstance(weight, torch.Tensor) else None
     if done is not None:
-        done_config, new_param = done[0](), done[1]
-        if done_config is not config:
+        done_config, new_param = done[0](), done[1]()
+        if new_param is None:  # the converted Parameter is gone: nothing left to tie to
+            done = None
+        elif done_config is not config:
             raise ValueError(f"{where} is tied to a parameter an earlier quantize_ call converted; the tie would "
                              "split. Convert every module sharing it in one quantize_ call (filter_fn choosing all "
                              "of them)")
-        setattr(module, param_name, new_param)  # the tie kept: one ResuTensor Parameter
-        return new_param
+        else:
+            setattr(module, param_name, new_param)  # the tie kept: one ResuTensor Parameter
+            return new_param
     try:
         check_weight(weight)
     except (TypeError, ValueError) as error:
         raise type(error)(f"quantize_: {where}: {error}") from error
-    transposed = {"transposed": True} if is_transposed_kind(module) else {}
-    new_weight = ResuTensor.from_dense(weight.detach(), sparsity=config.sparsity, method=config.method, **transposed)
+    new_weight = ResuTensor.from_dense(weight.detach(), sparsity=config.sparsity, method=config.method,
+                                       transposed=is_transposed_kind(module))  # Conv1D: stored (in, out)
     if config.quantize_bits is not None:
         new_weight.enter_resu(config.epsilon, quantize_bits=config.quantize_bits, group_size=config.group_size)
     new_param = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
-    _converted[weight] = (weakref.ref(config), new_param)
+    _converted[weight] = (weakref.ref(config), weakref.ref(new_param))
     setattr(module, param_name, new_param)  # through setattr: RNN modules refresh their flat weights
     for name, param in list(module._parameters.items()):  # the same Parameter under a second name
         if param is weight:
