@@ -64,7 +64,12 @@ class NoDynamoFrames:
 
 
 def contiguous_strides(shape) -> tuple:
-    """Row-major strides of ``shape``."""
+    """Row-major strides of ``shape``.
+
+    Example::
+
+        contiguous_strides((8, 4, 3, 3))   # (36, 9, 3, 1)
+    """
     strides, step = [], 1
     for size in reversed(tuple(shape)):
         strides.append(step)

@@ -131,7 +131,12 @@ def expand_compact(compact: CompactTensor) -> torch.Tensor:
 
 def logical_shape_of(storage_shape, transposed: bool, view_shape) -> tuple:
     """The shape a weight shows: ``view_shape`` (N-D conv), the storage reversed (transposed), or
-    the storage shape."""
+    the storage shape.
+
+    Example::
+
+        logical_shape_of((8, 36), False, (8, 4, 3, 3)), logical_shape_of((8, 12), True, None)   # N-D, (12, 8)
+    """
     if view_shape is not None:
         return tuple(view_shape)
     return tuple(storage_shape[::-1]) if transposed else tuple(storage_shape)
@@ -319,14 +324,24 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         return self.storage_shape[::-1] if self.transposed else self.storage_shape
 
     def to_logical(self, t: torch.Tensor) -> torch.Tensor:
-        """A storage-oriented (out, in) tensor in this weight's logical shape (a view)."""
+        """A storage-oriented (out, in) tensor in this weight's logical shape (a view).
+
+        Example::
+
+            w = ResuTensor.from_dense(torch.randn(8, 4, 3, 3)); w.to_logical(w.values).shape   # (8, 4, 3, 3)
+        """
         if self.view_shape is not None:
             return t.view(self.view_shape)
         return t.t() if self.transposed else t
 
     def to_storage(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor of this weight's logical shape in storage orientation (out, in) (a view where
-        the layout allows; ``.contiguous()`` it for kernels)."""
+        the layout allows; ``.contiguous()`` it for kernels).
+
+        Example::
+
+            w = ResuTensor.from_dense(torch.randn(12, 8), transposed=True); w.to_storage(w.mask()).shape   # (8, 12)
+        """
         if self.view_shape is not None:
             return t.reshape(self.storage_shape)
         return t.t() if self.transposed else t

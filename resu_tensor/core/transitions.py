@@ -37,7 +37,12 @@ def _set_sparse(tensor, keep: torch.Tensor, target_sparsity: Optional[float],
 def storage_oriented(tensor, scores, what: str) -> torch.Tensor:
     """Per-coordinate ``scores`` in storage orientation (out, in): given in that shape (which wins
     for a square transposed weight), or in the weight's logical shape (an N-D conv weight's, a
-    transposed weight's (in, out)) and reshaped."""
+    transposed weight's (in, out)) and reshaped.
+
+    Example::
+
+        storage_oriented(conv_weight, torch.rand(8, 4, 3, 3), "prune: scores").shape   # (8, 36)
+    """
     shape = tuple(getattr(scores, "shape", ()))
     if isinstance(scores, torch.Tensor) and shape == tuple(tensor.storage_shape):
         return scores

@@ -57,7 +57,7 @@ _OPTIONAL_FIELDS = {"view_shape": None}
 def flatten_resu_tensor(key: str, tensor: ResuTensor) -> dict[str, torch.Tensor]:
     """The plain entries that stand for ``tensor`` saved under ``key`` (see the module doc)."""
     if tensor.layout_view:
-        raise ValueError(f"{key}: cannot save a view of a ResuTensor (w.t()); save the weight itself")
+        raise ValueError(f"{key}: cannot save a view of a ResuTensor (w.t(), a transposed view); save the weight itself")
     meta = {"format": FORMAT}
     for name in (*tensor.tensor_attribute_names, *tensor.optional_tensor_attribute_names):
         value = getattr(tensor, name)

@@ -14,7 +14,10 @@ Example::
     w = ResuTensor.from_dense(torch.randn(8, 16), sparsity=0.5)
     w[0], w.mean(), torch.where(w > 0, w, 0.0), w.sum(1)   # all plain tensors of W_eff
 """
+import inspect
+
 import torch
+import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 from resu_tensor.core.compact import CompactTensor, set_unhandled_function_handler, set_unhandled_op_handler
@@ -165,3 +168,22 @@ def _to_python(func, types, args, kwargs):
 set_unhandled_op_handler(dense_fallback)
 set_unhandled_function_handler(enter_autograd)
 ResuTensor.implements_torch_function([torch.Tensor.numpy, torch.Tensor.tolist])(_to_python)
+
+
+def _embedding(func, types, args, kwargs):
+    """``F.embedding(idx, w)`` with a ResuTensor weight: the lookup of W_eff rows through the
+    autograd entry (gradient compact, zero at frozen coordinates). ``sparse=True`` would hand back
+    a sparse gradient over every looked-up row, frozen coordinates included, and ``max_norm``
+    renormalizes the weight in place, a write that would move frozen coordinates: both raise."""
+    bound = _EMBEDDING_SIGNATURE.bind(*args, **kwargs)
+    if bound.arguments.get("sparse", False):
+        raise ValueError("F.embedding(..., sparse=True) with a ResuTensor weight is not supported (a sparse gradient "
+                         "covers frozen coordinates); use nn.Embedding(..., sparse=False)")
+    if bound.arguments.get("max_norm") is not None:
+        raise ValueError("F.embedding(..., max_norm=...) with a ResuTensor weight is not supported (it renormalizes "
+                         "the weight in place, frozen coordinates included); use max_norm=None")
+    return enter_autograd(func, types, args, kwargs)
+
+
+_EMBEDDING_SIGNATURE = inspect.signature(F.embedding)
+ResuTensor.implements_torch_function([F.embedding])(_embedding)

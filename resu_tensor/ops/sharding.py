@@ -132,7 +132,7 @@ def _view(func, types, args, kwargs):
     t, size = args[0], list(args[1])
     if size in ([-1], [t.numel()]) and getattr(t, _ZERO_BASE, False):
         return torch.empty(t.numel(), dtype=t.dtype, device="meta")  # FSDP's padded shard: kept, never read
-    if size in ([-1, t.shape[1]], [t.shape[0], -1], list(t.shape)):
+    if size == list(t.shape) or (t.view_shape is None and size in ([-1, t.shape[1]], [t.shape[0], -1])):
         return t.replace()  # a view op must return a new object; this one shares t's inner tensors
     return dense_fallback(func, types, args, kwargs)  # a copy of W_eff, viewed
 

@@ -166,7 +166,8 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
                 try:
                     squares = input_column_sums_of_squares(module, x)
                 except (TypeError, ValueError) as error:
-                    raise ValueError(f"calibrate: module {name!r}: {error}") from None
+                    reason = str(error).removeprefix("input_column_norms: ").removeprefix(f"{type(module).__name__} ")
+                    raise ValueError(f"calibrate: module {name!r} {reason}") from None
             elif not isinstance(x, torch.Tensor) or x.shape[-1:] != (in_features,):
                 raise ValueError(f"calibrate: module {name!r} expects inputs with {in_features} features, "
                                  f"got {getattr(x, 'shape', type(x).__name__)}")

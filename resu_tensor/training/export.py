@@ -114,10 +114,9 @@ def to_semi_structured_(model: nn.Module, filter_fn: Optional[FilterFn] = None,
         where = f"to_semi_structured_: layer {name!r}"
         if id(weight) in converted:
             continue
-        if weight.view_shape is not None or weight.transposed:
-            raise ValueError(f"{where} has shape {list(weight.shape)} in a {'transposed' if weight.transposed else 'N-D'} "
-                             "layout; 2:4 semi-structured kernels take (out, in) Linear weights only: leave it out "
-                             "with filter_fn, or use to_dense_")
+        if weight.transposed or weight.view_shape is not None:
+            raise ValueError(f"{where}: semi-structured export takes (out, in) Linear weights, got a weight of shape "
+                             f"{list(weight.shape)}; leave it out with filter_fn (or use to_dense_)")
         if weight.mode != Mode.SPARSE or not _semi_structured_24(weight):
             raise ValueError(f"{where} has no 2:4 mask (mode {weight.mode.value!r}, nm_pattern={weight.nm_pattern}); prune it with "
                              "rt.prune_(model, granularity='2:4')")
