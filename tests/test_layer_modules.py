@@ -460,3 +460,13 @@ def test_fsdp2_embedding_and_tied_weight_match_single_process(ranks):
         assert result["sharded"] == ["embed.weight"] and result["tied"]
         assert result["same_mask"] and abs(result["sparsity"] - 0.75) < 0.05
         assert result["embed_diff"] < 2e-6 and result["conv_diff"] < 2e-6
+
+
+def test_package_import_leaves_transformers_unimported():
+    import subprocess
+    import sys
+
+    code = "import sys, resu_tensor as rt, torch.nn as nn; rt.is_supported_module(nn.Linear(2, 2)); " \
+           "print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

@@ -5,20 +5,23 @@ parameter is stored (in, out) (transformers' ``Conv1D``), i.e. ``ResuTensor.from
 transposed=True)``. Everything that finds ResuTensors in a model (``resu_weights``, the
 lifecycle calls, export, save/load) asks :func:`resu_param_names`, so a type added here is
 handled everywhere. transformers stays optional: its ``Conv1D`` is recognised by class name and
-module path, without importing transformers.
+attributes, without importing transformers.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import nn
 
-# The class transformers uses for GPT-2's projections (weight stored (in_features, out_features)).
-HF_CONV1D = ("transformers.pytorch_utils", "Conv1D")
-
-
 def is_hf_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is (a subclass of) transformers' ``Conv1D``, without importing transformers."""
-    return any((cls.__module__, cls.__name__) == HF_CONV1D for cls in type(module).__mro__)
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's projections, weight stored (in, out)),
+    recognised without importing transformers: a class named ``Conv1D`` in its MRO whose instances
+    carry ``nf`` (its output width), as ``transformers.pytorch_utils.Conv1D`` does.
+
+    Example::
+
+        is_hf_conv1d(gpt2.transformer.h[0].attn.c_attn)   # True
+    """
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and hasattr(module, "nf")
 
 
 def _weight(module: nn.Module) -> tuple[str, ...]:
