@@ -470,3 +470,24 @@ def test_package_import_leaves_transformers_unimported():
            "print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_qresu_and_safetensors_round_trip(case, tmp_path):
+    from resu_tensor.integrations import load_resu_safetensors, save_resu_safetensors
+
+    model, _, inputs = build(case)
+    rt.enter_resu_(model, quantize_bits=8, group_size=None, generator=torch.Generator().manual_seed(0))
+    assert all(w.mode == rt.Mode.QRESU for _, _, w in rt.resu_weights(model))
+    out, _ = run(model, inputs)
+    torch.testing.assert_close(out, run(dense_copy(model), inputs)[0], rtol=1e-5, atol=1e-6)
+    save_resu_safetensors(model, tmp_path / "m.safetensors")
+    fresh, _, _ = build(case, seed=1)  # other weights and masks: the file replaces them all
+    load_resu_safetensors(fresh, tmp_path / "m.safetensors")
+    for (name, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        if isinstance(a, rt.ResuTensor):
+            assert b.mode == a.mode and torch.equal(a.mask(), b.mask()) and torch.equal(a.dequantize(), b.dequantize())
+        else:
+            assert torch.equal(a, b), name
+    if case == "tied":
+        assert fresh.head.weight is fresh.embed.weight
