@@ -5,7 +5,7 @@ Example::
     import resu_tensor as rt
     from torchao.quantization import quantize_
 
-    quantize_(model, rt.resu_config(sparsity=0.5))
+    quantize_(model, rt.resu_config(sparsity=0.5), filter_fn=rt.is_supported_module)
     ...  # your own training loop and optimizer
     rt.enter_resu_(model); rt.reset_optimizer_state_(optimizer, model)
 """
@@ -39,6 +39,7 @@ from resu_tensor.training.cuda_graph import CudaGraphStep  # noqa: E402
 from resu_tensor.core.transitions import COMMIT_STRATEGIES  # noqa: E402
 from resu_tensor.training.memory import MemoryReport, memory_report  # noqa: E402
 from resu_tensor.training.filters import resu_weights  # noqa: E402
+from resu_tensor.training.modules import is_supported_module  # noqa: E402
 from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_  # noqa: E402
 from resu_tensor.training.optimizer_state import reset_optimizer_state_  # noqa: E402
 from resu_tensor.training import optimizer_hook  # noqa: E402,F401  (installs the one optimizer step pre-hook)
@@ -60,7 +61,7 @@ torch.serialization.add_safe_globals([ResuTensor, CompactTensor])
 __all__ = [
     "ResuTensor", "CompactTensor", "CudaGraphStep", "Mode", "ResuConfig", "resu_config", "prune_", "enter_resu_", "commit_",
     "reset_optimizer_state_", "SelectiveConfig", "StaticSubsetConfig", "ScheduleConfig", "ResuScheduler", "CycleStats", "StepRecord",
-    "AmnestyStats", "format_stats_table", "resurrection_ratio", "plot_history", "resu_weights", "memory_report", "MemoryReport", "PRUNE_METHODS", "COMMIT_STRATEGIES",
+    "AmnestyStats", "format_stats_table", "resurrection_ratio", "plot_history", "resu_weights", "is_supported_module", "memory_report", "MemoryReport", "PRUNE_METHODS", "COMMIT_STRATEGIES",
     "calibrate", "PRUNE_GRANULARITIES", "PRUNE_SCOPES", "to_dense_", "to_semi_structured_",
     "distributed", "enable_flat_state_dict", "load_resu_safetensors", "save_resu_safetensors",
 ]

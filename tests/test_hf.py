@@ -256,10 +256,10 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_quantize_hf_skips_lm_head_and_tied_weights(hf_modules, tie):
+def test_linear_filter_skips_lm_head_and_tied_weights(hf_modules, tie):
     transformers, hf = hf_modules
     model = tiny_llama(transformers, tie=tie)
-    hf.quantize_hf_(model, rt.resu_config(sparsity=0.5))
+    hf.quantize_hf_(model, rt.resu_config(sparsity=0.5), filter_fn=hf.linear_filter(model))
     names = [n for n, _, _ in rt.resu_weights(model)]
     assert names == [f"model.layers.{i}.{part}.{proj}" for i in range(2)
                      for part, projs in (("self_attn", LINEARS[:4]), ("mlp", LINEARS[4:])) for proj in projs]

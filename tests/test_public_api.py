@@ -49,6 +49,7 @@ distributed
 enable_flat_state_dict
 enter_resu_
 format_stats_table
+is_supported_module
 load_resu_safetensors
 memory_report
 plot_history

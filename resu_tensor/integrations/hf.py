@@ -9,7 +9,7 @@ Example::
     from resu_tensor.integrations import hf
 
     model = LlamaForCausalLM(LlamaConfig(...))              # or .from_pretrained(...)
-    hf.quantize_hf_(model, rt.resu_config(sparsity=0.0))     # every Linear but lm_head / tied weights
+    hf.quantize_hf_(model, rt.resu_config(sparsity=0.0))     # every supported layer, ties kept
     callback = hf.ResuCallback(rt.ScheduleConfig(steps_per_cycle=500, num_cycles=4, sparsity=0.5))
     trainer = Trainer(model=model, args=TrainingArguments(..., optim="adamw_torch"),
                       train_dataset=data, callbacks=[callback])
@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from resu_tensor.training.config import ResuConfig, resu_config
+from resu_tensor.training.modules import is_supported_module, resu_param_names
 from resu_tensor.integrations.safetensors_io import (META, PART, enable_flat_state_dict, flatten_state_dict,
                                                      read_safetensors, rebuild_resu_tensor, resu_keys, state_targets)
 from resu_tensor.method.schedule import ScheduleConfig
@@ -51,8 +52,7 @@ def linear_filter(model: nn.Module, *, skip_output_embeddings: bool = True, skip
     """A ``filter_fn`` for ``quantize_`` that picks the model's ``nn.Linear`` layers except
 
     * the output embedding (``model.get_output_embeddings()``, e.g. ``lm_head``), tied to the
-      input embedding or not (sparse LM heads hurt most and an ``nn.Embedding`` cannot take a
-      ResuTensor, so a tied head must stay a plain Parameter shared with the embedding);
+      input embedding or not (sparse LM heads hurt most);
     * any layer whose weight is shared with another module (tied weights);
     * layers whose qualified name equals, or ends with ``.`` + , an entry of ``skip_names``.
 
@@ -82,17 +82,20 @@ def linear_filter(model: nn.Module, *, skip_output_embeddings: bool = True, skip
 
 def quantize_hf_(model: nn.Module, config: Optional[ResuConfig] = None,
                  filter_fn: Optional[FilterFn] = None) -> nn.Module:
-    """``quantize_(model, config, filter_fn or linear_filter(model))`` and
+    """``quantize_(model, config, filter_fn or rt.is_supported_module)`` and
     :func:`~resu_tensor.integrations.safetensors_io.enable_flat_state_dict`, so ``save_pretrained``
-    and the Trainer's checkpoints work. ``config`` defaults to ``rt.resu_config()`` (DENSE).
+    and the Trainer's checkpoints work. ``config`` defaults to ``rt.resu_config()`` (DENSE). The
+    default converts every supported layer (Linear, GPT-2's Conv1D, embeddings, the LM head) and
+    keeps tied weights tied; :func:`linear_filter` keeps the embeddings and the head dense.
 
     Example::
 
         hf.quantize_hf_(model, rt.resu_config(sparsity=0.5))
+        hf.quantize_hf_(model, rt.resu_config(sparsity=0.5), filter_fn=hf.linear_filter(model))
     """
     from torchao.quantization import quantize_
 
-    quantize_(model, config if config is not None else resu_config(), filter_fn=filter_fn or linear_filter(model))
+    quantize_(model, config if config is not None else resu_config(), filter_fn=filter_fn or is_supported_module)
     return enable_flat_state_dict(model)
 
 
@@ -373,6 +376,17 @@ def _ignore_resu_keys(model_cls):
             del model_cls._keys_to_ignore_on_load_unexpected
 
 
+def _one_key_per_tie(keys: list[str], targets: dict, entries: dict) -> list[str]:
+    """One key per ResuTensor Parameter: of tied names (``lm_head.weight`` and
+    ``transformer.wte.weight``) the one whose entries are complete; ``save_pretrained`` drops the
+    tied copies (and tensors sharing their storage) of all but one name."""
+    by_param: dict[int, list[str]] = {}
+    for key in keys:
+        by_param.setdefault(id(targets[key]), []).append(key)
+    return [max(names, key=lambda k: (k in entries, sum(n.startswith(k + PART) for n in entries)))
+            for names in by_param.values()]
+
+
 def from_resu_pretrained(model_cls, pretrained_model_name_or_path: str, **kwargs):
     """Load a checkpoint written by :func:`save_resu_pretrained` (or by ``save_pretrained`` /
     the Trainer on a model with :func:`enable_flat_state_dict`): ``model_cls.from_pretrained``
@@ -402,16 +416,21 @@ def from_resu_pretrained(model_cls, pretrained_model_name_or_path: str, **kwargs
     missing = sorted(k for k in wanted if k not in targets)
     if missing:
         raise ValueError(f"the checkpoint's ResuTensor weights {missing} are no parameters of {model_cls.__name__}")
-    quantize_(model, resu_config(), filter_fn=lambda module, fqn: (fqn + ".weight" if fqn else "weight") in wanted)
+    def in_checkpoint(module: nn.Module, fqn: str) -> bool:
+        prefix = fqn + "." if fqn else ""
+        return any(prefix + name in wanted for name in resu_param_names(module))
+
+    quantize_(model, resu_config(), filter_fn=in_checkpoint)
     targets = state_targets(model)
     not_quantized = sorted(k for k in wanted if not isinstance(targets[k], ResuTensor))
     if not_quantized:
-        raise ValueError(f"cannot make {not_quantized} ResuTensors: their modules are no nn.Linear-like layers")
+        raise ValueError(f"cannot make {not_quantized} ResuTensors: no supported layer holds them "
+                         "(see rt.is_supported_module)")
     entries = read_checkpoint(path, {n for n in names if any(n == k or n.startswith(k + PART) for k in wanted)})
     rebuilt = {}
-    for key in keys:
+    for key in _one_key_per_tie(keys, targets, entries):
         parts = {n: t for n, t in entries.items() if n == key or n.startswith(key + PART)}
-        rebuilt[key] = rebuild_resu_tensor(key, parts, targets[key].storage_shape)
+        rebuilt[key] = rebuild_resu_tensor(key, parts, targets[key].logical_shape)
     with torch.no_grad():
         for key, value in rebuilt.items():
             targets[key].copy_(value)

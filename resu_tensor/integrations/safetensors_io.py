@@ -228,35 +228,57 @@ def unflatten_state_dict(entries: dict, expected_shapes: Optional[dict] = None) 
 
 
 # --------------------------------------------------------------------------------- state-dict hooks
+def _resu_param_names(module: nn.Module) -> list[str]:
+    return [name for name, param in module._parameters.items() if isinstance(param, ResuTensor)]
+
+
 def _flatten_hook(module, state_dict, prefix, local_metadata) -> None:
-    key = prefix + "weight"
-    value = state_dict.get(key)
-    if isinstance(value, ResuTensor):
-        del state_dict[key]
-        state_dict.update(flatten_resu_tensor(key, value))
+    for name in _resu_param_names(module):
+        key = prefix + name
+        value = state_dict.get(key)
+        if isinstance(value, ResuTensor):
+            del state_dict[key]
+            state_dict.update(flatten_resu_tensor(key, value))
+
+
+def _has_all_parts(key: str, state_dict: dict) -> bool:
+    """Whether ``state_dict`` holds ``key`` and every part its metadata lists."""
+    tensors = _decode_meta(key, state_dict[key + META]).get("tensors")
+    if key not in state_dict or not isinstance(tensors, list):
+        return key in state_dict  # corrupt metadata: rebuild_resu_tensor names what is wrong
+    return all(key + PART + name in state_dict for name in tensors if name != "values")
 
 
 def _rebuild_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                   error_msgs) -> None:
-    key = prefix + "weight"
-    if key + META not in state_dict:
-        return
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, ResuTensor):
-        raise ValueError(f"{key}: the checkpoint holds a ResuTensor but the model's weight is "
-                         f"{type(weight).__name__}: quantize_ the model with the same layers first")
-    parts = {k: state_dict[k] for k in list(state_dict) if k == key or k.startswith(key + PART)}
-    state_dict[key] = rebuild_resu_tensor(key, parts, weight.logical_shape)
-    for k in parts:
-        if k != key:
-            del state_dict[k]
+    for name in {k[len(prefix):-len(META)] for k in state_dict if k.startswith(prefix) and k.endswith(META)}:
+        if "." in name:
+            continue  # a submodule's parameter: its own hook rebuilds it
+        key = prefix + name
+        if not _has_all_parts(key, state_dict):
+            # A tied copy whose dense entry or parts (those sharing storage with its partner's)
+            # the writer dropped, as save_pretrained does: the partner's entries load the one
+            # shared Parameter; left out here, the key counts as missing like any tied weight.
+            for k in [k for k in state_dict if k == key or k.startswith(key + PART)]:
+                del state_dict[k]
+            continue
+        weight = module._parameters.get(name)
+        if not isinstance(weight, ResuTensor):
+            raise ValueError(f"{key}: the checkpoint holds a ResuTensor but the model's parameter is "
+                             f"{type(weight).__name__}: quantize_ the model with the same layers first")
+        parts = {k: state_dict[k] for k in list(state_dict) if k == key or k.startswith(key + PART)}
+        state_dict[key] = rebuild_resu_tensor(key, parts, weight.logical_shape)
+        for k in parts:
+            if k != key:
+                del state_dict[k]
 
 
 def enable_flat_state_dict(model: nn.Module) -> nn.Module:
     """Make ``model.state_dict()`` flatten its ResuTensor weights into plain tensors and
     ``model.load_state_dict`` rebuild them, so every safetensors writer/reader works unchanged:
     Hugging Face ``save_pretrained`` and the ``Trainer``'s checkpoints and resume. Idempotent;
-    hooks sit on each module that holds a ResuTensor weight now. ``ResuCallback`` calls it.
+    hooks sit on each module that holds a ResuTensor parameter now (any name: ``weight``,
+    ``in_proj_weight``, ``weight_ih_l0`` ...). ``ResuCallback`` calls it.
 
     Example::
 
@@ -268,7 +290,7 @@ def enable_flat_state_dict(model: nn.Module) -> nn.Module:
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     for module in model.modules():
         hooked = getattr(module, "_resu_flat_state_dict", False)
-        if isinstance(getattr(module, "weight", None), ResuTensor) and not hooked:
+        if _resu_param_names(module) and not hooked:
             module.register_state_dict_post_hook(_flatten_hook)
             module.register_load_state_dict_pre_hook(_rebuild_hook)
             module._resu_flat_state_dict = True  # a flag, not the handles: the model stays deepcopy-able

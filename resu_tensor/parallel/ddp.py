@@ -317,9 +317,11 @@ def prepare_ddp(model: nn.Module, group: Optional[dist.ProcessGroup] = None, src
     if not names:
         raise ValueError("prepare_ddp: the model has no ResuTensor parameters; run quantize_(model, "
                          "rt.resu_config(...)) first, or use DistributedDataParallel directly")
+    # Every name of a tied ResuTensor: DDP matches the ignore list against each of them.
+    all_names = [name for name, p in model.named_parameters(remove_duplicate=False) if isinstance(p, ResuTensor)]
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, ignored + [name for name in names if name not in ignored])
+        model, ignored + [name for name in all_names if name not in ignored])
     broadcast_resu_state_(model, src=src, group=group)
     sync = ResuGradSync(model, group=group, sync_outside_ddp=sync_outside_ddp, overlap=overlap,
                         bucket_cap_mb=bucket_cap_mb, sync_group=sync_group)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from resu_tensor.core.mode import Mode
-from resu_tensor.training.filters import resu_weights
+from resu_tensor.training.filters import replace_parameter_everywhere, resu_weights
 from resu_tensor.core.tensor import ResuTensor
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -49,8 +49,8 @@ def committed_weight(weight: ResuTensor) -> torch.Tensor:
 
 
 def to_dense_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Module:
-    """Replace every ResuTensor weight (chosen by ``filter_fn(module, name)``, default all) by a
-    plain ``nn.Parameter`` holding M⊙W, keeping dtype, device and ``requires_grad``; the model
+    """Replace every ResuTensor parameter (of modules chosen by ``filter_fn(module, name)``, default
+    all) by a plain ``nn.Parameter`` holding M⊙W (a tied weight: one Parameter, every owner keeps it), keeping dtype, device and ``requires_grad``; the model
     then holds no tensor subclass and runs, saves and compiles like any other. Raises
     ``ValueError`` (changing nothing) if a layer is in RESU/QRESU: commit first. Returns the model.
 
@@ -60,10 +60,10 @@ def to_dense_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
         torch.save(model.state_dict(), "dense.pt")
     """
     layers = _committed_layers(model, filter_fn, "to_dense_")
-    replacements = {id(w): nn.Parameter(w.to_logical(committed_weight(w)).contiguous(), requires_grad=w.requires_grad)
-                    for _, _, w in layers}  # in the layer's own shape (a conv's N-D, a Conv1D's (in, out))
-    for _, module, weight in layers:  # a weight shared by two modules stays shared
-        module.weight = replacements[id(weight)]
+    replacements = [(w, nn.Parameter(w.to_logical(committed_weight(w)).contiguous(), requires_grad=w.requires_grad))
+                    for _, _, w in layers]  # in the module's layout: conv N-D, Conv1D (in, out)
+    for weight, dense in replacements:  # every owner of a tied weight gets the one new Parameter
+        replace_parameter_everywhere(model, weight, dense)
     return model
 
 
@@ -132,8 +132,8 @@ def to_semi_structured_(model: nn.Module, filter_fn: Optional[FilterFn] = None,
         except (RuntimeError, ValueError, NotImplementedError) as error:
             raise ValueError(f"{where}: torch cannot convert its {list(weight.shape)} {weight.dtype} weight to "
                              f"semi-structured form: {error}") from None
-    for _, module, weight in layers:
-        module.weight = nn.Parameter(converted[id(weight)], requires_grad=False)
+    for _, _, weight in layers:
+        replace_parameter_everywhere(model, weight, nn.Parameter(converted[id(weight)], requires_grad=False))
     return model
 
 

@@ -22,6 +22,7 @@ from resu_tensor.core.fsdp_extension import is_sharded_resu, rows_per_rank
 from resu_tensor.core.row_blocks import assign_state_, from_row_fields, row_attributes, row_fields, slice_rows
 from resu_tensor.core.tensor import ResuTensor
 from resu_tensor.method.selective import SelectiveConfig, StaticSubsetConfig
+from resu_tensor.training.modules import resu_param_names
 from resu_tensor.training.optimizer_state import reset_optimizer_state_
 
 SELECTIVE_UNSUPPORTED_SHARDED = (
@@ -86,8 +87,9 @@ def _check_fsdp_states_sharded(model: nn.Module) -> None:
 
 
 def sharded_weights(model: nn.Module, filter_fn=None) -> list[ShardedWeight]:
-    """Every FSDP-sharded ResuTensor weight of ``model`` (modules whose ``weight`` is one and that
-    ``filter_fn(module, name)`` accepts); empty for a model FSDP does not shard.
+    """Every FSDP-sharded ResuTensor parameter of ``model`` that the module table
+    (training/modules.py) lists for its module, of modules ``filter_fn(module, name)`` accepts; a
+    tied weight once. Empty for a model FSDP does not shard.
 
     Example::
 
@@ -97,11 +99,15 @@ def sharded_weights(model: nn.Module, filter_fn=None) -> list[ShardedWeight]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     _check_fsdp_states_sharded(model)
-    found = []
+    found, seen = [], set()
     for name, module in model.named_modules():
-        param = module._parameters.get("weight")
-        if is_sharded_resu(param) and (filter_fn is None or filter_fn(module, name)):
-            found.append(ShardedWeight(name, module, "weight", param))
+        params = [(n, module._parameters.get(n)) for n in resu_param_names(module)]
+        params = [(n, p) for n, p in params if is_sharded_resu(p) and id(p) not in seen]
+        if not params or (filter_fn is not None and not filter_fn(module, name)):
+            continue
+        for param_name, param in params:  # a tied weight once, under its first owner
+            seen.add(id(param))
+            found.append(ShardedWeight(name, module, param_name, param))
     return found
 
 
