@@ -21,6 +21,7 @@ from torch import nn
 
 from resu_tensor.core.tensor import ResuTensor
 
+from resu_tensor.training.modules import is_hf_conv1d
 from resu_tensor.training.filters import FilterFn, require_chosen, resu_weights
 from resu_tensor.training.sharded import sharded_weights
 
@@ -34,16 +35,11 @@ def run_batch(model: nn.Module, batch) -> None:
         model(batch)
 
 
-def _is_transformers_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D, recognised without importing transformers: y = x @ W + b, W (in, out).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
 def _linear_columns(module: nn.Module) -> int:
     weight = module.weight
     if isinstance(weight, ResuTensor):
         return weight.storage_shape[1]
-    return weight.shape[0] if _is_transformers_conv1d(module) else weight.shape[1]
+    return weight.shape[0] if is_hf_conv1d(module) else weight.shape[1]
 
 
 def _conv_sums_of_squares(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +96,7 @@ def input_column_sums_of_squares(module: nn.Module, x: torch.Tensor) -> torch.Te
     if isinstance(module, nn.modules.conv._ConvNd):
         return _conv_sums_of_squares(module, x)
     weight = getattr(module, "weight", None)
-    if (isinstance(module, nn.Linear) or _is_transformers_conv1d(module)
+    if (isinstance(module, nn.Linear) or is_hf_conv1d(module)
             or (isinstance(weight, ResuTensor) and weight.view_shape is None)):  # a layer computing x @ Wᵀ
         features = _linear_columns(module)
         if x.dim() == 0 or x.shape[-1] != features:
