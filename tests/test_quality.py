@@ -1,5 +1,6 @@
 """The comparison's building blocks (benchmarks/quality/mnist1d_harness.py): im2col conv, the methods (whose masks
 tests/test_baselines.py checks against plain-PyTorch references), and the summary."""
+
 import pytest
 import torch
 import torch.nn.functional as F
