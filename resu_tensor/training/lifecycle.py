@@ -3,7 +3,8 @@
 Each works on plain ResuTensor weights and on FSDP2-sharded ones alike: the latter are gathered
 into whole layers for the change and each rank keeps its rows (training/sharded.py), so masks are
 identical on every rank and equal to a single-process run's. ``optimizer=`` (one or a list)
-drops the state the change made stale, sharded or not.
+keeps (prune_, commit_: remaps) the state of coordinates that stay trainable on plain weights and
+drops the rest of what the change made stale, sharded or not.
 
 Every call changes all chosen layers or none: each layer's mode and options are checked before
 any changes, and a layer that still fails part-way restores the layers changed before it. A call
