@@ -80,8 +80,7 @@ class StepRecord:
 
 
 class ResuScheduler:
-    """Call :meth:`step` once per optimizer step. Mode changes reset exactly the optimizer state
-    of the layers whose trainable set changed. ``history`` holds one :class:`CycleStats` per
+    """Call :meth:`step` once per optimizer step. ``history`` holds one :class:`CycleStats` per
     finished cycle, ``phase_changes`` the figures of every logged phase change (prune, enter_resu,
     commit, finished) and ``steps`` one :class:`StepRecord` per step (loss, phase, sparsity, the
     exact resurrected share, your metrics); ``state_dict``/``load_state_dict`` make runs
@@ -92,6 +91,14 @@ class ResuScheduler:
     record and in :func:`resu_tensor.plot_history`.
 
     ``calibration`` (for Wanda): input batches, or the dict of :func:`resu_tensor.calibrate`.
+
+    ``config.method`` picks RESU (default) or a baseline (``one_shot``, ``gmp``, ``rigl``, ``set``;
+    see :class:`ScheduleConfig`), all stepped the same way and ending in ``config.finetune_steps``
+    of final fine-tuning (``phase == "finetune"``). RigL needs ``probe_fn(model) -> loss``, whose
+    dense gradient ranks the pruned coordinates to grow. Baselines that start sparse (RigL, SET,
+    one-shot without warm-up) prune when the scheduler is created; a resumed run then loads the
+    model, optimizer and scheduler states over that. Mask changes keep the optimizer state of the
+    coordinates that stay trainable; a RESU commit starts the new active set's state afresh.
 
     Under FSDP2 (``fully_shard`` sharding the ResuTensor weights by rows) call :meth:`step` on
     every rank with the same config and seed: every phase change (prune, enter RESU, commit,
