@@ -91,11 +91,8 @@ def test_optimizer_state_reset_only_for_changed_layers():
     generator = torch.Generator().manual_seed(2)
     for _ in range(scheduler.config.train_steps):
         train_step(model, optimizer, scheduler, generator)
-    # the prune happened at the last step: layer 0's state now covers its new trainable set (the
-    # active weights), layer 2 (not scheduled) did not change
-    w0 = model[0].weight
-    assert optimizer.state[w0]["exp_avg"].trainable_key == w0.trainable_key
-    assert optimizer.state[w0]["exp_avg"].flat.numel() == w0.trainable_count
+    # the prune happened at the last step: layer 0 changed, layer 2 (not scheduled) did not
+    assert model[0].weight not in optimizer.state
     assert model[2].weight in optimizer.state and model[2].weight.mode == rt.Mode.DENSE
     train_step(model, optimizer, scheduler, generator)
     assert optimizer.state[model[0].weight]["exp_avg"].flat.numel() == model[0].weight.trainable_count
@@ -206,7 +203,7 @@ def test_end_to_end_on_mnist1d_with_resume():
         quantize_(model, rt.resu_config(sparsity=0.0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
         config = rt.ScheduleConfig(steps_per_cycle=60, num_cycles=3, sparsity=0.8, initial_sparsity=0.5,
-                                   sparsity_schedule=[0.5, 0.7125, 0.8], progress=False)
+                                   sparsity_schedule=[0.5, 0.7625, 0.8], progress=False)
         scheduler = rt.ResuScheduler(model, optimizer, config)
         batches = torch.Generator().manual_seed(1)
         if state is not None:
@@ -231,7 +228,7 @@ def test_end_to_end_on_mnist1d_with_resume():
     assert phases[:60] == ["train"] * 30 + ["stabilize"] * 6 + ["resu"] * 24
     # each layer rounds its pruned count to whole coordinates
     assert [h.sparsity for h in scheduler.history] == pytest.approx(scheduler.config.cycle_sparsities(), abs=2e-3)
-    assert accuracy > 0.25  # 10 classes (chance 0.1); 180 small steps
+    assert accuracy > 0.3  # 10 classes; 180 small steps
     assert scheduler.history[-1].loss < scheduler.history[0].loss
     state = run(stop_at=100)  # cycle 1, mid-RESU
     resumed, resumed_scheduler, _, resumed_accuracy = run(state=state)

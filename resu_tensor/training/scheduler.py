@@ -98,7 +98,8 @@ class ResuScheduler:
     dense gradient ranks the pruned coordinates to grow. Baselines that start sparse (RigL, SET,
     one-shot without warm-up) prune when the scheduler is created; a resumed run then loads the
     model, optimizer and scheduler states over that. Mask changes keep the optimizer state of the
-    coordinates that stay trainable; a RESU commit starts the new active set's state afresh.
+    coordinates that stay trainable (baselines, plain weights; FSDP2-sharded weights start afresh);
+    RESU's phase changes start the changed layers' state afresh.
 
     Under FSDP2 (``fully_shard`` sharding the ResuTensor weights by rows) call :meth:`step` on
     every rank with the same config and seed: every phase change (prune, enter RESU, commit,
@@ -327,8 +328,10 @@ class ResuScheduler:
         with self._gathered():
             self._update_mask_figures()  # coordinates pruned before the scheduler's first prune count too
             prune_(self.model, c.sparsity_at(cycle), method=c.prune_method, granularity=c.granularity, scope=c.scope,
-                   calibration=calibration, filter_fn=self.filter_fn, generator=self.generator,
-                   optimizer=self.optimizer)
+                   calibration=calibration, filter_fn=self.filter_fn, generator=self.generator)
+            # RESU's prune starts the active set's state afresh, as its other phase changes do, and
+            # the same with FSDP2-sharded weights (whose state full_weights drops) as without
+            self._reset_state()
             layers = self._update_mask_figures()
         self._announce("prune", "step %d: cycle %d: pruned %d layers (%s) to target sparsity %.4f: actual sparsity %.4f",
                        self.global_step, cycle, len(layers), c.prune_method, c.sparsity_at(cycle), self._sparsity,
