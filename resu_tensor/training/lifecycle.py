@@ -112,7 +112,7 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
         rt.prune_(model, 0.9, scope="erk", optimizer=optimizer)
     """
     calibration = _norms_before_gathering(model, calibration, filter_fn, needed=method == "wanda")
-    with full_weights(model, optimizer, filter_fn), _state_kept(model, optimizer, filter_fn):
+    with full_weights(model, optimizer, filter_fn, keep_state=True), _state_kept(model, optimizer, filter_fn):
         _prune_layers(model, sparsity, method, filter_fn, generator, granularity, scope, calibration)
     return model
 
@@ -253,7 +253,7 @@ def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[Filt
     """
     wanda = (strategy == "amnesty" and options.get("score") == "wanda") or strategy == "wanda_reprune"
     calibration = _norms_before_gathering(model, calibration, filter_fn, needed=wanda)
-    with full_weights(model, optimizer, filter_fn):
+    with full_weights(model, optimizer, filter_fn, keep_state=True):
         layers = _chosen_layers(model, filter_fn, "commit_")
         for name, _, weight in layers:  # strategy and options first: they need no calibration run
             _checked(f"commit_: layer {name!r}", lambda: check_commit(weight, strategy, norms_later=wanda, **options))

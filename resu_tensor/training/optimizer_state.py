@@ -115,15 +115,35 @@ def remap_optimizer_state_(optimizer: torch.optim.Optimizer, param: ResuTensor,
         if value.flat.numel() != old_count:
             raise ValueError(f"remap_optimizer_state_: state {key!r} holds {value.flat.numel()} values but the old "
                              f"trainable set has {old_count}; pass the trainable_flat() taken before the change")
-        dense = torch.zeros(numel, dtype=value.flat.dtype, device=value.flat.device)
-        if old_trainable_flat is None:
-            dense.copy_(value.flat)
-        else:
-            dense[old_trainable_flat.to(dense.device)] = value.flat
-        kept = dense if new_flat is None else dense[new_flat.to(dense.device)]
-        state[key] = param.compact(kept)
+        state[key] = remapped_compact(value, param, old_trainable_flat, new_flat)
         remapped += 1
     return remapped
+
+
+def remapped_compact(value: CompactTensor, param: ResuTensor, old_trainable_flat: Optional[torch.Tensor],
+                     new_trainable_flat: Optional[torch.Tensor]) -> CompactTensor:
+    """``value`` (a CompactTensor over ``old_trainable_flat``) as a CompactTensor of ``param``'s
+    current trainable set ``new_trainable_flat``: kept coordinates keep their values, joiners 0."""
+    numel = param.storage_numel
+    dense = torch.zeros(numel, dtype=value.flat.dtype, device=value.flat.device)
+    if old_trainable_flat is None:
+        dense.copy_(value.flat)
+    else:
+        dense[old_trainable_flat.to(dense.device)] = value.flat
+    kept = dense if new_trainable_flat is None else dense[new_trainable_flat.to(dense.device)]
+    return param.compact(kept)
+
+
+def remap_sharded_state_(optimizer: torch.optim.Optimizer, param, shard: ResuTensor,
+                         old_trainable_flat: Optional[torch.Tensor]) -> None:
+    """:func:`remap_optimizer_state_` for an FSDP2-sharded parameter: each state DTensor keeps its
+    global metadata and gets its local CompactTensor remapped to ``shard``'s new trainable set
+    (``old_trainable_flat``: the shard's before the change)."""
+    new_flat = shard.trainable_flat()
+    for value in optimizer.state.get(param, {}).values():
+        if is_stale_for_shard(value, shard) and value._local_tensor.flat.numel() == (
+                shard.storage_numel if old_trainable_flat is None else int(old_trainable_flat.sum())):
+            value._local_tensor = remapped_compact(value._local_tensor, shard, old_trainable_flat, new_flat)
 
 
 @contextlib.contextmanager

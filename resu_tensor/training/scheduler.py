@@ -297,7 +297,9 @@ class ResuScheduler:
     def _prune_to(self, sparsity: float) -> None:
         c = self.config
         calibration = self._calibration(c.prune_method == "wanda")
-        with self._gathered():
+        # sharded weights: the state of coordinates that stay active is remapped on exit;
+        # plain ones: prune_ remaps it
+        with full_weights(self.model, self.optimizer, self.filter_fn, keep_state=True):
             self._update_mask_figures()
             prune_(self.model, sparsity, method=c.prune_method, granularity=c.granularity, scope=c.scope,
                    calibration=calibration, filter_fn=self.filter_fn, generator=self.generator,
