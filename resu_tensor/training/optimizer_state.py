@@ -86,9 +86,10 @@ def remap_optimizer_state_(optimizer: torch.optim.Optimizer, param: ResuTensor,
     ``max_exp_avg_sq``, SGD ``momentum_buffer``, any optimizer that keeps per-coordinate state
     like its parameter) becomes a CompactTensor of the new set: coordinates trainable before and
     after keep their values, coordinates that join start at zero, coordinates that leave are
-    dropped. Scalar entries (the per-parameter ``step``) are kept as they are: the bias correction
-    of the kept coordinates stays consistent with their moments, and joiners' zero moments are
-    exactly what a fresh Adam state holds. Returns how many entries were remapped.
+    dropped. Scalar entries (the per-parameter ``step``) are kept as they are, so the bias
+    correction of the kept coordinates stays consistent with their moments; joiners get zero
+    moments under that same step, so late in training their first Adam updates are larger than a
+    fresh state's would be (no bias correction left). Returns how many entries were remapped.
 
     Example::
 
