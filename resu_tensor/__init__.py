@@ -42,6 +42,9 @@ from resu_tensor.training.filters import resu_weights  # noqa: E402
 from resu_tensor.training.modules import is_supported_module  # noqa: E402
 from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_  # noqa: E402
 from resu_tensor.training.optimizer_state import reset_optimizer_state_  # noqa: E402
+from resu_tensor.training.optimizer_state import remap_optimizer_state_  # noqa: E402
+from resu_tensor.training.regrowth import dense_gradients, drop_and_grow_  # noqa: E402
+from resu_tensor.method.schedule import METHODS as SCHEDULE_METHODS  # noqa: E402
 from resu_tensor.training import optimizer_hook  # noqa: E402,F401  (installs the one optimizer step pre-hook)
 from resu_tensor.core.mode import Mode  # noqa: E402
 from resu_tensor.method.pruning import PRUNE_GRANULARITIES, PRUNE_METHODS, PRUNE_SCOPES  # noqa: E402
@@ -65,3 +68,4 @@ __all__ = [
     "calibrate", "PRUNE_GRANULARITIES", "PRUNE_SCOPES", "to_dense_", "to_semi_structured_",
     "distributed", "enable_flat_state_dict", "load_resu_safetensors", "save_resu_safetensors",
 ]
+__all__ += ["remap_optimizer_state_", "drop_and_grow_", "dense_gradients", "SCHEDULE_METHODS"]

@@ -39,13 +39,16 @@ PRUNE_SCOPES
 ResuConfig
 ResuScheduler
 ResuTensor
+SCHEDULE_METHODS
 ScheduleConfig
 SelectiveConfig
 StaticSubsetConfig
 StepRecord
 calibrate
 commit_
+dense_gradients
 distributed
+drop_and_grow_
 enable_flat_state_dict
 enter_resu_
 format_stats_table
@@ -54,6 +57,7 @@ load_resu_safetensors
 memory_report
 plot_history
 prune_
+remap_optimizer_state_
 reset_optimizer_state_
 resu_config
 resu_weights

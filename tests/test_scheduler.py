@@ -35,12 +35,17 @@ def train_step(model, optimizer, scheduler, generator):
 def test_sparsity_schedules():
     config = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=5, sparsity=0.8, initial_sparsity=0.2,
                                sparsity_schedule="linear")
-    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2, 0.35, 0.5, 0.65, 0.8]
-    config.sparsity_schedule = "cubic"
-    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2, 0.5469, 0.725, 0.7906, 0.8]
-    config.sparsity_schedule = "cosine"
-    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2, 0.2879, 0.5, 0.7121, 0.8]
+    # each cycle prunes to the schedule's value at its end: cycle 0 already moves off the start
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.32, 0.44, 0.56, 0.68, 0.8]
+    config.sparsity_schedule = "cubic"  # 0.8 − 0.6·(1 − (c+1)/5)³
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.4928, 0.6704, 0.7616, 0.7952, 0.8]
+    config.sparsity_schedule = "cosine"  # 0.8 − 0.3·(1 + cos(π(c+1)/5))
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2573, 0.4073, 0.5927, 0.7427, 0.8]
+    # the cycle form keeps the constant target; the step-budget form defaults to the cubic
     assert rt.ScheduleConfig(10, 3, sparsity=0.5).cycle_sparsities() == [0.5, 0.5, 0.5]
+    budget = rt.ScheduleConfig(total_steps=100, num_cycles=3, sparsity=0.5)
+    assert budget.sparsity_schedule == "cubic" and budget.cycle_sparsities()[0] < 0.5
+    assert budget.cycle_sparsities()[-1] == 0.5
     dense_again = rt.ScheduleConfig(10, 3, sparsity_schedule=[0.9, 0.7, 0.5])  # densification
     assert dense_again.cycle_sparsities() == [0.9, 0.7, 0.5]
     assert (config.train_steps, config.stabilize_steps, config.resu_steps) == (5, 1, 4)
@@ -198,7 +203,7 @@ def test_end_to_end_on_mnist1d_with_resume():
         quantize_(model, rt.resu_config(sparsity=0.0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
         config = rt.ScheduleConfig(steps_per_cycle=60, num_cycles=3, sparsity=0.8, initial_sparsity=0.5,
-                                   sparsity_schedule="cubic", progress=False)
+                                   sparsity_schedule=[0.5, 0.7625, 0.8], progress=False)
         scheduler = rt.ResuScheduler(model, optimizer, config)
         batches = torch.Generator().manual_seed(1)
         if state is not None:

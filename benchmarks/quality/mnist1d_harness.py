@@ -1,5 +1,5 @@
 """The MNIST-1D comparison harness: data, models, one training loop shared by every method, the
-baselines (dense, one-shot + fine-tune, GMP, RigL) and the RESU variants (RESU with amnesty,
+baselines (dense, one-shot + fine-tune, GMP, RigL, SET; all but dense as ``rt.ScheduleConfig`` methods) and the RESU variants (RESU with amnesty,
 RESU-Selective, QRESU-4, and two ablations), run over a grid of (arch, method, sparsity, seed).
 
 Used by ``python -m benchmarks.quality.mnist1d`` (the full grid of docs/results.md, JSON and plot)
@@ -16,20 +16,18 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
-from resu_tensor.core.mask_encoding import encode_mask
 
 # Shared by every method: AdamW(lr=1e-2), one cosine over the run, batch 128, 2000 steps (picked for
 # the dense models on a held-out 500 of the training set; see docs/results.md).
 LR, BATCH_SIZE, STEPS = 1e-2, 128, 2000
-METHODS = ("dense", "oneshot", "gmp", "rigl", "resu", "resu_selective", "qresu4")
+METHODS = ("dense", "oneshot", "gmp", "rigl", "set", "resu", "resu_selective", "qresu4")
 # The RESU schedule with a plain magnitude commit (θ compete with W_A on |W|), and with amnesty's
 # reservation r = 0 (no θ ever comes back: the schedule's pauses without resurrection).
 ABLATIONS = ("resu_magnitude", "resu_no_resurrection")
-LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "rigl": "RigL",
+LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "rigl": "RigL", "set": "SET",
           "resu": "RESU (amnesty)", "resu_selective": "RESU-Selective", "qresu4": "QRESU-4",
           "resu_magnitude": "RESU (magn. commit)", "resu_no_resurrection": "RESU (r = 0)"}
 FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
@@ -104,6 +102,7 @@ class Trainer:
         self.batches = torch.Generator().manual_seed(seed)
         self.step = 0
         self.sparse_peak_bytes = 0
+        self.last_batch = None  # the current step's batch (RigL's dense gradient is taken on it)
 
     def train_until(self, step: int, before: Optional[Callable] = None, after: Optional[Callable] = None) -> None:
         """Optimizer steps up to global step ``step``; ``before(x, y)`` runs ahead of each step's
@@ -113,6 +112,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * self.step / self.total_steps))
             idx = torch.randint(0, len(x), (self.batch_size,), generator=self.batches)
+            self.last_batch = (x[idx], y[idx])
             if before is not None:
                 before(x[idx], y[idx])
             loss = F.cross_entropy(self.model(x[idx]), y[idx])
@@ -145,82 +145,61 @@ def dense(tr: Trainer, sparsity: float, seed: int) -> dict:
     return {}
 
 
+# Every sparse method runs through rt.ResuScheduler on the same ResuTensor weights and compact AdamW
+# state, with one step budget and the same final fine-tuning (the last quarter of the run, where
+# RigL stops updating its masks in Evci et al.): the methods differ in ``method`` alone, plus each
+# one's own knobs below.
+FINETUNE_FRACTION = 0.25
+
+
+def scheduled(tr: Trainer, sparsity: float, seed: int, method: str, **options) -> rt.ResuScheduler:
+    """Train the whole run under ``rt.ScheduleConfig(method=method, ...)``; returns the scheduler."""
+    config = rt.ScheduleConfig(method=method, total_steps=tr.total_steps, sparsity=sparsity,
+                               final_finetune_fraction=FINETUNE_FRACTION, seed=seed, progress=False, **options)
+    probe = (lambda m: F.cross_entropy(m(tr.last_batch[0]), tr.last_batch[1])) if method == "rigl" else None
+    scheduler = rt.ResuScheduler(tr.model, tr.optimizer, config, probe_fn=probe)
+    tr.train_until(tr.total_steps, after=scheduler.step)
+    return scheduler
+
+
 def one_shot(tr: Trainer, sparsity: float, seed: int) -> dict:
     """Dense for half the run, magnitude-prune once, sparse fine-tune for the other half."""
-    tr.train_until(tr.total_steps // 2)
-    tr.change(lambda: rt.prune_(tr.model, sparsity, method="magnitude"))
-    tr.train_until(tr.total_steps)
+    scheduled(tr, sparsity, seed, "one_shot", prune_start_fraction=0.5)
     return {}
 
 
-def gmp(tr: Trainer, sparsity: float, seed: int, start: float = 0.2, end: float = 0.7, events: int = 10) -> dict:
-    """Gradual magnitude pruning (Zhu & Gupta 2017): ``events`` magnitude prunes spread over
-    [start, end] of the run along s_k = s·(1 − (1 − k/events)³), then sparse fine-tuning."""
-    for k in range(1, events + 1):
-        tr.train_until(round(tr.total_steps * (start + (end - start) * k / events)))
-        target = sparsity * (1 - (1 - k / events) ** 3)
-        tr.change(lambda: rt.prune_(tr.model, target, method="magnitude"))
-    tr.train_until(tr.total_steps)
+def gmp(tr: Trainer, sparsity: float, seed: int, start: float = 0.2, events: int = 10) -> dict:
+    """Gradual magnitude pruning (Zhu & Gupta 2017): ``events`` magnitude prunes along the cubic
+    from 0 to ``sparsity`` over [start, 0.75] of the run, then sparse fine-tuning."""
+    window = (1 - FINETUNE_FRACTION - start) * tr.total_steps
+    scheduled(tr, sparsity, seed, "gmp", prune_start_fraction=start, update_every=max(1, round(window / events)))
     return {}
 
 
-def rigl(tr: Trainer, sparsity: float, seed: int, updates: int = 20, alpha: float = 0.3, end: float = 0.75) -> dict:
+def rigl(tr: Trainer, sparsity: float, seed: int, updates: int = 20, alpha: float = 0.3) -> dict:
     """RigL (Evci et al. 2020): sparse from the start (random mask); every 1/``updates`` of the run
-    (100 steps of 2000) until ``end`` of it, drop the smallest-magnitude active weights and grow as
-    many pruned ones with the largest dense gradient on the current batch, newly grown at zero. The
-    swapped fraction decays by a cosine from ``alpha`` to 0 at ``end`` of the run."""
-    tr.change(lambda: rt.prune_(tr.model, sparsity, method="random", generator=torch.Generator().manual_seed(seed)))
-    swapped, every = [], max(1, round(tr.total_steps / updates))
-
-    def maybe_update(x: torch.Tensor, y: torch.Tensor) -> None:
-        t = tr.step
-        if t == 0 or t % every or t >= end * tr.total_steps:
-            return
-        fraction = alpha / 2 * (1 + math.cos(math.pi * t / (end * tr.total_steps)))
-        tr.change(lambda: swapped.append(rigl_update_(tr.model, x, y, fraction)))
-
-    tr.train_until(tr.total_steps, before=maybe_update)
-    return {"rigl_swapped": swapped}
+    (100 steps of 2000) until the final fine-tuning, drop the smallest-magnitude active weights and
+    grow as many pruned ones with the largest dense gradient on the current batch, at zero. The
+    swapped fraction decays by a cosine from ``alpha``."""
+    scheduler = scheduled(tr, sparsity, seed, "rigl", prune_method="random", drop_fraction=alpha,
+                          update_every=max(1, round(tr.total_steps / updates)))
+    return {"rigl_swapped": [e["swapped"] for e in scheduler.phase_changes if e["event"] == "regrow"]}
 
 
-def rigl_update_(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fraction: float) -> int:
-    """One RigL mask update of every ResuTensor weight; returns how many weights were swapped."""
-    weights = [(f"{name}.weight", w) for name, _, w in rt.resu_weights(model)]
-    # Dense gradient: the same model run with plain copies of W_eff, so every coordinate gets one.
-    dense = {name: w.dequantize().requires_grad_() for name, w in weights}
-    loss = F.cross_entropy(functional_call(model, dense, (x,)), y)
-    grads = torch.autograd.grad(loss, list(dense.values()))
-    total = 0
-    for (_, w), grad in zip(weights, grads):
-        active = w.storage_mask()
-        n_swap = int(fraction * int(active.sum()))
-        if n_swap == 0:
-            continue
-        magnitude = torch.where(active, w.values.abs(), math.inf).view(-1)
-        keep = active.clone().view(-1)
-        keep[torch.topk(magnitude, n_swap, largest=False).indices] = False
-        growth = torch.where(keep, -math.inf, grad.abs().view(-1))  # just-dropped weights may regrow (at 0)
-        grown = torch.topk(growth, n_swap).indices
-        keep[grown] = True
-        values = w.values.masked_fill(~keep.view(active.shape), 0).view(-1).index_fill(0, grown, 0)
-        w.set_state_(values=values.view(active.shape), mode=rt.Mode.SPARSE, mask=encode_mask(keep.view(active.shape)),
-                     trainable_side="active", target_sparsity=w.target_sparsity)
-        total += n_swap
-    return total
+def set_(tr: Trainer, sparsity: float, seed: int, updates: int = 20, zeta: float = 0.3) -> dict:
+    """SET (Mocanu et al. 2018): as RigL with a constant drop fraction ``zeta`` and random regrowth."""
+    scheduler = scheduled(tr, sparsity, seed, "set", prune_method="random", drop_fraction=zeta,
+                          update_every=max(1, round(tr.total_steps / updates)))
+    return {"set_swapped": [e["swapped"] for e in scheduler.phase_changes if e["event"] == "regrow"]}
 
 
-def resu(tr: Trainer, sparsity: float, seed: int, cycles: int = 3, share: float = 0.75,
-         commit_strategy: str = "amnesty", **variant) -> dict:
-    """RESU through rt.ResuScheduler: ``cycles`` cycles over the first ``share`` of the run (cycle
-    0's TRAIN is dense and ends in a magnitude prune), then sparse fine-tuning.
-    ``variant``: extra ScheduleConfig fields (selective, quantize_bits). Reports the share of the
-    final active weights that were once pruned and came back through a commit."""
-    steps_per_cycle = max(10, round(share * tr.total_steps / cycles))
-    config = rt.ScheduleConfig(steps_per_cycle=steps_per_cycle, num_cycles=cycles, sparsity=sparsity,
-                               commit_strategy=commit_strategy, seed=seed, progress=False, **variant)
-    scheduler = rt.ResuScheduler(tr.model, tr.optimizer, config)
-    tr.train_until(steps_per_cycle * cycles, after=scheduler.step)
-    tr.train_until(tr.total_steps)
+def resu(tr: Trainer, sparsity: float, seed: int, cycles: int = 3, commit_strategy: str = "amnesty",
+         **variant) -> dict:
+    """RESU through rt.ResuScheduler: ``cycles`` cycles over the run less its final fine-tuning
+    (cycle 0's TRAIN is dense and ends in a magnitude prune; each cycle prunes along the default
+    cubic schedule). ``variant``: extra ScheduleConfig fields (selective, quantize_bits). Reports
+    the share of the final active weights that were once pruned and came back through a commit."""
+    scheduler = scheduled(tr, sparsity, seed, "resu", num_cycles=cycles, commit_strategy=commit_strategy, **variant)
     n_active = sum(w.n_active for _, _, w in rt.resu_weights(tr.model))
     last = scheduler.history[-1]
     return {"resurrected": (last.survivors + last.resurrected) / n_active,
@@ -229,7 +208,7 @@ def resu(tr: Trainer, sparsity: float, seed: int, cycles: int = 3, share: float 
 
 
 METHOD_FNS = {
-    "dense": dense, "oneshot": one_shot, "gmp": gmp, "rigl": rigl, "resu": resu,
+    "dense": dense, "oneshot": one_shot, "gmp": gmp, "rigl": rigl, "set": set_, "resu": resu,
     "resu_selective": functools.partial(resu, selective=rt.SelectiveConfig()),
     "qresu4": functools.partial(resu, quantize_bits=4),
     "resu_magnitude": functools.partial(resu, commit_strategy="magnitude"),

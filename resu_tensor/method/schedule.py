@@ -1,31 +1,62 @@
-"""ScheduleConfig: the cycle layout and per-cycle sparsity of a ResuScheduler run."""
+"""ScheduleConfig: the method, step budget and sparsity schedule of a ResuScheduler run."""
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 SPARSITY_SCHEDULES = ("constant", "linear", "cubic", "cosine")
+METHODS = ("resu", "gmp", "rigl", "set", "one_shot")
+DEFAULT_FINETUNE_FRACTION = 0.1
 
 
 @dataclass
 class ScheduleConfig:
-    """How a :class:`~resu_tensor.training.scheduler.ResuScheduler` moves layers through RESU cycles.
+    """How a :class:`~resu_tensor.training.scheduler.ResuScheduler` drives a sparse training run.
 
-    Each cycle of ``steps_per_cycle`` optimizer steps is TRAIN → PRUNE → STABILIZE → RESU →
-    COMMIT; the fractions give the TRAIN, STABILIZE and RESU budgets (TRAIN takes what is left).
-    Cycle c prunes to ``sparsity_at(c)``: ``constant`` (= ``sparsity``), or ``linear`` /
-    ``cubic`` (GMP) / ``cosine`` from ``initial_sparsity`` to ``sparsity``, or an explicit list
-    (one value per cycle). A schedule that decreases densifies. ``pause_at`` cycle indices call
-    ``on_pause(scheduler, cycle)`` at those cycles' ends.
+    ``method`` picks what changes the masks; everything else (the step budget, the target
+    ``sparsity``, the final fine-tuning phase, the optimizer-state handling) is shared, so methods
+    are compared by changing that one value:
+
+    * ``resu`` (default): RESU cycles. Each cycle of ``steps_per_cycle`` optimizer steps is
+      TRAIN → PRUNE → STABILIZE → RESU → COMMIT; the fractions give the TRAIN, STABILIZE and RESU
+      budgets (TRAIN takes what is left). Give ``total_steps`` and ``num_cycles`` (the cycles
+      share what the final fine-tuning leaves), or ``steps_per_cycle`` and ``num_cycles``.
+    * ``one_shot``: prune once to ``sparsity``, after a dense warm-up of
+      ``prune_start_fraction``·total_steps (0: when the scheduler is created), then train.
+    * ``gmp``: Zhu & Gupta's gradual magnitude pruning: every ``update_every`` steps of the window
+      from ``prune_start_fraction``·total_steps to the start of the final fine-tuning, prune to
+      the cubic ``s_f + (s_i − s_f)·(1 − progress)³`` from ``initial_sparsity`` to ``sparsity``.
+    * ``rigl``: sparse at ``sparsity`` from the start (``prune_method``, e.g. ``random`` as in the
+      paper); every ``update_every`` steps until the final fine-tuning, drop the
+      ``drop_fraction``·½(1 + cos(π·t/T_end)) smallest-magnitude active weights of each layer and
+      grow as many pruned coordinates with the largest dense-gradient magnitude, at zero. The
+      dense gradient comes from one extra backward of ``probe_fn(model) -> loss`` (given to the
+      scheduler) through a dense copy of the weights: no dense optimizer state.
+    * ``set``: as ``rigl`` with a constant ``drop_fraction`` and random regrowth.
+
+    ``final_finetune_fraction`` of ``total_steps`` trains at the final mask after the last mask
+    change (default 0.1 for every method). The one exception: the cycle form
+    ``ScheduleConfig(steps_per_cycle, num_cycles)`` without ``total_steps`` keeps its exact cycle
+    layout (no fine-tuning unless ``final_finetune_fraction`` is given; it then adds steps).
+
+    RESU cycle c prunes to ``sparsity_at(c)``: ``constant`` (= ``sparsity``), or ``linear`` /
+    ``cubic`` (GMP) / ``cosine`` from ``initial_sparsity`` to ``sparsity``, evaluated at the end
+    of each cycle (the last cycle reaches ``sparsity``), or an explicit list (one value per cycle).
+    A schedule that decreases densifies. The default is ``cubic`` (``constant`` in the cycle
+    form): pruning straight to the target in cycle 0 removes the most weights while the dense
+    model has not yet adapted to any sparsity, and the cubic, like GMP, takes large steps early,
+    while many redundant weights are left, and small ones near the target, where every weight
+    counts. ``pause_at`` cycle indices call ``on_pause(scheduler, cycle)`` at those cycles' ends.
 
     Example::
 
-        config = rt.ScheduleConfig(steps_per_cycle=500, num_cycles=4, sparsity=0.7, sparsity_schedule="cubic")
+        config = rt.ScheduleConfig(method="gmp", total_steps=10_000, sparsity=0.9, final_finetune_fraction=0.1)
+        config = rt.ScheduleConfig(total_steps=10_000, num_cycles=4, sparsity=0.9)  # RESU, same budget
     """
 
-    steps_per_cycle: int
-    num_cycles: int
+    steps_per_cycle: Optional[int] = None
+    num_cycles: Optional[int] = None
     sparsity: float = 0.5
-    sparsity_schedule: Union[str, Sequence[float]] = "constant"
+    sparsity_schedule: Union[str, Sequence[float], None] = None
     initial_sparsity: float = 0.0
     stabilize_fraction: float = 0.1
     resu_fraction: float = 0.4
@@ -45,29 +76,110 @@ class ScheduleConfig:
     pause_at: Sequence[int] = field(default_factory=tuple)
     on_pause: Optional[Callable] = None
     progress: bool = True
+    method: str = "resu"
+    total_steps: Optional[int] = None
+    final_finetune_fraction: Optional[float] = None
+    update_every: int = 100
+    drop_fraction: float = 0.3
+    prune_start_fraction: float = 0.0
 
     def __post_init__(self):
-        for name in ("steps_per_cycle", "num_cycles"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
+        for name in ("total_steps", "update_every"):
+            _check_positive_int(name, getattr(self, name), optional=name == "total_steps")
+        fraction = self.final_finetune_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not 0 <= fraction < 1):
+            raise ValueError(f"final_finetune_fraction must be in [0, 1), got {fraction!r}")
+        if not 0 <= self.prune_start_fraction < 1:
+            raise ValueError(f"prune_start_fraction must be in [0, 1), got {self.prune_start_fraction!r}")
+        if not 0 <= self.drop_fraction <= 1:
+            raise ValueError(f"drop_fraction must be in [0, 1], got {self.drop_fraction!r}")
+        if self.method == "resu":
+            self._resolve_cycles()
+        else:
+            self._resolve_baseline()
+        if self.sparsity_schedule is None:
+            self.sparsity_schedule = "cubic" if self._budgeted else "constant"
+        if isinstance(self.sparsity_schedule, str):
+            if self.sparsity_schedule not in SPARSITY_SCHEDULES:
+                raise ValueError(f"unknown sparsity_schedule {self.sparsity_schedule!r}; accepted: "
+                                 f"{', '.join(SPARSITY_SCHEDULES)} or a list of per-cycle sparsities")
+        elif self.method == "resu" and len(self.sparsity_schedule) != self.num_cycles:
+            raise ValueError(f"a sparsity list needs one value per cycle ({self.num_cycles}), got {len(self.sparsity_schedule)}")
+        sparsities = self.cycle_sparsities() if self.method == "resu" else []
+        for s in [self.sparsity, self.initial_sparsity, *sparsities]:
+            if not 0 <= s < 1:
+                raise ValueError(f"sparsities must be in [0, 1), got {s!r}")
+        if self.pause_at and self.on_pause is None:
+            raise ValueError("pause_at needs an on_pause(scheduler, cycle) callback")
+
+    def _resolve_cycles(self) -> None:
+        """RESU: fill in whichever of total_steps / steps_per_cycle was left out."""
+        if self.num_cycles is None:
+            raise ValueError("method='resu' needs num_cycles (with total_steps or steps_per_cycle)")
+        _check_positive_int("num_cycles", self.num_cycles)
+        self._budgeted = self.steps_per_cycle is None or self.final_finetune_fraction is None and \
+            self.total_steps is not None
+        if self.steps_per_cycle is None:
+            if self.total_steps is None:
+                raise ValueError("method='resu' needs total_steps or steps_per_cycle (with num_cycles)")
+            if self.final_finetune_fraction is None:
+                self.final_finetune_fraction = DEFAULT_FINETUNE_FRACTION
+            cycles_budget = self.total_steps - round(self.final_finetune_fraction * self.total_steps)
+            self.steps_per_cycle = cycles_budget // self.num_cycles
+            if self.steps_per_cycle < 1:
+                raise ValueError(f"total_steps={self.total_steps} leaves no step per cycle for {self.num_cycles} "
+                                 f"cycles after the final fine-tuning")
+        _check_positive_int("steps_per_cycle", self.steps_per_cycle)
+        cycles_steps = self.steps_per_cycle * self.num_cycles
+        if self.total_steps is None:
+            if self.final_finetune_fraction is None:
+                self.final_finetune_fraction = 0.0  # the cycle form keeps its exact layout
+            f = self.final_finetune_fraction
+            self.total_steps = cycles_steps + round(f / (1 - f) * cycles_steps)
+        elif self.total_steps < cycles_steps:
+            raise ValueError(f"total_steps={self.total_steps} is shorter than num_cycles·steps_per_cycle="
+                             f"{cycles_steps}")
+        if self.final_finetune_fraction is None:
+            self.final_finetune_fraction = (self.total_steps - cycles_steps) / self.total_steps
         if not 0 <= self.stabilize_fraction < 1:
             raise ValueError(f"stabilize_fraction must be in [0, 1), got {self.stabilize_fraction!r}")
         if not 0 < self.resu_fraction < 1 or self.resu_steps < 1:
             raise ValueError(f"resu_fraction must be in (0, 1) and give at least one RESU step, got {self.resu_fraction!r}")
         if self.stabilize_fraction + self.resu_fraction >= 1:
             raise ValueError("stabilize_fraction + resu_fraction must leave room for TRAIN (sum < 1)")
-        if isinstance(self.sparsity_schedule, str):
-            if self.sparsity_schedule not in SPARSITY_SCHEDULES:
-                raise ValueError(f"unknown sparsity_schedule {self.sparsity_schedule!r}; accepted: "
-                                 f"{', '.join(SPARSITY_SCHEDULES)} or a list of per-cycle sparsities")
-        elif len(self.sparsity_schedule) != self.num_cycles:
-            raise ValueError(f"a sparsity list needs one value per cycle ({self.num_cycles}), got {len(self.sparsity_schedule)}")
-        for s in [self.sparsity, self.initial_sparsity, *self.cycle_sparsities()]:
-            if not 0 <= s < 1:
-                raise ValueError(f"sparsities must be in [0, 1), got {s!r}")
-        if self.pause_at and self.on_pause is None:
-            raise ValueError("pause_at needs an on_pause(scheduler, cycle) callback")
+
+    def _resolve_baseline(self) -> None:
+        if self.total_steps is None:
+            raise ValueError(f"method={self.method!r} needs total_steps (the whole run's optimizer steps)")
+        if self.steps_per_cycle is not None or self.num_cycles is not None:
+            raise ValueError(f"steps_per_cycle/num_cycles lay out RESU cycles; method={self.method!r} takes "
+                             f"total_steps, update_every and final_finetune_fraction")
+        self._budgeted = True
+        if self.final_finetune_fraction is None:
+            self.final_finetune_fraction = DEFAULT_FINETUNE_FRACTION
+        if self.mask_steps <= self.prune_start_step:
+            raise ValueError(f"prune_start_fraction={self.prune_start_fraction} leaves no step before the final "
+                             f"fine-tuning ({self.finetune_steps} of {self.total_steps} steps)")
+
+    @property
+    def finetune_steps(self) -> int:
+        """Steps trained at the final mask after the last mask change."""
+        if self.method == "resu":
+            return self.total_steps - self.steps_per_cycle * self.num_cycles
+        return round(self.final_finetune_fraction * self.total_steps)
+
+    @property
+    def mask_steps(self) -> int:
+        """The step at which the final fine-tuning starts: masks change only before it (RESU: the
+        last commit happens at it)."""
+        return self.total_steps - self.finetune_steps
+
+    @property
+    def prune_start_step(self) -> int:
+        """one_shot: the end of the dense warm-up; gmp: the start of the pruning window."""
+        return round(self.prune_start_fraction * self.total_steps)
 
     @property
     def stabilize_steps(self) -> int:
@@ -82,11 +194,12 @@ class ScheduleConfig:
         return self.steps_per_cycle - self.stabilize_steps - self.resu_steps
 
     def sparsity_at(self, cycle: int) -> float:
+        """The sparsity RESU cycle ``cycle`` prunes to: the schedule at the end of that cycle."""
         if not isinstance(self.sparsity_schedule, str):
             return float(self.sparsity_schedule[cycle])
         if self.sparsity_schedule == "constant":
             return float(self.sparsity)
-        t = 1.0 if self.num_cycles == 1 else cycle / (self.num_cycles - 1)
+        t = (cycle + 1) / self.num_cycles
         start, end = self.initial_sparsity, self.sparsity
         if self.sparsity_schedule == "linear":
             return start + (end - start) * t
@@ -96,3 +209,10 @@ class ScheduleConfig:
 
     def cycle_sparsities(self) -> list[float]:
         return [self.sparsity_at(c) for c in range(self.num_cycles)]
+
+
+def _check_positive_int(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

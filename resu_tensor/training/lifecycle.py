@@ -3,7 +3,8 @@
 Each works on plain ResuTensor weights and on FSDP2-sharded ones alike: the latter are gathered
 into whole layers for the change and each rank keeps its rows (training/sharded.py), so masks are
 identical on every rank and equal to a single-process run's. ``optimizer=`` (one or a list)
-drops the state the change made stale, sharded or not.
+keeps (prune_, commit_: remaps) the state of coordinates that stay trainable on plain weights and
+drops the rest of what the change made stale, sharded or not.
 
 Every call changes all chosen layers or none: each layer's mode and options are checked before
 any changes, and a layer that still fails part-way restores the layers changed before it. A call
@@ -27,6 +28,7 @@ from resu_tensor.method.selective import StaticSubsetConfig
 from resu_tensor.training.calibration import calibrate, input_norms_for
 from resu_tensor.training.filters import FilterFn, require_chosen, resu_parameters, resu_weights
 from resu_tensor.training.modules import wanda_unsupported_reason
+from resu_tensor.training.optimizer_state import optimizer_state_kept
 from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
 
 
@@ -81,6 +83,12 @@ def all_or_none(weights: list[ResuTensor]) -> Iterator[None]:
         raise
 
 
+def _state_kept(model: nn.Module, optimizer, filter_fn):
+    """Optimizer state of coordinates that stay trainable survives the change (unsharded weights;
+    sharded ones lose it in ``full_weights``)."""
+    return optimizer_state_kept(optimizer, [w for _, _, w in resu_weights(model, filter_fn)])
+
+
 def _norms_before_gathering(model: nn.Module, calibration, filter_fn, needed: bool):
     """Calibration batches become input norms while the model can still run (never inside
     :func:`full_weights`); on a sharded model ``calibrate`` combines every rank's batches."""
@@ -104,7 +112,8 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
     * ``scope``: ``layer`` (every layer to ``sparsity``), ``global`` (one score threshold over all
       chosen layers; element granularity only) or ``erk`` (Erdős–Rényi-Kernel per-layer
       densities whose kept total is (1 − sparsity)·total).
-    * ``optimizer`` (one or a list): its state of the weights whose trainable set changed is dropped.
+    * ``optimizer`` (one or a list): its state of the weights whose trainable set changed is
+      remapped to the new set (coordinates that stay keep it, joiners start at zero).
 
     Every layer is checked (mode, calibration) and every score computed before any layer changes.
 
@@ -117,7 +126,7 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
     if method == "wanda":
         check_wanda_scorable(model, filter_fn, "prune_")
     calibration = _norms_before_gathering(model, calibration, filter_fn, needed=method == "wanda")
-    with full_weights(model, optimizer, filter_fn):
+    with full_weights(model, optimizer, filter_fn, keep_state=True), _state_kept(model, optimizer, filter_fn):
         _prune_layers(model, sparsity, method, filter_fn, generator, granularity, scope, calibration)
     return model
 
@@ -260,7 +269,7 @@ def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[Filt
     if wanda:
         check_wanda_scorable(model, filter_fn, "commit_")
     calibration = _norms_before_gathering(model, calibration, filter_fn, needed=wanda)
-    with full_weights(model, optimizer, filter_fn):
+    with full_weights(model, optimizer, filter_fn, keep_state=True):
         layers = _chosen_layers(model, filter_fn, "commit_")
         for name, _, weight in layers:  # strategy and options first: they need no calibration run
             _checked(f"commit_: layer {name!r}", lambda: check_commit(weight, strategy, norms_later=wanda, **options))
@@ -270,6 +279,6 @@ def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[Filt
             for name, _, weight in layers:
                 _checked(f"commit_: layer {name!r}", lambda: check_commit(
                     weight, strategy, input_norms=input_norms[name], **options))
-        with all_or_none([weight for _, _, weight in layers]):
+        with all_or_none([weight for _, _, weight in layers]), _state_kept(model, optimizer, filter_fn):
             return {name: weight.commit(strategy, input_norms=input_norms.get(name), **options)
                     for name, _, weight in layers}

@@ -1,8 +1,10 @@
-"""Optimizer state of ResuTensor parameters: find and drop what belongs to an earlier trainable set.
+"""Optimizer state of ResuTensor parameters: find and drop what belongs to an earlier trainable set, or
+remap it onto the new one.
 
 Covers plain ResuTensor parameters and FSDP2-sharded ones (a DTensor whose local tensor is this
 rank's ResuTensor row block, with DTensor optimizer state of CompactTensors)."""
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -72,3 +74,95 @@ def _is_stale(value, param: ResuTensor) -> bool:
         return value.trainable_key != param.trainable_key
     # dim() first: the step counters are 0-d, and param.shape costs a __torch_function__ call
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == param.shape
+
+
+def remap_optimizer_state_(optimizer: torch.optim.Optimizer, param: ResuTensor,
+                           old_trainable_flat: Optional[torch.Tensor]) -> int:
+    """Carry ``param``'s optimizer state over a change of its trainable set.
+
+    ``old_trainable_flat`` is the row-major bool mask of the trainable coordinates the state was
+    made for (``param.trainable_flat()`` taken before the change; None = every coordinate). Every
+    state entry that is a CompactTensor of that old set (Adam/AdamW ``exp_avg``/``exp_avg_sq``/
+    ``max_exp_avg_sq``, SGD ``momentum_buffer``, any optimizer that keeps per-coordinate state
+    like its parameter) becomes a CompactTensor of the new set: coordinates trainable before and
+    after keep their values, coordinates that join start at zero, coordinates that leave are
+    dropped. Scalar entries (the per-parameter ``step``) are kept as they are, so the bias
+    correction of the kept coordinates stays consistent with their moments; joiners get zero
+    moments under that same step, so late in training their first Adam updates are larger than a
+    fresh state's would be (no bias correction left). Returns how many entries were remapped.
+
+    Example::
+
+        old = w.trainable_flat(); w.prune(0.8)
+        rt.remap_optimizer_state_(optimizer, w, old)
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(param, ResuTensor):
+        raise TypeError(f"remap_optimizer_state_ needs a ResuTensor parameter, got {type(param).__name__}")
+    state = optimizer.state.get(param)
+    if not state:
+        return 0
+    numel = param.storage_numel
+    if old_trainable_flat is not None and (old_trainable_flat.dtype != torch.bool or old_trainable_flat.numel() != numel):
+        raise ValueError(f"old_trainable_flat must be a bool mask of {numel} elements (or None), got "
+                         f"{old_trainable_flat.dtype} with {old_trainable_flat.numel()} elements")
+    new_flat = param.trainable_flat()
+    remapped = 0
+    for key, value in list(state.items()):
+        if not isinstance(value, CompactTensor) or value.trainable_key == param.trainable_key:
+            continue
+        old_count = numel if old_trainable_flat is None else int(old_trainable_flat.sum())
+        if value.flat.numel() != old_count:
+            raise ValueError(f"remap_optimizer_state_: state {key!r} holds {value.flat.numel()} values but the old "
+                             f"trainable set has {old_count}; pass the trainable_flat() taken before the change")
+        state[key] = remapped_compact(value, param, old_trainable_flat, new_flat)
+        remapped += 1
+    return remapped
+
+
+def remapped_compact(value: CompactTensor, param: ResuTensor, old_trainable_flat: Optional[torch.Tensor],
+                     new_trainable_flat: Optional[torch.Tensor]) -> CompactTensor:
+    """``value`` (a CompactTensor over ``old_trainable_flat``) as a CompactTensor of ``param``'s
+    current trainable set ``new_trainable_flat``: kept coordinates keep their values, joiners 0."""
+    numel = param.storage_numel
+    dense = torch.zeros(numel, dtype=value.flat.dtype, device=value.flat.device)
+    if old_trainable_flat is None:
+        dense.copy_(value.flat)
+    else:
+        dense[old_trainable_flat.to(dense.device)] = value.flat
+    kept = dense if new_trainable_flat is None else dense[new_trainable_flat.to(dense.device)]
+    return param.compact(kept)
+
+
+def remap_sharded_state_(optimizer: torch.optim.Optimizer, param, shard: ResuTensor,
+                         old_trainable_flat: Optional[torch.Tensor]) -> None:
+    """:func:`remap_optimizer_state_` for an FSDP2-sharded parameter: each state DTensor keeps its
+    global metadata and gets its local CompactTensor remapped to ``shard``'s new trainable set
+    (``old_trainable_flat``: the shard's before the change)."""
+    new_flat = shard.trainable_flat()
+    for value in optimizer.state.get(param, {}).values():
+        if is_stale_for_shard(value, shard) and value._local_tensor.flat.numel() == (
+                shard.storage_numel if old_trainable_flat is None else int(old_trainable_flat.sum())):
+            value._local_tensor = remapped_compact(value._local_tensor, shard, old_trainable_flat, new_flat)
+
+
+@contextlib.contextmanager
+def optimizer_state_kept(optimizer, params: list) -> Iterator[None]:
+    """Inside the block the ResuTensor ``params`` may change their trainable sets; on exit the
+    state that ``optimizer`` (None, one, or a list) holds for them is remapped to the new sets
+    (:func:`remap_optimizer_state_`). Nothing is remapped if the block raises.
+
+    Example::
+
+        with optimizer_state_kept(optimizer, [w]):
+            w.prune(0.8)
+    """
+    optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    before = [(p, p.trainable_key, p.trainable_flat()) for p in params
+              if isinstance(p, ResuTensor) and any(p in o.state for o in optimizers)]
+    yield
+    for param, key, flat in before:
+        if param.trainable_key != key:
+            for o in optimizers:
+                remap_optimizer_state_(o, param, flat)

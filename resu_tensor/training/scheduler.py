@@ -23,14 +23,16 @@ from torch import nn
 from resu_tensor import kernels
 from resu_tensor.core.subset import restrict_to_subset_
 from resu_tensor.method.amnesty import AmnestyStats, format_stats_table
+from resu_tensor.method.regrowth import cosine_drop_fraction, gmp_sparsity
 from resu_tensor.method.schedule import ScheduleConfig
 from resu_tensor.training.calibration import calibrate
 from resu_tensor.training.filters import require_chosen, resu_weights
 from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_
 from resu_tensor.training.optimizer_state import reset_optimizer_state_
+from resu_tensor.training.regrowth import dense_gradients, drop_and_grow_
 from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
 
-PHASES = ("train", "stabilize", "resu")
+PHASES = ("train", "stabilize", "resu", "finetune")
 
 logger = logging.getLogger("resu_tensor")
 logger.addHandler(logging.NullHandler())  # silent unless the application configures logging
@@ -78,8 +80,7 @@ class StepRecord:
 
 
 class ResuScheduler:
-    """Call :meth:`step` once per optimizer step. Mode changes reset exactly the optimizer state
-    of the layers whose trainable set changed. ``history`` holds one :class:`CycleStats` per
+    """Call :meth:`step` once per optimizer step. ``history`` holds one :class:`CycleStats` per
     finished cycle, ``phase_changes`` the figures of every logged phase change (prune, enter_resu,
     commit, finished) and ``steps`` one :class:`StepRecord` per step (loss, phase, sparsity, the
     exact resurrected share, your metrics); ``state_dict``/``load_state_dict`` make runs
@@ -90,6 +91,15 @@ class ResuScheduler:
     record and in :func:`resu_tensor.plot_history`.
 
     ``calibration`` (for Wanda): input batches, or the dict of :func:`resu_tensor.calibrate`.
+
+    ``config.method`` picks RESU (default) or a baseline (``one_shot``, ``gmp``, ``rigl``, ``set``;
+    see :class:`ScheduleConfig`), all stepped the same way and ending in ``config.finetune_steps``
+    of final fine-tuning (``phase == "finetune"``). RigL needs ``probe_fn(model) -> loss``, whose
+    dense gradient ranks the pruned coordinates to grow. Baselines that start sparse (RigL, SET,
+    one-shot without warm-up) prune when the scheduler is created; a resumed run then loads the
+    model, optimizer and scheduler states over that. Mask changes keep the optimizer state of the
+    coordinates that stay trainable (baselines, plain weights; FSDP2-sharded weights start afresh);
+    RESU's phase changes start the changed layers' state afresh.
 
     Under FSDP2 (``fully_shard`` sharding the ResuTensor weights by rows) call :meth:`step` on
     every rank with the same config and seed: every phase change (prune, enter RESU, commit,
@@ -104,7 +114,7 @@ class ResuScheduler:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: ScheduleConfig,
-                 calibration: Optional[Iterable] = None, filter_fn=None):
+                 calibration: Optional[Iterable] = None, filter_fn=None, probe_fn=None):
         if not isinstance(config, ScheduleConfig):
             raise TypeError(f"config must be a ScheduleConfig, got {type(config).__name__}")
         needs_wanda = config.prune_method == "wanda" or config.commit_score == "wanda" or config.commit_strategy == "wanda_reprune"
@@ -133,22 +143,41 @@ class ResuScheduler:
             require_chosen(list(resu_weights(model, filter_fn)), model, filter_fn, "ResuScheduler")
         if self._sharded:
             check_gatherable_options({"selective": config.selective})
+        if config.method in ("rigl", "set") and self._sharded:
+            raise NotImplementedError(f"method={config.method!r} does not support FSDP2-sharded weights; use 'gmp', "
+                                      "'one_shot' or 'resu'")
+        if config.method == "rigl" and not callable(probe_fn):
+            raise ValueError("method='rigl' grows by the dense gradient: pass probe_fn(model) -> loss (e.g. the loss "
+                             "of a training batch) to ResuScheduler")
+        self.probe_fn = probe_fn
+        if config.method != "resu":
+            self._mask_change_at_start()
 
     # ------------------------------------------------------------------ position in the schedule
     @property
     def cycle(self) -> int:
+        """RESU: the cycle the next step trains in (``num_cycles`` during the final fine-tuning);
+        the baselines: 0."""
+        if self.config.method != "resu":
+            return 0
         return min(self.global_step // self.config.steps_per_cycle, self.config.num_cycles)
 
     @property
     def finished(self) -> bool:
-        return self.global_step >= self.config.steps_per_cycle * self.config.num_cycles
+        return self.global_step >= self.config.total_steps
 
     @property
     def phase(self) -> str:
+        """What the next step does: ``train`` / ``stabilize`` / ``resu`` (RESU cycles; the
+        baselines train until the final fine-tuning), ``finetune`` or ``done``."""
         if self.finished:
             return "done"
-        in_cycle = self.global_step % self.config.steps_per_cycle
         c = self.config
+        if self.global_step >= c.mask_steps:
+            return "finetune"
+        if c.method != "resu":
+            return "train"
+        in_cycle = self.global_step % c.steps_per_cycle
         if in_cycle < c.train_steps:
             return "train"
         return "stabilize" if in_cycle < c.train_steps + c.stabilize_steps else "resu"
@@ -176,8 +205,34 @@ class ResuScheduler:
         before = self.phase
         cycle = self.cycle
         self.global_step += 1
+        if self.config.method != "resu":
+            event = self._baseline_event()
+        else:
+            event = self._resu_event(before, cycle)
+        self.steps.append(StepRecord(self.global_step, cycle, before, loss, self._sparsity, self._resurrected_share,
+                                     event, metrics))
+        if self.finished:
+            self._announce_finished()
+        self._update_progress()
+
+    def _announce_finished(self) -> None:
+        c = self.config
+        if c.method == "resu":
+            self._announce("finished", "step %d: RESU schedule finished after %d cycles: sparsity %.4f, resurrected "
+                           "share %.4f", self.global_step, c.num_cycles, self._sparsity, self._resurrected_share,
+                           cycle=c.num_cycles - 1, sparsity=self._sparsity, resurrected_share=self._resurrected_share,
+                           finetune_steps=c.finetune_steps)
+            return
+        self._announce("finished", "step %d: %s schedule finished: sparsity %.4f after %d final fine-tuning steps",
+                       self.global_step, c.method, self._sparsity, c.finetune_steps, sparsity=self._sparsity,
+                       finetune_steps=c.finetune_steps)
+
+    def _resu_event(self, before: str, cycle: int) -> Optional[str]:
+        """The RESU phase change the step that just ended triggers, run."""
         self._maybe_refresh_subset()
         in_cycle = self.global_step % self.config.steps_per_cycle
+        if before == "finetune":
+            return None
         event = None
         if in_cycle == 0:
             self._commit(cycle)
@@ -191,14 +246,68 @@ class ResuScheduler:
                 self._prune(cycle)
                 event = "prune+enter_resu"
             self._enter_resu(cycle)
-        self.steps.append(StepRecord(self.global_step, cycle, before, loss, self._sparsity, self._resurrected_share,
-                                     event, metrics))
-        if self.finished:
-            self._announce("finished", "step %d: RESU schedule finished after %d cycles: sparsity %.4f, resurrected "
-                           "share %.4f", self.global_step, self.config.num_cycles, self._sparsity, self._resurrected_share,
-                           cycle=self.config.num_cycles - 1, sparsity=self._sparsity,
-                           resurrected_share=self._resurrected_share)
-        self._update_progress()
+        return event
+
+    # ------------------------------------------------------------------ baselines
+    def _mask_change_at_start(self) -> None:
+        """Step 0 of a baseline: RigL/SET start sparse at the target, one-shot without warm-up
+        prunes now, GMP prunes to ``initial_sparsity`` when its window starts at 0."""
+        c = self.config
+        if self.global_step:
+            return
+        if not self._sharded:
+            self._update_mask_figures()
+        if c.method in ("rigl", "set") or c.method == "one_shot" and c.prune_start_step == 0:
+            self._prune_to(c.sparsity)
+        elif c.method == "gmp" and c.prune_start_step == 0 and c.initial_sparsity > 0:
+            self._prune_to(c.initial_sparsity)
+
+    def _baseline_event(self) -> Optional[str]:
+        """The baseline mask change the step that just ended triggers, run."""
+        c, t = self.config, self.global_step
+        if t > c.mask_steps:
+            return None
+        if c.method == "one_shot":
+            if t == c.prune_start_step:
+                self._prune_to(c.sparsity)
+                return "prune"
+            return None
+        if c.method == "gmp":
+            start = c.prune_start_step
+            if t >= start and ((t - start) % c.update_every == 0 or t == c.mask_steps):
+                target = gmp_sparsity(t, start, c.mask_steps, c.initial_sparsity, c.sparsity)
+                if target > 0:
+                    self._prune_to(target)
+                    return "prune"
+            return None
+        if t % c.update_every or t >= c.mask_steps:
+            return None
+        fraction = cosine_drop_fraction(t, c.mask_steps, c.drop_fraction) if c.method == "rigl" else c.drop_fraction
+        scores = None
+        if c.method == "rigl":
+            scores = {name: g.abs() for name, g in dense_gradients(self.model, self.probe_fn, self.filter_fn).items()}
+        changed = drop_and_grow_(self.model, fraction, scores, self.filter_fn, self.generator, optimizer=self.optimizer)
+        self._update_mask_figures()
+        swapped = sum(grown for _, grown in changed.values())
+        self._announce("regrow", "step %d: %s: dropped and regrew %d weights (fraction %.4f): sparsity %.4f",
+                       t, c.method, swapped, fraction, self._sparsity, fraction=fraction, swapped=swapped,
+                       sparsity=self._sparsity)
+        return "regrow"
+
+    def _prune_to(self, sparsity: float) -> None:
+        c = self.config
+        calibration = self._calibration(c.prune_method == "wanda")
+        # sharded weights: the state of coordinates that stay active is remapped on exit;
+        # plain ones: prune_ remaps it
+        with full_weights(self.model, self.optimizer, self.filter_fn, keep_state=True):
+            self._update_mask_figures()
+            prune_(self.model, sparsity, method=c.prune_method, granularity=c.granularity, scope=c.scope,
+                   calibration=calibration, filter_fn=self.filter_fn, generator=self.generator,
+                   optimizer=self.optimizer)
+            layers = self._update_mask_figures()
+        self._announce("prune", "step %d: %s: pruned %d layers (%s) to target sparsity %.4f: actual sparsity %.4f",
+                       self.global_step, c.method, len(layers), c.prune_method, sparsity, self._sparsity,
+                       target_sparsity=sparsity, layers=len(layers), sparsity=self._sparsity)
 
     def _reset_state(self) -> None:
         reset_optimizer_state_(self.optimizer, self.model)
@@ -222,6 +331,8 @@ class ResuScheduler:
             self._update_mask_figures()  # coordinates pruned before the scheduler's first prune count too
             prune_(self.model, c.sparsity_at(cycle), method=c.prune_method, granularity=c.granularity, scope=c.scope,
                    calibration=calibration, filter_fn=self.filter_fn, generator=self.generator)
+            # RESU's prune starts the active set's state afresh, as its other phase changes do, and
+            # the same with FSDP2-sharded weights (whose state full_weights drops) as without
             self._reset_state()
             layers = self._update_mask_figures()
         self._announce("prune", "step %d: cycle %d: pruned %d layers (%s) to target sparsity %.4f: actual sparsity %.4f",
@@ -286,6 +397,8 @@ class ResuScheduler:
         layer_stats = commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle,
                               num_cycles=c.num_cycles, score=c.commit_score, r_start=c.r_start, r_end=c.r_end,
                               calibration=calibration, filter_fn=self.filter_fn)
+        # the new active set is mostly the frozen weights, which had no optimizer state: a fresh
+        # state (step 0, full bias correction) suits it better than θ's step count with zero moments
         self._reset_state()
         resurrected = survivors = 0
         for name, _, w in weights:
@@ -352,8 +465,8 @@ class ResuScheduler:
         if self._progress is None:
             from tqdm.auto import tqdm
 
-            total = self.config.steps_per_cycle * self.config.num_cycles
-            self._progress = tqdm(total=total, initial=self.global_step - 1, desc="RESU", unit="step")
+            self._progress = tqdm(total=self.config.total_steps, initial=self.global_step - 1,
+                                  desc=self.config.method.upper(), unit="step")
         self._progress.update(1)
         self._progress.set_postfix(cycle=self.cycle, phase=self.phase)
         if self.finished:

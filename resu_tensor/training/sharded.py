@@ -23,7 +23,7 @@ from resu_tensor.core.row_blocks import assign_state_, from_row_fields, row_attr
 from resu_tensor.core.tensor import ResuTensor
 from resu_tensor.method.selective import SelectiveConfig, StaticSubsetConfig
 from resu_tensor.training.modules import resu_param_names
-from resu_tensor.training.optimizer_state import reset_optimizer_state_
+from resu_tensor.training.optimizer_state import remap_sharded_state_, reset_optimizer_state_
 
 SELECTIVE_UNSUPPORTED_SHARDED = (
     "RESU-Selective's consistency filter (SelectiveConfig) ranks θ over the whole layer at every step; it is not "
@@ -154,7 +154,7 @@ def optimizers_of(optimizer) -> list:
 
 
 @contextlib.contextmanager
-def full_weights(model: nn.Module, optimizer=None, filter_fn=None) -> Iterator[list[str]]:
+def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: bool = False) -> Iterator[list[str]]:
     """Inside the block, every FSDP-sharded ResuTensor weight of ``model`` is its full layer (the
     same on every rank), registered as the module's ``weight``: single-process code such as
     ``w.prune(...)`` works on them unchanged. On exit each rank keeps its rows of the result;
@@ -195,10 +195,12 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None) -> Iterator[l
             entry.module._parameters[entry.param_name] = entry.param
     for entry, new_shard in zip(entries, changed):
         shard = entry.shard
-        old_key = shard.trainable_key
+        old_key, old_flat = shard.trainable_key, shard.trainable_flat() if optimizers else None
         assign_state_(shard, new_shard)
         if shard.trainable_key != old_key:
             entry.param.grad = None
+            for o in optimizers if keep_state else ():  # state of coordinates that stay trainable
+                remap_sharded_state_(o, entry.param, shard, old_flat)
     for o in optimizers:  # sharded and unsharded (e.g. FSDP's ignored_params) ResuTensors alike
         reset_optimizer_state_(o, model)
 
