@@ -78,7 +78,9 @@ def test_quantize_twice_and_copy_from_dense():
     quantize_(model, rt.resu_config(sparsity=0.5))
     with pytest.raises(ValueError, match="already a ResuTensor"):
         rt.training.config._resu_transform(model[0], rt.resu_config())
-    with pytest.raises(TypeError, match="needs a ResuTensor source"):
+    # A plain tensor that disagrees with the weight at its frozen (pruned) coordinates cannot be
+    # written into the trainable ones alone.
+    with pytest.raises(ValueError, match="differs from this 'sparse' weight at 16 of its 16 frozen"):
         with torch.no_grad():
             model[0].weight.copy_(torch.randn(4, 8))
 

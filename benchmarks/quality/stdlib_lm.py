@@ -1,0 +1,226 @@
+"""A small GPT-style language model trained from scratch on real text that ships offline: the
+source of the Python standard library this interpreter runs on. Every method trains the same model
+from the same initial weights on the same batches; only its sparsity schedule differs.
+
+    python -m benchmarks.quality.stdlib_lm [--device cuda] [--methods resu gmp ...] [--sparsities 0.5 0.7 0.9]
+                                           [--seeds 0 1 2] [--steps N] [--jobs J] [--out PATH] [--reduced]
+
+* Text: every ``.py`` file under ``sysconfig.get_paths()["stdlib"]`` (test packages and
+  site-packages left out), read as bytes. A file is held out for validation when
+  crc32(relative path) % 10 == 0, so no validation text comes from a file seen in training. The
+  corpus depends on the Python version; its sizes are recorded in the JSON.
+* Model: byte-level (vocabulary 256) decoder: token + position embeddings, ``LAYERS`` pre-norm
+  blocks (causal self-attention through ``F.scaled_dot_product_attention``, a 4× GELU MLP), a final
+  LayerNorm and an output projection. The blocks' nn.Linear weights (attention in/out, MLP up/down)
+  become ResuTensors; embeddings, norms and the output projection stay dense.
+* Training: AdamW (lr ``LR``, weight decay 0.1 on matrices), one cosine learning-rate decay with a
+  short warm-up over the whole run whatever the method does, bf16 autocast on CUDA.
+* Metric: validation perplexity (exp of the mean next-byte cross entropy, nats) on ``EVAL_BATCHES``
+  fixed windows of the held-out files, after the run.
+"""
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+import zlib
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resu_tensor as rt
+
+VOCAB, CONTEXT, WIDTH, LAYERS, HEADS = 256, 256, 256, 4, 4
+LR, WARMUP_FRACTION, BATCH_SIZE, STEPS, EVAL_BATCHES = 2e-3, 0.02, 32, 2000, 32
+HELD_OUT_MODULUS = 10
+METHODS = ("one_shot", "gmp", "rigl", "set", "resu")
+RESU_CYCLES = 3
+
+
+def make_schedule(method: str, total_steps: int, sparsity: float, seed: int) -> rt.ScheduleConfig:
+    """The library's defaults for ``method`` over the run's step budget (RESU: ``RESU_CYCLES`` cycles;
+    RigL's random initial mask, as in its paper)."""
+    options = {"num_cycles": RESU_CYCLES} if method == "resu" else {"prune_method": "random"} if method == "rigl" else {}
+    return rt.ScheduleConfig(method=method, total_steps=total_steps, sparsity=sparsity, seed=seed, progress=False,
+                             **options)
+
+
+def load_corpus() -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(train bytes, validation bytes, sizes) of the standard library's source."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, val, files = [], [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "test/", "idlelib/idle_test/")) or "/tests/" in rel:
+            continue
+        files += 1
+        (val if zlib.crc32(rel.encode()) % HELD_OUT_MODULUS == 0 else train).append(path.read_bytes())
+    as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8).long()
+    train_t, val_t = as_tensor(train), as_tensor(val)
+    return train_t, val_t, {"python": platform.python_version(), "files": files, "train_bytes": len(train_t),
+                            "val_bytes": len(val_t)}
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
+        self.qkv, self.proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.up, self.down = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, WIDTH)
+        x = x + self.proj(attn)
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(VOCAB, WIDTH), nn.Embedding(CONTEXT, WIDTH)
+        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm, self.head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, idx):
+        x = self.tokens(idx) + self.positions(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def is_block_linear(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and fqn.startswith("blocks.")
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = starts[:, None] + torch.arange(CONTEXT + 1)
+    chunk = data[offsets]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, val: torch.Tensor, device: str) -> float:
+    model.eval()
+    starts = torch.linspace(0, len(val) - CONTEXT - 2, EVAL_BATCHES * BATCH_SIZE).long()
+    total, count = 0.0, 0
+    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else nullcontext()
+    for chunk in starts.split(BATCH_SIZE):
+        x, y = (t.to(device) for t in windows(val, chunk))
+        with autocast:
+            logits = model(x)
+        total += F.cross_entropy(logits.float().view(-1, VOCAB), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return math.exp(total / count)
+
+
+def run_one(spec: dict) -> dict:
+    """One (method, sparsity, seed) run from scratch: the same seed gives every method the same
+    initial weights and batches."""
+    from torchao.quantization import quantize_
+
+    device, steps = spec["device"], spec["steps"]
+    torch.set_num_threads(spec.get("threads", 1))
+    train, val, _ = load_corpus()
+    torch.manual_seed(spec["seed"])
+    model = TinyGPT()
+    if spec["method"] != "dense":
+        quantize_(model, rt.resu_config(), filter_fn=is_block_linear)
+    model.to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and n.startswith("blocks."))]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=LR)
+    batches = torch.Generator().manual_seed(spec["seed"])
+    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else nullcontext()
+    last_batch = []
+
+    def probe(m: nn.Module) -> torch.Tensor:  # RigL's dense gradient: the loss on the step's batch
+        with autocast:
+            return F.cross_entropy(m(last_batch[0]).float().view(-1, VOCAB), last_batch[1].reshape(-1))
+
+    scheduler = None
+    if spec["method"] != "dense":
+        scheduler = rt.ResuScheduler(model, optimizer, make_schedule(spec["method"], steps, spec["sparsity"],
+                                                                     spec["seed"]), probe_fn=probe)
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    start = time.perf_counter()
+    for step in range(steps):
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = LR * scale
+        x, y = (t.to(device, non_blocking=True)
+                for t in windows(train, torch.randint(0, len(train) - CONTEXT - 2, (BATCH_SIZE,), generator=batches)))
+        last_batch[:] = [x, y]
+        with autocast:
+            loss = F.cross_entropy(model(x).float().view(-1, VOCAB), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step(loss)
+    wall = time.perf_counter() - start
+    weights = [w for _, _, w in rt.resu_weights(model)]
+    final_sparsity = (sum(w.numel() - w.n_active for w in weights) / sum(w.numel() for w in weights)) if weights else 0.0
+    return {**spec, "perplexity": perplexity(model, val, device), "final_sparsity": final_sparsity, "wall_s": wall}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = {}
+    for r in runs:
+        rows.setdefault((r["method"], r["sparsity"]), []).append(r["perplexity"])
+    return [{"method": m, "sparsity": s, "perplexity_mean": statistics.mean(v), "perplexities": v}
+            for (m, s), v in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", default=["dense", *METHODS])
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    specs = [dict(method=m, sparsity=(0.0 if m == "dense" else s), seed=seed, steps=args.steps, device=args.device)
+             for m in args.methods for s in ([0.0] if m == "dense" else args.sparsities) for seed in args.seeds]
+    start = time.perf_counter()
+    runs = []
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(run_one, specs):
+                runs.append(r)
+                print(f"{r['method']:<14} s={r['sparsity']:.2f} seed {r['seed']}: ppl {r['perplexity']:.3f} "
+                      f"({r['wall_s']:.0f} s)", flush=True)
+    else:
+        for spec in specs:
+            runs.append(run_one(spec))
+            r = runs[-1]
+            print(f"{r['method']:<14} s={r['sparsity']:.2f} seed {r['seed']}: ppl {r['perplexity']:.3f}", flush=True)
+    _, _, corpus = load_corpus()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    result = {"benchmark": "stdlib_lm", "device": device_name, "torch": torch.__version__, "corpus": corpus,
+              "model": dict(vocab=VOCAB, context=CONTEXT, width=WIDTH, layers=LAYERS, heads=HEADS),
+              "training": dict(lr=LR, batch_size=BATCH_SIZE, steps=args.steps), "runs": runs,
+              "summary": summarize(runs), "wall_s": time.perf_counter() - start}
+    out = Path(args.out or f"benchmarks/results/stdlib_lm_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for row in result["summary"]:
+        print(f"{row['method']:<14} {row['sparsity']:.2f}  ppl {row['perplexity_mean']:.3f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
