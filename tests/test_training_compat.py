@@ -471,3 +471,14 @@ def test_gradient_expands_after_the_tensor_the_parameter_was_made_from_is_freed(
     del source
     gc.collect()
     torch.testing.assert_close(weight.grad.dequantize(), weight.expand_trainable(weight.grad), rtol=0, atol=0)
+
+
+def test_ema_of_a_conv_weight_equals_the_dense_average():
+    live = rt.ResuTensor.from_dense(torch.randn(6, 3, 3, 3), sparsity=0.5)
+    ema = copy.deepcopy(live)
+    reference = live.dequantize()
+    with torch.no_grad():
+        live.values.add_(torch.randn_like(live.values) * live.storage_mask())  # the active weights train
+        ema.lerp_(live, 0.25)
+    torch.testing.assert_close(ema.dequantize(), reference.lerp(live.dequantize(), 0.25), rtol=0, atol=1e-6)
+    assert torch.equal(ema.mask(), live.mask())

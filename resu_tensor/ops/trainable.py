@@ -107,8 +107,7 @@ class _Operands:
             return a.trainable_values()
         if isinstance(a, torch.Tensor) and a.numel() > 1:
             if tuple(a.shape) == self.logical_shape and self.weight is not None:
-                dense = a.t() if self.transposed else a
-                return self.weight.gather_trainable(dense.contiguous())
+                return self.weight.gather_trainable(self.weight.to_storage(a).contiguous())
             raise TypeError(
                 f"{self.func}: cannot combine a {tuple(a.shape)} plain tensor with a ResuTensor/CompactTensor "
                 f"of shape {self.logical_shape}; convert it with weight.gather_trainable() / weight.expand_trainable()"

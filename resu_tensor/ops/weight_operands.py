@@ -60,8 +60,7 @@ def as_target_compact(func, operand, target: ResuTensor) -> CompactTensor:
         if differ:
             raise ValueError(f"{func}: the other operand differs from this {target.mode.value!r} weight at {differ} "
                              f"of its {int(frozen.sum())} frozen coordinates; {_MISMATCH_HELP}")
-    storage = dense.t() if target.transposed else dense
-    return target.compact(target.gather_trainable(storage.contiguous()))
+    return target.compact(target.gather_trainable(target.to_storage(dense).contiguous()))
 
 
 def resolve_weight_operands(func, args, kwargs):

@@ -32,21 +32,25 @@ def dense_gradients(model: nn.Module, probe_fn: Callable[[nn.Module], torch.Tens
         raise NotImplementedError("dense_gradients runs the model on dense copies of its weights; FSDP2-sharded "
                                   "weights are not supported")
     layers = require_chosen(list(resu_weights(model, filter_fn)), model, filter_fn, "dense_gradients")
-    copies = {name: nn.Parameter(weight.dequantize().detach().clone()) for name, _, weight in layers}
+    copies = {id(weight): nn.Parameter(weight.dequantize().detach().clone()) for _, _, weight in layers}
+    # every place a chosen weight sits (a tied weight sits in several); setattr, so modules that
+    # cache their parameters (RNNs' flat weights) see the swap
+    slots = [(module, name, param) for module in model.modules() for name, param in module._parameters.items()
+             if param is not None and id(param) in copies]
     try:
-        for name, module, _ in layers:
-            module._parameters["weight"] = copies[name]
+        for module, name, param in slots:
+            setattr(module, name, copies[id(param)])
         loss = probe_fn(model)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"probe_fn(model) must return a one-element loss tensor, got {type(loss).__name__}")
-        grads = torch.autograd.grad(loss, list(copies.values()), allow_unused=True)
+        grads = torch.autograd.grad(loss, [copies[id(weight)] for _, _, weight in layers], allow_unused=True)
     finally:
-        for name, module, weight in layers:
-            module._parameters["weight"] = weight
+        for module, name, param in slots:
+            setattr(module, name, param)
     result = {}
     for (name, _, weight), grad in zip(layers, grads):
-        grad = torch.zeros_like(copies[name]) if grad is None else grad
-        result[name] = grad.t() if weight.transposed else grad
+        grad = torch.zeros(weight.logical_shape, dtype=weight.dtype, device=weight.device) if grad is None else grad
+        result[name] = weight.to_storage(grad)
     return result
 
 
