@@ -407,7 +407,8 @@ def _pointwise_ops() -> tuple[list, list]:
             tags = op.tags
             if torch.Tag.pointwise not in tags or op in handled:
                 continue
-            (writes if torch.Tag.inplace in tags or torch.Tag.out in tags else functional).append(op)
+            # a mutable schema is an in-place or out= form (torch < 2.13 has no Tag.inplace / Tag.out)
+            (writes if op._schema.is_mutable else functional).append(op)
     return functional, writes
 
 
