@@ -246,8 +246,8 @@ def test_embedding_module_and_refused_flags():
     assert torch.equal(emb(torch.tensor([1, 2])), emb.weight.dequantize()[[1, 2]])
     with pytest.raises(ValueError, match="max_norm"):
         F.embedding(torch.tensor([1]), emb.weight, max_norm=1.0)
-    with pytest.raises(ValueError, match="magnitude"):
-        input_column_norms(emb, torch.tensor([1, 2]))
+    norms = input_column_norms(emb, torch.tensor([1, 2, 2]))  # sqrt(count of token i) along row i
+    assert torch.equal(norms, torch.tensor([0.0, 1.0, 2 ** 0.5] + [0.0] * 7)[:, None].expand(10, 8))
 
 
 # ------------------------------------------------------------------------------------------ optimizer

@@ -1,7 +1,8 @@
 """FSDP2-sharded ResuTensor weights at model level: find them, gather whole layers, write rows back.
 
-``fully_shard`` keeps on each rank a ResuTensor of its row block, wrapped in FSDP's DTensor
-(core/fsdp_extension.py). Mode changes (prune, enter RESU/QRESU, commit/amnesty, subsets) are
+``fully_shard`` keeps on each rank a ResuTensor of its block of storage rows (an N-D conv
+weight's out-channels; a transposed (in, out) weight's columns, sharded with ``shard_placement``),
+wrapped in FSDP's DTensor (core/fsdp_extension.py). Mode changes (prune, enter RESU/QRESU, commit/amnesty, subsets) are
 whole-layer decisions, so the model-level functions (``rt.prune_``, ``rt.enter_resu_``,
 ``rt.commit_``, the ResuScheduler's phase changes) run inside :func:`full_weights`: every sharded
 ResuTensor is all-gathered into its full layer on every rank, presented as the module's weight,
@@ -38,15 +39,18 @@ class ShardedWeight:
         self.module_name, self.module, self.param_name, self.param = module_name, module, param_name, param
         placements = param.placements
         shard_dims = [i for i, p in enumerate(placements) if p.is_shard()]
-        if len(shard_dims) != 1 or placements[shard_dims[0]].dim != 0:
-            raise NotImplementedError(f"sharded ResuTensor {self.fqn!r}: only FSDP's Shard(0) over one mesh dimension "
-                                      f"(FSDP or HSDP) is supported, got placements {placements}")
+        row_dim = 1 if param._local_tensor.transposed else 0  # the logical dim over storage rows
+        if len(shard_dims) != 1 or placements[shard_dims[0]].dim != row_dim:
+            raise NotImplementedError(f"sharded ResuTensor {self.fqn!r}: only FSDP's Shard({row_dim}) (its storage "
+                                      f"rows) over one mesh dimension (FSDP or HSDP) is supported, got placements "
+                                      f"{placements}")
         mesh_dim = shard_dims[0]
         mesh = param.device_mesh
         self.group = mesh.get_group(mesh_dim)
         self.world = mesh.size(mesh_dim)
         self.rank = mesh.get_local_rank(mesh_dim)
-        self.padded_rows, self.rows = rows_per_rank(param.shape[0], self.world)
+        self.total_rows = param.shape[row_dim]
+        self.padded_rows, self.rows = rows_per_rank(self.total_rows, self.world)
         self.start = self.rank * self.padded_rows
 
     @property
@@ -139,7 +143,7 @@ def _gather(entry: ShardedWeight) -> ResuTensor:
         parts = [torch.empty_like(as_bytes) for _ in range(entry.world)]
         dist.all_gather(parts, as_bytes, group=entry.group)
         gathered[name] = torch.cat([part[:n].view(f.dtype) for part, n in zip(parts, entry.rows)])
-    return from_row_fields(type(shard), row_attributes(shard), gathered, tuple(entry.param.shape))
+    return from_row_fields(type(shard), row_attributes(shard), gathered, (entry.total_rows, shard.storage_shape[1]))
 
 
 def optimizers_of(optimizer) -> list:
@@ -183,7 +187,8 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
         changed = []
         for entry in entries:
             full = entry.module._parameters[entry.param_name]
-            if not isinstance(full, ResuTensor) or tuple(full.shape) != tuple(entry.param.shape) or full.transposed:
+            if not isinstance(full, ResuTensor) or tuple(full.shape) != tuple(entry.param.shape) or \
+                    full.transposed != entry.shard.transposed:
                 raise TypeError(f"full_weights: {entry.fqn!r} was replaced inside the block by "
                                 f"{type(full).__name__}; change the ResuTensor in place (prune, enter_resu, commit)")
             if full.selective is not None:
