@@ -41,22 +41,24 @@ def row_dim(t: ResuTensor) -> int:
     return 1 if t.transposed else 0
 
 
-def _check_row_dim(func, t: ResuTensor, dim: int) -> None:
-    if dim % t.dim() == row_dim(t):
-        return
-    if t.transposed:
-        raise NotImplementedError(
-            f"{func}: a transposed (in, out) ResuTensor of shape {tuple(t.shape)} (transformers' Conv1D) is split "
-            f"along dim 1 (its storage rows) only, got dim={dim}. Under FSDP2 pass "
-            "fully_shard(..., shard_placement_fn=resu_tensor.fsdp.shard_placement)")
-    raise NotImplementedError(f"{func}: a ResuTensor is split along dim 0 (its rows) only, got dim={dim}")
+def _check_row_dim(func, dim: int) -> None:
+    if dim != 0:
+        raise NotImplementedError(f"{func}: a ResuTensor is split along dim 0 (its rows) only, got dim={dim}")
+
+
+CONV1D_PLACEMENT = ("Under FSDP2 pass fully_shard(..., shard_placement_fn=resu_tensor.fsdp.shard_placement): it shards "
+                    "a transposed weight on dim 1, its storage rows")
 
 
 def _split(func, types, args, kwargs):
 
     t, split_size = args[0], args[1]
-    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-    _check_row_dim(func, t, dim)
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % t.dim()
+    if t.transposed and dim == 0:
+        # Blocks of a transposed weight's storage columns would cut its row-major state: plain blocks
+        # of W_eff, as w[a:b] gives (FSDP2 reads only their sizes, for its post-forward metadata).
+        return dense_fallback(func, types, args, kwargs)
+    _check_row_dim(func, dim - row_dim(t))
     rows = t.storage_shape[0]
     if func is aten.split_with_sizes.default:
         sizes = list(split_size)
@@ -72,6 +74,9 @@ def _split(func, types, args, kwargs):
 
 def _new_rows(func, types, args, kwargs):
     t, size = args[0], tuple(args[1])
+    if t.transposed and len(size) == 2 and size[0] != t.shape[0] and size[1] == t.shape[1]:
+        raise NotImplementedError(f"{func}: a transposed (in, out) ResuTensor of shape {tuple(t.shape)} (transformers' "
+                                  f"Conv1D) cannot be sharded on dim 0 (its storage columns). {CONV1D_PLACEMENT}")
     dim = row_dim(t)
     other = [n for i, n in enumerate(t.shape) if i != dim]
     if len(size) != t.dim() or [n for i, n in enumerate(size) if i != dim] != other:
@@ -142,6 +147,8 @@ def _view(func, types, args, kwargs):
         return torch.empty(t.numel(), dtype=t.dtype, device="meta")  # FSDP's padded shard: kept, never read
     if size == list(t.shape) or (t.view_shape is None and size in ([-1, t.shape[1]], [t.shape[0], -1])):
         return t.replace()  # a view op must return a new object; this one shares t's inner tensors
+    if t.transposed and size in ([-1], [t.numel()]):  # FSDP2's flat shard data (kept, unused with the extension)
+        return t.to_logical(t.storage_weight()).contiguous().view(-1)  # a copy of W_eff, flattened
     return dense_fallback(func, types, args, kwargs)  # a copy of W_eff, viewed
 
 

@@ -221,12 +221,24 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
             handle.remove()
         for module, training in training_flags.items():
             module.training = training
+    if sharded:
+        _reshard(model)
     norms = {name: sums.sqrt() for name, sums in sums_of_squares.items()}
     if sharded:  # a rank without batches is caught by the ranks' differing layer names, on every rank
         return all_reduce_input_norms(norms)
     if n_batches == 0:
         raise ValueError("calibrate got no batches; pass at least one input batch")
     return norms
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 leaves the root module's parameters unsharded after a forward (a backward usually
+    follows); calibration runs no backward, so shard them again for the mode changes that follow."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def all_reduce_input_norms(norms: dict, group: Optional[dist.ProcessGroup] = None) -> dict:
@@ -250,7 +262,7 @@ def all_reduce_input_norms(norms: dict, group: Optional[dist.ProcessGroup] = Non
     squares = torch.cat([norms[n].float().reshape(-1).pow(2) for n in names])
     dist.all_reduce(squares, group=group)
     sizes = [norms[n].numel() for n in names]
-    return {n: part.sqrt() for n, part in zip(names, torch.split(squares, sizes))}
+    return {n: part.sqrt().view(norms[n].shape) for n, part in zip(names, torch.split(squares, sizes))}
 
 
 def input_norms_for(model: nn.Module, layer_names: list[str], calibration,
