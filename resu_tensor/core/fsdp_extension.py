@@ -80,8 +80,8 @@ def compact_grad_(param: torch.Tensor) -> None:
     if grad is None or not isinstance(grad, DTensor):
         return
     local_grad, shard = grad._local_tensor, param._local_tensor
-    if isinstance(local_grad, CompactTensor):
-        return
+    if isinstance(local_grad, CompactTensor) or not isinstance(shard, FsdpRowSharding):
+        return  # already compact, or the weight became a plain tensor (export.to_dense_)
     if tuple(local_grad.shape) != tuple(shard.shape):
         raise ValueError(f"FSDP gradient shard of shape {tuple(local_grad.shape)} does not match the ResuTensor "
                          f"shard {tuple(shard.shape)}")

@@ -86,7 +86,8 @@ def _check_fsdp_states_sharded(model: nn.Module) -> None:
                         getattr(fsdp_param, "sharded_state", ShardedState.SHARDED) != ShardedState.SHARDED:
                     raise RuntimeError(
                         f"sharded ResuTensor {fsdp_param._param_fqn or ''}: FSDP holds it unsharded now; change modes "
-                        "between optimizer steps (after backward), not between forward and backward"
+                        "between optimizer steps (after backward), not between forward and backward; after a forward "
+                        "without backward (evaluation) call model.reshard() first"
                     )
 
 
@@ -210,6 +211,47 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
         reset_optimizer_state_(o, model)
 
 
+def _fsdp_param_of(model: nn.Module, param: DTensor):
+    """FSDP's record (``FSDPParam``) of the sharded parameter ``param`` (FSDP internals)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                if fsdp_param.sharded_param is param:
+                    return fsdp_param
+    raise RuntimeError("to_dense_: found no FSDP record of a sharded ResuTensor parameter (is the model fully_shard-ed "
+                       "by this torch version's FSDP2?)")
+
+
+def replace_shards_with_plain_(model: nn.Module, entries: list[ShardedWeight], local_of) -> None:
+    """Make each sharded ResuTensor of ``entries`` a plain FSDP2 parameter: the same DTensor (FSDP,
+    ties and the module keep referring to it) whose local tensor becomes ``local_of(shard)``, a
+    plain tensor of the shard's logical shape; FSDP then all-gathers it like any parameter. Its
+    ``.grad`` is dropped (optimizer state made for the ResuTensor is stale: build a new optimizer).
+
+    Example::
+
+        replace_shards_with_plain_(model, sharded_weights(model), lambda t: t.dequantize())
+    """
+    records = [_fsdp_param_of(model, entry.param) for entry in entries]
+    locals_ = [local_of(entry.shard) for entry in entries]  # all computed before any change
+    for entry, record, local in zip(entries, records, locals_):
+        if tuple(local.shape) != tuple(entry.shard.shape):
+            raise ValueError(f"replace_shards_with_plain_: {entry.fqn!r} got a local tensor of shape "
+                             f"{tuple(local.shape)} for a shard of shape {tuple(entry.shard.shape)}")
+        entry.param.grad = None
+        entry.param._local_tensor = local.contiguous()
+        record.reset_sharded_param()  # FSDP re-pads the shard and keeps its flat data, as after load_state_dict
+
+
 def check_gatherable_options(options: dict, probe_fn=None) -> None:
     """Refuse, before any layer is gathered, mode-change options that FSDP2-sharded weights do
     not support: RESU-Selective's consistency filter and subsets ranked by a probe backward."""
@@ -222,4 +264,4 @@ def check_gatherable_options(options: dict, probe_fn=None) -> None:
 
 
 __all__ = ["ShardedWeight", "sharded_weights", "full_tensor", "full_weights", "optimizers_of",
-           "check_gatherable_options", "SELECTIVE_UNSUPPORTED_SHARDED", "slice_rows"]
+           "check_gatherable_options", "SELECTIVE_UNSUPPORTED_SHARDED", "slice_rows", "replace_shards_with_plain_"]
