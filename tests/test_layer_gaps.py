@@ -174,6 +174,20 @@ def scenario_scheduler(rank):
             "same_across_ranks": all(m == everyone[0] for m in everyone)}
 
 
+def scenario_qresu(rank):
+    """Sharded QRESU shards (codes, scales, θ) of the conv and Conv1D train like the single-process run."""
+    model, reference = shard(gap_net()), gap_net()
+    for m in (model, reference):
+        rt.prune_(m, 0.5)
+        rt.enter_resu_(m, epsilon=0.5, quantize_bits=8, group_size=None, generator=torch.Generator().manual_seed(5))
+    optimizer, reference_optimizer = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference))
+    frozen = {n: getattr(model, n).weight._local_tensor.qdata.clone() for n in LAYERS}
+    train(model, optimizer, reference, reference_optimizer, rank, steps=3)
+    return {"compare": compare(model, reference),
+            "modes": [getattr(model, n).weight._local_tensor.mode.value for n in LAYERS],
+            "codes_kept": all(torch.equal(frozen[n], getattr(model, n).weight._local_tensor.qdata) for n in LAYERS)}
+
+
 def scenario_conv1d_default_placement_refused(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -215,6 +229,12 @@ def test_fsdp2_scheduler_on_conv_and_conv1d_matches_single_process(ranks):
     for result in two_ranks.results(ranks, "scheduler"):
         _check_compare(result["compare"])
         assert result["finished"] == [True, True] and result["same_across_ranks"]
+
+
+def test_fsdp2_qresu_conv_and_conv1d_shards_match_single_process(ranks):
+    for result in two_ranks.results(ranks, "qresu"):
+        _check_compare(result["compare"])
+        assert result["modes"] == ["qresu"] * 3 and result["codes_kept"]
 
 
 def test_fsdp2_default_placement_of_a_conv1d_weight_is_refused(ranks):
