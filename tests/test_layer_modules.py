@@ -295,12 +295,13 @@ def test_rnn_forward_reads_the_resu_parameters():
     torch.testing.assert_close(model(x), dense_copy(model)(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["lstm", "mha_batch_first", "embedding"])
-def test_wanda_names_the_parameter_it_cannot_score(case):
+@pytest.mark.parametrize("case", list(CASES))
+def test_wanda_prunes_every_layer_type(case):
     model, _, inputs = build(case, sparsity=0.0)
-    with pytest.raises(ValueError, match=r"Wanda cannot score layer .*method='magnitude'"):
-        rt.prune_(model, 0.5, method="wanda", calibration=[inputs])
-    assert all(w.mode == rt.Mode.DENSE for _, _, w in rt.resu_weights(model))
+    norms = rt.calibrate(model, [inputs])
+    assert sorted(norms) == sorted(name for name, _, _ in rt.resu_weights(model))
+    rt.prune_(model, 0.5, method="wanda", calibration=norms)
+    assert all(abs(w.sparsity - 0.5) < 0.05 for _, _, w in rt.resu_weights(model))
 
 
 def test_wanda_on_convolutions_prunes():
@@ -422,22 +423,20 @@ def scenario_fsdp_conv_embedding_tied(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    # FSDP2 shards (out, in) ResuTensors: the conv stays a plain parameter that FSDP shards itself.
-    keep_conv_dense = lambda m, n: rt.is_supported_module(m, n) and n != "conv"  # noqa: E731
-    model = conv_tied_net(seed=0, filter_fn=keep_conv_dense)
-    reference = conv_tied_net(seed=0, filter_fn=keep_conv_dense)
+    model = conv_tied_net(seed=0)  # the conv's N-D ResuTensor is sharded by out-channels
+    reference = conv_tied_net(seed=0)
     fully_shard(model, mesh=init_device_mesh(DEVICE, (WORLD,)))
     sharded = [w.fqn for w in rtf.sharded_weights(model)]
     train_against_reference(model, reference, rank, steps=2)
     rt.prune_(model, 0.75)
     rt.prune_(reference, 0.75)
     train_against_reference(model, reference, rank, steps=2, first_step=2)
-    full = rtf.full_tensor(model.embed.weight)
-    reference_params = dict(reference.named_parameters())
-    conv_diff = (model.conv.weight.full_tensor() - reference_params["conv.weight"]).abs().max().item()
-    return {"sharded": sharded, "embed_diff": (full.dequantize() - reference.embed.weight.dequantize()).abs().max().item(),
-            "same_mask": torch.equal(full.mask(), reference.embed.weight.mask()), "sparsity": full.sparsity,
-            "conv_diff": conv_diff, "tied": model.head.weight is model.embed.weight}
+    result = {"sharded": sharded, "tied": model.head.weight is model.embed.weight}
+    for name in ("embed", "conv"):
+        full, expected = rtf.full_tensor(getattr(model, name).weight), getattr(reference, name).weight
+        result[name] = {"diff": (full.dequantize() - expected.dequantize()).abs().max().item(),
+                        "same_mask": torch.equal(full.mask(), expected.mask()), "sparsity": full.sparsity}
+    return result
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in list(globals().items()) if name.startswith("scenario_")}
@@ -455,11 +454,12 @@ def test_ddp_conv_embedding_and_tied_weight_match_single_process(ranks):
         assert max(result["diffs"].values()) < 2e-6, result["diffs"]
 
 
-def test_fsdp2_embedding_and_tied_weight_match_single_process(ranks):
+def test_fsdp2_conv_embedding_and_tied_weight_match_single_process(ranks):
     for result in two_ranks.results(ranks, "fsdp_conv_embedding_tied"):
-        assert result["sharded"] == ["embed.weight"] and result["tied"]
-        assert result["same_mask"] and abs(result["sparsity"] - 0.75) < 0.05
-        assert result["embed_diff"] < 2e-6 and result["conv_diff"] < 2e-6
+        assert result["sharded"] == ["embed.weight", "conv.weight"] and result["tied"]
+        for name in ("embed", "conv"):
+            assert result[name]["same_mask"] and abs(result[name]["sparsity"] - 0.75) < 0.05, (name, result[name])
+            assert result[name]["diff"] < 2e-6, (name, result[name])
 
 
 def test_package_import_leaves_transformers_unimported():

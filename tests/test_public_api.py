@@ -73,7 +73,7 @@ to_semi_structured_""")
     def test_documented_modules(self):
         self.assertExpectedInline("\n".join(_names(path) for path in DOCUMENTED_MODULES), """\
 resu_tensor.distributed: ResuGradSync, all_reduce_input_norms, broadcast_resu_state_, calibrate, check_replicas, prepare_ddp, resu_parameters
-resu_tensor.fsdp: ResuScheduler, calibrate, commit_, enter_resu_, full_tensor, full_weights, prune_, reset_optimizer_state_, sharded_weights, slice_rows
+resu_tensor.fsdp: ResuScheduler, calibrate, commit_, enter_resu_, full_tensor, full_weights, prune_, reset_optimizer_state_, shard_placement, sharded_weights, slice_rows
 resu_tensor.export: committed_weight, to_dense_, to_semi_structured_
 resu_tensor.integrations: ResuCallback, enable_flat_state_dict, flatten_state_dict, from_resu_pretrained, linear_filter, load_resu_safetensors, load_resu_state_dict, quantize_hf_, save_resu_pretrained, save_resu_safetensors, unflatten_state_dict
 resu_tensor.integrations.hf: ResuCallback, SCHEDULER_STATE_NAME, from_resu_pretrained, linear_filter, quantize_hf_, read_checkpoint, save_resu_pretrained, unwrap_optimizer, use_single_tensor_path_

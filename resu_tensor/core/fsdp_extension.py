@@ -12,7 +12,7 @@
 import weakref
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from resu_tensor.core.compact import CompactTensor
 
@@ -25,25 +25,28 @@ def rows_per_rank(total_rows: int, world: int) -> tuple[int, list[int]]:
 
 
 class FsdpRowSharding:
-    """Mixin of ResuTensor: FSDP2's all-gather extension for a weight sharded by rows."""
+    """Mixin of ResuTensor: FSDP2's all-gather extension for a weight sharded by storage rows."""
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        """The shard's effective weight in the parameter dtype, padded to FSDP's padded shard rows."""
-        if self.transposed or self.view_shape is not None:
-            raise NotImplementedError(f"FSDP2 shards ResuTensor weights of (out, in) layout only, got a "
-                                      f"{'transposed' if self.transposed else 'N-D conv'} weight of shape "
-                                      f"{self.logical_shape}")
+        """The shard's effective weight in the parameter dtype and its logical layout, padded to
+        FSDP's padded shard rows (an N-D conv weight: out-channels; a transposed (in, out) weight
+        is sharded on dim 1, its storage rows, which FSDP requires even: no padding)."""
         _register_grad_hook(module)
         weight = self.storage_weight()
         dtype = getattr(mp_policy, "param_dtype", None) or self.compute_dtype
         weight = weight.to(dtype)
+        if self.transposed:
+            return (weight.t().contiguous(),), None
         padded, _ = rows_per_rank(outer_size[0], mesh.size())
         if weight.shape[0] < padded:
             weight = torch.cat([weight, weight.new_zeros(padded - weight.shape[0], weight.shape[1])])
+        if self.view_shape is not None:
+            weight = weight.view(padded, *self.view_shape[1:])
         return (weight.contiguous(),), None
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
-        """The all-gather output is the unsharded dense W_eff (FSDP cuts the padding rows off)."""
+        """The all-gather output is the unsharded dense W_eff (FSDP cuts the padding rows off; for a
+        transposed weight it has already concatenated the shards along dim 1)."""
         (weight,) = all_gather_outputs
         if out is not None:
             # Later iterations: FSDP re-allocated the all-gather output that `out` is a view of.
@@ -52,6 +55,20 @@ class FsdpRowSharding:
 
 
 # ---------------------------------------------------------------------------------------- gradients
+def shard_placement(param: torch.Tensor):
+    """``fully_shard``'s ``shard_placement_fn`` for models with transposed (in, out) ResuTensor
+    weights (transformers' Conv1D): ``Shard(1)`` for those, so that FSDP2 splits their storage rows
+    (out-features; FSDP2 needs them divisible by the shard world size), None (FSDP's default
+    ``Shard(0)``) for every other parameter. FSDP2's default dim 0 would cut a transposed weight's
+    storage columns, i.e. its quantization groups and row-major θ/EMA vectors: refused.
+
+    Example::
+
+        fully_shard(model, shard_placement_fn=resu_tensor.fsdp.shard_placement)
+    """
+    return Shard(1) if isinstance(param, FsdpRowSharding) and param.transposed else None
+
+
 def is_sharded_resu(p) -> bool:
     """Whether ``p`` is an FSDP-sharded ResuTensor parameter (a DTensor of a row shard)."""
     return isinstance(p, DTensor) and isinstance(p._local_tensor, FsdpRowSharding)
@@ -63,12 +80,12 @@ def compact_grad_(param: torch.Tensor) -> None:
     if grad is None or not isinstance(grad, DTensor):
         return
     local_grad, shard = grad._local_tensor, param._local_tensor
-    if isinstance(local_grad, CompactTensor):
-        return
+    if isinstance(local_grad, CompactTensor) or not isinstance(shard, FsdpRowSharding):
+        return  # already compact, or the weight became a plain tensor (export.to_dense_)
     if tuple(local_grad.shape) != tuple(shard.shape):
         raise ValueError(f"FSDP gradient shard of shape {tuple(local_grad.shape)} does not match the ResuTensor "
                          f"shard {tuple(shard.shape)}")
-    flat = shard.gather_trainable(local_grad.contiguous())
+    flat = shard.gather_trainable(shard.to_storage(local_grad.contiguous()))
     _keep_until_done(local_grad)
     grad._local_tensor = shard.compact(flat.to(shard.dtype))
 

@@ -1,8 +1,12 @@
-"""Row blocks of a ResuTensor: rows [start, end) as a ResuTensor of their own.
+"""Row blocks of a ResuTensor: storage rows [start, end) as a ResuTensor of their own.
 
-FSDP2 shards a ResuTensor parameter along dim 0, and ``w[a:b]`` / ``torch.chunk`` slice it the same
-way: each block carries the values (or QRESU's codes and scales) of its rows, the mask re-encoded
-from them, its θ / subset / EMA entries and its own trainable set.
+FSDP2 shards a ResuTensor parameter along its storage rows, and ``w[a:b]`` / ``torch.chunk`` slice
+it the same way: each block carries the values (or QRESU's codes and scales) of its rows, the mask
+re-encoded from them, its θ / subset / EMA entries and its own trainable set. Every layout has
+storage rows: an (out, in) weight's rows; an N-D conv weight's out-channels (logical dim 0, so a
+block is an N-D weight with fewer out-channels); a transposed (in, out) weight's (transformers'
+Conv1D) logical columns (dim 1). Storage rows are the unit of every per-row structure (mask rows,
+N:M groups, QRESU's quantization groups, the row-major θ and EMA vectors), so no other split is built.
 """
 from typing import Optional
 
@@ -16,9 +20,6 @@ from resu_tensor.core.state import EMA_NAMES, QuantizedActive, build_state
 def row_fields(t: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every part of ``t``'s state as a tensor whose dim 0 is ``t``'s rows (storage orientation),
     so that rows [r0, r1) of each are the state of rows [r0, r1) of the weight."""
-    if t.transposed or t.view_shape is not None:
-        raise NotImplementedError(f"row blocks of a ResuTensor of (out, in) layout only, got a "
-                                  f"{'transposed' if t.transposed else 'N-D conv'} weight of shape {t.logical_shape}")
     rows, cols = t.storage_shape
     device = t.device_of_storage
     fields: dict[str, torch.Tensor] = {}
@@ -39,15 +40,21 @@ def row_fields(t: torch.Tensor) -> dict[str, torch.Tensor]:
     for name in EMA_NAMES:
         vector = getattr(t, name)
         if vector is not None:
-            fields[name] = t.expand_trainable(vector)  # zero outside the trainable set
+            fields[name] = t.to_storage(t.expand_trainable(vector))  # zero outside the trainable set
     return fields
 
 
 def row_attributes(t: torch.Tensor) -> dict:
-    """The Python attributes a row block shares with its weight."""
+    """The Python attributes a row block shares with its weight (an N-D weight's ``view_shape``
+    is the weight's; :func:`rows_view_shape` gives a block's)."""
     names = ("compute_dtype", "mode_name", "trainable_side", "target_sparsity", "quant_bits", "group_size",
-             "selective", "nm_pattern", "row_keep")
+             "selective", "nm_pattern", "row_keep", "transposed", "view_shape")
     return {name: getattr(t, name) for name in names}
+
+
+def rows_view_shape(view_shape: Optional[tuple], n_rows: int) -> Optional[tuple]:
+    """The N-D shape of ``n_rows`` out-channels of an N-D conv weight of ``view_shape`` (None for 2-D)."""
+    return None if view_shape is None else (n_rows, *view_shape[1:])
 
 
 def _trainable_flat(side: str, mask: Optional[torch.Tensor], subset: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -70,11 +77,14 @@ def _state(cls, attributes: dict, shape: tuple[int, int], mask: EncodedMask, sub
         shape, attributes["compute_dtype"], mode=attributes["mode_name"], mask=mask,
         trainable_side=attributes["trainable_side"], subset=subset, quantized=quantized,
         target_sparsity=attributes["target_sparsity"], selective=attributes["selective"],
-        nm_pattern=attributes["nm_pattern"], row_keep=attributes["row_keep"], where=where, **tensors))
+        nm_pattern=attributes["nm_pattern"], row_keep=attributes["row_keep"],
+        transposed=attributes.get("transposed", False),
+        view_shape=rows_view_shape(attributes.get("view_shape"), shape[0]), where=where, **tensors))
 
 
 def from_row_fields(cls, attributes: dict, fields: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-    """The ``cls`` (a ResuTensor class) of ``shape`` whose state is ``fields`` (see :func:`row_fields`),
+    """The ``cls`` (a ResuTensor class) of storage ``shape`` (rows, cols), in the layout of
+    ``attributes`` (see :func:`row_attributes`), whose state is ``fields`` (see :func:`row_fields`),
     checked like every state that enters a ResuTensor (``core.state.build_state``)."""
     mask = fields["mask"].bool() if "mask" in fields else None
     encoded = encode_mask(mask) if mask is not None else EncodedMask("none")
@@ -92,7 +102,9 @@ def from_row_fields(cls, attributes: dict, fields: dict[str, torch.Tensor], shap
 
 
 def slice_rows(t: torch.Tensor, start: int, end: int, share: bool = False) -> torch.Tensor:
-    """Rows [start, end) of ``t`` as a ResuTensor of their own: the mask (and subset) re-encoded
+    """Storage rows [start, end) of ``t`` as a ResuTensor of their own, in ``t``'s layout
+    (out-channels [start, end) of an N-D conv weight; columns [start, end) of a transposed (in, out)
+    weight): the mask (and subset) re-encoded
     from those rows, the θ, EMA and Σ|g| entries of those rows (contiguous: they are row-major),
     its own trainable set. With ``share`` the data (values, codes, scales, θ, EMAs) are views of
     ``t``'s, so in-place updates of the block's trainable coordinates reach ``t`` (``w[a:b]``,
@@ -103,9 +115,6 @@ def slice_rows(t: torch.Tensor, start: int, end: int, share: bool = False) -> to
         top = slice_rows(w, 0, w.shape[0] // 2)
         torch.equal(top.mask(), w.mask()[: w.shape[0] // 2])   # True
     """
-    if t.transposed or t.view_shape is not None:
-        raise NotImplementedError(f"row blocks of a ResuTensor of (out, in) layout only, got a "
-                                  f"{'transposed' if t.transposed else 'N-D conv'} weight of shape {t.logical_shape}")
     rows, cols = t.storage_shape
     if not 0 <= start < end <= rows:
         raise ValueError(f"slice_rows: rows [{start}, {end}) are not a non-empty range of the weight's {rows} rows")

@@ -225,7 +225,7 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
         sparsity = 1 - group_pattern[0] / group_pattern[1]
     grad_abs = None
     if tensor.grad_abs_sum is not None:
-        grad_abs = tensor.expand_trainable(tensor.grad_abs_sum)
+        grad_abs = tensor.to_storage(tensor.expand_trainable(tensor.grad_abs_sum))  # (out, in) like merged
     old_mask = tensor.storage_mask()
     merged = tensor.storage_weight()
     if strategy != "simple":

@@ -35,24 +35,31 @@ _ROW_VIEW = "_resu_row_view"  # (weakref to the base, start row, end row) on a p
 _ZERO_BASE = "_resu_zero_base"  # marks a new_zeros result, the only base a row slice writes through to
 
 
-def _dim0(func, t: ResuTensor, dim: int) -> None:
-    if dim % 2 != 0:
+def row_dim(t: ResuTensor) -> int:
+    """The logical dim of ``t`` that runs over its storage rows: 1 for a transposed (in, out)
+    weight, else 0 (an N-D conv weight's out-channels)."""
+    return 1 if t.transposed else 0
+
+
+def _check_row_dim(func, dim: int) -> None:
+    if dim != 0:
         raise NotImplementedError(f"{func}: a ResuTensor is split along dim 0 (its rows) only, got dim={dim}")
-    if t.transposed:
-        raise NotImplementedError(f"{func}: split the weight itself, not a transposed view")
+
+
+CONV1D_PLACEMENT = ("Under FSDP2 pass fully_shard(..., shard_placement_fn=resu_tensor.fsdp.shard_placement): it shards "
+                    "a transposed weight on dim 1, its storage rows")
 
 
 def _split(func, types, args, kwargs):
 
     t, split_size = args[0], args[1]
-    if t.view_shape is not None:
-        # Row blocks (FSDP2's shards) of an N-D conv weight are not built: plain blocks of W_eff
-        # here would silently turn a sharded weight dense.
-        raise NotImplementedError(f"{func}: row blocks (torch.chunk/split, FSDP2) of an N-D conv ResuTensor of shape "
-                                  f"{t.logical_shape} are not supported; split w.dequantize() instead")
-    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-    _dim0(func, t, dim)
-    rows = t.shape[0]
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % t.dim()
+    if t.transposed and dim == 0:
+        # Blocks of a transposed weight's storage columns would cut its row-major state: plain blocks
+        # of W_eff, as w[a:b] gives (FSDP2 reads only their sizes, for its post-forward metadata).
+        return dense_fallback(func, types, args, kwargs)
+    _check_row_dim(func, dim - row_dim(t))
+    rows = t.storage_shape[0]
     if func is aten.split_with_sizes.default:
         sizes = list(split_size)
         if sum(sizes) != rows:
@@ -67,15 +74,21 @@ def _split(func, types, args, kwargs):
 
 def _new_rows(func, types, args, kwargs):
     t, size = args[0], tuple(args[1])
-    if len(size) != 2 or size[1] != t.shape[1]:
+    if t.transposed and len(size) == 2 and size[0] != t.shape[0] and size[1] == t.shape[1]:
+        raise NotImplementedError(f"{func}: a transposed (in, out) ResuTensor of shape {tuple(t.shape)} (transformers' "
+                                  f"Conv1D) cannot be sharded on dim 0 (its storage columns). {CONV1D_PLACEMENT}")
+    dim = row_dim(t)
+    other = [n for i, n in enumerate(t.shape) if i != dim]
+    if len(size) != t.dim() or [n for i, n in enumerate(size) if i != dim] != other:
+        expected = tuple("rows" if i == dim else n for i, n in enumerate(t.shape))
         raise ValueError(
-            f"{func}: a ResuTensor makes new tensors of (rows, {t.shape[1]}) only, got size {size}. Under FSDP2 this "
-            "means torch.chunk left a rank without rows of this weight: out_features is too small for the number "
-            "of ranks (every rank needs at least one row)"
+            f"{func}: a ResuTensor makes new tensors of shape {expected} only (its storage rows varying), got size "
+            f"{size}. Under FSDP2 this means torch.chunk left a rank without rows of this weight: its out-features "
+            "are too few for the number of ranks (every rank needs at least one row)"
         )
     dtype = kwargs.get("dtype") or t.dtype
     device = kwargs.get("device") or t.device
-    zeros = ResuTensor.from_dense(torch.zeros(size, dtype=dtype, device=device))
+    zeros = ResuTensor.from_dense(torch.zeros(size, dtype=dtype, device=device), transposed=t.transposed)
     setattr(zeros, _ZERO_BASE, True)
     return zeros
 
@@ -87,9 +100,9 @@ def _slice(func, types, args, kwargs):
     start = args[2] if len(args) > 2 else kwargs.get("start")
     end = args[3] if len(args) > 3 else kwargs.get("end")
     step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if dim % 2 != 0 or step != 1 or t.transposed or t.view_shape is not None:
+    if dim % t.dim() != row_dim(t) or step != 1:
         return dense_fallback(func, types, args, kwargs)  # w[:, a:b], w[::2]: a slice of a copy of W_eff
-    rows = t.shape[0]
+    rows = t.storage_shape[0]
     start, end = (start or 0), (rows if end is None else end)
     start, end = start + rows if start < 0 else start, end + rows if end < 0 else end
     start, end = max(0, min(start, rows)), max(0, min(end, rows))
@@ -113,7 +126,7 @@ def _copy(func, types, args, kwargs):
     if base is None:
         return copy_resu(func, types, args, kwargs)
     start, end = row_view[1], row_view[2]
-    whole = start == 0 and end == base.shape[0]
+    whole = start == 0 and end == base.storage_shape[0]
     if not whole and not getattr(base, _ZERO_BASE, False):
         raise NotImplementedError(
             "copy_ of a ResuTensor into a row slice of another writes through only to a tensor made by new_zeros "
@@ -134,6 +147,8 @@ def _view(func, types, args, kwargs):
         return torch.empty(t.numel(), dtype=t.dtype, device="meta")  # FSDP's padded shard: kept, never read
     if size == list(t.shape) or (t.view_shape is None and size in ([-1, t.shape[1]], [t.shape[0], -1])):
         return t.replace()  # a view op must return a new object; this one shares t's inner tensors
+    if t.transposed and size in ([-1], [t.numel()]):  # FSDP2's flat shard data (kept, unused with the extension)
+        return t.to_logical(t.storage_weight()).contiguous().view(-1)  # a copy of W_eff, flattened
     return dense_fallback(func, types, args, kwargs)  # a copy of W_eff, viewed
 
 

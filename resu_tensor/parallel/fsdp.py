@@ -11,7 +11,11 @@ The model-level API is the one of an unsharded model: ``rt.prune_``, ``rt.enter_
 sharded weights themselves. Mode changes gather the whole layers on every rank
 (:func:`full_weights`), run the single-process code identically everywhere and write each rank's
 rows back, so masks equal a single-process run's and the amnesty tournament is the global one.
-This module keeps the names it always offered: the functions above as aliases of the ``rt``
+N-D conv weights shard by out-channels (FSDP's default ``Shard(0)``). A transposed (in, out)
+weight (transformers' Conv1D) shards by its storage rows, logical dim 1: pass
+``fully_shard(..., shard_placement_fn=rtf.shard_placement)`` (FSDP2 then needs its out-features
+divisible by the number of ranks); FSDP's default dim 0 would cut its storage columns, which is
+refused. This module keeps the names it always offered: the functions above as aliases of the ``rt``
 ones, and :func:`full_weights`, :func:`full_tensor`, :func:`sharded_weights`, ``slice_rows``
 (training/sharded.py, core/row_blocks.py).
 
@@ -31,6 +35,7 @@ Example::
         scheduler.step()
     w = rtf.full_tensor(model.blocks[0].fc.weight)      # the whole ResuTensor, on every rank
 """
+from resu_tensor.core.fsdp_extension import shard_placement
 from resu_tensor.core.row_blocks import slice_rows
 from resu_tensor.training.calibration import calibrate
 from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_
@@ -39,4 +44,4 @@ from resu_tensor.training.scheduler import ResuScheduler
 from resu_tensor.training.sharded import full_tensor, full_weights, sharded_weights
 
 __all__ = ["full_weights", "full_tensor", "sharded_weights", "prune_", "enter_resu_", "commit_", "calibrate",
-           "reset_optimizer_state_", "ResuScheduler", "slice_rows"]
+           "reset_optimizer_state_", "ResuScheduler", "slice_rows", "shard_placement"]

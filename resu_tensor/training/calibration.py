@@ -7,7 +7,8 @@ What a column's input is depends on the layer (:func:`input_column_sums_of_squar
 transformers Conv1D's input feature j; for a Conv, column (c, k...) of the (out, in/groups·k...)
 matrix sees input channel c at kernel offset k of every patch the conv reads (``F.unfold``'s
 columns), and with ``groups > 1`` each group of output rows reads its own channels, so the norms
-are per (row, column)."""
+are per (row, column). Embeddings, attention in-projections and recurrent weights: see
+training/wanda_inputs.py (per-(row, column) norms where rows read different inputs)."""
 from __future__ import annotations  # annotations name dist.ProcessGroup, absent where distributed is not built
 
 import itertools
@@ -22,8 +23,10 @@ from torch import nn
 from resu_tensor.core.tensor import ResuTensor
 
 from resu_tensor.training.modules import is_hf_conv1d
-from resu_tensor.training.filters import FilterFn, require_chosen, resu_weights
+from resu_tensor.training.filters import FilterFn, layer_name, require_chosen, resu_parameters
 from resu_tensor.training.sharded import sharded_weights
+from resu_tensor.training.wanda_inputs import (attention_sums_of_squares, embedding_sums_of_squares,
+                                               recurrent_sums_of_squares)
 
 
 def run_batch(model: nn.Module, batch) -> None:
@@ -77,8 +80,9 @@ def input_column_sums_of_squares(module: nn.Module, x: torch.Tensor) -> torch.Te
     (out, in/groups·prod(kernel)) when ``groups > 1`` (each group of rows reads its own channels).
     Sums add over batches; :func:`input_column_norms` takes the square root.
 
-    nn.Embedding has no Wanda score here: its input is token ids, not features; it raises a
-    ValueError saying to prune it by magnitude (or leave it out with ``filter_fn``).
+    nn.Embedding (``x``: token ids): (num_embeddings, embedding_dim), the count of token i in every
+    column of row i (the Σ x² of the one-hot feature row i multiplies; see training/wanda_inputs.py).
+    nn.MultiheadAttention and nn.RNN/LSTM/GRU read several inputs: :func:`parameter_sums_of_squares`.
 
     Example::
 
@@ -88,8 +92,11 @@ def input_column_sums_of_squares(module: nn.Module, x: torch.Tensor) -> torch.Te
         raise TypeError(f"input_column_norms: expected a tensor input for {type(module).__name__}, "
                         f"got {type(x).__name__}")
     if isinstance(module, nn.Embedding):
-        raise ValueError("input_column_norms: Wanda is not defined for nn.Embedding (its input is token ids, not "
-                         "features); prune embeddings with method='magnitude', or leave them out with filter_fn")
+        return embedding_sums_of_squares(module, x)
+    if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+        raise TypeError(f"input_column_norms: a {type(module).__name__}'s weights multiply several inputs (query, key "
+                        "and value; hidden states); use parameter_sums_of_squares(module, args, kwargs) or "
+                        "rt.calibrate")
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         raise ValueError(f"input_column_norms: {type(module).__name__} is not supported (a transposed conv's weight "
                          "is (in, out/groups, k...)); use method='magnitude' for it or leave it out with filter_fn")
@@ -105,6 +112,24 @@ def input_column_sums_of_squares(module: nn.Module, x: torch.Tensor) -> torch.Te
         return x.detach().reshape(-1, features).float().pow(2).sum(0)
     raise TypeError(f"input_column_norms: no input columns known for a {type(module).__name__}; accepted: "
                     "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, a module with an (out, in) ResuTensor weight")
+
+
+def parameter_sums_of_squares(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """{parameter name: Σ x² per column of its (out, in) matrix} for each weight of ``module`` that
+    the module table lists, over one call ``module(*args, **kwargs)`` (what a forward pre-hook
+    with kwargs sees): ``{"weight": input_column_sums_of_squares(module, input)}`` for
+    single-input layers; per parameter for nn.MultiheadAttention and nn.RNN/LSTM/GRU
+    (training/wanda_inputs.py).
+
+    Example::
+
+        parameter_sums_of_squares(lstm, (x,), {})   # {"weight_ih_l0": ..., "weight_hh_l0": ...}
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return attention_sums_of_squares(module, args, kwargs)
+    if isinstance(module, nn.RNNBase):
+        return recurrent_sums_of_squares(module, args, kwargs)
+    return {"weight": input_column_sums_of_squares(module, args[0] if args else kwargs.get("input"))}
 
 
 def input_column_norms(module: nn.Module, inputs) -> torch.Tensor:
@@ -129,10 +154,12 @@ def input_column_norms(module: nn.Module, inputs) -> torch.Tensor:
 
 def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn] = None) -> dict[str, torch.Tensor]:
     """Run ``model`` on each batch (``torch.no_grad``, eval mode, restored afterwards) and return
-    {module name: ‖X_j‖₂ for every column j of its (out, in) weight matrix}, a float32 (in,) tensor
-    (or (out, in) for a grouped conv; see :func:`input_column_sums_of_squares`) per module whose
-    ``weight`` is a ResuTensor (and that ``filter_fn`` accepts), over all tokens (every
-    leading dim) of every batch. No chosen layer (no ResuTensor weight, or ``filter_fn`` matching
+    {layer name: ‖X_j‖₂ for every column j of its (out, in) weight matrix}, a float32 (in,) tensor
+    (or (out, in) where rows read different inputs: a grouped conv, an embedding, an attention
+    in-projection; see :func:`parameter_sums_of_squares`) per ResuTensor parameter of a module
+    that ``filter_fn`` accepts, over all tokens (every leading dim) of every batch. The layer name
+    is the module's name for ``weight``, else ``module.param`` (``"lstm.weight_hh_l0"``), as in
+    :func:`resu_weights`; a tied weight is calibrated at its first owner only. No chosen layer (no ResuTensor weight, or ``filter_fn`` matching
     none) is a ``ValueError``. A batch is passed as ``model(batch)``, ``model(*batch)`` for a
     tuple/list, ``model(**batch)`` for a dict. Modules that saw no input are left out.
 
@@ -150,34 +177,38 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
     if not isinstance(batches, Iterable):
         raise TypeError(f"calibrate needs an iterable of batches, got {type(batches).__name__}")
     sharded = sharded_weights(model, filter_fn)
-    layers = [(name, module, None) for name, module, weight in resu_weights(model, filter_fn)]
-    layers += [(entry.module_name, entry.module, entry.param.shape[1]) for entry in sharded]
-    require_chosen(layers, model, filter_fn, "calibrate")  # norms of no layer would be an empty dict
+    chosen = [(entry.module_name, entry.module, entry.param_name) for entry in resu_parameters(model, filter_fn)]
+    chosen += [(entry.module_name, entry.module, entry.param_name) for entry in sharded]
+    require_chosen(chosen, model, filter_fn, "calibrate")  # norms of no layer would be an empty dict
+    # An attention's out_proj is called functionally (no hook of its own fires): its attention computes it.
+    attention_of = {f"{name}.out_proj" if name else "out_proj": (name, m) for name, m in model.named_modules()
+                    if isinstance(m, nn.MultiheadAttention)}
+    layers: dict[str, tuple[nn.Module, dict[str, str]]] = {}  # hooked module name: (module, {param name: layer name})
+    for module_name, module, param_name in chosen:
+        layer = layer_name(module_name, param_name)
+        if module_name in attention_of and param_name == "weight":
+            module_name, module = attention_of[module_name]
+            param_name = "out_proj.weight"
+        layers.setdefault(module_name, (module, {}))[1][param_name] = layer
     sums_of_squares: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str, in_features: Optional[int]):
+    def make_hook(name: str, names: dict[str, str]):
         def accumulate(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input")
-            if in_features is None:  # by module type (a sharded weight's module is a Linear: its full in_features)
-                try:
-                    squares = input_column_sums_of_squares(module, x)
-                except (TypeError, ValueError) as error:
-                    reason = str(error).removeprefix("input_column_norms: ").removeprefix(f"{type(module).__name__} ")
-                    raise ValueError(f"calibrate: module {name!r} {reason}") from None
-            elif not isinstance(x, torch.Tensor) or x.shape[-1:] != (in_features,):
-                raise ValueError(f"calibrate: module {name!r} expects inputs with {in_features} features, "
-                                 f"got {getattr(x, 'shape', type(x).__name__)}")
-            else:
-                squares = x.detach().reshape(-1, in_features).float().pow(2).sum(0)
-            if name in sums_of_squares:
-                sums_of_squares[name] += squares
-            else:
-                sums_of_squares[name] = squares
+            try:
+                squares = parameter_sums_of_squares(module, args, kwargs)
+            except (TypeError, ValueError) as error:
+                reason = str(error).removeprefix("input_column_norms: ").removeprefix(f"{type(module).__name__} ")
+                raise ValueError(f"calibrate: module {name!r} {reason}") from None
+            for param_name, layer in names.items():
+                if layer in sums_of_squares:
+                    sums_of_squares[layer] += squares[param_name]
+                else:
+                    sums_of_squares[layer] = squares[param_name]
         return accumulate
 
     training_flags = {module: module.training for module in model.modules()}
-    handles = [module.register_forward_pre_hook(make_hook(name, in_features), with_kwargs=True)
-               for name, module, in_features in layers]
+    handles = [module.register_forward_pre_hook(make_hook(name, names), with_kwargs=True)
+               for name, (module, names) in layers.items()]
     n_batches = 0
     try:
         model.eval()
@@ -190,12 +221,24 @@ def calibrate(model: nn.Module, batches: Iterable, filter_fn: Optional[FilterFn]
             handle.remove()
         for module, training in training_flags.items():
             module.training = training
+    if sharded:
+        _reshard(model)
     norms = {name: sums.sqrt() for name, sums in sums_of_squares.items()}
     if sharded:  # a rank without batches is caught by the ranks' differing layer names, on every rank
         return all_reduce_input_norms(norms)
     if n_batches == 0:
         raise ValueError("calibrate got no batches; pass at least one input batch")
     return norms
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 leaves the root module's parameters unsharded after a forward (a backward usually
+    follows); calibration runs no backward, so shard them again for the mode changes that follow."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def all_reduce_input_norms(norms: dict, group: Optional[dist.ProcessGroup] = None) -> dict:
@@ -219,7 +262,7 @@ def all_reduce_input_norms(norms: dict, group: Optional[dist.ProcessGroup] = Non
     squares = torch.cat([norms[n].float().reshape(-1).pow(2) for n in names])
     dist.all_reduce(squares, group=group)
     sizes = [norms[n].numel() for n in names]
-    return {n: part.sqrt() for n, part in zip(names, torch.split(squares, sizes))}
+    return {n: part.sqrt().view(norms[n].shape) for n, part in zip(names, torch.split(squares, sizes))}
 
 
 def input_norms_for(model: nn.Module, layer_names: list[str], calibration,
@@ -244,4 +287,4 @@ def input_norms_for(model: nn.Module, layer_names: list[str], calibration,
 
 
 __all__ = ["calibrate", "input_norms_for", "all_reduce_input_norms", "input_column_norms",
-           "input_column_sums_of_squares"]
+           "input_column_sums_of_squares", "parameter_sums_of_squares"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from resu_tensor.core.mode import Mode
 from resu_tensor.training.filters import replace_parameter_everywhere, resu_weights
+from resu_tensor.training.sharded import replace_shards_with_plain_, sharded_weights
 from resu_tensor.core.tensor import ResuTensor
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -28,13 +29,17 @@ SEMI_STRUCTURED_BACKENDS = (None, "cusparselt", "cutlass")
 
 def _committed_layers(model: nn.Module, filter_fn: Optional[FilterFn], action: str) -> list:
     layers = list(resu_weights(model, filter_fn))
-    open_phase = [f"{name or '<root>'} ({w.mode.value})" for name, _, w in layers
+    _check_committed([(name, w) for name, _, w in layers], action)
+    return layers
+
+
+def _check_committed(layers: list, action: str) -> None:
+    open_phase = [f"{name or '<root>'} ({w.mode.value})" for name, w in layers
                   if w.mode not in (Mode.DENSE, Mode.SPARSE)]
     if open_phase:
         raise ValueError(
             f"{action}: layer(s) {open_phase} hold uncommitted θ; export takes committed weights only. "
             "Call rt.commit_(model, strategy=...) first (or let the ResuScheduler finish its cycle)")
-    return layers
 
 
 def committed_weight(weight: ResuTensor) -> torch.Tensor:
@@ -53,6 +58,8 @@ def to_dense_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
     all) by a plain ``nn.Parameter`` holding M⊙W (a tied weight: one Parameter, every owner keeps it), keeping dtype, device and ``requires_grad``; the model
     then holds no tensor subclass and runs, saves and compiles like any other. Raises
     ``ValueError`` (changing nothing) if a layer is in RESU/QRESU: commit first. Returns the model.
+    Under FSDP2 each rank's shard becomes a plain tensor of its committed rows, in the same sharded
+    parameter (FSDP keeps sharding it); build a new optimizer afterwards.
 
     Example::
 
@@ -60,6 +67,9 @@ def to_dense_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
         torch.save(model.state_dict(), "dense.pt")
     """
     layers = _committed_layers(model, filter_fn, "to_dense_")
+    sharded = sharded_weights(model, filter_fn)  # FSDP2: each rank's shard becomes plain, still sharded
+    _check_committed([(entry.fqn, entry.shard) for entry in sharded], "to_dense_")
+    replace_shards_with_plain_(model, sharded, lambda w: w.to_logical(committed_weight(w)))
     replacements = [(w, nn.Parameter(w.to_logical(committed_weight(w)).contiguous(), requires_grad=w.requires_grad))
                     for _, _, w in layers]  # in the module's layout: conv N-D, Conv1D (in, out)
     for weight, dense in replacements:  # every owner of a tied weight gets the one new Parameter

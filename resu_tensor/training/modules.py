@@ -44,7 +44,8 @@ def _recurrent_weights(module: nn.RNNBase) -> tuple[str, ...]:
 class ModuleKind:
     """A module type whose parameters ``param_names(module)`` become ResuTensors; ``transposed``:
     they are stored (in, out); ``no_wanda``: why Wanda scores cannot be computed for them (None
-    when they can)."""
+    when they can: every row of the table; training/calibration.py and training/wanda_inputs.py
+    say what each column multiplies)."""
 
     name: str
     matches: Callable[[nn.Module], bool]
@@ -56,15 +57,10 @@ class ModuleKind:
 MODULE_KINDS = (
     ModuleKind("nn.Linear", lambda m: isinstance(m, nn.Linear), _weight),
     ModuleKind("nn.Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), _weight),
-    ModuleKind("nn.Embedding", lambda m: isinstance(m, nn.Embedding), _weight,
-               no_wanda="its input is token ids, not features"),
+    ModuleKind("nn.Embedding", lambda m: isinstance(m, nn.Embedding), _weight),
     ModuleKind("transformers Conv1D", is_hf_conv1d, _weight, transposed=True),
-    ModuleKind("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), _attention_weights,
-               no_wanda="its in-projection multiplies query, key and value, inputs that no forward hook sees "
-                        "separately"),
-    ModuleKind("nn.RNN/LSTM/GRU", lambda m: isinstance(m, (nn.RNN, nn.LSTM, nn.GRU)), _recurrent_weights,
-               no_wanda="its hidden-state and upper-layer inputs are computed inside the fused recurrent op, "
-                        "where no forward hook sees them"),
+    ModuleKind("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention), _attention_weights),
+    ModuleKind("nn.RNN/LSTM/GRU", lambda m: isinstance(m, (nn.RNN, nn.LSTM, nn.GRU)), _recurrent_weights),
 )
 
 
@@ -100,7 +96,7 @@ def wanda_unsupported_reason(module: nn.Module):
 
     Example::
 
-        wanda_unsupported_reason(nn.LSTM(4, 8))   # "its hidden-state and upper-layer inputs ..."
+        wanda_unsupported_reason(nn.LSTM(4, 8))   # None: calibrate re-runs the recurrence per layer
     """
     kind = module_kind(module)
     return None if kind is None else kind.no_wanda

@@ -1,7 +1,8 @@
 """FSDP2-sharded ResuTensor weights at model level: find them, gather whole layers, write rows back.
 
-``fully_shard`` keeps on each rank a ResuTensor of its row block, wrapped in FSDP's DTensor
-(core/fsdp_extension.py). Mode changes (prune, enter RESU/QRESU, commit/amnesty, subsets) are
+``fully_shard`` keeps on each rank a ResuTensor of its block of storage rows (an N-D conv
+weight's out-channels; a transposed (in, out) weight's columns, sharded with ``shard_placement``),
+wrapped in FSDP's DTensor (core/fsdp_extension.py). Mode changes (prune, enter RESU/QRESU, commit/amnesty, subsets) are
 whole-layer decisions, so the model-level functions (``rt.prune_``, ``rt.enter_resu_``,
 ``rt.commit_``, the ResuScheduler's phase changes) run inside :func:`full_weights`: every sharded
 ResuTensor is all-gathered into its full layer on every rank, presented as the module's weight,
@@ -38,15 +39,18 @@ class ShardedWeight:
         self.module_name, self.module, self.param_name, self.param = module_name, module, param_name, param
         placements = param.placements
         shard_dims = [i for i, p in enumerate(placements) if p.is_shard()]
-        if len(shard_dims) != 1 or placements[shard_dims[0]].dim != 0:
-            raise NotImplementedError(f"sharded ResuTensor {self.fqn!r}: only FSDP's Shard(0) over one mesh dimension "
-                                      f"(FSDP or HSDP) is supported, got placements {placements}")
+        row_dim = 1 if param._local_tensor.transposed else 0  # the logical dim over storage rows
+        if len(shard_dims) != 1 or placements[shard_dims[0]].dim != row_dim:
+            raise NotImplementedError(f"sharded ResuTensor {self.fqn!r}: only FSDP's Shard({row_dim}) (its storage "
+                                      f"rows) over one mesh dimension (FSDP or HSDP) is supported, got placements "
+                                      f"{placements}")
         mesh_dim = shard_dims[0]
         mesh = param.device_mesh
         self.group = mesh.get_group(mesh_dim)
         self.world = mesh.size(mesh_dim)
         self.rank = mesh.get_local_rank(mesh_dim)
-        self.padded_rows, self.rows = rows_per_rank(param.shape[0], self.world)
+        self.total_rows = param.shape[row_dim]
+        self.padded_rows, self.rows = rows_per_rank(self.total_rows, self.world)
         self.start = self.rank * self.padded_rows
 
     @property
@@ -82,7 +86,8 @@ def _check_fsdp_states_sharded(model: nn.Module) -> None:
                         getattr(fsdp_param, "sharded_state", ShardedState.SHARDED) != ShardedState.SHARDED:
                     raise RuntimeError(
                         f"sharded ResuTensor {fsdp_param._param_fqn or ''}: FSDP holds it unsharded now; change modes "
-                        "between optimizer steps (after backward), not between forward and backward"
+                        "between optimizer steps (after backward), not between forward and backward; after a forward "
+                        "without backward (evaluation) call model.reshard() first"
                     )
 
 
@@ -139,7 +144,7 @@ def _gather(entry: ShardedWeight) -> ResuTensor:
         parts = [torch.empty_like(as_bytes) for _ in range(entry.world)]
         dist.all_gather(parts, as_bytes, group=entry.group)
         gathered[name] = torch.cat([part[:n].view(f.dtype) for part, n in zip(parts, entry.rows)])
-    return from_row_fields(type(shard), row_attributes(shard), gathered, tuple(entry.param.shape))
+    return from_row_fields(type(shard), row_attributes(shard), gathered, (entry.total_rows, shard.storage_shape[1]))
 
 
 def optimizers_of(optimizer) -> list:
@@ -183,7 +188,8 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
         changed = []
         for entry in entries:
             full = entry.module._parameters[entry.param_name]
-            if not isinstance(full, ResuTensor) or tuple(full.shape) != tuple(entry.param.shape) or full.transposed:
+            if not isinstance(full, ResuTensor) or tuple(full.shape) != tuple(entry.param.shape) or \
+                    full.transposed != entry.shard.transposed:
                 raise TypeError(f"full_weights: {entry.fqn!r} was replaced inside the block by "
                                 f"{type(full).__name__}; change the ResuTensor in place (prune, enter_resu, commit)")
             if full.selective is not None:
@@ -205,6 +211,47 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
         reset_optimizer_state_(o, model)
 
 
+def _fsdp_param_of(model: nn.Module, param: DTensor):
+    """FSDP's record (``FSDPParam``) of the sharded parameter ``param`` (FSDP internals)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                if fsdp_param.sharded_param is param:
+                    return fsdp_param
+    raise RuntimeError("to_dense_: found no FSDP record of a sharded ResuTensor parameter (is the model fully_shard-ed "
+                       "by this torch version's FSDP2?)")
+
+
+def replace_shards_with_plain_(model: nn.Module, entries: list[ShardedWeight], local_of) -> None:
+    """Make each sharded ResuTensor of ``entries`` a plain FSDP2 parameter: the same DTensor (FSDP,
+    ties and the module keep referring to it) whose local tensor becomes ``local_of(shard)``, a
+    plain tensor of the shard's logical shape; FSDP then all-gathers it like any parameter. Its
+    ``.grad`` is dropped (optimizer state made for the ResuTensor is stale: build a new optimizer).
+
+    Example::
+
+        replace_shards_with_plain_(model, sharded_weights(model), lambda t: t.dequantize())
+    """
+    records = [_fsdp_param_of(model, entry.param) for entry in entries]
+    locals_ = [local_of(entry.shard) for entry in entries]  # all computed before any change
+    for entry, record, local in zip(entries, records, locals_):
+        if tuple(local.shape) != tuple(entry.shard.shape):
+            raise ValueError(f"replace_shards_with_plain_: {entry.fqn!r} got a local tensor of shape "
+                             f"{tuple(local.shape)} for a shard of shape {tuple(entry.shard.shape)}")
+        entry.param.grad = None
+        entry.param._local_tensor = local.contiguous()
+        record.reset_sharded_param()  # FSDP re-pads the shard and keeps its flat data, as after load_state_dict
+
+
 def check_gatherable_options(options: dict, probe_fn=None) -> None:
     """Refuse, before any layer is gathered, mode-change options that FSDP2-sharded weights do
     not support: RESU-Selective's consistency filter and subsets ranked by a probe backward."""
@@ -217,4 +264,4 @@ def check_gatherable_options(options: dict, probe_fn=None) -> None:
 
 
 __all__ = ["ShardedWeight", "sharded_weights", "full_tensor", "full_weights", "optimizers_of",
-           "check_gatherable_options", "SELECTIVE_UNSUPPORTED_SHARDED", "slice_rows"]
+           "check_gatherable_options", "SELECTIVE_UNSUPPORTED_SHARDED", "slice_rows", "replace_shards_with_plain_"]
