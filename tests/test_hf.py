@@ -15,7 +15,7 @@ from torchao.quantization import quantize_
 
 import resu_tensor as rt
 
-safetensors = pytest.importorskip("safetensors")
+pytest.importorskip("safetensors")
 import safetensors.torch  # noqa: E402
 from resu_tensor.integrations import (enable_flat_state_dict, load_resu_safetensors,  # noqa: E402
                                       save_resu_safetensors)
