@@ -5,6 +5,12 @@
 the same runs, so its numbers match these).
 
     python -m benchmarks.quality.mnist1d [--out benchmarks/results/mnist1d.json] [--plot docs/mnist1d_accuracy.png]
+    python -m benchmarks.quality.mnist1d --sparsities 0.9          # one column of the grid
+    python -m benchmarks.quality.mnist1d --ablation resu_constant resu_carry_state   # RESU variants vs RESU
+
+``--ablation NAME ...`` runs the RESU variants of ``harness.ABLATION_OPTIONS`` next to plain RESU
+(sparsity 0.9 unless ``--sparsities``) and merges them into ``benchmarks/results/mnist1d_ablation.json``
+(``all``: every variant); a variant run again replaces its earlier runs there.
 """
 import argparse
 import json
@@ -17,29 +23,82 @@ from benchmarks.quality.plot import plot_accuracy
 from benchmarks.quality import mnist1d_harness as harness
 
 
+DEFAULT_OUT = Path("benchmarks/results/mnist1d.json")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist1d.json"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT} ({ABLATION_OUT} with --ablation)")
     p.add_argument("--plot", default="docs/mnist1d_accuracy.png", help="PNG path ('' for none)")
     p.add_argument("--jobs", type=int, default=min(2, harness.available_cpus()))
     p.add_argument("--steps", type=int, default=harness.STEPS)
     p.add_argument("--methods", nargs="+", choices=harness.METHODS + harness.ABLATIONS, default=list(harness.METHODS))
+    p.add_argument("--sparsities", nargs="+", type=float, default=None,
+                   help=f"default {harness.FULL['sparsities']} ({ABLATION_SPARSITIES} with --ablation)")
+    p.add_argument("--ablation", nargs="+", choices=("all",) + harness.ABLATIONS, default=None, metavar="NAME",
+                   help="RESU variants to run next to RESU: " + ", ".join(harness.ABLATIONS))
     args = p.parse_args(argv)
-    grid = harness.FULL
+    if args.ablation:
+        return ablation(args)
+    grid = {**harness.FULL, "sparsities": args.sparsities or harness.FULL["sparsities"]}
     specs = harness.make_specs(grid["archs"], args.methods, grid["sparsities"], grid["seeds"], args.steps)
-    config = {**grid, "methods": args.methods, "steps": args.steps, "lr": harness.LR, "batch_size": harness.BATCH_SIZE,
-              "optimizer": "AdamW", "jobs": args.jobs, "threads_per_job": 1, "torch": torch.__version__,
-              "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-              "cpus": harness.available_cpus()}
-    results = {"config": config, **harness.compare(specs, args.jobs)}
-    print("\n" + harness.format_table(results["summary"]) + "\n\n" + harness.TABLE_NOTE)
-    print(f"\n{len(specs)} runs in {results['wall_s']:.0f} s with {args.jobs} worker(s) "
-          f"({results['cpu_s']:.0f} CPU s in the runs)")
+    results = {"config": run_config(grid, args.methods, args), **harness.compare(specs, args.jobs)}
+    report(results, specs, args.jobs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     if args.plot:
         plot_accuracy(results["summary"], args.plot)
     return results
+
+
+ABLATION_SPARSITIES = [0.9]
+ABLATION_OUT = Path("benchmarks/results/mnist1d_ablation.json")
+
+
+def run_config(grid: dict, methods: list, args) -> dict:
+    return {**grid, "methods": methods, "steps": args.steps, "lr": harness.LR, "batch_size": harness.BATCH_SIZE,
+            "optimizer": "AdamW", "jobs": args.jobs, "threads_per_job": 1, "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            "cpus": harness.available_cpus(), "library_commit": library_commit()}
+
+
+def library_commit() -> str:
+    """The checkout's commit (+ "-dirty" with uncommitted changes): which defaults a run used."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def ablation(args) -> dict:
+    """Plain RESU and the named variants on the full grid's archs and seeds; merged into the
+    ablation JSON (this call's runs replace any of the same arch, method, sparsity and seed)."""
+    names = list(harness.ABLATIONS) if "all" in args.ablation else args.ablation
+    methods = ["resu", *names]
+    grid = {**harness.FULL, "sparsities": args.sparsities or ABLATION_SPARSITIES}
+    specs = harness.make_specs(grid["archs"], methods, grid["sparsities"], grid["seeds"], args.steps)
+    fresh = harness.compare(specs, args.jobs)
+    out = args.out if args.out != DEFAULT_OUT else ABLATION_OUT
+    key = lambda r: (r["arch"], r["method"], r["sparsity"], r["seed"], r["steps"])  # noqa: E731
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    new_keys = {key(r) for r in fresh["runs"]}
+    runs = [r for r in runs if key(r) not in new_keys] + fresh["runs"]
+    results = {"config": run_config(grid, sorted({r["method"] for r in runs}), args), "runs": runs,
+               "summary": harness.summarize(runs), "wall_s": fresh["wall_s"], "cpu_s": fresh["cpu_s"]}
+    report({**results, "summary": fresh["summary"]}, specs, args.jobs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def report(results: dict, specs: list, jobs: int) -> None:
+    print("\n" + harness.format_table(results["summary"]) + "\n\n" + harness.TABLE_NOTE)
+    print(f"\n{len(specs)} runs in {results['wall_s']:.0f} s with {jobs} worker(s) "
+          f"({results['cpu_s']:.0f} CPU s in the runs)")
 
 
 if __name__ == "__main__":

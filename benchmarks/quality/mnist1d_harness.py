@@ -24,12 +24,43 @@ import resu_tensor as rt
 # the dense models on a held-out 500 of the training set; see docs/results.md).
 LR, BATCH_SIZE, STEPS = 1e-2, 128, 2000
 METHODS = ("dense", "oneshot", "gmp", "rigl", "set", "resu", "resu_selective", "qresu4")
-# The RESU schedule with a plain magnitude commit (θ compete with W_A on |W|), and with amnesty's
-# reservation r = 0 (no θ ever comes back: the schedule's pauses without resurrection).
-ABLATIONS = ("resu_magnitude", "resu_no_resurrection")
+# RESU variants, each one change to the ``resu`` run (extra ScheduleConfig fields; ``cycles`` is the
+# harness's cycle count): what ``python -m benchmarks.quality.mnist1d --ablation NAME`` compares.
+ABLATION_OPTIONS = {
+    # commit: a plain magnitude re-prune (θ compete with W_A on |W|); amnesty's reservation r = 0
+    # (no θ ever comes back: the schedule's pauses without resurrection)
+    "resu_magnitude": dict(commit_strategy="magnitude"),
+    "resu_no_resurrection": dict(r_start=0.0, r_end=0.0),
+    # the sparsity schedule across cycles: the target from cycle 0 on, instead of the cubic
+    "resu_constant": dict(sparsity_schedule="constant"),
+    # the final fine-tuning after the last commit (every baseline keeps FINETUNE_FRACTION)
+    "resu_finetune_0.1": dict(final_finetune_fraction=0.1),
+    "resu_finetune_0.4": dict(final_finetune_fraction=0.4),
+    # optimizer state at commit: θ's AdamW state carried into the resurrected coordinates
+    "resu_carry_state": dict(commit_optimizer_state="carry"),
+    # amnesty: r(c) as a cap on the θ admitted, each one only where it beats the weight it displaces
+    "resu_beats_weakest": dict(commit_admit="beats_weakest"),
+    # the active weights train alongside θ in the RESU phase
+    "resu_train_active": dict(freeze_active=False),
+    # θ's initial scale
+    "resu_epsilon_0.01": dict(epsilon=0.01),
+    "resu_epsilon_1": dict(epsilon=1.0),
+    # cycles and the RESU phase's share of each cycle
+    "resu_cycles_2": dict(cycles=2),
+    "resu_cycles_5": dict(cycles=5),
+    "resu_fraction_0.2": dict(resu_fraction=0.2),
+    "resu_fraction_0.6": dict(resu_fraction=0.6),
+    # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
+    "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
+    "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
+}
+ABLATIONS = tuple(ABLATION_OPTIONS)
 LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "rigl": "RigL", "set": "SET",
           "resu": "RESU (amnesty)", "resu_selective": "RESU-Selective", "qresu4": "QRESU-4",
-          "resu_magnitude": "RESU (magn. commit)", "resu_no_resurrection": "RESU (r = 0)"}
+          "resu_magnitude": "RESU (magn. commit)", "resu_no_resurrection": "RESU (r = 0)",
+          **{name: "RESU " + ", ".join(f"{k}={v}" for k, v in opts.items() if k != "selective") +
+             (f"selective {opts['selective'].select}/{opts['selective'].tau}" if "selective" in opts else "")
+             for name, opts in ABLATION_OPTIONS.items() if name not in ("resu_magnitude", "resu_no_resurrection")}}
 FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
 
 
@@ -154,8 +185,9 @@ FINETUNE_FRACTION = 0.25
 
 def scheduled(tr: Trainer, sparsity: float, seed: int, method: str, **options) -> rt.ResuScheduler:
     """Train the whole run under ``rt.ScheduleConfig(method=method, ...)``; returns the scheduler."""
-    config = rt.ScheduleConfig(method=method, total_steps=tr.total_steps, sparsity=sparsity,
-                               final_finetune_fraction=FINETUNE_FRACTION, seed=seed, progress=False, **options)
+    options = {"final_finetune_fraction": FINETUNE_FRACTION, **options}
+    config = rt.ScheduleConfig(method=method, total_steps=tr.total_steps, sparsity=sparsity, seed=seed,
+                               progress=False, **options)
     probe = (lambda m: F.cross_entropy(m(tr.last_batch[0]), tr.last_batch[1])) if method == "rigl" else None
     scheduler = rt.ResuScheduler(tr.model, tr.optimizer, config, probe_fn=probe)
     tr.train_until(tr.total_steps, after=scheduler.step)
@@ -211,8 +243,7 @@ METHOD_FNS = {
     "dense": dense, "oneshot": one_shot, "gmp": gmp, "rigl": rigl, "set": set_, "resu": resu,
     "resu_selective": functools.partial(resu, selective=rt.SelectiveConfig()),
     "qresu4": functools.partial(resu, quantize_bits=4),
-    "resu_magnitude": functools.partial(resu, commit_strategy="magnitude"),
-    "resu_no_resurrection": functools.partial(resu, r_start=0.0, r_end=0.0),
+    **{name: functools.partial(resu, **options) for name, options in ABLATION_OPTIONS.items()},
 }
 
 
