@@ -36,6 +36,7 @@ ABLATION_OPTIONS = {
     # the final fine-tuning after the last commit (every baseline keeps FINETUNE_FRACTION)
     "resu_finetune_0.1": dict(final_finetune_fraction=0.1),
     "resu_finetune_0.4": dict(final_finetune_fraction=0.4),
+    "resu_finetune_0.5": dict(final_finetune_fraction=0.5),
     # optimizer state at commit: θ's AdamW state carried into the resurrected coordinates
     "resu_carry_state": dict(commit_optimizer_state="carry"),
     # amnesty: r(c) as a cap on the θ admitted, each one only where it beats the weight it displaces
