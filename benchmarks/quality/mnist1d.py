@@ -9,7 +9,7 @@ the same runs, so its numbers match these).
     python -m benchmarks.quality.mnist1d --ablation resu_constant resu_carry_state   # RESU variants vs RESU
 
 ``--ablation NAME ...`` runs the RESU variants of ``harness.ABLATION_OPTIONS`` next to plain RESU
-(sparsity 0.9 unless ``--sparsities``) and merges them into ``benchmarks/results/mnist1d_ablation.json``
+(and ``harness.BASELINE_VARIANTS`` next to their baseline; sparsity 0.9 unless ``--sparsities``) and merges them into ``benchmarks/results/mnist1d_ablation.json``
 (``all``: every variant); a variant run again replaces its earlier runs there.
 """
 import argparse
@@ -75,10 +75,10 @@ def library_commit() -> str:
 
 
 def ablation(args) -> dict:
-    """Plain RESU and the named variants on the full grid's archs and seeds; merged into the
+    """The named variants and the methods they vary (RESU, GMP) on the full grid's archs and seeds; merged into the
     ablation JSON (this call's runs replace any of the same arch, method, sparsity and seed)."""
     names = list(harness.ABLATIONS) if "all" in args.ablation else args.ablation
-    methods = ["resu", *names]
+    methods = sorted({harness.ABLATION_BASE[name] for name in names}) + names
     grid = {**harness.FULL, "sparsities": args.sparsities or ABLATION_SPARSITIES}
     specs = harness.make_specs(grid["archs"], methods, grid["sparsities"], grid["seeds"], args.steps)
     fresh = harness.compare(specs, args.jobs)

@@ -55,13 +55,17 @@ ABLATION_OPTIONS = {
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
 }
-ABLATIONS = tuple(ABLATION_OPTIONS)
+# Baseline variants, to check that a RESU setting that wins is not one the baseline gains from as much.
+BASELINE_VARIANTS = {"gmp_finetune_0.4": ("gmp", dict(final_finetune_fraction=0.4))}
+ABLATIONS = tuple(ABLATION_OPTIONS) + tuple(BASELINE_VARIANTS)
+ABLATION_BASE = {**{name: "resu" for name in ABLATION_OPTIONS}, **{n: m for n, (m, _) in BASELINE_VARIANTS.items()}}
 LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "rigl": "RigL", "set": "SET",
           "resu": "RESU (amnesty)", "resu_selective": "RESU-Selective", "qresu4": "QRESU-4",
           "resu_magnitude": "RESU (magn. commit)", "resu_no_resurrection": "RESU (r = 0)",
           **{name: "RESU " + ", ".join(f"{k}={v}" for k, v in opts.items() if k != "selective") +
              (f"selective {opts['selective'].select}/{opts['selective'].tau}" if "selective" in opts else "")
-             for name, opts in ABLATION_OPTIONS.items() if name not in ("resu_magnitude", "resu_no_resurrection")}}
+             for name, opts in ABLATION_OPTIONS.items() if name not in ("resu_magnitude", "resu_no_resurrection")},
+          "gmp_finetune_0.4": "GMP final_finetune_fraction=0.4"}
 FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
 
 
@@ -201,11 +205,13 @@ def one_shot(tr: Trainer, sparsity: float, seed: int) -> dict:
     return {}
 
 
-def gmp(tr: Trainer, sparsity: float, seed: int, start: float = 0.2, events: int = 10) -> dict:
+def gmp(tr: Trainer, sparsity: float, seed: int, start: float = 0.2, events: int = 10,
+        final_finetune_fraction: float = FINETUNE_FRACTION) -> dict:
     """Gradual magnitude pruning (Zhu & Gupta 2017): ``events`` magnitude prunes along the cubic
-    from 0 to ``sparsity`` over [start, 0.75] of the run, then sparse fine-tuning."""
-    window = (1 - FINETUNE_FRACTION - start) * tr.total_steps
-    scheduled(tr, sparsity, seed, "gmp", prune_start_fraction=start, update_every=max(1, round(window / events)))
+    from 0 to ``sparsity`` over [start, 1 − final_finetune_fraction] of the run, then sparse fine-tuning."""
+    window = (1 - final_finetune_fraction - start) * tr.total_steps
+    scheduled(tr, sparsity, seed, "gmp", prune_start_fraction=start, update_every=max(1, round(window / events)),
+              final_finetune_fraction=final_finetune_fraction)
     return {}
 
 
@@ -246,6 +252,8 @@ METHOD_FNS = {
     "qresu4": functools.partial(resu, quantize_bits=4),
     **{name: functools.partial(resu, **options) for name, options in ABLATION_OPTIONS.items()},
 }
+METHOD_FNS.update({name: functools.partial(METHOD_FNS[method], **options)
+                   for name, (method, options) in BASELINE_VARIANTS.items()})
 
 
 # ============================================================================ running a grid
