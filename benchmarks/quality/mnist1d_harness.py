@@ -51,6 +51,10 @@ ABLATION_OPTIONS = {
     "resu_cycles_5": dict(cycles=5),
     "resu_fraction_0.2": dict(resu_fraction=0.2),
     "resu_fraction_0.6": dict(resu_fraction=0.6),
+    # combinations of the settings above that won alone
+    "resu_constant_finetune_0.4": dict(sparsity_schedule="constant", final_finetune_fraction=0.4),
+    "resu_cycles_5_finetune_0.4": dict(cycles=5, final_finetune_fraction=0.4),
+    "resu_constant_cycles_5_finetune_0.4": dict(sparsity_schedule="constant", cycles=5, final_finetune_fraction=0.4),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
