@@ -6,6 +6,7 @@ the same runs, so its numbers match these).
 
     python -m benchmarks.quality.mnist1d [--out benchmarks/results/mnist1d.json] [--plot docs/mnist1d_accuracy.png]
     python -m benchmarks.quality.mnist1d --sparsities 0.9          # one column of the grid
+    python -m benchmarks.quality.mnist1d --sparsities 0.9 --methods resu --merge   # rerun RESU's runs alone
     python -m benchmarks.quality.mnist1d --ablation resu_constant resu_carry_state   # RESU variants vs RESU
 
 ``--ablation NAME ...`` runs the RESU variants of ``harness.ABLATION_OPTIONS`` next to plain RESU
@@ -37,13 +38,15 @@ def main(argv=None) -> dict:
                    help=f"default {harness.FULL['sparsities']} ({ABLATION_SPARSITIES} with --ablation)")
     p.add_argument("--ablation", nargs="+", choices=("all",) + harness.ABLATIONS, default=None, metavar="NAME",
                    help="RESU variants to run next to RESU: " + ", ".join(harness.ABLATIONS))
+    p.add_argument("--merge", action="store_true", help="add the runs to --out's (a rerun replaces its earlier runs)")
     args = p.parse_args(argv)
     if args.ablation:
         return ablation(args)
     grid = {**harness.FULL, "sparsities": args.sparsities or harness.FULL["sparsities"]}
     specs = harness.make_specs(grid["archs"], args.methods, grid["sparsities"], grid["seeds"], args.steps)
-    results = {"config": run_config(grid, args.methods, args), **harness.compare(specs, args.jobs)}
-    report(results, specs, args.jobs)
+    fresh = harness.compare(specs, args.jobs)
+    report(fresh, specs, args.jobs)
+    results = merged(args.out, fresh, grid, args) if args.merge else {"config": run_config(grid, args.methods, args), **fresh}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     if args.plot:
@@ -83,16 +86,26 @@ def ablation(args) -> dict:
     specs = harness.make_specs(grid["archs"], methods, grid["sparsities"], grid["seeds"], args.steps)
     fresh = harness.compare(specs, args.jobs)
     out = args.out if args.out != DEFAULT_OUT else ABLATION_OUT
+    results = merged(out, fresh, grid, args)
+    report(fresh, specs, args.jobs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def merged(out: Path, fresh: dict, grid: dict, args) -> dict:
+    """``out``'s runs (if it exists) with ``fresh``'s added; a fresh run replaces one of the same
+    arch, method, sparsity, seed and steps. Each run keeps the library commit it ran on."""
+    commit = library_commit()
+    for r in fresh["runs"]:
+        r["library_commit"] = commit
     key = lambda r: (r["arch"], r["method"], r["sparsity"], r["seed"], r["steps"])  # noqa: E731
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     new_keys = {key(r) for r in fresh["runs"]}
     runs = [r for r in runs if key(r) not in new_keys] + fresh["runs"]
-    results = {"config": run_config(grid, sorted({r["method"] for r in runs}), args), "runs": runs,
-               "summary": harness.summarize(runs), "wall_s": fresh["wall_s"], "cpu_s": fresh["cpu_s"]}
-    report({**results, "summary": fresh["summary"]}, specs, args.jobs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    return results
+    grid = {**grid, "sparsities": sorted({r["sparsity"] for r in runs} - {0.0})}
+    return {"config": run_config(grid, sorted({r["method"] for r in runs}), args), "runs": runs,
+            "summary": harness.summarize(runs), "wall_s": fresh["wall_s"], "cpu_s": fresh["cpu_s"]}
 
 
 def report(results: dict, specs: list, jobs: int) -> None:
