@@ -38,6 +38,7 @@ def main(argv=None) -> dict:
                    help=f"default {harness.FULL['sparsities']} ({ABLATION_SPARSITIES} with --ablation)")
     p.add_argument("--ablation", nargs="+", choices=("all",) + harness.ABLATIONS, default=None, metavar="NAME",
                    help="RESU variants to run next to RESU: " + ", ".join(harness.ABLATIONS))
+    p.add_argument("--rerun-base", action="store_true", help="--ablation: run the base methods again")
     p.add_argument("--merge", action="store_true", help="add the runs to --out's (a rerun replaces its earlier runs)")
     args = p.parse_args(argv)
     if args.ablation:
@@ -66,12 +67,15 @@ def run_config(grid: dict, methods: list, args) -> dict:
 
 
 def library_commit() -> str:
-    """The checkout's commit (+ "-dirty" with uncommitted changes): which defaults a run used."""
+    """The last commit that changed the library (``resu_tensor/``; + "-dirty" with uncommitted
+    changes there): which code and defaults a run used."""
     import subprocess
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        head = subprocess.run(["git", "log", "-1", "--format=%h", "--", "resu_tensor"], capture_output=True,
+                              text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "resu_tensor"],
+                               capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -81,11 +85,18 @@ def ablation(args) -> dict:
     """The named variants and the methods they vary (RESU, GMP) on the full grid's archs and seeds; merged into the
     ablation JSON (this call's runs replace any of the same arch, method, sparsity and seed)."""
     names = list(harness.ABLATIONS) if "all" in args.ablation else args.ablation
-    methods = sorted({harness.ABLATION_BASE[name] for name in names}) + names
     grid = {**harness.FULL, "sparsities": args.sparsities or ABLATION_SPARSITIES}
+    out = args.out if args.out != DEFAULT_OUT else ABLATION_OUT
+    # a base method already measured there on this grid is not run again (--rerun-base: it is;
+    # needed after a change of the library's defaults)
+    done = {(r["arch"], r["method"], r["sparsity"], r["seed"], r["steps"])
+            for r in (json.loads(out.read_text())["runs"] if out.exists() and not args.rerun_base else [])}
+    bases = [m for m in sorted({harness.ABLATION_BASE[name] for name in names})
+             if not all((a, m, s, seed, args.steps) in done
+                        for a in grid["archs"] for s in grid["sparsities"] for seed in grid["seeds"])]
+    methods = bases + names
     specs = harness.make_specs(grid["archs"], methods, grid["sparsities"], grid["seeds"], args.steps)
     fresh = harness.compare(specs, args.jobs)
-    out = args.out if args.out != DEFAULT_OUT else ABLATION_OUT
     results = merged(out, fresh, grid, args)
     report(fresh, specs, args.jobs)
     out.parent.mkdir(parents=True, exist_ok=True)
