@@ -55,7 +55,7 @@ def test_summary_mean_and_std_over_seeds():
 def test_every_ablation_reaches_the_sparsity(name):
     result = run(name, steps=60)
     assert result["final_sparsity"] == pytest.approx(0.6, abs=1e-3)
-    assert ("resurrected" in result) == (harness.ABLATION_BASE[name] == "resu")
+    assert ("resurrected" in result) == (harness.ABLATION_BASE[name] == "resu_dev")
     assert name in harness.LABELS
 
 
@@ -65,11 +65,11 @@ def test_ablation_cli_merges_its_runs_into_the_json(tmp_path):
     out = tmp_path / "ablation.json"
     argv = ["--ablation", "resu_constant", "--steps", "30", "--jobs", "1", "--out", str(out)]
     first = mnist1d.main(argv)
-    assert {r["method"] for r in first["runs"]} == {"resu", "resu_constant"} and len(first["runs"]) == 12
+    assert {r["method"] for r in first["runs"]} == {"resu_dev", "resu_constant"} and len(first["runs"]) == 12
     second = mnist1d.main(["--ablation", "resu_epsilon_0.01", "--steps", "30", "--jobs", "1", "--out", str(out)])
-    # the rerun of plain RESU replaces its runs (deterministic: same accuracies); the new variant is added
-    assert len(second["runs"]) == 18 and {r["method"] for r in second["runs"]} == {"resu", "resu_constant",
+    # the base, already there, is not run again; the new variant is added
+    assert len(second["runs"]) == 18 and {r["method"] for r in second["runs"]} == {"resu_dev", "resu_constant",
                                                                                   "resu_epsilon_0.01"}
-    resu = lambda runs: sorted((r["arch"], r["seed"], r["accuracy"]) for r in runs if r["method"] == "resu")  # noqa: E731
+    resu = lambda runs: sorted((r["arch"], r["seed"], r["accuracy"]) for r in runs if r["method"] == "resu_dev")  # noqa: E731
     assert resu(first["runs"]) == resu(second["runs"])
-    assert {r["method"] for r in second["summary"]} == {"resu", "resu_constant", "resu_epsilon_0.01"}
+    assert {r["method"] for r in second["summary"]} == {"resu_dev", "resu_constant", "resu_epsilon_0.01"}

@@ -49,12 +49,12 @@ def accuracy_table(runs: list[dict], sparsity: float) -> str:
 
 def ablation_table(runs: list[dict], sparsity: float) -> str:
     """One row per variant: mean accuracy per arch and its difference from its base method
-    (plain RESU, or GMP for a GMP variant) seed by seed."""
+    (``resu_dev``, or GMP for a GMP variant) seed by seed."""
     from benchmarks.quality.mnist1d_harness import ABLATION_BASE
 
     seeds = sorted({r["seed"] for r in runs})
     lines = ["| variant | MLP mean | MLP Δ per seed | CNN mean | CNN Δ per seed |", "|---|---|---|---|---|"]
-    names = ["resu", "gmp"] + [n for n in ABLATION_BASE if any(r["method"] == n for r in runs)]
+    names = ["resu_dev", "gmp"] + [n for n in ABLATION_BASE if n != "resu_dev" and any(r["method"] == n for r in runs)]
     for name in names:
         cells = []
         for arch in ("mlp", "cnn"):
@@ -64,7 +64,7 @@ def ablation_table(runs: list[dict], sparsity: float) -> str:
                 cells += ["", ""]
                 continue
             cells.append(f"{statistics.fmean(acc.values()):.3f}")
-            cells.append("" if name in ("resu", "gmp") else
+            cells.append("" if name in ("resu_dev", "gmp") else
                          "/".join(f"{acc[s] - base[s]:+.3f}" for s in seeds if s in acc and s in base))
         if any(cells):
             lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
