@@ -327,3 +327,75 @@ layers.0.attn.q_proj            3                 1              1              
 fc                           1840               208            208                 1840    2048         2048                       205
 --------------------  -----------  ----------------  -------------  -------------------  ------  -----------  ------------------------
 total                        1843               209            209                 1843    2052         2052                       206""")
+
+
+# --- admit="beats_weakest": r(c) as a cap -----------------------------------------------------------------
+
+
+def reference_capped(scores, old_mask, sparsity, ratio):
+    """Kept flat indices: walk every coordinate by (-score, index), taking each active one and each
+    resurrected one while fewer than the cap are taken, until n_keep; fill any shortfall (too few
+    active weights) with the next resurrected ones."""
+    values, was_active = scores.reshape(-1).tolist(), old_mask.reshape(-1).tolist()
+    numel = len(values)
+    n_keep = numel - round(sparsity * numel)
+    cap = min(round(ratio * n_keep), numel - sum(was_active))
+    kept, taken = [], 0
+    order = sorted(range(numel), key=lambda i: (-values[i], i))
+    for i in order:
+        if len(kept) == n_keep:
+            break
+        if was_active[i] or taken < cap:
+            kept.append(i)
+            taken += not was_active[i]
+    kept += [i for i in order if not was_active[i] and i not in kept][:n_keep - len(kept)]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("trial", range(30))
+def test_beats_weakest_matches_the_capped_reference_on_random_inputs(trial):
+    generator = torch.Generator().manual_seed(100 + trial)
+    shape = (int(torch.randint(1, 9, (), generator=generator)), int(torch.randint(1, 33, (), generator=generator)))
+    scores = torch.rand(shape, generator=generator) if trial % 2 else torch.randint(0, 4, shape, generator=generator).float()
+    old = torch.rand(shape, generator=generator) < float(torch.rand((), generator=generator))
+    sparsity = float(torch.rand((), generator=generator)) * 0.99
+    ratio = float(torch.rand((), generator=generator))
+    mask, stats = amnesty_mask(scores, old, sparsity, ratio, admit="beats_weakest")
+    n_keep = scores.numel() - round(sparsity * scores.numel())
+    assert flat_true(mask) == reference_capped(scores, old, sparsity, ratio)
+    assert int(mask.sum()) == stats.budget_used == n_keep
+    assert stats.resurrected_kept == int((mask & ~old).sum()) and stats.active_kept == int((mask & old).sum())
+    # the cap holds whenever there are active weights enough to fill the rest
+    if int(old.sum()) >= n_keep - stats.reserved_for_resurrected:
+        assert stats.resurrected_kept <= stats.reserved_for_resurrected
+        # every kept resurrected coordinate scores at least as high as every dropped active weight
+        kept_theta, dropped_active = scores[mask & ~old], scores[~mask & old]
+        if kept_theta.numel() and dropped_active.numel():
+            assert kept_theta.min() >= dropped_active.max()
+    # never more resurrected than the quota rule keeps, and the same whenever θ win on score
+    quota_mask, quota = amnesty_mask(scores, old, sparsity, ratio)
+    assert stats.resurrected_kept <= quota.resurrected_kept
+
+
+def test_beats_weakest_keeps_the_old_active_set_when_no_theta_outscores_it():
+    generator = torch.Generator().manual_seed(7)
+    old = torch.rand(16, 32, generator=generator) < 0.5
+    scores = torch.where(old, 1.0 + torch.rand(16, 32, generator=generator), 0.5 * torch.rand(16, 32, generator=generator))
+    sparsity = 1 - int(old.sum()) / old.numel()
+    mask, stats = amnesty_mask(scores, old, sparsity, ratio=0.3, admit="beats_weakest")
+    assert torch.equal(mask, old) and stats.resurrected_kept == 0 and stats.reserved_for_resurrected > 0
+    quota_mask, quota = amnesty_mask(scores, old, sparsity, ratio=0.3)  # the quota admits them anyway
+    assert quota.resurrected_kept == quota.reserved_for_resurrected > 0
+    # θ that do outscore the weakest active weights are admitted, up to the cap
+    scores[~old] += 1.0
+    mask, stats = amnesty_mask(scores, old, sparsity, ratio=0.3, admit="beats_weakest")
+    assert 0 < stats.resurrected_kept <= stats.reserved_for_resurrected
+
+
+def test_beats_weakest_with_nm_stays_nm_and_rejects_unknown_rules():
+    generator = torch.Generator().manual_seed(3)
+    scores, old = torch.rand(8, 16, generator=generator), torch.rand(8, 16, generator=generator) < 0.5
+    mask, stats = amnesty_mask(scores, old, 0.5, 0.25, nm=(2, 4), admit="beats_weakest")
+    assert (mask.view(8, 4, 4).sum(-1) == 2).all()
+    with pytest.raises(ValueError, match="unknown admit rule 'best'; accepted: quota, beats_weakest"):
+        amnesty_mask(scores, old, 0.5, 0.25, admit="best")

@@ -175,7 +175,7 @@ def test_one_shot_prunes_once(warmup):
 # ---------------------------------------------------------------------------- shared layout
 @pytest.mark.parametrize("method", ["one_shot", "gmp", "rigl", "set", "resu"])
 def test_final_finetune_keeps_the_mask_and_reaches_the_target(method):
-    finetune = round(0.1 * TOTAL)
+    finetune = round((0.4 if method == "resu" else 0.1) * TOTAL)  # the default: 0.4 for RESU, 0.1 for the others
     options = {"num_cycles": 2} if method == "resu" else {}
     masks = {}
 
@@ -201,8 +201,8 @@ def test_config_picks_the_method_by_one_value():
     for method in ("one_shot", "gmp", "rigl", "set"):
         config = rt.ScheduleConfig(method=method, total_steps=1000, sparsity=0.9)
         assert (config.finetune_steps, config.mask_steps) == (100, 900)
-    resu = rt.ScheduleConfig(total_steps=1000, num_cycles=4, sparsity=0.9)
-    assert (resu.steps_per_cycle, resu.finetune_steps) == (225, 100)
+    resu = rt.ScheduleConfig(total_steps=1000, num_cycles=4, sparsity=0.9)  # RESU's default fine-tuning: 0.4
+    assert (resu.steps_per_cycle, resu.finetune_steps) == (150, 400)
     with pytest.raises(ValueError, match="unknown method 'lth'"):
         rt.ScheduleConfig(method="lth", total_steps=10)
     with pytest.raises(ValueError, match="needs total_steps"):

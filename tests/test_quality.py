@@ -49,3 +49,27 @@ def test_summary_mean_and_std_over_seeds():
     assert row["accuracy_mean"] == pytest.approx(0.6) and row["accuracy_std"] == pytest.approx(0.1)
     assert row["sparse_peak_bytes"] == 12 and row["seeds"] == 3 and row["resurrected_mean"] is None
     assert "0.600 ± 0.100" in harness.format_table([row]) and harness.format_table([row], markdown=True).startswith("| arch")
+
+
+@pytest.mark.parametrize("name", harness.ABLATIONS)
+def test_every_ablation_reaches_the_sparsity(name):
+    result = run(name, steps=60)
+    assert result["final_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert ("resurrected" in result) == (harness.ABLATION_BASE[name] == "resu_dev")
+    assert name in harness.LABELS
+
+
+def test_ablation_cli_merges_its_runs_into_the_json(tmp_path):
+    from benchmarks.quality import mnist1d
+
+    out = tmp_path / "ablation.json"
+    argv = ["--ablation", "resu_constant", "--steps", "30", "--jobs", "1", "--out", str(out)]
+    first = mnist1d.main(argv)
+    assert {r["method"] for r in first["runs"]} == {"resu_dev", "resu_constant"} and len(first["runs"]) == 12
+    second = mnist1d.main(["--ablation", "resu_epsilon_0.01", "--steps", "30", "--jobs", "1", "--out", str(out)])
+    # the base, already there, is not run again; the new variant is added
+    assert len(second["runs"]) == 18 and {r["method"] for r in second["runs"]} == {"resu_dev", "resu_constant",
+                                                                                  "resu_epsilon_0.01"}
+    resu = lambda runs: sorted((r["arch"], r["seed"], r["accuracy"]) for r in runs if r["method"] == "resu_dev")  # noqa: E731
+    assert resu(first["runs"]) == resu(second["runs"])
+    assert {r["method"] for r in second["summary"]} == {"resu_dev", "resu_constant", "resu_epsilon_0.01"}

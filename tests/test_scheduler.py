@@ -342,3 +342,83 @@ def test_no_stabilize_budget_prunes_and_enters_resu_in_one_step():
     while not scheduler.finished:
         train_step(model, optimizer, scheduler, generator)
     assert [(r.step, r.event) for r in scheduler.steps if r.event] == [(14, "prune+enter_resu"), (20, "commit")]
+
+
+def record_commits(monkeypatch):
+    """Wrap the scheduler's commit_: each call's options, and each layer's merged weight, mask and
+    AdamW state just before it, are appended to the returned list."""
+    import resu_tensor.training.scheduler as scheduler_module
+
+    calls, real = [], scheduler_module.commit_
+
+    def recording(model, **options):
+        before = {name: (w.storage_weight().clone(), w.storage_mask().clone(), w.trainable_flat().clone())
+                  for name, _, w in rt.resu_weights(model, options.get("filter_fn"))}
+        optimizer = options.get("optimizer")
+        state = {name: optimizer.state[w]["exp_avg"].flat.clone() for name, _, w in rt.resu_weights(model)
+                 if optimizer is not None and w in optimizer.state}
+        calls.append({"options": options, "before": before, "state": state})
+        return real(model, **options)
+
+    monkeypatch.setattr(scheduler_module, "commit_", recording)
+    return calls
+
+
+@pytest.mark.parametrize("admit", ["quota", "beats_weakest"])
+def test_commit_admit_picks_the_mask_amnesty_mask_picks(monkeypatch, admit):
+    from resu_tensor.method.amnesty import amnesty_mask
+
+    calls = record_commits(monkeypatch)
+    model, optimizer, scheduler = make_run({"commit_admit": admit, "epsilon": 0.5, "r_start": 0.4, "r_end": 0.2})
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(scheduler.config.steps_per_cycle):
+        train_step(model, optimizer, scheduler, generator)
+    (call,) = calls
+    assert call["options"]["admit"] == admit
+    ratio = rt.resurrection_ratio(0, 3, 0.4, 0.2)
+    other = {"quota": "beats_weakest", "beats_weakest": "quota"}[admit]
+    differs = False
+    for name, _, w in rt.resu_weights(model):
+        merged, old_mask, _ = call["before"][name]
+        expected, _ = amnesty_mask(merged.abs().float(), old_mask, 0.6, ratio, admit=admit)
+        assert torch.equal(w.storage_mask(), expected)
+        differs |= not torch.equal(amnesty_mask(merged.abs().float(), old_mask, 0.6, ratio, admit=other)[0], expected)
+    assert differs  # the two rules pick different masks here, so the option is what chose this one
+    assert scheduler.phase_changes[-1]["amnesty"]["resurrected_kept"] > 0
+
+
+def test_commit_optimizer_state_carry_keeps_theta_state_for_resurrected_coordinates(monkeypatch):
+    calls = record_commits(monkeypatch)
+    model, optimizer, scheduler = make_run({"commit_optimizer_state": "carry", "epsilon": 0.5, "r_start": 0.4})
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(scheduler.config.steps_per_cycle):
+        train_step(model, optimizer, scheduler, generator)
+    (call,) = calls
+    assert call["options"]["optimizer"] is optimizer
+    resurrected_somewhere = False
+    for name, _, w in rt.resu_weights(model):
+        _, old_mask, theta_flat = call["before"][name]
+        theta_state = torch.zeros(w.storage_numel)
+        theta_state[theta_flat] = call["state"][name]  # θ's exp_avg over the pruned coordinates
+        new_state = torch.zeros(w.storage_numel)
+        new_state[w.trainable_flat()] = optimizer.state[w]["exp_avg"].flat
+        mask = w.storage_mask().view(-1)
+        resurrected = mask & ~old_mask.view(-1)
+        resurrected_somewhere |= bool(resurrected.any())
+        assert torch.equal(new_state[resurrected], theta_state[resurrected])  # carried bit for bit
+        assert (new_state[mask & old_mask.view(-1)] == 0).all()  # the frozen weights had none
+        assert theta_state[resurrected].abs().sum() > 0
+    assert resurrected_somewhere
+    # the default drops it
+    model, optimizer, scheduler = make_run({"epsilon": 0.5})
+    for _ in range(scheduler.config.steps_per_cycle):
+        train_step(model, optimizer, scheduler, generator)
+    assert calls[-1]["options"]["optimizer"] is None
+    assert all(w not in optimizer.state for _, _, w in rt.resu_weights(model))
+
+
+def test_commit_option_errors():
+    with pytest.raises(ValueError, match="unknown commit_admit 'all'; accepted: quota, beats_weakest"):
+        rt.ScheduleConfig(10, 2, commit_admit="all")
+    with pytest.raises(ValueError, match="unknown commit_optimizer_state 'keep'; accepted: reset, carry"):
+        rt.ScheduleConfig(10, 2, commit_optimizer_state="keep")

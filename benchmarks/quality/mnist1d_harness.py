@@ -24,12 +24,58 @@ import resu_tensor as rt
 # the dense models on a held-out 500 of the training set; see docs/results.md).
 LR, BATCH_SIZE, STEPS = 1e-2, 128, 2000
 METHODS = ("dense", "oneshot", "gmp", "rigl", "set", "resu", "resu_selective", "qresu4")
-# The RESU schedule with a plain magnitude commit (θ compete with W_A on |W|), and with amnesty's
-# reservation r = 0 (no θ ever comes back: the schedule's pauses without resurrection).
-ABLATIONS = ("resu_magnitude", "resu_no_resurrection")
+# RESU variants, each one change to ``resu_dev`` (extra ScheduleConfig fields; ``cycles`` is the
+# harness's cycle count): what ``python -m benchmarks.quality.mnist1d --ablation NAME`` compares.
+# ``resu_dev`` is RESU as it was before this ablation chose the defaults: 3 cycles and the
+# baselines' final fine-tuning (0.25); every variant pins it, so its runs stay reproducible.
+DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25)
+ABLATION_OPTIONS = {
+    "resu_dev": {},
+    # commit: a plain magnitude re-prune (θ compete with W_A on |W|); amnesty's reservation r = 0
+    # (no θ ever comes back: the schedule's pauses without resurrection)
+    "resu_magnitude": dict(commit_strategy="magnitude"),
+    "resu_no_resurrection": dict(r_start=0.0, r_end=0.0),
+    # the sparsity schedule across cycles: the target from cycle 0 on, instead of the cubic
+    "resu_constant": dict(sparsity_schedule="constant"),
+    # the final fine-tuning after the last commit (every baseline keeps FINETUNE_FRACTION)
+    "resu_finetune_0.1": dict(final_finetune_fraction=0.1),
+    "resu_finetune_0.4": dict(final_finetune_fraction=0.4),
+    "resu_finetune_0.5": dict(final_finetune_fraction=0.5),
+    # optimizer state at commit: θ's AdamW state carried into the resurrected coordinates
+    "resu_carry_state": dict(commit_optimizer_state="carry"),
+    # amnesty: r(c) as a cap on the θ admitted, each one only where it beats the weight it displaces
+    "resu_beats_weakest": dict(commit_admit="beats_weakest"),
+    # the active weights train alongside θ in the RESU phase
+    "resu_train_active": dict(freeze_active=False),
+    # θ's initial scale
+    "resu_epsilon_0.01": dict(epsilon=0.01),
+    "resu_epsilon_1": dict(epsilon=1.0),
+    # cycles and the RESU phase's share of each cycle
+    "resu_cycles_2": dict(cycles=2),
+    "resu_cycles_5": dict(cycles=5),
+    "resu_fraction_0.2": dict(resu_fraction=0.2),
+    "resu_fraction_0.6": dict(resu_fraction=0.6),
+    # combinations of the settings above that won alone
+    "resu_constant_finetune_0.4": dict(sparsity_schedule="constant", final_finetune_fraction=0.4),
+    "resu_cycles_5_finetune_0.4": dict(cycles=5, final_finetune_fraction=0.4),
+    "resu_constant_cycles_5_finetune_0.4": dict(sparsity_schedule="constant", cycles=5, final_finetune_fraction=0.4),
+    # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
+    "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
+    "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
+}
+# Baseline variants, to check that a RESU setting that wins is not one the baseline gains from as much.
+BASELINE_VARIANTS = {"gmp_finetune_0.4": ("gmp", dict(final_finetune_fraction=0.4))}
+ABLATIONS = tuple(ABLATION_OPTIONS) + tuple(BASELINE_VARIANTS)
+ABLATION_BASE = {**{name: "resu_dev" for name in ABLATION_OPTIONS}, **{n: m for n, (m, _) in BASELINE_VARIANTS.items()}}
 LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "rigl": "RigL", "set": "SET",
           "resu": "RESU (amnesty)", "resu_selective": "RESU-Selective", "qresu4": "QRESU-4",
-          "resu_magnitude": "RESU (magn. commit)", "resu_no_resurrection": "RESU (r = 0)"}
+          "resu_magnitude": "RESU (magn. commit)", "resu_no_resurrection": "RESU (r = 0)",
+          "resu_dev": "RESU (3 cycles, FT 0.25)",
+          **{name: "RESU " + ", ".join(f"{k}={v}" for k, v in opts.items() if k != "selective") +
+             (f"selective {opts['selective'].select}/{opts['selective'].tau}" if "selective" in opts else "")
+             for name, opts in ABLATION_OPTIONS.items()
+             if name not in ("resu_magnitude", "resu_no_resurrection", "resu_dev")},
+          "gmp_finetune_0.4": "GMP final_finetune_fraction=0.4"}
 FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
 
 
@@ -146,16 +192,18 @@ def dense(tr: Trainer, sparsity: float, seed: int) -> dict:
 
 
 # Every sparse method runs through rt.ResuScheduler on the same ResuTensor weights and compact AdamW
-# state, with one step budget and the same final fine-tuning (the last quarter of the run, where
-# RigL stops updating its masks in Evci et al.): the methods differ in ``method`` alone, plus each
-# one's own knobs below.
+# state, with one step budget: the methods differ in ``method`` alone, plus each one's own knobs
+# below. The baselines end with the same final fine-tuning (the last quarter of the run, where
+# RigL stops updating its masks in Evci et al.); RESU takes the library's default (0.4 of the run),
+# and the ablation's gmp_finetune_0.4 gives GMP the same.
 FINETUNE_FRACTION = 0.25
 
 
 def scheduled(tr: Trainer, sparsity: float, seed: int, method: str, **options) -> rt.ResuScheduler:
     """Train the whole run under ``rt.ScheduleConfig(method=method, ...)``; returns the scheduler."""
-    config = rt.ScheduleConfig(method=method, total_steps=tr.total_steps, sparsity=sparsity,
-                               final_finetune_fraction=FINETUNE_FRACTION, seed=seed, progress=False, **options)
+    options = {"final_finetune_fraction": FINETUNE_FRACTION, **options}
+    config = rt.ScheduleConfig(method=method, total_steps=tr.total_steps, sparsity=sparsity, seed=seed,
+                               progress=False, **options)
     probe = (lambda m: F.cross_entropy(m(tr.last_batch[0]), tr.last_batch[1])) if method == "rigl" else None
     scheduler = rt.ResuScheduler(tr.model, tr.optimizer, config, probe_fn=probe)
     tr.train_until(tr.total_steps, after=scheduler.step)
@@ -168,11 +216,13 @@ def one_shot(tr: Trainer, sparsity: float, seed: int) -> dict:
     return {}
 
 
-def gmp(tr: Trainer, sparsity: float, seed: int, start: float = 0.2, events: int = 10) -> dict:
+def gmp(tr: Trainer, sparsity: float, seed: int, start: float = 0.2, events: int = 10,
+        final_finetune_fraction: float = FINETUNE_FRACTION) -> dict:
     """Gradual magnitude pruning (Zhu & Gupta 2017): ``events`` magnitude prunes along the cubic
-    from 0 to ``sparsity`` over [start, 0.75] of the run, then sparse fine-tuning."""
-    window = (1 - FINETUNE_FRACTION - start) * tr.total_steps
-    scheduled(tr, sparsity, seed, "gmp", prune_start_fraction=start, update_every=max(1, round(window / events)))
+    from 0 to ``sparsity`` over [start, 1 − final_finetune_fraction] of the run, then sparse fine-tuning."""
+    window = (1 - final_finetune_fraction - start) * tr.total_steps
+    scheduled(tr, sparsity, seed, "gmp", prune_start_fraction=start, update_every=max(1, round(window / events)),
+              final_finetune_fraction=final_finetune_fraction)
     return {}
 
 
@@ -193,12 +243,14 @@ def set_(tr: Trainer, sparsity: float, seed: int, updates: int = 20, zeta: float
     return {"set_swapped": [e["swapped"] for e in scheduler.phase_changes if e["event"] == "regrow"]}
 
 
-def resu(tr: Trainer, sparsity: float, seed: int, cycles: int = 3, commit_strategy: str = "amnesty",
+def resu(tr: Trainer, sparsity: float, seed: int, cycles: int = 5, commit_strategy: str = "amnesty",
          **variant) -> dict:
-    """RESU through rt.ResuScheduler: ``cycles`` cycles over the run less its final fine-tuning
-    (cycle 0's TRAIN is dense and ends in a magnitude prune; each cycle prunes along the default
-    cubic schedule). ``variant``: extra ScheduleConfig fields (selective, quantize_bits). Reports
-    the share of the final active weights that were once pruned and came back through a commit."""
+    """RESU through rt.ResuScheduler with the library's defaults: ``cycles`` cycles over the run less
+    its final fine-tuning (cycle 0's TRAIN is dense and ends in a magnitude prune; each cycle prunes
+    along the default cubic schedule). ``variant``: extra ScheduleConfig fields (selective,
+    quantize_bits). Reports the share of the final active weights that were once pruned and came
+    back through a commit."""
+    variant.setdefault("final_finetune_fraction", None)  # None: the library's default for RESU
     scheduler = scheduled(tr, sparsity, seed, "resu", num_cycles=cycles, commit_strategy=commit_strategy, **variant)
     n_active = sum(w.n_active for _, _, w in rt.resu_weights(tr.model))
     last = scheduler.history[-1]
@@ -211,9 +263,10 @@ METHOD_FNS = {
     "dense": dense, "oneshot": one_shot, "gmp": gmp, "rigl": rigl, "set": set_, "resu": resu,
     "resu_selective": functools.partial(resu, selective=rt.SelectiveConfig()),
     "qresu4": functools.partial(resu, quantize_bits=4),
-    "resu_magnitude": functools.partial(resu, commit_strategy="magnitude"),
-    "resu_no_resurrection": functools.partial(resu, r_start=0.0, r_end=0.0),
+    **{name: functools.partial(resu, **{**DEV_BASE, **options}) for name, options in ABLATION_OPTIONS.items()},
 }
+METHOD_FNS.update({name: functools.partial(METHOD_FNS[method], **options)
+                   for name, (method, options) in BASELINE_VARIANTS.items()})
 
 
 # ============================================================================ running a grid

@@ -164,7 +164,7 @@ def enter_resu(tensor, epsilon: float = 0.1, freeze_active: bool = True, generat
 
 def check_commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None, cycle: int = 0,
                  num_cycles: int = 1, score: str = "magnitude", r_start: float = 0.10, r_end: float = 0.02,
-                 input_norms: Optional[torch.Tensor] = None, norms_later: bool = False) -> float:
+                 input_norms: Optional[torch.Tensor] = None, norms_later: bool = False, admit: str = "quota") -> float:
     """Every check :func:`commit` makes before it changes ``tensor`` (same arguments; an unknown
     option is a TypeError); returns the sparsity the commit prunes to. A model-level call runs it
     on every layer first (``norms_later``: Wanda's input norms come after, from calibration). A re-prune that would keep no weight (or none in a row of a row-pruned
@@ -183,6 +183,8 @@ def check_commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] 
     check_sparsity(sparsity)
     if strategy == "amnesty":
         amnesty.resurrection_ratio(cycle, num_cycles, r_start, r_end)
+        if admit not in amnesty.ADMIT_RULES:
+            raise ValueError(f"unknown admit rule {admit!r}; accepted: {', '.join(amnesty.ADMIT_RULES)}")
         if score not in amnesty.COMMIT_SCORE_METHODS:
             raise ValueError(f"unknown commit score method {score!r}; accepted: {', '.join(amnesty.COMMIT_SCORE_METHODS)}")
         if score == "gradient" and tensor.grad_abs_sum is None:
@@ -201,7 +203,7 @@ def check_commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] 
 
 def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None, cycle: int = 0,
            num_cycles: int = 1, score: str = "magnitude", r_start: float = 0.10, r_end: float = 0.02,
-           input_norms: Optional[torch.Tensor] = None):
+           input_norms: Optional[torch.Tensor] = None, admit: str = "quota"):
     """RESU/QRESU → SPARSE: merge θ and choose the new mask. Returns AmnestyStats.
 
     * ``simple``: every θ becomes an active weight (no re-prune).
@@ -210,12 +212,13 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
     * ``amnesty``: the relative tournament: r(c)·n_keep slots reserved for resurrected
       coordinates (r from ``r_start`` to ``r_end`` over ``num_cycles``), top-k by ``score``
       (``magnitude``, ``gradient`` = |W|·|ḡ| with ḡ from ``enter_resu(track_gradients=True)``,
-      ``wanda``) inside each group; N:M masks stay N:M.
+      ``wanda``) inside each group; N:M masks stay N:M. ``admit="beats_weakest"``: r(c) caps the
+      resurrected coordinates instead of reserving slots for them (``amnesty_mask``).
 
     ``sparsity`` defaults to the layer's last pruning sparsity. QRESU's W_A is dequantized first.
     """
     sparsity = check_commit(tensor, strategy, sparsity=sparsity, cycle=cycle, num_cycles=num_cycles, score=score,
-                            r_start=r_start, r_end=r_end, input_norms=input_norms)
+                            r_start=r_start, r_end=r_end, input_norms=input_norms, admit=admit)
     nm_pattern, row_keep = tensor.nm_pattern, tensor.row_keep
     group_pattern = nm_pattern  # (kept, group length) that every group of a row keeps exactly
     if row_keep is not None:
@@ -238,7 +241,7 @@ def commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] = None
         if score == "gradient" and tensor.trainable_side != "all":
             scores = torch.where(old_mask, merged.abs().float(), scores)  # frozen active weights have no ḡ
         ratio = amnesty.resurrection_ratio(cycle, num_cycles, r_start, r_end)
-        keep, stats = amnesty.amnesty_mask(scores, old_mask, sparsity, ratio, nm=group_pattern)
+        keep, stats = amnesty.amnesty_mask(scores, old_mask, sparsity, ratio, nm=group_pattern, admit=admit)
         reserved = stats.reserved_for_resurrected
     else:
         method = "magnitude" if strategy == "magnitude" else "wanda"

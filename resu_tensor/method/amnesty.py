@@ -17,6 +17,10 @@ import torch
 from resu_tensor.method.pruning import check_sparsity
 
 COMMIT_SCORE_METHODS = ("magnitude", "gradient", "wanda")
+# How amnesty's r(c)·n_keep slots are filled: "quota" fills them with the best θ whatever their
+# scores; "beats_weakest" makes r(c) a cap: a θ takes a slot only where it outscores the active
+# weight it would displace.
+ADMIT_RULES = ("quota", "beats_weakest")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,12 +101,20 @@ class AmnestyStats:
 
 
 def amnesty_mask(scores: torch.Tensor, old_mask: torch.Tensor, sparsity: float, ratio: float,
-                 nm: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, AmnestyStats]:
+                 nm: Optional[Sequence[int]] = None, admit: str = "quota") -> tuple[torch.Tensor, AmnestyStats]:
     """The relative tournament (amnesty): keep n_keep = numel − round(sparsity·numel)
     coordinates, with round(ratio·n_keep) slots reserved for resurrected ones (``old_mask`` False)
     and the rest for old-active ones (``old_mask`` True); top-k by ``scores`` runs inside each
     side separately. Slots a side cannot fill go to resurrected first, then active. Equal
     scores: the lower row-major flat index wins. Returns (bool mask, True = keep; AmnestyStats).
+
+    ``admit="beats_weakest"``: round(ratio·n_keep) is a cap, not a quota. The kept set is the
+    plain top-n_keep by score over both sides, except that at most that many resurrected
+    coordinates enter it (the best ones; the slots over the cap go to the next-best active
+    weights). So a resurrected coordinate is kept only where it outscores the weakest active
+    weight that would otherwise be kept, and a commit whose θ all score below the active weights
+    keeps the old active set (while it has n_keep weights). ``stats.reserved_for_resurrected``
+    is then the cap.
 
     ``nm=(N, M)``: every run of M consecutive elements in a row keeps exactly N (``sparsity``
     must then be 1 − N/M). Chosen rule: first run the plain tournament above; it fixes the split
@@ -124,7 +136,11 @@ def amnesty_mask(scores: torch.Tensor, old_mask: torch.Tensor, sparsity: float, 
             [False, False,  True, False]])
     >>> stats.resurrected_kept, stats.active_kept, stats.budget_used
     (1, 3, 4)
+    >>> amnesty_mask(scores, old, sparsity=0.5, ratio=0.25, admit="beats_weakest")[1].resurrected_kept  # 0.1 < 0.3
+    0
     """
+    if admit not in ADMIT_RULES:
+        raise ValueError(f"unknown admit rule {admit!r}; accepted: {', '.join(ADMIT_RULES)}")
     _check_scores(scores)
     _check_old_mask(old_mask, scores)
     check_sparsity(sparsity)
@@ -139,6 +155,12 @@ def amnesty_mask(scores: torch.Tensor, old_mask: torch.Tensor, sparsity: float, 
     n_active = int(was_active.sum())
     n_candidates = numel - n_active
     reserved, active_slots, resurrected_slots = _split_budget(n_keep, n_active, n_candidates, float(ratio))
+    if admit == "beats_weakest":
+        # the resurrected coordinates the plain top-n_keep would keep, up to the cap
+        winners = int((_top_k_flags(flat_scores, n_keep) & ~was_active).sum())
+        resurrected_slots = min(winners, reserved)
+        active_slots = min(n_keep - resurrected_slots, n_active)
+        resurrected_slots = n_keep - active_slots  # too few active weights: the rest go to θ
 
     if nm is None:
         keep = torch.zeros_like(was_active)
@@ -350,6 +372,6 @@ def _check_nm(nm, shape: torch.Size, n_keep: int) -> tuple[int, int]:
 
 
 __all__ = [
-    "AmnestyStats", "COMMIT_SCORE_METHODS", "amnesty_mask", "format_stats_table", "resurrection_ratio",
+    "ADMIT_RULES", "AmnestyStats", "COMMIT_SCORE_METHODS", "amnesty_mask", "format_stats_table", "resurrection_ratio",
     "score_for_commit", "simple_mask", "wanda_reprune_mask",
 ]

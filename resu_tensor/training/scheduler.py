@@ -394,12 +394,15 @@ class ResuScheduler:
         consistency = [w.selective_m.float().abs() / (w.selective_v.float() + w.selective.delta)
                        for _, _, w in weights if w.selective_m is not None]
         mean_consistency = torch.cat(consistency).mean().item() if consistency else None
+        carry = c.commit_optimizer_state == "carry"
         layer_stats = commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle,
                               num_cycles=c.num_cycles, score=c.commit_score, r_start=c.r_start, r_end=c.r_end,
-                              calibration=calibration, filter_fn=self.filter_fn)
-        # the new active set is mostly the frozen weights, which had no optimizer state: a fresh
-        # state (step 0, full bias correction) suits it better than θ's step count with zero moments
-        self._reset_state()
+                              admit=c.commit_admit, calibration=calibration, filter_fn=self.filter_fn,
+                              optimizer=self.optimizer if carry else None)
+        if not carry:
+            # the new active set is mostly the frozen weights, which had no optimizer state: a fresh
+            # state (step 0, full bias correction) suits it better than θ's step count with zero moments
+            self._reset_state()
         resurrected = survivors = 0
         for name, _, w in weights:
             mask = w.storage_mask().view(-1)
