@@ -325,3 +325,11 @@ def test_remap_rejects_a_mask_of_the_wrong_size():
         rt.remap_optimizer_state_(optimizer, w, torch.ones(10, dtype=torch.bool))
     with pytest.raises(TypeError, match="ResuTensor parameter"):
         rt.remap_optimizer_state_(optimizer, model[0].bias, None)
+
+
+def test_resu_over_a_step_budget_defaults_to_five_cycles():
+    config = rt.ScheduleConfig(total_steps=1000, sparsity=0.9)
+    assert config.method == "resu" and config.num_cycles == 5
+    assert config.steps_per_cycle * 5 + config.finetune_steps == 1000
+    with pytest.raises(ValueError, match="needs total_steps"):
+        rt.ScheduleConfig(steps_per_cycle=100, sparsity=0.9)

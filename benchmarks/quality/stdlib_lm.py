@@ -40,13 +40,12 @@ VOCAB, CONTEXT, WIDTH, LAYERS, HEADS = 256, 256, 256, 4, 4
 LR, WARMUP_FRACTION, BATCH_SIZE, STEPS, EVAL_BATCHES = 2e-3, 0.02, 32, 2000, 32
 HELD_OUT_MODULUS = 10
 METHODS = ("one_shot", "gmp", "rigl", "set", "resu")
-RESU_CYCLES = 3
 
 
 def make_schedule(method: str, total_steps: int, sparsity: float, seed: int) -> rt.ScheduleConfig:
-    """The library's defaults for ``method`` over the run's step budget (RESU: ``RESU_CYCLES`` cycles;
-    RigL's random initial mask, as in its paper)."""
-    options = {"num_cycles": RESU_CYCLES} if method == "resu" else {"prune_method": "random"} if method == "rigl" else {}
+    """The library's defaults for ``method`` over the run's step budget (RigL with a random initial
+    mask, as in its paper)."""
+    options = {"prune_method": "random"} if method == "rigl" else {}
     return rt.ScheduleConfig(method=method, total_steps=total_steps, sparsity=sparsity, seed=seed, progress=False,
                              **options)
 
