@@ -243,15 +243,17 @@ def set_(tr: Trainer, sparsity: float, seed: int, updates: int = 20, zeta: float
     return {"set_swapped": [e["swapped"] for e in scheduler.phase_changes if e["event"] == "regrow"]}
 
 
-def resu(tr: Trainer, sparsity: float, seed: int, cycles: int = 5, commit_strategy: str = "amnesty",
+def resu(tr: Trainer, sparsity: float, seed: int, cycles: Optional[int] = None, commit_strategy: str = "amnesty",
          **variant) -> dict:
     """RESU through rt.ResuScheduler with the library's defaults: ``cycles`` cycles over the run less
-    its final fine-tuning (cycle 0's TRAIN is dense and ends in a magnitude prune; each cycle prunes
+    its final fine-tuning (None: the library's default; cycle 0's TRAIN is dense and ends in a magnitude prune; each cycle prunes
     along the default cubic schedule). ``variant``: extra ScheduleConfig fields (selective,
     quantize_bits). Reports the share of the final active weights that were once pruned and came
     back through a commit."""
     variant.setdefault("final_finetune_fraction", None)  # None: the library's default for RESU
-    scheduler = scheduled(tr, sparsity, seed, "resu", num_cycles=cycles, commit_strategy=commit_strategy, **variant)
+    if cycles is not None:
+        variant["num_cycles"] = cycles
+    scheduler = scheduled(tr, sparsity, seed, "resu", commit_strategy=commit_strategy, **variant)
     n_active = sum(w.n_active for _, _, w in rt.resu_weights(tr.model))
     last = scheduler.history[-1]
     return {"resurrected": (last.survivors + last.resurrected) / n_active,
