@@ -8,7 +8,11 @@ State memory is weight + grad + optimizer state (+ masks) bytes after a step: rt
 for ResuTensor models, the bytes of every parameter, gradient, buffer and optimizer-state tensor
 for the others.
 
-    python -m benchmarks.cpu [--quick] [--out benchmarks/results/cpu.json]
+    python -m benchmarks.cpu [--quick] [--threads N] [--out benchmarks/results/cpu.json]
+
+``--threads`` (default: torch's own choice) sets torch.set_num_threads; on a machine whose cores
+are shared with other jobs, one thread gives steadier figures, since every multi-threaded op
+waits for its slowest thread (recorded in the JSON with the load average).
 """
 import argparse
 import json
@@ -180,8 +184,13 @@ def run(quick: bool = False) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (a smoke run)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu.json"))
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive number of threads, got {args.threads}")
+        torch.set_num_threads(args.threads)
     results = run(args.quick)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
