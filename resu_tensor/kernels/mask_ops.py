@@ -88,6 +88,17 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
 _SELECTIONS = WeakIdKeyDictionary()
 
 
+# Bits of each byte value, row b = the 8 bits of byte b (bit j at column j): one table lookup per
+# byte unpacks a bitmap, inverted or not, in a single pass over its elements.
+_BYTE_BITS = ((torch.arange(256).view(-1, 1) >> torch.arange(8)) & 1).to(torch.uint8)
+
+
+def _unpacked_by_table(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.Tensor:
+    """As ``_bitmap_selection``, as uint8 0/1 (CPU only: the table lives there)."""
+    codes = (~bitmap if invert else bitmap).long()
+    return torch.nn.functional.embedding(codes, _BYTE_BITS).view(-1)[:numel]
+
+
 def _cacheable(bitmap: torch.Tensor) -> bool:
     """A real CPU tensor with a version counter (not a trace value, not an inference tensor)."""
     return type(bitmap) is torch.Tensor and bitmap.device.type == "cpu" and not bitmap.is_inference()
@@ -109,7 +120,7 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
         entries = _SELECTIONS[bitmap] = {}
     cached = entries.get((numel, invert))
     if cached is None or cached[0] != bitmap._version:
-        positions = _bitmap_selection(bitmap, numel, invert).nonzero().view(-1).to(torch.int32)
+        positions = _unpacked_by_table(bitmap, numel, invert).nonzero().view(-1).to(torch.int32)
         cached = entries[(numel, invert)] = (bitmap._version, positions)
     return cached[1]
 
@@ -164,7 +175,7 @@ def scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix:
     positions = selected_positions(bitmap, values.numel(), invert)
     if positions is not None:
         _check_positions("scatter_by_bitmap_", positions, compact.numel())
-        values.view(-1).index_put_((positions,), compact.to(values.dtype))
+        values.view(-1).scatter_(0, positions.long(), compact.to(values.dtype))
         return values
     selected = _bitmap_selection(bitmap, values.numel(), invert)
     _check_count("scatter_by_bitmap_", selected, compact.numel())
@@ -231,7 +242,7 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
         if tensor1 is not None:
             _check_positions("update_by_bitmap_", positions, tensor1.numel())
         UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
-        values.view(-1).index_put_((positions,), flat)
+        values.view(-1).scatter_(0, positions.long(), flat)
         return values
     selected = _bitmap_selection(bitmap, values.numel(), invert)
     flat = values.reshape(-1)[selected]
