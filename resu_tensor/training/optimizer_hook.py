@@ -98,6 +98,10 @@ def _before_step(optimizer, args, kwargs) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
+    if torch.compiler.is_compiling():
+        # A traced step selects without the CPU positions (they key on real tensors); tracing
+        # this loop would only add graph breaks.
+        return
     plain, sharded = resu_parameters(optimizer)
     for param in [*plain, *(p._local_tensor for p in sharded)]:
         release_selections(param.mask_bitmap)
