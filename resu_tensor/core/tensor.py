@@ -15,6 +15,7 @@ from resu_tensor.core.qresu import effective_weight as qresu_effective_weight
 from resu_tensor.core.state import (SUPPORTED_DTYPES, TRAINABLE_SIDES, QuantizedActive, build_state, check_state,
                                     upgrade_legacy_fields)
 from resu_tensor.core.tracing import is_traced
+from resu_tensor.kernels.mask_ops import held_selection_nbytes
 from resu_tensor.method.pruning import check_sparsity
 from resu_tensor.method.selective import SelectiveConfig
 
@@ -452,13 +453,15 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
     def nbytes_breakdown(self) -> dict[str, int]:
         """Bytes actually held, by part: values (dense storage, or θ in QRESU), mask, and where
-        present quantized (W_A codes, scales, offsets), subset, selective (EMAs), grad_stats."""
+        present quantized (W_A codes, scales, offsets), subset, selective (EMAs), grad_stats and
+        selection_cache (bitmap positions the CPU kernels keep during a training step)."""
         def nbytes(*names):
             return sum(getattr(self, n).nbytes for n in names if getattr(self, n) is not None)
 
         parts = {"values": nbytes("values", "theta"), "mask": encoded_nbytes(self.encoded_mask())}
         extra = {"quantized": nbytes("qdata", "qscale", "qoffset"), "subset": encoded_nbytes(self.encoded_subset()),
-                 "selective": nbytes("selective_m", "selective_v"), "grad_stats": nbytes("grad_abs_sum")}
+                 "selective": nbytes("selective_m", "selective_v"), "grad_stats": nbytes("grad_abs_sum"),
+                 "selection_cache": held_selection_nbytes(self.mask_bitmap) + held_selection_nbytes(self.subset_bitmap)}
         return {**parts, **{k: v for k, v in extra.items() if v}}
 
     def trainable_bitmap(self) -> Optional[tuple]:

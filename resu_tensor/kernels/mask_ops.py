@@ -6,6 +6,7 @@ Conventions shared with every kernel: a mask is flattened row-major; bit ``j`` o
 from typing import List, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._table import kernel_op
 
@@ -76,11 +77,91 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
         raise ValueError(f"{op}: the bitmap selects {found} elements but count={count}")
 
 
+# --------------------------------------------------------------------------- CPU selection cache
+# On the CPU, decoding a bitmap into positions (unpack, then nonzero) costs far more than the
+# gather or scatter it serves, and one training step selects through the same bitmap several
+# times (the weight-gradient compaction, then each in-place optimizer op). The positions are kept
+# per bitmap tensor, valid while that tensor is the same object at the same version (any in-place
+# write bumps it), until release_selections(bitmap): the optimizer step's post-hook releases
+# them, so they last one step and never add to the state a model holds between steps.
+# bitmap → {(numel, invert): (bitmap._version, int32 positions)}
+_SELECTIONS = WeakIdKeyDictionary()
+
+
+# Bits of each byte value, row b = the 8 bits of byte b (bit j at column j): one table lookup per
+# byte unpacks a bitmap, inverted or not, in a single pass over its elements.
+_BYTE_BITS = ((torch.arange(256).view(-1, 1) >> torch.arange(8)) & 1).to(torch.uint8)
+
+
+def _unpacked_by_table(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.Tensor:
+    """As ``_bitmap_selection``, as uint8 0/1 (CPU only: the table lives there)."""
+    codes = (~bitmap if invert else bitmap).long()
+    return torch.nn.functional.embedding(codes, _BYTE_BITS).view(-1)[:numel]
+
+
+def _cacheable(bitmap: torch.Tensor) -> bool:
+    """A real CPU tensor with a version counter (not a trace value, not an inference tensor)."""
+    return type(bitmap) is torch.Tensor and bitmap.device.type == "cpu" and not bitmap.is_inference()
+
+
+def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Optional[torch.Tensor]:
+    """Row-major int32 positions of the elements whose bit is set (clear if ``invert``), kept
+    until :func:`release_selections` or a change of ``bitmap``; None where ``bitmap`` cannot key
+    the cache (not a plain CPU tensor), and the caller selects by the unpacked mask instead.
+
+    Example::
+
+        positions = selected_positions(bitmap, 4096, invert=False)   # values.view(-1).index_select(0, positions)
+    """
+    if not _cacheable(bitmap):
+        return None
+    entries = _SELECTIONS.get(bitmap)
+    if entries is None:
+        entries = _SELECTIONS[bitmap] = {}
+    cached = entries.get((numel, invert))
+    if cached is None or cached[0] != bitmap._version:
+        positions = _unpacked_by_table(bitmap, numel, invert).nonzero().view(-1).to(torch.int32)
+        cached = entries[(numel, invert)] = (bitmap._version, positions)
+    return cached[1]
+
+
+def release_selections(bitmap: Optional[torch.Tensor]) -> None:
+    """Drop the positions :func:`selected_positions` keeps for ``bitmap`` (None: nothing to do).
+
+    Example::
+
+        release_selections(weight.mask_bitmap)   # after the optimizer step that used them
+    """
+    if bitmap is not None and _cacheable(bitmap):
+        _SELECTIONS.pop(bitmap, None)
+
+
+def held_selection_nbytes(bitmap: Optional[torch.Tensor]) -> int:
+    """Bytes of the positions kept for ``bitmap`` now (0 once released).
+
+    Example::
+
+        held_selection_nbytes(weight.mask_bitmap)   # counted in rt.memory_report's mask bytes
+    """
+    if bitmap is None or not _cacheable(bitmap):
+        return 0
+    return sum(positions.nbytes for _, positions in _SELECTIONS.get(bitmap, {}).values())
+
+
+def _check_positions(op: str, positions: torch.Tensor, count: int) -> None:
+    if positions.numel() != count:
+        raise ValueError(f"{op}: the bitmap selects {positions.numel()} elements but count={count}")
+
+
 @kernel_op
 def gather_by_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                      invert: bool, count: int) -> torch.Tensor:
     """The ``count`` elements of ``values`` (any shape, read row-major) whose bitmap bit is set
     (clear if ``invert``), in row-major order, as a new 1-D tensor."""
+    positions = selected_positions(bitmap, values.numel(), invert)
+    if positions is not None:
+        _check_positions("gather_by_bitmap", positions, count)
+        return values.reshape(-1).index_select(0, positions)
     selected = _bitmap_selection(bitmap, values.numel(), invert)
     _check_count("gather_by_bitmap", selected, count)
     return values.reshape(-1)[selected]
@@ -91,6 +172,11 @@ def scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix:
                        invert: bool, compact: torch.Tensor) -> torch.Tensor:
     """Write ``compact`` (row-major order) into the elements of contiguous ``values`` whose bit is
     set (clear if ``invert``); every other element stays untouched. Returns ``values``."""
+    positions = selected_positions(bitmap, values.numel(), invert)
+    if positions is not None:
+        _check_positions("scatter_by_bitmap_", positions, compact.numel())
+        values.view(-1).scatter_(0, positions.long(), compact.to(values.dtype))
+        return values
     selected = _bitmap_selection(bitmap, values.numel(), invert)
     _check_count("scatter_by_bitmap_", selected, compact.numel())
     values.view(-1).masked_scatter_(selected, compact.to(values.dtype))
@@ -150,6 +236,14 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
     "addcmul" v + s·t1·t2, "addcdiv" v + s·t1/t2, "lerp" v + s·(t1 − v) (torch.lerp with a
     scalar weight), "copy" t1. Every other element stays untouched. Returns ``values``."""
     check_update(op, values, tensor1, tensor2)
+    positions = selected_positions(bitmap, values.numel(), invert)
+    if positions is not None:
+        flat = values.view(-1).index_select(0, positions)
+        if tensor1 is not None:
+            _check_positions("update_by_bitmap_", positions, tensor1.numel())
+        UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
+        values.view(-1).scatter_(0, positions.long(), flat)
+        return values
     selected = _bitmap_selection(bitmap, values.numel(), invert)
     flat = values.reshape(-1)[selected]
     if tensor1 is not None:

@@ -62,7 +62,8 @@ class MemoryReport:
 
 
 def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> MemoryReport:
-    """Per-parameter bytes: weights (values, θ, quantized W_A), mask (and a static subset), grads
+    """Per-parameter bytes: weights (values, θ, quantized W_A), mask (and a static subset, and
+    bitmap positions the CPU kernels keep between a backward and its optimizer step), grads
     and optimizer state (with RESU-Selective EMAs and gradient statistics), and their total.
     Plain parameters (biases, norms) are listed too, with mode "plain".
 
@@ -78,7 +79,8 @@ def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] =
             parts = param.nbytes_breakdown()
             row = LayerMemory(name, tuple(param.shape), param.mode.value, param.sparsity,
                               weights=parts["values"] + parts.get("quantized", 0),
-                              mask=parts["mask"] + parts.get("subset", 0), grads=tensor_nbytes(param.grad),
+                              mask=parts["mask"] + parts.get("subset", 0) + parts.get("selection_cache", 0),
+                              grads=tensor_nbytes(param.grad),
                               optimizer=optimizer_bytes + parts.get("selective", 0) + parts.get("grad_stats", 0))
         else:
             row = LayerMemory(name, tuple(param.shape), "plain", float("nan"), tensor_nbytes(param), 0,

@@ -6,15 +6,19 @@ Before every ``optimizer.step()`` of an optimizer that holds ResuTensor paramete
 * accumulates Σ|g| for gradient-scored commits and applies RESU-Selective's consistency filter,
   so both see the gradient the step will apply (after accumulation and clipping).
 
+After the step, it releases the bitmap positions the CPU kernels kept for this step's selections
+(:func:`resu_tensor.kernels.mask_ops.selected_positions`), so they never outlive a step.
+
 An optimizer without ResuTensors pays one comparison of its parameter groups' identities: the
 ResuTensor parameters of each optimizer are found once and kept while its groups are unchanged.
 """
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.fsdp_extension import compact_grad_, is_sharded_resu
 from resu_tensor.core.tensor import ResuTensor
+from resu_tensor.kernels.mask_ops import release_selections
 from resu_tensor.method.selective import consistency_filter_
 from resu_tensor.training.optimizer_state import is_stale_for_shard, stale_parameters
 from resu_tensor.training.sharded import SELECTIVE_UNSUPPORTED_SHARDED
@@ -93,4 +97,16 @@ def _before_step(optimizer, args, kwargs) -> None:
         _prepare_sharded(optimizer, sharded)
 
 
+def _after_step(optimizer, args, kwargs) -> None:
+    if torch.compiler.is_compiling():
+        # A traced step selects without the CPU positions (they key on real tensors); tracing
+        # this loop would only add graph breaks.
+        return
+    plain, sharded = resu_parameters(optimizer)
+    for param in [*plain, *(p._local_tensor for p in sharded)]:
+        release_selections(param.mask_bitmap)
+        release_selections(param.subset_bitmap)
+
+
 register_optimizer_step_pre_hook(_before_step)
+register_optimizer_step_post_hook(_after_step)

@@ -1,0 +1,147 @@
+"""CPU training steps select trainable coordinates through positions decoded once per step
+(kernels.mask_ops.selected_positions); these tests check them against plain-PyTorch references,
+across mask changes between steps, and that they are released after each optimizer step."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization import quantize_
+
+import resu_tensor as rt
+from resu_tensor import kernels
+from resu_tensor.kernels import mask_ops
+
+MODES = ["sparse", "resu"]
+
+
+def _layer(mode: str, seed: int = 0, sparsity: float = 0.7) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(48, 40)
+    quantize_(layer, rt.resu_config(sparsity=sparsity))
+    if mode == "resu":
+        layer.weight.enter_resu()
+    assert layer.weight.mask_kind == "bitmap"
+    return layer
+
+
+def _reference_step(weight_before: torch.Tensor, trainable: torch.Tensor, bias: torch.Tensor, x, y, state):
+    """One AdamW step of plain PyTorch on the trainable coordinates of a dense weight: the gradient
+    of the dense forward, read at those coordinates; ``state``: the flat parameter carried over."""
+    dense = weight_before.clone().requires_grad_(True)
+    F.mse_loss(F.linear(x, dense, bias), y).backward()
+    positions = trainable.view(-1).nonzero().view(-1)
+    if state.get("param") is None or state["param"].numel() != positions.numel():
+        state["param"] = nn.Parameter(weight_before.view(-1)[positions].clone())
+        state["optimizer"] = torch.optim.AdamW([state["param"]], lr=1e-2, weight_decay=0.1, foreach=False)
+    state["param"].grad = dense.grad.view(-1)[positions].clone()
+    state["optimizer"].step()
+    expected = weight_before.clone()
+    expected.view(-1)[positions] = state["param"].detach()
+    return expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_steps_match_plain_adamw_across_mask_changes(mode):
+    """Three steps, the mask rewritten in place (whole-state copy_) after the first: each step's
+    weight equals plain AdamW on the trainable coordinates, frozen coordinates bit-identical."""
+    layer = _layer(mode)
+    bias = layer.bias.detach()
+    layer.bias.requires_grad_(False)
+    optimizer = torch.optim.AdamW([layer.weight], lr=1e-2, weight_decay=0.1, foreach=False)
+    generator = torch.Generator().manual_seed(1)
+    state = {}
+    for step in range(3):
+        if step == 1:
+            other = _layer(mode, seed=5)
+            bitmap = layer.weight.mask_bitmap
+            with torch.no_grad():
+                layer.weight.copy_(other.weight)
+            assert layer.weight.mask_bitmap is bitmap  # written in place: only its version tells
+            assert not torch.equal(layer.weight.mask(), _layer(mode).weight.mask())
+            rt.reset_optimizer_state_(optimizer, layer)
+            optimizer = torch.optim.AdamW([layer.weight], lr=1e-2, weight_decay=0.1, foreach=False)
+            state = {}
+        x, y = torch.randn(16, 48, generator=generator), torch.randn(16, 40, generator=generator)
+        before = layer.weight.dequantize()
+        trainable = layer.weight.trainable_mask()
+        expected = _reference_step(before, trainable, bias, x, y, state)
+        optimizer.zero_grad(set_to_none=True)
+        F.mse_loss(layer(x), y).backward()
+        optimizer.step()
+        after = layer.weight.dequantize()
+        assert torch.equal(after[~trainable], before[~trainable])
+        assert not torch.equal(after[trainable], before[trainable])
+        torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
+
+
+def _train(mode: str, cache: bool, monkeypatch) -> torch.Tensor:
+    with monkeypatch.context() as patch:
+        if not cache:
+            patch.setattr(mask_ops, "_cacheable", lambda bitmap: False)
+        layer = _layer(mode)
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+        generator = torch.Generator().manual_seed(2)
+        for step in range(3):
+            if step == 2:  # new mask, new bitmap tensors
+                bitmap = layer.weight.mask_bitmap
+                if mode == "sparse":
+                    layer.weight.prune(0.8)
+                else:
+                    layer.weight.commit("magnitude")
+                    layer.weight.enter_resu()
+                assert layer.weight.mask_bitmap is not bitmap
+                rt.reset_optimizer_state_(optimizer, layer)
+            optimizer.zero_grad()
+            x, y = torch.randn(8, 48, generator=generator), torch.randn(8, 40, generator=generator)
+            F.mse_loss(layer(x), y).backward()
+            optimizer.step()
+        return layer.weight.dequantize()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kept_positions_give_the_bits_of_the_unkept_path(mode, monkeypatch):
+    """Training with positions kept per step is bit-identical to decoding the bitmap at every op."""
+    assert torch.equal(_train(mode, True, monkeypatch), _train(mode, False, monkeypatch))
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_positions_follow_an_in_place_bitmap_change(invert):
+    """A bitmap written in place (same object, new version) is decoded again; the kernels read the
+    new selection, as a boolean-mask reference does."""
+    mask = torch.rand(300) < 0.4
+    bitmap = kernels.pack_bitmap(mask)
+    values = torch.randn(300)
+    selected = ~mask if invert else mask
+    assert torch.equal(kernels.gather_by_bitmap(values, bitmap, None, 1024, invert, int(selected.sum())),
+                       values[selected])
+    new_mask = torch.rand(300) < 0.6
+    bitmap.copy_(kernels.pack_bitmap(new_mask))
+    selected = ~new_mask if invert else new_mask
+    assert torch.equal(mask_ops.selected_positions(bitmap, 300, invert).long(), selected.nonzero().view(-1))
+    compact = torch.randn(int(selected.sum()))
+    out = values.clone()
+    kernels.scatter_by_bitmap_(out, bitmap, None, 1024, invert, compact)
+    expected = values.clone()
+    expected[selected] = compact
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="selects"):
+        kernels.gather_by_bitmap(values, bitmap, None, 1024, invert, int(selected.sum()) + 1)
+
+
+def test_positions_are_released_by_the_optimizer_step_and_counted_until_then():
+    """Between backward and the optimizer step the kept positions show in memory_report's mask
+    bytes; after the step they are gone and the report equals the one before backward."""
+    layer = _layer("sparse")
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    x = torch.randn(4, 48)
+    layer(x).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    settled = rt.memory_report(layer, optimizer).total.mask
+    layer(x).sum().backward()
+    held = mask_ops.held_selection_nbytes(layer.weight.mask_bitmap)
+    assert held == 4 * layer.weight.trainable_count
+    assert rt.memory_report(layer, optimizer).total.mask == settled + held
+    optimizer.step()
+    assert mask_ops.held_selection_nbytes(layer.weight.mask_bitmap) == 0
+    assert rt.memory_report(layer, optimizer).total.mask == settled
