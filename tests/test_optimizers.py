@@ -163,7 +163,8 @@ def test_in_place_updates_of_bitmap_weights_take_one_kernel_pass(mode, name, mon
 
         with monkeypatch.context() as patch:
             for op in ("update_by_bitmap_", "foreach_update_by_bitmap_", "gather_by_bitmap", "scatter_by_bitmap_"):
-                patch.setitem(kernels._IMPLS[op], "reference", counted(op, kernels._IMPLS[op]["reference"]))
+                implementations = kernels.OPS[op].implementations
+                patch.setitem(implementations, "reference", counted(op, implementations["reference"]))
             if not one_pass:
                 patch.setattr(trainable, "BITMAP_UPDATES", {})
             w, dense, bias = params = copy.deepcopy(start)
@@ -196,14 +197,14 @@ def test_foreach_ops_update_every_bitmap_weight_in_one_kernel_call(monkeypatch):
     weights = [make_pair(mode)[0] for mode in ("resu", "sparse", "resu")]
     opt = torch.optim.AdamW(weights, lr=0.01, weight_decay=0.1, foreach=True)
     calls = []
-    reference = kernels._IMPLS["foreach_update_by_bitmap_"]["reference"]
+    reference = kernels.OPS["foreach_update_by_bitmap_"].implementations["reference"]
 
     def counted(values, *args):
         calls.append(len(values))
         return reference(values, *args)
 
-    monkeypatch.setitem(kernels._IMPLS["foreach_update_by_bitmap_"], "reference", counted)
-    monkeypatch.setitem(kernels._IMPLS["update_by_bitmap_"], "reference", None)  # a per-weight call would fail
+    monkeypatch.setitem(kernels.OPS["foreach_update_by_bitmap_"].implementations, "reference", counted)
+    monkeypatch.setitem(kernels.OPS["update_by_bitmap_"].implementations, "reference", None)  # a per-weight call would fail
     before = [w.dequantize() for w in weights]
     sum(F.linear(torch.randn(4, 48), w).square().sum() for w in weights).backward()
     opt.step()
@@ -255,13 +256,13 @@ def test_each_in_place_form_equals_gather_op_scatter(name, monkeypatch):
     b = weight.compact(torch.rand(weight.trainable_count) + 0.5)
     calls = []
     kernel = "foreach_update_by_bitmap_" if name.startswith("foreach") else "update_by_bitmap_"
-    reference = kernels._IMPLS[kernel]["reference"]
+    reference = kernels.OPS[kernel].implementations["reference"]
 
     def counted(*args):
         calls.append(args)
         return reference(*args)
 
-    monkeypatch.setitem(kernels._IMPLS[kernel], "reference", counted)
+    monkeypatch.setitem(kernels.OPS[kernel].implementations, "reference", counted)
     frozen = ~weight.trainable_mask()
     ours, theirs = copy.deepcopy(weight).detach(), copy.deepcopy(weight).detach()
     with torch.no_grad():

@@ -42,6 +42,5 @@ def implementation(name: str, device_type: str) -> Callable:
 
 
 globals().update({name: dispatcher(op) for name, op in OPS.items()})
-_IMPLS = {name: op.implementations for name, op in OPS.items()}  # op name → {device type or "reference": fn}
 
 __all__ = ["HAS_TRITON", "PREFIX_TILE", "register", "implementation", *OPS]
