@@ -47,15 +47,25 @@ def dense_view(t, copy: bool = False):
     return t
 
 
-def _written_subclass_argument(func, args, kwargs):
-    """The name of an argument the op writes into that is a ResuTensor/CompactTensor, or None."""
+def written_arguments(func, args, kwargs) -> list[tuple[str, object]]:
+    """(name, value) of each argument aten op ``func`` writes into (its ``self`` in place, its
+    ``out=`` tensors), where given."""
+    written = []
     for i, argument in enumerate(func._schema.arguments):
         if argument.alias_info is None or not argument.alias_info.is_write:
             continue
         value = args[i] if i < len(args) else kwargs.get(argument.name)
+        if value is not None:
+            written.append((argument.name, value))
+    return written
+
+
+def _written_subclass_argument(func, args, kwargs):
+    """The name of an argument the op writes into that is a ResuTensor/CompactTensor, or None."""
+    for name, value in written_arguments(func, args, kwargs):
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, (ResuTensor, CompactTensor)) for v in values):
-            return argument.name
+            return name
     return None
 
 
@@ -99,14 +109,17 @@ def effective_weight(weight: ResuTensor) -> torch.Tensor:
         return EffectiveWeight.apply(weight)
 
 
-# Tensor methods and functions that keep a ResuTensor a ResuTensor under autograd: layout views
+# Layout views and row blocks that keep an (out, in) weight a ResuTensor but compute on an N-D conv
+# weight (its permutations are not its storage or the storage's transpose; its blocks are W_eff's).
+_LAYOUT_VIEWS = frozenset([torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute,
+                           torch.permute, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
+                           torch.Tensor.narrow, torch.narrow])
+# Tensor methods and functions that keep a ResuTensor a ResuTensor under autograd: the layout views
 # the fast paths understand, dtype/device moves, row blocks (FSDP), optimizer state (*_like).
-_STRUCTURAL = frozenset([
-    torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute,
+_STRUCTURAL = _LAYOUT_VIEWS | frozenset([
     torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.float, torch.Tensor.half,
     torch.Tensor.bfloat16, torch.Tensor.double, torch.Tensor.type, torch.Tensor.clone, torch.clone,
-    torch.Tensor.detach, torch.Tensor.new_zeros, torch.Tensor.new_empty, torch.Tensor.split, torch.split,
-    torch.Tensor.chunk, torch.chunk, torch.Tensor.narrow, torch.narrow,
+    torch.Tensor.detach, torch.Tensor.new_zeros, torch.Tensor.new_empty,
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
 ])
 # Python operators that compute (w * 2, w[0], w == 0, -w, ...); other dunders (__hash__, __repr__,
@@ -116,13 +129,6 @@ _COMPUTING_DUNDERS = frozenset(
         "add radd sub rsub mul rmul truediv rtruediv div rdiv floordiv rfloordiv mod rmod pow rpow matmul rmatmul "
         "neg pos abs invert and rand or ror xor rxor lshift rlshift rshift rrshift eq ne lt le gt ge getitem "
         "float int bool index array").split())
-
-
-# Layout views and row blocks that keep an (out, in) weight a ResuTensor but compute on an N-D conv
-# weight (its permutations are not its storage or the storage's transpose; its blocks are W_eff's).
-_LAYOUT_VIEWS = frozenset([torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute,
-                           torch.permute, torch.Tensor.split, torch.split, torch.Tensor.chunk, torch.chunk,
-                           torch.Tensor.narrow, torch.narrow])
 
 
 def _computes(func) -> bool:

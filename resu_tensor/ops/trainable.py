@@ -28,7 +28,7 @@ from resu_tensor import kernels
 from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.tensor import ResuTensor, is_traced
-from resu_tensor.ops.fallback import dense_fallback
+from resu_tensor.ops.fallback import dense_fallback, written_arguments
 
 aten = torch.ops.aten
 
@@ -42,6 +42,9 @@ def _overload(packet, names):
     return [getattr(packet, n) for n in names if hasattr(packet, n)]
 
 
+# Optimizer state of a parameter: compact even with the parameter as the only operand.
+LIKE_OPS = frozenset([aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+                      aten.full_like.default, aten.rand_like.default, aten.randn_like.default])
 ELEMENTWISE_OPS = [
     *_overload(aten.add, ["Tensor", "Scalar"]), *_overload(aten.add_, ["Tensor", "Scalar"]),
     *_overload(aten.sub, ["Tensor", "Scalar"]), *_overload(aten.sub_, ["Tensor", "Scalar"]),
@@ -56,8 +59,7 @@ ELEMENTWISE_OPS = [
     aten.maximum.default, aten.minimum.default,
     *_overload(aten.pow, ["Tensor_Scalar"]), *_overload(aten.pow_, ["Scalar"]),
     aten.zero_.default, *_overload(aten.fill_, ["Scalar"]),
-    aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
-    aten.rand_like.default, aten.randn_like.default,
+    *LIKE_OPS,
     aten.uniform_.default, aten.normal_.default,  # nn.init re-initialising a weight (trainable coordinates)
     aten.isnan.default, aten.isinf.default, aten.sgn.default,
     *_overload(aten.eq, ["Tensor", "Scalar"]), *_overload(aten.ne, ["Tensor", "Scalar"]),
@@ -74,9 +76,6 @@ FULL_REDUCTIONS = [aten.linalg_vector_norm.default, aten.sum.default, aten.max.d
                    aten._is_any_true.default]  # anomaly mode's NaN check of every gradient
 # Ops that only make sense on grads / state, never on the weight (copy_ of weights: layout.py).
 COMPACT_ONLY_OPS = [aten.copy_.default, aten.clone.default]
-# Optimizer state of a parameter: compact even with the parameter as the only operand.
-LIKE_OPS = frozenset([aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
-                      aten.full_like.default, aten.rand_like.default, aten.randn_like.default])
 # Full reductions a flat trainable vector answers for its dense expansion (zeros elsewhere change
 # neither a sum, a positive-order norm nor an any); max, min, all, ... need the zeros.
 _ZERO_BLIND_REDUCTIONS = frozenset([aten.sum.default, aten.any.default, aten._is_any_true.default])
@@ -273,13 +272,6 @@ def full_reduction(func, types, args, kwargs):
     return func(*tree_map(operands.flat, args), **tree_map(operands.flat, kwargs))
 
 
-def _written_arguments(func, args, kwargs) -> list:
-    """The tensors an op writes into (its ``self`` in place, its ``out=`` tensors)."""
-    named = _named_arguments(func, args, kwargs)
-    return [named[a.name] for a in func._schema.arguments
-            if a.alias_info is not None and a.alias_info.is_write and named.get(a.name) is not None]
-
-
 def pointwise_write(func, types, args, kwargs):
     """Any in-place or ``out=`` form of a pointwise aten op (torch's ``pointwise`` tag) that
     writes into a ResuTensor or CompactTensor: it runs on the flat trainable vectors of its
@@ -289,7 +281,7 @@ def pointwise_write(func, types, args, kwargs):
     for ``sign_``, ``maximum(out=)``, ``sqrt_``, ``clamp_(min=tensor)``, ... instead of a list.
     An op writing into plain tensors only runs on the dense views (the dense fallback)."""
     kwargs = kwargs or {}
-    written = _written_arguments(func, args, kwargs)
+    written = [value for _, value in written_arguments(func, args, kwargs)]
     subclass = [isinstance(t, (ResuTensor, CompactTensor)) for t in written]
     if not any(subclass):
         return dense_fallback(func, types, args, kwargs)
@@ -301,7 +293,7 @@ def pointwise_write(func, types, args, kwargs):
     operands = _Operands(func, args, kwargs)
     flat_args, flat_kwargs = tree_map(operands.flat, args), tree_map(operands.flat, kwargs)
     func(*flat_args, **flat_kwargs)
-    for target, flat in zip(written, _written_arguments(func, flat_args, flat_kwargs)):
+    for target, (_, flat) in zip(written, written_arguments(func, flat_args, flat_kwargs)):
         write_back(func, target, flat)
     return written[0] if len(written) == 1 else tuple(written)
 
@@ -372,10 +364,7 @@ def empty_like_resu(func, types, args, kwargs):
             f"to_empty / empty_like(device=...): a {weight.mode.value!r} ResuTensor on the meta device has no mask or θ "
             "to move (they are data). Quantize on meta with rt.resu_config(sparsity=0.0) (DENSE), call "
             "model.to_empty(device=...), initialise the weights, then rt.prune_(model, sparsity)")
-    moved = {n: getattr(weight, n).to(device) for n in weight.optional_tensor_data_names if getattr(weight, n) is not None}
-    if weight.values is not None:
-        moved["values"] = weight.values.to(device=device, dtype=dtype)
-    return weight.replace(compute_dtype=dtype, **moved)
+    return weight.moved(device, dtype)
 
 
 def _register(cls, ops, handler):
