@@ -117,8 +117,8 @@ class FastPropertyAccess:
 
 
 class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
-    """Logical shape: its weight's ((out, in), (in, out) or N-D conv); stores only the trainable coordinates of one ResuTensor, flat,
-    in row-major order of the weight's storage.
+    """Logical shape: its weight's ((out, in), (in, out) or N-D conv); stores only the trainable
+    coordinates of one ResuTensor, flat, in row-major order of the weight's storage.
 
     ``trainable_key`` names the trainable set the values belong to: ops that mix a CompactTensor
     with a weight or state of another set raise instead of misapplying it. ``transposed`` marks

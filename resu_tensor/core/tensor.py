@@ -101,9 +101,7 @@ def remember_trainable_set(weight: "ResuTensor") -> None:
     records = _TRAINABLE_SETS.get(key, [])
     if any(record.describes(weight) for record in records):
         return
-    storage = next((getattr(weight, n) for n in weight.optional_tensor_data_names if getattr(weight, n) is not None),
-                   None)
-    if storage is None or is_traced(storage):
+    if is_traced(weight.first_inner_tensor()):
         return  # a trace value describes no real gradient
 
     def release(_ref, key=key):
@@ -236,6 +234,24 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
     def _apply_fn_to_data(self, fn):
         return self.replace(**{n: fn(getattr(self, n)) for n in self.optional_tensor_data_names
                                if getattr(self, n) is not None})
+
+    def first_inner_tensor(self) -> torch.Tensor:
+        """One of the inner tensors (every mode has at least one): its device is the weight's, and
+        it tells whether the weight is a trace value."""
+        return next(getattr(self, n) for n in self.optional_tensor_data_names if getattr(self, n) is not None)
+
+    def moved(self, device, dtype: torch.dtype) -> "ResuTensor":
+        """This weight on ``device`` with compute dtype ``dtype``: the dense values follow ``dtype``;
+        θ, codes and scales keep theirs (their precision is a choice).
+
+        Example::
+
+            w.moved("cuda", torch.bfloat16)   # what w.to("cuda", torch.bfloat16) gives
+        """
+        moved = {n: getattr(self, n).to(device) for n in self.optional_tensor_data_names if getattr(self, n) is not None}
+        if self.values is not None:
+            moved["values"] = self.values.to(device=device, dtype=dtype)
+        return self.replace(compute_dtype=dtype, **moved)
 
     # ----------------------------------------------------------------- construction
     # Construction and mode changes are eager-only: data-dependent (masks, counts, hashes) and
@@ -398,7 +414,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
     @property
     def device_of_storage(self) -> torch.device:
-        return next(getattr(self, n).device for n in self.optional_tensor_data_names if getattr(self, n) is not None)
+        return self.first_inner_tensor().device
 
     def encoded_mask(self) -> EncodedMask:
         return EncodedMask(self.mask_kind, self.mask_bitmap, self.mask_block_prefix, self.mask_indices)
@@ -601,7 +617,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         there are no values to show: shape and dtype take their place."""
         identity = (f"mode={self.mode_name}, sparsity={self.sparsity:.4f}, mask={self.mask_kind}, "
                     f"trainable={self.trainable_side}{', transposed' if self.transposed else ''}")
-        storage = next(getattr(self, n) for n in self.optional_tensor_data_names if getattr(self, n) is not None)
+        storage = self.first_inner_tensor()
         if is_traced(storage) or storage.device.type == "meta":
             return f"ResuTensor(shape={tuple(self.shape)}, dtype={self.dtype}, {identity})"
         with torch.no_grad():

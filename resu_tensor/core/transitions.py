@@ -7,14 +7,14 @@ from resu_tensor import kernels
 from resu_tensor.core.mask_encoding import encode_mask
 from resu_tensor.core.mode import Mode
 from resu_tensor.core.qresu import check_quant_args, quantize_active
-from resu_tensor.core.state import QuantizedActive
+from resu_tensor.core.state import SUPPORTED_DTYPES, QuantizedActive
 from resu_tensor.core.subset import restrict_to_subset_
 from resu_tensor.method import amnesty
 from resu_tensor.method.amnesty import AmnestyStats
 from resu_tensor.method.selective import EMA_DTYPES, SelectiveConfig, StaticSubsetConfig
-from resu_tensor.method.pruning import (check_finite, check_input_norms, check_keeps_weights, check_method, check_sparsity,
-                                        mask_from_scores, parse_granularity, resolve_sparsity, row_pattern, score)
-from resu_tensor.core.state import SUPPORTED_DTYPES
+from resu_tensor.method.pruning import (check_finite, check_input_norms, check_keeps_weights, check_method,
+                                        check_sparsity, mask_from_scores, parse_granularity, resolve_sparsity,
+                                        row_pattern, score)
 
 COMMIT_STRATEGIES = ("amnesty", "wanda_reprune", "magnitude", "simple")
 
@@ -167,8 +167,8 @@ def check_commit(tensor, strategy: str = "simple", *, sparsity: Optional[float] 
                  input_norms: Optional[torch.Tensor] = None, norms_later: bool = False, admit: str = "quota") -> float:
     """Every check :func:`commit` makes before it changes ``tensor`` (same arguments; an unknown
     option is a TypeError); returns the sparsity the commit prunes to. A model-level call runs it
-    on every layer first (``norms_later``: Wanda's input norms come after, from calibration). A re-prune that would keep no weight (or none in a row of a row-pruned
-    layer) is refused here.
+    on every layer first (``norms_later``: Wanda's input norms come after, from calibration). A
+    re-prune that would keep no weight (or none in a row of a row-pruned layer) is refused here.
 
     Example::
 
@@ -269,4 +269,5 @@ def commit_stats(old_mask: torch.Tensor, new_mask: torch.Tensor, reserved: int =
     )
 
 
-__all__ = ["prune", "enter_resu", "commit", "check_enter_resu", "check_commit", "COMMIT_STRATEGIES", "check_method", "check_sparsity"]
+__all__ = ["prune", "enter_resu", "commit", "check_enter_resu", "check_commit", "COMMIT_STRATEGIES", "check_method",
+           "check_sparsity"]

@@ -51,11 +51,7 @@ def to_copy_resu(func, types, args, kwargs):
     dtype, device = to["dtype"], to["device"]
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"ResuTensor supports dtypes {[str(d) for d in SUPPORTED_DTYPES]}, got {dtype}")
-    # Values follow the new dtype; θ, codes and scales keep theirs (their precision is a choice).
-    moved = {n: getattr(t, n).to(device) for n in t.optional_tensor_data_names if getattr(t, n) is not None}
-    if t.values is not None:
-        moved["values"] = t.values.to(device=device, dtype=dtype)
-    return t.replace(compute_dtype=dtype, **moved)
+    return t.moved(device, dtype)
 
 
 def to_copy_compact(func, types, args, kwargs):
