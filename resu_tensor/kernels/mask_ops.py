@@ -125,6 +125,11 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
     return cached[1]
 
 
+def holds_selections() -> bool:
+    """Whether :func:`selected_positions` keeps positions of any bitmap now (never on CUDA)."""
+    return len(_SELECTIONS) > 0
+
+
 def release_selections(bitmap: Optional[torch.Tensor]) -> None:
     """Drop the positions :func:`selected_positions` keeps for ``bitmap`` (None: nothing to do).
 

@@ -13,6 +13,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from resu_tensor.method.pruning import check_method, check_sparsity
 from resu_tensor.core.qresu import check_quant_args
 from resu_tensor.core.tensor import ResuTensor, check_weight
+from resu_tensor.training.filters import replace_parameter_everywhere
 from resu_tensor.training.modules import MODULE_KINDS, is_transposed_kind, resu_param_names
 
 
@@ -107,10 +108,7 @@ def _convert(module: nn.Module, param_name: str, config: ResuConfig, where: str)
         new_weight.enter_resu(config.epsilon, quantize_bits=config.quantize_bits, group_size=config.group_size)
     new_param = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
     _converted[weight] = (weakref.ref(config), weakref.ref(new_param))
-    setattr(module, param_name, new_param)  # through setattr: RNN modules refresh their flat weights
-    for name, param in list(module._parameters.items()):  # the same Parameter under a second name
-        if param is weight:
-            setattr(module, name, new_param)
+    replace_parameter_everywhere(module, weight, new_param)  # under every name of it in the module
     return new_param
 
 

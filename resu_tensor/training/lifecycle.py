@@ -26,25 +26,13 @@ from resu_tensor.method.pruning import (check_finite, check_input_norms, check_k
                                         resolve_sparsity, score)
 from resu_tensor.method.selective import StaticSubsetConfig
 from resu_tensor.training.calibration import calibrate, input_norms_for
-from resu_tensor.training.filters import FilterFn, require_chosen, resu_parameters, resu_weights
-from resu_tensor.training.modules import wanda_unsupported_reason
+from resu_tensor.training.filters import FilterFn, require_chosen, resu_weights
 from resu_tensor.training.optimizer_state import optimizer_state_kept
 from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
 
 
 def _chosen_layers(model: nn.Module, filter_fn, call: str) -> list[tuple[str, nn.Module, ResuTensor]]:
     return require_chosen(list(resu_weights(model, filter_fn)), model, filter_fn, call)
-
-
-def check_wanda_scorable(model: nn.Module, filter_fn, call: str) -> None:
-    """``ValueError`` naming the first chosen parameter Wanda cannot score (an RNN's, an
-    attention in-projection's, an embedding's), before any calibration batch runs."""
-    for entry in resu_parameters(model, filter_fn):
-        reason = wanda_unsupported_reason(entry.module)
-        if reason is not None:
-            raise ValueError(f"{call}: Wanda cannot score layer {entry.name!r} "
-                             f"({type(entry.module).__name__}.{entry.param_name}): {reason}. Use method='magnitude' "
-                             "for it, or leave it out with filter_fn")
 
 
 def _checked(where: str, check: Callable[[], object]):
@@ -123,8 +111,6 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
         rt.prune_(model, method="wanda", granularity="2:4", calibration=[x1, x2])
         rt.prune_(model, 0.9, scope="erk", optimizer=optimizer)
     """
-    if method == "wanda":
-        check_wanda_scorable(model, filter_fn, "prune_")
     calibration = _norms_before_gathering(model, calibration, filter_fn, needed=method == "wanda")
     with full_weights(model, optimizer, filter_fn, keep_state=True), _state_kept(model, optimizer, filter_fn):
         _prune_layers(model, sparsity, method, filter_fn, generator, granularity, scope, calibration)
@@ -266,8 +252,6 @@ def commit_(model: nn.Module, strategy: str = "simple", filter_fn: Optional[Filt
         print(rt.format_stats_table(stats))
     """
     wanda = (strategy == "amnesty" and options.get("score") == "wanda") or strategy == "wanda_reprune"
-    if wanda:
-        check_wanda_scorable(model, filter_fn, "commit_")
     calibration = _norms_before_gathering(model, calibration, filter_fn, needed=wanda)
     with full_weights(model, optimizer, filter_fn, keep_state=True):
         layers = _chosen_layers(model, filter_fn, "commit_")

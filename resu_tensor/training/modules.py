@@ -8,9 +8,10 @@ handled everywhere. transformers stays optional: its ``Conv1D`` is recognised by
 attributes, without importing transformers.
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from torch import nn
+
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's projections, weight stored (in, out)),
@@ -43,15 +44,13 @@ def _recurrent_weights(module: nn.RNNBase) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class ModuleKind:
     """A module type whose parameters ``param_names(module)`` become ResuTensors; ``transposed``:
-    they are stored (in, out); ``no_wanda``: why Wanda scores cannot be computed for them (None
-    when they can: every row of the table; training/calibration.py and training/wanda_inputs.py
-    say what each column multiplies)."""
+    they are stored (in, out). Wanda scores every row (training/calibration.py and
+    training/wanda_inputs.py say what each weight column multiplies)."""
 
     name: str
     matches: Callable[[nn.Module], bool]
     param_names: Callable[[nn.Module], tuple[str, ...]]
     transposed: bool = False
-    no_wanda: Optional[str] = None
 
 
 MODULE_KINDS = (
@@ -90,18 +89,6 @@ def is_transposed_kind(module: nn.Module) -> bool:
     return kind is not None and kind.transposed
 
 
-def wanda_unsupported_reason(module: nn.Module):
-    """Why Wanda (|W|·‖X‖ scores from the inputs forward hooks see) cannot score ``module``'s
-    ResuTensor parameters, or None when it can.
-
-    Example::
-
-        wanda_unsupported_reason(nn.LSTM(4, 8))   # None: calibrate re-runs the recurrence per layer
-    """
-    kind = module_kind(module)
-    return None if kind is None else kind.no_wanda
-
-
 def is_supported_module(module: nn.Module, fqn: str = "") -> bool:
     """Whether ``module`` has parameters that become ResuTensors: nn.Linear, nn.Conv1d/2d/3d,
     nn.Embedding, transformers' Conv1D, nn.MultiheadAttention (its in-projection; its
@@ -116,4 +103,4 @@ def is_supported_module(module: nn.Module, fqn: str = "") -> bool:
 
 
 __all__ = ["ModuleKind", "MODULE_KINDS", "module_kind", "resu_param_names", "is_transposed_kind",
-           "is_supported_module", "is_hf_conv1d", "wanda_unsupported_reason"]
+           "is_supported_module", "is_hf_conv1d"]

@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.fsdp_extension import compact_grad_, is_sharded_resu
 from resu_tensor.core.tensor import ResuTensor
-from resu_tensor.kernels.mask_ops import release_selections
+from resu_tensor.kernels.mask_ops import holds_selections, release_selections
 from resu_tensor.method.selective import consistency_filter_
 from resu_tensor.training.optimizer_state import is_stale_for_shard, stale_parameters
 from resu_tensor.training.sharded import SELECTIVE_UNSUPPORTED_SHARDED
@@ -98,9 +98,9 @@ def _before_step(optimizer, args, kwargs) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not holds_selections():
         # A traced step selects without the CPU positions (they key on real tensors); tracing
-        # this loop would only add graph breaks.
+        # this loop would only add graph breaks. Nothing held (a CUDA run): nothing to release.
         return
     plain, sharded = resu_parameters(optimizer)
     for param in [*plain, *(p._local_tensor for p in sharded)]:

@@ -108,17 +108,22 @@ def remap_optimizer_state_(optimizer: torch.optim.Optimizer, param: ResuTensor,
         raise ValueError(f"old_trainable_flat must be a bool mask of {numel} elements (or None), got "
                          f"{old_trainable_flat.dtype} with {old_trainable_flat.numel()} elements")
     new_flat = param.trainable_flat()
+    old_count = _count(old_trainable_flat, numel)
     remapped = 0
     for key, value in list(state.items()):
         if not isinstance(value, CompactTensor) or value.trainable_key == param.trainable_key:
             continue
-        old_count = numel if old_trainable_flat is None else int(old_trainable_flat.sum())
         if value.flat.numel() != old_count:
             raise ValueError(f"remap_optimizer_state_: state {key!r} holds {value.flat.numel()} values but the old "
                              f"trainable set has {old_count}; pass the trainable_flat() taken before the change")
         state[key] = remapped_compact(value, param, old_trainable_flat, new_flat)
         remapped += 1
     return remapped
+
+
+def _count(trainable_flat: Optional[torch.Tensor], numel: int) -> int:
+    """Size of a trainable set given as a bool mask (None: all ``numel`` coordinates)."""
+    return numel if trainable_flat is None else int(trainable_flat.sum())
 
 
 def remapped_compact(value: CompactTensor, param: ResuTensor, old_trainable_flat: Optional[torch.Tensor],
@@ -141,9 +146,9 @@ def remap_sharded_state_(optimizer: torch.optim.Optimizer, param, shard: ResuTen
     global metadata and gets its local CompactTensor remapped to ``shard``'s new trainable set
     (``old_trainable_flat``: the shard's before the change)."""
     new_flat = shard.trainable_flat()
+    old_count = _count(old_trainable_flat, shard.storage_numel)
     for value in optimizer.state.get(param, {}).values():
-        if is_stale_for_shard(value, shard) and value._local_tensor.flat.numel() == (
-                shard.storage_numel if old_trainable_flat is None else int(old_trainable_flat.sum())):
+        if is_stale_for_shard(value, shard) and value._local_tensor.flat.numel() == old_count:
             value._local_tensor = remapped_compact(value._local_tensor, shard, old_trainable_flat, new_flat)
 
 
