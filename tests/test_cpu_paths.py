@@ -145,3 +145,43 @@ def test_positions_are_released_by_the_optimizer_step_and_counted_until_then():
     optimizer.step()
     assert mask_ops.held_selection_nbytes(layer.weight.mask_bitmap) == 0
     assert rt.memory_report(layer, optimizer).total.mask == settled
+
+
+UPDATES = [("mul_scalar", 0.999), ("mul_scalar", -1.7), ("mul", 1.0), ("add", 1.0), ("add", -0.3),
+           ("addcdiv", -1e-3), ("addcdiv", 0.7), ("addcmul", 0.01), ("lerp", 0.1), ("copy", 1.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("invert", [False, True])
+@pytest.mark.parametrize("op,scalar", UPDATES)
+def test_updates_at_positions_give_the_bits_of_gather_op_scatter(op, scalar, invert, dtype):
+    """Every update_by_bitmap_ op through kept positions (the read-modify-write forms included)
+    equals the aten op on the gathered vector written back with a boolean mask, bit for bit;
+    unselected elements keep their bits."""
+    generator = torch.Generator().manual_seed(hash((op, scalar, invert)) % 1000)
+    n = 3001  # not a multiple of 8: the bitmap's last byte is partly padding
+    mask = torch.rand(n, generator=generator) < 0.35
+    bitmap = kernels.pack_bitmap(mask)
+    selected = ~mask if invert else mask
+    count = int(selected.sum())
+    values = (torch.randn(n, generator=generator) * 3).to(dtype)
+    t1 = torch.randn(count, generator=generator).to(dtype)
+    t2 = torch.rand(count, generator=generator).add_(1e-3).to(dtype)
+    n_tensors = mask_ops.UPDATE_OPS[op][0]
+    tensor1, tensor2 = (t1 if n_tensors >= 1 else None), (t2 if n_tensors == 2 else None)
+    expected = values.clone()
+    gathered = expected[selected]
+    mask_ops.UPDATE_OPS[op][1](gathered, tensor1, tensor2, scalar)
+    expected[selected] = gathered
+    try:
+        out = kernels.update_by_bitmap_(values.clone(), bitmap, None, 1024, invert, op, tensor1, tensor2, scalar)
+        assert mask_ops.held_selection_nbytes(bitmap) > 0  # the positions form ran
+    finally:
+        mask_ops.release_selections(bitmap)
+    assert torch.equal(_bits(out)[~selected], _bits(values)[~selected])
+    assert torch.equal(_bits(out), _bits(expected))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (so -0.0 and 0.0 differ, as stored values do)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

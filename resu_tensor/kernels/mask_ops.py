@@ -235,6 +235,33 @@ def check_update(op: str, values: torch.Tensor, tensor1, tensor2) -> None:
                          f"got {tensor1.dtype}")
 
 
+def _update_at_positions_(values: torch.Tensor, positions: torch.Tensor, op: str, tensor1, tensor2,
+                          scalar: float) -> bool:
+    """Run ``op`` of :func:`update_by_bitmap_` on flat ``values`` as one read-modify-write at
+    ``positions`` (scatter_reduce_ / scatter_add_ / scatter_), instead of gathering the selected
+    values, updating them and scattering them back; whether this form serves ``op``. Only forms
+    whose arithmetic is the aten op's own, to the bit: v·s and v·t1 are one product; addcdiv is
+    v + (s·t1)/t2 as torch's CPU kernel rounds it in float32 (other dtypes compute in float32
+    and round once, which an unfused form would not); add with alpha 1 is v + t1 (torch fuses
+    v + s·t1 for other alphas into one rounding); lerp and addcmul keep the gathered form."""
+    if op == "copy":
+        values.scatter_(0, positions, tensor1.to(values.dtype))
+        return True
+    if values.dtype != torch.float32 or any(t is not None and t.dtype != torch.float32 for t in (tensor1, tensor2)):
+        return False
+    if op == "mul_scalar":
+        values.scatter_reduce_(0, positions, torch.full(positions.shape, scalar, dtype=values.dtype), "prod")
+    elif op == "mul":
+        values.scatter_reduce_(0, positions, tensor1, "prod")
+    elif op == "add" and scalar == 1:
+        values.scatter_add_(0, positions, tensor1)
+    elif op == "addcdiv":
+        values.scatter_add_(0, positions, torch.mul(tensor1, scalar).div_(tensor2))
+    else:
+        return False
+    return True
+
+
 @kernel_op
 def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                       invert: bool, op: str, tensor1, tensor2, scalar: float) -> torch.Tensor:
@@ -246,9 +273,11 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
     check_update(op, values, tensor1, tensor2)
     positions = selected_positions(bitmap, values.numel(), invert)
     if positions is not None:
-        flat = values.view(-1).index_select(0, positions)
         if tensor1 is not None:
             _check_positions("update_by_bitmap_", positions, tensor1.numel())
+        if _update_at_positions_(values.view(-1), positions, op, tensor1, tensor2, scalar):
+            return values
+        flat = values.view(-1).index_select(0, positions)
         UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
         values.view(-1).scatter_(0, positions, flat)
         return values
