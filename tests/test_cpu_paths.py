@@ -33,6 +33,12 @@ def _reference_step(weight_before: torch.Tensor, trainable: torch.Tensor, bias: 
     if state.get("param") is None or state["param"].numel() != positions.numel():
         state["param"] = nn.Parameter(weight_before.view(-1)[positions].clone())
         state["optimizer"] = torch.optim.AdamW([state["param"]], lr=1e-2, weight_decay=0.1, foreach=False)
+        adopted = state.get("adopt")  # the library optimizer's state, remapped to a new trainable set
+        if adopted:
+            state["optimizer"].state[state["param"]] = {
+                name: value.flat.clone() if hasattr(value, "flat") else value.clone() for name, value in adopted.items()}
+    with torch.no_grad():  # the weight as it is now, also where something outside the optimizer wrote it
+        state["param"].copy_(weight_before.view(-1)[positions])
     state["param"].grad = dense.grad.view(-1)[positions].clone()
     state["optimizer"].step()
     expected = weight_before.clone()
@@ -117,7 +123,7 @@ def test_positions_follow_an_in_place_bitmap_change(invert):
     new_mask = torch.rand(300) < 0.6
     bitmap.copy_(kernels.pack_bitmap(new_mask))
     selected = ~new_mask if invert else new_mask
-    assert torch.equal(mask_ops.selected_positions(bitmap, 300, invert).long(), selected.nonzero().view(-1))
+    assert torch.equal(mask_ops.selected_positions(bitmap, 300, invert), selected.nonzero().view(-1))
     compact = torch.randn(int(selected.sum()))
     out = values.clone()
     kernels.scatter_by_bitmap_(out, bitmap, None, 1024, invert, compact)
@@ -140,8 +146,99 @@ def test_positions_are_released_by_the_optimizer_step_and_counted_until_then():
     settled = rt.memory_report(layer, optimizer).total.mask
     layer(x).sum().backward()
     held = mask_ops.held_selection_nbytes(layer.weight.mask_bitmap)
-    assert held == 4 * layer.weight.trainable_count
+    assert held == 8 * layer.weight.trainable_count  # int64 positions
     assert rt.memory_report(layer, optimizer).total.mask == settled + held
     optimizer.step()
     assert mask_ops.held_selection_nbytes(layer.weight.mask_bitmap) == 0
     assert rt.memory_report(layer, optimizer).total.mask == settled
+
+
+UPDATES = [("mul_scalar", 0.999), ("mul_scalar", -1.7), ("mul", 1.0), ("add", 1.0), ("add", -0.3),
+           ("addcdiv", -1e-3), ("addcdiv", 0.7), ("addcmul", 0.01), ("lerp", 0.1), ("copy", 1.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("invert", [False, True])
+@pytest.mark.parametrize("op,scalar", UPDATES)
+def test_updates_at_positions_give_the_bits_of_gather_op_scatter(op, scalar, invert, dtype):
+    """Every update_by_bitmap_ op through kept positions (the read-modify-write forms included)
+    equals the aten op on the gathered vector written back with a boolean mask, bit for bit;
+    unselected elements keep their bits."""
+    generator = torch.Generator().manual_seed(hash((op, scalar, invert)) % 1000)
+    n = 3001  # not a multiple of 8: the bitmap's last byte is partly padding
+    mask = torch.rand(n, generator=generator) < 0.35
+    bitmap = kernels.pack_bitmap(mask)
+    selected = ~mask if invert else mask
+    count = int(selected.sum())
+    values = (torch.randn(n, generator=generator) * 3).to(dtype)
+    t1 = torch.randn(count, generator=generator).to(dtype)
+    t2 = torch.rand(count, generator=generator).add_(1e-3).to(dtype)
+    n_tensors = mask_ops.UPDATE_OPS[op][0]
+    tensor1, tensor2 = (t1 if n_tensors >= 1 else None), (t2 if n_tensors == 2 else None)
+    expected = values.clone()
+    gathered = expected[selected]
+    mask_ops.UPDATE_OPS[op][1](gathered, tensor1, tensor2, scalar)
+    expected[selected] = gathered
+    try:
+        out = kernels.update_by_bitmap_(values.clone(), bitmap, None, 1024, invert, op, tensor1, tensor2, scalar)
+        assert mask_ops.held_selection_nbytes(bitmap) > 0  # the positions form ran
+    finally:
+        mask_ops.release_selections(bitmap)
+    assert torch.equal(_bits(out)[~selected], _bits(values)[~selected])
+    assert torch.equal(_bits(out), _bits(expected))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (so -0.0 and 0.0 differ, as stored values do)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _between_steps(mode: str, step: int, layer: nn.Linear, optimizer) -> bool:
+    """What changes the weight between two optimizer steps, by step: a write outside the
+    optimizer (an in-place scale, nn.init), then a new mask through the model-level API (a
+    prune_, or in RESU a commit_ and enter_resu_). Whether the mask changed (new optimizer state)."""
+    with torch.no_grad():
+        if step == 1:
+            layer.weight.mul_(0.5)
+        elif step == 2:
+            nn.init.normal_(layer.weight, std=0.05)
+    if step == 3:
+        if mode == "sparse":
+            rt.prune_(layer, 0.8, optimizer=optimizer)
+        else:
+            rt.commit_(layer, "magnitude", optimizer=optimizer)
+            rt.enter_resu_(layer, optimizer=optimizer)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode):
+    """Steps interleaved with writes outside the optimizer (w.mul_ under no_grad, nn.init) and a
+    mask change through rt.prune_ / rt.commit_ + rt.enter_resu_: every step equals plain AdamW on
+    the trainable coordinates of the weight as it stood before the step (kept positions must
+    never outlive either kind of change), frozen coordinates bit-identical."""
+    layer = _layer(mode)
+    bias = layer.bias.detach()
+    layer.bias.requires_grad_(False)
+    optimizer = torch.optim.AdamW([layer.weight], lr=1e-2, weight_decay=0.1, foreach=False)
+    generator = torch.Generator().manual_seed(3)
+    state = {}
+    for step in range(5):
+        before_change = layer.weight.dequantize()
+        if _between_steps(mode, step, layer, optimizer):
+            state = {"adopt": optimizer.state.get(layer.weight)}
+            assert not torch.equal(layer.weight.dequantize() == 0, before_change == 0) or mode == "resu"
+        elif step in (1, 2):
+            assert not torch.equal(layer.weight.dequantize(), before_change)
+        x, y = torch.randn(16, 48, generator=generator), torch.randn(16, 40, generator=generator)
+        before = layer.weight.dequantize()
+        trainable = layer.weight.trainable_mask()
+        expected = _reference_step(before, trainable, bias, x, y, state)
+        optimizer.zero_grad(set_to_none=True)
+        F.mse_loss(layer(x), y).backward()
+        optimizer.step()
+        after = layer.weight.dequantize()
+        assert torch.equal(_bits(after)[~trainable], _bits(before)[~trainable])
+        torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
+        assert not mask_ops.holds_selections()

@@ -5,6 +5,7 @@ Conventions shared with every kernel: a mask is flattened row-major; bit ``j`` o
 """
 from typing import List, Optional
 
+import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -84,19 +85,21 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
 # per bitmap tensor, valid while that tensor is the same object at the same version (any in-place
 # write bumps it), until release_selections(bitmap): the optimizer step's post-hook releases
 # them, so they last one step and never add to the state a model holds between steps.
-# bitmap → {(numel, invert): (bitmap._version, int32 positions)}
+# bitmap → {(numel, invert): (bitmap._version, int64 positions)}
 _SELECTIONS = WeakIdKeyDictionary()
 
 
-# Bits of each byte value, row b = the 8 bits of byte b (bit j at column j): one table lookup per
-# byte unpacks a bitmap, inverted or not, in a single pass over its elements.
-_BYTE_BITS = ((torch.arange(256).view(-1, 1) >> torch.arange(8)) & 1).to(torch.uint8)
-
-
-def _unpacked_by_table(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.Tensor:
-    """As ``_bitmap_selection``, as uint8 0/1 (CPU only: the table lives there)."""
-    codes = (~bitmap if invert else bitmap).long()
-    return torch.nn.functional.embedding(codes, _BYTE_BITS).view(-1)[:numel]
+def _decoded_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.Tensor:
+    """int64 row-major positions of the selected elements of a CPU bitmap, in one pass over its
+    bits. numpy's unpackbits and flatnonzero of a bool array take a fraction of the time of
+    torch's unpack (a byte → bits table lookup) and nonzero on the CPU, which counts and writes
+    (n, 1) indices in two scalar passes; int64 is what index_select and scatter_ take without a
+    conversion."""
+    packed = bitmap.numpy()
+    if invert:
+        packed = ~packed
+    bits = np.unpackbits(packed, count=numel, bitorder="little").view(np.bool_)
+    return torch.from_numpy(np.flatnonzero(bits))
 
 
 def _cacheable(bitmap: torch.Tensor) -> bool:
@@ -105,7 +108,7 @@ def _cacheable(bitmap: torch.Tensor) -> bool:
 
 
 def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Optional[torch.Tensor]:
-    """Row-major int32 positions of the elements whose bit is set (clear if ``invert``), kept
+    """Row-major int64 positions of the elements whose bit is set (clear if ``invert``), kept
     until :func:`release_selections` or a change of ``bitmap``; None where ``bitmap`` cannot key
     the cache (not a plain CPU tensor), and the caller selects by the unpacked mask instead.
 
@@ -120,7 +123,7 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
         entries = _SELECTIONS[bitmap] = {}
     cached = entries.get((numel, invert))
     if cached is None or cached[0] != bitmap._version:
-        positions = _unpacked_by_table(bitmap, numel, invert).nonzero().view(-1).to(torch.int32)
+        positions = _decoded_positions(bitmap, numel, invert)
         cached = entries[(numel, invert)] = (bitmap._version, positions)
     return cached[1]
 
@@ -180,7 +183,7 @@ def scatter_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix:
     positions = selected_positions(bitmap, values.numel(), invert)
     if positions is not None:
         _check_positions("scatter_by_bitmap_", positions, compact.numel())
-        values.view(-1).scatter_(0, positions.long(), compact.to(values.dtype))
+        values.view(-1).scatter_(0, positions, compact.to(values.dtype))
         return values
     selected = _bitmap_selection(bitmap, values.numel(), invert)
     _check_count("scatter_by_bitmap_", selected, compact.numel())
@@ -232,6 +235,35 @@ def check_update(op: str, values: torch.Tensor, tensor1, tensor2) -> None:
                          f"got {tensor1.dtype}")
 
 
+def _update_at_positions_(values: torch.Tensor, positions: torch.Tensor, op: str, tensor1, tensor2,
+                          scalar: float) -> bool:
+    """Run ``op`` of :func:`update_by_bitmap_` on flat ``values`` as one read-modify-write at
+    ``positions`` (scatter_reduce_ / scatter_add_ / scatter_), instead of gathering the selected
+    values, updating them and scattering them back; whether this form serves ``op``. Only forms
+    whose arithmetic is the aten op's own, to the bit: v·s and v·t1 are one product; addcdiv is
+    v + (s·t1)/t2 as torch's CPU kernel rounds it in float32 (other dtypes compute in float32
+    and round once, which an unfused form would not); add with alpha 1 is v + t1 (torch fuses
+    v + s·t1 for other alphas into one rounding); lerp and addcmul keep the gathered form."""
+    if op == "copy":
+        values.scatter_(0, positions, tensor1.to(values.dtype))
+        return True
+    if values.dtype != torch.float32 or any(t is not None and t.dtype != torch.float32 for t in (tensor1, tensor2)):
+        return False
+    if op == "mul_scalar":
+        # a filled vector, not a stride-0 view of one scalar: scatter_reduce_ reads a contiguous
+        # source faster than the fill costs
+        values.scatter_reduce_(0, positions, torch.full(positions.shape, scalar, dtype=values.dtype), "prod")
+    elif op == "mul":
+        values.scatter_reduce_(0, positions, tensor1, "prod")
+    elif op == "add" and scalar == 1:
+        values.scatter_add_(0, positions, tensor1)
+    elif op == "addcdiv":
+        values.scatter_add_(0, positions, torch.mul(tensor1, scalar).div_(tensor2))
+    else:
+        return False
+    return True
+
+
 @kernel_op
 def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                       invert: bool, op: str, tensor1, tensor2, scalar: float) -> torch.Tensor:
@@ -243,11 +275,13 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
     check_update(op, values, tensor1, tensor2)
     positions = selected_positions(bitmap, values.numel(), invert)
     if positions is not None:
-        flat = values.view(-1).index_select(0, positions)
         if tensor1 is not None:
             _check_positions("update_by_bitmap_", positions, tensor1.numel())
+        if _update_at_positions_(values.view(-1), positions, op, tensor1, tensor2, scalar):
+            return values
+        flat = values.view(-1).index_select(0, positions)
         UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
-        values.view(-1).scatter_(0, positions.long(), flat)
+        values.view(-1).scatter_(0, positions, flat)
         return values
     selected = _bitmap_selection(bitmap, values.numel(), invert)
     flat = values.reshape(-1)[selected]

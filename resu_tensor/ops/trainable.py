@@ -144,8 +144,41 @@ def stays_compact(func, args, kwargs) -> bool:
         type(a) is torch.Tensor and a.numel() > 1 and not is_traced(a) for a in operands)
 
 
+def _on_flat_vectors(func, args, kwargs):
+    """Run ``func`` straight on the flat vectors when its tensor operands are all CompactTensors
+    of one trainable set (0-d tensors and numbers aside): an optimizer's state updates, most of
+    its ops, need no weight, no gathering and no argument-by-argument flattening, only the
+    wrapping of the result. None (nothing run) for any other mix, which the general path serves."""
+    first = None
+    flat_args = []
+    for a in args:
+        if type(a) is CompactTensor:
+            if first is None:
+                first = a
+            elif a.trainable_key != first.trainable_key or a.transposed != first.transposed:
+                return None  # the general path raises its error
+            a = a.flat
+        elif isinstance(a, (torch.Tensor, list, tuple)) and not (type(a) is torch.Tensor and a.dim() == 0):
+            return None
+        flat_args.append(a)
+    if first is None or any(isinstance(v, (torch.Tensor, list, tuple)) for v in kwargs.values()):
+        return None
+    out = func(*flat_args, **kwargs)
+    if _is_inplace(func):
+        return args[0]
+    n = first.flat.numel()
+    if isinstance(out, (tuple, list)):
+        return type(out)(first.with_flat(o) if isinstance(o, torch.Tensor) and o.dim() == 1 and o.numel() == n
+                         else o for o in out)
+    return first.with_flat(out) if isinstance(out, torch.Tensor) and out.dim() == 1 and out.numel() == n else out
+
+
 def trainable_op(func, types, args, kwargs):
     kwargs = kwargs or {}
+    if type(args[0]) is CompactTensor and func not in LIKE_OPS:
+        out = _on_flat_vectors(func, args, kwargs)
+        if out is not None:
+            return out
     if not stays_compact(func, args, kwargs):
         return dense_fallback(func, types, args, kwargs)
     if func in LIKE_OPS and isinstance(args[0], ResuTensor) and kwargs.get("dtype") is None:
@@ -189,15 +222,29 @@ BITMAP_UPDATES = {
 _OPMATH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # operands the kernel reads into float32 exactly
 
 
+_NO_DEFAULT = object()
+# op → ((argument name, default or _NO_DEFAULT), ...): reading a schema builds its Python objects
+# anew on every access, several times the cost of the op on a small weight.
+_SCHEMA_ARGUMENTS = {}
+
+
+def _schema_arguments(func) -> tuple:
+    arguments = _SCHEMA_ARGUMENTS.get(func)
+    if arguments is None:
+        arguments = _SCHEMA_ARGUMENTS[func] = tuple(
+            (a.name, a.default_value if a.has_default_value() else _NO_DEFAULT) for a in func._schema.arguments)
+    return arguments
+
+
 def _named_arguments(func, args, kwargs) -> dict:
     named = {}
-    for i, argument in enumerate(func._schema.arguments):
+    for i, (name, default) in enumerate(_schema_arguments(func)):
         if i < len(args):
-            named[argument.name] = args[i]
-        elif argument.name in kwargs:
-            named[argument.name] = kwargs[argument.name]
-        elif argument.has_default_value():
-            named[argument.name] = argument.default_value
+            named[name] = args[i]
+        elif name in kwargs:
+            named[name] = kwargs[name]
+        elif default is not _NO_DEFAULT:
+            named[name] = default
     return named
 
 
