@@ -251,11 +251,17 @@ def activation_bytes(config: LlamaConfig, layers: int) -> int:
 
 # --------------------------------------------------------------------------- one probe
 def probe(variant: str, config: LlamaConfig, device: torch.device, timed_steps: int = 0,
-          group_size: int = QRESU_GROUP) -> dict:
+          group_size: int = QRESU_GROUP, budget_bytes: Optional[int] = None) -> dict:
     """Build ``variant`` at ``config.layers`` blocks and train :data:`TRAIN_STEPS` steps (then
-    ``timed_steps`` timed ones). Returns its record: peak bytes (see the module docstring for how
-    each device measures it), parameter counts, losses, step times. A CUDA out-of-memory error
-    propagates; the caller frees the memory once this frame is gone."""
+    ``timed_steps`` timed ones, unless the peak is over ``budget_bytes``). Returns its record: peak
+    bytes (see the module docstring for how each device measures it), parameter counts, losses,
+    step times. A CUDA out-of-memory error propagates; the caller frees the memory once this frame
+    is gone.
+
+    Example::
+
+        record = probe("resu", LlamaConfig(width=128, heads=4, vocab=512, seq=64, layers=2), torch.device("cpu"))
+    """
     record = {"layers": config.layers}
     began = time.perf_counter()
     if device.type == "cuda":
@@ -288,7 +294,7 @@ def probe(variant: str, config: LlamaConfig, device: torch.device, timed_steps: 
         record["activation_bytes"] = activation_bytes(config, config.layers)
         record["peak_bytes"] = state["bytes"] + record["activation_bytes"]
     record["loss_first"], record["loss_last"] = losses[0].item(), losses[-1].item()
-    if timed_steps:
+    if timed_steps and (budget_bytes is None or record["peak_bytes"] <= budget_bytes):
         times = []
         for _ in range(timed_steps):
             synchronize(device)
@@ -313,7 +319,7 @@ def safe_probe(variant: str, config: LlamaConfig, device: torch.device, budget_b
     """:func:`probe`, with out-of-memory turned into ``ok: False`` and every tensor freed after.
     ``ok``: the model trained, and (where ``budget_bytes`` is given) its peak fits it."""
     try:
-        record = probe(variant, config, device, timed_steps, group_size)
+        record = probe(variant, config, device, timed_steps, group_size, budget_bytes)
         record["ok"] = budget_bytes is None or record["peak_bytes"] <= budget_bytes
         if not record["ok"]:
             record["over_budget"] = True
@@ -337,8 +343,11 @@ def affine_fit(points: dict) -> tuple[float, float]:
 
 
 def predict_layers(points: dict, budget_bytes: float) -> Optional[int]:
-    """The largest L whose fitted peak is within ``budget_bytes`` (None when memory does not grow with L)."""
-    a, b = affine_fit(points)
+    """The largest L within ``budget_bytes`` on the line through the peaks of the two largest L in
+    ``points`` (the nearest to the boundary, so a slightly curved memory is followed); None when
+    memory does not grow with L there."""
+    largest_two = dict(sorted(points.items())[-2:])
+    a, b = affine_fit(largest_two)
     if b <= 0:
         return None
     return math.floor((budget_bytes - a) / b)
@@ -348,8 +357,8 @@ def predict_layers(points: dict, budget_bytes: float) -> Optional[int]:
 class SearchResult:
     largest: Optional[int]  # the largest L that trained (None: not even the smallest probed)
     confirmed: bool  # largest + 1 was probed and failed (or largest is the cap)
-    fit: Optional[tuple]  # (a, b) of the last fit
-    predicted: Optional[int]  # the first prediction
+    fit: Optional[tuple]  # (a, b) of the least-squares line over every peak
+    predicted: Optional[int]  # the first prediction, from the fit points
     probes: list  # (L, ok, peak or None) in probe order
 
 
@@ -358,10 +367,12 @@ def search_largest(fits: Callable[[int], tuple[bool, Optional[float]]], budget_b
     """Largest L with ``fits(L)`` true, for a memory that grows nearly affinely with L.
 
     ``fits(L)`` trains a model of L blocks and returns (trained, peak bytes or None). The peaks at
-    ``fit_layers`` give the affine fit and the first prediction; after that each probe is the
-    prediction of the fit over every L that trained, kept strictly between the largest L that
-    trained and the smallest that did not, so that the search ends with L trained and L + 1 not
-    (``confirmed``), or at ``max_layers``, or after ``max_probes`` probes past the fit points.
+    ``fit_layers`` give the first prediction (:func:`predict_layers`); each later probe is the
+    prediction through the two largest L that trained, kept strictly between the largest L that
+    trained and the smallest that did not. When the prediction points at or past a failure (no new
+    peak moved it), the search backs off from the failure by 1, 2, 4, ... layers instead. It ends
+    with L trained and L + 1 not (``confirmed``), at ``max_layers``, or after ``max_probes``
+    probes past the fit points (then ``largest`` is the largest L seen to train).
 
     Example::
 
@@ -383,6 +394,9 @@ def search_largest(fits: Callable[[int], tuple[bool, Optional[float]]], budget_b
                 peaks[layers] = peak
         return cache[layers]
 
+    def result(largest, confirmed, predicted):
+        return SearchResult(largest, confirmed, affine_fit(peaks) if len(peaks) >= 2 else None, predicted, probes)
+
     fit_layers = sorted(set(fit_layers) if max_layers is None else {min(L, max_layers) for L in fit_layers})
     for layers in fit_layers:
         run(layers)
@@ -390,26 +404,28 @@ def search_largest(fits: Callable[[int], tuple[bool, Optional[float]]], budget_b
     if lowest_fail is not None:  # a fit point already fails: step down from it
         while lowest_fail > 1 and not run(lowest_fail - 1):
             lowest_fail -= 1
-        largest = lowest_fail - 1 if lowest_fail > 1 else None
-        fit = affine_fit(peaks) if len(peaks) >= 2 else None
-        return SearchResult(largest, True, fit, None, probes)
+        return result(lowest_fail - 1 if lowest_fail > 1 else None, True, None)
     predicted = predict_layers(peaks, budget_bytes) if len(peaks) >= 2 else None
-    first_prediction = predicted
+    first_prediction, back_off = predicted, 1
     for _ in range(max_probes):
         trained = max(L for L, ok in cache.items() if ok)
         failed = min((L for L, ok in cache.items() if not ok), default=None)
         if failed == trained + 1 or trained == max_layers:
             break
         low, high = trained + 1, (failed - 1 if failed is not None else max_layers)
-        target = low if predicted is None else predicted
+        if predicted is None:
+            target = low
+        elif failed is not None and predicted >= failed:
+            target, back_off = failed - back_off, 2 * back_off
+        else:
+            target = predicted
         target = max(low, target if high is None else min(high, target))
-        run(target)
-        if len(peaks) >= 2:
-            predicted = predict_layers(peaks, budget_bytes)
+        if run(target):
+            back_off = 1
+            predicted = predict_layers(peaks, budget_bytes) if len(peaks) >= 2 else None
     trained = max(L for L, ok in cache.items() if ok)
     failed = min((L for L, ok in cache.items() if not ok), default=None)
-    fit = affine_fit(peaks) if len(peaks) >= 2 else None
-    return SearchResult(trained, failed == trained + 1 or trained == max_layers, fit, first_prediction, probes)
+    return result(trained, failed == trained + 1 or trained == max_layers, first_prediction)
 
 
 # --------------------------------------------------------------------------- the run
@@ -468,10 +484,11 @@ def search_variant(variant: str, args, base: LlamaConfig, device: torch.device, 
         recorder.save()
         peak = record.get("peak_bytes")
         status = "ok " if record["ok"] else ("OOM" if record.get("oom") else "over")
-        peak_text = f"{peak / GIB:7.2f} GiB" if peak is not None else "      -    "
+        peak_text = f"{size(peak):>11s}" if peak is not None else f"{'-':>11s}"
         speed = f"  {record['tokens_per_s']:9,.0f} tok/s" if "tokens_per_s" in record else ""
+        build = f"  build {record['build_s']:.1f}s" if "build_s" in record else ""
         print(f"  [{recorder.elapsed():6.1f}s] {variant:7s} L={layers:3d} {status} {peak_text}"
-              f"{speed}", flush=True)
+              f"{speed}{build}", flush=True)
         return record["ok"], peak if record["ok"] else None
 
     try:
@@ -488,6 +505,9 @@ def search_variant(variant: str, args, base: LlamaConfig, device: torch.device, 
         return entry
     entry.update(largest_layers=result.largest, confirmed=result.confirmed, predicted_layers=result.predicted,
                  fit_bytes={"a": result.fit[0], "b_per_layer": result.fit[1]} if result.fit else None)
+    fit = f"peak ≈ {size(result.fit[0])} + {size(result.fit[1])}·L, " if result.fit else ""
+    print(f"  {variant}: {fit}first prediction L={result.predicted}, largest L={result.largest}"
+          f"{'' if result.confirmed else ' (unconfirmed)'}", flush=True)
     if result.largest is not None:
         best = records[result.largest]
         if "tokens_per_s" not in best and time.perf_counter() < deadline:  # L_max was a fit point: time it
@@ -562,8 +582,16 @@ def summarize(results: dict) -> list:
     return table
 
 
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
+
+
 def print_table(results: dict) -> None:
-    print(f"\n{'variant':15s} {'L':>4s} {'params':>9s} {'×dense':>7s} {'peak GiB':>9s} {'tokens/s':>10s} "
+    print(f"\n{'variant':15s} {'L':>4s} {'params':>9s} {'×dense':>7s} {'peak':>11s} {'tokens/s':>10s} "
           f"{'tok/s×params ×dense':>20s}")
     for r in results["table"]:
         if "error" in r:
@@ -573,8 +601,8 @@ def print_table(results: dict) -> None:
         ratio = f"{r['parameters_vs_dense']:7.2f}" if "parameters_vs_dense" in r else f"{'-':>7s}"
         work = f"{r['tokens_x_parameters_vs_dense']:20.2f}" if "tokens_x_parameters_vs_dense" in r else f"{'-':>20s}"
         mark = "" if r["confirmed"] else " (unconfirmed)"
-        print(f"{VARIANTS[r['variant']]:15s} {r['largest_layers']:4d} {r['parameters'] / 1e9:8.2f}B {ratio} "
-              f"{r['peak_gib']:9.2f} {r['tokens_per_s']:10,.0f} {work}{mark}")
+        print(f"{VARIANTS[r['variant']]:15s} {r['largest_layers']:4d} {count(r['parameters']):>9s} {ratio} "
+              f"{size(r['peak_gib'] * GIB):>11s} {r['tokens_per_s']:10,.0f} {work}{mark}")
     common = results.get("common")
     if common:
         speeds = "  ".join(f"{r['variant']} {r['tokens_per_s']:,.0f}"
@@ -621,7 +649,7 @@ def run(args) -> dict:
     recorder = Recorder(out, results)
     deadline = recorder.started + (args.time_budget_s or float("inf"))
     print(f"{results['device']}  torch {results['torch']}  d={base.width} heads={base.heads} mlp={base.mlp} "
-          f"vocab={base.vocab} seq={base.seq}  budget {budget['fit_budget_bytes'] / GIB:.2f} GiB "
+          f"vocab={base.vocab} seq={base.seq}  budget {size(budget['fit_budget_bytes'])} "
           f"({budget['budget_source']})", flush=True)
     for variant in args.variants:
         search_variant(variant, args, base, device, budget, recorder, deadline)
@@ -644,7 +672,8 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", type=int, default=None, help="grouped KV heads (default: as many as --heads)")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary (default 32000; cpu 512)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per step, batch 1 (default 2048; cpu 64)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["dense", "resu", "qresu4", "sparse"],
+                        choices=list(VARIANTS), help="run in this order (default: the goals' variants first)")
     parser.add_argument("--max-layers", type=int, default=None, help="search no further than this many blocks")
     parser.add_argument("--memory-gib", type=float, default=None,
                         help="pretend the device has this many GiB: search against it (cpu default 0.05)")
@@ -653,7 +682,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-probes", type=int, default=4, help="probes per variant after the two fit points")
     parser.add_argument("--common-layers", type=int, default=None,
                         help="L of the side-by-side speed comparison (default: the smallest largest L)")
-    parser.add_argument("--time-budget-s", type=float, default=330,
+    parser.add_argument("--time-budget-s", type=float, default=300,
                         help="start no probe after this many seconds (0: no limit)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/scale_<device>.json)")
     args = parser.parse_args(argv)
