@@ -9,7 +9,6 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import resu_tensor as rt
 from benchmarks import scale
@@ -256,3 +255,48 @@ def test_cpu_dry_run_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "RESU s=0.5" in printed and "wrote" in printed
     assert results["table"] == saved["table"]
+
+
+# --------------------------------------------------------------------------- on a GPU
+SMALL_GPU = scale.LlamaConfig(vocab=512, width=256, heads=4, seq=128, layers=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", list(scale.VARIANTS))
+def test_cuda_probe_trains_and_an_oom_probe_frees_everything(variant):
+    device = torch.device("cuda")
+    record = scale.safe_probe(variant, SMALL_GPU, device, None, timed_steps=2)
+    assert record["ok"] and record["peak_bytes"] >= record["build_peak_bytes"] > 0, record
+    assert record["tokens_per_s"] > 0 and math.isfinite(record["loss_last"])
+    baseline = torch.cuda.memory_allocated(device)
+    # 8192-wide blocks hold ~1.6 GB of bf16 weights each: more blocks than the card holds
+    huge = scale.LlamaConfig(vocab=512, width=8192, heads=64, seq=128,
+                             layers=torch.cuda.mem_get_info(device)[1] // (800_000_000 * 2) + 2)
+    failed = scale.safe_probe(variant, huge, device, None, timed_steps=0)
+    assert not failed["ok"] and failed["oom"], failed
+    assert failed["allocated_after_bytes"] == baseline  # the failed model, optimizer, graph all freed
+    again = scale.safe_probe(variant, SMALL_GPU, device, None, timed_steps=0)
+    assert again["ok"] and again["peak_bytes"] == pytest.approx(record["peak_bytes"], rel=0.05)
+
+
+@pytest.mark.cuda
+def test_cuda_run_against_a_pretend_budget(tmp_path):
+    out = tmp_path / "scale_gpu.json"
+    scale.main(["--device", "cuda", "--width", "256", "--heads", "4", "--vocab", "512", "--seq", "128",
+                "--memory-gib", "0.1", "--timed-steps", "2", "--max-probes", "8", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["device_type"] == "cuda" and saved["memory_measurement"].startswith("torch.cuda.max_memory")
+    largest = {}
+    for entry in saved["variants"]:
+        assert "error" not in entry, entry
+        probes = {p["layers"]: p for p in entry["probes"]}
+        L = entry["largest_layers"]
+        assert entry["confirmed"] and probes[L]["ok"] and not probes[L + 1]["ok"], entry["probes"]
+        assert probes[L]["peak_bytes"] <= saved["budget_bytes"] < probes[L + 1]["peak_bytes"]
+        largest[entry["variant"]] = L
+    # Nothing left over between probes: what is allocated before each probe stays what it was
+    # before the second (the first one creates the library's and cuBLAS's lasting buffers).
+    before = [p["allocated_before_bytes"] for e in saved["variants"] for p in e["probes"]]
+    assert before[-1] == before[1], before
+    assert largest["dense"] < largest["resu"] <= largest["qresu4"]
+    assert {r["variant"] for r in saved["table"]} == set(scale.VARIANTS)
