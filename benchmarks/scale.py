@@ -496,9 +496,14 @@ def search_variant(variant: str, args, base: LlamaConfig, device: torch.device, 
     try:
         result = search_largest(fits, budget["fit_budget_bytes"], max_layers=args.max_layers,
                                 max_probes=args.max_probes)
-    except TimeoutError as exc:
+    except TimeoutError as exc:  # keep the largest timed L that trained, unconfirmed
         entry["error"] = str(exc)
         print(f"  {variant}: {exc}", flush=True)
+        timed = [r for r in records.values() if r["ok"] and "tokens_per_s" in r]
+        if timed:
+            best = max(timed, key=lambda r: r["layers"])
+            entry.update(largest_layers=best["layers"], confirmed=False, largest=best)
+        recorder.save()
         return entry
     except Exception as exc:  # a library failure: keep the other variants going
         entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -560,7 +565,7 @@ def summarize(results: dict) -> list:
                           "error": entry.get("error", "no timed probe at the largest L")})
             continue
         table.append({"variant": entry["variant"], "largest_layers": best["layers"],
-                      "confirmed": entry["confirmed"], "parameters": best["parameters"],
+                      "confirmed": entry["confirmed"] and "error" not in entry, "parameters": best["parameters"],
                       "block_linear_parameters": best["block_linear_parameters"],
                       "block_linear_trainable": best["block_linear_trainable"],
                       "peak_gib": best["peak_bytes"] / GIB, "tokens_per_s": best["tokens_per_s"]})

@@ -5,6 +5,7 @@ mean what they say."""
 import json
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -255,6 +256,31 @@ def test_cpu_dry_run_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "RESU s=0.5" in printed and "wrote" in printed
     assert results["table"] == saved["table"]
+
+
+def test_time_budget_keeps_the_largest_timed_model_unconfirmed(tmp_path, monkeypatch, capsys):
+    # A fake probe (memory 10 + 3·L of 100, 0.2 s each) and a budget of 0.5 s: the fit points and
+    # the prediction L = 30 run, the confirming L = 31 would start past the budget.
+    def fake_probe(variant, config, device, budget_bytes, timed_steps, group_size):
+        time.sleep(0.2)
+        peak = 10 + 3 * config.layers
+        record = {"layers": config.layers, "ok": peak <= budget_bytes, "peak_bytes": peak, "parameters": 1,
+                  "block_linear_parameters": 1, "block_linear_trainable": 1}
+        if timed_steps and record["ok"]:
+            record["tokens_per_s"] = 1.0
+        return record
+
+    monkeypatch.setattr(scale, "safe_probe", fake_probe)
+    args = scale.parse_args(["--device", "cpu", "--time-budget-s", "0.5"])
+    budget = {"budget_bytes": 100, "fit_budget_bytes": 100, "judge_bytes": 100}
+    recorder = scale.Recorder(tmp_path / "t.json", {"variants": []})
+    entry = scale.search_variant("resu", args, TINY, torch.device("cpu"), budget, recorder,
+                                 deadline=time.perf_counter() + 0.5)
+    assert [p["layers"] for p in entry["probes"]] == [2, 4, 30]
+    assert "time-budget-s" in entry["error"] and entry["largest_layers"] == 30 and not entry["confirmed"]
+    table = scale.summarize(recorder.results)
+    assert table[0]["largest_layers"] == 30 and not table[0]["confirmed"]
+    assert json.loads((tmp_path / "t.json").read_text())["variants"][0]["largest_layers"] == 30
 
 
 # --------------------------------------------------------------------------- on a GPU
