@@ -221,7 +221,16 @@ def test_qresu_group_must_divide_the_linears():
 
 
 # --------------------------------------------------------------------------- the dry run
-def test_cpu_dry_run_end_to_end(tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    # many tiny ops: one thread runs them as fast, and far steadier on a machine shared with other jobs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_dry_run_end_to_end(tmp_path, capsys, one_thread):
     out = tmp_path / "scale_cpu.json"
     # ~0.5 MB per block: dense fits 5 blocks in 2.6 MiB, the pruned variants more
     results = scale.main(["--device", "cpu", "--width", "64", "--heads", "4", "--vocab", "128", "--seq", "16",
