@@ -128,6 +128,25 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
     return cached[1]
 
 
+def selection_scratch(bitmap: torch.Tensor, numel: int, invert: bool, count: int) -> torch.Tensor:
+    """A float32 work vector of ``count`` elements, one per position of ``bitmap``'s selection,
+    kept and released with those positions: the in-place updates at positions write their
+    operand into it instead of allocating (and faulting in) a new vector of the selection's size
+    per op. Its contents are whatever the last user left; callers overwrite it. Only for a
+    ``bitmap`` whose positions :func:`selected_positions` holds.
+
+    Example::
+
+        x = torch.mul(exp_avg, -lr, out=selection_scratch(bitmap, numel, True, exp_avg.numel()))
+    """
+    entries = _SELECTIONS[bitmap]
+    key = ("scratch", numel, invert)
+    cached = entries.get(key)
+    if cached is None or cached[0] != bitmap._version or cached[1].numel() != count:
+        cached = entries[key] = (bitmap._version, torch.empty(count, dtype=torch.float32))
+    return cached[1]
+
+
 def holds_selections() -> bool:
     """Whether :func:`selected_positions` keeps positions of any bitmap now (never on CUDA)."""
     return len(_SELECTIONS) > 0
@@ -236,14 +255,15 @@ def check_update(op: str, values: torch.Tensor, tensor1, tensor2) -> None:
 
 
 def _update_at_positions_(values: torch.Tensor, positions: torch.Tensor, op: str, tensor1, tensor2,
-                          scalar: float) -> bool:
+                          scalar: float, scratch) -> bool:
     """Run ``op`` of :func:`update_by_bitmap_` on flat ``values`` as one read-modify-write at
     ``positions`` (scatter_reduce_ / scatter_add_ / scatter_), instead of gathering the selected
     values, updating them and scattering them back; whether this form serves ``op``. Only forms
     whose arithmetic is the aten op's own, to the bit: v·s and v·t1 are one product; addcdiv is
     v + (s·t1)/t2 as torch's CPU kernel rounds it in float32 (other dtypes compute in float32
     and round once, which an unfused form would not); add with alpha 1 is v + t1 (torch fuses
-    v + s·t1 for other alphas into one rounding); lerp and addcmul keep the gathered form."""
+    v + s·t1 for other alphas into one rounding); lerp and addcmul keep the gathered form.
+    ``scratch()`` gives the float32 work vector of the selection (:func:`selection_scratch`)."""
     if op == "copy":
         values.scatter_(0, positions, tensor1.to(values.dtype))
         return True
@@ -252,13 +272,13 @@ def _update_at_positions_(values: torch.Tensor, positions: torch.Tensor, op: str
     if op == "mul_scalar":
         # a filled vector, not a stride-0 view of one scalar: scatter_reduce_ reads a contiguous
         # source faster than the fill costs
-        values.scatter_reduce_(0, positions, torch.full(positions.shape, scalar, dtype=values.dtype), "prod")
+        values.scatter_reduce_(0, positions, scratch().fill_(scalar), "prod")
     elif op == "mul":
         values.scatter_reduce_(0, positions, tensor1, "prod")
     elif op == "add" and scalar == 1:
         values.scatter_add_(0, positions, tensor1)
     elif op == "addcdiv":
-        values.scatter_add_(0, positions, torch.mul(tensor1, scalar).div_(tensor2))
+        values.scatter_add_(0, positions, torch.mul(tensor1, scalar, out=scratch()).div_(tensor2))
     else:
         return False
     return True
@@ -277,7 +297,10 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
     if positions is not None:
         if tensor1 is not None:
             _check_positions("update_by_bitmap_", positions, tensor1.numel())
-        if _update_at_positions_(values.view(-1), positions, op, tensor1, tensor2, scalar):
+        def scratch():
+            return selection_scratch(bitmap, values.numel(), invert, positions.numel())
+
+        if _update_at_positions_(values.view(-1), positions, op, tensor1, tensor2, scalar, scratch):
             return values
         flat = values.view(-1).index_select(0, positions)
         UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
