@@ -102,6 +102,15 @@ def _decoded_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.
     return torch.from_numpy(np.flatnonzero(bits))
 
 
+def _host_float32(count: int) -> torch.Tensor:
+    """An uninitialised float32 CPU vector of ``count`` elements, allocated by numpy. A work
+    vector of a selection's size, made anew every training step, is tens of MB at large weights:
+    torch's CPU allocation of such a block goes back to the system when freed and faults in
+    again page by page on first write (several ms per 10 MB), while numpy's asks for transparent
+    huge pages."""
+    return torch.from_numpy(np.empty(count, dtype=np.float32))
+
+
 def _cacheable(bitmap: torch.Tensor) -> bool:
     """A real CPU tensor with a version counter (not a trace value, not an inference tensor)."""
     return type(bitmap) is torch.Tensor and bitmap.device.type == "cpu" and not bitmap.is_inference()
@@ -143,7 +152,7 @@ def selection_scratch(bitmap: torch.Tensor, numel: int, invert: bool, count: int
     key = ("scratch", numel, invert)
     cached = entries.get(key)
     if cached is None or cached[0] != bitmap._version or cached[1].numel() != count:
-        cached = entries[key] = (bitmap._version, torch.empty(count, dtype=torch.float32))
+        cached = entries[key] = (bitmap._version, _host_float32(count))
     return cached[1]
 
 
