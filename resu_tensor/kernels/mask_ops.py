@@ -84,8 +84,11 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
 # times (the weight-gradient compaction, then each in-place optimizer op). The positions are kept
 # per bitmap tensor, valid while that tensor is the same object at the same version (any in-place
 # write bumps it), until release_selections(bitmap): the optimizer step's post-hook releases
-# them, so they last one step and never add to the state a model holds between steps.
-# bitmap → {(numel, invert): (bitmap._version, int64 positions)}
+# them, so they last one step and never add to the state a model holds between steps. The
+# float32 work vector of the in-place updates at those positions (selection_scratch) is kept and
+# released with them.
+# bitmap → {(numel, invert): (bitmap._version, int64 positions),
+#           ("scratch", numel, invert): (bitmap._version, float32 work vector)}
 _SELECTIONS = WeakIdKeyDictionary()
 
 
@@ -173,7 +176,7 @@ def release_selections(bitmap: Optional[torch.Tensor]) -> None:
 
 
 def held_selection_nbytes(bitmap: Optional[torch.Tensor]) -> int:
-    """Bytes of the positions kept for ``bitmap`` now (0 once released).
+    """Bytes of the positions and work vectors kept for ``bitmap`` now (0 once released).
 
     Example::
 
