@@ -60,6 +60,11 @@ ABLATION_OPTIONS = {
     "resu_constant_finetune_0.4": dict(sparsity_schedule="constant", final_finetune_fraction=0.4),
     "resu_cycles_5_finetune_0.4": dict(cycles=5, final_finetune_fraction=0.4),
     "resu_constant_cycles_5_finetune_0.4": dict(sparsity_schedule="constant", cycles=5, final_finetune_fraction=0.4),
+    # one change each to the adopted defaults (5 cycles, 40% fine-tuning: resu_cycles_5_finetune_0.4)
+    "resu_cycles_5_finetune_0.4_train_active": dict(cycles=5, final_finetune_fraction=0.4, freeze_active=False),
+    "resu_cycles_5_finetune_0.4_fraction_0.2": dict(cycles=5, final_finetune_fraction=0.4, resu_fraction=0.2),
+    "resu_cycles_5_finetune_0.4_epsilon_0.01": dict(cycles=5, final_finetune_fraction=0.4, epsilon=0.01),
+    "resu_cycles_8_finetune_0.4": dict(cycles=8, final_finetune_fraction=0.4),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
