@@ -46,6 +46,19 @@ def _reference_step(weight_before: torch.Tensor, trainable: torch.Tensor, bias: 
     return expected
 
 
+def _step_against_reference(layer: nn.Linear, optimizer, bias: torch.Tensor, state: dict, generator):
+    """One training step of ``layer`` on a fresh random batch next to ``_reference_step``:
+    (weight before, weight after, trainable mask, the reference's weight after)."""
+    x, y = torch.randn(16, 48, generator=generator), torch.randn(16, 40, generator=generator)
+    before = layer.weight.dequantize()
+    trainable = layer.weight.trainable_mask()
+    expected = _reference_step(before, trainable, bias, x, y, state)
+    optimizer.zero_grad(set_to_none=True)
+    F.mse_loss(layer(x), y).backward()
+    optimizer.step()
+    return before, layer.weight.dequantize(), trainable, expected
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_steps_match_plain_adamw_across_mask_changes(mode):
     """Three steps, the mask rewritten in place (whole-state copy_) after the first: each step's
@@ -67,14 +80,7 @@ def test_steps_match_plain_adamw_across_mask_changes(mode):
             rt.reset_optimizer_state_(optimizer, layer)
             optimizer = torch.optim.AdamW([layer.weight], lr=1e-2, weight_decay=0.1, foreach=False)
             state = {}
-        x, y = torch.randn(16, 48, generator=generator), torch.randn(16, 40, generator=generator)
-        before = layer.weight.dequantize()
-        trainable = layer.weight.trainable_mask()
-        expected = _reference_step(before, trainable, bias, x, y, state)
-        optimizer.zero_grad(set_to_none=True)
-        F.mse_loss(layer(x), y).backward()
-        optimizer.step()
-        after = layer.weight.dequantize()
+        before, after, trainable, expected = _step_against_reference(layer, optimizer, bias, state, generator)
         assert torch.equal(after[~trainable], before[~trainable])
         assert not torch.equal(after[trainable], before[trainable])
         torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
@@ -231,14 +237,7 @@ def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode)
             assert not torch.equal(layer.weight.dequantize() == 0, before_change == 0) or mode == "resu"
         elif step in (1, 2):
             assert not torch.equal(layer.weight.dequantize(), before_change)
-        x, y = torch.randn(16, 48, generator=generator), torch.randn(16, 40, generator=generator)
-        before = layer.weight.dequantize()
-        trainable = layer.weight.trainable_mask()
-        expected = _reference_step(before, trainable, bias, x, y, state)
-        optimizer.zero_grad(set_to_none=True)
-        F.mse_loss(layer(x), y).backward()
-        optimizer.step()
-        after = layer.weight.dequantize()
+        before, after, trainable, expected = _step_against_reference(layer, optimizer, bias, state, generator)
         assert torch.equal(_bits(after)[~trainable], _bits(before)[~trainable])
         torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
         assert not mask_ops.holds_selections()
