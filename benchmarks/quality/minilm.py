@@ -37,6 +37,7 @@ on a 2-core CPU. Wall times: training only for the trained methods, the prune fo
     training during the RESU phase).
   - ``resu_beats_weakest``: as ``resu`` with ``commit_admit="beats_weakest"`` (θ enters only where
     it outscores the active weight it displaces).
+  - ``resu_active_beats_weakest``: both of the above.
   - ``qresu``: as ``resu`` with ``quantize_bits=4`` (frozen active weights stored 4-bit in the RESU
     phase).
   - ``dense``: the dense model as DENSE ResuTensors (a sanity row: cosine 1, agreement 1).
@@ -71,14 +72,16 @@ from torch import nn  # noqa: E402
 
 import resu_tensor as rt  # noqa: E402
 
-METHODS = ("dense", "none", "sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "qresu")
-TRAINED = ("sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "qresu")
+TRAINED = ("sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "resu_active_beats_weakest", "qresu")
+METHODS = ("dense", "none", *TRAINED)
 # RESU variants: the ScheduleConfig options each adds to the library's defaults.
 RESU_OPTIONS = {"resu": {}, "resu_train_active": {"freeze_active": False},
-                "resu_beats_weakest": {"commit_admit": "beats_weakest"}, "qresu": {"quantize_bits": 4}}
+                "resu_beats_weakest": {"commit_admit": "beats_weakest"},
+                "resu_active_beats_weakest": {"freeze_active": False, "commit_admit": "beats_weakest"}, "qresu": {"quantize_bits": 4}}
 LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "sparse_ft": "sparse fine-tune",
           "resu": "RESU (amnesty)", "resu_train_active": "RESU, active weights train in RESU",
           "resu_beats_weakest": "RESU, θ admitted where it beats the weakest",
+          "resu_active_beats_weakest": "RESU, active weights train, θ admitted where it beats the weakest",
           "qresu": "QRESU-4"}
 SPARSITY = 0.5
 HELD_OUT_MODULUS = 5  # a stdlib module is held out when crc32(name) % 5 == 0
