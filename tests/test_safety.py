@@ -271,6 +271,18 @@ def test_meta_init_then_to_empty_gives_dense_resu_weights_that_initialise_and_tr
     assert isinstance(optimizer.state[model[0].weight]["exp_avg"], rt.CompactTensor)  # state stays compact
 
 
+def test_pruning_on_the_meta_device_is_refused_and_names_what_works():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 8))
+    with pytest.raises(ValueError, match=r"meta device and has no values.*sparsity=0\.0.*to_empty"):
+        quantize_(model, rt.resu_config(sparsity=0.5))
+    assert type(model[0].weight) is nn.Parameter and model[0].weight.is_meta  # the layer is left as it was
+    quantize_(model, rt.resu_config(sparsity=0.0))
+    with pytest.raises(ValueError, match=r"meta device and has no values"):
+        rt.prune_(model, 0.5)
+    assert model[0].weight.mode == rt.Mode.DENSE
+
+
 def test_to_empty_of_a_pruned_weight_on_meta_is_refused_and_off_meta_keeps_the_state():
     model = nn.Sequential(nn.Linear(16, 8))
     quantize_(model, rt.resu_config(sparsity=0.5))

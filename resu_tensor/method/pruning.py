@@ -39,6 +39,10 @@ def check_scope(scope: str) -> None:
 
 
 def check_finite(weight: torch.Tensor, what: str = "prune", holder: str = "the weight") -> None:
+    if weight.is_meta:
+        raise ValueError(f"{what}: {holder} is on the meta device and has no values to score; build on meta with "
+                         "sparsity=0.0, then model.to_empty(device=...), initialise the weights, and prune "
+                         "(rt.prune_(model, sparsity))")
     bad = (~torch.isfinite(weight)).sum().item()
     if bad:
         raise ValueError(f"{what}: {holder} holds {bad} NaN/Inf values; scores would be meaningless")
