@@ -20,7 +20,8 @@ Variants, each a fresh model and optimizer, measured side by side in one process
 
 ``--cuda-graph`` records each variant's whole step as one CUDA graph (``rt.CudaGraphStep``,
 ``AdamW(capturable=True)``) and times its replays: the step without per-op host overhead (no
-``host_ms`` then).
+``host_ms`` then). ``--compile`` runs the model as ``torch.compile(model, fullgraph=True)`` and the
+optimizer step as ``torch.compile(optimizer.step)`` (Dynamo's cache reset before each fresh model).
 
 Per variant: median step time (forward + backward + ``optimizer.step()`` + ``zero_grad()``;
 ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on CPU) and its ratio to ``plain``,
@@ -124,16 +125,19 @@ def token_batch(config: GPTConfig, batch: int, device, seed: int = 1):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, bf16: bool, losses: list):
-    """One training step; returns its (detached, unsynchronised) loss and appends it to ``losses``."""
+def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y, bf16: bool, losses: list,
+              optimizer_step=None):
+    """One training step; returns its (detached, unsynchronised) loss and appends it to ``losses``.
+    ``optimizer_step`` replaces ``optimizer.step`` (a compiled one)."""
     device_type = x.device.type
+    optimizer_step = optimizer_step or optimizer.step
 
     def step():
         with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
-        optimizer.step()
+        optimizer_step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         return loss.detach()
@@ -145,6 +149,10 @@ def training_step(model: nn.Module, args, x, y, losses: list):
     """(optimizer, step): a stock AdamW and the step of ``model`` on (x, y), eager or
     (``--cuda-graph``) recorded and replayed by ``rt.CudaGraphStep`` with ``capturable=True``."""
     optimizer = optimizer_for(model, fused=args.fused_adamw, capturable=args.cuda_graph)
+    if args.compile:
+        torch._dynamo.reset()  # a fresh model: no graphs or recompile counts of an earlier one
+        return optimizer, make_step(torch.compile(model, fullgraph=True), optimizer, x, y, args.bf16, losses,
+                                    torch.compile(optimizer.step))
     if not args.cuda_graph:
         return optimizer, make_step(model, optimizer, x, y, args.bf16, losses)
     graphed = rt.CudaGraphStep(make_step(model, optimizer, x, y, args.bf16, []), model, optimizer)
@@ -216,8 +224,9 @@ def time_step(step, device: torch.device, warmup: int, steps: int) -> dict:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         figures.update(peak_bytes=peak, allocated_before_bytes=before, peak_over_start_bytes=peak - before)
-        # do_bench repeats for ``rep`` ms: size it to about ``steps`` steps from the warm-up times
-        times = _do_bench_ms(step, rep_ms=steps * statistics.median(warm_ms))
+        # do_bench repeats for ``rep`` ms: size it to about ``steps`` steps from the fastest warm-up
+        # step (the first ones compile kernels or whole graphs)
+        times = _do_bench_ms(step, rep_ms=steps * min(warm_ms))
         figures["timing"] = "triton.testing.do_bench"
     else:
         times = []
@@ -400,7 +409,9 @@ def _header(args, config: GPTConfig, device: torch.device) -> dict:
                        "optimizer": "torch.optim.AdamW(lr=1e-4, weight_decay=0.1), one group, "
                                     + ("fused=True" if args.fused_adamw else "default (foreach)")
                                     + (", capturable=True" if args.cuda_graph else ""),
-                       "step": "one CUDA graph, replayed" if args.cuda_graph else "eager"},
+                       "step": "one CUDA graph, replayed" if args.cuda_graph else
+                       "torch.compile(model, fullgraph=True) + torch.compile(optimizer.step)" if args.compile
+                       else "eager"},
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -538,6 +549,8 @@ def parse_args(argv=None):
     parser.add_argument("--cuda-graph", action="store_true",
                         help="CUDA: record each variant's whole step (forward, backward, AdamW(capturable=True), "
                              "zero_grad) as one CUDA graph and time its replays")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile(model, fullgraph=True) and torch.compile(optimizer.step)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time the variants this many times, interleaved; ratios per round, median in 'summary'")
     parser.add_argument("--profile-steps", type=int, default=3,
@@ -558,6 +571,8 @@ def parse_args(argv=None):
         parser.error("--sparsity must lie in (0, 1)")
     if args.cuda_graph and (args.device != "cuda" or args.ddp):
         parser.error("--cuda-graph records the step on one GPU: it needs --device cuda and no --ddp")
+    if args.compile and (args.cuda_graph or args.ddp):
+        parser.error("--compile times the compiled eager step: it takes neither --cuda-graph nor --ddp")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
