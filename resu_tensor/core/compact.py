@@ -1,5 +1,6 @@
 """CompactTensor: a gradient or optimizer state holding only one trainable set's coordinates."""
 import hashlib
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -63,6 +64,104 @@ class NoDynamoFrames:
     @torch._dynamo.disable
     def __tensor_flatten__(self):
         return super().__tensor_flatten__()
+
+    @classmethod
+    def __metadata_guard__(cls, recorded, now) -> bool:
+        return same_metadata(recorded, now)
+
+
+class LiveKey:
+    """The trainable key of one ResuTensor object, shared with its compile-time fakes.
+
+    A compiled graph rebuilds its subclass outputs from the flatten context recorded when it was
+    traced, so a key written there as a number would label every later gradient with the mask of
+    that first trace. The context holds this cell instead: a gradient (or optimizer state) rebuilt
+    at run time reads the weight's key as it is then, and a new mask of the same weight reuses
+    the graph (the guard compares cells by identity, see :func:`same_metadata`). Eager tensors
+    keep a plain ``int`` key; only trace values carry the cell itself as ``trainable_key``.
+    """
+
+    __slots__ = ("value", "__weakref__")
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return key_value(self) == key_value(other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __deepcopy__(self, memo):
+        return self  # Dynamo's guard keeps a deep copy of the context: the same cell, not a new one
+
+    def __copy__(self):
+        return self
+
+    def __format__(self, spec):
+        return format(self.value, spec)
+
+    def __repr__(self):
+        return f"LiveKey({self.value!r})"
+
+
+# key value → weak references to the cells of the weights that have that key now: a CompactTensor
+# (eager, plain int key) enters a graph with the cell of a weight of its own set.
+_CELLS: dict[int, list] = {}
+
+
+def register_cell(cell: LiveKey) -> None:
+    """Record that ``cell``'s weight now has the key ``cell.value``."""
+    records = [r for r in _CELLS.get(cell.value, []) if (c := r()) is not None and c is not cell and c.value == cell.value]
+    _CELLS[cell.value] = [*records, weakref.ref(cell)]
+
+
+def cell_for(key) -> Optional[LiveKey]:
+    """The cell of a live weight whose key is ``key`` now, or None."""
+    for record in reversed(_CELLS.get(key, ())):
+        cell = record()
+        if cell is not None and cell.value == key:
+            return cell
+    _CELLS.pop(key, None)
+    return None
+
+
+def key_value(key):
+    """The number a key stands for (a :class:`LiveKey`'s current value, else ``key``)."""
+    return key.value if isinstance(key, LiveKey) else key
+
+
+def traced_key(key, inner: torch.Tensor):
+    """What a new tensor over ``inner`` keeps as ``trainable_key``: the cell itself while traced
+    (so graph outputs follow the weight), its current value in eager code."""
+    return key if is_traced(inner) else key_value(key)
+
+
+# Context entries that only describe and never shape a traced graph: a compiled graph is reused
+# across their values. The trainable key is a LiveKey (compared by identity, below).
+_UNGUARDED = frozenset(["target_sparsity"])
+
+
+def same_metadata(recorded: dict, now: dict) -> bool:
+    """Dynamo's guard on a subclass's flatten context (``__metadata_guard__``): equal except for
+    unguarded entries, keys compared as cells (same weight object) or, where one side is a plain
+    number (a CompactTensor of an earlier set), by value, so a stale tensor never reuses a graph
+    traced for a live one."""
+    if recorded.keys() != now.keys():
+        return False
+    for name, value in recorded.items():
+        other = now[name]
+        if name in _UNGUARDED:
+            continue
+        if isinstance(value, LiveKey) or isinstance(other, LiveKey):
+            if value is not other:
+                return False
+        elif value != other:
+            return False
+    return True
 
 
 def contiguous_strides(shape) -> tuple:
@@ -141,9 +240,19 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
         if flat.dim() != 1:
             raise ValueError(f"CompactTensor holds a 1-D vector, got shape {tuple(flat.shape)}")
         self.flat = flat
-        self.trainable_key = trainable_key
+        self.trainable_key = traced_key(trainable_key, flat)
         self.logical_shape = tuple(logical_shape)
         self.transposed = transposed
+
+    @torch._dynamo.disable
+    def __tensor_flatten__(self):
+        names, context = super().__tensor_flatten__()
+        key = context["trainable_key"]
+        if not isinstance(key, LiveKey):
+            # a live weight of this set: graph outputs made from this tensor follow that weight's
+            # key; none (a tensor of an earlier set): the number itself, guarded by value
+            context["trainable_key"] = cell_for(key) or key
+        return names, context
 
     def with_flat(self, flat: torch.Tensor) -> "CompactTensor":
         return CompactTensor(flat, self.trainable_key, self.logical_shape, self.transposed)
@@ -151,14 +260,14 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
     def _stable_hash_for_caching(self) -> str:
         """AOT autograd's cache key of this tensor: trainable set, logical shape, orientation and
         the flat vector's metadata (not its values)."""
-        return stable_hash({"trainable_key": self.trainable_key, "logical_shape": self.logical_shape,
+        return stable_hash({"trainable_key": key_value(self.trainable_key), "logical_shape": self.logical_shape,
                             "transposed": self.transposed, "flat": self.flat}, self.requires_grad)
 
     def __repr__(self) -> str:
         """``CompactTensor(tensor([[...]]), trainable=n, key=...)``: the dense gradient (zero at
         frozen coordinates) formatted as torch formats a plain tensor, where a live weight has
         this trainable set; else (and under torch.compile tracing) shape and dtype instead."""
-        identity = f"trainable={self.flat.numel()}, key={self.trainable_key:#x}"
+        identity = f"trainable={self.flat.numel()}, key={key_value(self.trainable_key):#x}"
         if _unhandled_op is not None and not is_traced(self.flat) and self.flat.device.type != "meta":
             try:
                 # any op without a table entry reads the dense expansion (the dense fallback)

@@ -6,7 +6,8 @@ import torch
 from torchao.utils import TorchAOBaseTensor, _torchao_base_tensor__setstate__
 
 from resu_tensor import kernels
-from resu_tensor.core.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames, contiguous_strides, stable_hash
+from resu_tensor.core.compact import (CompactTensor, FastPropertyAccess, LiveKey, NoDynamoFrames, contiguous_strides,
+                                      key_value, register_cell, stable_hash)
 from resu_tensor.core.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes, prefix_block_size
 from resu_tensor.core import transitions
 from resu_tensor.core.fsdp_extension import FsdpRowSharding
@@ -206,7 +207,6 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         self.trainable_side = trainable_side
         self.n_active = n_active
         self.target_sparsity = target_sparsity
-        self.trainable_key = trainable_key
         defaults = {"transposed": False, "subset_kind": "none", "quant_bits": None, "group_size": None,
                     "selective": None, "nm_pattern": None, "row_keep": None, "view_shape": None}
         for name in self.optional_tensor_data_names:
@@ -215,12 +215,46 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             setattr(self, name, optional.pop(name, default))
         if optional:
             raise TypeError(f"unknown ResuTensor fields: {sorted(optional)}")
+        self._key_cell = None
+        self.trainable_key = trainable_key
         if self.view_shape is not None:
             self.view_shape = tuple(self.view_shape)
         # Set by layout ops on the views they make (w.t()): a view shares the weight's tensors, so
         # a mode change or in-place write on it would not reach the weight and is refused.
         self.layout_view = False
         remember_trainable_set(self)
+
+    @property
+    def trainable_key(self):
+        """Content hash of the trainable set (None without one): an ``int`` in eager code, this
+        weight's :class:`~resu_tensor.core.compact.LiveKey` while traced."""
+        cell = self._key_cell
+        return cell if self._key_traced else cell.value
+
+    @trainable_key.setter
+    def trainable_key(self, key) -> None:
+        if isinstance(key, LiveKey) and is_traced(self.first_inner_tensor()):
+            self._key_cell, self._key_traced = key, True  # a fake of the weight that owns the cell
+            return
+        if getattr(self, "_key_cell", None) is None or self._key_traced:
+            self._key_cell, self._key_traced = LiveKey(key_value(key)), False
+        else:
+            # in place: graphs traced with this weight rebuild their outputs with the new key
+            self._key_cell.value = key_value(key)
+        if self._key_cell.value is not None:
+            register_cell(self._key_cell)
+
+    @torch._dynamo.disable
+    def __tensor_flatten__(self):
+        names, context = super().__tensor_flatten__()
+        context["trainable_key"] = self._key_cell
+        return names, context
+
+    def __getstate__(self) -> dict:
+        # the key as a number: a copy or a loaded weight gets a cell of its own
+        state = {name: value for name, value in self.__dict__.items() if name not in ("_key_cell", "_key_traced")}
+        state["trainable_key"] = self._key_cell.value
+        return state
 
     def fields(self) -> dict:
         """Every constructor argument, by name (see :meth:`replace`)."""
