@@ -81,10 +81,23 @@ class LiveKey:
     keep a plain ``int`` key; only trace values carry the cell itself as ``trainable_key``.
     """
 
-    __slots__ = ("value", "__weakref__")
+    __slots__ = ("value", "owner", "__weakref__")
 
-    def __init__(self, value):
+    def __init__(self, value, owner=None):
         self.value = value
+        # weak reference to the weight that owns the cell (None: no weight)
+        self.owner = None if owner is None else weakref.ref(owner)
+
+    def layout(self):
+        """The owning weight's graph layout (see ``ResuTensor.graph_layout``), None without one."""
+        owner = getattr(self, "owner", None)  # None also in a cell unpickled from an older layout
+        weight = owner() if owner is not None else None
+        return None if weight is None else weight.graph_layout()
+
+    def __reduce__(self):
+        # AOT autograd's cache pickles graph metadata: a loaded cell is the live one of a weight
+        # that has this key now (the weak reference to the owner does not pickle)
+        return live_cell, (self.value,)
 
     def __eq__(self, other):
         return key_value(self) == key_value(other)
@@ -127,6 +140,11 @@ def cell_for(key) -> Optional[LiveKey]:
             return cell
     _CELLS.pop(key, None)
     return None
+
+
+def live_cell(key) -> LiveKey:
+    """The cell of a live weight whose key is ``key`` now, else a new cell owned by no weight."""
+    return cell_for(key) or LiveKey(key)
 
 
 def key_value(key):
@@ -240,22 +258,67 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
         if flat.dim() != 1:
             raise ValueError(f"CompactTensor holds a 1-D vector, got shape {tuple(flat.shape)}")
         self.flat = flat
+        if isinstance(trainable_key, LiveKey):
+            self._cell = trainable_key
         self.trainable_key = traced_key(trainable_key, flat)
         self.logical_shape = tuple(logical_shape)
         self.transposed = transposed
 
+    # The cell of the weight this tensor was made for (None: made from a plain key, or unpickled).
+    # Two weights with equal trainable sets (a model and its deep copy) share a key value, so the
+    # cell says whose set it is; it is no constructor argument and never pickled.
+    _cell: Optional[LiveKey] = None
+
+    def live_key(self):
+        """This tensor's key as the cell of its weight while that weight still has this set (see
+        :class:`LiveKey`), else the plain key: what a new tensor of the same set should carry.
+
+        Example::
+
+            CompactTensor(flat, g.live_key(), g.logical_shape, g.transposed)
+        """
+        key = self.trainable_key
+        if isinstance(key, LiveKey):
+            return key
+        cell = self._cell
+        if cell is not None and cell.value == key:
+            return cell
+        return cell_for(key) or key
+
+    def relabel_(self, label: "CompactTensor") -> None:
+        """Mark this tensor (its values already written in place) as one of ``label``'s trainable
+        set: optimizer state reset or remapped in place keeps its identity, which a compiled
+        ``optimizer.step`` guards.
+
+        Example::
+
+            state.flat.zero_(); state.relabel_(w.compact(torch.empty(w.trainable_count)))
+        """
+        self.trainable_key = key_value(label.trainable_key)
+        cell = label.live_key()
+        self._cell = cell if isinstance(cell, LiveKey) else None
+
     @torch._dynamo.disable
     def __tensor_flatten__(self):
         names, context = super().__tensor_flatten__()
-        key = context["trainable_key"]
-        if not isinstance(key, LiveKey):
-            # a live weight of this set: graph outputs made from this tensor follow that weight's
-            # key; none (a tensor of an earlier set): the number itself, guarded by value
-            context["trainable_key"] = cell_for(key) or key
+        # a live weight of this set: graph outputs made from this tensor follow that weight's
+        # key; none (a tensor of an earlier set): the number itself, guarded by value
+        key = context["trainable_key"] = self.live_key()
+        if isinstance(key, LiveKey):
+            # A compiled optimizer.step guards its parameters by identity only, never by their
+            # layout: a graph traced for a SPARSE weight would then update a RESU one. Its
+            # gradients and state are guarded by this context, so it carries the weight's layout.
+            context["weight_layout"] = key.layout()
         return names, context
 
+    def __getstate__(self) -> dict:
+        # the key as a number, no cell: a loaded tensor finds its weight by key value
+        state = {name: value for name, value in self.__dict__.items() if name != "_cell"}
+        state["trainable_key"] = key_value(self.trainable_key)
+        return state
+
     def with_flat(self, flat: torch.Tensor) -> "CompactTensor":
-        return CompactTensor(flat, self.trainable_key, self.logical_shape, self.transposed)
+        return CompactTensor(flat, self.live_key(), self.logical_shape, self.transposed)
 
     def _stable_hash_for_caching(self) -> str:
         """AOT autograd's cache key of this tensor: trainable set, logical shape, orientation and

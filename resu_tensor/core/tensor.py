@@ -237,7 +237,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             self._key_cell, self._key_traced = key, True  # a fake of the weight that owns the cell
             return
         if getattr(self, "_key_cell", None) is None or self._key_traced:
-            self._key_cell, self._key_traced = LiveKey(key_value(key)), False
+            self._key_cell, self._key_traced = LiveKey(key_value(key), self), False
         else:
             # in place: graphs traced with this weight rebuild their outputs with the new key
             self._key_cell.value = key_value(key)
@@ -249,6 +249,27 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         names, context = super().__tensor_flatten__()
         context["trainable_key"] = self._key_cell
         return names, context
+
+    def graph_layout(self) -> tuple:
+        """What a compiled graph over this weight depends on: its inner tensors' names and its
+        flatten context but for the trainable key (a live cell) and ``target_sparsity``.
+
+        Example::
+
+            w.graph_layout() == v.graph_layout()  # one compiled graph serves both
+        """
+        names, context = self.__tensor_flatten__()
+        return tuple(names), tuple((k, v) for k, v in context.items() if k not in ("trainable_key", "target_sparsity"))
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        if not self._key_traced and copied._key_cell is self._key_cell:
+            # torch deep-copies __dict__, and a cell deep-copies to itself (Dynamo's guards rely on
+            # that): the copy gets a cell of its own, else a new mask of one would relabel the other
+            copied._key_cell = LiveKey(self._key_cell.value, copied)
+            if copied._key_cell.value is not None:
+                register_cell(copied._key_cell)
+        return copied
 
     def __getstate__(self) -> dict:
         # the key as a number: a copy or a loaded weight gets a cell of its own
@@ -592,7 +613,9 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         if flat.numel() != self.trainable_count:
             raise ValueError(f"expected {self.trainable_count} trainable values, got {flat.numel()}")
         remember_trainable_set(self)
-        return CompactTensor(flat, self.trainable_key, self.logical_shape, self.transposed)
+        # the cell, not just its value: the tensor belongs to this weight (see CompactTensor._cell)
+        key = self._key_cell if self._key_cell.value is not None else None
+        return CompactTensor(flat, key, self.logical_shape, self.transposed)
 
     def expand_trainable(self, compact: torch.Tensor) -> torch.Tensor:
         """A dense tensor of this tensor's logical shape: ``compact`` at trainable coordinates,
