@@ -285,15 +285,20 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
             return cell
         return cell_for(key) or key
 
-    def relabel_(self, label: "CompactTensor") -> None:
-        """Mark this tensor (its values already written in place) as one of ``label``'s trainable
-        set: optimizer state reset or remapped in place keeps its identity, which a compiled
-        ``optimizer.step`` guards.
+    def relabel_(self, label: "CompactTensor", flat: Optional[torch.Tensor] = None) -> None:
+        """Mark this tensor (its values already written in place, or ``flat``: a new vector of
+        ``label``'s length) as one of ``label``'s trainable set: optimizer state reset or
+        remapped in place keeps its identity, which a compiled ``optimizer.step`` guards.
 
         Example::
 
             state.flat.zero_(); state.relabel_(w.compact(torch.empty(w.trainable_count)))
         """
+        if flat is not None:
+            if flat.dim() != 1 or flat.numel() != label.flat.numel():
+                raise ValueError(f"relabel_: flat must be a 1-D vector of {label.flat.numel()} values, got shape "
+                                 f"{tuple(flat.shape)}")
+            self.flat = flat
         self.trainable_key = key_value(label.trainable_key)
         cell = label.live_key()
         self._cell = cell if isinstance(cell, LiveKey) else None

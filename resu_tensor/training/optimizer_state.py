@@ -59,7 +59,8 @@ def reset_in_place_(optimizer: torch.optim.Optimizer, param: ResuTensor) -> bool
     0) by writing into the existing tensors, relabelled to ``param``'s current trainable set.
     Returns False, changing nothing, where that cannot equal a fresh state: another optimizer
     type, SGD with dampening, an entry that is neither a CompactTensor nor a 0-d ``step``
-    tensor, or a trainable set of another size (the caller then drops the state).
+    tensor, or a state of another logical shape (the caller then drops the state). A new
+    trainable count gets new zero vectors inside the same CompactTensor objects.
 
     A compiled ``optimizer.step`` guards its state tensors by identity: the same objects reset
     in place reuse its graph across the scheduler's phase changes.
@@ -75,17 +76,23 @@ def reset_in_place_(optimizer: torch.optim.Optimizer, param: ResuTensor) -> bool
     group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
     if not state or group is None or (type(optimizer) is torch.optim.SGD and group.get("dampening", 0) != 0):
         return False
-    label = param.compact(torch.empty(param.trainable_count, device="meta"))
+    count = param.trainable_count
+    label = param.compact(torch.empty(count, device="meta"))
     for key, value in state.items():
         if isinstance(value, CompactTensor):
-            if not same_layout(value, label):
+            if tuple(value.logical_shape) != tuple(label.logical_shape) or value.transposed != label.transposed:
                 return False
         elif not (key == "step" and isinstance(value, torch.Tensor) and value.dim() == 0):
             return False
     for value in state.values():
         if isinstance(value, CompactTensor):
-            value.flat.zero_()
-            value.relabel_(label)
+            if value.flat.numel() == count:
+                value.flat.zero_()
+                value.relabel_(label)
+            else:
+                # another count (SPARSE ↔ RESU at a sparsity other than 0.5, a new sparsity): a
+                # new vector inside the same object, so the step's identity guard still holds
+                value.relabel_(label, torch.zeros(count, dtype=value.flat.dtype, device=value.flat.device))
         else:
             value.zero_()
     return True
@@ -173,10 +180,12 @@ def remap_optimizer_state_(optimizer: torch.optim.Optimizer, param: ResuTensor,
             raise ValueError(f"remap_optimizer_state_: state {key!r} holds {value.flat.numel()} values but the old "
                              f"trainable set has {old_count}; pass the trainable_flat() taken before the change")
         remapped_value = remapped_compact(value, param, old_trainable_flat, new_flat)
+        # the same object (a compiled optimizer step guards its state by identity)
         if same_layout(value, remapped_value):
-            # the same object (a compiled optimizer step guards its state by identity)
             value.flat.copy_(remapped_value.flat)
             value.relabel_(remapped_value)
+        elif value.logical_shape == remapped_value.logical_shape and value.transposed == remapped_value.transposed:
+            value.relabel_(remapped_value, remapped_value.flat)
         else:
             state[key] = remapped_value
         remapped += 1
