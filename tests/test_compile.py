@@ -422,6 +422,26 @@ def test_stale_state_in_a_compiled_graph_raises_as_in_eager():
     assert str(eager_error.value) in str(compiled_error.value)
 
 
+def test_compiled_step_with_stale_state_raises_as_in_eager():
+    """A compiled optimizer.step whose state belongs to an earlier trainable set (the mask
+    changed, the state was neither reset nor remapped) raises the eager step's ValueError: the
+    pre-hook's stale-state check runs eagerly inside the compiled step."""
+    model = make_model("sparse")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = torch.compile(opt.step, backend=BACKEND)
+    for _ in range(2):
+        F.cross_entropy(model(torch.randn(6, 32)), torch.randint(0, 8, (6,))).backward()
+        step()
+        opt.zero_grad()
+    for w in resu_params(model):
+        shuffle_mask_(w, torch.Generator().manual_seed(0))
+    F.cross_entropy(model(torch.randn(6, 32)), torch.randint(0, 8, (6,))).backward()
+    before = [w.dequantize().clone() for w in resu_params(model)]
+    with pytest.raises(ValueError, match="was created for an earlier trainable set"):
+        step()
+    assert all(torch.equal(w.dequantize(), b) for w, b in zip(resu_params(model), before))
+
+
 def test_inductor_training_step():
     """The one Inductor test (~30-45 s on 2 cores with a cold cache): RESU layer, fullgraph
     forward/backward and momentum-SGD step, against eager."""
