@@ -81,22 +81,19 @@ class LiveKey:
     keep a plain ``int`` key; only trace values carry the cell itself as ``trainable_key``.
     """
 
-    __slots__ = ("value", "owner", "__weakref__")
+    __slots__ = ("value", "layout", "__weakref__")
 
-    def __init__(self, value, owner=None):
+    def __init__(self, value, layout=None):
         self.value = value
-        # weak reference to the weight that owns the cell (None: no weight)
-        self.owner = None if owner is None else weakref.ref(owner)
-
-    def layout(self):
-        """The owning weight's graph layout (see ``ResuTensor.graph_layout``), None without one."""
-        owner = getattr(self, "owner", None)  # None also in a cell unpickled from an older layout
-        weight = owner() if owner is not None else None
-        return None if weight is None else weight.graph_layout()
+        # the owning weight's graph layout (``ResuTensor.graph_layout``), kept current by the
+        # weight as its fields change; None: owned by no weight. A snapshot rather than a
+        # reference to the weight: torch.utils.swap_tensors (module.to(), ...) refuses tensors
+        # with weak references, and a strong one would keep the weight's storage alive until GC.
+        self.layout = layout
 
     def __reduce__(self):
         # AOT autograd's cache pickles graph metadata: a loaded cell is the live one of a weight
-        # that has this key now (the weak reference to the owner does not pickle)
+        # that has this key now
         return live_cell, (self.value,)
 
     def __eq__(self, other):
@@ -313,7 +310,7 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
             # A compiled optimizer.step guards its parameters by identity only, never by their
             # layout: a graph traced for a SPARSE weight would then update a RESU one. Its
             # gradients and state are guarded by this context, so it carries the weight's layout.
-            context["weight_layout"] = key.layout()
+            context["weight_layout"] = getattr(key, "layout", None)  # None: a cell unpickled from an older layout
         return names, context
 
     def __getstate__(self) -> dict:

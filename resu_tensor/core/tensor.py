@@ -237,12 +237,20 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             self._key_cell, self._key_traced = key, True  # a fake of the weight that owns the cell
             return
         if getattr(self, "_key_cell", None) is None or self._key_traced:
-            self._key_cell, self._key_traced = LiveKey(key_value(key), self), False
+            self._key_cell, self._key_traced = LiveKey(key_value(key)), False
         else:
             # in place: graphs traced with this weight rebuild their outputs with the new key
             self._key_cell.value = key_value(key)
+        self._key_cell.layout = self.graph_layout()
         if self._key_cell.value is not None:
             register_cell(self._key_cell)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _LAYOUT_FIELDS:
+            cell = self.__dict__.get("_key_cell")
+            if cell is not None and not self.__dict__.get("_key_traced", True):
+                cell.layout = self.graph_layout()  # see LiveKey.layout
 
     @torch._dynamo.disable
     def __tensor_flatten__(self):
@@ -266,7 +274,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         if not self._key_traced and copied._key_cell is self._key_cell:
             # torch deep-copies __dict__, and a cell deep-copies to itself (Dynamo's guards rely on
             # that): the copy gets a cell of its own, else a new mask of one would relabel the other
-            copied._key_cell = LiveKey(self._key_cell.value, copied)
+            copied._key_cell = LiveKey(self._key_cell.value, copied.graph_layout())
             if copied._key_cell.value is not None:
                 register_cell(copied._key_cell)
         return copied
@@ -691,6 +699,10 @@ def _restore_checked(self, state) -> None:
     _torchao_base_tensor__setstate__(self, state)
     check_state(self.fields(), where="ResuTensor (unpickled by torch.load)")
 
+
+# The fields a compiled graph over a weight depends on (what ResuTensor.graph_layout reads).
+_LAYOUT_FIELDS = frozenset([*ResuTensor.tensor_attribute_names, *ResuTensor.optional_tensor_data_names,
+                            *ResuTensor.optional_tensor_attribute_names]) - {"trainable_key", "target_sparsity"}
 
 # TorchAOBaseTensor.__init_subclass__ installs its own __setstate__ on each subclass: ours goes in after.
 ResuTensor.__setstate__ = _restore_checked
