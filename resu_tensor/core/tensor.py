@@ -266,8 +266,11 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
             w.graph_layout() == v.graph_layout()  # one compiled graph serves both
         """
-        names, context = self.__tensor_flatten__()
-        return tuple(names), tuple((k, v) for k, v in context.items() if k not in ("trainable_key", "target_sparsity"))
+        # read off __dict__ (what __tensor_flatten__ reports), so that a weight being restored
+        # field by field (unpickling) has a layout at every step
+        fields = self.__dict__
+        return (tuple(name for name in self.optional_tensor_data_names if fields.get(name) is not None),
+                tuple((name, fields.get(name)) for name in _ATTRIBUTE_NAMES))
 
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)
@@ -701,8 +704,9 @@ def _restore_checked(self, state) -> None:
 
 
 # The fields a compiled graph over a weight depends on (what ResuTensor.graph_layout reads).
-_LAYOUT_FIELDS = frozenset([*ResuTensor.tensor_attribute_names, *ResuTensor.optional_tensor_data_names,
-                            *ResuTensor.optional_tensor_attribute_names]) - {"trainable_key", "target_sparsity"}
+_ATTRIBUTE_NAMES = tuple(name for name in (*ResuTensor.tensor_attribute_names, *ResuTensor.optional_tensor_attribute_names)
+                         if name not in ("trainable_key", "target_sparsity"))
+_LAYOUT_FIELDS = frozenset([*_ATTRIBUTE_NAMES, *ResuTensor.optional_tensor_data_names])
 
 # TorchAOBaseTensor.__init_subclass__ installs its own __setstate__ on each subclass: ours goes in after.
 ResuTensor.__setstate__ = _restore_checked
