@@ -4,6 +4,9 @@ and torch.ao.pruning, at sparsity 0.7, one model/batch/AdamW per shape, in one p
 Rounds interleave the variants (each round runs every variant for ``steps`` timed steps after
 its own warm-up), so machine load drifts over all of them alike; step time is the median over
 every round. A second pass times forward, backward and optimizer step separately (medians).
+Each step is timed twice: wall clock, and the process's CPU time (user + system, page faults
+included), which on one thread is the step's own work without the time other jobs on a shared
+machine held the core; both go into the JSON (``*_ms`` wall, ``*_cpu_ms`` CPU).
 State memory is weight + grad + optimizer state (+ masks) bytes after a step: rt.memory_report
 for ResuTensor models, the bytes of every parameter, gradient, buffer and optimizer-state tensor
 for the others.
@@ -98,27 +101,33 @@ class Run:
         F.mse_loss(self.model(self.x), self.y).backward()
         self.optimizer.step()
 
-    def timed_steps(self, n: int) -> list[float]:
-        times = []
+    def timed_steps(self, n: int) -> tuple[list[float], list[float]]:
+        """(wall, CPU) seconds of ``n`` steps."""
+        wall, cpu = [], []
         for _ in range(n):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             self.step()
-            times.append(time.perf_counter() - start)
-        return times
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        return wall, cpu
 
     def timed_phases(self, n: int) -> dict[str, list[float]]:
-        phases = {"forward": [], "backward": [], "optimizer": []}
+        """Seconds of each phase of ``n`` steps, wall clock (``forward``, ...) and CPU time
+        (``forward_cpu``, ...)."""
+        names = ("forward", "backward", "optimizer")
+        phases = {f"{name}{clock}": [] for clock in ("", "_cpu") for name in names}
         for _ in range(n):
             self.optimizer.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
+            marks = [(time.perf_counter(), time.process_time())]
             loss = F.mse_loss(self.model(self.x), self.y)
-            t1 = time.perf_counter()
+            marks.append((time.perf_counter(), time.process_time()))
             loss.backward()
-            t2 = time.perf_counter()
+            marks.append((time.perf_counter(), time.process_time()))
             self.optimizer.step()
-            t3 = time.perf_counter()
-            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-                phases[name].append(dt)
+            marks.append((time.perf_counter(), time.process_time()))
+            for name, (before, after) in zip(names, zip(marks, marks[1:])):
+                phases[name].append(after[0] - before[0])
+                phases[f"{name}_cpu"].append(after[1] - before[1])
         return phases
 
     def state_bytes(self) -> int:
@@ -137,22 +146,28 @@ def bench_shape(name: str, widths, batch: int, rounds: int, steps: int, warmup: 
         for _ in range(warmup):
             run.step()
     step_times = {v: [] for v in variants}
-    phase_times = {v: {"forward": [], "backward": [], "optimizer": []} for v in variants}
+    step_cpu_times = {v: [] for v in variants}
+    phase_times = {v: {} for v in variants}
     for _ in range(rounds):
         for v, run in runs.items():
-            step_times[v] += run.timed_steps(steps)
+            wall, cpu = run.timed_steps(steps)
+            step_times[v] += wall
+            step_cpu_times[v] += cpu
     for _ in range(rounds):
         for v, run in runs.items():
             for phase, times in run.timed_phases(steps).items():
-                phase_times[v][phase] += times
+                phase_times[v].setdefault(phase, []).extend(times)
     dense_ms = statistics.median(step_times["dense"]) * 1e3
+    dense_cpu_ms = statistics.median(step_cpu_times["dense"]) * 1e3
     dense_bytes = runs["dense"].state_bytes()
     rows = {}
     for v, run in runs.items():
         ms = statistics.median(step_times[v]) * 1e3
+        cpu_ms = statistics.median(step_cpu_times[v]) * 1e3
         state = run.state_bytes()
         rows[v] = {
             "step_ms": round(ms, 2), "x_dense": round(ms / dense_ms, 3),
+            "step_cpu_ms": round(cpu_ms, 2), "x_dense_cpu": round(cpu_ms / dense_cpu_ms, 3),
             **{f"{phase}_ms": round(statistics.median(t) * 1e3, 2) for phase, t in phase_times[v].items()},
             "state_bytes": state, "state_x_dense": round(state / dense_bytes, 3),
             "steps_timed": len(step_times[v]),
@@ -176,7 +191,9 @@ def run(quick: bool = False) -> dict:
         print(f"{name} {widths} batch {batch}:")
         for v, row in results["shapes"][name]["variants"].items():
             print(f"  {v:11s} {row['step_ms']:8.1f} ms  {row['x_dense']:5.2f}x dense  fwd {row['forward_ms']:7.1f}  "
-                  f"bwd {row['backward_ms']:7.1f}  opt {row['optimizer_ms']:7.1f}  state {row['state_x_dense']:.3f}x")
+                  f"bwd {row['backward_ms']:7.1f}  opt {row['optimizer_ms']:7.1f}  state {row['state_x_dense']:.3f}x  |  "
+                  f"CPU time {row['step_cpu_ms']:8.1f} ms  {row['x_dense_cpu']:5.2f}x  fwd {row['forward_cpu_ms']:7.1f}  "
+                  f"bwd {row['backward_cpu_ms']:7.1f}  opt {row['optimizer_cpu_ms']:7.1f}")
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
 

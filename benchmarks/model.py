@@ -95,6 +95,14 @@ def build_variant(variant: str, config: GPTConfig, sparsity: float, device, grou
     model = GPT(config).to(device)
     if variant == "plain":
         return model
+    # qresu4: every block linear's in_features (width or 4·width) is a multiple of the group
+    return convert_block_linears_(model, variant, sparsity, device, min(group_size, config.width))
+
+
+def convert_block_linears_(model: nn.Module, variant: str, sparsity: float, device, group_size: int) -> nn.Module:
+    """The blocks' linears of a fresh model as ResuTensors in ``variant``'s mode: ``dense``,
+    ``sparse`` (magnitude-pruned to ``sparsity``), ``resu`` or ``qresu4`` (4-bit frozen actives in
+    groups of ``group_size``); θ is drawn with seed 0, the same for every variant."""
     quantize_(model, rt.resu_config(sparsity=0.0), filter_fn=block_linears)
     if variant == "dense":
         return model
@@ -104,9 +112,8 @@ def build_variant(variant: str, config: GPTConfig, sparsity: float, device, grou
     generator = torch.Generator(device=device).manual_seed(0)
     if variant == "resu":
         rt.enter_resu_(model, epsilon=0.1, freeze_active=True, generator=generator)
-    else:  # qresu4; every block linear's in_features (width or 4·width) is a multiple of the group
-        rt.enter_resu_(model, epsilon=0.1, generator=generator, quantize_bits=4,
-                       group_size=min(group_size, config.width))
+    else:
+        rt.enter_resu_(model, epsilon=0.1, generator=generator, quantize_bits=4, group_size=group_size)
     return model
 
 

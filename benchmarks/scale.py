@@ -66,11 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchao.quantization import quantize_
 
 import resu_tensor as rt
 from benchmarks.distributed import synchronize
-from benchmarks.model import block_linears, device_name, slug
+from benchmarks.model import block_linears, convert_block_linears_, device_name, slug
 
 VARIANTS = {"dense": "dense nn.Linear", "sparse": "SPARSE s=0.5", "resu": "RESU s=0.5", "qresu4": "QRESU-4 s=0.5"}
 SPARSITY = 0.5
@@ -192,20 +191,12 @@ def build(variant: str, config: LlamaConfig, device, group_size: int = QRESU_GRO
     model = Llama(config, device=device)
     if variant == "dense":
         return model
-    quantize_(model, rt.resu_config(sparsity=0.0), filter_fn=block_linears)
-    rt.prune_(model, sparsity=SPARSITY, method="magnitude")
-    if variant == "sparse":
-        return model
-    generator = torch.Generator(device=device).manual_seed(0)
-    if variant == "resu":
-        rt.enter_resu_(model, epsilon=0.1, freeze_active=True, generator=generator)
-    else:
+    if variant == "qresu4":
         for size in (config.width, config.mlp):
             if size % group_size:
                 raise ValueError(f"qresu4: group_size {group_size} must divide every block linear's in_features "
                                  f"(width {config.width}, mlp {config.mlp})")
-        rt.enter_resu_(model, epsilon=0.1, generator=generator, quantize_bits=4, group_size=group_size)
-    return model
+    return convert_block_linears_(model, variant, SPARSITY, device, group_size)
 
 
 def optimizer_for(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

@@ -12,6 +12,7 @@ import resu_tensor as rt
 
 
 TOTAL, EVERY, SPARSITY = 60, 10, 0.8
+FINETUNE = 0.1  # a short final fine-tuning in the mask tests: five mask updates fit before it
 
 
 def make_model(seed: int = 0, sparsity: float = 0.0):
@@ -64,7 +65,7 @@ def events(scheduler):
 
 # ---------------------------------------------------------------------------- the methods' masks
 def test_gmp_sparsity_per_step_is_the_cubic():
-    end = TOTAL - round(0.1 * TOTAL)  # the final fine-tuning starts at step 54
+    end = TOTAL - round(FINETUNE * TOTAL)  # the final fine-tuning starts at step 54
     updates = [10, 20, 30, 40, 50, end]
 
     def cubic(t):  # Zhu & Gupta, initial sparsity 0, window [0, end]
@@ -76,7 +77,7 @@ def test_gmp_sparsity_per_step_is_the_cubic():
         for w in weights(model):
             assert w.storage_numel - w.n_active == round(expected * w.storage_numel), scheduler.global_step
 
-    model, scheduler = run("gmp", after_step=check)
+    model, scheduler = run("gmp", after_step=check, final_finetune_fraction=FINETUNE)
     assert events(scheduler) == [(u, "prune") for u in updates] + [(TOTAL, "finished")]
 
 
@@ -98,7 +99,7 @@ def test_gmp_masks_are_magnitude_and_only_shrink():
 
 def test_rigl_grows_the_top_dense_gradient_pruned_coordinates():
     x, y = data()
-    end = TOTAL - round(0.1 * TOTAL)
+    end = TOTAL - round(FINETUNE * TOTAL)
     checked = []
 
     def before(scheduler, model):
@@ -133,7 +134,7 @@ def test_rigl_grows_the_top_dense_gradient_pruned_coordinates():
             assert torch.all(w.values[~new_mask] == 0)
         checked.append(t)
 
-    model, scheduler = run("rigl", before_step=before, after_step=check)
+    model, scheduler = run("rigl", before_step=before, after_step=check, final_finetune_fraction=FINETUNE)
     assert checked == [10, 20, 30, 40, 50]
     assert all(w.mode == rt.Mode.SPARSE for w in weights(model))
 
@@ -157,7 +158,7 @@ def test_set_drops_the_smallest_actives_and_regrows_at_random():
             assert torch.all(w.values[grown] == 0)
             grown_sets.append(grown)
 
-    run("set", before_step=before, after_step=check)
+    run("set", before_step=before, after_step=check, final_finetune_fraction=FINETUNE)
     assert len(grown_sets) == 10  # 5 updates × 2 layers
     # random regrowth is not the magnitude order: the grown sets differ between updates of a layer
     assert not torch.equal(grown_sets[0], grown_sets[2])
@@ -175,7 +176,7 @@ def test_one_shot_prunes_once(warmup):
 # ---------------------------------------------------------------------------- shared layout
 @pytest.mark.parametrize("method", ["one_shot", "gmp", "rigl", "set", "resu"])
 def test_final_finetune_keeps_the_mask_and_reaches_the_target(method):
-    finetune = round((0.4 if method == "resu" else 0.1) * TOTAL)  # the default: 0.4 for RESU, 0.1 for the others
+    finetune = round(0.4 * TOTAL)  # the default, the same for every method
     options = {"num_cycles": 2} if method == "resu" else {}
     masks = {}
 
@@ -200,8 +201,8 @@ def test_final_finetune_keeps_the_mask_and_reaches_the_target(method):
 def test_config_picks_the_method_by_one_value():
     for method in ("one_shot", "gmp", "rigl", "set"):
         config = rt.ScheduleConfig(method=method, total_steps=1000, sparsity=0.9)
-        assert (config.finetune_steps, config.mask_steps) == (100, 900)
-    resu = rt.ScheduleConfig(total_steps=1000, num_cycles=4, sparsity=0.9)  # RESU's default fine-tuning: 0.4
+        assert (config.finetune_steps, config.mask_steps) == (400, 600)
+    resu = rt.ScheduleConfig(total_steps=1000, num_cycles=4, sparsity=0.9)  # the same default fine-tuning: 0.4
     assert (resu.steps_per_cycle, resu.finetune_steps) == (150, 400)
     with pytest.raises(ValueError, match="unknown method 'lth'"):
         rt.ScheduleConfig(method="lth", total_steps=10)

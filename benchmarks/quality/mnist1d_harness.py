@@ -19,6 +19,7 @@ from torch import nn
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
+from resu_tensor.method.schedule import DEFAULT_FINETUNE_FRACTION
 
 # Shared by every method: AdamW(lr=1e-2), one cosine over the run, batch 128, 2000 steps (picked for
 # the dense models on a held-out 500 of the training set; see docs/results.md).
@@ -37,7 +38,7 @@ ABLATION_OPTIONS = {
     "resu_no_resurrection": dict(r_start=0.0, r_end=0.0),
     # the sparsity schedule across cycles: the target from cycle 0 on, instead of the cubic
     "resu_constant": dict(sparsity_schedule="constant"),
-    # the final fine-tuning after the last commit (every baseline keeps FINETUNE_FRACTION)
+    # the final fine-tuning after the last commit (the baselines take the library default, 0.4)
     "resu_finetune_0.1": dict(final_finetune_fraction=0.1),
     "resu_finetune_0.4": dict(final_finetune_fraction=0.4),
     "resu_finetune_0.5": dict(final_finetune_fraction=0.5),
@@ -59,6 +60,11 @@ ABLATION_OPTIONS = {
     "resu_constant_finetune_0.4": dict(sparsity_schedule="constant", final_finetune_fraction=0.4),
     "resu_cycles_5_finetune_0.4": dict(cycles=5, final_finetune_fraction=0.4),
     "resu_constant_cycles_5_finetune_0.4": dict(sparsity_schedule="constant", cycles=5, final_finetune_fraction=0.4),
+    # one change each to the adopted defaults (5 cycles, 40% fine-tuning: resu_cycles_5_finetune_0.4)
+    "resu_cycles_5_finetune_0.4_train_active": dict(cycles=5, final_finetune_fraction=0.4, freeze_active=False),
+    "resu_cycles_5_finetune_0.4_fraction_0.2": dict(cycles=5, final_finetune_fraction=0.4, resu_fraction=0.2),
+    "resu_cycles_5_finetune_0.4_epsilon_0.01": dict(cycles=5, final_finetune_fraction=0.4, epsilon=0.01),
+    "resu_cycles_8_finetune_0.4": dict(cycles=8, final_finetune_fraction=0.4),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
@@ -193,15 +199,12 @@ def dense(tr: Trainer, sparsity: float, seed: int) -> dict:
 
 # Every sparse method runs through rt.ResuScheduler on the same ResuTensor weights and compact AdamW
 # state, with one step budget: the methods differ in ``method`` alone, plus each one's own knobs
-# below. The baselines end with the same final fine-tuning (the last quarter of the run, where
-# RigL stops updating its masks in Evci et al.); RESU takes the library's default (0.4 of the run),
-# and the ablation's gmp_finetune_0.4 gives GMP the same.
-FINETUNE_FRACTION = 0.25
+# below, and all end with the library's default final fine-tuning (0.4 of the run).
+FINETUNE_FRACTION = DEFAULT_FINETUNE_FRACTION
 
 
 def scheduled(tr: Trainer, sparsity: float, seed: int, method: str, **options) -> rt.ResuScheduler:
     """Train the whole run under ``rt.ScheduleConfig(method=method, ...)``; returns the scheduler."""
-    options = {"final_finetune_fraction": FINETUNE_FRACTION, **options}
     config = rt.ScheduleConfig(method=method, total_steps=tr.total_steps, sparsity=sparsity, seed=seed,
                                progress=False, **options)
     probe = (lambda m: F.cross_entropy(m(tr.last_batch[0]), tr.last_batch[1])) if method == "rigl" else None

@@ -3,7 +3,7 @@ source of the Python standard library this interpreter runs on. Every method tra
 from the same initial weights on the same batches; only its sparsity schedule differs.
 
     python -m benchmarks.quality.stdlib_lm [--device cuda] [--methods resu gmp ...] [--sparsities 0.5 0.7 0.9]
-                                           [--seeds 0 1 2] [--steps N] [--jobs J] [--out PATH] [--reduced]
+                                           [--seeds 0 1 2] [--steps N] [--jobs J] [--out PATH]
 
 * Text: every ``.py`` file under ``sysconfig.get_paths()["stdlib"]`` (test packages and
   site-packages left out), read as bytes. A file is held out for validation when
@@ -190,32 +190,40 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    # Highest sparsity first, methods interleaved: a run cut short still compares every method there.
     specs = [dict(method=m, sparsity=(0.0 if m == "dense" else s), seed=seed, steps=args.steps, device=args.device)
-             for m in args.methods for s in ([0.0] if m == "dense" else args.sparsities) for seed in args.seeds]
+             for s in sorted(args.sparsities, reverse=True) for seed in args.seeds for m in args.methods
+             if m != "dense" or s == max(args.sparsities)]
     start = time.perf_counter()
+    _, _, corpus = load_corpus()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    out = Path(args.out or f"benchmarks/results/stdlib_lm_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
+
+    def record(r: dict) -> dict:
+        """Keep the run and rewrite the JSON, so a run cut off by a time limit keeps what finished."""
+        runs.append(r)
+        print(f"{r['method']:<14} s={r['sparsity']:.2f} seed {r['seed']}: ppl {r['perplexity']:.3f} "
+              f"({r['wall_s']:.0f} s)", flush=True)
+        result = {"benchmark": "stdlib_lm", "device": device_name, "torch": torch.__version__, "corpus": corpus,
+                  "model": dict(vocab=VOCAB, context=CONTEXT, width=WIDTH, layers=LAYERS, heads=HEADS),
+                  "training": dict(lr=LR, batch_size=BATCH_SIZE, steps=args.steps), "runs": runs,
+                  "summary": summarize(runs), "complete": len(runs) == len(specs),
+                  "wall_s": time.perf_counter() - start}
+        out.write_text(json.dumps(result, indent=1))
+        return result
+
+    result = None
     if args.jobs > 1:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             for r in pool.imap_unordered(run_one, specs):
-                runs.append(r)
-                print(f"{r['method']:<14} s={r['sparsity']:.2f} seed {r['seed']}: ppl {r['perplexity']:.3f} "
-                      f"({r['wall_s']:.0f} s)", flush=True)
+                result = record(r)
     else:
         for spec in specs:
-            runs.append(run_one(spec))
-            r = runs[-1]
-            print(f"{r['method']:<14} s={r['sparsity']:.2f} seed {r['seed']}: ppl {r['perplexity']:.3f}", flush=True)
-    _, _, corpus = load_corpus()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    result = {"benchmark": "stdlib_lm", "device": device_name, "torch": torch.__version__, "corpus": corpus,
-              "model": dict(vocab=VOCAB, context=CONTEXT, width=WIDTH, layers=LAYERS, heads=HEADS),
-              "training": dict(lr=LR, batch_size=BATCH_SIZE, steps=args.steps), "runs": runs,
-              "summary": summarize(runs), "wall_s": time.perf_counter() - start}
-    out = Path(args.out or f"benchmarks/results/stdlib_lm_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+            result = record(run_one(spec))
     for row in result["summary"]:
         print(f"{row['method']:<14} {row['sparsity']:.2f}  ppl {row['perplexity_mean']:.3f}")
     print(f"wrote {out}")

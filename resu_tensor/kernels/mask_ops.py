@@ -84,8 +84,11 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
 # times (the weight-gradient compaction, then each in-place optimizer op). The positions are kept
 # per bitmap tensor, valid while that tensor is the same object at the same version (any in-place
 # write bumps it), until release_selections(bitmap): the optimizer step's post-hook releases
-# them, so they last one step and never add to the state a model holds between steps.
-# bitmap → {(numel, invert): (bitmap._version, int64 positions)}
+# them, so they last one step and never add to the state a model holds between steps. The
+# float32 work vector of the in-place updates at those positions (selection_scratch) is kept and
+# released with them.
+# bitmap → {(numel, invert): (bitmap._version, int64 positions),
+#           ("scratch", numel, invert): (bitmap._version, float32 work vector)}
 _SELECTIONS = WeakIdKeyDictionary()
 
 
@@ -100,6 +103,15 @@ def _decoded_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.
         packed = ~packed
     bits = np.unpackbits(packed, count=numel, bitorder="little").view(np.bool_)
     return torch.from_numpy(np.flatnonzero(bits))
+
+
+def _host_float32(count: int) -> torch.Tensor:
+    """An uninitialised float32 CPU vector of ``count`` elements, allocated by numpy. A work
+    vector of a selection's size, made anew every training step, is tens of MB at large weights:
+    torch's CPU allocation of such a block goes back to the system when freed and faults in
+    again page by page on first write (several ms per 10 MB), while numpy's asks for transparent
+    huge pages."""
+    return torch.from_numpy(np.empty(count, dtype=np.float32))
 
 
 def _cacheable(bitmap: torch.Tensor) -> bool:
@@ -128,6 +140,25 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
     return cached[1]
 
 
+def selection_scratch(bitmap: torch.Tensor, numel: int, invert: bool, count: int) -> torch.Tensor:
+    """A float32 work vector of ``count`` elements, one per position of ``bitmap``'s selection,
+    kept and released with those positions: the in-place updates at positions write their
+    operand into it instead of allocating (and faulting in) a new vector of the selection's size
+    per op. Its contents are whatever the last user left; callers overwrite it. Only for a
+    ``bitmap`` whose positions :func:`selected_positions` holds.
+
+    Example::
+
+        x = torch.mul(exp_avg, -lr, out=selection_scratch(bitmap, numel, True, exp_avg.numel()))
+    """
+    entries = _SELECTIONS[bitmap]
+    key = ("scratch", numel, invert)
+    cached = entries.get(key)
+    if cached is None or cached[0] != bitmap._version or cached[1].numel() != count:
+        cached = entries[key] = (bitmap._version, _host_float32(count))
+    return cached[1]
+
+
 def holds_selections() -> bool:
     """Whether :func:`selected_positions` keeps positions of any bitmap now (never on CUDA)."""
     return len(_SELECTIONS) > 0
@@ -145,7 +176,7 @@ def release_selections(bitmap: Optional[torch.Tensor]) -> None:
 
 
 def held_selection_nbytes(bitmap: Optional[torch.Tensor]) -> int:
-    """Bytes of the positions kept for ``bitmap`` now (0 once released).
+    """Bytes of the positions and work vectors kept for ``bitmap`` now (0 once released).
 
     Example::
 
@@ -236,14 +267,15 @@ def check_update(op: str, values: torch.Tensor, tensor1, tensor2) -> None:
 
 
 def _update_at_positions_(values: torch.Tensor, positions: torch.Tensor, op: str, tensor1, tensor2,
-                          scalar: float) -> bool:
+                          scalar: float, scratch) -> bool:
     """Run ``op`` of :func:`update_by_bitmap_` on flat ``values`` as one read-modify-write at
     ``positions`` (scatter_reduce_ / scatter_add_ / scatter_), instead of gathering the selected
     values, updating them and scattering them back; whether this form serves ``op``. Only forms
     whose arithmetic is the aten op's own, to the bit: v·s and v·t1 are one product; addcdiv is
     v + (s·t1)/t2 as torch's CPU kernel rounds it in float32 (other dtypes compute in float32
     and round once, which an unfused form would not); add with alpha 1 is v + t1 (torch fuses
-    v + s·t1 for other alphas into one rounding); lerp and addcmul keep the gathered form."""
+    v + s·t1 for other alphas into one rounding); lerp and addcmul keep the gathered form.
+    ``scratch()`` gives the float32 work vector of the selection (:func:`selection_scratch`)."""
     if op == "copy":
         values.scatter_(0, positions, tensor1.to(values.dtype))
         return True
@@ -252,13 +284,13 @@ def _update_at_positions_(values: torch.Tensor, positions: torch.Tensor, op: str
     if op == "mul_scalar":
         # a filled vector, not a stride-0 view of one scalar: scatter_reduce_ reads a contiguous
         # source faster than the fill costs
-        values.scatter_reduce_(0, positions, torch.full(positions.shape, scalar, dtype=values.dtype), "prod")
+        values.scatter_reduce_(0, positions, scratch().fill_(scalar), "prod")
     elif op == "mul":
         values.scatter_reduce_(0, positions, tensor1, "prod")
     elif op == "add" and scalar == 1:
         values.scatter_add_(0, positions, tensor1)
     elif op == "addcdiv":
-        values.scatter_add_(0, positions, torch.mul(tensor1, scalar).div_(tensor2))
+        values.scatter_add_(0, positions, torch.mul(tensor1, scalar, out=scratch()).div_(tensor2))
     else:
         return False
     return True
@@ -277,7 +309,10 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
     if positions is not None:
         if tensor1 is not None:
             _check_positions("update_by_bitmap_", positions, tensor1.numel())
-        if _update_at_positions_(values.view(-1), positions, op, tensor1, tensor2, scalar):
+        def scratch():
+            return selection_scratch(bitmap, values.numel(), invert, positions.numel())
+
+        if _update_at_positions_(values.view(-1), positions, op, tensor1, tensor2, scalar, scratch):
             return values
         flat = values.view(-1).index_select(0, positions)
         UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
