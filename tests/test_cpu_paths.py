@@ -24,6 +24,22 @@ def _layer(mode: str, seed: int = 0, sparsity: float = 0.7) -> nn.Linear:
     return layer
 
 
+def _held_nbytes(weight: rt.ResuTensor) -> int:
+    """Bytes of positions and work vectors held for ``weight``'s own bitmaps. Not the global
+    mask_ops.holds_selections(): another live weight (a step that raised between backward and
+    optimizer.step, kept alive by its traceback) rightly holds its own until its next step."""
+    return mask_ops.held_selection_nbytes(weight.mask_bitmap) + mask_ops.held_selection_nbytes(weight.subset_bitmap)
+
+
+def _bystander_holding_positions() -> nn.Linear:
+    """A layer whose backward ran and whose optimizer step did not (as after a training step that
+    raised in between): it holds positions of its own bitmap while it lives."""
+    layer = _layer("sparse", seed=5)
+    layer(torch.randn(4, 48)).sum().backward()
+    assert _held_nbytes(layer.weight) > 0
+    return layer
+
+
 def _reference_step(weight_before: torch.Tensor, trainable: torch.Tensor, bias: torch.Tensor, x, y, state):
     """One AdamW step of plain PyTorch on the trainable coordinates of a dense weight: the gradient
     of the dense forward, read at those coordinates; ``state``: the flat parameter carried over."""
@@ -218,12 +234,17 @@ def _between_steps(mode: str, step: int, layer: nn.Linear, optimizer) -> bool:
     return False
 
 
+@pytest.mark.parametrize("bystander", [False, True], ids=["alone", "bystander"])
 @pytest.mark.parametrize("mode", MODES)
-def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode):
+def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode, bystander):
     """Steps interleaved with writes outside the optimizer (w.mul_ under no_grad, nn.init) and a
     mask change through rt.prune_ / rt.commit_ + rt.enter_resu_: every step equals plain AdamW on
     the trainable coordinates of the weight as it stood before the step (kept positions must
-    never outlive either kind of change), frozen coordinates bit-identical."""
+    never outlive either kind of change), frozen coordinates bit-identical. ``bystander``: another
+    live layer holds positions of its own throughout (a step of it that never reached the
+    optimizer); they are neither released nor counted by this layer's steps."""
+    other = _bystander_holding_positions() if bystander else None
+    held_by_other = _held_nbytes(other.weight) if bystander else 0
     layer = _layer(mode)
     bias = layer.bias.detach()
     layer.bias.requires_grad_(False)
@@ -240,7 +261,9 @@ def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode)
         before, after, trainable, expected = _step_against_reference(layer, optimizer, bias, state, generator)
         assert torch.equal(_bits(after)[~trainable], _bits(before)[~trainable])
         torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
-        assert not mask_ops.holds_selections()
+        assert _held_nbytes(layer.weight) == 0
+    if bystander:
+        assert _held_nbytes(other.weight) == held_by_other
 
 
 @pytest.mark.parametrize("invert", [False, True])
@@ -301,5 +324,5 @@ def test_work_vector_is_released_by_the_optimizer_step(mode):
             layer.weight.mul_(0.999)
         assert mask_ops.held_selection_nbytes(layer.weight.mask_bitmap) == 12 * layer.weight.trainable_count
         optimizer.step()
-        assert not mask_ops.holds_selections()
+        assert _held_nbytes(layer.weight) == 0
         assert rt.memory_report(layer, optimizer).total.total == settled

@@ -1,5 +1,6 @@
 """CompactTensor: a gradient or optimizer state holding only one trainable set's coordinates."""
 import hashlib
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -63,6 +64,119 @@ class NoDynamoFrames:
     @torch._dynamo.disable
     def __tensor_flatten__(self):
         return super().__tensor_flatten__()
+
+    @classmethod
+    def __metadata_guard__(cls, recorded, now) -> bool:
+        return same_metadata(recorded, now)
+
+
+class LiveKey:
+    """The trainable key of one ResuTensor object, shared with its compile-time fakes.
+
+    A compiled graph rebuilds its subclass outputs from the flatten context recorded when it was
+    traced, so a key written there as a number would label every later gradient with the mask of
+    that first trace. The context holds this cell instead: a gradient (or optimizer state) rebuilt
+    at run time reads the weight's key as it is then, and a new mask of the same weight reuses
+    the graph (the guard compares cells by identity, see :func:`same_metadata`). Eager tensors
+    keep a plain ``int`` key; only trace values carry the cell itself as ``trainable_key``.
+    """
+
+    __slots__ = ("value", "layout", "__weakref__")
+
+    def __init__(self, value, layout=None):
+        self.value = value
+        # the owning weight's graph layout (``ResuTensor.graph_layout``), kept current by the
+        # weight as its fields change; None: owned by no weight. A snapshot rather than a
+        # reference to the weight: torch.utils.swap_tensors (module.to(), ...) refuses tensors
+        # with weak references, and a strong one would keep the weight's storage alive until GC.
+        self.layout = layout
+
+    def __reduce__(self):
+        # AOT autograd's cache pickles graph metadata: a loaded cell is the live one of a weight
+        # that has this key now
+        return live_cell, (self.value,)
+
+    def __eq__(self, other):
+        return key_value(self) == key_value(other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __deepcopy__(self, memo):
+        return self  # Dynamo's guard keeps a deep copy of the context: the same cell, not a new one
+
+    def __copy__(self):
+        return self
+
+    def __format__(self, spec):
+        return format(self.value, spec)
+
+    def __repr__(self):
+        return f"LiveKey({self.value!r})"
+
+
+# key value → weak references to the cells of the weights that have that key now: a CompactTensor
+# (eager, plain int key) enters a graph with the cell of a weight of its own set.
+_CELLS: dict[int, list] = {}
+
+
+def register_cell(cell: LiveKey) -> None:
+    """Record that ``cell``'s weight now has the key ``cell.value``."""
+    records = [r for r in _CELLS.get(cell.value, []) if (c := r()) is not None and c is not cell and c.value == cell.value]
+    _CELLS[cell.value] = [*records, weakref.ref(cell)]
+
+
+def cell_for(key) -> Optional[LiveKey]:
+    """The cell of a live weight whose key is ``key`` now, or None."""
+    for record in reversed(_CELLS.get(key, ())):
+        cell = record()
+        if cell is not None and cell.value == key:
+            return cell
+    _CELLS.pop(key, None)
+    return None
+
+
+def live_cell(key) -> LiveKey:
+    """The cell of a live weight whose key is ``key`` now, else a new cell owned by no weight."""
+    return cell_for(key) or LiveKey(key)
+
+
+def key_value(key):
+    """The number a key stands for (a :class:`LiveKey`'s current value, else ``key``)."""
+    return key.value if isinstance(key, LiveKey) else key
+
+
+def traced_key(key, inner: torch.Tensor):
+    """What a new tensor over ``inner`` keeps as ``trainable_key``: the cell itself while traced
+    (so graph outputs follow the weight), its current value in eager code."""
+    return key if is_traced(inner) else key_value(key)
+
+
+# Context entries that only describe and never shape a traced graph: a compiled graph is reused
+# across their values. The trainable key is a LiveKey (compared by identity, below).
+_UNGUARDED = frozenset(["target_sparsity"])
+
+
+def same_metadata(recorded: dict, now: dict) -> bool:
+    """Dynamo's guard on a subclass's flatten context (``__metadata_guard__``): equal except for
+    unguarded entries, keys compared as cells (same weight object) or, where one side is a plain
+    number (a CompactTensor of an earlier set), by value, so a stale tensor never reuses a graph
+    traced for a live one."""
+    if recorded.keys() != now.keys():
+        return False
+    for name, value in recorded.items():
+        other = now[name]
+        if name in _UNGUARDED:
+            continue
+        if isinstance(value, LiveKey) or isinstance(other, LiveKey):
+            if value is not other:
+                return False
+        elif value != other:
+            return False
+    return True
 
 
 def contiguous_strides(shape) -> tuple:
@@ -141,24 +255,84 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
         if flat.dim() != 1:
             raise ValueError(f"CompactTensor holds a 1-D vector, got shape {tuple(flat.shape)}")
         self.flat = flat
-        self.trainable_key = trainable_key
+        if isinstance(trainable_key, LiveKey):
+            self._cell = trainable_key
+        self.trainable_key = traced_key(trainable_key, flat)
         self.logical_shape = tuple(logical_shape)
         self.transposed = transposed
 
+    # The cell of the weight this tensor was made for (None: made from a plain key, or unpickled).
+    # Two weights with equal trainable sets (a model and its deep copy) share a key value, so the
+    # cell says whose set it is; it is no constructor argument and never pickled.
+    _cell: Optional[LiveKey] = None
+
+    def live_key(self):
+        """This tensor's key as the cell of its weight while that weight still has this set (see
+        :class:`LiveKey`), else the plain key: what a new tensor of the same set should carry.
+
+        Example::
+
+            CompactTensor(flat, g.live_key(), g.logical_shape, g.transposed)
+        """
+        key = self.trainable_key
+        if isinstance(key, LiveKey):
+            return key
+        cell = self._cell
+        if cell is not None and cell.value == key:
+            return cell
+        return cell_for(key) or key
+
+    def relabel_(self, label: "CompactTensor", flat: Optional[torch.Tensor] = None) -> None:
+        """Mark this tensor (its values already written in place, or ``flat``: a new vector of
+        ``label``'s length) as one of ``label``'s trainable set: optimizer state reset or
+        remapped in place keeps its identity, which a compiled ``optimizer.step`` guards.
+
+        Example::
+
+            state.flat.zero_(); state.relabel_(w.compact(torch.empty(w.trainable_count)))
+        """
+        if flat is not None:
+            if flat.dim() != 1 or flat.numel() != label.flat.numel():
+                raise ValueError(f"relabel_: flat must be a 1-D vector of {label.flat.numel()} values, got shape "
+                                 f"{tuple(flat.shape)}")
+            self.flat = flat
+        self.trainable_key = key_value(label.trainable_key)
+        cell = label.live_key()
+        self._cell = cell if isinstance(cell, LiveKey) else None
+
+    @torch._dynamo.disable
+    def __tensor_flatten__(self):
+        names, context = super().__tensor_flatten__()
+        # a live weight of this set: graph outputs made from this tensor follow that weight's
+        # key; none (a tensor of an earlier set): the number itself, guarded by value
+        key = context["trainable_key"] = self.live_key()
+        if isinstance(key, LiveKey):
+            # A compiled optimizer.step guards its parameters by identity only, never by their
+            # layout: a graph traced for a SPARSE weight would then update a RESU one. Its
+            # gradients and state are guarded by this context, so it carries the weight's layout.
+            context["weight_layout"] = getattr(key, "layout", None)  # None: a cell unpickled from an older layout
+        return names, context
+
+    def __getstate__(self) -> dict:
+        # the key as a number, no cell: a loaded tensor finds its weight by key value
+        state = {name: value for name, value in self.__dict__.items() if name != "_cell"}
+        state["trainable_key"] = key_value(self.trainable_key)
+        return state
+
     def with_flat(self, flat: torch.Tensor) -> "CompactTensor":
-        return CompactTensor(flat, self.trainable_key, self.logical_shape, self.transposed)
+        return CompactTensor(flat, self.live_key(), self.logical_shape, self.transposed)
 
     def _stable_hash_for_caching(self) -> str:
         """AOT autograd's cache key of this tensor: trainable set, logical shape, orientation and
         the flat vector's metadata (not its values)."""
-        return stable_hash({"trainable_key": self.trainable_key, "logical_shape": self.logical_shape,
+        return stable_hash({"trainable_key": key_value(self.trainable_key), "logical_shape": self.logical_shape,
                             "transposed": self.transposed, "flat": self.flat}, self.requires_grad)
 
     def __repr__(self) -> str:
         """``CompactTensor(tensor([[...]]), trainable=n, key=...)``: the dense gradient (zero at
         frozen coordinates) formatted as torch formats a plain tensor, where a live weight has
         this trainable set; else (and under torch.compile tracing) shape and dtype instead."""
-        identity = f"trainable={self.flat.numel()}, key={self.trainable_key:#x}"
+        identity = f"trainable={self.flat.numel()}, key={key_value(self.trainable_key):#x}"
         if _unhandled_op is not None and not is_traced(self.flat) and self.flat.device.type != "meta":
             try:
                 # any op without a table entry reads the dense expansion (the dense fallback)

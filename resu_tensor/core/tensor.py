@@ -6,7 +6,8 @@ import torch
 from torchao.utils import TorchAOBaseTensor, _torchao_base_tensor__setstate__
 
 from resu_tensor import kernels
-from resu_tensor.core.compact import CompactTensor, FastPropertyAccess, NoDynamoFrames, contiguous_strides, stable_hash
+from resu_tensor.core.compact import (CompactTensor, FastPropertyAccess, LiveKey, NoDynamoFrames, contiguous_strides,
+                                      key_value, register_cell, stable_hash)
 from resu_tensor.core.mask_encoding import EncodedMask, active_count, decode_mask, encoded_nbytes, prefix_block_size
 from resu_tensor.core import transitions
 from resu_tensor.core.fsdp_extension import FsdpRowSharding
@@ -206,7 +207,6 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         self.trainable_side = trainable_side
         self.n_active = n_active
         self.target_sparsity = target_sparsity
-        self.trainable_key = trainable_key
         defaults = {"transposed": False, "subset_kind": "none", "quant_bits": None, "group_size": None,
                     "selective": None, "nm_pattern": None, "row_keep": None, "view_shape": None}
         for name in self.optional_tensor_data_names:
@@ -215,12 +215,78 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             setattr(self, name, optional.pop(name, default))
         if optional:
             raise TypeError(f"unknown ResuTensor fields: {sorted(optional)}")
+        self._key_cell = None
+        self.trainable_key = trainable_key
         if self.view_shape is not None:
             self.view_shape = tuple(self.view_shape)
         # Set by layout ops on the views they make (w.t()): a view shares the weight's tensors, so
         # a mode change or in-place write on it would not reach the weight and is refused.
         self.layout_view = False
         remember_trainable_set(self)
+
+    @property
+    def trainable_key(self):
+        """Content hash of the trainable set (None without one): an ``int`` in eager code, this
+        weight's :class:`~resu_tensor.core.compact.LiveKey` while traced."""
+        cell = self._key_cell
+        return cell if self._key_traced else cell.value
+
+    @trainable_key.setter
+    def trainable_key(self, key) -> None:
+        if isinstance(key, LiveKey) and is_traced(self.first_inner_tensor()):
+            self._key_cell, self._key_traced = key, True  # a fake of the weight that owns the cell
+            return
+        if getattr(self, "_key_cell", None) is None or self._key_traced:
+            self._key_cell, self._key_traced = LiveKey(key_value(key)), False
+        else:
+            # in place: graphs traced with this weight rebuild their outputs with the new key
+            self._key_cell.value = key_value(key)
+        self._key_cell.layout = self.graph_layout()
+        if self._key_cell.value is not None:
+            register_cell(self._key_cell)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _LAYOUT_FIELDS:
+            cell = self.__dict__.get("_key_cell")
+            if cell is not None and not self.__dict__.get("_key_traced", True):
+                cell.layout = self.graph_layout()  # see LiveKey.layout
+
+    @torch._dynamo.disable
+    def __tensor_flatten__(self):
+        names, context = super().__tensor_flatten__()
+        context["trainable_key"] = self._key_cell
+        return names, context
+
+    def graph_layout(self) -> tuple:
+        """What a compiled graph over this weight depends on: its inner tensors' names and its
+        flatten context but for the trainable key (a live cell) and ``target_sparsity``.
+
+        Example::
+
+            w.graph_layout() == v.graph_layout()  # one compiled graph serves both
+        """
+        # read off __dict__ (what __tensor_flatten__ reports), so that a weight being restored
+        # field by field (unpickling) has a layout at every step
+        fields = self.__dict__
+        return (tuple(name for name in self.optional_tensor_data_names if fields.get(name) is not None),
+                tuple((name, fields.get(name)) for name in _ATTRIBUTE_NAMES))
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        if not self._key_traced and copied._key_cell is self._key_cell:
+            # torch deep-copies __dict__, and a cell deep-copies to itself (Dynamo's guards rely on
+            # that): the copy gets a cell of its own, else a new mask of one would relabel the other
+            copied._key_cell = LiveKey(self._key_cell.value, copied.graph_layout())
+            if copied._key_cell.value is not None:
+                register_cell(copied._key_cell)
+        return copied
+
+    def __getstate__(self) -> dict:
+        # the key as a number: a copy or a loaded weight gets a cell of its own
+        state = {name: value for name, value in self.__dict__.items() if name not in ("_key_cell", "_key_traced")}
+        state["trainable_key"] = self._key_cell.value
+        return state
 
     def fields(self) -> dict:
         """Every constructor argument, by name (see :meth:`replace`)."""
@@ -558,7 +624,9 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         if flat.numel() != self.trainable_count:
             raise ValueError(f"expected {self.trainable_count} trainable values, got {flat.numel()}")
         remember_trainable_set(self)
-        return CompactTensor(flat, self.trainable_key, self.logical_shape, self.transposed)
+        # the cell, not just its value: the tensor belongs to this weight (see CompactTensor._cell)
+        key = self._key_cell if self._key_cell.value is not None else None
+        return CompactTensor(flat, key, self.logical_shape, self.transposed)
 
     def expand_trainable(self, compact: torch.Tensor) -> torch.Tensor:
         """A dense tensor of this tensor's logical shape: ``compact`` at trainable coordinates,
@@ -634,6 +702,11 @@ def _restore_checked(self, state) -> None:
     _torchao_base_tensor__setstate__(self, state)
     check_state(self.fields(), where="ResuTensor (unpickled by torch.load)")
 
+
+# The fields a compiled graph over a weight depends on (what ResuTensor.graph_layout reads).
+_ATTRIBUTE_NAMES = tuple(name for name in (*ResuTensor.tensor_attribute_names, *ResuTensor.optional_tensor_attribute_names)
+                         if name not in ("trainable_key", "target_sparsity"))
+_LAYOUT_FIELDS = frozenset([*_ATTRIBUTE_NAMES, *ResuTensor.optional_tensor_data_names])
 
 # TorchAOBaseTensor.__init_subclass__ installs its own __setstate__ on each subclass: ours goes in after.
 ResuTensor.__setstate__ = _restore_checked

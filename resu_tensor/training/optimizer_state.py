@@ -41,10 +41,73 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, model: Optional[nn.
     sharded = [p for p in params if is_sharded_resu(p)]
     stale = stale_parameters(optimizer, plain) + stale_sharded_parameters(optimizer, sharded)
     for param in stale:
-        del optimizer.state[param]
+        if not (isinstance(param, ResuTensor) and reset_in_place_(optimizer, param)):
+            del optimizer.state[param]
     return len(stale)
 
 
+# Optimizers whose fresh per-parameter state is zero moments and a zero ``step`` tensor, so that
+# zeroing the existing state in place is the same as dropping it. SGD's first momentum step
+# without a buffer is ``buf = grad.clone()``; with a zero buffer it is ``0 * momentum + (1 -
+# dampening) * grad``: the same (bit for bit) only without dampening. Exact types: a subclass
+# may initialise its state otherwise.
+_ZERO_INIT_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def reset_in_place_(optimizer: torch.optim.Optimizer, param: ResuTensor) -> bool:
+    """Reset ``param``'s optimizer state to what a fresh state would be (zero moments, ``step``
+    0) by writing into the existing tensors, relabelled to ``param``'s current trainable set.
+    Returns False, changing nothing, where that cannot equal a fresh state: another optimizer
+    type, SGD with dampening, an entry that is neither a CompactTensor nor a 0-d ``step``
+    tensor, or a state of another logical shape (the caller then drops the state). A new
+    trainable count gets new zero vectors inside the same CompactTensor objects.
+
+    A compiled ``optimizer.step`` guards its state tensors by identity: the same objects reset
+    in place reuse its graph across the scheduler's phase changes.
+
+    Example::
+
+        rt.enter_resu_(model)
+        if not reset_in_place_(optimizer, w): del optimizer.state[w]
+    """
+    if type(optimizer) not in _ZERO_INIT_OPTIMIZERS:
+        return False
+    state = optimizer.state.get(param)
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if not state or group is None or (type(optimizer) is torch.optim.SGD and group.get("dampening", 0) != 0):
+        return False
+    count = param.trainable_count
+    label = param.compact(torch.empty(count, device="meta"))
+    for key, value in state.items():
+        if isinstance(value, CompactTensor):
+            if tuple(value.logical_shape) != tuple(label.logical_shape) or value.transposed != label.transposed:
+                return False
+        elif not (key == "step" and isinstance(value, torch.Tensor) and value.dim() == 0):
+            return False
+    for value in state.values():
+        if isinstance(value, CompactTensor):
+            if value.flat.numel() == count:
+                value.flat.zero_()
+                value.relabel_(label)
+            else:
+                # another count (SPARSE ↔ RESU at a sparsity other than 0.5, a new sparsity): a
+                # new vector inside the same object, so the step's identity guard still holds
+                value.relabel_(label, torch.zeros(count, dtype=value.flat.dtype, device=value.flat.device))
+        else:
+            value.zero_()
+    return True
+
+
+def same_layout(value: CompactTensor, label: CompactTensor) -> bool:
+    """Whether ``value`` can hold ``label``'s trainable set in place: as many values, the same
+    logical shape and orientation."""
+    return (value.flat.numel() == label.flat.numel() and tuple(value.logical_shape) == tuple(label.logical_shape)
+            and value.transposed == label.transposed)
+
+
+# Run, not traced, inside a compiled optimizer.step (its pre-hook checks for stale state): traced,
+# each state tensor's key would be a guarded constant, and every relabelled state a recompile.
+@torch._dynamo.disable
 def stale_parameters(optimizer: torch.optim.Optimizer, params: Optional[list] = None) -> list[ResuTensor]:
     """ResuTensor parameters (of ``params``, default: all of ``optimizer``'s) whose optimizer
     state belongs to another trainable set."""
@@ -116,7 +179,15 @@ def remap_optimizer_state_(optimizer: torch.optim.Optimizer, param: ResuTensor,
         if value.flat.numel() != old_count:
             raise ValueError(f"remap_optimizer_state_: state {key!r} holds {value.flat.numel()} values but the old "
                              f"trainable set has {old_count}; pass the trainable_flat() taken before the change")
-        state[key] = remapped_compact(value, param, old_trainable_flat, new_flat)
+        remapped_value = remapped_compact(value, param, old_trainable_flat, new_flat)
+        # the same object (a compiled optimizer step guards its state by identity)
+        if same_layout(value, remapped_value):
+            value.flat.copy_(remapped_value.flat)
+            value.relabel_(remapped_value)
+        elif value.logical_shape == remapped_value.logical_shape and value.transposed == remapped_value.transposed:
+            value.relabel_(remapped_value, remapped_value.flat)
+        else:
+            state[key] = remapped_value
         remapped += 1
     return remapped
 
