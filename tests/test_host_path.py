@@ -84,15 +84,11 @@ def test_grouped_adam_reference_equals_one_call_per_weight(decoupled):
     sizes, step_values = [37, 5, 64, 64, 11], [4.0, 4.0, 9.0, 4.0, 9.0]  # two groups by step, and mixed dtypes
     dtypes = [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32]
 
-    def make():
-        torch.manual_seed(0)
-        return ([torch.randn(n, generator=generator).to(d) for n, d in zip(sizes, dtypes)],
-                [torch.randn(n, generator=generator) for n in sizes],
-                [torch.randn(n, generator=generator) * 0.1 for n in sizes],
-                [torch.rand(n, generator=generator) * 0.01 for n in sizes],
-                [torch.tensor(s) for s in step_values])
-
-    params, grads, exp_avgs, exp_avg_sqs, steps = make()
+    params = [torch.randn(n, generator=generator).to(d) for n, d in zip(sizes, dtypes)]
+    grads = [torch.randn(n, generator=generator) for n in sizes]
+    exp_avgs = [torch.randn(n, generator=generator) * 0.1 for n in sizes]
+    exp_avg_sqs = [torch.rand(n, generator=generator) * 0.01 for n in sizes]
+    steps = [torch.tensor(s) for s in step_values]
     hyper = (1e-2, 0.9, 0.999, 0.1, 1e-8, decoupled, False)
     reference = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
     for p, g, m, v, s in zip(*reference[:1], grads, *reference[1:], steps):
@@ -125,6 +121,7 @@ def test_foreach_adam_by_bitmap_moves_only_selected_elements():
 
 
 def _compact_pair():
+    """A RESU weight and a random gradient of its trainable set."""
     model = _model("resu")
     w = model[0].weight
     g = w.compact(torch.randn(w.trainable_count))
