@@ -205,6 +205,7 @@ def stable_hash(fields: dict, requires_grad: bool) -> str:
     return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
 
+_NO_FUNCTIONS: dict = {}
 _PROPERTY_ACCESS = type(torch.Tensor.grad.__get__)  # what __torch_function__ gets for .grad, .shape, ...
 _DATA_SETTER = torch.Tensor.data.__set__
 # Functions that only read the wrapper's dtype (the optimizers' per-parameter checks call them).
@@ -225,9 +226,19 @@ class FastPropertyAccess:
         if (type(func) is _PROPERTY_ACCESS and func != _DATA_SETTER) or func in _DTYPE_QUERIES:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
-        if _unhandled_function is not None and func not in cls._TORCH_FN_TABLE.get(cls, ()):
+        handler = getattr(cls, "_TORCH_FN_TABLE", _NO_FUNCTIONS).get(cls, _NO_FUNCTIONS).get(func)
+        if handler is not None:  # what torchao's __torch_function__ would call, after its own lookups
+            return handler(func, types, args, kwargs or {})
+        if _unhandled_function is not None:
             return _unhandled_function(func, types, args, kwargs or {})
         return super().__torch_function__(func, types, args, kwargs)
+
+
+# logical shape (a tuple of ints) → (torch.Size, row-major strides) of the wrapper: a gradient and
+# its optimizer state are wrapped several times per weight per step, always at the same few shapes.
+# Bounded, should shapes be many (e.g. per-sample tensors): beyond it the layout is computed per call.
+_WRAPPER_LAYOUTS: dict = {}
+_MAX_WRAPPER_LAYOUTS = 4096
 
 
 class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
@@ -246,9 +257,18 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     def __new__(cls, flat: torch.Tensor, trainable_key: int, logical_shape, transposed: bool = False):
-        shape = torch.Size(logical_shape)
+        try:
+            layout = _WRAPPER_LAYOUTS.get(logical_shape)
+            cacheable = True
+        except TypeError:  # a list, or traced sizes (SymInts do not hash)
+            layout, cacheable = None, False
+        if layout is None:
+            shape = torch.Size(logical_shape)
+            layout = (shape, contiguous_strides(shape))
+            if cacheable and len(_WRAPPER_LAYOUTS) < _MAX_WRAPPER_LAYOUTS:
+                _WRAPPER_LAYOUTS[logical_shape] = layout
         return torch.Tensor._make_wrapper_subclass(
-            cls, shape, strides=contiguous_strides(shape), dtype=flat.dtype, device=flat.device, requires_grad=False
+            cls, layout[0], strides=layout[1], dtype=flat.dtype, device=flat.device, requires_grad=False
         )
 
     def __init__(self, flat: torch.Tensor, trainable_key: int, logical_shape, transposed: bool = False):

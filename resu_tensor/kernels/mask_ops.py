@@ -133,6 +133,10 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
     entries = _SELECTIONS.get(bitmap)
     if entries is None:
         entries = _SELECTIONS[bitmap] = {}
+    else:
+        cached = entries.get((numel, invert))
+        if cached is not None and cached[0] == bitmap._version:
+            return cached[1]
     cached = entries.get((numel, invert))
     if cached is None or cached[0] != bitmap._version:
         positions = _decoded_positions(bitmap, numel, invert)
@@ -252,10 +256,13 @@ UPDATE_OPS = {
 def check_update(op: str, values: torch.Tensor, tensor1, tensor2) -> None:
     """ValueError unless ``op`` is known and gets exactly its compact operands, of one length
     (and for lerp of ``values``' dtype, as torch.lerp requires)."""
-    if op not in UPDATE_OPS:
+    form = UPDATE_OPS.get(op)
+    if form is None:
         raise ValueError(f"update_by_bitmap_: unknown op {op!r}, expected one of {sorted(UPDATE_OPS)}")
+    if form[0] == 0 and tensor1 is None and tensor2 is None:
+        return  # mul_scalar: nothing more to check
     given = [t for t in (tensor1, tensor2) if t is not None]
-    if len(given) != UPDATE_OPS[op][0] or (tensor1 is None and tensor2 is not None):
+    if len(given) != form[0] or (tensor1 is None and tensor2 is not None):
         raise ValueError(f"update_by_bitmap_: op {op!r} takes {UPDATE_OPS[op][0]} compact tensor(s) "
                          f"(tensor1, tensor2), got {len(given)}")
     if len({t.numel() for t in given}) > 1:
@@ -279,7 +286,8 @@ def _update_at_positions_(values: torch.Tensor, positions: torch.Tensor, op: str
     if op == "copy":
         values.scatter_(0, positions, tensor1.to(values.dtype))
         return True
-    if values.dtype != torch.float32 or any(t is not None and t.dtype != torch.float32 for t in (tensor1, tensor2)):
+    if (values.dtype != torch.float32 or (tensor1 is not None and tensor1.dtype != torch.float32)
+            or (tensor2 is not None and tensor2.dtype != torch.float32)):
         return False
     if op == "mul_scalar":
         # a filled vector, not a stride-0 view of one scalar: scatter_reduce_ reads a contiguous
@@ -305,18 +313,20 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
     "addcmul" v + s·t1·t2, "addcdiv" v + s·t1/t2, "lerp" v + s·(t1 − v) (torch.lerp with a
     scalar weight), "copy" t1. Every other element stays untouched. Returns ``values``."""
     check_update(op, values, tensor1, tensor2)
-    positions = selected_positions(bitmap, values.numel(), invert)
+    numel = values.numel()
+    positions = selected_positions(bitmap, numel, invert)
     if positions is not None:
         if tensor1 is not None:
             _check_positions("update_by_bitmap_", positions, tensor1.numel())
         def scratch():
-            return selection_scratch(bitmap, values.numel(), invert, positions.numel())
+            return selection_scratch(bitmap, numel, invert, positions.numel())
 
-        if _update_at_positions_(values.view(-1), positions, op, tensor1, tensor2, scalar, scratch):
+        flat_values = values.view(-1)
+        if _update_at_positions_(flat_values, positions, op, tensor1, tensor2, scalar, scratch):
             return values
-        flat = values.view(-1).index_select(0, positions)
+        flat = flat_values.index_select(0, positions)
         UPDATE_OPS[op][1](flat, tensor1, tensor2, scalar)
-        values.view(-1).scatter_(0, positions, flat)
+        flat_values.scatter_(0, positions, flat)
         return values
     selected = _bitmap_selection(bitmap, values.numel(), invert)
     flat = values.reshape(-1)[selected]

@@ -56,8 +56,44 @@ def foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tens
     belongs to weight j), with shared hyperparameters."""
     lists = (values, bitmaps, block_prefixes, block_sizes, inverts, grads, exp_avgs, exp_avg_sqs, steps)
     check_foreach_lengths("foreach_adam_by_bitmap_", lists)
-    for weight in zip(*lists):
-        adam_by_bitmap_(*weight, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
+    flats = [gather_by_bitmap(v, bitmap, prefix, block_size, invert, g.numel())
+             for v, bitmap, prefix, block_size, invert, g in zip(values, bitmaps, block_prefixes, block_sizes, inverts, grads)]
+    flats = _adam_math_grouped_(flats, grads, exp_avgs, exp_avg_sqs, steps,
+                                (lr, beta1, beta2, weight_decay, eps, decoupled, maximize))
+    for v, bitmap, prefix, block_size, invert, flat in zip(values, bitmaps, block_prefixes, block_sizes, inverts, flats):
+        scatter_by_bitmap_(v, bitmap, prefix, block_size, invert, flat)
+
+
+def _adam_math_grouped_(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                        exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], hyper: tuple) -> List[torch.Tensor]:
+    """:func:`adam_math_` on each (param, grad, exp_avg, exp_avg_sq, step) of flat tensors; the
+    moments are updated in place, the new params are returned (views of a concatenation where
+    grouped). Entries with the same dtypes, device, lengths and step value take one call on
+    their concatenation: the step is element-wise, so each element is computed exactly as a call
+    per entry would, with one set of small ops for the group instead of one per weight."""
+    groups = {}
+    for j, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        if not p.numel() == g.numel() == m.numel() == v.numel():
+            groups[("alone", j)] = [j]  # adam_math_ raises its own error
+            continue
+        key = (p.dtype, g.dtype, m.dtype, v.dtype, step.dtype, p.device, g.device, m.device, v.device, float(step))
+        groups.setdefault(key, []).append(j)
+    new_params = list(params)
+    for members in groups.values():
+        if len(members) == 1:
+            j = members[0]
+            adam_math_(params[j], grads[j], exp_avgs[j], exp_avg_sqs[j], steps[j], *hyper)
+            continue
+        p, g, m, v = (torch.cat([t[j] for j in members]) for t in (params, grads, exp_avgs, exp_avg_sqs))
+        adam_math_(p, g, m, v, steps[members[0]], *hyper)
+        start = 0
+        for j in members:
+            end = start + params[j].numel()
+            new_params[j] = p[start:end]
+            exp_avgs[j].copy_(m[start:end])
+            exp_avg_sqs[j].copy_(v[start:end])
+            start = end
+    return new_params
 
 
 @kernel_op
@@ -70,7 +106,11 @@ def foreach_adam_flat_(params: List[torch.Tensor], grads: List[torch.Tensor], ex
     check_foreach_lengths("foreach_adam_flat_", lists)
     for j, (p, g, m, v, step) in enumerate(zip(*lists)):
         check_flat_lengths(j, p, g, m, v)
-        adam_math_(p, g, m, v, step, lr, beta1, beta2, weight_decay, eps, decoupled, maximize)
+    new_params = _adam_math_grouped_(params, grads, exp_avgs, exp_avg_sqs, steps,
+                                     (lr, beta1, beta2, weight_decay, eps, decoupled, maximize))
+    for p, new in zip(params, new_params):
+        if new is not p:
+            p.copy_(new)
 
 
 def check_flat_lengths(j: int, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,

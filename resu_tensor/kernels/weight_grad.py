@@ -26,5 +26,7 @@ def compact_weight_grad_bitmap(a: torch.Tensor, b: torch.Tensor, bitmap: torch.T
                                block_size: int, invert: bool, count: int, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`compact_weight_grad` with the trainable set given as a packed bitmap: its set bits
     (clear bits if ``invert``, e.g. the pruned set of a mask bitmap), ``count`` of them."""
-    dense = (a.t() @ b).to(out_dtype)
+    dense = a.t() @ b
+    if dense.dtype != out_dtype:
+        dense = dense.to(out_dtype)
     return mask_ops.gather_by_bitmap(dense, bitmap, block_prefix, block_size, invert, count)

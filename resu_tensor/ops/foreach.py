@@ -15,7 +15,8 @@ from torch.utils import _foreach_utils
 from resu_tensor import kernels
 from resu_tensor.core.compact import CompactTensor
 from resu_tensor.ops.fallback import dense_view
-from resu_tensor.ops.trainable import _named_arguments, _Operands, _is_inplace, bitmap_update_args, write_back
+from resu_tensor.ops.trainable import (BITMAP_UPDATES, _named_arguments, _Operands, _is_inplace, bitmap_update_args,
+                                       write_back)
 from resu_tensor.core.tensor import ResuTensor
 
 aten = torch.ops.aten
@@ -66,9 +67,82 @@ def _wrap(how, out):
     return out if how is None or how is _OWN_CALL or how is _DENSE else how.wrap(out)
 
 
+_GENERAL = object()
+_UNSEEN = object()
+
+
+def _flat_lists_call(func, args, kwargs, inplace: bool):
+    """The common optimizer calls in one pass over the lists, or _GENERAL where the general path
+    of :func:`foreach_op` is needed. Served: every list position holds plain tensors only, or
+    CompactTensors of one trainable set only (their ``flat`` vectors go into the one shared call),
+    or, for an in-place op with a one-pass bitmap form, a ResuTensor target with CompactTensors of
+    its trainable set (all such weights take kernels.foreach_update_by_bitmap_ first, as in the
+    general path). Any other mix (stale state, plain tensors next to a weight, other subclasses,
+    a QRESU target) goes to the general path, which serves it or raises."""
+    n, kinds = -1, None  # per position: None (plain), its first CompactTensor, or the ResuTensor target
+    call_args = list(args)
+    for i, a in enumerate(args):
+        if not isinstance(a, (list, tuple)) or not a or not isinstance(a[0], torch.Tensor):
+            continue
+        if kinds is None:
+            n, kinds = len(a), [_UNSEEN] * len(a)
+        elif len(a) != n:
+            return _GENERAL
+        flat = []
+        for j, t in enumerate(a):
+            kind, cls = kinds[j], type(t)
+            if cls is CompactTensor:
+                if kind is _UNSEEN:
+                    kinds[j] = t
+                elif kind is None or t.trainable_key != kind.trainable_key or t.transposed != kind.transposed:
+                    return _GENERAL
+                flat.append(t.flat)
+            elif cls is torch.Tensor or cls is torch.nn.Parameter:
+                if kind is not _UNSEEN and kind is not None:
+                    return _GENERAL
+                kinds[j] = None
+                flat.append(t)
+            elif cls is ResuTensor and i == 0 and inplace and func in BITMAP_UPDATES:
+                kinds[j] = t
+                flat.append(t)
+            else:
+                return _GENERAL
+        call_args[i] = flat
+    if kinds is None:
+        return _GENERAL
+    targets = [j for j in range(n) if type(kinds[j]) is ResuTensor]
+    if targets:
+        named = _named_arguments(func, args, kwargs)
+        updates = {}
+        for j in targets:
+            update = bitmap_update_args(func, _compact_flat, _position(named, j, n))
+            if update is None:
+                return _GENERAL
+            updates.setdefault(update[5], {})[j] = update  # by op: mul_ may hold mul and mul_scalar
+        for op, by_position in updates.items():
+            update_columns = [list(c) for c in zip(*by_position.values())]
+            kernels.foreach_update_by_bitmap_(*update_columns[:5], op, *update_columns[6:])
+        rest = [j for j in range(n) if kinds[j] is None or type(kinds[j]) is CompactTensor]
+        if not rest:
+            return None
+        call_args = [[a[j] for j in rest] if isinstance(a, (list, tuple)) and len(a) == n else a for a in call_args]
+    out = func(*call_args, **kwargs)
+    if inplace:
+        return None
+    return [o if kind is None or o.dim() != 1 or o.numel() != kind.flat.numel() else kind.with_flat(o)
+            for kind, o in zip(kinds, out)]
+
+
+def _compact_flat(t: CompactTensor) -> torch.Tensor:
+    return t.flat
+
+
 def foreach_op(func, types, args, kwargs):
     kwargs = kwargs or {}
     inplace = _is_inplace(func)
+    fast = _flat_lists_call(func, args, kwargs, inplace)
+    if fast is not _GENERAL:
+        return fast
     n = len(next(a for a in args if _is_tensor_list(a)))
     per_position = [i for i, a in enumerate(args) if isinstance(a, (list, tuple)) and len(a) == n]  # incl. ScalarLists
     tensor_lists = [i for i in per_position if _is_tensor_list(args[i])]
@@ -82,7 +156,7 @@ def foreach_op(func, types, args, kwargs):
         named = _named_arguments(func, args, kwargs)
         for j, target in enumerate(args[0]):
             if isinstance(target, ResuTensor) and isinstance(flattening[j], _Operands):
-                update = bitmap_update_args(func, flattening[j], _position(named, j, n))
+                update = bitmap_update_args(func, flattening[j].flat, _position(named, j, n))
                 if update is not None:
                     updates.setdefault(update[5], {})[j] = update  # by op: mul_ may hold mul and mul_scalar
         for op, by_position in updates.items():

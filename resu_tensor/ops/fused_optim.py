@@ -19,6 +19,8 @@ from resu_tensor.core.tensor import ResuTensor
 
 aten = torch.ops.aten
 FUSED_ADAM_OPS = [getattr(op, overload) for op in (aten._fused_adam_, aten._fused_adamw_) for overload in op.overloads()]
+# the AdamW overloads (decoupled weight decay), found once: a schema is rebuilt on every access
+_FUSED_ADAMW_OPS = frozenset(getattr(aten._fused_adamw_, overload) for overload in aten._fused_adamw_.overloads())
 
 
 def _one_pass_variant(kwargs) -> bool:
@@ -41,7 +43,7 @@ def fused_adam(func, types, args, kwargs):
     kwargs = dict(kwargs or {})
     params, grads, exp_avgs, exp_avg_sqs, _, state_steps = args[:6]
     one_pass = _one_pass_variant(kwargs)
-    decoupled = func._schema.name == "aten::_fused_adamw_"
+    decoupled = func in _FUSED_ADAMW_OPS
     hyper = (kwargs["lr"], kwargs["beta1"], kwargs["beta2"], kwargs["weight_decay"], kwargs["eps"], decoupled,
              kwargs.get("maximize", False))
     rest, bitmap_weights, flat_weights = [], [], []

@@ -121,8 +121,14 @@ class _Operands:
         return out
 
 
+_INPLACE = {}  # op → whether it writes its first argument (the schema is rebuilt per access)
+
+
 def _is_inplace(func) -> bool:
-    return func._schema.name.endswith("_")
+    inplace = _INPLACE.get(func)
+    if inplace is None:
+        inplace = _INPLACE[func] = func._schema.name.endswith("_")
+    return inplace
 
 
 def _has_compact(args, kwargs) -> bool:
@@ -248,12 +254,12 @@ def _named_arguments(func, args, kwargs) -> dict:
     return named
 
 
-def bitmap_update_args(func, operands: _Operands, named: dict) -> Optional[tuple]:
+def bitmap_update_args(func, flat_of, named: dict) -> Optional[tuple]:
     """The arguments of one kernels.update_by_bitmap_ pass that runs in-place op ``func`` (for a
     _foreach_ op: one list position's arguments; ``named``: by schema name), when its target is a dense-stored ResuTensor
-    whose trainable set is a bitmap, its other tensors are CompactTensors (``operands`` has checked
-    they share the target's trainable set) and its scalar a number; else None, and the caller runs
-    gather → op → scatter."""
+    whose trainable set is a bitmap, its other tensors are CompactTensors (the caller has checked
+    they share the target's trainable set; ``flat_of`` gives their flat vectors) and its scalar a
+    number; else None, and the caller runs gather → op → scatter."""
     form = BITMAP_UPDATES.get(func)
     if form is None:
         return None
@@ -271,14 +277,14 @@ def bitmap_update_args(func, operands: _Operands, named: dict) -> Optional[tuple
     bits = target.bitmap_kernels_for(target.values)
     if bits is None:
         return None
-    flats = [operands.flat(t) for t in tensors] + [None] * (2 - len(tensors))
+    flats = [flat_of(t) for t in tensors] + [None] * (2 - len(tensors))
     return (target.values, *bits[:4], op, *flats, float(scalar))
 
 
 def bitmap_update_(func, operands: _Operands, args, kwargs) -> bool:
     """Run in-place op ``func`` as one kernels.update_by_bitmap_ pass if :func:`bitmap_update_args`
     allows; whether it did."""
-    update = bitmap_update_args(func, operands, _named_arguments(func, args, kwargs))
+    update = bitmap_update_args(func, operands.flat, _named_arguments(func, args, kwargs))
     if update is not None:
         kernels.update_by_bitmap_(*update)
     return update is not None

@@ -69,12 +69,13 @@ def resolve_weight_operands(func, args, kwargs):
     target = args[0]
     if isinstance(target, (list, tuple)):
         n = len(target)
-        if not any(isinstance(t, ResuTensor) for t in target):
+        weights = [j for j, t in enumerate(target) if isinstance(t, ResuTensor)]
+        if not weights:
             return args, kwargs
         resolved = list(args)
         for i, column in enumerate(args[1:], start=1):
             if isinstance(column, (list, tuple)) and len(column) == n and any(
-                    isinstance(t, ResuTensor) and _is_whole_weight(func, a, t) for t, a in zip(target, column)):
+                    _is_whole_weight(func, column[j], target[j]) for j in weights):
                 resolved[i] = [as_target_compact(func, a, t) if isinstance(t, ResuTensor) and _is_whole_weight(func, a, t)
                                else a for t, a in zip(target, column)]
         return tuple(resolved), kwargs
