@@ -5,7 +5,8 @@ optimizer-state reset after it, all of which a :class:`~resu_tensor.training.sch
 makes mid-run) gives the weights and the optimizer new tensors, so replaying a graph recorded
 before it would read freed memory and write into it. :class:`CudaGraphStep` checks before every
 replay that the model's parameters and buffers, each ResuTensor's tensors and the optimizer's
-state are the very objects it recorded, and records again when they are not.
+state (and the vectors inside its compact tensors) are the very objects it recorded, and records
+again when they are not.
 """
 import operator
 from typing import Callable
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.tensor import ResuTensor
 
 
@@ -68,7 +70,11 @@ class CudaGraphStep:
             objects.append(p)
             if isinstance(p, ResuTensor):
                 objects.extend(getattr(p, name) for name in p.optional_tensor_data_names)
-            objects.extend(v for v in self.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor))
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor):
+                    objects.append(value)
+                if isinstance(value, CompactTensor):  # a state reset may give it a new vector in place
+                    objects.append(value.flat)
         return objects
 
     def __call__(self):
