@@ -326,6 +326,10 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
         # a live weight of this set: graph outputs made from this tensor follow that weight's
         # key; none (a tensor of an earlier set): the number itself, guarded by value
         key = context["trainable_key"] = self.live_key()
+        if torch.compiler.is_compiling():
+            # the trainable count is a size, a symbol rather than a constant of a compiled graph
+            # (gradients and state reach a compiled step as parameter attributes, static unless marked)
+            torch._dynamo.maybe_mark_dynamic(self.flat, 0)
         if isinstance(key, LiveKey):
             # A compiled optimizer.step guards its parameters by identity only, never by their
             # layout: a graph traced for a SPARSE weight would then update a RESU one. Its

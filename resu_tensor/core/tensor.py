@@ -15,7 +15,7 @@ from resu_tensor.core.mode import Mode
 from resu_tensor.core.qresu import effective_weight as qresu_effective_weight
 from resu_tensor.core.state import (SUPPORTED_DTYPES, TRAINABLE_SIDES, QuantizedActive, build_state, check_state,
                                     upgrade_legacy_fields)
-from resu_tensor.core.tracing import is_traced
+from resu_tensor.core.tracing import is_trace_value, is_traced
 from resu_tensor.kernels.mask_ops import held_selection_nbytes
 from resu_tensor.method.pruning import check_sparsity
 from resu_tensor.method.selective import SelectiveConfig
@@ -49,6 +49,12 @@ def trainable_flat_of(side: str, mask: EncodedMask, subset: EncodedMask, storage
 
 
 _MASK_PARTS = ("bitmap", "block_prefix", "indices")
+
+# The inner-tensor name under which a weight's trainable count reaches compiled graphs.
+_COUNT_CARRIER = "trainable_count_carrier"
+# The fields that define the trainable set, hence its count.
+_TRAINABLE_FIELDS = frozenset(["trainable_side", "n_active", "mask_kind", "subset_kind",
+                               *(f"{prefix}_{part}" for prefix in ("mask", "subset") for part in _MASK_PARTS)])
 
 
 class _TrainableSet:
@@ -256,7 +262,47 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
     def __tensor_flatten__(self):
         names, context = super().__tensor_flatten__()
         context["trainable_key"] = self._key_cell
+        if self.trainable_side != "all":
+            # The trainable count travels as the length of an inner tensor, not as a context int:
+            # a compiled graph sees it as a size (a symbol, see _CARRIER_SOURCE) instead of a
+            # constant it would have to guard on or, unguarded, bake in.
+            names.append(_COUNT_CARRIER)
+            if self.trainable_side in ("active", "pruned"):
+                context["n_active"] = None  # follows from the count (__tensor_unflatten__)
         return names, context
+
+    @classmethod
+    @torch._dynamo.disable
+    def __tensor_unflatten__(cls, tensor_data_dict, tensor_attributes, outer_size, outer_stride):
+        carrier = tensor_data_dict.get(_COUNT_CARRIER)
+        if carrier is not None:
+            tensor_data_dict = {name: t for name, t in tensor_data_dict.items() if name != _COUNT_CARRIER}
+            count, side = carrier.shape[0], tensor_attributes["trainable_side"]
+            if side in ("active", "pruned"):
+                rows, cols = tensor_attributes["storage_shape"]
+                tensor_attributes = {**tensor_attributes, "n_active": count if side == "active" else rows * cols - count}
+        tensor = super().__tensor_unflatten__(tensor_data_dict, tensor_attributes, outer_size, outer_stride)
+        if carrier is not None:
+            tensor.__dict__["_carrier"] = carrier
+        return tensor
+
+    @property
+    def trainable_count_carrier(self) -> torch.Tensor:
+        """A tensor of length :attr:`trainable_count` over one byte of storage (stride 0): how the
+        count enters a compiled graph (see ``__tensor_flatten__``).
+
+        Example::
+
+            w.trainable_count_carrier.shape[0] == w.trainable_count
+        """
+        carrier = self.__dict__.get("_carrier")
+        if carrier is not None and (is_trace_value(carrier) or (carrier.shape[0] == self.trainable_count
+                                                                and carrier.device == self.device_of_storage)):
+            return carrier
+        # from an inner tensor: a trace value's carrier (a weight made inside a compiled function) is one too
+        carrier = self.first_inner_tensor().new_zeros((1,), dtype=torch.uint8).expand(self.trainable_count)
+        self.__dict__["_carrier"] = carrier
+        return carrier
 
     def graph_layout(self) -> tuple:
         """What a compiled graph over this weight depends on: its inner tensors' names and its
@@ -284,7 +330,8 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
     def __getstate__(self) -> dict:
         # the key as a number: a copy or a loaded weight gets a cell of its own
-        state = {name: value for name, value in self.__dict__.items() if name not in ("_key_cell", "_key_traced")}
+        state = {name: value for name, value in self.__dict__.items()
+                 if name not in ("_key_cell", "_key_traced", "_carrier")}
         state["trainable_key"] = self._key_cell.value
         return state
 
@@ -295,11 +342,22 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
     def replace(self, **changes) -> "ResuTensor":
         """A new ResuTensor with the same fields except ``changes`` (tensors are shared, not copied)."""
-        return ResuTensor(**{**self.fields(), **changes})
+        replaced = ResuTensor(**{**self.fields(), **changes})
+        carrier = self.__dict__.get("_carrier")
+        if (carrier is not None and is_trace_value(carrier) and _TRAINABLE_FIELDS.isdisjoint(changes)
+                and carrier.device == replaced.device_of_storage):
+            # same trainable set: the trace's count symbol carries over (a carrier made later, at
+            # flattening, would be made outside the trace's modes)
+            replaced.__dict__["_carrier"] = carrier
+        return replaced
 
     def _apply_fn_to_data(self, fn):
-        return self.replace(**{n: fn(getattr(self, n)) for n in self.optional_tensor_data_names
-                               if getattr(self, n) is not None})
+        applied = self.replace(**{n: fn(getattr(self, n)) for n in self.optional_tensor_data_names
+                                  if getattr(self, n) is not None})
+        carrier = self.__dict__.get("_carrier")
+        if carrier is not None and is_trace_value(carrier):
+            applied.__dict__["_carrier"] = fn(carrier)  # as in replace: made inside the trace
+        return applied
 
     def first_inner_tensor(self) -> torch.Tensor:
         """One of the inner tensors (every mode has at least one): its device is the weight's, and
@@ -453,6 +511,9 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
 
     @property
     def trainable_count(self) -> int:
+        carrier = self.__dict__.get("_carrier")
+        if carrier is not None and is_trace_value(carrier):
+            return carrier.shape[0]  # a symbol: never the count this graph was first traced with
         if self.trainable_side == "subset":
             return self._subset_count()
         numel = self.storage_numel
@@ -683,9 +744,11 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
         """``ResuTensor(tensor([[...]]), mode=..., ...)``: W_eff formatted as torch formats a plain
         tensor (summarised when large), then this weight's identity. Under torch.compile tracing
         there are no values to show: shape and dtype take their place."""
-        identity = (f"mode={self.mode_name}, sparsity={self.sparsity:.4f}, mask={self.mask_kind}, "
-                    f"trainable={self.trainable_side}{', transposed' if self.transposed else ''}")
         storage = self.first_inner_tensor()
+        # a trace value's sparsity is symbolic (see __tensor_flatten__): no number to show
+        sparsity = "" if is_trace_value(storage) else f"sparsity={self.sparsity:.4f}, "
+        identity = (f"mode={self.mode_name}, {sparsity}mask={self.mask_kind}, "
+                    f"trainable={self.trainable_side}{', transposed' if self.transposed else ''}")
         if is_traced(storage) or storage.device.type == "meta":
             return f"ResuTensor(shape={tuple(self.shape)}, dtype={self.dtype}, {identity})"
         with torch.no_grad():
@@ -703,12 +766,22 @@ def _restore_checked(self, state) -> None:
     check_state(self.fields(), where="ResuTensor (unpickled by torch.load)")
 
 
-# The fields a compiled graph over a weight depends on (what ResuTensor.graph_layout reads).
+# The fields a compiled graph over a weight depends on (what ResuTensor.graph_layout reads); the
+# active count is a size (see ResuTensor.__tensor_flatten__), not part of the layout; where it is
+# not (a subset's), the weight's own flatten context still holds and guards it.
 _ATTRIBUTE_NAMES = tuple(name for name in (*ResuTensor.tensor_attribute_names, *ResuTensor.optional_tensor_attribute_names)
-                         if name not in ("trainable_key", "target_sparsity"))
+                         if name not in ("trainable_key", "target_sparsity", "n_active"))
 _LAYOUT_FIELDS = frozenset([*_ATTRIBUTE_NAMES, *ResuTensor.optional_tensor_data_names])
 
 # TorchAOBaseTensor.__init_subclass__ installs its own __setstate__ on each subclass: ours goes in after.
 ResuTensor.__setstate__ = _restore_checked
 # A ResuTensor's pickled state holds its SelectiveConfig; torch.load(weights_only=True) must accept it.
 torch.serialization.add_safe_globals([SelectiveConfig])
+
+# Dynamo keeps a parameter's sizes static (config.force_parameter_static_shapes), inner tensors
+# included; the count carrier alone is exempt, so that a new count reuses a graph traced with a
+# symbol for it. The pattern names no other tensor.
+_CARRIER_SOURCE = rf".*\.{_COUNT_CARRIER}"
+if _CARRIER_SOURCE not in torch.compiler.config.dynamic_sources.split(","):
+    torch.compiler.config.dynamic_sources = ",".join(filter(None, [torch.compiler.config.dynamic_sources,
+                                                                    _CARRIER_SOURCE]))
