@@ -65,6 +65,11 @@ ABLATION_OPTIONS = {
     "resu_cycles_5_finetune_0.4_fraction_0.2": dict(cycles=5, final_finetune_fraction=0.4, resu_fraction=0.2),
     "resu_cycles_5_finetune_0.4_epsilon_0.01": dict(cycles=5, final_finetune_fraction=0.4, epsilon=0.01),
     "resu_cycles_8_finetune_0.4": dict(cycles=8, final_finetune_fraction=0.4),
+    "resu_cycles_5_finetune_0.4_beats_weakest": dict(cycles=5, final_finetune_fraction=0.4,
+                                                     commit_admit="beats_weakest"),
+    # the pair that did best in the MiniLM recovery
+    "resu_cycles_5_finetune_0.4_train_active_beats_weakest": dict(cycles=5, final_finetune_fraction=0.4,
+                                                                  freeze_active=False, commit_admit="beats_weakest"),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
