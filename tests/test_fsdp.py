@@ -90,6 +90,12 @@ def compare(model, reference) -> dict:
             "masks_equal_across_ranks": all(d == everyone[0] for d in everyone)}
 
 
+def packed_decisions(model):
+    """Whether each sharded weight is all-gathered packed (core/fsdp_extension.py)."""
+    return [model[i].weight._local_tensor.packs_all_gather(model[i].weight.device_mesh, model[i].weight.shape)
+            for i in resu_layers(model)]
+
+
 def shards(model):
     return [model[i].weight._local_tensor for i in resu_layers(model)]
 
@@ -149,6 +155,7 @@ def run_mode(rank, scenario_seed, prepare, make_optimizer=adamw, clip: float = 0
     state_numel = sum(optimizer.state[model[i].weight][state_name]._local_tensor.flat.numel()
                       for i in resu_layers(model))
     return {**compare(model, reference), "kinds": kinds, "rows": rows, "frozen_kept": frozen_kept,
+            "packed": packed_decisions(model),
             "grad_kinds": grad_kinds, "modes": [t.mode.value for t in shards(model)],
             "state_numel": state_numel, "trainable": sum(t.trainable_count for t in shards(model))}
 
@@ -216,12 +223,14 @@ def scenario_manual_mode_changes(rank):
     rt.enter_resu_(model, generator=torch.Generator().manual_seed(3), optimizer=optimizer, **options)
     rt.enter_resu_(reference, generator=torch.Generator().manual_seed(3), optimizer=reference_optimizer, **options)
     modes = [t.mode.value for t in shards(model)]
+    packed = packed_decisions(model)
     steps(3, 7)
     commit = dict(strategy="amnesty", sparsity=0.5, score="gradient", r_start=0.5, r_end=0.5)
     stats = rt.commit_(model, optimizer=optimizer, **commit)
     reference_stats = rt.commit_(reference, optimizer=reference_optimizer, **commit)
     steps(2, 8)
     return {**compare(model, reference), "rows": rows, "state_remapped": state_remapped, "modes": modes,
+            "packed": packed,
             "stats": {k: v.resurrected_kept for k, v in stats.items()},
             "reference_stats": {k: v.resurrected_kept for k, v in reference_stats.items()}}
 
@@ -320,6 +329,54 @@ def scenario_scheduler_wanda(rank):
     calibration = [global_batch(step, scenario_seed=16)[0] for step in range(2)]
     return run_scheduler(rank, 17, steps=10, num_cycles=1, calibration=calibration, prune_method="wanda",
                          commit_score="wanda")
+
+
+def packed_bytes(rows: int, cols: int, bits: int, group_size: int, theta_capacity: int, theta_bytes: int) -> int:
+    """Bytes one rank sends per all-gather of a packed QRESU shard of ``rows`` × ``cols``: codes,
+    float32 scales and offsets per row and group, the mask bitmap, θ padded to ``theta_capacity``."""
+    groups = -(-cols // group_size)
+    codes = rows * (-(-cols // 2) if bits == 4 else cols)
+    return codes + 2 * 4 * rows * groups + -(-rows * cols // 8) + theta_capacity * theta_bytes
+
+
+def scenario_packed_gather(rank):
+    """Each QRESU shard's packed all-gather inputs against the dense path's: their bytes, and the
+    weight fsdp_post_all_gather rebuilds against the dense gathered W_eff (bit for bit)."""
+    model = make_model(sparsity=0.5)
+    rt.enter_resu_(model, epsilon=0.5, quantize_bits=4, group_size=8, generator=torch.Generator().manual_seed(0))
+    shard_model(model)
+    mesh = model[0].weight.device_mesh
+    measured = []
+    for i in resu_layers(model):
+        t, full_shape = model[i].weight._local_tensor, model[i].weight.shape
+        packed, metadata = t.fsdp_pre_all_gather(mesh, full_shape, None, None, None)
+        t.packs_all_gather = lambda *args: False  # the dense path, for comparison
+        try:
+            dense, dense_metadata = t.fsdp_pre_all_gather(mesh, full_shape, None, None, None)
+        finally:
+            del t.packs_all_gather
+
+        def gathered(inputs):
+            outputs = []
+            for x in inputs:
+                parts = [torch.empty_like(x) for _ in range(WORLD)]
+                dist.all_gather(parts, x.contiguous())
+                outputs.append(torch.cat(parts))
+            return outputs
+
+        rebuilt, _ = t.fsdp_post_all_gather(gathered(packed), metadata, t.compute_dtype)
+        dense_weight, _ = t.fsdp_post_all_gather(gathered(dense), dense_metadata, t.compute_dtype)
+        lengths = metadata[1]
+        measured.append({
+            "packed_bytes": sum(x.numel() * x.element_size() for x in packed),
+            "dense_bytes": sum(x.numel() * x.element_size() for x in dense),
+            "formula": packed_bytes(t.shape[0], t.shape[1], 4, 8, max(lengths), t.theta.element_size()),
+            "dense_formula": t.shape[0] * t.shape[1] * torch.empty(0, dtype=t.compute_dtype).element_size(),
+            "lengths": lengths, "theta": t.theta.numel(),
+            "bit_identical": torch.equal(rebuilt, dense_weight),
+            "equals_reference": torch.equal(rebuilt, rtf.full_tensor(model[i].weight).dequantize()),
+        })
+    return measured
 
 
 def scenario_errors(rank):
@@ -425,6 +482,25 @@ def test_scheduler_mode_changes_keep_masks_identical_on_every_rank(ranks, scenar
         assert all(equal for _, _, equal in result["trace"]), "the ranks gathered different masks"
         assert result["resurrected"] == result["reference_resurrected"] and all(r > 0 for r in result["resurrected"])
         assert_matches_reference(result)
+
+
+def test_qresu_all_gathers_packed_and_rebuilds_the_dense_weight(ranks):
+    for rank, measured in enumerate(results(ranks, "packed_gather")):
+        for layer in measured:
+            assert layer["bit_identical"] and layer["equals_reference"]
+            assert layer["theta"] == layer["lengths"][rank] and len(layer["lengths"]) == WORLD
+            assert layer["packed_bytes"] == layer["formula"]
+            assert layer["dense_bytes"] == layer["dense_formula"]
+            assert layer["packed_bytes"] < layer["dense_bytes"]
+
+
+def test_packed_path_is_the_one_fsdp_takes_in_qresu(ranks):
+    """scenario_qresu's shards (even splits) were gathered packed, those of the 7-row layer (uneven)
+    dense; the manual mode changes went from dense to packed inputs and back."""
+    for result in results(ranks, "qresu"):
+        assert result["packed"] == [True, True]
+    for result in results(ranks, "manual_mode_changes"):
+        assert result["packed"] == [True, False]
 
 
 def test_unsupported_features_raise_and_change_nothing(ranks):

@@ -4,6 +4,18 @@
   W_eff = M⊙W + (1−M)⊙Φ(θ) (dequantized in QRESU) in the parameter dtype; the all-gather output
   *is* the unsharded weight, a plain dense tensor, so forward and backward run dense
   ``F.linear``, exactly like a plain FSDP2 weight, and FSDP reduce-scatters a dense gradient.
+* **QRESU all-gathers packed.** A QRESU weight whose rows split evenly over the ranks (not
+  transposed, one mesh dimension) sends its shard's codes, group scales and offsets, mask bitmap
+  and θ instead; ``fsdp_post_all_gather`` rebuilds W_eff from them with the kernel the unsharded
+  weight uses, so the gathered weight is bit-identical to the dense path's. FSDP2 gathers equal
+  chunks per rank, so θ is zero-padded to the longest shard θ. The ranks agree on every shard's θ
+  length by one all-gather of lengths the first time a shard's θ is seen (a new θ tensor arrives
+  with every mode change or state load, on every rank together), never per step; the bound
+  rows × cols would gather as many θ entries as dense values. Uneven splits stay dense: FSDP2
+  requires every input of the short rank's padded shard to have the padded shard's shape.
+* **Layout changes.** FSDP2 sizes its all-gather buffers at the first all-gather; a mode change
+  changes the inputs (packed or dense, another θ length), so ``rt.prune_`` / ``enter_resu_`` /
+  ``commit_`` (training/sharded.py's ``full_weights``) call :func:`reset_gather_layout_`.
 * **Gradients.** A post-accumulate-grad hook (FSDP calls it right after the reduce-scatter)
   replaces the shard's dense gradient by its CompactTensor over the shard's trainable coordinates,
   so optimizer state stays compact and frozen coordinates never move (weight decay included).
@@ -12,9 +24,16 @@
 import weakref
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
+from torch.utils.weak import WeakIdKeyDictionary
 
+from resu_tensor.core import qresu
 from resu_tensor.core.compact import CompactTensor
+from resu_tensor.core.mode import Mode
+
+# shard -> (weak reference to the θ tensor the lengths were agreed for, every rank's θ length)
+_THETA_LENGTHS = WeakIdKeyDictionary()
 
 _HOOKED = "_resu_fsdp_grad_hook"
 
@@ -28,13 +47,19 @@ class FsdpRowSharding:
     """Mixin of ResuTensor: FSDP2's all-gather extension for a weight sharded by storage rows."""
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        """The shard's effective weight in the parameter dtype and its logical layout, padded to
-        FSDP's padded shard rows (an N-D conv weight: out-channels; a transposed (in, out) weight
-        is sharded on dim 1, its storage rows, which FSDP requires even: no padding)."""
+        """The shard's all-gather inputs: packed (codes, scales, offsets, mask bitmap, padded θ) for
+        a QRESU weight split evenly over the ranks, else its effective weight in the parameter dtype
+        and its logical layout, padded to FSDP's padded shard rows (an N-D conv weight:
+        out-channels; a transposed (in, out) weight is sharded on dim 1, its storage rows, which FSDP
+        requires even: no padding)."""
         _register_grad_hook(module)
-        weight = self.storage_weight()
         dtype = getattr(mp_policy, "param_dtype", None) or self.compute_dtype
-        weight = weight.to(dtype)
+        if self.packs_all_gather(mesh, outer_size):
+            lengths = _agreed_theta_lengths(self, mesh)
+            rows, cols = self.storage_shape
+            return qresu.gather_inputs(self, max(lengths)), (
+                "packed", lengths, rows, cols, self.quant_bits, self.group_size, self.compute_dtype, dtype)
+        weight = self.storage_weight().to(dtype)
         if self.transposed:
             return (weight.t().contiguous(),), None
         padded, _ = rows_per_rank(outer_size[0], mesh.size())
@@ -44,14 +69,79 @@ class FsdpRowSharding:
             weight = weight.view(padded, *self.view_shape[1:])
         return (weight.contiguous(),), None
 
+    def packs_all_gather(self, mesh, outer_size) -> bool:
+        """Whether FSDP all-gathers this shard packed: QRESU, rows split evenly over a 1-D shard
+        mesh, storage rows on dim 0. Every input is global (the mode is the layer's), so every rank
+        decides alike."""
+        return (self.mode_name == Mode.QRESU.value and not self.transposed and mesh.ndim == 1
+                and outer_size[0] % mesh.size() == 0)
+
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
-        """The all-gather output is the unsharded dense W_eff (FSDP cuts the padding rows off; for a
-        transposed weight it has already concatenated the shards along dim 1)."""
-        (weight,) = all_gather_outputs
+        """The unsharded dense W_eff. Dense path: the all-gather output itself (FSDP cuts the padding
+        rows off; for a transposed weight it has already concatenated the shards along dim 1).
+        Packed path: rebuilt from the gathered codes, scales, mask and θ, written into ``out``
+        (the unsharded weight of the first all-gather) on later iterations."""
+        if metadata is None:
+            (weight,) = all_gather_outputs
+            if out is not None:
+                # Later iterations: FSDP re-allocated the all-gather output that `out` is a view of.
+                return None
+            return weight, ()
+        _, lengths, rows, cols, bits, group_size, compute_dtype, dtype = metadata
+        weight = qresu.effective_weight_from_gathered(all_gather_outputs, lengths, rows, cols, bits, group_size,
+                                                      compute_dtype).to(dtype)
+        if self.view_shape is not None:
+            weight = weight.view(-1, *self.view_shape[1:])
         if out is not None:
-            # Later iterations: FSDP re-allocated the all-gather output that `out` is a view of.
+            # FSDP re-allocated `out`'s storage (the inner tensor returned below); the forward graph
+            # may hold `out` for backward, so the refill must not bump its version.
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
+                out.copy_(weight.view(out.shape))
             return None
-        return weight, ()
+        return weight, (weight,)
+
+
+def _agreed_theta_lengths(shard, mesh) -> list[int]:
+    """Every rank's θ length for this shard's layer, all-gathered once per θ tensor (mode changes
+    and state loads replace θ on every rank together; optimizer steps update it in place)."""
+    record = _THETA_LENGTHS.get(shard)
+    if record is not None and record[0]() is shard.theta:
+        return record[1]
+    length = torch.tensor([shard.theta.numel()], dtype=torch.int64, device=shard.theta.device)
+    parts = [torch.empty_like(length) for _ in range(mesh.size())]
+    dist.all_gather(parts, length, group=mesh.get_group())
+    lengths = [int(p.item()) for p in parts]
+    _THETA_LENGTHS[shard] = (weakref.ref(shard.theta), lengths)
+    return lengths
+
+
+def reset_gather_layout_(model, param) -> None:
+    """Make FSDP2 size its all-gather buffers and unsharded weight of the sharded ResuTensor
+    ``param`` again at its next all-gather, after a state change that may change the inputs
+    (dense or packed, θ length). FSDP internals; a no-op where FSDP holds no record of ``param``.
+
+    Example::
+
+        reset_gather_layout_(model, model[0].weight)      # after writing a new mode into the shard
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                if fsdp_param.sharded_param is param:
+                    fsdp_param.all_gather_outputs = []
+                    fsdp_param._unsharded_inner_tensors = []
+                    if hasattr(fsdp_param, "_unsharded_param"):
+                        del fsdp_param._unsharded_param
+                    return
 
 
 # ---------------------------------------------------------------------------------------- gradients

@@ -68,3 +68,49 @@ def effective_weight(tensor) -> torch.Tensor:
     dense = quant.dequantize_active(tensor.qdata, tensor.qscale, tensor.qoffset, tensor.quant_bits, tensor.group_size,
                                     cols, tensor.compute_dtype, keep)
     return kernels.scatter_trainable_(dense, ~keep.view(-1), tensor.theta)
+
+
+def gather_inputs(tensor, theta_capacity: int) -> tuple:
+    """A QRESU row shard as the packed all-gather inputs of FSDP2: (codes, scales, offsets, mask
+    bitmap of the shard's rows (any mask encoding), θ zero-padded to ``theta_capacity``).
+
+    Example::
+
+        codes, scales, offsets, bitmap, theta = gather_inputs(shard, shard.theta.numel() + 3)
+    """
+    bitmap = tensor.mask_bitmap if tensor.mask_kind == "bitmap" else kernels.pack_bitmap(
+        tensor.storage_mask().reshape(-1))
+    theta = tensor.theta
+    if theta.numel() < theta_capacity:
+        theta = torch.cat([theta, theta.new_zeros(theta_capacity - theta.numel())])
+    return (tensor.qdata.contiguous(), tensor.qscale.contiguous(), tensor.qoffset.contiguous(), bitmap.contiguous(),
+            theta.contiguous())
+
+
+def effective_weight_from_gathered(gathered: tuple, theta_lengths: list[int], rows_per_rank: int, cols: int,
+                                   bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense W_eff (world · rows_per_rank, cols) in ``dtype`` from the all-gathered outputs of
+    :func:`gather_inputs` (each input's per-rank chunks stacked along dim 0; ``theta_lengths``: each
+    rank's θ length before padding): the kernel the unsharded weight uses, on the whole layer's
+    codes, scales, mask and θ, so the result equals the rows of each shard's own W_eff bit for bit.
+
+    Example::
+
+        inputs = [gather_inputs(shard, capacity) for shard in shards]       # one per rank
+        gathered = [torch.cat(parts) for parts in zip(*inputs)]
+        w = effective_weight_from_gathered(gathered, [s.theta.numel() for s in shards], rows, cols, 4, 128,
+                                           torch.bfloat16)
+    """
+    qdata, qscale, qoffset, bitmaps, thetas = gathered
+    world = len(theta_lengths)
+    rows, shard_numel = world * rows_per_rank, rows_per_rank * cols
+    # each rank's bits start on a byte: unpack per rank, then pack the whole layer's mask
+    keep = kernels.unpack_bitmap(bitmaps.reshape(-1), bitmaps.numel() * 8).view(world, -1)[:, :shard_numel]
+    keep = keep.reshape(-1)
+    thetas = thetas.reshape(world, -1)
+    theta = torch.cat([thetas[r, :n] for r, n in enumerate(theta_lengths)])
+    block = prefix_block_size(cols)
+    return kernels.qresu_effective_weight(qdata.reshape(rows, -1), qscale.reshape(rows, -1),
+                                          qoffset.reshape(rows, -1), bits, group_size, cols, dtype,
+                                          kernels.pack_bitmap(keep), kernels.block_prefix_counts(keep, block),
+                                          block, theta)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from resu_tensor.core.fsdp_extension import is_sharded_resu, rows_per_rank
+from resu_tensor.core.fsdp_extension import is_sharded_resu, reset_gather_layout_, rows_per_rank
 from resu_tensor.core.row_blocks import assign_state_, from_row_fields, row_attributes, row_fields, slice_rows
 from resu_tensor.core.tensor import ResuTensor
 from resu_tensor.method.selective import SelectiveConfig, StaticSubsetConfig
@@ -203,6 +203,7 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
         shard = entry.shard
         old_key, old_flat = shard.trainable_key, shard.trainable_flat() if optimizers else None
         assign_state_(shard, new_shard)
+        reset_gather_layout_(model, entry.param)  # the all-gather inputs follow the new mode
         if shard.trainable_key != old_key:
             entry.param.grad = None
             for o in optimizers if keep_state else ():  # state of coordinates that stay trainable
@@ -250,6 +251,7 @@ def replace_shards_with_plain_(model: nn.Module, entries: list[ShardedWeight], l
         entry.param.grad = None
         entry.param._local_tensor = local.contiguous()
         record.reset_sharded_param()  # FSDP re-pads the shard and keeps its flat data, as after load_state_dict
+        reset_gather_layout_(model, entry.param)  # a plain all-gather from now on
 
 
 def check_gatherable_options(options: dict, probe_fn=None) -> None:
