@@ -124,6 +124,24 @@ def reset_gather_layout_(model, param) -> None:
 
         reset_gather_layout_(model, model[0].weight)      # after writing a new mode into the shard
     """
+    fsdp_param = fsdp_param_of(model, param)
+    if fsdp_param is None:
+        return
+    fsdp_param.all_gather_outputs = []
+    fsdp_param._unsharded_inner_tensors = []
+    if hasattr(fsdp_param, "_unsharded_param"):
+        del fsdp_param._unsharded_param
+
+
+def fsdp_param_of(model, param):
+    """FSDP's record (``FSDPParam``) of the sharded parameter ``param``, None where FSDP holds
+    none (FSDP internals: the per-module state's parameter group(s), named differently across
+    torch versions).
+
+    Example::
+
+        record = fsdp_param_of(model, model[0].weight)   # record.sharded_param is model[0].weight
+    """
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():
@@ -137,11 +155,8 @@ def reset_gather_layout_(model, param) -> None:
         for group in groups:
             for fsdp_param in group.fsdp_params:
                 if fsdp_param.sharded_param is param:
-                    fsdp_param.all_gather_outputs = []
-                    fsdp_param._unsharded_inner_tensors = []
-                    if hasattr(fsdp_param, "_unsharded_param"):
-                        del fsdp_param._unsharded_param
-                    return
+                    return fsdp_param
+    return None
 
 
 # ---------------------------------------------------------------------------------------- gradients

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from resu_tensor.core.fsdp_extension import is_sharded_resu, reset_gather_layout_, rows_per_rank
+from resu_tensor.core.fsdp_extension import fsdp_param_of, is_sharded_resu, reset_gather_layout_, rows_per_rank
 from resu_tensor.core.row_blocks import assign_state_, from_row_fields, row_attributes, row_fields, slice_rows
 from resu_tensor.core.tensor import ResuTensor
 from resu_tensor.method.selective import SelectiveConfig, StaticSubsetConfig
@@ -214,20 +214,9 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
 
 def _fsdp_param_of(model: nn.Module, param: DTensor):
     """FSDP's record (``FSDPParam``) of the sharded parameter ``param`` (FSDP internals)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if not isinstance(module, FSDPModule):
-            continue
-        state = module._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:
-            group = getattr(state, "_fsdp_param_group", None)
-            groups = [group] if group is not None else []
-        for group in groups:
-            for fsdp_param in group.fsdp_params:
-                if fsdp_param.sharded_param is param:
-                    return fsdp_param
+    record = fsdp_param_of(model, param)
+    if record is not None:
+        return record
     raise RuntimeError("to_dense_: found no FSDP record of a sharded ResuTensor parameter (is the model fully_shard-ed "
                        "by this torch version's FSDP2?)")
 
