@@ -234,6 +234,33 @@ def test_data_assignment_reencodes_under_the_same_mask_per_mode():
     assert resu.mode == rt.Mode.SPARSE and torch.equal(resu.dequantize(), other.dequantize())
 
 
+def test_data_assignment_on_compact_grad_and_state_shares_or_raises():
+    model = nn.Sequential(nn.Linear(16, 8))
+    quantize_(model, rt.resu_config(sparsity=0.5))
+    weight = model[0].weight
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 16)).pow(2).sum().backward()
+    optimizer.step()
+    grad, exp_avg, exp_avg_sq = weight.grad, optimizer.state[weight]["exp_avg"], optimizer.state[weight]["exp_avg_sq"]
+
+    exp_avg.data = exp_avg_sq  # same trainable set: shares its values, as `.data =` shares storage
+    assert exp_avg.flat is exp_avg_sq.flat and exp_avg.trainable_key == weight.trainable_key
+
+    before = grad.flat.clone()
+    with pytest.raises(TypeError, match=r"`\.data =` on a CompactTensor.*got Tensor.*gather_trainable"):
+        grad.data = torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"another layout: dtype torch\.float64"):
+        grad.data = grad.with_flat(grad.flat.double())
+    other = rt.ResuTensor.from_dense(torch.randn(8, 16), 0.25)
+    with pytest.raises(ValueError, match="another layout: trainable_key"):
+        grad.data = other.compact(torch.randn(other.trainable_count))
+    assert torch.equal(grad.flat, before)  # refused assignments leave the values as they were
+
+    dense = torch.randn(8, 16)
+    grad.copy_(weight.compact(weight.gather_trainable(dense)))  # the dense route the error names
+    assert torch.equal(weight.expand_trainable(grad), dense * weight.mask())
+
+
 def test_vector_to_parameters_writes_resu_weights():
     model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
     quantize_(model, rt.resu_config(sparsity=0.0))

@@ -343,6 +343,30 @@ class CompactTensor(NoDynamoFrames, TorchAOBaseTensor):
         state["trainable_key"] = key_value(self.trainable_key)
         return state
 
+    # ``.data =``: with torch functions disabled, torch's own setter would change only the
+    # wrapper's metadata and leave ``flat`` as it was; a Python property takes the assignment.
+    @property
+    def data(self) -> torch.Tensor:
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, value) -> None:
+        """``grad.data = other`` / ``state.data = other``: ``other`` must be a CompactTensor of
+        the same trainable set, logical shape, orientation, dtype and device; this tensor then
+        shares its values (as ``.data =`` shares storage). A dense tensor cannot say which
+        coordinates it holds: ``t.copy_(weight.compact(weight.gather_trainable(dense)))`` writes one."""
+        if not isinstance(value, CompactTensor):
+            raise TypeError(f"`.data =` on a CompactTensor (a compact gradient or optimizer state) needs a "
+                            f"CompactTensor of the same trainable set, got {type(value).__name__}; to write a dense "
+                            f"tensor t of the weight's shape: compact.copy_(weight.compact(weight.gather_trainable(t)))")
+        mismatch = [f"{name} {theirs!r} (this tensor: {ours!r})" for name, ours, theirs in (
+            ("trainable_key", key_value(self.trainable_key), key_value(value.trainable_key)),
+            ("logical_shape", self.logical_shape, value.logical_shape), ("transposed", self.transposed, value.transposed),
+            ("dtype", self.dtype, value.dtype), ("device", self.device, value.device)) if ours != theirs]
+        if mismatch:
+            raise ValueError("`.data =` on a CompactTensor got one of another layout: " + ", ".join(mismatch))
+        self.flat = value.flat
+
     def with_flat(self, flat: torch.Tensor) -> "CompactTensor":
         return CompactTensor(flat, self.live_key(), self.logical_shape, self.transposed)
 
