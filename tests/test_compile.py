@@ -388,18 +388,20 @@ def test_recompiles_only_when_mode_changes(device):
     assert_schedule_matches(model, eager, device)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cubic"])
-def test_ten_cycle_schedule_compiles_a_handful_of_graphs(schedule):
+@pytest.mark.parametrize("schedule,quantize_bits", [("constant", None), ("cubic", None), ("cubic", 4)])
+def test_ten_cycle_schedule_compiles_a_handful_of_graphs(schedule, quantize_bits):
     """Ten ResuScheduler cycles of a fullgraph model and a compiled SGD step under the default
     recompile_limit (8): no FailOnRecompileLimitHit, no eager fallback, the same weights as
     eager. Constant sparsity: one model graph per mode and no graph at all after the second
     cycle's first step (the step's state is reset in place). Cubic (how many coordinates train
     changes every cycle): the same, the count being a symbolic size of the weight's count carrier
-    and of the gradients' and state's flat vectors rather than a constant of the graph."""
+    and of the gradients' and state's flat vectors rather than a constant of the graph; with
+    QRESU phases (4-bit) also of θ's length."""
     assert torch._dynamo.config.recompile_limit == 8
+    quantized = {} if quantize_bits is None else {"quantize_bits": quantize_bits, "group_size": 8}
     config = rt.ScheduleConfig(steps_per_cycle=6, num_cycles=10, sparsity=0.5, stabilize_fraction=0.2,
                                resu_fraction=0.5, commit_strategy="amnesty", sparsity_schedule=schedule,
-                               progress=False)
+                               progress=False, **quantized)
     model, eager, records = run_compiled_schedule(config)
     keys = {keys for _, keys, _, _ in records}
     model_frames = sum(r[2] for r in records)

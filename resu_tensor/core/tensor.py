@@ -50,8 +50,12 @@ def trainable_flat_of(side: str, mask: EncodedMask, subset: EncodedMask, storage
 
 _MASK_PARTS = ("bitmap", "block_prefix", "indices")
 
-# The inner-tensor name under which a weight's trainable count reaches compiled graphs.
+# The inner-tensor names under which a weight's trainable count reaches compiled graphs: the count
+# carrier's length, and the vectors of one value per pruned or trainable coordinate (QRESU's θ,
+# RESU-Selective's EMAs, gradient-score sums) under names of their own.
 _COUNT_CARRIER = "trainable_count_carrier"
+_COUNT_SIZED = {name: f"trainable_count_sized_{name}" for name in ("theta", "selective_m", "selective_v", "grad_abs_sum")}
+_FIELD_OF_COUNT_SIZED = {inner: name for name, inner in _COUNT_SIZED.items()}
 # The fields that define the trainable set, hence its count.
 _TRAINABLE_FIELDS = frozenset(["trainable_side", "n_active", "mask_kind", "subset_kind",
                                *(f"{prefix}_{part}" for prefix in ("mask", "subset") for part in _MASK_PARTS)])
@@ -269,7 +273,9 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             names.append(_COUNT_CARRIER)
             if self.trainable_side in ("active", "pruned"):
                 context["n_active"] = None  # follows from the count (__tensor_unflatten__)
-        return names, context
+        # inner tensors of one value per pruned or trainable coordinate go under names whose
+        # lengths are symbols too (_COUNT_SIZED_SOURCE); every other one has the weight's shape
+        return [_COUNT_SIZED.get(name, name) for name in names], context
 
     @classmethod
     @torch._dynamo.disable
@@ -281,6 +287,7 @@ class ResuTensor(FastPropertyAccess, NoDynamoFrames, FsdpRowSharding, TorchAOBas
             if side in ("active", "pruned"):
                 rows, cols = tensor_attributes["storage_shape"]
                 tensor_attributes = {**tensor_attributes, "n_active": count if side == "active" else rows * cols - count}
+        tensor_data_dict = {_FIELD_OF_COUNT_SIZED.get(name, name): t for name, t in tensor_data_dict.items()}
         tensor = super().__tensor_unflatten__(tensor_data_dict, tensor_attributes, outer_size, outer_stride)
         if carrier is not None:
             tensor.__dict__["_carrier"] = carrier
@@ -778,10 +785,15 @@ ResuTensor.__setstate__ = _restore_checked
 # A ResuTensor's pickled state holds its SelectiveConfig; torch.load(weights_only=True) must accept it.
 torch.serialization.add_safe_globals([SelectiveConfig])
 
+for _name, _inner in _COUNT_SIZED.items():  # what a compiled graph reads under the inner names
+    setattr(ResuTensor, _inner, property(lambda self, name=_name: getattr(self, name)))
+
 # Dynamo keeps a parameter's sizes static (config.force_parameter_static_shapes), inner tensors
-# included; the count carrier alone is exempt, so that a new count reuses a graph traced with a
-# symbol for it. The pattern names no other tensor.
+# included; the count carrier and the count-sized vectors (under their inner-tensor names) are
+# exempt, so that a new count reuses a graph traced with a symbol for it. The patterns name no
+# other tensor.
 _CARRIER_SOURCE = rf".*\.{_COUNT_CARRIER}"
-if _CARRIER_SOURCE not in torch.compiler.config.dynamic_sources.split(","):
-    torch.compiler.config.dynamic_sources = ",".join(filter(None, [torch.compiler.config.dynamic_sources,
-                                                                    _CARRIER_SOURCE]))
+_COUNT_SIZED_SOURCE = r".*\.trainable_count_sized_\w+"
+for _source in (_CARRIER_SOURCE, _COUNT_SIZED_SOURCE):
+    if _source not in torch.compiler.config.dynamic_sources.split(","):
+        torch.compiler.config.dynamic_sources = ",".join(filter(None, [torch.compiler.config.dynamic_sources, _source]))
