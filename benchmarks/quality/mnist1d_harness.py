@@ -70,6 +70,11 @@ ABLATION_OPTIONS = {
     # the pair that did best in the MiniLM recovery
     "resu_cycles_5_finetune_0.4_train_active_beats_weakest": dict(cycles=5, final_finetune_fraction=0.4,
                                                                   freeze_active=False, commit_admit="beats_weakest"),
+    # ... and with twice the cycles: a prune, RESU phase and capped commit every 120 steps
+    "resu_cycles_10_finetune_0.4": dict(cycles=10, final_finetune_fraction=0.4),
+    "resu_cycles_10_finetune_0.4_train_active": dict(cycles=10, final_finetune_fraction=0.4, freeze_active=False),
+    "resu_cycles_10_finetune_0.4_train_active_beats_weakest": dict(cycles=10, final_finetune_fraction=0.4,
+                                                                   freeze_active=False, commit_admit="beats_weakest"),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),

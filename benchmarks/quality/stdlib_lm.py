@@ -3,16 +3,17 @@ source of the Python standard library this interpreter runs on. Every method tra
 from the same initial weights on the same batches; only its sparsity schedule differs.
 
     python -m benchmarks.quality.stdlib_lm [--device cuda] [--methods resu gmp ...] [--sparsities 0.5 0.7 0.9]
-                                           [--seeds 0 1 2] [--steps N] [--jobs J] [--out PATH]
+                                           [--seeds 0 1 2] [--steps N] [--jobs J] [--size small] [--out PATH]
 
 * Text: every ``.py`` file under ``sysconfig.get_paths()["stdlib"]`` (test packages and
   site-packages left out), read as bytes. A file is held out for validation when
   crc32(relative path) % 10 == 0, so no validation text comes from a file seen in training. The
   corpus depends on the Python version; its sizes are recorded in the JSON.
-* Model: byte-level (vocabulary 256) decoder: token + position embeddings, ``LAYERS`` pre-norm
-  blocks (causal self-attention through ``F.scaled_dot_product_attention``, a 4× GELU MLP), a final
-  LayerNorm and an output projection. The blocks' nn.Linear weights (attention in/out, MLP up/down)
-  become ResuTensors; embeddings, norms and the output projection stay dense.
+* Model: byte-level (vocabulary 256) decoder: token + position embeddings, pre-norm blocks
+  (``SIZES``: 4 of width 256, context 256; causal self-attention through
+  ``F.scaled_dot_product_attention``, a 4× GELU MLP), a final LayerNorm and an output
+  projection. The blocks' nn.Linear weights (attention in/out, MLP up/down) become ResuTensors;
+  embeddings, norms and the output projection stay dense.
 * Training: AdamW (lr ``LR``, weight decay 0.1 on matrices), one cosine learning-rate decay with a
   short warm-up over the whole run whatever the method does, bf16 autocast on CUDA.
 * Metric: validation perplexity (exp of the mean next-byte cross entropy, nats) on ``EVAL_BATCHES``
@@ -36,16 +37,37 @@ from torch import nn
 
 import resu_tensor as rt
 
-VOCAB, CONTEXT, WIDTH, LAYERS, HEADS = 256, 256, 256, 4, 4
-LR, WARMUP_FRACTION, BATCH_SIZE, STEPS, EVAL_BATCHES = 2e-3, 0.02, 32, 2000, 32
+VOCAB = 256
+LR, WARMUP_FRACTION, STEPS, EVAL_BATCHES = 2e-3, 0.02, 2000, 32
+# model and batch sizes: ``default`` is the task (run on a GPU); ``small`` is a CPU-sized stand-in
+# for trying recipe changes (about a minute and a half per 800-step run on one core), not the task
+SIZES = {
+    "default": dict(context=256, width=256, layers=4, heads=4, batch_size=32),
+    "small": dict(context=128, width=128, layers=2, heads=4, batch_size=16),
+}
 HELD_OUT_MODULUS = 10
 METHODS = ("one_shot", "gmp", "rigl", "set", "resu")
+# RESU with one or more settings changed from the library's defaults (``--methods`` takes these
+# names too): the ablation of this task.
+RESU_VARIANTS = {
+    "resu_train_active": dict(freeze_active=False),
+    "resu_beats_weakest": dict(commit_admit="beats_weakest"),
+    "resu_train_active_beats_weakest": dict(freeze_active=False, commit_admit="beats_weakest"),
+    "resu_cycles_10": dict(num_cycles=10),
+    "resu_train_active_cycles_10": dict(freeze_active=False, num_cycles=10),
+    "resu_train_active_beats_weakest_cycles_10": dict(freeze_active=False, commit_admit="beats_weakest",
+                                                      num_cycles=10),
+    "resu_train_active_beats_weakest_fraction_0.2": dict(freeze_active=False, commit_admit="beats_weakest",
+                                                         resu_fraction=0.2),
+}
 
 
 def make_schedule(method: str, total_steps: int, sparsity: float, seed: int) -> rt.ScheduleConfig:
     """The library's defaults for ``method`` over the run's step budget (RigL with a random initial
     mask, as in its paper)."""
-    options = {"prune_method": "random"} if method == "rigl" else {}
+    options = {"prune_method": "random"} if method == "rigl" else dict(RESU_VARIANTS.get(method, {}))
+    if method in RESU_VARIANTS:
+        method = "resu"
     return rt.ScheduleConfig(method=method, total_steps=total_steps, sparsity=sparsity, seed=seed, progress=False,
                              **options)
 
@@ -67,26 +89,27 @@ def load_corpus() -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, width: int, heads: int):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
-        self.qkv, self.proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
-        self.up, self.down = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+        self.width, self.heads = width, heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, WIDTH)
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, self.width // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, self.width)
         x = x + self.proj(attn)
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
 
 class TinyGPT(nn.Module):
-    def __init__(self):
+    def __init__(self, context: int, width: int, layers: int, heads: int):
         super().__init__()
-        self.tokens, self.positions = nn.Embedding(VOCAB, WIDTH), nn.Embedding(CONTEXT, WIDTH)
-        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
-        self.norm, self.head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, VOCAB, bias=False)
+        self.tokens, self.positions = nn.Embedding(VOCAB, width), nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, VOCAB, bias=False)
 
     def forward(self, idx):
         x = self.tokens(idx) + self.positions(torch.arange(idx.shape[1], device=idx.device))
@@ -99,20 +122,20 @@ def is_block_linear(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and fqn.startswith("blocks.")
 
 
-def windows(data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = starts[:, None] + torch.arange(CONTEXT + 1)
+def windows(data: torch.Tensor, starts: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = starts[:, None] + torch.arange(context + 1)
     chunk = data[offsets]
     return chunk[:, :-1], chunk[:, 1:]
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, val: torch.Tensor, device: str) -> float:
+def perplexity(model: nn.Module, val: torch.Tensor, device: str, context: int, batch_size: int) -> float:
     model.eval()
-    starts = torch.linspace(0, len(val) - CONTEXT - 2, EVAL_BATCHES * BATCH_SIZE).long()
+    starts = torch.linspace(0, len(val) - context - 2, EVAL_BATCHES * batch_size).long()
     total, count = 0.0, 0
     autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else nullcontext()
-    for chunk in starts.split(BATCH_SIZE):
-        x, y = (t.to(device) for t in windows(val, chunk))
+    for chunk in starts.split(batch_size):
+        x, y = (t.to(device) for t in windows(val, chunk, context))
         with autocast:
             logits = model(x)
         total += F.cross_entropy(logits.float().view(-1, VOCAB), y.reshape(-1), reduction="sum").item()
@@ -129,8 +152,10 @@ def run_one(spec: dict) -> dict:
     device, steps = spec["device"], spec["steps"]
     torch.set_num_threads(spec.get("threads", 1))
     train, val, _ = load_corpus()
+    size = SIZES[spec.get("size", "default")]
+    context, batch_size = size["context"], size["batch_size"]
     torch.manual_seed(spec["seed"])
-    model = TinyGPT()
+    model = TinyGPT(context, size["width"], size["layers"], size["heads"])
     if spec["method"] != "dense":
         quantize_(model, rt.resu_config(), filter_fn=is_block_linear)
     model.to(device)
@@ -157,7 +182,8 @@ def run_one(spec: dict) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = LR * scale
         x, y = (t.to(device, non_blocking=True)
-                for t in windows(train, torch.randint(0, len(train) - CONTEXT - 2, (BATCH_SIZE,), generator=batches)))
+                for t in windows(train, torch.randint(0, len(train) - context - 2, (batch_size,), generator=batches),
+                                 context))
         last_batch[:] = [x, y]
         with autocast:
             loss = F.cross_entropy(model(x).float().view(-1, VOCAB), y.reshape(-1))
@@ -169,7 +195,7 @@ def run_one(spec: dict) -> dict:
     wall = time.perf_counter() - start
     weights = [w for _, _, w in rt.resu_weights(model)]
     final_sparsity = (sum(w.numel() - w.n_active for w in weights) / sum(w.numel() for w in weights)) if weights else 0.0
-    return {**spec, "perplexity": perplexity(model, val, device), "final_sparsity": final_sparsity, "wall_s": wall}
+    return {**spec, "perplexity": perplexity(model, val, device, context, batch_size), "final_sparsity": final_sparsity, "wall_s": wall}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -183,21 +209,26 @@ def summarize(runs: list[dict]) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="+", default=["dense", *METHODS])
+    parser.add_argument("--methods", nargs="+", default=["dense", *METHODS],
+                        choices=["dense", *METHODS, *RESU_VARIANTS])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--size", default="default", choices=sorted(SIZES),
+                        help="small: a CPU-sized stand-in for trying recipes, not the task")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     # Highest sparsity first, methods interleaved: a run cut short still compares every method there.
-    specs = [dict(method=m, sparsity=(0.0 if m == "dense" else s), seed=seed, steps=args.steps, device=args.device)
+    specs = [dict(method=m, sparsity=(0.0 if m == "dense" else s), seed=seed, steps=args.steps, device=args.device,
+                  size=args.size)
              for s in sorted(args.sparsities, reverse=True) for seed in args.seeds for m in args.methods
              if m != "dense" or s == max(args.sparsities)]
     start = time.perf_counter()
     _, _, corpus = load_corpus()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    out = Path(args.out or f"benchmarks/results/stdlib_lm_{args.device}.json")
+    prefix = "stdlib_lm" if args.size == "default" else f"stdlib_lm_{args.size}"
+    out = Path(args.out or f"benchmarks/results/{prefix}_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
 
@@ -207,8 +238,9 @@ def main(argv=None) -> None:
         print(f"{r['method']:<14} s={r['sparsity']:.2f} seed {r['seed']}: ppl {r['perplexity']:.3f} "
               f"({r['wall_s']:.0f} s)", flush=True)
         result = {"benchmark": "stdlib_lm", "device": device_name, "torch": torch.__version__, "corpus": corpus,
-                  "model": dict(vocab=VOCAB, context=CONTEXT, width=WIDTH, layers=LAYERS, heads=HEADS),
-                  "training": dict(lr=LR, batch_size=BATCH_SIZE, steps=args.steps), "runs": runs,
+                  "model": dict(vocab=VOCAB, size=args.size, **{k: v for k, v in SIZES[args.size].items()
+                                                                  if k != "batch_size"}),
+                  "training": dict(lr=LR, batch_size=SIZES[args.size]["batch_size"], steps=args.steps), "runs": runs,
                   "summary": summarize(runs), "complete": len(runs) == len(specs),
                   "wall_s": time.perf_counter() - start}
         out.write_text(json.dumps(result, indent=1))
