@@ -328,9 +328,21 @@ def test_remap_rejects_a_mask_of_the_wrong_size():
         rt.remap_optimizer_state_(optimizer, model[0].bias, None)
 
 
-def test_resu_over_a_step_budget_defaults_to_five_cycles():
+def test_resu_over_a_step_budget_defaults_to_the_recipe():
+    """Over a step budget the active weights train through the RESU phase, in 20 cycles; where
+    the phase needs them frozen (QRESU, RESU-Selective) or the user freezes them, 5 cycles; the
+    cycle form keeps them frozen."""
     config = rt.ScheduleConfig(total_steps=1000, sparsity=0.9)
-    assert config.method == "resu" and config.num_cycles == 5
-    assert config.steps_per_cycle * 5 + config.finetune_steps == 1000
+    assert config.method == "resu" and config.num_cycles == 20 and config.freeze_active is False
+    assert config.steps_per_cycle * 20 + config.finetune_steps == 1000
+    for frozen in (dict(quantize_bits=4), dict(selective=rt.SelectiveConfig()), dict(freeze_active=True)):
+        config = rt.ScheduleConfig(total_steps=1000, sparsity=0.9, **frozen)
+        assert config.freeze_active is True and config.num_cycles == 5, frozen
+    assert rt.ScheduleConfig(total_steps=1000, num_cycles=4, freeze_active=False).num_cycles == 4
+    assert rt.ScheduleConfig(steps_per_cycle=100, num_cycles=3).freeze_active is True
+    with pytest.raises(ValueError, match="quantize_bits needs freeze_active=True"):
+        rt.ScheduleConfig(total_steps=1000, quantize_bits=4, freeze_active=False)
+    with pytest.raises(TypeError, match="freeze_active must be a bool or None"):
+        rt.ScheduleConfig(total_steps=1000, freeze_active="no")
     with pytest.raises(ValueError, match="needs total_steps"):
         rt.ScheduleConfig(steps_per_cycle=100, sparsity=0.9)

@@ -27,9 +27,10 @@ LR, BATCH_SIZE, STEPS = 1e-2, 128, 2000
 METHODS = ("dense", "oneshot", "gmp", "rigl", "set", "resu", "resu_selective", "qresu4")
 # RESU variants, each one change to ``resu_dev`` (extra ScheduleConfig fields; ``cycles`` is the
 # harness's cycle count): what ``python -m benchmarks.quality.mnist1d --ablation NAME`` compares.
-# ``resu_dev`` is RESU as it was before this ablation chose the defaults: 3 cycles and the
-# baselines' final fine-tuning (0.25); every variant pins it, so its runs stay reproducible.
-DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25)
+# ``resu_dev`` is RESU as it was before this ablation chose the defaults: 3 cycles, the
+# baselines' final fine-tuning (0.25), active weights frozen in the RESU phase; every variant
+# pins it, so its runs stay reproducible.
+DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25, freeze_active=True)
 ABLATION_OPTIONS = {
     "resu_dev": {},
     # commit: a plain magnitude re-prune (θ compete with W_A on |W|); amnesty's reservation r = 0
@@ -73,6 +74,7 @@ ABLATION_OPTIONS = {
     # ... and with twice the cycles: a prune, RESU phase and capped commit every 120 steps
     "resu_cycles_10_finetune_0.4": dict(cycles=10, final_finetune_fraction=0.4),
     "resu_cycles_10_finetune_0.4_train_active": dict(cycles=10, final_finetune_fraction=0.4, freeze_active=False),
+    "resu_cycles_20_finetune_0.4_train_active": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False),
     "resu_cycles_10_finetune_0.4_train_active_beats_weakest": dict(cycles=10, final_finetune_fraction=0.4,
                                                                    freeze_active=False, commit_admit="beats_weakest"),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
