@@ -1,0 +1,28 @@
+"""The language-model benchmark's CPU stand-in and its RESU variants run, end at the sparsity, and
+pin the settings they are named for."""
+import math
+
+import pytest
+
+from benchmarks.quality import stdlib_lm
+
+
+def test_small_size_runs_a_resu_variant_to_the_target_sparsity():
+    result = stdlib_lm.run_one(dict(method="resu_frozen", sparsity=0.7, seed=0, steps=40, device="cpu", size="small"))
+    assert math.isfinite(result["perplexity"]) and 1 < result["perplexity"] < 256
+    assert result["final_sparsity"] == pytest.approx(0.7, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(stdlib_lm.RESU_VARIANTS))
+def test_every_variant_pins_the_settings_it_is_named_for(name):
+    config = stdlib_lm.make_schedule(name, 2000, 0.9, 0)
+    assert config.method == "resu"
+    assert config.freeze_active is name.startswith("resu_frozen")
+    cycles = next((int(part) for part in name.split("_cycles_")[1:]), 5 if config.freeze_active else None)
+    assert config.num_cycles == cycles
+    assert (config.commit_admit == "beats_weakest") == ("beats_weakest" in name)
+
+
+def test_resu_is_the_library_default_recipe():
+    config = stdlib_lm.make_schedule("resu", 2000, 0.9, 0)
+    assert config.freeze_active is False and config.num_cycles == 20
