@@ -125,8 +125,12 @@ def reset_gather_layout_(model, param) -> None:
         reset_gather_layout_(model, model[0].weight)      # after writing a new mode into the shard
     """
     fsdp_param = fsdp_param_of(model, param)
-    if fsdp_param is None:
-        return
+    if fsdp_param is not None:
+        clear_gather_buffers(fsdp_param)
+
+
+def clear_gather_buffers(fsdp_param) -> None:
+    """:func:`reset_gather_layout_` on FSDP's record (``FSDPParam``) of the parameter."""
     fsdp_param.all_gather_outputs = []
     fsdp_param._unsharded_inner_tensors = []
     if hasattr(fsdp_param, "_unsharded_param"):

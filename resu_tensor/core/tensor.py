@@ -54,7 +54,8 @@ _MASK_PARTS = ("bitmap", "block_prefix", "indices")
 # carrier's length, and the vectors of one value per pruned or trainable coordinate (QRESU's θ,
 # RESU-Selective's EMAs, gradient-score sums) under names of their own.
 _COUNT_CARRIER = "trainable_count_carrier"
-_COUNT_SIZED = {name: f"trainable_count_sized_{name}" for name in ("theta", "selective_m", "selective_v", "grad_abs_sum")}
+_COUNT_SIZED_PREFIX = "trainable_count_sized_"
+_COUNT_SIZED = {name: _COUNT_SIZED_PREFIX + name for name in ("theta", "selective_m", "selective_v", "grad_abs_sum")}
 _FIELD_OF_COUNT_SIZED = {inner: name for name, inner in _COUNT_SIZED.items()}
 # The fields that define the trainable set, hence its count.
 _TRAINABLE_FIELDS = frozenset(["trainable_side", "n_active", "mask_kind", "subset_kind",
@@ -793,7 +794,7 @@ for _name, _inner in _COUNT_SIZED.items():  # what a compiled graph reads under 
 # exempt, so that a new count reuses a graph traced with a symbol for it. The patterns name no
 # other tensor.
 _CARRIER_SOURCE = rf".*\.{_COUNT_CARRIER}"
-_COUNT_SIZED_SOURCE = r".*\.trainable_count_sized_\w+"
+_COUNT_SIZED_SOURCE = rf".*\.{_COUNT_SIZED_PREFIX}\w+"
 for _source in (_CARRIER_SOURCE, _COUNT_SIZED_SOURCE):
     if _source not in torch.compiler.config.dynamic_sources.split(","):
         torch.compiler.config.dynamic_sources = ",".join(filter(None, [torch.compiler.config.dynamic_sources, _source]))

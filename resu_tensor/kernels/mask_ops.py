@@ -133,10 +133,6 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
     entries = _SELECTIONS.get(bitmap)
     if entries is None:
         entries = _SELECTIONS[bitmap] = {}
-    else:
-        cached = entries.get((numel, invert))
-        if cached is not None and cached[0] == bitmap._version:
-            return cached[1]
     cached = entries.get((numel, invert))
     if cached is None or cached[0] != bitmap._version:
         positions = _decoded_positions(bitmap, numel, invert)

@@ -119,9 +119,7 @@ def _flat_lists_call(func, args, kwargs, inplace: bool):
             if update is None:
                 return _GENERAL
             updates.setdefault(update[5], {})[j] = update  # by op: mul_ may hold mul and mul_scalar
-        for op, by_position in updates.items():
-            update_columns = [list(c) for c in zip(*by_position.values())]
-            kernels.foreach_update_by_bitmap_(*update_columns[:5], op, *update_columns[6:])
+        _launch_bitmap_updates(updates)
         rest = [j for j in range(n) if kinds[j] is None or type(kinds[j]) is CompactTensor]
         if not rest:
             return None
@@ -135,6 +133,14 @@ def _flat_lists_call(func, args, kwargs, inplace: bool):
 
 def _compact_flat(t: CompactTensor) -> torch.Tensor:
     return t.flat
+
+
+def _launch_bitmap_updates(updates: dict) -> None:
+    """One kernels.foreach_update_by_bitmap_ launch per op of ``updates`` ({op: {list position:
+    the arguments bitmap_update_args gave for it}})."""
+    for op, by_position in updates.items():
+        columns = [list(c) for c in zip(*by_position.values())]
+        kernels.foreach_update_by_bitmap_(*columns[:5], op, *columns[6:])
 
 
 def foreach_op(func, types, args, kwargs):
@@ -159,10 +165,8 @@ def foreach_op(func, types, args, kwargs):
                 update = bitmap_update_args(func, flattening[j].flat, _position(named, j, n))
                 if update is not None:
                     updates.setdefault(update[5], {})[j] = update  # by op: mul_ may hold mul and mul_scalar
-        for op, by_position in updates.items():
-            update_columns = [list(c) for c in zip(*by_position.values())]
-            kernels.foreach_update_by_bitmap_(*update_columns[:5], op, *update_columns[6:])
-            done |= set(by_position)
+        _launch_bitmap_updates(updates)
+        done = {j for by_position in updates.values() for j in by_position}
     results = [None] * n
     own = [j for j in range(n) if flattening[j] is _OWN_CALL]
     for positions in ([j for j in range(n) if flattening[j] is not _OWN_CALL and j not in done], own):

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from resu_tensor.core.fsdp_extension import fsdp_param_of, is_sharded_resu, reset_gather_layout_, rows_per_rank
+from resu_tensor.core.fsdp_extension import (clear_gather_buffers, fsdp_param_of, is_sharded_resu, reset_gather_layout_,
+                                             rows_per_rank)
 from resu_tensor.core.row_blocks import assign_state_, from_row_fields, row_attributes, row_fields, slice_rows
 from resu_tensor.core.tensor import ResuTensor
 from resu_tensor.method.selective import SelectiveConfig, StaticSubsetConfig
@@ -240,7 +241,7 @@ def replace_shards_with_plain_(model: nn.Module, entries: list[ShardedWeight], l
         entry.param.grad = None
         entry.param._local_tensor = local.contiguous()
         record.reset_sharded_param()  # FSDP re-pads the shard and keeps its flat data, as after load_state_dict
-        reset_gather_layout_(model, entry.param)  # a plain all-gather from now on
+        clear_gather_buffers(record)  # a plain all-gather from now on
 
 
 def check_gatherable_options(options: dict, probe_fn=None) -> None:
