@@ -1,5 +1,6 @@
-"""CPU training step, side by side: dense, ResuTensor (SPARSE, RESU, QRESU-4), torch.nn.utils.prune
-and torch.ao.pruning, at sparsity 0.7, one model/batch/AdamW per shape, in one process.
+"""CPU training step, side by side: dense, ResuTensor (SPARSE, RESU with frozen or training active
+weights, QRESU-4), torch.nn.utils.prune and torch.ao.pruning, at sparsity 0.7, one
+model/batch/AdamW per shape, in one process.
 
 Rounds interleave the variants (each round runs every variant for ``steps`` timed steps after
 its own warm-up), so machine load drifts over all of them alike; step time is the median over
@@ -41,7 +42,11 @@ SHAPES = {
     "small": ((256, 1024, 256), 32),
     "wide": ((4096, 4096), 16),
 }
-VARIANTS = ("dense", "sparse", "resu", "qresu4", "nn_prune", "ao_pruning")
+# resu: a RESU phase with the active weights frozen (θ trains; QRESU and RESU-Selective work this
+# way); resu_train_active: the RESU phase of the scheduler's default recipe over a step budget, in
+# which the active weights train alongside θ.
+VARIANTS = ("dense", "sparse", "resu", "resu_train_active", "qresu4", "nn_prune", "ao_pruning")
+RESUTENSOR_VARIANTS = ("sparse", "resu", "resu_train_active", "qresu4")
 # QRESU rebuilds W_eff from 4-bit codes in plain PyTorch on the CPU (its fused kernels are CUDA
 # only): seconds per step at the larger shapes, so it runs at the small shape only.
 QRESU_SHAPES = ("small",)
@@ -64,11 +69,13 @@ def build(variant: str, widths) -> nn.Module:
     """The model of ``variant``, from the same seeded initial weights for every variant."""
     torch.manual_seed(0)
     model = make_mlp(widths)
-    if variant in ("sparse", "resu", "qresu4"):
+    if variant in RESUTENSOR_VARIANTS:
         quantize_(model, rt.resu_config(sparsity=SPARSITY))
         for _, layer in linears(model):
             if variant == "resu":
                 layer.weight.enter_resu()
+            elif variant == "resu_train_active":
+                layer.weight.enter_resu(freeze_active=False)
             elif variant == "qresu4":
                 layer.weight.enter_resu(quantize_bits=4)
     elif variant == "nn_prune":
@@ -131,7 +138,7 @@ class Run:
         return phases
 
     def state_bytes(self) -> int:
-        if self.variant in ("sparse", "resu", "qresu4"):
+        if self.variant in RESUTENSOR_VARIANTS:
             return rt.memory_report(self.model, self.optimizer).total.total
         tensors = [*self.model.parameters(), *self.model.buffers()]
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
