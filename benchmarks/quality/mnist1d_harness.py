@@ -77,6 +77,15 @@ ABLATION_OPTIONS = {
     "resu_cycles_20_finetune_0.4_train_active": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False),
     "resu_cycles_10_finetune_0.4_train_active_beats_weakest": dict(cycles=10, final_finetune_fraction=0.4,
                                                                    freeze_active=False, commit_admit="beats_weakest"),
+    # one change each to today's defaults (20 cycles, 40% fine-tuning, the active weights training):
+    # no θ admitted at commit, a plain magnitude commit, θ's initial scale, and the last two together
+    "resu_defaults_no_resurrection": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
+                                          r_start=0.0, r_end=0.0),
+    "resu_defaults_magnitude": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
+                                    commit_strategy="magnitude"),
+    "resu_defaults_epsilon_0.01": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False, epsilon=0.01),
+    "resu_defaults_magnitude_epsilon_0.01": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
+                                                 commit_strategy="magnitude", epsilon=0.01),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),

@@ -59,6 +59,10 @@ RESU_VARIANTS = {
     "resu_train_active_beats_weakest_cycles_10": dict(freeze_active=False, commit_admit="beats_weakest",
                                                       num_cycles=10),
     "resu_train_active_cycles_40": dict(freeze_active=False, num_cycles=40),
+    # θ's initial scale and the commit rule, with the active weights training (20 cycles)
+    "resu_train_active_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
+    "resu_train_active_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
+                                                     commit_strategy="magnitude"),
 }
 
 
