@@ -411,6 +411,21 @@ def test_ten_cycle_schedule_compiles_a_handful_of_graphs(schedule, quantize_bits
     assert_schedule_matches(model, eager)
 
 
+def test_ten_cycle_selective_schedule_stops_compiling_after_two_cycles():
+    """RESU-Selective's consistency filter inside a compiled optimizer step, over ten cubic cycles
+    (a new count of θ in every RESU phase): its top-k sizes follow the symbolic count, so the
+    filter compiles for the first counts it sees and never again (before, it compiled once per
+    count until recompile_limit sent it back to eager), with the same weights as eager."""
+    config = rt.ScheduleConfig(steps_per_cycle=6, num_cycles=10, sparsity=0.5, stabilize_fraction=0.2,
+                               resu_fraction=0.5, commit_strategy="amnesty", sparsity_schedule="cubic",
+                               selective=rt.SelectiveConfig(), progress=False)
+    model, eager, records = run_compiled_schedule(config)
+    assert len({keys for _, keys, _, _ in records}) >= 10
+    assert sum(r[2] for r in records) == 3
+    assert sum(r[3] for r in records[2 * config.steps_per_cycle:]) == 0
+    assert_schedule_matches(model, eager)
+
+
 def change_trainable_count_(w: rt.ResuTensor, seed: int, drop: int) -> None:
     """A random new mask of ``drop`` fewer active weights for the SPARSE or RESU weight ``w``, in
     its mode (RESU: new θ drawn from ``seed`` at the pruned coordinates)."""

@@ -261,7 +261,7 @@ def check_update(op: str, values: torch.Tensor, tensor1, tensor2) -> None:
     if len(given) != form[0] or (tensor1 is None and tensor2 is not None):
         raise ValueError(f"update_by_bitmap_: op {op!r} takes {UPDATE_OPS[op][0]} compact tensor(s) "
                          f"(tensor1, tensor2), got {len(given)}")
-    if len({t.numel() for t in given}) > 1:
+    if any(t.numel() != given[0].numel() for t in given):  # pairwise: a set hashes (fixes) a traced length
         raise ValueError(f"update_by_bitmap_: tensor1 and tensor2 differ in length ({tensor1.numel()} vs "
                          f"{tensor2.numel()})")
     if op == "lerp" and tensor1.dtype != values.dtype:

@@ -18,7 +18,9 @@ def _check(op: str, threshold_name: str, threshold: torch.Tensor, **flat: torch.
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous, got strides {t.stride()}")
     lengths = {name: t.numel() for name, t in flat.items()}
-    if len(set(lengths.values())) > 1:
+    first = next(iter(lengths.values()))
+    # pairwise, not through a set: hashing a symbolic length under torch.compile fixes its value
+    if any(n != first for n in lengths.values()):
         raise ValueError(f"{op}: {', '.join(lengths)} must have the same number of elements, got {lengths}")
     if "score" in flat and flat["score"].dtype != torch.float32:
         raise ValueError(f"{op}: score must be float32 (from selective_scores_), got {flat['score'].dtype}")
