@@ -53,7 +53,8 @@ def test_summary_mean_and_std_over_seeds():
 
 @pytest.mark.parametrize("name", harness.ABLATIONS)
 def test_every_ablation_reaches_the_sparsity(name):
-    result = run(name, steps=100 if "cycles_20" in name else 60)  # 20 cycles need 2 steps each
+    cycles = harness.ABLATION_OPTIONS.get(name, {}).get("cycles", 0)
+    result = run(name, steps=100 if cycles >= 20 else 60)  # 20 cycles need 2 steps each
     assert result["final_sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert ("resurrected" in result) == (harness.ABLATION_BASE[name] == "resu_dev")
     assert name in harness.LABELS

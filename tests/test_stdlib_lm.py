@@ -1,6 +1,7 @@
 """The language-model benchmark's CPU stand-in and its RESU variants run, end at the sparsity, and
 pin the settings they are named for."""
 import math
+import re
 
 import pytest
 
@@ -18,9 +19,12 @@ def test_every_variant_pins_the_settings_it_is_named_for(name):
     config = stdlib_lm.make_schedule(name, 2000, 0.9, 0)
     assert config.method == "resu"
     assert config.freeze_active is name.startswith("resu_frozen")
-    cycles = next((int(part) for part in name.split("_cycles_")[1:]), 5 if config.freeze_active else None)
-    assert config.num_cycles == cycles
+    named_cycles = re.search(r"_cycles_(\d+)", name)
+    assert config.num_cycles == (int(named_cycles[1]) if named_cycles else 5)
     assert (config.commit_admit == "beats_weakest") == ("beats_weakest" in name)
+    assert (config.commit_strategy == "magnitude") == ("magnitude" in name)
+    named_epsilon = re.search(r"_epsilon_([\d.]+)", name)
+    assert config.epsilon == (float(named_epsilon[1]) if named_epsilon else 0.1)
 
 
 def test_resu_is_the_library_default_recipe():

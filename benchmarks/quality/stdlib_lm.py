@@ -60,8 +60,8 @@ RESU_VARIANTS = {
                                                       num_cycles=10),
     "resu_train_active_cycles_40": dict(freeze_active=False, num_cycles=40),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
-    "resu_train_active_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
-    "resu_train_active_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
+    "resu_train_active_cycles_20_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
+    "resu_train_active_cycles_20_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
                                                      commit_strategy="magnitude"),
 }
 
