@@ -414,8 +414,8 @@ def test_ten_cycle_schedule_compiles_a_handful_of_graphs(schedule, quantize_bits
 def test_ten_cycle_selective_schedule_stops_compiling_after_two_cycles():
     """RESU-Selective's consistency filter inside a compiled optimizer step, over ten cubic cycles
     (a new count of θ in every RESU phase): its top-k sizes follow the symbolic count, so the
-    filter compiles for the first counts it sees and never again (before, it compiled once per
-    count until recompile_limit sent it back to eager), with the same weights as eager."""
+    filter compiles for the first counts it sees and never again, within recompile_limit (a graph
+    per count would exhaust it and run the filter eagerly), with the same weights as eager."""
     config = rt.ScheduleConfig(steps_per_cycle=6, num_cycles=10, sparsity=0.5, stabilize_fraction=0.2,
                                resu_fraction=0.5, commit_strategy="amnesty", sparsity_schedule="cubic",
                                selective=rt.SelectiveConfig(), progress=False)
