@@ -45,9 +45,9 @@ def test_all_methods_learn(runs):
 
 
 def test_resu_variants_report_resurrections(runs):
+    frozen = {"resu_selective": dict(selective=rt.SelectiveConfig()), "qresu4": dict(quantize_bits=4)}
     for method in RESU_METHODS:
         assert 0 < runs[method]["resurrected"] <= 1, method
-        frozen = {"resu_selective": dict(selective=rt.SelectiveConfig()), "qresu4": dict(quantize_bits=4)}
         config = rt.ScheduleConfig(total_steps=60, **frozen.get(method, {}))
         assert len(runs[method]["resurrected_per_commit"]) == config.num_cycles, method  # one per cycle
     assert "resurrected" not in runs["gmp"]

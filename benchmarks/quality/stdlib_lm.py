@@ -62,7 +62,7 @@ RESU_VARIANTS = {
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
     "resu_train_active_cycles_20_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
     "resu_train_active_cycles_20_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
-                                                     commit_strategy="magnitude"),
+                                                               commit_strategy="magnitude"),
 }
 
 

@@ -160,6 +160,12 @@ class ScheduleConfig:
             raise ValueError("QRESU stores the active weights frozen: quantize_bits needs freeze_active=True "
                              "(or None, the default)")
 
+    def _cycles_budget(self) -> int:
+        """The steps RESU's cycles share over a ``total_steps`` budget: what the final fine-tuning
+        (the default fraction where none is given) leaves."""
+        fraction = DEFAULT_FINETUNE_FRACTION if self.final_finetune_fraction is None else self.final_finetune_fraction
+        return self.total_steps - round(fraction * self.total_steps)
+
     def _resolve_cycles(self) -> None:
         """RESU: fill in whichever of total_steps / steps_per_cycle was left out."""
         if self.num_cycles is None:
@@ -168,10 +174,7 @@ class ScheduleConfig:
                 raise ValueError(f"method='resu' needs total_steps (num_cycles defaults to {default}) or "
                                  "steps_per_cycle with num_cycles")
             if self.steps_per_cycle is None:
-                fraction = DEFAULT_FINETUNE_FRACTION if self.final_finetune_fraction is None else \
-                    self.final_finetune_fraction
-                budget = self.total_steps - round(fraction * self.total_steps)
-                default = max(1, min(default, budget // MIN_STEPS_PER_DEFAULT_CYCLE))
+                default = max(1, min(default, self._cycles_budget() // MIN_STEPS_PER_DEFAULT_CYCLE))
             self.num_cycles = default
         _check_positive_int("num_cycles", self.num_cycles)
         self._budgeted = self.steps_per_cycle is None or self.final_finetune_fraction is None and \
@@ -181,8 +184,7 @@ class ScheduleConfig:
                 raise ValueError("method='resu' needs total_steps or steps_per_cycle (with num_cycles)")
             if self.final_finetune_fraction is None:
                 self.final_finetune_fraction = DEFAULT_FINETUNE_FRACTION
-            cycles_budget = self.total_steps - round(self.final_finetune_fraction * self.total_steps)
-            self.steps_per_cycle = cycles_budget // self.num_cycles
+            self.steps_per_cycle = self._cycles_budget() // self.num_cycles
             if self.steps_per_cycle < 1:
                 raise ValueError(f"total_steps={self.total_steps} leaves no step per cycle for {self.num_cycles} "
                                  f"cycles after the final fine-tuning")
