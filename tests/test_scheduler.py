@@ -35,12 +35,15 @@ def train_step(model, optimizer, scheduler, generator):
 def test_sparsity_schedules():
     config = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=5, sparsity=0.8, initial_sparsity=0.2,
                                sparsity_schedule="linear")
-    # each cycle prunes to the schedule's value at its end: cycle 0 already moves off the start
-    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.32, 0.44, 0.56, 0.68, 0.8]
-    config.sparsity_schedule = "cubic"  # 0.8 − 0.6·(1 − (c+1)/5)³
-    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.4928, 0.6704, 0.7616, 0.7952, 0.8]
-    config.sparsity_schedule = "cosine"  # 0.8 − 0.3·(1 + cos(π(c+1)/5))
-    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2573, 0.4073, 0.5927, 0.7427, 0.8]
+    # each cycle prunes to the schedule's value at its prune step (steps 5, 15, 25, 35, 45 of a
+    # window that ends at the last prune): t = 1/9, 3/9, 5/9, 7/9, 1
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2667, 0.4, 0.5333, 0.6667, 0.8]
+    config.sparsity_schedule = "cubic"  # 0.8 − 0.6·(1 − t)³
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.3786, 0.6222, 0.7473, 0.7934, 0.8]
+    config.sparsity_schedule = "cosine"  # 0.8 − 0.3·(1 + cos(πt))
+    assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2181, 0.35, 0.5521, 0.7298, 0.8]
+    one_cycle = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=1, sparsity=0.8, sparsity_schedule="cubic")
+    assert one_cycle.cycle_sparsities() == [0.8]
     # the cycle form keeps the constant target; the step-budget form defaults to the cubic
     assert rt.ScheduleConfig(10, 3, sparsity=0.5).cycle_sparsities() == [0.5, 0.5, 0.5]
     budget = rt.ScheduleConfig(total_steps=100, num_cycles=3, sparsity=0.5)

@@ -20,6 +20,7 @@ from torchao.quantization import quantize_
 
 import resu_tensor as rt
 from resu_tensor.method.schedule import DEFAULT_FINETUNE_FRACTION
+from benchmarks.quality.schedules import schedule_config
 
 # Shared by every method: AdamW(lr=1e-2), one cosine over the run, batch 128, 2000 steps (picked for
 # the dense models on a held-out 500 of the training set; see docs/results.md).
@@ -86,6 +87,9 @@ ABLATION_OPTIONS = {
     "resu_defaults_epsilon_0.01": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False, epsilon=0.01),
     "resu_defaults_magnitude_epsilon_0.01": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
                                                  commit_strategy="magnitude", epsilon=0.01),
+    # ... and the cubic evaluated at each cycle's end (each prune half a cycle ahead of the defaults')
+    "resu_defaults_schedule_at_cycle_end": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
+                                                schedule_at_cycle_end=True),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
@@ -226,8 +230,8 @@ FINETUNE_FRACTION = DEFAULT_FINETUNE_FRACTION
 
 def scheduled(tr: Trainer, sparsity: float, seed: int, method: str, **options) -> rt.ResuScheduler:
     """Train the whole run under ``rt.ScheduleConfig(method=method, ...)``; returns the scheduler."""
-    config = rt.ScheduleConfig(method=method, total_steps=tr.total_steps, sparsity=sparsity, seed=seed,
-                               progress=False, **options)
+    config = schedule_config(method=method, total_steps=tr.total_steps, sparsity=sparsity, seed=seed,
+                             progress=False, **options)
     probe = (lambda m: F.cross_entropy(m(tr.last_batch[0]), tr.last_batch[1])) if method == "rigl" else None
     scheduler = rt.ResuScheduler(tr.model, tr.optimizer, config, probe_fn=probe)
     tr.train_until(tr.total_steps, after=scheduler.step)

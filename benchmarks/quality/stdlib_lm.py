@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resu_tensor as rt
+from benchmarks.quality.schedules import schedule_config
 
 VOCAB = 256
 LR, WARMUP_FRACTION, STEPS, EVAL_BATCHES = 2e-3, 0.02, 2000, 32
@@ -63,6 +64,9 @@ RESU_VARIANTS = {
     "resu_train_active_cycles_20_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
     "resu_train_active_cycles_20_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
                                                                commit_strategy="magnitude"),
+    # the defaults with the cubic evaluated at each cycle's end (each prune half a cycle ahead)
+    "resu_train_active_cycles_20_schedule_at_cycle_end": dict(freeze_active=False, num_cycles=20,
+                                                              schedule_at_cycle_end=True),
 }
 
 
@@ -72,8 +76,8 @@ def make_schedule(method: str, total_steps: int, sparsity: float, seed: int) -> 
     options = {"prune_method": "random"} if method == "rigl" else dict(RESU_VARIANTS.get(method, {}))
     if method in RESU_VARIANTS:
         method = "resu"
-    return rt.ScheduleConfig(method=method, total_steps=total_steps, sparsity=sparsity, seed=seed, progress=False,
-                             **options)
+    return schedule_config(method=method, total_steps=total_steps, sparsity=sparsity, seed=seed, progress=False,
+                           **options)
 
 
 def load_corpus() -> tuple[torch.Tensor, torch.Tensor, dict]:

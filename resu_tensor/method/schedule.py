@@ -60,8 +60,9 @@ class ScheduleConfig:
     layout (no fine-tuning unless ``final_finetune_fraction`` is given; it then adds steps).
 
     RESU cycle c prunes to ``sparsity_at(c)``: ``constant`` (= ``sparsity``), or ``linear`` /
-    ``cubic`` (GMP) / ``cosine`` from ``initial_sparsity`` to ``sparsity``, evaluated at the end
-    of each cycle (the last cycle reaches ``sparsity``), or an explicit list (one value per cycle).
+    ``cubic`` (GMP) / ``cosine`` from ``initial_sparsity`` at step 0 to ``sparsity`` at the last
+    cycle's prune, evaluated at each cycle's prune step, as GMP evaluates its cubic at each of its
+    prunes, or an explicit list (one value per cycle).
     A schedule that decreases densifies. The default is ``cubic`` (``constant`` in the cycle
     form): pruning straight to the target in cycle 0 removes the most weights while the dense
     model has not yet adapted to any sparsity, and the cubic, like GMP, takes large steps early,
@@ -251,12 +252,14 @@ class ScheduleConfig:
         return self.steps_per_cycle - self.stabilize_steps - self.resu_steps
 
     def sparsity_at(self, cycle: int) -> float:
-        """The sparsity RESU cycle ``cycle`` prunes to: the schedule at the end of that cycle."""
+        """The sparsity RESU cycle ``cycle`` prunes to: the schedule at that cycle's prune step,
+        over the window from step 0 to the last cycle's prune (which reaches ``sparsity``)."""
         if not isinstance(self.sparsity_schedule, str):
             return float(self.sparsity_schedule[cycle])
         if self.sparsity_schedule == "constant":
             return float(self.sparsity)
-        t = (cycle + 1) / self.num_cycles
+        last_prune = (self.num_cycles - 1) * self.steps_per_cycle + self.train_steps
+        t = (cycle * self.steps_per_cycle + self.train_steps) / last_prune if last_prune else 1.0
         start, end = self.initial_sparsity, self.sparsity
         if self.sparsity_schedule == "linear":
             return start + (end - start) * t
