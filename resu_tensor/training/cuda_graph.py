@@ -5,8 +5,8 @@ optimizer-state reset after it, all of which a :class:`~resu_tensor.training.sch
 makes mid-run) gives the weights and the optimizer new tensors, so replaying a graph recorded
 before it would read freed memory and write into it. :class:`CudaGraphStep` checks before every
 replay that the model's parameters and buffers, each ResuTensor's tensors and the optimizer's
-state (and the vectors inside its compact tensors) are the very objects it recorded, and records
-again when they are not.
+state (and the vectors inside its compact tensors) are the very objects it recorded, and that each
+ResuTensor is in the mode and trainable set it was recorded in, and records again when not.
 """
 import operator
 from typing import Callable
@@ -61,6 +61,14 @@ class CudaGraphStep:
         self.recordings = 0  # how many times the step was recorded (once, plus once per change)
         self._graph = self._output = None
         self._recorded_objects: list = []
+        self._recorded_sets: list = []
+
+    def _trainable_sets(self) -> list:
+        """Each ResuTensor parameter's mode and trainable set. They can change while every tensor
+        stays the same object: entering RESU at sparsity 0.5 flips the trainable side over the same
+        mask and values, and the optimizer state is reset in place at the same count, yet the
+        recorded kernels select the old side."""
+        return [(p.mode_name, p.trainable_key) for p in self.model.parameters() if isinstance(p, ResuTensor)]
 
     def _captured_objects(self) -> list:
         """Every object whose memory the recorded step reads or writes. Held (not their ids), so a
@@ -81,14 +89,15 @@ class CudaGraphStep:
         if self._graph is not None:
             current = self._captured_objects()
             if len(current) == len(self._recorded_objects) and all(map(operator.is_, current,
-                                                                         self._recorded_objects)):
+                                                                         self._recorded_objects)) \
+                    and self._trainable_sets() == self._recorded_sets:
                 self._graph.replay()
                 return self._output
         return self._record()
 
     def _record(self):
         self._graph = self._output = None  # the stale graph's memory goes back first
-        self._recorded_objects = []
+        self._recorded_objects, self._recorded_sets = [], []
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -100,5 +109,6 @@ class CudaGraphStep:
             self._output = self.step()  # recorded, not run
         self._graph = graph
         self._recorded_objects = self._captured_objects()
+        self._recorded_sets = self._trainable_sets()
         self.recordings += 1
         return result
