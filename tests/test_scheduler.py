@@ -348,6 +348,32 @@ def test_step_records_loss_phase_sparsity_and_metrics():
     assert list(fig.axes[0].get_lines()[0].get_xdata()) == list(range(2, 21))  # step 1 had no loss
 
 
+def test_tensor_losses_are_read_together_and_kept_per_step(monkeypatch):
+    """A tensor loss is not read at its step (on a GPU that would wait for the device every step):
+    the losses are read together at a commit, when the history or state is asked for, or every
+    UNREAD_LOSSES_LIMIT steps. Each step keeps its own value even when the caller overwrites its
+    loss tensor in place, as a CUDA graph's output is rewritten by every replay."""
+    import resu_tensor.training.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "UNREAD_LOSSES_LIMIT", 4)
+    model, optimizer, scheduler = make_run({"num_cycles": 2})
+    reused = torch.zeros(())
+    values = [0.25 * k for k in range(1, 41)]
+    unread = []
+    for value in values:
+        reused.fill_(value)
+        scheduler.step(reused)
+        unread.append(len(scheduler._unread_losses))
+    assert unread[:3] == [1, 2, 3] and unread[3] == 0  # read at the limit
+    assert unread[19] == 0 and unread[20] == 1  # the commit at step 20 read the cycle's losses
+    assert [r.loss for r in scheduler.steps] == values
+    assert [h.loss for h in scheduler.history] == [pytest.approx(sum(values[:20]) / 20),
+                                                   pytest.approx(sum(values[20:]) / 20)]
+    resumed = make_run({"num_cycles": 2})[2]
+    resumed.load_state_dict(scheduler.state_dict())
+    assert [r.loss for r in resumed.steps] == values
+
+
 def test_no_stabilize_budget_prunes_and_enters_resu_in_one_step():
     model, optimizer, scheduler = make_run({"num_cycles": 1, "stabilize_fraction": 0.0})
     generator = torch.Generator().manual_seed(13)

@@ -228,13 +228,14 @@ class ResuCallback(TrainerCallback):
             self._losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None))
 
     # ---------------------------------------------------------------- every step
-    def _step_loss(self) -> Optional[float]:
+    def _step_loss(self) -> Optional[torch.Tensor]:
+        """The step's loss as a 0-d tensor, not read (the scheduler reads its losses together)."""
         if not self._losses:
             return None
         values = torch.stack([loss.float().reshape(()) for loss, _ in self._losses])
         summed = all(scaled for _, scaled in self._losses)
         self._losses.clear()
-        return float(values.sum() if summed else values.mean())
+        return values.sum() if summed else values.mean()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.scheduler is None:

@@ -33,6 +33,8 @@ from resu_tensor.training.regrowth import dense_gradients, drop_and_grow_
 from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
 
 PHASES = ("train", "stabilize", "resu", "finetune")
+# Losses passed as tensors are read together at most this many steps apart (one transfer each time).
+UNREAD_LOSSES_LIMIT = 256
 
 logger = logging.getLogger("resu_tensor")
 logger.addHandler(logging.NullHandler())  # silent unless the application configures logging
@@ -129,7 +131,10 @@ class ResuScheduler:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.global_step = 0
         self.history: list[CycleStats] = []
-        self.steps: list[StepRecord] = []
+        self._steps: list[StepRecord] = []
+        # (record, 0-d tensor) of losses passed as tensors and not read yet: reading one waits for
+        # the device, so they are read together, at a commit or when the history is asked for
+        self._unread_losses: list[tuple[StepRecord, torch.Tensor]] = []
         self.phase_changes: list[dict] = []  # {"step", "event", "cycle", figures...} per logged phase change
         self._sparsity: Optional[float] = None  # after the last phase change (masks move only there)
         self._resurrected_share: Optional[float] = None
@@ -187,7 +192,10 @@ class ResuScheduler:
         """Advance one optimizer step; runs PRUNE / enter RESU / COMMIT at phase boundaries.
 
         ``loss`` (a number or a 0-d tensor) and ``metrics`` ({name: number}, e.g. an evaluation
-        score computed for this step) go into the step's :class:`StepRecord`.
+        score computed for this step) go into the step's :class:`StepRecord`. A tensor loss is
+        not read at once (that would make the host wait for the GPU every step): the losses are
+        read together, in one transfer, when a cycle's loss is needed, when :attr:`steps` or
+        :meth:`state_dict` is asked for, or every ``UNREAD_LOSSES_LIMIT`` steps.
 
         Example::
 
@@ -196,11 +204,16 @@ class ResuScheduler:
         metrics = _check_metrics(metrics)
         if self.finished:
             return
-        if loss is not None:
+        unread = None
+        if isinstance(loss, torch.Tensor):
+            unread = _as_scalar_tensor("loss", loss)
+            self._loss_sum = unread + self._loss_sum
+            loss = None
+        elif loss is not None:
             loss = _as_float("loss", loss)
             self._loss_sum += loss
-            self._loss_count += 1
-        if not self.steps and self._sparsity is None and not self._sharded:
+        self._loss_count += unread is not None or loss is not None
+        if not self._steps and self._sparsity is None and not self._sharded:
             self._update_mask_figures()  # the starting point (a model may start SPARSE)
         before = self.phase
         cycle = self.cycle
@@ -209,8 +222,13 @@ class ResuScheduler:
             event = self._baseline_event()
         else:
             event = self._resu_event(before, cycle)
-        self.steps.append(StepRecord(self.global_step, cycle, before, loss, self._sparsity, self._resurrected_share,
-                                     event, metrics))
+        record = StepRecord(self.global_step, cycle, before, loss, self._sparsity, self._resurrected_share, event,
+                            metrics)
+        self._steps.append(record)
+        if unread is not None:
+            self._unread_losses.append((record, unread))
+            if len(self._unread_losses) >= UNREAD_LOSSES_LIMIT:
+                self._read_losses()
         if self.finished:
             self._announce_finished()
         self._update_progress()
@@ -416,7 +434,7 @@ class ResuScheduler:
             self._ever_resurrected[name] = kernels.pack_bitmap(ever | new)
         self._update_mask_figures()
         active = sum(int(w.n_active) for _, _, w in weights)
-        loss = self._loss_sum / self._loss_count if self._loss_count else None
+        loss = float(self._loss_sum) / self._loss_count if self._loss_count else None
         stats = CycleStats(cycle, self._sparsity, resurrected, survivors, mean_consistency, loss, active,
                            self._resurrected_share)
         self.history.append(stats)
@@ -461,6 +479,21 @@ class ResuScheduler:
         self._resurrected_share = resurrected_active / active if active else 0.0
         return layers
 
+    @property
+    def steps(self) -> list[StepRecord]:
+        """One :class:`StepRecord` per step so far, every loss read."""
+        self._read_losses()
+        return self._steps
+
+    def _read_losses(self) -> None:
+        """Fill in the losses passed as tensors, in one transfer."""
+        if not self._unread_losses:
+            return
+        values = torch.stack([t.to(self._unread_losses[0][1].device) for _, t in self._unread_losses]).tolist()
+        for (record, _), value in zip(self._unread_losses, values):
+            record.loss = value
+        self._unread_losses.clear()
+
     # ------------------------------------------------------------------ progress bar
     def _update_progress(self) -> None:
         if not self.config.progress:
@@ -480,7 +513,7 @@ class ResuScheduler:
         return {
             "global_step": self.global_step,
             "history": [asdict(h) for h in self.history],
-            "loss_sum": self._loss_sum,
+            "loss_sum": float(self._loss_sum),
             "loss_count": self._loss_count,
             "ever_resurrected": dict(self._ever_resurrected),
             "pre_resu_masks": dict(self._pre_resu_masks),
@@ -499,7 +532,8 @@ class ResuScheduler:
         self._pre_resu_masks = dict(state["pre_resu_masks"])
         self.generator.set_state(state["generator"])
         # states saved before the per-step history existed have none of these
-        self.steps = [StepRecord(**r) for r in state.get("steps", [])]
+        self._steps = [StepRecord(**r) for r in state.get("steps", [])]
+        self._unread_losses.clear()
         self.phase_changes = [dict(e) for e in state.get("phase_changes", [])]
         self._ever_pruned = dict(state.get("ever_pruned", {}))
         self._sparsity, self._resurrected_share = state.get("mask_figures", (None, None))
@@ -513,6 +547,15 @@ class ResuScheduler:
             loss = "" if h.loss is None else f"{h.loss:.4f}"
             rows.append(f"{h.cycle:>5}  {h.sparsity:>8.3f}  {h.resurrected:>11,}  {h.survivors:>9,}  {consistency:>11}  {loss:>8}")
         return "\n".join(rows)
+
+
+def _as_scalar_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor as a detached 0-d float32 copy on its device (not read). A copy: the
+    caller may overwrite its tensor before the loss is read (a CUDA graph's output is rewritten by
+    every replay)."""
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+    return value.detach().reshape(()).to(torch.float32, copy=True)
 
 
 def _as_float(name: str, value) -> float:
