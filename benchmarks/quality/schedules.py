@@ -1,6 +1,7 @@
 """Schedule configs for the quality benchmarks, with the ablation of where RESU's sparsity
 schedule is evaluated."""
 import resu_tensor as rt
+from resu_tensor.method.regrowth import gmp_sparsity
 
 
 def schedule_config(schedule_at_cycle_end: bool = False, **options) -> rt.ScheduleConfig:
@@ -16,4 +17,4 @@ def schedule_config(schedule_at_cycle_end: bool = False, **options) -> rt.Schedu
                          f"sparsity_schedule={config.sparsity_schedule!r}")
     start, end, n = config.initial_sparsity, config.sparsity, config.num_cycles
     return rt.ScheduleConfig(**{**options, "num_cycles": n,
-                                "sparsity_schedule": [end + (start - end) * (1 - (c + 1) / n) ** 3 for c in range(n)]})
+                                "sparsity_schedule": [gmp_sparsity(c + 1, 0, n, start, end) for c in range(n)]})

@@ -3,6 +3,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+from resu_tensor.method.regrowth import gmp_sparsity
+
 SPARSITY_SCHEDULES = ("constant", "linear", "cubic", "cosine")
 METHODS = ("resu", "gmp", "rigl", "set", "one_shot")
 # The final fine-tuning at the last mask, the same for every method, so that comparing methods
@@ -258,13 +260,14 @@ class ScheduleConfig:
             return float(self.sparsity_schedule[cycle])
         if self.sparsity_schedule == "constant":
             return float(self.sparsity)
+        prune_step = cycle * self.steps_per_cycle + self.train_steps
         last_prune = (self.num_cycles - 1) * self.steps_per_cycle + self.train_steps
-        t = (cycle * self.steps_per_cycle + self.train_steps) / last_prune if last_prune else 1.0
         start, end = self.initial_sparsity, self.sparsity
+        if self.sparsity_schedule == "cubic":  # Zhu & Gupta's gradual magnitude pruning
+            return gmp_sparsity(prune_step, 0, last_prune, start, end)
+        t = prune_step / last_prune if last_prune else 1.0
         if self.sparsity_schedule == "linear":
             return start + (end - start) * t
-        if self.sparsity_schedule == "cubic":  # Zhu & Gupta's gradual magnitude pruning
-            return end + (start - end) * (1 - t) ** 3
         return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
     def cycle_sparsities(self) -> list[float]:

@@ -560,9 +560,7 @@ def _as_scalar_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
 
 def _as_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
-        return float(value.detach())
+        return float(_as_scalar_tensor(name, value))
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r} ({type(value).__name__})")
     return float(value)
