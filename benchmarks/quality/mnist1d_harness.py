@@ -90,6 +90,10 @@ ABLATION_OPTIONS = {
     # ... and the cubic evaluated at each cycle's end (each prune half a cycle ahead of the defaults')
     "resu_defaults_schedule_at_cycle_end": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
                                                 schedule_at_cycle_end=True),
+    # ... and fewer cycles (fewer RESU phases, each longer)
+    "resu_defaults_cycles_2": dict(cycles=2, final_finetune_fraction=0.4, freeze_active=False),
+    "resu_defaults_cycles_3": dict(cycles=3, final_finetune_fraction=0.4, freeze_active=False),
+    "resu_defaults_cycles_5": dict(cycles=5, final_finetune_fraction=0.4, freeze_active=False),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
@@ -106,7 +110,9 @@ LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "r
              (f"selective {opts['selective'].select}/{opts['selective'].tau}" if "selective" in opts else "")
              for name, opts in ABLATION_OPTIONS.items()
              if name not in ("resu_magnitude", "resu_no_resurrection", "resu_dev")},
-          "gmp_finetune_0.4": "GMP final_finetune_fraction=0.4"}
+          "gmp_finetune_0.4": "GMP final_finetune_fraction=0.4",
+          # the same settings as resu_cycles_N_finetune_0.4_train_active, run under today's sparsity schedule rule
+          **{f"resu_defaults_cycles_{n}": f"RESU defaults, cycles={n}" for n in (2, 3, 5)}}
 FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
 
 

@@ -60,6 +60,15 @@ RESU_VARIANTS = {
     "resu_train_active_beats_weakest_cycles_10": dict(freeze_active=False, commit_admit="beats_weakest",
                                                       num_cycles=10),
     "resu_train_active_cycles_40": dict(freeze_active=False, num_cycles=40),
+    "resu_train_active_cycles_2": dict(freeze_active=False, num_cycles=2),
+    "resu_train_active_cycles_3": dict(freeze_active=False, num_cycles=3),
+    # RESU's cycle skeleton without resurrection: no θ admitted at commit, a RESU phase of 5% of
+    # each cycle and no stabilisation (what the cycles cost on their own, against GMP)
+    "resu_no_resurrection": dict(freeze_active=False, r_start=0.0, r_end=0.0, resu_fraction=0.05,
+                                 stabilize_fraction=0.0),
+    "resu_train_active_cycles_5_resu_fraction_0.2": dict(freeze_active=False, num_cycles=5, resu_fraction=0.2),
+    "resu_train_active_cycles_5_no_resurrection": dict(freeze_active=False, num_cycles=5, r_start=0.0, r_end=0.0,
+                                                       resu_fraction=0.05, stabilize_fraction=0.0),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
     "resu_train_active_cycles_20_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
     "resu_train_active_cycles_20_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
