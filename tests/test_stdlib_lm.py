@@ -25,6 +25,11 @@ def test_every_variant_pins_the_settings_it_is_named_for(name):
     assert (config.commit_strategy == "magnitude") == ("magnitude" in name)
     named_epsilon = re.search(r"_epsilon_([\d.]+)", name)
     assert config.epsilon == (float(named_epsilon[1]) if named_epsilon else 0.1)
+    no_resurrection = "no_resurrection" in name
+    assert (config.r_start, config.r_end) == ((0.0, 0.0) if no_resurrection else (0.10, 0.02))
+    named_fraction = re.search(r"_resu_fraction_([\d.]+)", name)
+    assert config.resu_fraction == (0.05 if no_resurrection else float(named_fraction[1]) if named_fraction else 0.4)
+    assert config.stabilize_fraction == (0.0 if no_resurrection else 0.1)
     at_cycle_end = [0.9 - 0.9 * (1 - (c + 1) / config.num_cycles) ** 3 for c in range(config.num_cycles)]
     assert (config.cycle_sparsities() == pytest.approx(at_cycle_end)) == ("schedule_at_cycle_end" in name)
 

@@ -64,8 +64,8 @@ RESU_VARIANTS = {
     "resu_train_active_cycles_3": dict(freeze_active=False, num_cycles=3),
     # RESU's cycle skeleton without resurrection: no θ admitted at commit, a RESU phase of 5% of
     # each cycle and no stabilisation (what the cycles cost on their own, against GMP)
-    "resu_no_resurrection": dict(freeze_active=False, r_start=0.0, r_end=0.0, resu_fraction=0.05,
-                                 stabilize_fraction=0.0),
+    "resu_train_active_cycles_20_no_resurrection": dict(freeze_active=False, num_cycles=20, r_start=0.0, r_end=0.0,
+                                                        resu_fraction=0.05, stabilize_fraction=0.0),
     "resu_train_active_cycles_5_resu_fraction_0.2": dict(freeze_active=False, num_cycles=5, resu_fraction=0.2),
     "resu_train_active_cycles_5_no_resurrection": dict(freeze_active=False, num_cycles=5, r_start=0.0, r_end=0.0,
                                                        resu_fraction=0.05, stabilize_fraction=0.0),
