@@ -10,6 +10,8 @@ the tests below check it. FSDP2 does not broadcast at construction, so both rank
 from the same seed (as a user must). The same scenarios run on 2 GPUs with NCCL under ``-m cuda``.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -404,6 +406,36 @@ def _replace_inside(model):
         model[0].weight = nn.Parameter(torch.zeros(HIDDEN, IN))
 
 
+def scenario_load_state_dict(rank):
+    """``model.load_state_dict`` of a sharded checkpoint of another mode, into a sharded model that
+    never ran and into one that ran (FSDP sized its all-gather buffers for the old layout): a
+    QRESU checkpoint into DENSE and SPARSE models, then a SPARSE checkpoint back into the one that
+    ran. Each loaded model then trains a step, as a copy of the single-process model does."""
+    sparse_checkpoint = shard_model(make_model(sparsity=0.5)).state_dict()
+    source, reference = shard_model(make_model(sparsity=0.5)), make_model(sparsity=0.5)
+    for model in (source, reference):
+        rt.enter_resu_(model, epsilon=0.5, quantize_bits=4, group_size=8, generator=torch.Generator().manual_seed(3))
+    train(source, adamw(source), reference, adamw(reference), rank, steps=2, scenario_seed=11)
+    fresh, ran = shard_model(make_model()), shard_model(make_model(sparsity=0.5))
+    x, _ = global_batch(0, 12)
+    ran(shard(x, rank)).sum().backward()
+    result = {}
+
+    def loads(name, model, checkpoint, expected):
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(checkpoint)
+        expected = copy.deepcopy(expected)
+        loaded = compare(model, expected)
+        train(model, adamw(model), expected, adamw(expected), rank, steps=1, scenario_seed=13)
+        result[name] = {"loaded": loaded, "trained": compare(model, expected),
+                        "modes": [rtf.full_tensor(model[i].weight).mode.value for i in resu_layers(model)]}
+
+    loads("qresu_into_fresh", fresh, source.state_dict(), reference)
+    loads("qresu_into_ran", ran, source.state_dict(), reference)
+    loads("sparse_into_ran_qresu", ran, sparse_checkpoint, make_model(sparsity=0.5))
+    return result
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in list(globals().items()) if name.startswith("scenario_")}
 
 
@@ -458,6 +490,15 @@ def test_stale_sharded_state_is_refused_then_reset(ranks):
         assert result["unmoved"], "a coordinate moved in the refused step"
         assert result["dropped"] == 2 and result["reference_dropped"] == 2 and result["dropped_again"] == 0
         assert_matches_reference(result)
+
+
+def test_load_state_dict_of_another_mode(ranks):
+    expected_modes = {"qresu_into_fresh": "qresu", "qresu_into_ran": "qresu", "sparse_into_ran_qresu": "sparse"}
+    for result in results(ranks, "load_state_dict"):
+        for name, mode in expected_modes.items():
+            assert result[name]["modes"] == [mode, mode], name
+            assert_matches_reference(result[name]["loaded"])
+            assert_matches_reference(result[name]["trained"])
 
 
 def test_manual_mode_changes_on_uneven_shards(ranks):

@@ -15,12 +15,14 @@
   requires every input of the short rank's padded shard to have the padded shard's shape.
 * **Layout changes.** FSDP2 sizes its all-gather buffers at the first all-gather; a mode change
   changes the inputs (packed or dense, another θ length), so ``rt.prune_`` / ``enter_resu_`` /
-  ``commit_`` (training/sharded.py's ``full_weights``) call :func:`reset_gather_layout_`.
+  ``commit_`` (training/sharded.py's ``full_weights``) call :func:`reset_gather_layout_`; a state
+  loaded into a shard (``load_state_dict``) is followed at its next all-gather.
 * **Gradients.** A post-accumulate-grad hook (FSDP calls it right after the reduce-scatter)
   replaces the shard's dense gradient by its CompactTensor over the shard's trainable coordinates,
   so optimizer state stays compact and frozen coordinates never move (weight decay included).
   Registered by the first all-gather; nothing to call.
 """
+import sys
 import weakref
 
 import torch
@@ -32,6 +34,8 @@ from resu_tensor.core import qresu
 from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.mode import Mode
 
+# shard -> (packed or dense, shapes and dtypes) of its last all-gather inputs (_follow_layout_change)
+_GATHER_LAYOUTS = WeakIdKeyDictionary()
 # shard -> (weak reference to the θ tensor the lengths were agreed for, every rank's θ length)
 _THETA_LENGTHS = WeakIdKeyDictionary()
 
@@ -53,6 +57,11 @@ class FsdpRowSharding:
         out-channels; a transposed (in, out) weight is sharded on dim 1, its storage rows, which FSDP
         requires even: no padding)."""
         _register_grad_hook(module)
+        inputs, metadata = self._all_gather_inputs(mesh, outer_size, mp_policy)
+        _follow_layout_change(self, inputs, metadata)
+        return inputs, metadata
+
+    def _all_gather_inputs(self, mesh, outer_size, mp_policy):
         dtype = getattr(mp_policy, "param_dtype", None) or self.compute_dtype
         if self.packs_all_gather(mesh, outer_size):
             lengths = _agreed_theta_lengths(self, mesh)
@@ -101,6 +110,23 @@ class FsdpRowSharding:
         return weight, (weight,)
 
 
+def _follow_layout_change(shard, inputs, metadata) -> None:
+    """Re-size FSDP's all-gather buffers when ``shard``'s all-gather inputs changed shape since its
+    last all-gather without a mode change of the library's (which resets them itself): a state
+    written into the shard by ``load_state_dict`` or ``copy_`` after the model ran, e.g. a QRESU
+    checkpoint into a SPARSE model. FSDP would copy the new inputs into buffers sized for the old
+    ones. FSDP hands the extension no handle to its record of the parameter; the caller,
+    ``FSDPParam.all_gather_inputs``, is that record (a direct call of the hook records nothing)."""
+    caller = sys._getframe(2).f_locals.get("self")  # frame 1: fsdp_pre_all_gather
+    if type(caller).__name__ != "FSDPParam" or getattr(caller, "_sharded_local_tensor", None) is not shard:
+        return
+    layout = (None if metadata is None else metadata[0], tuple((tuple(t.shape), t.dtype) for t in inputs))
+    previous = _GATHER_LAYOUTS.get(shard)
+    if previous is not None and previous != layout:
+        clear_gather_buffers(caller)
+    _GATHER_LAYOUTS[shard] = layout
+
+
 def _agreed_theta_lengths(shard, mesh) -> list[int]:
     """Every rank's θ length for this shard's layer, all-gathered once per θ tensor (mode changes
     and state loads replace θ on every rank together; optimizer steps update it in place)."""
@@ -131,6 +157,7 @@ def reset_gather_layout_(model, param) -> None:
 
 def clear_gather_buffers(fsdp_param) -> None:
     """:func:`reset_gather_layout_` on FSDP's record (``FSDPParam``) of the parameter."""
+    _GATHER_LAYOUTS.pop(getattr(fsdp_param, "_sharded_local_tensor", None), None)
     fsdp_param.all_gather_outputs = []
     fsdp_param._unsharded_inner_tensors = []
     if hasattr(fsdp_param, "_unsharded_param"):

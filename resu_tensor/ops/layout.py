@@ -157,6 +157,17 @@ def assign_data(func, types, args, kwargs):
 
 
 ResuTensor.implements_torch_function(torch.Tensor.data.__set__)(assign_data)
+
+
+def no_storage(func, types, args, kwargs):
+    """``w.untyped_storage()``: a ResuTensor keeps its state in several inner tensors and has no
+    storage of its own, so this is an empty storage on its device, which no other tensor shares.
+    Code that compares storages to tell whether two tensors alias (FSDP2's ``load_state_dict``
+    hook does, for every shard) then sees that they do not, instead of an error."""
+    return torch.UntypedStorage(0, device=args[0].device)
+
+
+ResuTensor.implements_torch_function(torch.Tensor.untyped_storage)(no_storage)
 ResuTensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])(transpose)
 CompactTensor.implements([aten.t.default, aten.transpose.int, aten.permute.default])(transpose)
 ResuTensor.implements(aten._to_copy.default)(to_copy_resu)
