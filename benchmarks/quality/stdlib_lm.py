@@ -67,6 +67,8 @@ RESU_VARIANTS = {
     "resu_train_active_cycles_20_no_resurrection": dict(freeze_active=False, num_cycles=20, r_start=0.0, r_end=0.0,
                                                         resu_fraction=0.05, stabilize_fraction=0.0),
     "resu_train_active_cycles_5_resu_fraction_0.2": dict(freeze_active=False, num_cycles=5, resu_fraction=0.2),
+    "resu_train_active_cycles_3_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=3, epsilon=0.01,
+                                                              commit_strategy="magnitude"),
     "resu_train_active_cycles_5_no_resurrection": dict(freeze_active=False, num_cycles=5, r_start=0.0, r_end=0.0,
                                                        resu_fraction=0.05, stabilize_fraction=0.0),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
