@@ -29,7 +29,7 @@ def test_every_variant_pins_the_settings_it_is_named_for(name):
     assert (config.r_start, config.r_end) == ((0.0, 0.0) if no_resurrection else (0.10, 0.02))
     named_fraction = re.search(r"_resu_fraction_([\d.]+)", name)
     assert config.resu_fraction == (0.05 if no_resurrection else float(named_fraction[1]) if named_fraction else 0.4)
-    assert config.stabilize_fraction == (0.0 if no_resurrection else 0.1)
+    assert config.stabilize_fraction == (0.0 if no_resurrection or "_stabilize_0_" in name else 0.1)
     at_cycle_end = [0.9 - 0.9 * (1 - (c + 1) / config.num_cycles) ** 3 for c in range(config.num_cycles)]
     assert (config.cycle_sparsities() == pytest.approx(at_cycle_end)) == ("schedule_at_cycle_end" in name)
 
@@ -37,3 +37,11 @@ def test_every_variant_pins_the_settings_it_is_named_for(name):
 def test_resu_is_the_library_default_recipe():
     config = stdlib_lm.make_schedule("resu", 2000, 0.9, 0)
     assert config.freeze_active is False and config.num_cycles == 20
+
+
+@pytest.mark.parametrize("name", sorted(stdlib_lm.GMP_VARIANTS))
+def test_gmp_variants_change_only_how_often_gmp_prunes(name):
+    config, default = stdlib_lm.make_schedule(name, 2000, 0.9, 0), stdlib_lm.make_schedule("gmp", 2000, 0.9, 0)
+    assert config.method == "gmp" and config.update_every == int(name.rsplit("_", 1)[1]) != default.update_every
+    assert (config.mask_steps, config.sparsity, config.prune_start_step) == \
+        (default.mask_steps, default.sparsity, default.prune_start_step)

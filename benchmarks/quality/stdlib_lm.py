@@ -69,6 +69,9 @@ RESU_VARIANTS = {
     "resu_train_active_cycles_5_resu_fraction_0.2": dict(freeze_active=False, num_cycles=5, resu_fraction=0.2),
     "resu_train_active_cycles_3_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=3, epsilon=0.01,
                                                               commit_strategy="magnitude"),
+    # later prunes: no stabilisation and a RESU phase of 25%, so each cycle's TRAIN takes 75% of it
+    "resu_train_active_cycles_3_stabilize_0_resu_fraction_0.25": dict(freeze_active=False, num_cycles=3,
+                                                                      stabilize_fraction=0.0, resu_fraction=0.25),
     "resu_train_active_cycles_5_no_resurrection": dict(freeze_active=False, num_cycles=5, r_start=0.0, r_end=0.0,
                                                        resu_fraction=0.05, stabilize_fraction=0.0),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
@@ -81,12 +84,20 @@ RESU_VARIANTS = {
 }
 
 
+# GMP pruning less often than its default every 100 steps (``--methods`` takes these names too):
+# the window and the cubic stay, the prunes come later and in larger steps.
+GMP_VARIANTS = {"gmp_update_every_400": dict(update_every=400), "gmp_update_every_600": dict(update_every=600)}
+
+
 def make_schedule(method: str, total_steps: int, sparsity: float, seed: int) -> rt.ScheduleConfig:
     """The library's defaults for ``method`` over the run's step budget (RigL with a random initial
     mask, as in its paper)."""
     options = {"prune_method": "random"} if method == "rigl" else dict(RESU_VARIANTS.get(method, {}))
+    options.update(GMP_VARIANTS.get(method, {}))
     if method in RESU_VARIANTS:
         method = "resu"
+    elif method in GMP_VARIANTS:
+        method = "gmp"
     return schedule_config(method=method, total_steps=total_steps, sparsity=sparsity, seed=seed, progress=False,
                            **options)
 
@@ -229,7 +240,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", default=["dense", *METHODS],
-                        choices=["dense", *METHODS, *RESU_VARIANTS])
+                        choices=["dense", *METHODS, *RESU_VARIANTS, *GMP_VARIANTS])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.9])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=STEPS)
