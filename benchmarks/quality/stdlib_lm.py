@@ -74,6 +74,8 @@ RESU_VARIANTS = {
                                                                       stabilize_fraction=0.0, resu_fraction=0.25),
     "resu_train_active_cycles_2_stabilize_0_resu_fraction_0.25": dict(freeze_active=False, num_cycles=2,
                                                                       stabilize_fraction=0.0, resu_fraction=0.25),
+    "resu_train_active_cycles_2_no_resurrection": dict(freeze_active=False, num_cycles=2, r_start=0.0, r_end=0.0,
+                                                       resu_fraction=0.05, stabilize_fraction=0.0),
     "resu_train_active_cycles_5_no_resurrection": dict(freeze_active=False, num_cycles=5, r_start=0.0, r_end=0.0,
                                                        resu_fraction=0.05, stabilize_fraction=0.0),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
