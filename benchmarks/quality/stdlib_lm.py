@@ -48,6 +48,11 @@ SIZES = {
 }
 HELD_OUT_MODULUS = 10
 METHODS = ("one_shot", "gmp", "rigl", "set", "resu")
+# RESU's cycle skeleton without resurrection: no θ admitted at commit, a RESU phase of 5% of each
+# cycle and no stabilisation (what the cycles cost on their own, against GMP)
+NO_RESURRECTION = dict(r_start=0.0, r_end=0.0, resu_fraction=0.05, stabilize_fraction=0.0)
+# later prunes: no stabilisation and a RESU phase of 25%, so each cycle's TRAIN takes 75% of it
+LATE_PRUNES = dict(stabilize_fraction=0.0, resu_fraction=0.25)
 # RESU with its settings pinned (``--methods`` takes these names too): the ablation of this task.
 # ``resu`` is the library's defaults (the active weights train in the RESU phase, 20 cycles).
 RESU_VARIANTS = {
@@ -62,22 +67,14 @@ RESU_VARIANTS = {
     "resu_train_active_cycles_40": dict(freeze_active=False, num_cycles=40),
     "resu_train_active_cycles_2": dict(freeze_active=False, num_cycles=2),
     "resu_train_active_cycles_3": dict(freeze_active=False, num_cycles=3),
-    # RESU's cycle skeleton without resurrection: no θ admitted at commit, a RESU phase of 5% of
-    # each cycle and no stabilisation (what the cycles cost on their own, against GMP)
-    "resu_train_active_cycles_20_no_resurrection": dict(freeze_active=False, num_cycles=20, r_start=0.0, r_end=0.0,
-                                                        resu_fraction=0.05, stabilize_fraction=0.0),
+    "resu_train_active_cycles_20_no_resurrection": dict(freeze_active=False, num_cycles=20, **NO_RESURRECTION),
+    "resu_train_active_cycles_5_no_resurrection": dict(freeze_active=False, num_cycles=5, **NO_RESURRECTION),
+    "resu_train_active_cycles_2_no_resurrection": dict(freeze_active=False, num_cycles=2, **NO_RESURRECTION),
     "resu_train_active_cycles_5_resu_fraction_0.2": dict(freeze_active=False, num_cycles=5, resu_fraction=0.2),
     "resu_train_active_cycles_3_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=3, epsilon=0.01,
                                                               commit_strategy="magnitude"),
-    # later prunes: no stabilisation and a RESU phase of 25%, so each cycle's TRAIN takes 75% of it
-    "resu_train_active_cycles_3_stabilize_0_resu_fraction_0.25": dict(freeze_active=False, num_cycles=3,
-                                                                      stabilize_fraction=0.0, resu_fraction=0.25),
-    "resu_train_active_cycles_2_stabilize_0_resu_fraction_0.25": dict(freeze_active=False, num_cycles=2,
-                                                                      stabilize_fraction=0.0, resu_fraction=0.25),
-    "resu_train_active_cycles_2_no_resurrection": dict(freeze_active=False, num_cycles=2, r_start=0.0, r_end=0.0,
-                                                       resu_fraction=0.05, stabilize_fraction=0.0),
-    "resu_train_active_cycles_5_no_resurrection": dict(freeze_active=False, num_cycles=5, r_start=0.0, r_end=0.0,
-                                                       resu_fraction=0.05, stabilize_fraction=0.0),
+    "resu_train_active_cycles_3_stabilize_0_resu_fraction_0.25": dict(freeze_active=False, num_cycles=3, **LATE_PRUNES),
+    "resu_train_active_cycles_2_stabilize_0_resu_fraction_0.25": dict(freeze_active=False, num_cycles=2, **LATE_PRUNES),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
     "resu_train_active_cycles_20_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
     "resu_train_active_cycles_20_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
