@@ -80,7 +80,7 @@ def check_adam_by_bitmap(device, big):
     ref, tri, masks = k.optim, k.optim_triton, k.mask_ops
     shape = (37, 41) if not big else (1003, 4099)
     for dtype, block_size, invert, decoupled, maximize in [(torch.float32, 300, True, True, False),
-                                                           (torch.bfloat16, 1024, False, False, True)]:
+                                                           (torch.bfloat16, 2048, False, False, True)]:
         values = random_data(shape, dtype, device)
         mask = random_mask(values.numel(), 0.55, device)
         bitmap, prefix = masks.pack_bitmap(mask), masks.block_prefix_counts(mask, block_size)

@@ -149,7 +149,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-BLOCK_CHUNK = 1024  # elements per step of the kernels that walk one prefix block per program
+BLOCK_CHUNK = 1024  # elements per chunk of the bitmap kernels (a step of a block walk, or one program's share)
+
+
+def chunk_grid(rows: list, chunk: int) -> tuple:
+    """Grid of a multi-tensor kernel with one program per CHUNK of a prefix block (a table's rows,
+    :func:`table_row`): (most chunks of any weight, weights)."""
+    return max(-(-row[3] // row[5]) * -(-row[5] // chunk) for row in rows), len(rows)
 
 
 def block_walk(block_size: int) -> dict:
@@ -158,7 +164,7 @@ def block_walk(block_size: int) -> dict:
     return {"CHUNK": min(BLOCK_CHUNK, next_power_of_2(block_size)), "ALIGNED": block_size % 8 == 0}
 
 
-# Every masked-weight table row begins with these columns (see table_row / table_block).
+# Every masked-weight table row begins with these columns (see table_row / table_chunk).
 TABLE_COLUMNS = ("values", "bitmap", "block_prefix", "numel", "n_compact", "block_size")
 
 
@@ -167,11 +173,6 @@ def table_row(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Te
     """One weight's row of a multi-tensor kernel's table: ``TABLE_COLUMNS``, then ``extra``."""
     return [values.data_ptr(), bitmap.data_ptr(), block_prefix.data_ptr(), values.numel(), n_compact, block_size,
             *extra]
-
-
-def table_grid(rows: list) -> tuple:
-    """Grid of a multi-tensor kernel: (most prefix blocks of any weight, weights)."""
-    return max(-(-row[3] // row[5]) for row in rows), len(rows)
 
 
 def address_table(rows: list, device: torch.device) -> torch.Tensor:
@@ -277,10 +278,35 @@ if HAS_TRITON:
         return flags, running + (tl.cumsum(flags, axis=0) - flags).to(tl.int64)
 
     @triton.jit
+    def program_chunk(chunk, block_size, CHUNK: tl.constexpr):
+        """(block, start, offset) of program ``chunk`` of a kernel that runs one program per CHUNK
+        of each prefix block (see :func:`selected_before_chunk`): its prefix block, the block's
+        first element and the chunk's offset in the block."""
+        per_block = (block_size + CHUNK - 1) // CHUNK
+        block = chunk // per_block
+        return block, block.to(tl.int64) * block_size, (chunk % per_block) * CHUNK
+
+    @triton.jit
+    def selected_before_chunk(bitmap_ptr, block_prefix_ptr, block, start, offset, numel, INVERT: tl.constexpr,
+                              ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+        """Selected elements before the chunk at ``offset`` in prefix block ``block``: the block's
+        prefix count plus the bits of the block's earlier chunks. A program per chunk then waits
+        for no other chunk, where a program walking the block in order waits at every chunk for
+        the previous chunk's mask bytes and scan before it can load the compact operands, which
+        keeps too few loads in flight to fill the memory bus; the earlier chunks' mask bytes it
+        re-reads are an eighth of a byte per element, mostly from L2."""
+        running = selected_before_block(block_prefix_ptr, block, start, INVERT)
+        for before in range(0, offset, CHUNK):
+            ones = tl.sum(chunk_bits(bitmap_ptr, start + before, numel, ALIGNED, CHUNK), axis=0).to(tl.int64)
+            running += (CHUNK - ones) if INVERT else ones
+        return running
+
+    @triton.jit
     def chunk_elements(start, offset, block_size, numel, CHUNK: tl.constexpr):
         """(element, inside) of the chunk at ``offset`` in the prefix block that begins at element
-        ``start``: the step of the kernels that walk one prefix block per program (gather/scatter,
-        Adam, in-place updates, W_eff). Those kernels read the chunk's weights masked by ``inside`` before
+        ``start``: a step of the kernels that walk one prefix block per program (gather/scatter,
+        W_eff) or the one chunk of a program of those that run one per chunk (Adam, in-place
+        updates). Those kernels read the chunk's weights masked by ``inside`` before
         :func:`chunk_selection`, not by the selection after it: the read then does not wait for
         the mask bytes and the scan, costs no extra DRAM traffic (a random mask leaves almost no
         32-byte sector unselected) and writes nothing."""
@@ -310,19 +336,23 @@ if HAS_TRITON:
         return table_entry(table_ptr, row, column, WIDTH).to(tl.pointer_type(storage))
 
     @triton.jit
-    def table_block(table_ptr, row, block, WIDTH: tl.constexpr):
-        """(start, numel, n_compact, block_size) of prefix block ``block`` of the weight in table
-        row ``row`` (``TABLE_COLUMNS``); the block exists where start < numel."""
+    def table_chunk(table_ptr, row, chunk, WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+        """(block, start, offset, numel, n_compact, block_size) of program ``chunk`` (see
+        :func:`program_chunk`) on the weight in table row ``row`` (``TABLE_COLUMNS``); the chunk
+        exists where start + offset < numel."""
+        numel, n_compact = table_entry(table_ptr, row, 3, WIDTH), table_entry(table_ptr, row, 4, WIDTH)
         block_size = table_entry(table_ptr, row, 5, WIDTH)
-        return (block.to(tl.int64) * block_size, table_entry(table_ptr, row, 3, WIDTH),
-                table_entry(table_ptr, row, 4, WIDTH), block_size)
+        block, start, offset = program_chunk(chunk, block_size, CHUNK)
+        return block, start, offset, numel, n_compact, block_size
 
     @triton.jit
-    def table_walk_start(table_ptr, row, block, start, WIDTH: tl.constexpr, INVERT: tl.constexpr):
-        """(bitmap pointer, selected count before the block) of a :func:`table_block` block."""
+    def table_chunk_start(table_ptr, row, block, start, offset, numel, WIDTH: tl.constexpr, INVERT: tl.constexpr,
+                          ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
+        """(bitmap pointer, selected count before the chunk) of a :func:`table_chunk` chunk."""
+        bitmap_ptr = table_pointer(table_ptr, row, 1, WIDTH, tl.uint8)
         block_prefix_ptr = table_pointer(table_ptr, row, 2, WIDTH, tl.int32)
-        return (table_pointer(table_ptr, row, 1, WIDTH, tl.uint8),
-                selected_before_block(block_prefix_ptr, block, start, INVERT))
+        return bitmap_ptr, selected_before_chunk(bitmap_ptr, block_prefix_ptr, block, start, offset, numel, INVERT,
+                                                 ALIGNED, CHUNK)
 
     @triton.jit
     def load_float(ptr, offset, mask, DTYPE: tl.constexpr):

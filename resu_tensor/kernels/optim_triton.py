@@ -12,9 +12,9 @@ import torch
 from . import optim
 from .mask_ops import check_foreach_lengths
 from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, Variant, address_table, block_walk, cast_to, chunk_elements,
-                              chunk_selection, cuda_op, load_float, selected_before_block, store_float,
-                              table_block, table_entry, table_grid, table_group, table_pointer, table_row,
-                              table_walk_start, tl, triton)
+                              chunk_grid, chunk_selection, cuda_op, load_float, program_chunk, selected_before_chunk,
+                              store_float, table_chunk, table_chunk_start, table_entry, table_group, table_pointer,
+                              table_row, tl, triton)
 
 
 @triton.jit
@@ -45,12 +45,12 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
                         numel, block_size, n_compact, lr, beta1, beta2, weight_decay, eps,
                         INVERT: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per prefix block; positions as in mask_ops_triton._gather_by_bitmap_kernel."""
-    block = tl.program_id(0)
-    start = block.to(tl.int64) * block_size
-    running = selected_before_block(block_prefix_ptr, block, start, INVERT)
-    bias1, bias2_sqrt = _bias_corrections(step_ptr, beta1, beta2)
-    for offset in range(0, block_size, CHUNK):
+    """One program per CHUNK of a prefix block; positions as in mask_ops_triton._gather_by_bitmap_kernel."""
+    block, start, offset = program_chunk(tl.program_id(0), block_size, CHUNK)
+    if start + offset < numel:
+        running = selected_before_chunk(bitmap_ptr, block_prefix_ptr, block, start, offset, numel, INVERT, ALIGNED,
+                                        CHUNK)
+        bias1, bias2_sqrt = _bias_corrections(step_ptr, beta1, beta2)
         element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
         p = tl.load(values_ptr + element, mask=inside).to(tl.float32)  # before the mask walk; stores stay selected
         flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
@@ -63,7 +63,6 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
         tl.store(values_ptr + element, cast_to(p, values_ptr.dtype.element_ty), mask=selected)
         tl.store(m_ptr + position, cast_to(m, m_ptr.dtype.element_ty), mask=selected)
         tl.store(v_ptr + position, cast_to(v, v_ptr.dtype.element_ty), mask=selected)
-        running += tl.sum(flags, axis=0).to(tl.int64)
 
 
 # Columns of the foreach kernel's address table (_triton_support.address_table), one row per weight.
@@ -76,33 +75,31 @@ def _foreach_adam_bitmap_kernel(table_ptr, lr, beta1, beta2, weight_decay, eps, 
                                 G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, INVERT: tl.constexpr,
                                 DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
                                 CHUNK: tl.constexpr):
-    """:func:`_adam_bitmap_kernel` for many weights in one launch: grid (most prefix blocks of any
-    weight, weights); program (b, w) steps prefix block b of the weight in table row w (see
-    ``_TABLE``), if it has one. P/G/S_DTYPE: the weights', grads' and moments' dtypes."""
-    block = tl.program_id(0)
+    """:func:`_adam_bitmap_kernel` for many weights in one launch: grid (most chunks of any
+    weight, weights); program (c, w) steps chunk c of the weight in table row w (see ``_TABLE``),
+    if it has one. P/G/S_DTYPE: the weights', grads' and moments' dtypes."""
     row = tl.program_id(1)
-    start, numel, n_compact, block_size = table_block(table_ptr, row, block, _WIDTH)
-    if start < numel:
-        bitmap_ptr, running = table_walk_start(table_ptr, row, block, start, _WIDTH, INVERT)
+    block, start, offset, numel, n_compact, block_size = table_chunk(table_ptr, row, tl.program_id(0), _WIDTH, CHUNK)
+    if start + offset < numel:
+        bitmap_ptr, running = table_chunk_start(table_ptr, row, block, start, offset, numel, _WIDTH, INVERT, ALIGNED,
+                                                CHUNK)
         values_ptr = table_pointer(table_ptr, row, 0, _WIDTH, P_DTYPE)
         grad_ptr = table_pointer(table_ptr, row, 6, _WIDTH, G_DTYPE)
         m_ptr = table_pointer(table_ptr, row, 7, _WIDTH, S_DTYPE)
         v_ptr = table_pointer(table_ptr, row, 8, _WIDTH, S_DTYPE)
         bias1, bias2_sqrt = _bias_corrections(table_pointer(table_ptr, row, 9, _WIDTH, tl.float32), beta1, beta2)
-        for offset in range(0, block_size, CHUNK):
-            element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
-            p = load_float(values_ptr, element, inside, P_DTYPE)
-            flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
-                                                        n_compact, INVERT, ALIGNED, CHUNK)
-            g = load_float(grad_ptr, position, selected, G_DTYPE)
-            m = load_float(m_ptr, position, selected, S_DTYPE)
-            v = load_float(v_ptr, position, selected, S_DTYPE)
-            p, m, v = _adam_update(p, g, m, v, bias1, bias2_sqrt, lr, beta1, beta2, weight_decay, eps, DECOUPLED,
-                                   MAXIMIZE)
-            store_float(values_ptr, element, p, selected, P_DTYPE)
-            store_float(m_ptr, position, m, selected, S_DTYPE)
-            store_float(v_ptr, position, v, selected, S_DTYPE)
-            running += tl.sum(flags, axis=0).to(tl.int64)
+        element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+        p = load_float(values_ptr, element, inside, P_DTYPE)
+        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
+                                                    n_compact, INVERT, ALIGNED, CHUNK)
+        g = load_float(grad_ptr, position, selected, G_DTYPE)
+        m = load_float(m_ptr, position, selected, S_DTYPE)
+        v = load_float(v_ptr, position, selected, S_DTYPE)
+        p, m, v = _adam_update(p, g, m, v, bias1, bias2_sqrt, lr, beta1, beta2, weight_decay, eps, DECOUPLED,
+                               MAXIMIZE)
+        store_float(values_ptr, element, p, selected, P_DTYPE)
+        store_float(m_ptr, position, m, selected, S_DTYPE)
+        store_float(v_ptr, position, v, selected, S_DTYPE)
 
 
 def _check_adam_operands(values, grad, exp_avg, exp_avg_sq) -> None:
@@ -121,10 +118,11 @@ def _adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: t
     _check_adam_operands(values, grad, exp_avg, exp_avg_sq)
     if values.numel() == 0 or grad.numel() == 0:
         return
-    _adam_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
+    walk = block_walk(block_size)
+    _adam_bitmap_kernel[(triton.cdiv(values.numel(), block_size) * triton.cdiv(block_size, walk["CHUNK"]),)](
         values, bitmap, block_prefix, grad, exp_avg, exp_avg_sq, step, values.numel(), block_size, grad.numel(),
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), INVERT=bool(invert),
-        DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), **block_walk(block_size))
+        DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), **walk)
 
 
 def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor],
@@ -158,7 +156,7 @@ def _foreach_adam_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Ten
             table.append(table_row(values[j], bitmaps[j], block_prefixes[j], grads[j].numel(), block_sizes[j],
                                    grads[j].data_ptr(), exp_avgs[j].data_ptr(), exp_avg_sqs[j].data_ptr(),
                                    steps[j].data_ptr()))
-        _foreach_adam_bitmap_kernel[table_grid(table)](
+        _foreach_adam_bitmap_kernel[chunk_grid(table, chunk)](
             address_table(table, values[rows[0]].device), float(lr), float(beta1), float(beta2), float(weight_decay),
             float(eps), P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], S_DTYPE=TL_DTYPES[s_dtype],
             INVERT=invert, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), ALIGNED=aligned, CHUNK=chunk)

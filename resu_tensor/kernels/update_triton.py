@@ -14,9 +14,9 @@ import torch
 
 from . import mask_ops
 from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, Variant, address_table, block_walk, cast_to, chunk_elements,
-                              chunk_selection, cuda_op, float32_bits, load_float, selected_before_block,
-                              store_float, table_block, table_entry, table_grid, table_group, table_pointer, table_row,
-                              table_walk_start, tl, triton)
+                              chunk_grid, chunk_selection, cuda_op, float32_bits, load_float, program_chunk,
+                              selected_before_chunk, store_float, table_chunk, table_chunk_start, table_entry,
+                              table_group, table_pointer, table_row, tl, triton)
 
 
 @triton.jit
@@ -44,11 +44,12 @@ def _updated(v, a, b, scalar, OP: tl.constexpr):
 @triton.jit
 def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_ptr, numel, block_size, n_compact,
                           scalar, INVERT: tl.constexpr, OP: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per prefix block; positions as in mask_ops_triton._gather_by_bitmap_kernel."""
-    block = tl.program_id(0)
-    start = block.to(tl.int64) * block_size
-    running = selected_before_block(block_prefix_ptr, block, start, INVERT)
-    for offset in range(0, block_size, CHUNK):
+    """One program per CHUNK of a prefix block (as optim_triton._adam_bitmap_kernel); positions as in
+    mask_ops_triton._gather_by_bitmap_kernel."""
+    block, start, offset = program_chunk(tl.program_id(0), block_size, CHUNK)
+    if start + offset < numel:
+        running = selected_before_chunk(bitmap_ptr, block_prefix_ptr, block, start, offset, numel, INVERT, ALIGNED,
+                                        CHUNK)
         element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
         v = tl.zeros((CHUNK,), dtype=tl.float32)
         if OP != "copy":  # before the mask walk; the store stays selected
@@ -63,7 +64,6 @@ def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_p
             b = tl.load(t2_ptr + position, mask=selected, other=1.0).to(tl.float32)
         out = _updated(v, a, b, scalar, OP)
         tl.store(values_ptr + element, cast_to(out, values_ptr.dtype.element_ty), mask=selected)
-        running += tl.sum(flags, axis=0).to(tl.int64)
 
 
 # Columns of the foreach kernel's address table (_triton_support.address_table), one row per weight.
@@ -75,32 +75,30 @@ _WIDTH = tl.constexpr(len(_TABLE))
 def _foreach_update_bitmap_kernel(table_ptr, P_DTYPE: tl.constexpr, T1_DTYPE: tl.constexpr,
                                   T2_DTYPE: tl.constexpr, INVERT: tl.constexpr, OP: tl.constexpr,
                                   ALIGNED: tl.constexpr, CHUNK: tl.constexpr):
-    """:func:`_update_bitmap_kernel` for many weights in one launch: grid (most prefix blocks of
-    any weight, weights), as optim_triton._foreach_adam_bitmap_kernel; each row has its scalar."""
-    block = tl.program_id(0)
+    """:func:`_update_bitmap_kernel` for many weights in one launch: grid (most chunks of any
+    weight, weights), as optim_triton._foreach_adam_bitmap_kernel; each row has its scalar."""
     row = tl.program_id(1)
-    start, numel, n_compact, block_size = table_block(table_ptr, row, block, _WIDTH)
-    if start < numel:
-        bitmap_ptr, running = table_walk_start(table_ptr, row, block, start, _WIDTH, INVERT)
+    block, start, offset, numel, n_compact, block_size = table_chunk(table_ptr, row, tl.program_id(0), _WIDTH, CHUNK)
+    if start + offset < numel:
+        bitmap_ptr, running = table_chunk_start(table_ptr, row, block, start, offset, numel, _WIDTH, INVERT, ALIGNED,
+                                                CHUNK)
         values_ptr = table_pointer(table_ptr, row, 0, _WIDTH, P_DTYPE)
         t1_ptr = table_pointer(table_ptr, row, 6, _WIDTH, T1_DTYPE)
         t2_ptr = table_pointer(table_ptr, row, 7, _WIDTH, T2_DTYPE)
         scalar = table_entry(table_ptr, row, 8, _WIDTH).to(tl.int32).to(tl.float32, bitcast=True)
-        for offset in range(0, block_size, CHUNK):
-            element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
-            v = tl.zeros((CHUNK,), dtype=tl.float32)
-            if OP != "copy":
-                v = load_float(values_ptr, element, inside, P_DTYPE)
-            flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
-                                                        n_compact, INVERT, ALIGNED, CHUNK)
-            a = v
-            if OP != "mul_scalar":
-                a = load_float(t1_ptr, position, selected, T1_DTYPE)
-            b = a
-            if OP == "addcmul" or OP == "addcdiv":
-                b = tl.where(selected, load_float(t2_ptr, position, selected, T2_DTYPE), 1.0)
-            store_float(values_ptr, element, _updated(v, a, b, scalar, OP), selected, P_DTYPE)
-            running += tl.sum(flags, axis=0).to(tl.int64)
+        element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
+        v = tl.zeros((CHUNK,), dtype=tl.float32)
+        if OP != "copy":
+            v = load_float(values_ptr, element, inside, P_DTYPE)
+        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
+                                                    n_compact, INVERT, ALIGNED, CHUNK)
+        a = v
+        if OP != "mul_scalar":
+            a = load_float(t1_ptr, position, selected, T1_DTYPE)
+        b = a
+        if OP == "addcmul" or OP == "addcdiv":
+            b = tl.where(selected, load_float(t2_ptr, position, selected, T2_DTYPE), 1.0)
+        store_float(values_ptr, element, _updated(v, a, b, scalar, OP), selected, P_DTYPE)
 
 
 def _operands(op: str, values: torch.Tensor, tensor1: Optional[torch.Tensor], tensor2: Optional[torch.Tensor]):
@@ -121,9 +119,10 @@ def _update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix:
     t1, t2, n_compact = _operands(op, values, tensor1, tensor2)
     if values.numel() == 0 or n_compact == 0:
         return
-    _update_bitmap_kernel[(triton.cdiv(values.numel(), block_size),)](
+    walk = block_walk(block_size)
+    _update_bitmap_kernel[(triton.cdiv(values.numel(), block_size) * triton.cdiv(block_size, walk["CHUNK"]),)](
         values, bitmap, block_prefix, t1, t2, values.numel(), block_size, n_compact, float(scalar),
-        INVERT=bool(invert), OP=op, **block_walk(block_size))
+        INVERT=bool(invert), OP=op, **walk)
 
 
 def _foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Tensor],
@@ -149,7 +148,7 @@ def _foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.T
             continue
         table = [table_row(values[j], bitmaps[j], block_prefixes[j], n_compact, block_sizes[j], t1.data_ptr(),
                            t2.data_ptr(), float32_bits(scalars[j])) for j, t1, t2, n_compact in rows]
-        _foreach_update_bitmap_kernel[table_grid(table)](
+        _foreach_update_bitmap_kernel[chunk_grid(table, chunk)](
             address_table(table, values[rows[0][0]].device), P_DTYPE=TL_DTYPES[p_dtype], T1_DTYPE=TL_DTYPES[t1_dtype],
             T2_DTYPE=TL_DTYPES[t2_dtype], INVERT=invert, OP=op, ALIGNED=aligned, CHUNK=chunk)
 
