@@ -425,9 +425,9 @@ def test_commit_admit_picks_the_mask_amnesty_mask_picks(monkeypatch, admit):
     assert scheduler.phase_changes[-1]["amnesty"]["resurrected_kept"] > 0
 
 
-def test_commit_optimizer_state_carry_keeps_theta_state_for_resurrected_coordinates(monkeypatch):
+def test_optimizer_state_carry_at_commit_keeps_theta_state_for_resurrected_coordinates(monkeypatch):
     calls = record_commits(monkeypatch)
-    model, optimizer, scheduler = make_run({"commit_optimizer_state": "carry", "epsilon": 0.5, "r_start": 0.4})
+    model, optimizer, scheduler = make_run({"optimizer_state": "carry_at_commit", "epsilon": 0.5, "r_start": 0.4})
     generator = torch.Generator().manual_seed(5)
     for _ in range(scheduler.config.steps_per_cycle):
         train_step(model, optimizer, scheduler, generator)
@@ -455,8 +455,68 @@ def test_commit_optimizer_state_carry_keeps_theta_state_for_resurrected_coordina
     assert all(has_fresh_state(optimizer, w) for _, _, w in rt.resu_weights(model))
 
 
+def test_optimizer_state_carry_keeps_the_state_of_coordinates_that_stay_trainable(monkeypatch):
+    """``optimizer_state="carry"``: at the prune, the RESU entry and the commit, every coordinate
+    trainable before and after keeps its AdamW moments bit for bit, joiners start at zero, and the
+    step count runs on; ``reset`` (the default) starts every phase afresh."""
+    import resu_tensor.training.scheduler as scheduler_module
+
+    changes = []
+
+    def snapshot(model, optimizer):
+        out = {}
+        for name, _, w in rt.resu_weights(model):
+            state = optimizer.state.get(w, {})
+            flat = w.trainable_flat()
+            flat = torch.ones(w.storage_numel, dtype=torch.bool) if flat is None else flat.clone()
+            moments = torch.zeros(w.storage_numel)
+            if "exp_avg" in state:
+                exp_avg = state["exp_avg"]
+                moments[flat] = exp_avg.flat if isinstance(exp_avg, rt.CompactTensor) else exp_avg.reshape(-1)
+            out[name] = (flat, moments, float(state["step"]) if "step" in state else None)
+        return out
+
+    for method in ("_prune", "_enter_resu", "_commit"):
+        real = getattr(scheduler_module.ResuScheduler, method)
+
+        def recording(self, cycle, real=real, method=method):
+            before = snapshot(self.model, self.optimizer)
+            real(self, cycle)
+            changes.append((method, before, snapshot(self.model, self.optimizer)))
+        monkeypatch.setattr(scheduler_module.ResuScheduler, method, recording)
+
+    model, optimizer, scheduler = make_run({"optimizer_state": "carry", "freeze_active": False, "epsilon": 0.5,
+                                            "r_start": 0.4, "initial_sparsity": 0.3})
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(2 * scheduler.config.steps_per_cycle):
+        train_step(model, optimizer, scheduler, generator)
+    assert [m for m, _, _ in changes] == ["_prune", "_enter_resu", "_commit"] * 2
+    for method, before, after in changes:
+        for name, (old_flat, old_moments, old_step) in before.items():
+            new_flat, new_moments, new_step = after[name]
+            kept, joined = old_flat & new_flat, new_flat & ~old_flat
+            assert kept.any() and old_moments[kept].abs().sum() > 0, (method, name)
+            assert torch.equal(new_moments[kept], old_moments[kept]), (method, name)
+            assert not new_moments[joined].any(), (method, name)
+            assert new_step == old_step > 0, (method, name)
+    # reset (the default of the cycle form, whose active weights are frozen) starts each phase afresh
+    model, optimizer, scheduler = make_run({"freeze_active": False, "initial_sparsity": 0.3, "optimizer_state": "reset"})
+    changes.clear()
+    for _ in range(scheduler.config.steps_per_cycle):
+        train_step(model, optimizer, scheduler, generator)
+    assert all(all(step is None or step == 0 for _, _, step in after.values()) for _, _, after in changes)
+
+
+def test_optimizer_state_default_carries_where_the_active_weights_train():
+    assert rt.ScheduleConfig(total_steps=1000, sparsity=0.9).optimizer_state == "carry"
+    assert rt.ScheduleConfig(total_steps=1000, sparsity=0.9, freeze_active=True).optimizer_state == "reset"
+    assert rt.ScheduleConfig(total_steps=1000, sparsity=0.9, quantize_bits=4).optimizer_state == "reset"
+    assert rt.ScheduleConfig(20, 3).optimizer_state == "reset"  # the cycle form freezes them
+    assert rt.ScheduleConfig(method="gmp", total_steps=1000).optimizer_state == "carry"
+
+
 def test_commit_option_errors():
     with pytest.raises(ValueError, match="unknown commit_admit 'all'; accepted: quota, beats_weakest"):
         rt.ScheduleConfig(10, 2, commit_admit="all")
-    with pytest.raises(ValueError, match="unknown commit_optimizer_state 'keep'; accepted: reset, carry"):
-        rt.ScheduleConfig(10, 2, commit_optimizer_state="keep")
+    with pytest.raises(ValueError, match="unknown optimizer_state 'keep'; accepted: reset, carry, carry_at_commit"):
+        rt.ScheduleConfig(10, 2, optimizer_state="keep")

@@ -23,6 +23,7 @@ def test_every_variant_pins_the_settings_it_is_named_for(name):
     assert config.num_cycles == (int(named_cycles[1]) if named_cycles else 5)
     assert (config.commit_admit == "beats_weakest") == ("beats_weakest" in name)
     assert (config.commit_strategy == "magnitude") == ("magnitude" in name)
+    assert config.optimizer_state == ("carry" if name.endswith("_carry_state") else "reset")
     named_epsilon = re.search(r"_epsilon_([\d.]+)", name)
     assert config.epsilon == (float(named_epsilon[1]) if named_epsilon else 0.1)
     no_resurrection = "no_resurrection" in name

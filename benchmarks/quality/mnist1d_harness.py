@@ -31,7 +31,9 @@ METHODS = ("dense", "oneshot", "gmp", "rigl", "set", "resu", "resu_selective", "
 # ``resu_dev`` is RESU as it was before this ablation chose the defaults: 3 cycles, the
 # baselines' final fine-tuning (0.25), active weights frozen in the RESU phase; every variant
 # pins it, so its runs stay reproducible.
-DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25, freeze_active=True)
+# optimizer_state="reset": what every variant below ran with before the library's default carried
+# the state where the active weights train (a variant that says otherwise overrides it)
+DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25, freeze_active=True, optimizer_state="reset")
 ABLATION_OPTIONS = {
     "resu_dev": {},
     # commit: a plain magnitude re-prune (θ compete with W_A on |W|); amnesty's reservation r = 0
@@ -45,7 +47,7 @@ ABLATION_OPTIONS = {
     "resu_finetune_0.4": dict(final_finetune_fraction=0.4),
     "resu_finetune_0.5": dict(final_finetune_fraction=0.5),
     # optimizer state at commit: θ's AdamW state carried into the resurrected coordinates
-    "resu_carry_state": dict(commit_optimizer_state="carry"),
+    "resu_carry_state": dict(optimizer_state="carry_at_commit"),
     # amnesty: r(c) as a cap on the θ admitted, each one only where it beats the weight it displaces
     "resu_beats_weakest": dict(commit_admit="beats_weakest"),
     # the active weights train alongside θ in the RESU phase
@@ -94,6 +96,9 @@ ABLATION_OPTIONS = {
     "resu_defaults_cycles_2": dict(cycles=2, final_finetune_fraction=0.4, freeze_active=False),
     "resu_defaults_cycles_3": dict(cycles=3, final_finetune_fraction=0.4, freeze_active=False),
     "resu_defaults_cycles_5": dict(cycles=5, final_finetune_fraction=0.4, freeze_active=False),
+    # ... with the optimizer state started afresh at every phase change (the defaults until the
+    # state of the coordinates that stay trainable was kept)
+    "resu_defaults_reset_state": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
@@ -112,7 +117,8 @@ LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "r
              if name not in ("resu_magnitude", "resu_no_resurrection", "resu_dev")},
           "gmp_finetune_0.4": "GMP final_finetune_fraction=0.4",
           # the same settings as resu_cycles_N_finetune_0.4_train_active, run under today's sparsity schedule rule
-          **{f"resu_defaults_cycles_{n}": f"RESU defaults, cycles={n}" for n in (2, 3, 5)}}
+          **{f"resu_defaults_cycles_{n}": f"RESU defaults, cycles={n}" for n in (2, 3, 5)},
+          "resu_defaults_reset_state": "RESU defaults, optimizer_state=reset"}
 FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
 
 

@@ -75,6 +75,14 @@ RESU_VARIANTS = {
                                                               commit_strategy="magnitude"),
     "resu_train_active_cycles_3_stabilize_0_resu_fraction_0.25": dict(freeze_active=False, num_cycles=3, **LATE_PRUNES),
     "resu_train_active_cycles_2_stabilize_0_resu_fraction_0.25": dict(freeze_active=False, num_cycles=2, **LATE_PRUNES),
+    # the defaults with the optimizer state started afresh at every phase change (the defaults before
+    # the state of the coordinates that stay trainable was kept, as GMP keeps it), and 2-cycle
+    # variants that keep it
+    "resu_train_active_cycles_20": dict(freeze_active=False, num_cycles=20),
+    "resu_train_active_cycles_2_stabilize_0_resu_fraction_0.25_carry_state": dict(
+        freeze_active=False, num_cycles=2, optimizer_state="carry", **LATE_PRUNES),
+    "resu_train_active_cycles_2_no_resurrection_carry_state": dict(freeze_active=False, num_cycles=2,
+                                                                   optimizer_state="carry", **NO_RESURRECTION),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
     "resu_train_active_cycles_20_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
     "resu_train_active_cycles_20_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
@@ -93,7 +101,9 @@ GMP_VARIANTS = {"gmp_update_every_400": dict(update_every=400), "gmp_update_ever
 def make_schedule(method: str, total_steps: int, sparsity: float, seed: int) -> rt.ScheduleConfig:
     """The library's defaults for ``method`` over the run's step budget (RigL with a random initial
     mask, as in its paper)."""
-    options = {"prune_method": "random"} if method == "rigl" else dict(RESU_VARIANTS.get(method, {}))
+    # the variants keep the optimizer-state handling they were measured with unless named for another
+    variant = {"optimizer_state": "reset", **RESU_VARIANTS[method]} if method in RESU_VARIANTS else {}
+    options = {"prune_method": "random"} if method == "rigl" else variant
     options.update(GMP_VARIANTS.get(method, {}))
     if method in RESU_VARIANTS:
         method = "resu"

@@ -23,7 +23,7 @@ DEFAULT_NUM_CYCLES_FROZEN = 5
 # A short budget gets fewer default cycles, so that each keeps at least this many steps.
 MIN_STEPS_PER_DEFAULT_CYCLE = 10
 COMMIT_ADMIT_RULES = ("quota", "beats_weakest")  # = method.amnesty.ADMIT_RULES
-COMMIT_OPTIMIZER_STATES = ("reset", "carry")
+OPTIMIZER_STATES = ("reset", "carry", "carry_at_commit")
 
 
 @dataclass
@@ -72,10 +72,15 @@ class ScheduleConfig:
     while many redundant weights are left, and small ones near the target, where every weight
     counts. ``commit_admit``: how the amnesty commit fills its r(c)·n_keep slots: ``quota``
     (reserved for the best θ) or ``beats_weakest`` (a cap: θ enter only where they outscore the
-    active weight they displace; ``rt.method.amnesty.amnesty_mask``). ``commit_optimizer_state``:
-    ``reset`` drops the optimizer state at each commit (the new active set starts with a fresh
-    AdamW state), ``carry`` keeps θ's state for the resurrected coordinates (and its step count;
-    the old active weights, frozen during RESU, join with zero moments). ``pause_at`` cycle indices call ``on_pause(scheduler, cycle)`` at those cycles' ends.
+    active weight they displace; ``rt.method.amnesty.amnesty_mask``). ``optimizer_state``: what
+    RESU's phase changes (prune, RESU entry, commit) do with the optimizer state: ``reset`` starts
+    the new trainable set afresh (zero moments, step 0) at each; ``carry`` keeps the state of every
+    coordinate that stays trainable, as the baselines' mask changes do (joiners start at zero
+    moments under the kept step count); ``carry_at_commit`` resets at the prune and the RESU entry
+    and at the commit keeps θ's state for the resurrected coordinates (the old active weights,
+    frozen during RESU, join with zero moments). The default (None) is ``carry`` where the active
+    weights train through the RESU phase, ``reset`` where they are frozen (the baselines always
+    carry). ``pause_at`` cycle indices call ``on_pause(scheduler, cycle)`` at those cycles' ends.
 
     Example::
 
@@ -96,7 +101,7 @@ class ScheduleConfig:
     commit_strategy: str = "amnesty"
     commit_score: str = "magnitude"
     commit_admit: str = "quota"
-    commit_optimizer_state: str = "reset"
+    optimizer_state: Optional[str] = None
     r_start: float = 0.10
     r_end: float = 0.02
     epsilon: float = 0.1
@@ -127,14 +132,19 @@ class ScheduleConfig:
             raise ValueError(f"prune_start_fraction must be in [0, 1), got {self.prune_start_fraction!r}")
         if not 0 <= self.drop_fraction <= 1:
             raise ValueError(f"drop_fraction must be in [0, 1], got {self.drop_fraction!r}")
-        for name, accepted in (("commit_admit", COMMIT_ADMIT_RULES), ("commit_optimizer_state", COMMIT_OPTIMIZER_STATES)):
-            if getattr(self, name) not in accepted:
+        for name, accepted in (("commit_admit", COMMIT_ADMIT_RULES), ("optimizer_state", OPTIMIZER_STATES)):
+            if getattr(self, name) not in accepted and not (name == "optimizer_state" and self.optimizer_state is None):
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; accepted: {', '.join(accepted)}")
         if self.method == "resu":
             self._resolve_freeze_active()
             self._resolve_cycles()
         else:
             self._resolve_baseline()
+        if self.optimizer_state is None:
+            # carried state keeps the trained coordinates' moments; joiners start at zero moments
+            # under the kept step count (larger first steps than a fresh state's), and with the
+            # active weights frozen every trainable coordinate of a RESU phase is a joiner
+            self.optimizer_state = "reset" if self.method == "resu" and self.freeze_active else "carry"
         if self.sparsity_schedule is None:
             self.sparsity_schedule = "cubic" if self._budgeted else "constant"
         if isinstance(self.sparsity_schedule, str):

@@ -11,6 +11,7 @@ figures; DEBUG: per-layer details); ``logging.basicConfig(level=logging.INFO)`` 
 The same class drives a model whose ResuTensor weights FSDP2 shards: each phase change runs on
 the gathered layers (training/sharded.py), identically on every rank.
 """
+import contextlib
 import logging
 import numbers
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ from resu_tensor.method.schedule import ScheduleConfig
 from resu_tensor.training.calibration import calibrate
 from resu_tensor.training.filters import require_chosen, resu_weights
 from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_
-from resu_tensor.training.optimizer_state import reset_optimizer_state_
+from resu_tensor.training.optimizer_state import optimizer_state_kept, reset_optimizer_state_
 from resu_tensor.training.regrowth import dense_gradients, drop_and_grow_
 from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
 
@@ -328,12 +329,25 @@ class ResuScheduler:
                        target_sparsity=sparsity, layers=len(layers), sparsity=self._sparsity)
 
     def _reset_state(self) -> None:
-        reset_optimizer_state_(self.optimizer, self.model)
+        """After a phase change: drop the state made stale, unless ``optimizer_state="carry"``
+        (:meth:`_gathered` then remaps it)."""
+        if self.config.optimizer_state != "carry":
+            reset_optimizer_state_(self.optimizer, self.model)
 
     def _gathered(self):
         """Whole layers for a phase change: FSDP2-sharded weights are gathered (and the optimizer
-        state they made stale dropped on exit); unsharded ones are used as they are."""
+        state they made stale dropped on exit); unsharded ones are used as they are. With
+        ``optimizer_state="carry"`` the state is remapped to the new trainable sets on exit instead."""
+        if self.config.optimizer_state == "carry":
+            return self._gathered_keeping_state()
         return full_weights(self.model, self.optimizer, self.filter_fn)
+
+    @contextlib.contextmanager
+    def _gathered_keeping_state(self):
+        # sharded weights: full_weights remaps their state on exit; plain ones: optimizer_state_kept
+        with full_weights(self.model, self.optimizer, self.filter_fn, keep_state=True) as names:
+            with optimizer_state_kept(self.optimizer, [w for _, _, w in resu_weights(self.model, self.filter_fn)]):
+                yield names
 
     def _calibration(self, needed: bool):
         """Input norms, computed while the model can still run when its weights are sharded (the
@@ -412,14 +426,12 @@ class ResuScheduler:
         consistency = [w.selective_m.float().abs() / (w.selective_v.float() + w.selective.delta)
                        for _, _, w in weights if w.selective_m is not None]
         mean_consistency = torch.cat(consistency).mean().item() if consistency else None
-        carry = c.commit_optimizer_state == "carry"
+        at_commit = c.optimizer_state == "carry_at_commit"
         layer_stats = commit_(self.model, strategy=c.commit_strategy, sparsity=c.sparsity_at(cycle), cycle=cycle,
                               num_cycles=c.num_cycles, score=c.commit_score, r_start=c.r_start, r_end=c.r_end,
                               admit=c.commit_admit, calibration=calibration, filter_fn=self.filter_fn,
-                              optimizer=self.optimizer if carry else None)
-        if not carry:
-            # the new active set is mostly the frozen weights, which had no optimizer state: a fresh
-            # state (step 0, full bias correction) suits it better than θ's step count with zero moments
+                              optimizer=self.optimizer if at_commit else None)
+        if not at_commit:  # "reset": a fresh state for the new active set; "carry": remapped by _gathered
             self._reset_state()
         resurrected = survivors = 0
         for name, _, w in weights:
