@@ -79,10 +79,13 @@ TRAINED = ("sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "resu
 METHODS = ("dense", "none", *TRAINED)
 # RESU variants: the ScheduleConfig options each adds to the library's defaults, pinned to what
 # the committed runs used (before the scheduler's RESU recipe let the active weights train, in 20
-# cycles: then 5 cycles, frozen active weights, unless said otherwise); ``resu_defaults`` is today's.
-RESU_OPTIONS = {"resu": {"freeze_active": True}, "resu_train_active": {"freeze_active": False, "num_cycles": 5},
+# cycles: then 5 cycles, frozen active weights, unless said otherwise; and before it kept the
+# optimizer state where they train); ``resu_defaults`` is today's.
+RESU_OPTIONS = {"resu": {"freeze_active": True},
+                "resu_train_active": {"freeze_active": False, "num_cycles": 5, "optimizer_state": "reset"},
                 "resu_beats_weakest": {"freeze_active": True, "commit_admit": "beats_weakest"},
-                "resu_active_beats_weakest": {"freeze_active": False, "commit_admit": "beats_weakest", "num_cycles": 5},
+                "resu_active_beats_weakest": {"freeze_active": False, "commit_admit": "beats_weakest", "num_cycles": 5,
+                                              "optimizer_state": "reset"},
                 "qresu": {"quantize_bits": 4}, "resu_defaults": {}}
 LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "sparse_ft": "sparse fine-tune",
           "resu": "RESU (amnesty)", "resu_train_active": "RESU, active weights train in RESU",
