@@ -320,6 +320,11 @@ def scenario_scheduler(rank):
     return run_scheduler(rank, 9, steps=20)
 
 
+def scenario_scheduler_carry(rank):
+    """The active weights training through RESU with their optimizer state kept across phase changes."""
+    return run_scheduler(rank, 18, steps=20, freeze_active=False, optimizer_state="carry")
+
+
 def scenario_scheduler_qresu(rank):
     """One cycle into QRESU with a static random subset of θ, picked again every 2 steps."""
     return run_scheduler(rank, 10, steps=10, num_cycles=1, quantize_bits=4, group_size=8,
@@ -512,6 +517,7 @@ def test_manual_mode_changes_on_uneven_shards(ranks):
 
 
 @pytest.mark.parametrize("scenario, modes_seen", [("scheduler", {"dense", "sparse", "resu"}),
+                                                  ("scheduler_carry", {"dense", "sparse", "resu"}),
                                                   ("scheduler_qresu", {"dense", "sparse", "qresu"}),
                                                   ("scheduler_wanda", {"dense", "sparse", "resu"})])
 def test_scheduler_mode_changes_keep_masks_identical_on_every_rank(ranks, scenario, modes_seen):
