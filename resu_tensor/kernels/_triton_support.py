@@ -152,10 +152,16 @@ def next_power_of_2(n: int) -> int:
 BLOCK_CHUNK = 1024  # elements per chunk of the bitmap kernels (a step of a block walk, or one program's share)
 
 
+def chunk_count(numel: int, block_size: int, chunk: int) -> int:
+    """Programs of a kernel that runs one per ``chunk`` elements of each prefix block (see
+    ``selected_before_chunk``) over a weight of ``numel`` elements."""
+    return -(-numel // block_size) * -(-block_size // chunk)
+
+
 def chunk_grid(rows: list, chunk: int) -> tuple:
     """Grid of a multi-tensor kernel with one program per CHUNK of a prefix block (a table's rows,
     :func:`table_row`): (most chunks of any weight, weights)."""
-    return max(-(-row[3] // row[5]) * -(-row[5] // chunk) for row in rows), len(rows)
+    return max(chunk_count(row[3], row[5], chunk) for row in rows), len(rows)
 
 
 def block_walk(block_size: int) -> dict:

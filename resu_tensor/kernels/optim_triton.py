@@ -12,9 +12,9 @@ import torch
 from . import optim
 from .mask_ops import check_foreach_lengths
 from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, Variant, address_table, block_walk, cast_to, chunk_elements,
-                              chunk_grid, chunk_selection, cuda_op, load_float, program_chunk, selected_before_chunk,
-                              store_float, table_chunk, table_chunk_start, table_entry, table_group, table_pointer,
-                              table_row, tl, triton)
+                              chunk_count, chunk_grid, chunk_selection, cuda_op, load_float, program_chunk,
+                              selected_before_chunk, store_float, table_chunk, table_chunk_start, table_entry,
+                              table_group, table_pointer, table_row, tl, triton)
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
         bias1, bias2_sqrt = _bias_corrections(step_ptr, beta1, beta2)
         element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
         p = tl.load(values_ptr + element, mask=inside).to(tl.float32)  # before the mask walk; stores stay selected
-        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
+        _, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
                                                     INVERT, ALIGNED, CHUNK)
         g = tl.load(grad_ptr + position, mask=selected).to(tl.float32)
         m = tl.load(m_ptr + position, mask=selected).to(tl.float32)
@@ -90,7 +90,7 @@ def _foreach_adam_bitmap_kernel(table_ptr, lr, beta1, beta2, weight_decay, eps, 
         bias1, bias2_sqrt = _bias_corrections(table_pointer(table_ptr, row, 9, _WIDTH, tl.float32), beta1, beta2)
         element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
         p = load_float(values_ptr, element, inside, P_DTYPE)
-        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
+        _, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
                                                     n_compact, INVERT, ALIGNED, CHUNK)
         g = load_float(grad_ptr, position, selected, G_DTYPE)
         m = load_float(m_ptr, position, selected, S_DTYPE)
@@ -119,7 +119,7 @@ def _adam_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: t
     if values.numel() == 0 or grad.numel() == 0:
         return
     walk = block_walk(block_size)
-    _adam_bitmap_kernel[(triton.cdiv(values.numel(), block_size) * triton.cdiv(block_size, walk["CHUNK"]),)](
+    _adam_bitmap_kernel[(chunk_count(values.numel(), block_size, walk["CHUNK"]),)](
         values, bitmap, block_prefix, grad, exp_avg, exp_avg_sq, step, values.numel(), block_size, grad.numel(),
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), INVERT=bool(invert),
         DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize), **walk)

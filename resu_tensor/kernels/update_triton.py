@@ -14,9 +14,9 @@ import torch
 
 from . import mask_ops
 from ._triton_support import (TABLE_COLUMNS, TL_DTYPES, Variant, address_table, block_walk, cast_to, chunk_elements,
-                              chunk_grid, chunk_selection, cuda_op, float32_bits, load_float, program_chunk,
-                              selected_before_chunk, store_float, table_chunk, table_chunk_start, table_entry,
-                              table_group, table_pointer, table_row, tl, triton)
+                              chunk_count, chunk_grid, chunk_selection, cuda_op, float32_bits, load_float,
+                              program_chunk, selected_before_chunk, store_float, table_chunk, table_chunk_start,
+                              table_entry, table_group, table_pointer, table_row, tl, triton)
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_p
         v = tl.zeros((CHUNK,), dtype=tl.float32)
         if OP != "copy":  # before the mask walk; the store stays selected
             v = tl.load(values_ptr + element, mask=inside).to(tl.float32)
-        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
+        _, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
                                                     INVERT, ALIGNED, CHUNK)
         a = v
         if OP != "mul_scalar":
@@ -90,7 +90,7 @@ def _foreach_update_bitmap_kernel(table_ptr, P_DTYPE: tl.constexpr, T1_DTYPE: tl
         v = tl.zeros((CHUNK,), dtype=tl.float32)
         if OP != "copy":
             v = load_float(values_ptr, element, inside, P_DTYPE)
-        flags, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
+        _, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
                                                     n_compact, INVERT, ALIGNED, CHUNK)
         a = v
         if OP != "mul_scalar":
@@ -120,7 +120,7 @@ def _update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix:
     if values.numel() == 0 or n_compact == 0:
         return
     walk = block_walk(block_size)
-    _update_bitmap_kernel[(triton.cdiv(values.numel(), block_size) * triton.cdiv(block_size, walk["CHUNK"]),)](
+    _update_bitmap_kernel[(chunk_count(values.numel(), block_size, walk["CHUNK"]),)](
         values, bitmap, block_prefix, t1, t2, values.numel(), block_size, n_compact, float(scalar),
         INVERT=bool(invert), OP=op, **walk)
 
