@@ -18,7 +18,6 @@ into the other checkout's ``benchmarks/``)::
         --out /path/to/benchmarks/results/optimizer_step_h100.json
 """
 import argparse
-import gc
 import json
 import pathlib
 import platform
@@ -26,7 +25,7 @@ import platform
 import torch
 
 import resu_tensor as rt
-from benchmarks.scale import LlamaConfig, build, optimizer_for, token_batch, train_step
+from benchmarks.scale import release, train_step, trained_model
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "optimizer_step_h100.json"
 VARIANTS = ("dense", "sparse", "resu")
@@ -37,14 +36,9 @@ def time_step(variant: str, layers: int, foreach: bool = False) -> dict:
     from triton.testing import do_bench
 
     device = torch.device("cuda")
-    config = LlamaConfig(vocab=32000, width=4096, heads=32, seq=2048, layers=layers)
-    model = build(variant, config, device)
-    model.train()
+    model, optimizer, x, y = trained_model(variant, layers, device, steps=0)
     if foreach:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    else:
-        optimizer = optimizer_for(model, device)
-    x, y = token_batch(config, device)
     for _ in range(2):
         train_step(model, optimizer, x, y)
     torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
@@ -53,8 +47,7 @@ def time_step(variant: str, layers: int, foreach: bool = False) -> dict:
     record = {"variant": variant, "layers": layers, "optimizer": "foreach AdamW" if foreach else "fused AdamW",
               "step_ms": ms, "trainable_coordinates": trainable}
     del model, optimizer
-    gc.collect()
-    torch.cuda.empty_cache()
+    release(device)
     return record
 
 

@@ -12,7 +12,6 @@ step, launches per step) and ``ops`` the 30 CPU ops with the most device time un
     python -m benchmarks.scale_profile --layers 8 --out benchmarks/results/scale_profile_h100.json
 """
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -21,20 +20,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.scale import VARIANTS, LlamaConfig, build, optimizer_for, token_batch, train_step
+from benchmarks.scale import VARIANTS, release, train_step, trained_model
 
 PROFILED_STEPS = 2
 
 
 def profile_variant(variant: str, layers: int) -> dict:
     device = torch.device("cuda")
-    config = LlamaConfig(vocab=32000, width=4096, heads=32, seq=2048, layers=layers)
-    model = build(variant, config, device)
-    model.train()
-    optimizer = optimizer_for(model, device)
-    x, y = token_batch(config, device)
-    for _ in range(3):
-        train_step(model, optimizer, x, y)
+    model, optimizer, x, y = trained_model(variant, layers, device, steps=3)
     times = []
     for _ in range(5):
         torch.cuda.synchronize()
@@ -57,8 +50,7 @@ def profile_variant(variant: str, layers: int) -> dict:
               "ops": [(e.key[:80], round(e.device_time_total / per_step, 3), e.count // PROFILED_STEPS)
                       for e in ops[:30]]}
     del model, optimizer
-    gc.collect()
-    torch.cuda.empty_cache()
+    release(device)
     return record
 
 

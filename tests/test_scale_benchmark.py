@@ -335,3 +335,12 @@ def test_cuda_run_against_a_pretend_budget(tmp_path):
     assert before[-1] == before[1], before
     assert largest["dense"] < largest["resu"] <= largest["qresu4"]
     assert {r["variant"] for r in saved["table"]} == set(scale.VARIANTS)
+
+
+def test_trained_model_starts_with_optimizer_state():
+    model, optimizer, x, y = scale.trained_model("resu", 1, torch.device("cpu"), steps=1, width=64, heads=4, vocab=128,
+                                                 seq=16)
+    weights = [w for _, _, w in rt.resu_weights(model)]
+    assert len(model.blocks) == 1 and x.shape == y.shape == (1, 16) and len(weights) == 7
+    assert all(w.mode == Mode.RESU and w in optimizer.state for w in weights)
+    assert all(p in optimizer.state for p in (model.embed.weight, model.head.weight))
