@@ -363,8 +363,8 @@ class ResuScheduler:
             self._update_mask_figures()  # coordinates pruned before the scheduler's first prune count too
             prune_(self.model, c.sparsity_at(cycle), method=c.prune_method, granularity=c.granularity, scope=c.scope,
                    calibration=calibration, filter_fn=self.filter_fn, generator=self.generator)
-            # RESU's prune starts the active set's state afresh, as its other phase changes do, and
-            # the same with FSDP2-sharded weights (whose state full_weights drops) as without
+            # optimizer_state="reset": the prune starts the active set's state afresh, as the other
+            # phase changes do, with FSDP2-sharded weights (whose state full_weights drops) as without
             self._reset_state()
             layers = self._update_mask_figures()
         self._announce("prune", "step %d: cycle %d: pruned %d layers (%s) to target sparsity %.4f: actual sparsity %.4f",
