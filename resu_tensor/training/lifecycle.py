@@ -77,6 +77,14 @@ def _state_kept(model: nn.Module, optimizer, filter_fn):
     return optimizer_state_kept(optimizer, [w for _, _, w in resu_weights(model, filter_fn)])
 
 
+@contextlib.contextmanager
+def full_weights_keeping_state(model: nn.Module, optimizer, filter_fn=None) -> Iterator[None]:
+    """:func:`full_weights` whose exit keeps ``optimizer``'s state of every coordinate that stays
+    trainable, sharded weights and unsharded alike (coordinates that join start at zero)."""
+    with full_weights(model, optimizer, filter_fn, keep_state=True), _state_kept(model, optimizer, filter_fn):
+        yield
+
+
 def _norms_before_gathering(model: nn.Module, calibration, filter_fn, needed: bool):
     """Calibration batches become input norms while the model can still run (never inside
     :func:`full_weights`); on a sharded model ``calibrate`` combines every rank's batches."""
@@ -112,7 +120,7 @@ def prune_(model: nn.Module, sparsity: Optional[float] = None, method: str = "ma
         rt.prune_(model, 0.9, scope="erk", optimizer=optimizer)
     """
     calibration = _norms_before_gathering(model, calibration, filter_fn, needed=method == "wanda")
-    with full_weights(model, optimizer, filter_fn, keep_state=True), _state_kept(model, optimizer, filter_fn):
+    with full_weights_keeping_state(model, optimizer, filter_fn):
         _prune_layers(model, sparsity, method, filter_fn, generator, granularity, scope, calibration)
     return model
 

@@ -11,7 +11,6 @@ figures; DEBUG: per-layer details); ``logging.basicConfig(level=logging.INFO)`` 
 The same class drives a model whose ResuTensor weights FSDP2 shards: each phase change runs on
 the gathered layers (training/sharded.py), identically on every rank.
 """
-import contextlib
 import logging
 import numbers
 from collections.abc import Mapping
@@ -28,8 +27,8 @@ from resu_tensor.method.regrowth import cosine_drop_fraction, gmp_sparsity
 from resu_tensor.method.schedule import ScheduleConfig
 from resu_tensor.training.calibration import calibrate
 from resu_tensor.training.filters import require_chosen, resu_weights
-from resu_tensor.training.lifecycle import commit_, enter_resu_, prune_
-from resu_tensor.training.optimizer_state import optimizer_state_kept, reset_optimizer_state_
+from resu_tensor.training.lifecycle import commit_, enter_resu_, full_weights_keeping_state, prune_
+from resu_tensor.training.optimizer_state import reset_optimizer_state_
 from resu_tensor.training.regrowth import dense_gradients, drop_and_grow_
 from resu_tensor.training.sharded import check_gatherable_options, full_weights, sharded_weights
 
@@ -339,15 +338,8 @@ class ResuScheduler:
         state they made stale dropped on exit); unsharded ones are used as they are. With
         ``optimizer_state="carry"`` the state is remapped to the new trainable sets on exit instead."""
         if self.config.optimizer_state == "carry":
-            return self._gathered_keeping_state()
+            return full_weights_keeping_state(self.model, self.optimizer, self.filter_fn)
         return full_weights(self.model, self.optimizer, self.filter_fn)
-
-    @contextlib.contextmanager
-    def _gathered_keeping_state(self):
-        # sharded weights: full_weights remaps their state on exit; plain ones: optimizer_state_kept
-        with full_weights(self.model, self.optimizer, self.filter_fn, keep_state=True) as names:
-            with optimizer_state_kept(self.optimizer, [w for _, _, w in resu_weights(self.model, self.filter_fn)]):
-                yield names
 
     def _calibration(self, needed: bool):
         """Input norms, computed while the model can still run when its weights are sharded (the
