@@ -3,8 +3,8 @@
 The model is ``benchmarks.scale``'s decoder (width 4096, SwiGLU MLP 11008; ``--layers`` blocks,
 default 4), bf16 weights and AdamW state, ``torch.optim.AdamW(fused=True)`` as that benchmark
 trains it (``--foreach``: torch's default foreach AdamW, whose in-place ops a ResuTensor runs as
-bitmap update kernels). Each variant (dense ``nn.Linear``, SPARSE and RESU at s = 0.5) is built, trained 2
-steps so its state exists, given one more backward, then its ``optimizer.step()`` is timed with
+bitmap update kernels). Each variant (dense ``nn.Linear``, SPARSE and RESU at s = 0.5) is built,
+trained 2 steps so its state exists, given one more backward, then its ``optimizer.step()`` is timed with
 ``triton.testing.do_bench`` (median; the step updates the weights each time, as training does).
 A ResuTensor's step runs the library's bitmap AdamW kernel over its trainable coordinates; the
 dense model's runs torch's fused AdamW over every coordinate. Embeddings, norms and the head are
@@ -25,10 +25,14 @@ import platform
 import torch
 
 import resu_tensor as rt
-from benchmarks.scale import release, train_step, trained_model
+from benchmarks.scale import release, trained_model
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results" / "optimizer_step_h100.json"
 VARIANTS = ("dense", "sparse", "resu")
+
+
+def foreach_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
 
 def time_step(variant: str, layers: int, foreach: bool = False) -> dict:
@@ -36,11 +40,8 @@ def time_step(variant: str, layers: int, foreach: bool = False) -> dict:
     from triton.testing import do_bench
 
     device = torch.device("cuda")
-    model, optimizer, x, y = trained_model(variant, layers, device, steps=0)
-    if foreach:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    for _ in range(2):
-        train_step(model, optimizer, x, y)
+    model, optimizer, x, y = trained_model(variant, layers, device, steps=2,
+                                           make_optimizer=foreach_adamw if foreach else None)
     torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
     ms = do_bench(optimizer.step, warmup=5, rep=50)
     trainable = sum(p.trainable_count if isinstance(p, rt.ResuTensor) else p.numel() for p in model.parameters())

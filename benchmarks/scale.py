@@ -223,14 +223,16 @@ def train_step(model, optimizer, x, y, before_zero_grad: Optional[Callable[[], N
     return loss.detach()
 
 
-def trained_model(variant: str, layers: int, device: torch.device, steps: int, **config) -> tuple:
+def trained_model(variant: str, layers: int, device: torch.device, steps: int,
+                  make_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None, **config) -> tuple:
     """(model, optimizer, inputs, targets) of ``variant`` at ``layers`` blocks of the default
     4096-wide decoder (``config`` overrides LlamaConfig fields) after ``steps`` training steps, so
-    its optimizer state exists: the start of the step profiles and timings beside this benchmark."""
+    its optimizer state exists: the start of the step profiles and timings beside this benchmark.
+    ``make_optimizer(model)``: the optimizer (default: :func:`optimizer_for`'s)."""
     config = LlamaConfig(**{**dict(vocab=32000, width=4096, heads=32, seq=2048), **config, "layers": layers})
     model = build(variant, config, device)
     model.train()
-    optimizer = optimizer_for(model, device)
+    optimizer = make_optimizer(model) if make_optimizer else optimizer_for(model, device)
     x, y = token_batch(config, device)
     for _ in range(steps):
         train_step(model, optimizer, x, y)

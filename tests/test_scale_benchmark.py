@@ -344,3 +344,12 @@ def test_trained_model_starts_with_optimizer_state():
     assert len(model.blocks) == 1 and x.shape == y.shape == (1, 16) and len(weights) == 7
     assert all(w.mode == Mode.RESU and w in optimizer.state for w in weights)
     assert all(p in optimizer.state for p in (model.embed.weight, model.head.weight))
+
+
+def test_trained_model_takes_the_optimizer_it_is_given():
+    model, optimizer, _, _ = scale.trained_model("sparse", 1, torch.device("cpu"), steps=1, width=64, heads=4,
+                                                 vocab=128, seq=16,
+                                                 make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    params = optimizer.param_groups[0]["params"]
+    assert isinstance(optimizer, torch.optim.SGD) and len(params) == len(list(model.parameters()))
+    assert all(a is b for a, b in zip(params, model.parameters()))

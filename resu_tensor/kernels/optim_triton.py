@@ -54,7 +54,7 @@ def _adam_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, grad_ptr, m_pt
         element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
         p = tl.load(values_ptr + element, mask=inside).to(tl.float32)  # before the mask walk; stores stay selected
         _, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
-                                                    INVERT, ALIGNED, CHUNK)
+                                                INVERT, ALIGNED, CHUNK)
         g = tl.load(grad_ptr + position, mask=selected).to(tl.float32)
         m = tl.load(m_ptr + position, mask=selected).to(tl.float32)
         v = tl.load(v_ptr + position, mask=selected).to(tl.float32)
@@ -91,7 +91,7 @@ def _foreach_adam_bitmap_kernel(table_ptr, lr, beta1, beta2, weight_decay, eps, 
         element, inside = chunk_elements(start, offset, block_size, numel, CHUNK)
         p = load_float(values_ptr, element, inside, P_DTYPE)
         _, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
-                                                    n_compact, INVERT, ALIGNED, CHUNK)
+                                                n_compact, INVERT, ALIGNED, CHUNK)
         g = load_float(grad_ptr, position, selected, G_DTYPE)
         m = load_float(m_ptr, position, selected, S_DTYPE)
         v = load_float(v_ptr, position, selected, S_DTYPE)

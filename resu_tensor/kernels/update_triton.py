@@ -55,7 +55,7 @@ def _update_bitmap_kernel(values_ptr, bitmap_ptr, block_prefix_ptr, t1_ptr, t2_p
         if OP != "copy":  # before the mask walk; the store stays selected
             v = tl.load(values_ptr + element, mask=inside).to(tl.float32)
         _, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel, n_compact,
-                                                    INVERT, ALIGNED, CHUNK)
+                                                INVERT, ALIGNED, CHUNK)
         a = v
         if OP != "mul_scalar":
             a = tl.load(t1_ptr + position, mask=selected).to(tl.float32)
@@ -91,7 +91,7 @@ def _foreach_update_bitmap_kernel(table_ptr, P_DTYPE: tl.constexpr, T1_DTYPE: tl
         if OP != "copy":
             v = load_float(values_ptr, element, inside, P_DTYPE)
         _, position, selected = chunk_selection(bitmap_ptr, start + offset, inside, running, numel,
-                                                    n_compact, INVERT, ALIGNED, CHUNK)
+                                                n_compact, INVERT, ALIGNED, CHUNK)
         a = v
         if OP != "mul_scalar":
             a = load_float(t1_ptr, position, selected, T1_DTYPE)
