@@ -99,7 +99,7 @@ def has_fresh_state(optimizer, w) -> bool:
 
 
 def test_optimizer_state_reset_only_for_changed_layers():
-    model, optimizer, scheduler = make_run(filter_fn=lambda m, name: name == "0")
+    model, optimizer, scheduler = make_run({"optimizer_state": "reset"}, filter_fn=lambda m, name: name == "0")
     generator = torch.Generator().manual_seed(2)
     for _ in range(scheduler.config.train_steps):
         train_step(model, optimizer, scheduler, generator)
@@ -447,8 +447,8 @@ def test_optimizer_state_carry_at_commit_keeps_theta_state_for_resurrected_coord
         assert (new_state[mask & old_mask.view(-1)] == 0).all()  # the frozen weights had none
         assert theta_state[resurrected].abs().sum() > 0
     assert resurrected_somewhere
-    # the default drops it
-    model, optimizer, scheduler = make_run({"epsilon": 0.5})
+    # reset drops it
+    model, optimizer, scheduler = make_run({"epsilon": 0.5, "optimizer_state": "reset"})
     for _ in range(scheduler.config.steps_per_cycle):
         train_step(model, optimizer, scheduler, generator)
     assert calls[-1]["options"]["optimizer"] is None
@@ -507,12 +507,14 @@ def test_optimizer_state_carry_keeps_the_state_of_coordinates_that_stay_trainabl
     assert all(all(step is None or step == 0 for _, _, step in after.values()) for _, _, after in changes)
 
 
-def test_optimizer_state_default_carries_where_the_active_weights_train():
-    assert rt.ScheduleConfig(total_steps=1000, sparsity=0.9).optimizer_state == "carry"
-    assert rt.ScheduleConfig(total_steps=1000, sparsity=0.9, freeze_active=True).optimizer_state == "reset"
-    assert rt.ScheduleConfig(total_steps=1000, sparsity=0.9, quantize_bits=4).optimizer_state == "reset"
-    assert rt.ScheduleConfig(20, 3).optimizer_state == "reset"  # the cycle form freezes them
-    assert rt.ScheduleConfig(method="gmp", total_steps=1000).optimizer_state == "carry"
+def test_optimizer_state_default_carries_for_every_method_and_mode():
+    for config in (rt.ScheduleConfig(total_steps=1000, sparsity=0.9),
+                   rt.ScheduleConfig(total_steps=1000, sparsity=0.9, freeze_active=True),
+                   rt.ScheduleConfig(total_steps=1000, sparsity=0.9, quantize_bits=4),
+                   rt.ScheduleConfig(20, 3), rt.ScheduleConfig(method="gmp", total_steps=1000)):
+        assert config.optimizer_state == "carry", config
+    with pytest.raises(ValueError, match="unknown optimizer_state None; accepted: reset, carry, carry_at_commit"):
+        rt.ScheduleConfig(20, 3, optimizer_state=None)
 
 
 def test_commit_option_errors():

@@ -18,7 +18,9 @@ def test_small_size_runs_a_resu_variant_to_the_target_sparsity():
 def test_every_variant_pins_the_settings_it_is_named_for(name):
     config = stdlib_lm.make_schedule(name, 2000, 0.9, 0)
     assert config.method == "resu"
-    assert config.freeze_active is name.startswith("resu_frozen")
+    assert config.freeze_active is name.startswith(("resu_frozen", "qresu4", "resu_selective"))
+    assert config.quantize_bits == (4 if name.startswith("qresu4") else None)
+    assert (config.selective is not None) == name.startswith("resu_selective")
     named_cycles = re.search(r"_cycles_(\d+)", name)
     assert config.num_cycles == (int(named_cycles[1]) if named_cycles else 5)
     assert (config.commit_admit == "beats_weakest") == ("beats_weakest" in name)

@@ -78,9 +78,8 @@ class ScheduleConfig:
     coordinate that stays trainable, as the baselines' mask changes do (joiners start at zero
     moments under the kept step count); ``carry_at_commit`` resets at the prune and the RESU entry
     and at the commit keeps θ's state for the resurrected coordinates (the old active weights,
-    frozen during RESU, join with zero moments). The default (None) is ``carry`` where the active
-    weights train through the RESU phase, ``reset`` where they are frozen (the baselines always
-    carry). ``pause_at`` cycle indices call ``on_pause(scheduler, cycle)`` at those cycles' ends.
+    frozen during RESU, join with zero moments). The default is ``carry``, for every method and
+    mode (the baselines always carry). ``pause_at`` cycle indices call ``on_pause(scheduler, cycle)`` at those cycles' ends.
 
     Example::
 
@@ -101,7 +100,7 @@ class ScheduleConfig:
     commit_strategy: str = "amnesty"
     commit_score: str = "magnitude"
     commit_admit: str = "quota"
-    optimizer_state: Optional[str] = None
+    optimizer_state: str = "carry"
     r_start: float = 0.10
     r_end: float = 0.02
     epsilon: float = 0.1
@@ -133,18 +132,13 @@ class ScheduleConfig:
         if not 0 <= self.drop_fraction <= 1:
             raise ValueError(f"drop_fraction must be in [0, 1], got {self.drop_fraction!r}")
         for name, accepted in (("commit_admit", COMMIT_ADMIT_RULES), ("optimizer_state", OPTIMIZER_STATES)):
-            if getattr(self, name) not in accepted and not (name == "optimizer_state" and self.optimizer_state is None):
+            if getattr(self, name) not in accepted:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; accepted: {', '.join(accepted)}")
         if self.method == "resu":
             self._resolve_freeze_active()
             self._resolve_cycles()
         else:
             self._resolve_baseline()
-        if self.optimizer_state is None:
-            # carried state keeps the trained coordinates' moments; joiners start at zero moments
-            # under the kept step count (larger first steps than a fresh state's), and with the
-            # active weights frozen every trainable coordinate of a RESU phase is a joiner
-            self.optimizer_state = "reset" if self.method == "resu" and self.freeze_active else "carry"
         if self.sparsity_schedule is None:
             self.sparsity_schedule = "cubic" if self._budgeted else "constant"
         if isinstance(self.sparsity_schedule, str):

@@ -180,11 +180,16 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
     """
     optimizers = optimizers_of(optimizer)
     entries = sharded_weights(model, filter_fn)
+    # every (module, name) that holds each parameter: a tied weight stays one weight in the block
+    holders = [[(m, n) for m in model.modules() for n, p in m._parameters.items() if p is entry.param]
+               for entry in entries]
     gathered = [_gather(entry) for entry in entries]
     try:
-        for entry, full in zip(entries, gathered):
-            entry.module._parameters[entry.param_name] = nn.Parameter(full, requires_grad=entry.param.requires_grad)
-        del gathered  # the modules hold them now (nn.Parameter of a subclass is a new object)
+        for entry, slots in zip(entries, holders):
+            full_param = nn.Parameter(gathered.pop(0), requires_grad=entry.param.requires_grad)
+            for module, name in slots:
+                module._parameters[name] = full_param
+            del full_param  # the modules hold it now (nn.Parameter of a subclass is a new object)
         yield [entry.fqn for entry in entries]
         changed = []
         for entry in entries:
@@ -198,8 +203,9 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
             rows = entry.rows[entry.rank]
             changed.append(slice_rows(full, entry.start, entry.start + rows))
     finally:
-        for entry in entries:
-            entry.module._parameters[entry.param_name] = entry.param
+        for entry, slots in zip(entries, holders):
+            for module, name in slots:
+                module._parameters[name] = entry.param
     for entry, new_shard in zip(entries, changed):
         shard = entry.shard
         old_key, old_flat = shard.trainable_key, shard.trainable_flat() if optimizers else None
