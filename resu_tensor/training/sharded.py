@@ -162,7 +162,8 @@ def optimizers_of(optimizer) -> list:
 @contextlib.contextmanager
 def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: bool = False) -> Iterator[list[str]]:
     """Inside the block, every FSDP-sharded ResuTensor weight of ``model`` is its full layer (the
-    same on every rank), registered as the module's ``weight``: single-process code such as
+    same on every rank), registered as the module's ``weight`` (and under every other module a
+    tied weight is shared with, so it stays one weight): single-process code such as
     ``w.prune(...)`` works on them unchanged. On exit each rank keeps its rows of the result;
     parameters whose trainable set changed lose their ``.grad``, and ``optimizer`` (one or a
     list) loses the state of every ResuTensor parameter of ``model`` made for an earlier
