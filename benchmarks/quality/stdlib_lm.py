@@ -83,14 +83,15 @@ RESU_VARIANTS = {
         freeze_active=False, num_cycles=2, optimizer_state="carry", **LATE_PRUNES),
     "resu_train_active_cycles_2_no_resurrection_carry_state": dict(freeze_active=False, num_cycles=2,
                                                                    optimizer_state="carry", **NO_RESURRECTION),
-    # frozen active weights (QRESU-4 and RESU with freeze_active): the state started afresh at every
-    # phase change (their default) or kept, θ joining with zero moments
+    # frozen active weights (QRESU-4, RESU with freeze_active, RESU-Selective): the state started
+    # afresh at every phase change (their default until it was kept in every mode) or kept, θ
+    # joining with zero moments; and 5 cycles with the active weights training, the state kept
     "qresu4": dict(quantize_bits=4),
     "qresu4_carry_state": dict(quantize_bits=4, optimizer_state="carry"),
     "resu_frozen_carry_state": dict(freeze_active=True, optimizer_state="carry"),
-    "resu_train_active_cycles_5_carry_state": dict(freeze_active=False, num_cycles=5, optimizer_state="carry"),
     "resu_selective": dict(selective=rt.SelectiveConfig()),
     "resu_selective_carry_state": dict(selective=rt.SelectiveConfig(), optimizer_state="carry"),
+    "resu_train_active_cycles_5_carry_state": dict(freeze_active=False, num_cycles=5, optimizer_state="carry"),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
     "resu_train_active_cycles_20_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
     "resu_train_active_cycles_20_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,

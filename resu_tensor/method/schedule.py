@@ -79,7 +79,7 @@ class ScheduleConfig:
     moments under the kept step count); ``carry_at_commit`` resets at the prune and the RESU entry
     and at the commit keeps θ's state for the resurrected coordinates (the old active weights,
     frozen during RESU, join with zero moments). The default is ``carry``, for every method and
-    mode (the baselines always carry). ``pause_at`` cycle indices call ``on_pause(scheduler, cycle)`` at those cycles' ends.
+    mode. ``pause_at`` cycle indices call ``on_pause(scheduler, cycle)`` at those cycles' ends.
 
     Example::
 
