@@ -182,15 +182,21 @@ def full_weights(model: nn.Module, optimizer=None, filter_fn=None, keep_state: b
     optimizers = optimizers_of(optimizer)
     entries = sharded_weights(model, filter_fn)
     # every (module, name) that holds each parameter: a tied weight stays one weight in the block
-    holders = [[(m, n) for m in model.modules() for n, p in m._parameters.items() if p is entry.param]
-               for entry in entries]
+    slots_of = {id(entry.param): [] for entry in entries}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if id(param) in slots_of:
+                slots_of[id(param)].append((module, name))
+    holders = [slots_of[id(entry.param)] for entry in entries]
     gathered = [_gather(entry) for entry in entries]
     try:
-        for entry, slots in zip(entries, holders):
-            full_param = nn.Parameter(gathered.pop(0), requires_grad=entry.param.requires_grad)
+        full_params = [nn.Parameter(full, requires_grad=entry.param.requires_grad)
+                       for entry, full in zip(entries, gathered)]
+        del gathered  # the modules hold them now (nn.Parameter of a subclass is a new object)
+        for full, slots in zip(full_params, holders):
             for module, name in slots:
-                module._parameters[name] = full_param
-            del full_param  # the modules hold it now (nn.Parameter of a subclass is a new object)
+                module._parameters[name] = full
+        del full_params
         yield [entry.fqn for entry in entries]
         changed = []
         for entry in entries:
