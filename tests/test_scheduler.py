@@ -458,7 +458,7 @@ def test_optimizer_state_carry_at_commit_keeps_theta_state_for_resurrected_coord
 def test_optimizer_state_carry_keeps_the_state_of_coordinates_that_stay_trainable(monkeypatch):
     """``optimizer_state="carry"``: at the prune, the RESU entry and the commit, every coordinate
     trainable before and after keeps its AdamW moments bit for bit, joiners start at zero, and the
-    step count runs on; ``reset`` (the default) starts every phase afresh."""
+    step count runs on (the default); ``reset`` starts every phase afresh."""
     import resu_tensor.training.scheduler as scheduler_module
 
     changes = []
@@ -499,7 +499,7 @@ def test_optimizer_state_carry_keeps_the_state_of_coordinates_that_stay_trainabl
             assert torch.equal(new_moments[kept], old_moments[kept]), (method, name)
             assert not new_moments[joined].any(), (method, name)
             assert new_step == old_step > 0, (method, name)
-    # reset (the default of the cycle form, whose active weights are frozen) starts each phase afresh
+    # reset starts each phase afresh
     model, optimizer, scheduler = make_run({"freeze_active": False, "initial_sparsity": 0.3, "optimizer_state": "reset"})
     changes.clear()
     for _ in range(scheduler.config.steps_per_cycle):

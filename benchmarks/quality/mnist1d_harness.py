@@ -31,8 +31,8 @@ METHODS = ("dense", "oneshot", "gmp", "rigl", "set", "resu", "resu_selective", "
 # ``resu_dev`` is RESU as it was before this ablation chose the defaults: 3 cycles, the
 # baselines' final fine-tuning (0.25), active weights frozen in the RESU phase; every variant
 # pins it, so its runs stay reproducible.
-# optimizer_state="reset": what every variant below ran with before the library's default carried
-# the state where the active weights train (a variant that says otherwise overrides it)
+# optimizer_state="reset": what every variant below ran with before the library's default kept the
+# state across phase changes (a variant that says otherwise overrides it)
 DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25, freeze_active=True, optimizer_state="reset")
 ABLATION_OPTIONS = {
     "resu_dev": {},
