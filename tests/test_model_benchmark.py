@@ -126,3 +126,14 @@ def test_model_benchmark_replays_the_whole_step_as_one_cuda_graph(tmp_path, fuse
         if r["variant"] != "plain":
             assert r["trainable_moved_fraction"] > 0.9, r
         assert "host_ms" not in r and r["gpu_kernel_ms"] > 0
+
+
+def test_host_profile_reports_each_variant(tmp_path):
+    from benchmarks import host_profile
+
+    out = tmp_path / "profile.txt"
+    host_profile.main(["--device", "cpu", "--preset", "tiny", "--variants", "plain", "resu", "--out", str(out)])
+    text = out.read_text()
+    for variant in ("plain", "resu"):
+        assert f"==== {variant}: " in text
+    assert text.count("ops per step") == 2 and "ResuMatmul" in text and "Self CPU" in text
