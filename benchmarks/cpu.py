@@ -42,8 +42,8 @@ SHAPES = {
     "small": ((256, 1024, 256), 32),
     "wide": ((4096, 4096), 16),
 }
-# resu: a RESU phase with the active weights frozen (θ trains; QRESU and RESU-Selective work this
-# way); resu_train_active: the RESU phase of the scheduler's default recipe over a step budget, in
+# resu: a RESU phase with the active weights frozen (θ trains), as the scheduler's default recipe,
+# QRESU and RESU-Selective run it; resu_train_active: the RESU phase with freeze_active=False, in
 # which the active weights train alongside θ.
 VARIANTS = ("dense", "sparse", "resu", "resu_train_active", "qresu4", "nn_prune", "ao_pruning")
 RESUTENSOR_VARIANTS = ("sparse", "resu", "resu_train_active", "qresu4")

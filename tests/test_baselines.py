@@ -329,20 +329,23 @@ def test_remap_rejects_a_mask_of_the_wrong_size():
 
 
 def test_resu_over_a_step_budget_defaults_to_the_recipe():
-    """Over a step budget the active weights train through the RESU phase, in 20 cycles; where
-    the phase needs them frozen (QRESU, RESU-Selective) or the user freezes them, 5 cycles; the
-    cycle form keeps them frozen."""
+    """Over a step budget the active weights stay frozen through the RESU phase, in 5 cycles;
+    with freeze_active=False they train alongside θ, in 20 cycles; the cycle form keeps them frozen."""
     config = rt.ScheduleConfig(total_steps=1000, sparsity=0.9)
-    assert config.method == "resu" and config.num_cycles == 20 and config.freeze_active is False
-    assert config.steps_per_cycle * 20 + config.finetune_steps == 1000
+    assert config.method == "resu" and config.num_cycles == 5 and config.freeze_active is True
+    assert config.steps_per_cycle * 5 + config.finetune_steps == 1000
     for frozen in (dict(quantize_bits=4), dict(selective=rt.SelectiveConfig()), dict(freeze_active=True)):
         config = rt.ScheduleConfig(total_steps=1000, sparsity=0.9, **frozen)
         assert config.freeze_active is True and config.num_cycles == 5, frozen
+    training = rt.ScheduleConfig(total_steps=1000, sparsity=0.9, freeze_active=False)
+    assert training.freeze_active is False and training.num_cycles == 20
+    assert training.steps_per_cycle * 20 + training.finetune_steps == 1000
     assert rt.ScheduleConfig(total_steps=1000, num_cycles=4, freeze_active=False).num_cycles == 4
     assert rt.ScheduleConfig(steps_per_cycle=100, num_cycles=3).freeze_active is True
     with pytest.raises(ValueError, match="quantize_bits needs freeze_active=True"):
         rt.ScheduleConfig(total_steps=1000, quantize_bits=4, freeze_active=False)
-    with pytest.raises(TypeError, match="freeze_active must be a bool or None"):
-        rt.ScheduleConfig(total_steps=1000, freeze_active="no")
+    for bad in ("no", None):
+        with pytest.raises(TypeError, match=f"freeze_active must be a bool, got {bad!r}"):
+            rt.ScheduleConfig(total_steps=1000, freeze_active=bad)
     with pytest.raises(ValueError, match="needs total_steps"):
         rt.ScheduleConfig(steps_per_cycle=100, sparsity=0.9)

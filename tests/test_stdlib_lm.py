@@ -39,7 +39,9 @@ def test_every_variant_pins_the_settings_it_is_named_for(name):
 
 def test_resu_is_the_library_default_recipe():
     config = stdlib_lm.make_schedule("resu", 2000, 0.9, 0)
-    assert config.freeze_active is False and config.num_cycles == 20
+    assert config.freeze_active is True and config.num_cycles == 5 and config.optimizer_state == "carry"
+    former = stdlib_lm.make_schedule("resu_train_active_cycles_20_carry_state", 2000, 0.9, 0)
+    assert former.freeze_active is False and former.num_cycles == 20 and former.optimizer_state == "carry"
 
 
 @pytest.mark.parametrize("name", sorted(stdlib_lm.GMP_VARIANTS))

@@ -80,7 +80,7 @@ ABLATION_OPTIONS = {
     "resu_cycles_20_finetune_0.4_train_active": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False),
     "resu_cycles_10_finetune_0.4_train_active_beats_weakest": dict(cycles=10, final_finetune_fraction=0.4,
                                                                    freeze_active=False, commit_admit="beats_weakest"),
-    # one change each to today's defaults (20 cycles, 40% fine-tuning, the active weights training):
+    # one change each to the 20-cycle recipe with the active weights training (40% fine-tuning):
     # no θ admitted at commit, a plain magnitude commit, θ's initial scale, and the last two together
     "resu_defaults_no_resurrection": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
                                           r_start=0.0, r_end=0.0),
@@ -99,6 +99,9 @@ ABLATION_OPTIONS = {
     # ... with the optimizer state started afresh at every phase change (the defaults until the
     # state of the coordinates that stay trainable was kept)
     "resu_defaults_reset_state": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False),
+    # ... and with the state kept: the library's defaults before the active weights were frozen again
+    "resu_train_active_carry_state": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
+                                          optimizer_state="carry"),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
@@ -117,8 +120,9 @@ LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "r
              if name not in ("resu_magnitude", "resu_no_resurrection", "resu_dev")},
           "gmp_finetune_0.4": "GMP final_finetune_fraction=0.4",
           # the same settings as resu_cycles_N_finetune_0.4_train_active, run under today's sparsity schedule rule
-          **{f"resu_defaults_cycles_{n}": f"RESU defaults, cycles={n}" for n in (2, 3, 5)},
-          "resu_defaults_reset_state": "RESU defaults, optimizer_state=reset"}
+          **{f"resu_defaults_cycles_{n}": f"RESU, active weights train, cycles={n}" for n in (2, 3, 5)},
+          "resu_defaults_reset_state": "RESU, active weights train, 20 cycles, optimizer_state=reset",
+          "resu_train_active_carry_state": "RESU, active weights train, 20 cycles, optimizer_state=carry"}
 FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
 
 

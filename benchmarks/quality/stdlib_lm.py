@@ -54,7 +54,8 @@ NO_RESURRECTION = dict(r_start=0.0, r_end=0.0, resu_fraction=0.05, stabilize_fra
 # later prunes: no stabilisation and a RESU phase of 25%, so each cycle's TRAIN takes 75% of it
 LATE_PRUNES = dict(stabilize_fraction=0.0, resu_fraction=0.25)
 # RESU with its settings pinned (``--methods`` takes these names too): the ablation of this task.
-# ``resu`` is the library's defaults (the active weights train in the RESU phase, 20 cycles).
+# ``resu`` is the library's defaults (the active weights frozen in the RESU phase, 5 cycles, the
+# optimizer state kept across phase changes).
 RESU_VARIANTS = {
     "resu_frozen": dict(freeze_active=True),  # the defaults before the recipe: 5 cycles, frozen
     "resu_frozen_beats_weakest": dict(freeze_active=True, commit_admit="beats_weakest"),
@@ -92,6 +93,8 @@ RESU_VARIANTS = {
     "resu_selective": dict(selective=rt.SelectiveConfig()),
     "resu_selective_carry_state": dict(selective=rt.SelectiveConfig(), optimizer_state="carry"),
     "resu_train_active_cycles_5_carry_state": dict(freeze_active=False, num_cycles=5, optimizer_state="carry"),
+    # the library's defaults before the active weights were frozen again: training alongside θ, 20 cycles
+    "resu_train_active_cycles_20_carry_state": dict(freeze_active=False, num_cycles=20, optimizer_state="carry"),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
     "resu_train_active_cycles_20_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01),
     "resu_train_active_cycles_20_magnitude_epsilon_0.01": dict(freeze_active=False, num_cycles=20, epsilon=0.01,
