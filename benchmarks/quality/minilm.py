@@ -47,6 +47,8 @@ on a 2-core CPU. Wall times: training only for the trained methods, the prune fo
     of every coordinate that stays trainable kept across phase changes).
   - ``resu_frozen_defaults``: the library's RESU defaults today (the active weights frozen in the
     RESU phase, 5 cycles, the optimizer state kept).
+  - ``resu_frozen_beats_weakest_defaults``: as ``resu_frozen_defaults`` with
+    ``commit_admit="beats_weakest"``.
   - ``dense``: the dense model as DENSE ResuTensors (a sanity row: cosine 1, agreement 1).
 * Metrics on held-out sentences: mean cosine similarity to the dense model's embeddings, and
   retrieval agreement: the fraction of held-out queries whose nearest other held-out sentence
@@ -80,7 +82,7 @@ from torch import nn  # noqa: E402
 import resu_tensor as rt  # noqa: E402
 
 TRAINED = ("sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "resu_active_beats_weakest", "qresu",
-           "resu_defaults", "qresu_defaults", "resu_frozen_defaults")
+           "resu_defaults", "qresu_defaults", "resu_frozen_defaults", "resu_frozen_beats_weakest_defaults")
 METHODS = ("dense", "none", *TRAINED)
 # RESU variants: the ScheduleConfig options each adds to the library's defaults, pinned to what
 # the committed runs used (where the active weights train and where the optimizer state was reset
@@ -92,14 +94,16 @@ RESU_OPTIONS = {"resu": {"freeze_active": True, "optimizer_state": "reset"},
                 "resu_active_beats_weakest": {"freeze_active": False, "commit_admit": "beats_weakest", "num_cycles": 5,
                                               "optimizer_state": "reset"},
                 "qresu": {"quantize_bits": 4, "optimizer_state": "reset"}, "resu_defaults": {"freeze_active": False},
-                "qresu_defaults": {"quantize_bits": 4}, "resu_frozen_defaults": {"freeze_active": True}}
+                "qresu_defaults": {"quantize_bits": 4}, "resu_frozen_defaults": {"freeze_active": True},
+                "resu_frozen_beats_weakest_defaults": {"freeze_active": True, "commit_admit": "beats_weakest"}}
 LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "sparse_ft": "sparse fine-tune",
           "resu": "RESU (amnesty)", "resu_train_active": "RESU, active weights train in RESU",
           "resu_beats_weakest": "RESU, θ admitted where it beats the weakest",
           "resu_active_beats_weakest": "RESU, active weights train, θ admitted where it beats the weakest",
           "qresu": "QRESU-4", "resu_defaults": "RESU, active weights train, 20 cycles, optimizer state kept",
           "qresu_defaults": "QRESU-4, library defaults (5 cycles, optimizer state kept)",
-          "resu_frozen_defaults": "RESU, library defaults (active weights frozen, 5 cycles, optimizer state kept)"}
+          "resu_frozen_defaults": "RESU, library defaults (active weights frozen, 5 cycles, optimizer state kept)",
+          "resu_frozen_beats_weakest_defaults": "RESU, library defaults, θ admitted where it beats the weakest"}
 SPARSITY = 0.5
 HELD_OUT_MODULUS = 5  # a stdlib module is held out when crc32(name) % 5 == 0
 CALIBRATION_SEED = 1234
@@ -110,7 +114,12 @@ SKIPPED_MODULES = {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "this"
 FULL = dict(steps=300, batch_size=64, seeds=[0, 1, 2], lr=1e-4, cycles=None, granularity="row", methods=TRAINED,
             held_out=1000,
             calibration=128, max_length=128, eval_batch_size=128, module_stride=1)
-REDUCED = dict(steps=8, batch_size=8, seeds=[0], lr=1e-4, cycles=1, granularity="row", methods=TRAINED, held_out=96, calibration=32,
+# the reduced run (the test's size) covers each code path once: SPARSE, RESU with the state reset
+# and kept, the active weights frozen and training, the capped commit, QRESU; the other variants
+# differ from these in option values only
+REDUCED_METHODS = ("sparse_ft", "resu", "resu_defaults", "resu_beats_weakest", "qresu", "resu_frozen_defaults")
+REDUCED = dict(steps=8, batch_size=8, seeds=[0], lr=1e-4, cycles=1, granularity="row", methods=REDUCED_METHODS,
+               held_out=96, calibration=32,
                max_length=64, eval_batch_size=64, module_stride=3, threads=1)
 IN_MEMORY = ("models", "pruned", "dense", "calibration", "texts")  # run(keep_models=True) only; not in the JSON
 

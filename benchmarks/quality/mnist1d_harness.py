@@ -99,6 +99,9 @@ ABLATION_OPTIONS = {
     # ... with the optimizer state started afresh at every phase change (the defaults until the
     # state of the coordinates that stay trainable was kept)
     "resu_defaults_reset_state": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False),
+    # today's defaults (frozen active weights, 5 cycles, the state kept) with the capped amnesty
+    "resu_beats_weakest_carry_state": dict(cycles=5, final_finetune_fraction=0.4, commit_admit="beats_weakest",
+                                           optimizer_state="carry"),
     # ... and with the state kept: the library's defaults before the active weights were frozen again
     "resu_train_active_carry_state": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
                                           optimizer_state="carry"),
@@ -122,7 +125,8 @@ LABELS = {"dense": "dense", "oneshot": "one-shot + FT", "gmp": "GMP (cubic)", "r
           # the same settings as resu_cycles_N_finetune_0.4_train_active, run under today's sparsity schedule rule
           **{f"resu_defaults_cycles_{n}": f"RESU, active weights train, cycles={n}" for n in (2, 3, 5)},
           "resu_defaults_reset_state": "RESU, active weights train, 20 cycles, optimizer_state=reset",
-          "resu_train_active_carry_state": "RESU, active weights train, 20 cycles, optimizer_state=carry"}
+          "resu_train_active_carry_state": "RESU, active weights train, 20 cycles, optimizer_state=carry",
+          "resu_beats_weakest_carry_state": "RESU defaults, commit_admit=beats_weakest"}
 FULL = {"archs": ["mlp", "cnn"], "sparsities": [0.5, 0.7, 0.9], "seeds": [0, 1, 2]}
 
 

@@ -93,6 +93,9 @@ RESU_VARIANTS = {
     "resu_selective": dict(selective=rt.SelectiveConfig()),
     "resu_selective_carry_state": dict(selective=rt.SelectiveConfig(), optimizer_state="carry"),
     "resu_train_active_cycles_5_carry_state": dict(freeze_active=False, num_cycles=5, optimizer_state="carry"),
+    # today's defaults with θ admitted only where it beats the weakest kept weight
+    "resu_frozen_beats_weakest_carry_state": dict(freeze_active=True, commit_admit="beats_weakest",
+                                                  optimizer_state="carry"),
     # the library's defaults before the active weights were frozen again: training alongside θ, 20 cycles
     "resu_train_active_cycles_20_carry_state": dict(freeze_active=False, num_cycles=20, optimizer_state="carry"),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)

@@ -16,7 +16,7 @@ DEFAULT_FINETUNE_FRACTION = 0.4
 # changes. With the state kept this beat the active weights training alongside θ in 20 cycles on
 # a language model trained from scratch (GPU, 2000 steps at 90%: 3.57 against 3.82 perplexity,
 # every seed; its CPU-sized stand-in at 800 and 2000 steps) and on the pretrained MiniLM's
-# recovery (0.952 against 0.944 cosine); the 20-cycle form kept a 1-point lead on MNIST-1D
+# recovery (0.952 against 0.944 cosine); the 20-cycle form keeps a 2–3 point lead on MNIST-1D
 # (docs/results.md). Where the active weights train (freeze_active=False) 20 cycles beat 2, 3 and 5
 # on MNIST-1D.
 DEFAULT_NUM_CYCLES = 5
