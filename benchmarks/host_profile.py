@@ -27,9 +27,8 @@ from benchmarks.distributed import PRESETS, synchronize
 VARIANTS = ("plain", "sparse", "resu", "qresu4")
 
 
-def report(variant: str, config, device: torch.device, steps: int = 10) -> str:
-    args = argparse.Namespace(fused_adamw=False, cuda_graph=False, compile=False, bf16=True, warmup=3,
-                              sparsity=0.5, group_size=128)
+def report(variant: str, args, config, device: torch.device, steps: int = 10) -> str:
+    """``args``: benchmarks.model's settings (sparsity, group size, warm-up, AdamW path, bf16)."""
     step = bench._warm_step(variant, args, config, device, batch=1)
     synchronize(device)
     start = time.perf_counter()
@@ -65,11 +64,13 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    config = dataclasses.replace(PRESETS[args.preset], seq=bench.HOST_SEQ)
+    # the model benchmark's defaults for everything else, so both measure the same step
+    settings = bench.parse_args(["--device", args.device, "--preset", args.preset])
+    config = dataclasses.replace(bench.model_config(settings), seq=bench.HOST_SEQ)
     device = torch.device(args.device)
     with open(args.out, "w") as out:
         for variant in args.variants:
-            out.write(report(variant, config, device))
+            out.write(report(variant, settings, config, device))
             out.flush()
             print(f"{variant} done", flush=True)
 
