@@ -12,7 +12,11 @@ State memory is weight + grad + optimizer state (+ masks) bytes after a step: rt
 for ResuTensor models, the bytes of every parameter, gradient, buffer and optimizer-state tensor
 for the others.
 
-    python -m benchmarks.cpu [--quick] [--threads N] [--out benchmarks/results/cpu.json]
+    python -m benchmarks.cpu [--quick] [--threads N] [--reference-kernels] [--out benchmarks/results/cpu.json]
+
+The bitmap gathers and in-place updates run on the package's C loops where they were built
+(``kernels.HAS_CPU_KERNELS``, recorded as ``cpu_kernels``); ``--reference-kernels`` runs their
+plain-PyTorch references instead, to measure the difference.
 
 ``--threads`` (default: torch's own choice) sets torch.set_num_threads; on a machine whose cores
 are shared with other jobs, one thread gives steadier figures, since every multi-threaded op
@@ -34,6 +38,8 @@ from torch.nn.utils import prune
 from torchao.quantization import quantize_
 
 import resu_tensor as rt
+from resu_tensor import kernels
+from resu_tensor.kernels import mask_ops
 
 SPARSITY = 0.7
 # name → (layer widths, batch)
@@ -205,17 +211,31 @@ def run(quick: bool = False) -> dict:
     return results
 
 
+def use_reference_kernels() -> None:
+    """Unregister the C loops' CPU implementations (for this process): every bitmap op runs its
+    plain-PyTorch reference, positions decoded by numpy."""
+    for op in kernels.OPS.values():
+        op.implementations.pop("cpu", None)
+    mask_ops.POSITION_DECODER = None
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--reference-kernels", action="store_true",
+                        help="run the plain-PyTorch references instead of the package's C loops (the CPU "
+                             "bitmap gathers and updates), to measure what the loops save")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu.json"))
     args = parser.parse_args(argv)
+    if args.reference_kernels:
+        use_reference_kernels()
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be a positive number of threads, got {args.threads}")
         torch.set_num_threads(args.threads)
     results = run(args.quick)
+    results["cpu_kernels"] = "reference" if args.reference_kernels or not kernels.HAS_CPU_KERNELS else "C loops"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"load average before {results['loadavg_before']}, after {results['loadavg_after']}; wrote {args.out}")

@@ -322,7 +322,9 @@ def test_work_vector_is_released_by_the_optimizer_step(mode):
         layer(x).sum().backward()
         with torch.no_grad():  # an in-place write outside the optimizer, through the same path
             layer.weight.mul_(0.999)
-        assert mask_ops.held_selection_nbytes(layer.weight.mask_bitmap) == 12 * layer.weight.trainable_count
+        # int64 positions, and the reference's float32 work vector of v·s (the C loops need none)
+        per_entry = 8 if kernels.HAS_CPU_KERNELS else 12
+        assert mask_ops.held_selection_nbytes(layer.weight.mask_bitmap) == per_entry * layer.weight.trainable_count
         optimizer.step()
         assert _held_nbytes(layer.weight) == 0
         assert rt.memory_report(layer, optimizer).total.total == settled

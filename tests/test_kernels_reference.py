@@ -93,13 +93,20 @@ CUDA_OPS = ["pack_bitmap", "unpack_bitmap", "gather_trainable", "scatter_trainab
             "selective_apply_"]
 
 
-def test_every_op_has_a_reference_and_cuda_kernels_exactly_when_triton_imports():
+CPU_OPS = ["gather_by_bitmap", "compact_weight_grad_bitmap", "update_by_bitmap_", "foreach_update_by_bitmap_"]
+
+
+def test_every_op_has_a_reference_and_kernels_exactly_where_they_were_built():
+    """CUDA kernels where triton imports; the C loops' CPU implementations where they were built."""
     assert sorted(kernels.OPS) == sorted(CUDA_OPS + ["block_prefix_counts"])
-    assert set(kernels.__all__) == set(kernels.OPS) | {"HAS_TRITON", "PREFIX_TILE", "register", "implementation"}
+    assert set(kernels.__all__) == set(kernels.OPS) | {"HAS_TRITON", "HAS_CPU_KERNELS", "PREFIX_TILE", "register",
+                                                       "implementation"}
     for name, op in kernels.OPS.items():
         assert callable(getattr(kernels, name)) and getattr(kernels, name).__doc__ == op.reference.__doc__
-        reference = kernels.implementation(name, "cpu")
-        assert reference is op.reference and reference.__name__ == name
+        reference = op.reference
+        assert reference.__name__ == name
+        has_cpu_kernel = kernels.HAS_CPU_KERNELS and name in CPU_OPS
+        assert (kernels.implementation(name, "cpu") is not reference) == has_cpu_kernel, name
         has_kernel = kernels.HAS_TRITON and name in CUDA_OPS
         assert (kernels.implementation(name, "cuda") is not reference) == has_kernel, name
 
@@ -144,13 +151,14 @@ def test_every_cuda_op_declares_the_compile_variants_of_its_kernels():
 
 
 def test_kernels_import_and_run_without_triton():
-    """A machine without triton gets the references only (triton blocked in a fresh process)."""
+    """A machine without triton and without the C loops (no compiler at install) gets the
+    references only (both blocked in a fresh process)."""
     script = (
-        "import sys; sys.modules['triton'] = None\n"
+        "import sys; sys.modules['triton'] = None; sys.modules['resu_tensor.kernels._bitmap_cpu'] = None\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "import torch\n"
         "from resu_tensor import kernels\n"
-        "assert not kernels.HAS_TRITON\n"
+        "assert not kernels.HAS_TRITON and not kernels.HAS_CPU_KERNELS\n"
         "assert kernels.OPS and all(set(op.implementations) == {'reference'} for op in kernels.OPS.values())\n"
         "m = torch.rand(100) < 0.5\n"
         "assert torch.equal(kernels.unpack_bitmap(kernels.pack_bitmap(m), 100), m)\n"

@@ -81,7 +81,8 @@ def imports_in(source: str, module: str, is_package: bool) -> list[tuple[str, bo
 
 
 FILES = sorted(PACKAGE.rglob("*.py"))
-MODULES = {module_name(path) for path in FILES}
+# C extension modules (one source file each, named as the module) import nothing of the package
+MODULES = {module_name(path) for path in FILES} | {module_name(path) for path in PACKAGE.rglob("*.c")}
 IMPORTS = {module_name(path): _imports(path) for path in FILES}
 
 

@@ -132,6 +132,11 @@ ONE_PASS = {  # name → (optimizer, kernels.update_by_bitmap_ calls per step pe
 }
 
 
+def _cpu_key(implementations: dict) -> str:
+    """The key of a kernel op's implementation that runs for CPU tensors (the C loops' where built)."""
+    return "cpu" if "cpu" in implementations else "reference"
+
+
 @pytest.mark.parametrize("mode", ["sparse", "resu"])
 @pytest.mark.parametrize("name", list(ONE_PASS))
 def test_in_place_updates_of_bitmap_weights_take_one_kernel_pass(mode, name, monkeypatch):
@@ -164,7 +169,8 @@ def test_in_place_updates_of_bitmap_weights_take_one_kernel_pass(mode, name, mon
         with monkeypatch.context() as patch:
             for op in ("update_by_bitmap_", "foreach_update_by_bitmap_", "gather_by_bitmap", "scatter_by_bitmap_"):
                 implementations = kernels.OPS[op].implementations
-                patch.setitem(implementations, "reference", counted(op, implementations["reference"]))
+                key = _cpu_key(implementations)
+                patch.setitem(implementations, key, counted(op, implementations[key]))
             if not one_pass:
                 patch.setattr(trainable, "BITMAP_UPDATES", {})
             w, dense, bias = params = copy.deepcopy(start)
@@ -197,14 +203,16 @@ def test_foreach_ops_update_every_bitmap_weight_in_one_kernel_call(monkeypatch):
     weights = [make_pair(mode)[0] for mode in ("resu", "sparse", "resu")]
     opt = torch.optim.AdamW(weights, lr=0.01, weight_decay=0.1, foreach=True)
     calls = []
-    reference = kernels.OPS["foreach_update_by_bitmap_"].implementations["reference"]
+    foreach = kernels.OPS["foreach_update_by_bitmap_"].implementations
+    runs = foreach[_cpu_key(foreach)]
 
     def counted(values, *args):
         calls.append(len(values))
-        return reference(values, *args)
+        return runs(values, *args)
 
-    monkeypatch.setitem(kernels.OPS["foreach_update_by_bitmap_"].implementations, "reference", counted)
-    monkeypatch.setitem(kernels.OPS["update_by_bitmap_"].implementations, "reference", None)  # a per-weight call would fail
+    monkeypatch.setitem(foreach, _cpu_key(foreach), counted)
+    single = kernels.OPS["update_by_bitmap_"].implementations
+    monkeypatch.setitem(single, _cpu_key(single), None)  # a per-weight call would fail
     before = [w.dequantize() for w in weights]
     sum(F.linear(torch.randn(4, 48), w).square().sum() for w in weights).backward()
     opt.step()
@@ -256,13 +264,15 @@ def test_each_in_place_form_equals_gather_op_scatter(name, monkeypatch):
     b = weight.compact(torch.rand(weight.trainable_count) + 0.5)
     calls = []
     kernel = "foreach_update_by_bitmap_" if name.startswith("foreach") else "update_by_bitmap_"
-    reference = kernels.OPS[kernel].implementations["reference"]
+    implementations = kernels.OPS[kernel].implementations
+    key = _cpu_key(implementations)
+    runs = implementations[key]
 
     def counted(*args):
         calls.append(args)
-        return reference(*args)
+        return runs(*args)
 
-    monkeypatch.setitem(kernels.OPS[kernel].implementations, "reference", counted)
+    monkeypatch.setitem(implementations, key, counted)
     frozen = ~weight.trainable_mask()
     ours, theirs = copy.deepcopy(weight).detach(), copy.deepcopy(weight).detach()
     with torch.no_grad():

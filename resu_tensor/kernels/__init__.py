@@ -7,7 +7,9 @@ An op is declared once, where its code lives: its reference carries ``@kernel_op
 ``mask_ops``, ``optim``, ``quant``, ``selective``, ``weight_grad``), and where triton imports, the
 ``*_triton.py`` module declares its CUDA implementation (a ``torch.library`` custom op
 ``resu_tensor::<name>``) and compile variants beside the kernel (``_triton_support.cuda_op``).
-``HAS_TRITON`` says whether the CUDA implementations exist. ``PREFIX_TILE`` is the tile width of
+``HAS_TRITON`` says whether the CUDA implementations exist; ``mask_ops_cpu`` registers CPU
+implementations of the bitmap gathers and updates where the package's C loops were built
+(``HAS_CPU_KERNELS``). ``PREFIX_TILE`` is the tile width of
 the ``bitmap_tile_prefix`` tables that the QRESU forward kernels accept as an optional cache.
 
     >>> import torch
@@ -19,6 +21,7 @@ the ``bitmap_tile_prefix`` tables that the QRESU forward kernels accept as an op
 from typing import Callable
 
 from . import mask_ops, optim, quant, selective, weight_grad  # noqa: F401  (their @kernel_op references)
+from .mask_ops_cpu import HAS_CPU_KERNELS  # registers the C loops' CPU implementations, where they were built
 from ._table import OPS, dispatcher
 from ._triton_support import HAS_TRITON, PREFIX_TILE
 
@@ -43,4 +46,4 @@ def implementation(name: str, device_type: str) -> Callable:
 
 globals().update({name: dispatcher(op) for name, op in OPS.items()})
 
-__all__ = ["HAS_TRITON", "PREFIX_TILE", "register", "implementation", *OPS]
+__all__ = ["HAS_TRITON", "HAS_CPU_KERNELS", "PREFIX_TILE", "register", "implementation", *OPS]

@@ -92,12 +92,19 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
 _SELECTIONS = WeakIdKeyDictionary()
 
 
+# A faster decoder of CPU bitmaps into positions (``mask_ops_cpu`` sets its C loop here where it
+# was built): (bitmap, numel, invert) → the same int64 positions as _decoded_positions.
+POSITION_DECODER = None
+
+
 def _decoded_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.Tensor:
     """int64 row-major positions of the selected elements of a CPU bitmap, in one pass over its
     bits. numpy's unpackbits and flatnonzero of a bool array take a fraction of the time of
     torch's unpack (a byte → bits table lookup) and nonzero on the CPU, which counts and writes
     (n, 1) indices in two scalar passes; int64 is what index_select and scatter_ take without a
     conversion."""
+    if POSITION_DECODER is not None:
+        return POSITION_DECODER(bitmap, numel, invert)
     packed = bitmap.numpy()
     if invert:
         packed = ~packed
