@@ -149,6 +149,31 @@ def test_cuda_graph_step_follows_the_scheduler_through_its_cycles(quantize_bits,
     assert len(graphed_scheduler.history) == config.num_cycles
 
 
+def test_cuda_graph_step_records_again_without_holding_more_memory():
+    """Each recording (one per mode change of a schedule) gives back the memory of the one before:
+    after the second, what the process holds stays what it was (a new warm-up stream per recording
+    would leave a cuBLAS workspace behind each time)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64)).cuda()
+    quantize_(model, rt.resu_config(sparsity=0.5))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+    x = torch.randn(32, 256, device="cuda")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    graphed = rt.CudaGraphStep(step, model, optimizer)
+    held = []
+    for _ in range(5):
+        graphed._record()
+        torch.cuda.synchronize()
+        held.append(torch.cuda.memory_allocated())
+    assert graphed.recordings == 5
+    assert held[1:] == [held[1]] * 4, held
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
 @pytest.mark.parametrize("mode", ["sparse", "resu", "qresu"])
 def test_whole_training_step_replays_as_one_cuda_graph(mode, fused):

@@ -18,6 +18,19 @@ from resu_tensor.core.compact import CompactTensor
 from resu_tensor.core.tensor import ResuTensor
 
 
+# Every recording warms up on one side stream per device: cuBLAS keeps a workspace for each
+# stream it has run on until the process ends, so a new stream per recording (one per mode change
+# of a schedule) would hold tens of MB more each time.
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: int) -> torch.cuda.Stream:
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
 class CudaGraphStep:
     """``step`` (no arguments: one whole training step) run as one CUDA graph per call.
 
@@ -98,7 +111,7 @@ class CudaGraphStep:
     def _record(self):
         self._graph = self._output = None  # the stale graph's memory goes back first
         self._recorded_objects, self._recorded_sets = [], []
-        side = torch.cuda.Stream()
+        side = _side_stream(torch.cuda.current_device())
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             result = self.step()  # this call's training step, eagerly
