@@ -1,4 +1,4 @@
-"""Comparing two ResuTensors field by field."""
+"""Comparing two ResuTensors field by field, and float tensors bit by bit."""
 import torch
 
 
@@ -11,3 +11,8 @@ def assert_same_state(a, b) -> None:
             assert torch.equal(value, other), name
         else:
             assert value == other, (name, value, other)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (so -0.0 and 0.0 differ, as stored values do)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

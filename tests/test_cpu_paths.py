@@ -10,6 +10,7 @@ from torchao.quantization import quantize_
 import resu_tensor as rt
 from resu_tensor import kernels
 from resu_tensor.kernels import mask_ops
+from resu_asserts import bits
 
 MODES = ["sparse", "resu"]
 
@@ -206,13 +207,8 @@ def test_updates_at_positions_give_the_bits_of_gather_op_scatter(op, scalar, inv
         assert mask_ops.held_selection_nbytes(bitmap) > 0  # the positions form ran
     finally:
         mask_ops.release_selections(bitmap)
-    assert torch.equal(_bits(out)[~selected], _bits(values)[~selected])
-    assert torch.equal(_bits(out), _bits(expected))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor (so -0.0 and 0.0 differ, as stored values do)."""
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    assert torch.equal(bits(out)[~selected], bits(values)[~selected])
+    assert torch.equal(bits(out), bits(expected))
 
 
 def _between_steps(mode: str, step: int, layer: nn.Linear, optimizer) -> bool:
@@ -259,7 +255,7 @@ def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode,
         elif step in (1, 2):
             assert not torch.equal(layer.weight.dequantize(), before_change)
         before, after, trainable, expected = _step_against_reference(layer, optimizer, bias, state, generator)
-        assert torch.equal(_bits(after)[~trainable], _bits(before)[~trainable])
+        assert torch.equal(bits(after)[~trainable], bits(before)[~trainable])
         torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
         assert _held_nbytes(layer.weight) == 0
     if bystander:
@@ -297,8 +293,8 @@ def test_updates_sharing_the_work_vector_give_the_bits_of_gather_op_scatter(inve
                     gathered = e[selected]
                     mask_ops.UPDATE_OPS[op][1](gathered, *tensors, scalar)
                     e[selected] = gathered
-                    assert torch.equal(_bits(v), _bits(e))
-                    assert torch.equal(_bits(v)[~selected], _bits(before)[~selected])
+                    assert torch.equal(bits(v), bits(e))
+                    assert torch.equal(bits(v)[~selected], bits(before)[~selected])
             # int64 positions and the float32 work vector, one of each for this selection
             assert mask_ops.held_selection_nbytes(bitmap) == 12 * count
     finally:

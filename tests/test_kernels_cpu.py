@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from resu_tensor import kernels
 from resu_tensor.kernels import mask_ops, mask_ops_cpu, weight_grad
+from resu_asserts import bits
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_CPU_KERNELS, reason="the C loops were not built (no compiler)")
 
@@ -23,10 +24,6 @@ def _selection(numel: int, density: float, invert: bool, seed: int):
     return generator, kernels.pack_bitmap(mask), selected
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32)
-
-
 @settings(max_examples=40, deadline=None)
 @given(numel=st.integers(1, 5000), density=st.floats(0.0, 1.0), invert=st.booleans(), seed=st.integers(0, 2**16))
 def test_decode_and_gather_equal_the_references(numel, density, invert, seed):
@@ -38,7 +35,7 @@ def test_decode_and_gather_equal_the_references(numel, density, invert, seed):
         out = mask_ops_cpu.gather_by_bitmap(values, bitmap, None, 1024, invert, count)
     finally:
         mask_ops.release_selections(bitmap)
-    assert torch.equal(_bits(out), _bits(values[selected]))
+    assert torch.equal(bits(out), bits(values[selected]))
 
 
 @settings(max_examples=30, deadline=None)
@@ -57,8 +54,8 @@ def test_updates_give_the_bits_of_the_reference(numel, density, invert, seed, up
         out = mask_ops_cpu.update_by_bitmap_(values.clone(), bitmap, None, 1024, invert, op, t1, t2, scalar)
     finally:
         mask_ops.release_selections(bitmap)
-    assert torch.equal(_bits(out)[~selected], _bits(values)[~selected])
-    assert torch.equal(_bits(out), _bits(expected))
+    assert torch.equal(bits(out)[~selected], bits(values)[~selected])
+    assert torch.equal(bits(out), bits(expected))
 
 
 def test_a_training_step_runs_the_loops():
@@ -107,5 +104,5 @@ def test_other_dtypes_views_and_autograd_take_the_reference():
     for op, scalar in [("add", -0.3), ("lerp", 0.1)]:  # forms the loops do not compute as torch rounds them
         expected = mask_ops.update_by_bitmap_(values.clone(), bitmap, None, 1024, False, op, t1, None, scalar)
         out = mask_ops_cpu.update_by_bitmap_(values.clone(), bitmap, None, 1024, False, op, t1, None, scalar)
-        assert torch.equal(_bits(out), _bits(expected))
+        assert torch.equal(bits(out), bits(expected))
     mask_ops.release_selections(bitmap)

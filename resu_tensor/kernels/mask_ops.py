@@ -353,7 +353,14 @@ def foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Te
                               scalars: List[float]) -> None:
     """:func:`update_by_bitmap_` with one ``op`` on each weight of equally long lists (entry j of
     every list belongs to weight j; a ``_foreach_`` op's list positions)."""
+    update_each_weight_(update_by_bitmap_, values, bitmaps, block_prefixes, block_sizes, inverts, op, tensor1s,
+                        tensor2s, scalars)
+
+
+def update_each_weight_(update, values, bitmaps, block_prefixes, block_sizes, inverts, op, tensor1s, tensor2s,
+                        scalars) -> None:
+    """A foreach_update_by_bitmap_ as one ``update`` (an update_by_bitmap_ implementation) per weight."""
     lists = (values, bitmaps, block_prefixes, block_sizes, inverts, tensor1s, tensor2s, scalars)
     check_foreach_lengths("foreach_update_by_bitmap_", lists)
     for v, bitmap, prefix, block_size, invert, t1, t2, scalar in zip(*lists):
-        update_by_bitmap_(v, bitmap, prefix, block_size, invert, op, t1, t2, scalar)
+        update(v, bitmap, prefix, block_size, invert, op, t1, t2, scalar)

@@ -58,8 +58,8 @@ def _positions(op: str, values: torch.Tensor, bitmap: torch.Tensor, invert: bool
     """The kept positions of ``bitmap``'s selection over ``values`` (ValueError unless there are
     ``count``, if given), or None where they are not kept (the caller runs the reference)."""
     positions = mask_ops.selected_positions(bitmap, values.numel(), invert)
-    if positions is not None and count is not None and positions.numel() != count:
-        raise ValueError(f"{op}: the bitmap selects {positions.numel()} elements but count={count}")
+    if positions is not None and count is not None:
+        mask_ops._check_positions(op, positions, count)
     return positions
 
 
@@ -104,10 +104,8 @@ def foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Te
                               block_prefixes: List[torch.Tensor], block_sizes: List[int], inverts: List[bool], op: str,
                               tensor1s: List[Optional[torch.Tensor]], tensor2s: List[Optional[torch.Tensor]],
                               scalars: List[float]) -> None:
-    lists = (values, bitmaps, block_prefixes, block_sizes, inverts, tensor1s, tensor2s, scalars)
-    mask_ops.check_foreach_lengths("foreach_update_by_bitmap_", lists)
-    for v, bitmap, prefix, block_size, invert, t1, t2, scalar in zip(*lists):
-        update_by_bitmap_(v, bitmap, prefix, block_size, invert, op, t1, t2, scalar)
+    mask_ops.update_each_weight_(update_by_bitmap_, values, bitmaps, block_prefixes, block_sizes, inverts, op,
+                                 tensor1s, tensor2s, scalars)
 
 
 if HAS_CPU_KERNELS:  # each op's CPU implementation in the kernel table, beside its reference
