@@ -1,4 +1,4 @@
-"""Compile cost of a whole ResuScheduler run: a small MLP on CPU with its model compiled
+"""Compile cost of a whole ResuScheduler run: a small MLP (CPU, or ``--device cuda``) with its model compiled
 (``fullgraph=True``) and its optimizer step compiled, next to an eager twin.
 
 Per step it records the graphs compiled so far (model, step: ``CompileCounterWithBackend``
@@ -8,6 +8,7 @@ trainable count). At the end the compiled and eager weights are compared (max ab
 
     python -m benchmarks.compile_schedule --backend aot_eager
     python -m benchmarks.compile_schedule --backend inductor --out benchmarks/results/compile_schedule_cpu.json
+    python -m benchmarks.compile_schedule --backend inductor --device cuda --out benchmarks/results/compile_schedule_h100.json
 
 The budgeted RESU config (``total_steps``, ``num_cycles``, ``sparsity``) prunes along a cubic
 schedule, so the trainable count changes at every cycle; Dynamo's ``recompile_limit`` is raised
@@ -34,10 +35,10 @@ WIDTH, CLASSES, BATCH = 64, 10, 16
 DEFAULT_RECOMPILE_LIMIT = 8
 
 
-def make_model() -> nn.Module:
+def make_model(device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(WIDTH, 2 * WIDTH), nn.ReLU(), nn.Linear(2 * WIDTH, 2 * WIDTH), nn.ReLU(),
-                          nn.Linear(2 * WIDTH, CLASSES))
+                          nn.Linear(2 * WIDTH, CLASSES)).to(device)
     quantize_(model, rt.resu_config(sparsity=0.0))
     return model
 
@@ -53,7 +54,7 @@ def phase_of(model: nn.Module) -> tuple:
 
 
 def run(backend: str, cycles: int, steps_per_cycle: int, sparsity: float, schedule: str,
-        recompile_limit: int) -> dict:
+        recompile_limit: int, device: str = "cpu") -> dict:
     """One schedule, compiled next to eager; returns the JSON record.
 
     Example::
@@ -61,7 +62,7 @@ def run(backend: str, cycles: int, steps_per_cycle: int, sparsity: float, schedu
         record = run("aot_eager", cycles=10, steps_per_cycle=8, sparsity=0.9, schedule="cubic", recompile_limit=64)
     """
     torch._dynamo.reset()
-    model = make_model()
+    model = make_model(device)
     eager = copy.deepcopy(model)
     total = cycles * steps_per_cycle
     config_args = dict(total_steps=total, num_cycles=cycles, sparsity=sparsity, progress=False)
@@ -79,13 +80,15 @@ def run(backend: str, cycles: int, steps_per_cycle: int, sparsity: float, schedu
     with torch._dynamo.config.patch(recompile_limit=recompile_limit):
         for step in range(total):
             mode, trainable = phase_of(model)
-            x = torch.randn(BATCH, WIDTH, generator=generator)
-            y = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+            x = torch.randn(BATCH, WIDTH, generator=generator).to(device)
+            y = torch.randint(0, CLASSES, (BATCH,), generator=generator).to(device)
             before = (model_counter.frame_count, step_counter.frame_count)
             t0 = time.perf_counter()
             F.cross_entropy(compiled_model(x), y).backward()
             compiled_step()
             opt.zero_grad()
+            if device == "cuda":
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             F.cross_entropy(eager(x), y).backward()
             eager_opt.step()
@@ -99,7 +102,7 @@ def run(backend: str, cycles: int, steps_per_cycle: int, sparsity: float, schedu
     compiling = [s for s in steps if s["compiled"]]
     diff = max((a - b).abs().max().item() for a, b in zip(dense_weights(model), dense_weights(eager)))
     return {
-        "backend": backend, "cycles": cycles, "steps_per_cycle": steps_per_cycle, "sparsity": sparsity,
+        "backend": backend, "device": device, "cycles": cycles, "steps_per_cycle": steps_per_cycle, "sparsity": sparsity,
         "schedule": schedule, "recompile_limit": recompile_limit,
         "model_graphs": model_counter.frame_count, "step_graphs": step_counter.frame_count,
         "exceeds_default_recompile_limit": max(model_counter.frame_count, step_counter.frame_count)
@@ -138,15 +141,18 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--schedule", choices=["cubic", "constant"], default="cubic")
     parser.add_argument("--recompile-limit", type=int, default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=pathlib.Path, default=None, help=f"JSON file to update (e.g. {DEFAULT_OUT})")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    record = run(args.backend, args.cycles, args.steps_per_cycle, args.sparsity, args.schedule, args.recompile_limit)
+    record = run(args.backend, args.cycles, args.steps_per_cycle, args.sparsity, args.schedule, args.recompile_limit,
+                 args.device)
     summary = {k: v for k, v in record.items() if k != "steps"}
     print(json.dumps(summary, indent=2))
     if args.out is not None:
         results = json.loads(args.out.read_text()) if args.out.exists() else {}
-        results["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": 1}
+        results["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "threads": 1,
+                              **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {})}
         results[f"{args.backend} {args.schedule}"] = record
         args.out.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -39,7 +39,6 @@ from torchao.quantization import quantize_
 
 import resu_tensor as rt
 from resu_tensor import kernels
-from resu_tensor.kernels import mask_ops
 
 SPARSITY = 0.7
 # name → (layer widths, batch)
@@ -216,7 +215,6 @@ def use_reference_kernels() -> None:
     plain-PyTorch reference, positions decoded by numpy."""
     for op in kernels.OPS.values():
         op.implementations.pop("cpu", None)
-    mask_ops.POSITION_DECODER = None
 
 
 def main(argv=None) -> dict:

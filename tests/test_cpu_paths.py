@@ -1,6 +1,8 @@
-"""CPU training steps select trainable coordinates through positions decoded once per step
-(kernels.mask_ops.selected_positions); these tests check them against plain-PyTorch references,
-across mask changes between steps, and that they are released after each optimizer step."""
+"""CPU training steps select trainable coordinates through the C loops, which walk the bitmap
+itself, or, where those were not built, through positions the plain-PyTorch kernels decode once
+per step (kernels.mask_ops.selected_positions). These tests check both paths against plain
+PyTorch, across mask changes between steps, and that whatever they keep (positions, work
+vectors) is released after each optimizer step."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,28 @@ from resu_tensor.kernels import mask_ops
 from resu_asserts import bits
 
 MODES = ["sparse", "resu"]
+
+
+def _use_reference_kernels(monkeypatch) -> None:
+    for op in kernels.OPS.values():
+        if "cpu" in op.implementations:
+            monkeypatch.delitem(op.implementations, "cpu")
+
+
+@pytest.fixture(params=["c_loops", "reference"])
+def cpu_kernels(request, monkeypatch) -> str:
+    """Runs the test on the C loops (where built), then on the plain-PyTorch kernels."""
+    if request.param == "c_loops" and not kernels.HAS_CPU_KERNELS:
+        pytest.skip("the C loops were not built (no compiler)")
+    if request.param == "reference":
+        _use_reference_kernels(monkeypatch)
+    return request.param
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch) -> None:
+    """The plain-PyTorch kernels only: the path that keeps positions per step."""
+    _use_reference_kernels(monkeypatch)
 
 
 def _layer(mode: str, seed: int = 0, sparsity: float = 0.7) -> nn.Linear:
@@ -32,12 +56,13 @@ def _held_nbytes(weight: rt.ResuTensor) -> int:
     return mask_ops.held_selection_nbytes(weight.mask_bitmap) + mask_ops.held_selection_nbytes(weight.subset_bitmap)
 
 
-def _bystander_holding_positions() -> nn.Linear:
+def _bystander_holding_positions(cpu_kernels: str) -> nn.Linear:
     """A layer whose backward ran and whose optimizer step did not (as after a training step that
-    raised in between): it holds positions of its own bitmap while it lives."""
+    raised in between): on the plain-PyTorch kernels it holds positions of its own bitmap while it
+    lives (the C loops keep none)."""
     layer = _layer("sparse", seed=5)
     layer(torch.randn(4, 48)).sum().backward()
-    assert _held_nbytes(layer.weight) > 0
+    assert (_held_nbytes(layer.weight) > 0) == (cpu_kernels == "reference")
     return layer
 
 
@@ -77,7 +102,7 @@ def _step_against_reference(layer: nn.Linear, optimizer, bias: torch.Tensor, sta
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_steps_match_plain_adamw_across_mask_changes(mode):
+def test_steps_match_plain_adamw_across_mask_changes(mode, cpu_kernels):
     """Three steps, the mask rewritten in place (whole-state copy_) after the first: each step's
     weight equals plain AdamW on the trainable coordinates, frozen coordinates bit-identical."""
     layer = _layer(mode)
@@ -128,13 +153,13 @@ def _train(mode: str, cache: bool, monkeypatch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_kept_positions_give_the_bits_of_the_unkept_path(mode, monkeypatch):
+def test_kept_positions_give_the_bits_of_the_unkept_path(mode, monkeypatch, reference_kernels):
     """Training with positions kept per step is bit-identical to decoding the bitmap at every op."""
     assert torch.equal(_train(mode, True, monkeypatch), _train(mode, False, monkeypatch))
 
 
 @pytest.mark.parametrize("invert", [False, True])
-def test_positions_follow_an_in_place_bitmap_change(invert):
+def test_positions_follow_an_in_place_bitmap_change(invert, cpu_kernels):
     """A bitmap written in place (same object, new version) is decoded again; the kernels read the
     new selection, as a boolean-mask reference does."""
     mask = torch.rand(300) < 0.4
@@ -157,7 +182,7 @@ def test_positions_follow_an_in_place_bitmap_change(invert):
         kernels.gather_by_bitmap(values, bitmap, None, 1024, invert, int(selected.sum()) + 1)
 
 
-def test_positions_are_released_by_the_optimizer_step_and_counted_until_then():
+def test_positions_are_released_by_the_optimizer_step_and_counted_until_then(reference_kernels):
     """Between backward and the optimizer step the kept positions show in memory_report's mask
     bytes; after the step they are gone and the report equals the one before backward."""
     layer = _layer("sparse")
@@ -183,7 +208,7 @@ UPDATES = [("mul_scalar", 0.999), ("mul_scalar", -1.7), ("mul", 1.0), ("add", 1.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("invert", [False, True])
 @pytest.mark.parametrize("op,scalar", UPDATES)
-def test_updates_at_positions_give_the_bits_of_gather_op_scatter(op, scalar, invert, dtype):
+def test_updates_at_positions_give_the_bits_of_gather_op_scatter(op, scalar, invert, dtype, reference_kernels):
     """Every update_by_bitmap_ op through kept positions (the read-modify-write forms included)
     equals the aten op on the gathered vector written back with a boolean mask, bit for bit;
     unselected elements keep their bits."""
@@ -232,14 +257,14 @@ def _between_steps(mode: str, step: int, layer: nn.Linear, optimizer) -> bool:
 
 @pytest.mark.parametrize("bystander", [False, True], ids=["alone", "bystander"])
 @pytest.mark.parametrize("mode", MODES)
-def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode, bystander):
+def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode, bystander, cpu_kernels):
     """Steps interleaved with writes outside the optimizer (w.mul_ under no_grad, nn.init) and a
     mask change through rt.prune_ / rt.commit_ + rt.enter_resu_: every step equals plain AdamW on
     the trainable coordinates of the weight as it stood before the step (kept positions must
     never outlive either kind of change), frozen coordinates bit-identical. ``bystander``: another
     live layer holds positions of its own throughout (a step of it that never reached the
     optimizer); they are neither released nor counted by this layer's steps."""
-    other = _bystander_holding_positions() if bystander else None
+    other = _bystander_holding_positions(cpu_kernels) if bystander else None
     held_by_other = _held_nbytes(other.weight) if bystander else 0
     layer = _layer(mode)
     bias = layer.bias.detach()
@@ -263,7 +288,7 @@ def test_steps_match_plain_adamw_after_outside_writes_and_api_mask_changes(mode,
 
 
 @pytest.mark.parametrize("invert", [False, True])
-def test_updates_sharing_the_work_vector_give_the_bits_of_gather_op_scatter(invert):
+def test_updates_sharing_the_work_vector_give_the_bits_of_gather_op_scatter(invert, cpu_kernels):
     """The in-place updates at kept positions write their operand into one work vector per
     selection (selection_scratch): a sequence of them on one bitmap (weight decay, then Adam's
     addcdiv, then another decay, as optimizer steps run them), on two weights sharing that bitmap,
@@ -295,15 +320,15 @@ def test_updates_sharing_the_work_vector_give_the_bits_of_gather_op_scatter(inve
                     e[selected] = gathered
                     assert torch.equal(bits(v), bits(e))
                     assert torch.equal(bits(v)[~selected], bits(before)[~selected])
-            # int64 positions and the float32 work vector, one of each for this selection
-            assert mask_ops.held_selection_nbytes(bitmap) == 12 * count
+            # the float32 work vector, and on the plain-PyTorch kernels the int64 positions
+            assert mask_ops.held_selection_nbytes(bitmap) == (4 if cpu_kernels == "c_loops" else 12) * count
     finally:
         mask_ops.release_selections(bitmap)
     assert mask_ops.held_selection_nbytes(bitmap) == 0
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_work_vector_is_released_by_the_optimizer_step(mode):
+def test_work_vector_is_released_by_the_optimizer_step(mode, cpu_kernels):
     """A training step whose optimizer writes through the work vector (AdamW with weight decay)
     leaves neither positions nor work vector held after the step, so memory_report after a step
     is what it was before it."""
@@ -318,8 +343,9 @@ def test_work_vector_is_released_by_the_optimizer_step(mode):
         layer(x).sum().backward()
         with torch.no_grad():  # an in-place write outside the optimizer, through the same path
             layer.weight.mul_(0.999)
-        # int64 positions, and the reference's float32 work vector of v·s (the C loops need none)
-        per_entry = 8 if kernels.HAS_CPU_KERNELS else 12
+        # the plain-PyTorch kernels' int64 positions and float32 work vector of v·s (the C loops
+        # keep neither; their work vector is for addcdiv)
+        per_entry = 0 if cpu_kernels == "c_loops" else 12
         assert mask_ops.held_selection_nbytes(layer.weight.mask_bitmap) == per_entry * layer.weight.trainable_count
         optimizer.step()
         assert _held_nbytes(layer.weight) == 0

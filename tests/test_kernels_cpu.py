@@ -1,7 +1,7 @@
 """The C loops' CPU implementations of the bitmap ops (kernels.mask_ops_cpu) against their
-plain-PyTorch references, on fresh random inputs: same bits, unselected elements untouched, the
+plain-PyTorch references, on fresh random inputs, in both their forms (AVX-512 where this CPU has
+it, and the scalar loops every other CPU runs): same bits, unselected elements untouched, the
 same errors before anything is written, and the reference wherever the loops do not apply."""
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +12,29 @@ from resu_tensor.kernels import mask_ops, mask_ops_cpu, weight_grad
 from resu_asserts import bits
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_CPU_KERNELS, reason="the C loops were not built (no compiler)")
+
+
+def _has_avx512() -> bool:
+    if not kernels.HAS_CPU_KERNELS:
+        return False
+    from resu_tensor.kernels import _bitmap_cpu
+    try:
+        _bitmap_cpu.set_simd(_bitmap_cpu.set_simd(True))  # back to what it was
+    except ValueError:  # no AVX-512 here (or not built for it)
+        return False
+    return True
+
+
+LOOP_FORMS = ["scalar", pytest.param("avx512", marks=pytest.mark.skipif(not _has_avx512(), reason="no AVX-512"))]
+
+
+@pytest.fixture(scope="module", params=LOOP_FORMS)
+def loops(request):
+    """Runs the test with the loops' AVX-512 form, then with the scalar form."""
+    from resu_tensor.kernels import _bitmap_cpu
+    before = _bitmap_cpu.set_simd(request.param == "avx512")
+    yield request.param
+    _bitmap_cpu.set_simd(before)
 
 LOOP_UPDATES = [("mul_scalar", 0.999), ("mul_scalar", -1.7), ("mul", 1.0), ("add", 1.0), ("addcdiv", -1e-3),
                 ("copy", 1.0)]
@@ -26,22 +49,21 @@ def _selection(numel: int, density: float, invert: bool, seed: int):
 
 @settings(max_examples=40, deadline=None)
 @given(numel=st.integers(1, 5000), density=st.floats(0.0, 1.0), invert=st.booleans(), seed=st.integers(0, 2**16))
-def test_decode_and_gather_equal_the_references(numel, density, invert, seed):
+def test_count_and_gather_equal_the_references(loops, numel, density, invert, seed):
+    from resu_tensor.kernels import _bitmap_cpu
     generator, bitmap, selected = _selection(numel, density, invert, seed)
-    assert torch.equal(mask_ops_cpu._decode(bitmap, numel, invert), torch.from_numpy(np.flatnonzero(selected.numpy())))
-    values = torch.randn(numel, generator=generator)
     count = int(selected.sum())
-    try:
-        out = mask_ops_cpu.gather_by_bitmap(values, bitmap, None, 1024, invert, count)
-    finally:
-        mask_ops.release_selections(bitmap)
+    assert _bitmap_cpu.count_selected(bitmap.data_ptr(), numel, invert) == count
+    values = torch.randn(numel, generator=generator)
+    out = mask_ops_cpu.gather_by_bitmap(values, bitmap, None, 1024, invert, count)
     assert torch.equal(bits(out), bits(values[selected]))
+    assert mask_ops.held_selection_nbytes(bitmap) == 0  # the loops keep no positions
 
 
 @settings(max_examples=30, deadline=None)
 @given(numel=st.integers(1, 5000), density=st.floats(0.0, 1.0), invert=st.booleans(), seed=st.integers(0, 2**16),
        update=st.sampled_from(LOOP_UPDATES))
-def test_updates_give_the_bits_of_the_reference(numel, density, invert, seed, update):
+def test_updates_give_the_bits_of_the_reference(loops, numel, density, invert, seed, update):
     op, scalar = update
     generator, bitmap, selected = _selection(numel, density, invert, seed)
     count = int(selected.sum())
@@ -62,10 +84,9 @@ def test_a_training_step_runs_the_loops():
     """The dispatch of a CPU float32 weight reaches the C loops (not the reference)."""
     assert kernels.implementation("update_by_bitmap_", "cpu") is mask_ops_cpu.update_by_bitmap_
     assert kernels.implementation("compact_weight_grad_bitmap", "cpu") is mask_ops_cpu.compact_weight_grad_bitmap
-    assert mask_ops.POSITION_DECODER is mask_ops_cpu._decode
 
 
-def test_a_wrong_count_raises_before_anything_is_written():
+def test_a_wrong_count_raises_before_anything_is_written(loops):
     _, bitmap, selected = _selection(999, 0.4, True, 3)
     values = torch.randn(999)
     before = values.clone()
@@ -78,8 +99,11 @@ def test_a_wrong_count_raises_before_anything_is_written():
     with pytest.raises(ValueError, match="selects"):
         mask_ops_cpu.gather_by_bitmap(values, bitmap, None, 1024, True, count - 1)
     mask_ops.release_selections(bitmap)
-    with pytest.raises(ValueError, match=f"holds at most {8 * bitmap.numel()} elements, not {8 * bitmap.numel() + 1}"):
-        mask_ops_cpu._decode(bitmap, 8 * bitmap.numel() + 1, False)
+    too_long = torch.randn(8 * bitmap.numel() + 1)  # the loops would read past the bitmap's end
+    with pytest.raises(ValueError, match=f"holds at most {8 * bitmap.numel()} elements, not {too_long.numel()}"):
+        mask_ops_cpu.gather_by_bitmap(too_long, bitmap, None, 1024, False, count)
+    with pytest.raises(ValueError, match=f"holds at most {8 * bitmap.numel()} elements"):
+        mask_ops_cpu.update_by_bitmap_(too_long, bitmap, None, 1024, False, "mul_scalar", None, None, 0.5)
 
 
 def test_other_dtypes_views_and_autograd_take_the_reference():

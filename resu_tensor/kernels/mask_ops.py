@@ -92,19 +92,12 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
 _SELECTIONS = WeakIdKeyDictionary()
 
 
-# A faster decoder of CPU bitmaps into positions (``mask_ops_cpu`` sets its C loop here where it
-# was built): (bitmap, numel, invert) → the same int64 positions as _decoded_positions.
-POSITION_DECODER = None
-
-
 def _decoded_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.Tensor:
     """int64 row-major positions of the selected elements of a CPU bitmap, in one pass over its
     bits. numpy's unpackbits and flatnonzero of a bool array take a fraction of the time of
     torch's unpack (a byte → bits table lookup) and nonzero on the CPU, which counts and writes
     (n, 1) indices in two scalar passes; int64 is what index_select and scatter_ take without a
     conversion."""
-    if POSITION_DECODER is not None:
-        return POSITION_DECODER(bitmap, numel, invert)
     packed = bitmap.numpy()
     if invert:
         packed = ~packed
@@ -126,6 +119,14 @@ def _cacheable(bitmap: torch.Tensor) -> bool:
     return type(bitmap) is torch.Tensor and bitmap.device.type == "cpu" and not bitmap.is_inference()
 
 
+def _entries(bitmap: torch.Tensor) -> dict:
+    """What is kept for ``bitmap`` (a :func:`_cacheable` one), created empty on first use."""
+    entries = _SELECTIONS.get(bitmap)
+    if entries is None:
+        entries = _SELECTIONS[bitmap] = {}
+    return entries
+
+
 def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Optional[torch.Tensor]:
     """Row-major int64 positions of the elements whose bit is set (clear if ``invert``), kept
     until :func:`release_selections` or a change of ``bitmap``; None where ``bitmap`` cannot key
@@ -137,9 +138,7 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
     """
     if not _cacheable(bitmap):
         return None
-    entries = _SELECTIONS.get(bitmap)
-    if entries is None:
-        entries = _SELECTIONS[bitmap] = {}
+    entries = _entries(bitmap)
     cached = entries.get((numel, invert))
     if cached is None or cached[0] != bitmap._version:
         positions = _decoded_positions(bitmap, numel, invert)
@@ -149,16 +148,18 @@ def selected_positions(bitmap: torch.Tensor, numel: int, invert: bool) -> Option
 
 def selection_scratch(bitmap: torch.Tensor, numel: int, invert: bool, count: int) -> torch.Tensor:
     """A float32 work vector of ``count`` elements, one per position of ``bitmap``'s selection,
-    kept and released with those positions: the in-place updates at positions write their
-    operand into it instead of allocating (and faulting in) a new vector of the selection's size
-    per op. Its contents are whatever the last user left; callers overwrite it. Only for a
-    ``bitmap`` whose positions :func:`selected_positions` holds.
+    kept and released with its positions (:func:`release_selections`): the in-place updates of a
+    selection write their operand into it instead of allocating (and faulting in) a new vector of
+    the selection's size per op. Its contents are whatever the last user left; callers overwrite
+    it. A new vector each call where ``bitmap`` cannot key the cache.
 
     Example::
 
         x = torch.mul(exp_avg, -lr, out=selection_scratch(bitmap, numel, True, exp_avg.numel()))
     """
-    entries = _SELECTIONS[bitmap]
+    if not _cacheable(bitmap):
+        return _host_float32(count)
+    entries = _entries(bitmap)
     key = ("scratch", numel, invert)
     cached = entries.get(key)
     if cached is None or cached[0] != bitmap._version or cached[1].numel() != count:
@@ -167,7 +168,7 @@ def selection_scratch(bitmap: torch.Tensor, numel: int, invert: bool, count: int
 
 
 def holds_selections() -> bool:
-    """Whether :func:`selected_positions` keeps positions of any bitmap now (never on CUDA)."""
+    """Whether positions or work vectors of any bitmap are kept now (never on CUDA)."""
     return len(_SELECTIONS) > 0
 
 

@@ -1,9 +1,8 @@
 """CPU versions of the bitmap-selection ops of :mod:`mask_ops` and :mod:`weight_grad`, on the C
 loops of ``_bitmap_cpu.c`` (built with the package where a C compiler is present;
-``HAS_CPU_KERNELS`` says whether it was): the bitmap's positions are decoded by one branch-free
-pass (kept for the training step as :func:`mask_ops.selected_positions` keeps them), and the
-gather and the in-place updates at those positions are plain loops, without the generic
-indexing machinery of index_select and scatter_.
+``HAS_CPU_KERNELS`` says whether it was): the gather and the in-place updates walk the bitmap
+itself, 16 elements per step (AVX-512's masked, compressing and expanding loads and stores where
+the CPU has them), so no positions are decoded or kept.
 
 The loops read and write float32 contiguous CPU tensors; any other call (another dtype, a view
 that is not contiguous, a tensor that needs autograd, a traced or subclassed tensor, an update op
@@ -12,7 +11,6 @@ never depend on which one ran.
 """
 from typing import List, Optional
 
-import numpy as np
 import torch
 
 from . import mask_ops, weight_grad
@@ -32,44 +30,39 @@ HAS_CPU_KERNELS = _bitmap_cpu is not None
 _LOOP_OPS = {"mul_scalar": 0, "mul": 1, "add": 2, "addcdiv": 2, "copy": 3}
 
 
-def _decode(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.Tensor:
-    """:func:`mask_ops._decoded_positions` in one branch-free pass (the positions array comes
-    from numpy, which asks for transparent huge pages: see ``mask_ops._host_float32``)."""
-    if numel > 8 * bitmap.numel():  # the loops would read past its end
-        raise ValueError(f"a bitmap of {bitmap.numel()} bytes holds at most {8 * bitmap.numel()} elements, not {numel}")
-    bitmap = bitmap.contiguous()
-    count = _bitmap_cpu.count_selected(bitmap.data_ptr(), numel, bool(invert))
-    positions = torch.from_numpy(np.empty(count, dtype=np.int64))
-    _bitmap_cpu.decode(bitmap.data_ptr(), numel, bool(invert), positions.data_ptr(), count)
-    return positions
+def _checked_count(op: str, bitmap: torch.Tensor, numel: int, invert: bool, count: Optional[int]) -> None:
+    """ValueError unless ``bitmap`` covers ``numel`` elements and selects ``count`` of them (if
+    given): checked before the loops read or write past a tensor's end."""
+    if numel > 8 * bitmap.numel():
+        raise ValueError(f"{op}: a bitmap of {bitmap.numel()} bytes holds at most {8 * bitmap.numel()} elements, "
+                         f"not {numel}")
+    if count is not None:
+        found = _bitmap_cpu.count_selected(bitmap.data_ptr(), numel, bool(invert))
+        if found != count:
+            raise ValueError(f"{op}: the bitmap selects {found} elements but count={count}")
 
 
-def _float32_operands(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether the C loops may read and write ``tensors`` (None entries are absent operands): plain
-    float32 CPU memory, contiguous, outside autograd. Not autograd's zero tensors (no memory
-    behind them) nor lazily negated views (their memory holds −t)."""
+def _loop_operands(bitmap: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the C loops may read ``bitmap`` (plain contiguous uint8 CPU memory) and read and
+    write ``tensors`` (None entries are absent operands): plain float32 CPU memory, contiguous,
+    outside autograd. Not autograd's zero tensors (no memory behind them) nor lazily negated views
+    (their memory holds −t)."""
+    if not (type(bitmap) is torch.Tensor and bitmap.device.type == "cpu" and bitmap.dtype == torch.uint8
+            and bitmap.is_contiguous()):
+        return False
     grad = torch.is_grad_enabled()
     return all(t is None or (type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
                              and t.is_contiguous() and not (grad and t.requires_grad) and not t._is_zerotensor()
                              and not t.is_neg()) for t in tensors)
 
 
-def _positions(op: str, values: torch.Tensor, bitmap: torch.Tensor, invert: bool, count: Optional[int]):
-    """The kept positions of ``bitmap``'s selection over ``values`` (ValueError unless there are
-    ``count``, if given), or None where they are not kept (the caller runs the reference)."""
-    positions = mask_ops.selected_positions(bitmap, values.numel(), invert)
-    if positions is not None and count is not None:
-        mask_ops._check_positions(op, positions, count)
-    return positions
-
-
 def gather_by_bitmap(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: torch.Tensor, block_size: int,
                      invert: bool, count: int) -> torch.Tensor:
-    positions = _positions("gather_by_bitmap", values, bitmap, invert, count) if _float32_operands(values) else None
-    if positions is None:
+    if not _loop_operands(bitmap, values):
         return mask_ops.gather_by_bitmap(values, bitmap, block_prefix, block_size, invert, count)
+    _checked_count("gather_by_bitmap", bitmap, values.numel(), invert, count)
     out = torch.empty(count, dtype=values.dtype)
-    _bitmap_cpu.gather_at(values.data_ptr(), positions.data_ptr(), count, out.data_ptr())
+    _bitmap_cpu.gather(bitmap.data_ptr(), values.numel(), bool(invert), values.data_ptr(), out.data_ptr())
     return out
 
 
@@ -84,19 +77,17 @@ def update_by_bitmap_(values: torch.Tensor, bitmap: torch.Tensor, block_prefix: 
                       invert: bool, op: str, tensor1, tensor2, scalar: float) -> torch.Tensor:
     mask_ops.check_update(op, values, tensor1, tensor2)
     loop_op = _LOOP_OPS.get(op)
-    positions = None
-    if loop_op is not None and not (op == "add" and scalar != 1) and _float32_operands(values, tensor1, tensor2):
-        positions = _positions("update_by_bitmap_", values, bitmap, invert,
-                               tensor1.numel() if tensor1 is not None else None)  # checked before any write
-    if positions is None:
+    if loop_op is None or (op == "add" and scalar != 1) or not _loop_operands(bitmap, values, tensor1, tensor2):
         return mask_ops.update_by_bitmap_(values, bitmap, block_prefix, block_size, invert, op, tensor1, tensor2,
                                           scalar)
+    _checked_count("update_by_bitmap_", bitmap, values.numel(), invert,
+                   tensor1.numel() if tensor1 is not None else None)  # before any write
     if op == "addcdiv":  # into the selection's work vector: a new one per step would fault its pages in
-        scratch = mask_ops.selection_scratch(bitmap, values.numel(), invert, positions.numel())
+        scratch = mask_ops.selection_scratch(bitmap, values.numel(), invert, tensor1.numel())
         tensor1 = torch.mul(tensor1, scalar, out=scratch).div_(tensor2)
     operand = tensor1 if tensor1 is not None else values  # mul_scalar reads none: any valid address
-    _bitmap_cpu.update_at(values.data_ptr(), positions.data_ptr(), positions.numel(), loop_op, operand.data_ptr(),
-                          float(scalar))
+    _bitmap_cpu.update(bitmap.data_ptr(), values.numel(), bool(invert), values.data_ptr(), loop_op,
+                       operand.data_ptr(), float(scalar))
     return values
 
 
@@ -109,7 +100,6 @@ def foreach_update_by_bitmap_(values: List[torch.Tensor], bitmaps: List[torch.Te
 
 
 if HAS_CPU_KERNELS:  # each op's CPU implementation in the kernel table, beside its reference
-    mask_ops.POSITION_DECODER = _decode
     for reference, cpu in [(mask_ops.gather_by_bitmap, gather_by_bitmap),
                            (weight_grad.compact_weight_grad_bitmap, compact_weight_grad_bitmap),
                            (mask_ops.update_by_bitmap_, update_by_bitmap_),
