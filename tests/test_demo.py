@@ -53,10 +53,12 @@ def test_resu_variants_report_resurrections(runs):
     assert "resurrected" not in runs["gmp"]
 
 
-def test_qresu_holds_less_state_than_resu_in_the_resu_phase(runs):
-    # both peak in their RESU phase (θ trains the 60% pruned set); QRESU keeps W_A in 4 bits
-    assert runs["qresu4"]["sparse_peak_bytes"] < runs["resu"]["sparse_peak_bytes"]
-    assert runs["resu"]["sparse_peak_bytes"] > runs["oneshot"]["sparse_peak_bytes"]
+def test_cycles_hold_more_state_than_one_shot_while_training(runs):
+    # RESU's cycles keep optimizer state for the larger trainable sets before the target sparsity
+    # (θ on the pruned set, the active set of an early cycle); one-shot holds the final set's from
+    # its prune on. Where QRESU's 4-bit W_A saves bytes: test_memory.py.
+    for method in RESU_METHODS:
+        assert runs[method]["sparse_peak_bytes"] > runs["oneshot"]["sparse_peak_bytes"]
 
 
 def test_same_seed_same_results(results):

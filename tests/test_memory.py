@@ -97,3 +97,19 @@ def test_memory_report_equals_the_bytes_held_after_adamw_steps(mode):
                for p in model.parameters())
     assert report.total.total == held
     assert model[0].weight.mode.value == mode
+
+
+def test_qresu_holds_less_than_resu_in_the_resu_phase():
+    """QRESU stores the frozen active weights as 4-bit codes: at 50% sparsity its RESU phase holds
+    fewer bytes (weights, grads, AdamW state) than RESU's, which keeps them in float32."""
+    held = {}
+    for bits in (None, 4):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+        quantize_(model, rt.resu_config(sparsity=0.5))
+        rt.enter_resu_(model, **({"quantize_bits": bits} if bits else {}))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        F.cross_entropy(model(torch.randn(8, 256)), torch.randint(0, 10, (8,))).backward()
+        opt.step()
+        held[bits] = rt.memory_report(model, opt).total.total
+    assert held[4] < held[None], held

@@ -34,7 +34,7 @@ def train_step(model, optimizer, scheduler, generator):
 
 def test_sparsity_schedules():
     config = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=5, sparsity=0.8, initial_sparsity=0.2,
-                               sparsity_schedule="linear")
+                               sparsity_schedule="linear", resu_fraction=0.4)
     # each cycle prunes to the schedule's value at its prune step (steps 5, 15, 25, 35, 45 of a
     # window that ends at the last prune): t = 1/9, 3/9, 5/9, 7/9, 1
     assert [round(s, 4) for s in config.cycle_sparsities()] == [0.2667, 0.4, 0.5333, 0.6667, 0.8]
@@ -52,6 +52,19 @@ def test_sparsity_schedules():
     dense_again = rt.ScheduleConfig(10, 3, sparsity_schedule=[0.9, 0.7, 0.5])  # densification
     assert dense_again.cycle_sparsities() == [0.9, 0.7, 0.5]
     assert (config.train_steps, config.stabilize_steps, config.resu_steps) == (5, 1, 4)
+
+
+def test_resu_phase_share_defaults_to_the_recipe_of_its_mode():
+    """The RESU phase takes 20% of a cycle with the active weights frozen (the default), 40% where
+    they train alongside θ, a given fraction as given, and at least one step of a short cycle."""
+    frozen = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=2)
+    assert (frozen.resu_fraction, frozen.train_steps, frozen.stabilize_steps, frozen.resu_steps) == (0.2, 7, 1, 2)
+    training = rt.ScheduleConfig(steps_per_cycle=10, num_cycles=2, freeze_active=False)
+    assert (training.resu_fraction, training.resu_steps) == (0.4, 4)
+    assert rt.ScheduleConfig(steps_per_cycle=10, num_cycles=2, resu_fraction=0.3).resu_steps == 3
+    assert rt.ScheduleConfig(steps_per_cycle=2, num_cycles=2).resu_steps == 1
+    budget = rt.ScheduleConfig(total_steps=2000, sparsity=0.9)
+    assert (budget.num_cycles, budget.steps_per_cycle, budget.resu_steps) == (5, 240, 48)
 
 
 def test_config_errors():
@@ -237,12 +250,12 @@ def test_end_to_end_on_mnist1d_with_resume():
         return model, scheduler, phases, accuracy
 
     model, scheduler, phases, accuracy = run()
-    assert phases[:60] == ["train"] * 30 + ["stabilize"] * 6 + ["resu"] * 24
+    assert phases[:60] == ["train"] * 42 + ["stabilize"] * 6 + ["resu"] * 12
     # each layer rounds its pruned count to whole coordinates
     assert [h.sparsity for h in scheduler.history] == pytest.approx(scheduler.config.cycle_sparsities(), abs=2e-3)
     assert accuracy > 0.3  # 10 classes; 180 small steps
     assert scheduler.history[-1].loss < scheduler.history[0].loss
-    state = run(stop_at=100)  # cycle 1, mid-RESU
+    state = run(stop_at=113)  # cycle 1, mid-RESU
     resumed, resumed_scheduler, _, resumed_accuracy = run(state=state)
     for a, b in zip(model.parameters(), resumed.parameters()):
         da = a.dequantize() if isinstance(a, rt.ResuTensor) else a

@@ -43,12 +43,14 @@ on a 2-core CPU. Wall times: training only for the trained methods, the prune fo
     the optimizer state kept).
   - ``qresu``: as ``resu`` with ``quantize_bits=4`` (frozen active weights stored 4-bit in the RESU
     phase).
-  - ``qresu_defaults``: QRESU-4 with the library's defaults today (5 cycles, the optimizer state
-    of every coordinate that stays trainable kept across phase changes).
-  - ``resu_frozen_defaults``: the library's RESU defaults today (the active weights frozen in the
-    RESU phase, 5 cycles, the optimizer state kept).
+  - ``qresu_defaults``: QRESU-4 in 5 cycles, the optimizer state of every coordinate that stays
+    trainable kept across phase changes, a RESU phase of 40% of each cycle.
+  - ``resu_frozen_defaults``: the library's RESU defaults before the RESU phase was shortened (the
+    active weights frozen in the RESU phase, 40% of each of 5 cycles, the optimizer state kept).
   - ``resu_frozen_beats_weakest_defaults``: as ``resu_frozen_defaults`` with
     ``commit_admit="beats_weakest"``.
+  - ``resu_library_defaults``: the library's RESU defaults today (as ``resu_frozen_defaults``
+    with a RESU phase of 20% of each cycle).
   - ``dense``: the dense model as DENSE ResuTensors (a sanity row: cosine 1, agreement 1).
 * Metrics on held-out sentences: mean cosine similarity to the dense model's embeddings, and
   retrieval agreement: the fraction of held-out queries whose nearest other held-out sentence
@@ -82,28 +84,35 @@ from torch import nn  # noqa: E402
 import resu_tensor as rt  # noqa: E402
 
 TRAINED = ("sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "resu_active_beats_weakest", "qresu",
-           "resu_defaults", "qresu_defaults", "resu_frozen_defaults", "resu_frozen_beats_weakest_defaults")
+           "resu_defaults", "qresu_defaults", "resu_frozen_defaults", "resu_frozen_beats_weakest_defaults",
+           "resu_library_defaults")
 METHODS = ("dense", "none", *TRAINED)
 # RESU variants: the ScheduleConfig options each adds to the library's defaults, pinned to what
-# the committed runs used (where the active weights train and where the optimizer state was reset
-# at every phase change); ``resu_frozen_defaults`` is the library's defaults today.
-RESU_OPTIONS = {"resu": {"freeze_active": True, "optimizer_state": "reset"},
+# the committed runs used (where the active weights train, where the optimizer state was reset at
+# every phase change, the RESU phase's 40% of each cycle); ``resu_library_defaults`` pins nothing.
+RESU_OPTIONS = {"resu": {"freeze_active": True, "optimizer_state": "reset", "resu_fraction": 0.4},
                 "resu_train_active": {"freeze_active": False, "num_cycles": 5, "optimizer_state": "reset"},
                 "resu_beats_weakest": {"freeze_active": True, "commit_admit": "beats_weakest",
-                                       "optimizer_state": "reset"},
+                                       "optimizer_state": "reset", "resu_fraction": 0.4},
                 "resu_active_beats_weakest": {"freeze_active": False, "commit_admit": "beats_weakest", "num_cycles": 5,
                                               "optimizer_state": "reset"},
-                "qresu": {"quantize_bits": 4, "optimizer_state": "reset"}, "resu_defaults": {"freeze_active": False},
-                "qresu_defaults": {"quantize_bits": 4}, "resu_frozen_defaults": {"freeze_active": True},
-                "resu_frozen_beats_weakest_defaults": {"freeze_active": True, "commit_admit": "beats_weakest"}}
+                "qresu": {"quantize_bits": 4, "optimizer_state": "reset", "resu_fraction": 0.4},
+                "resu_defaults": {"freeze_active": False},
+                "qresu_defaults": {"quantize_bits": 4, "resu_fraction": 0.4},
+                "resu_frozen_defaults": {"freeze_active": True, "resu_fraction": 0.4},
+                "resu_frozen_beats_weakest_defaults": {"freeze_active": True, "commit_admit": "beats_weakest",
+                                                       "resu_fraction": 0.4},
+                "resu_library_defaults": {}}
 LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "sparse_ft": "sparse fine-tune",
           "resu": "RESU (amnesty)", "resu_train_active": "RESU, active weights train in RESU",
           "resu_beats_weakest": "RESU, θ admitted where it beats the weakest",
           "resu_active_beats_weakest": "RESU, active weights train, θ admitted where it beats the weakest",
           "qresu": "QRESU-4", "resu_defaults": "RESU, active weights train, 20 cycles, optimizer state kept",
           "qresu_defaults": "QRESU-4, library defaults (5 cycles, optimizer state kept)",
-          "resu_frozen_defaults": "RESU, library defaults (active weights frozen, 5 cycles, optimizer state kept)",
-          "resu_frozen_beats_weakest_defaults": "RESU, library defaults, θ admitted where it beats the weakest"}
+          "resu_frozen_defaults": "RESU, active weights frozen, 5 cycles, RESU phase 40%, optimizer state kept",
+          "resu_frozen_beats_weakest_defaults": "as the row above, θ admitted where it beats the weakest",
+          "resu_library_defaults": "RESU, library defaults (active weights frozen, 5 cycles, RESU phase 20%, "
+                                   "optimizer state kept)"}
 SPARSITY = 0.5
 HELD_OUT_MODULUS = 5  # a stdlib module is held out when crc32(name) % 5 == 0
 CALIBRATION_SEED = 1234

@@ -31,9 +31,10 @@ METHODS = ("dense", "oneshot", "gmp", "rigl", "set", "resu", "resu_selective", "
 # ``resu_dev`` is RESU as it was before this ablation chose the defaults: 3 cycles, the
 # baselines' final fine-tuning (0.25), active weights frozen in the RESU phase; every variant
 # pins it, so its runs stay reproducible.
-# optimizer_state="reset": what every variant below ran with before the library's default kept the
-# state across phase changes (a variant that says otherwise overrides it)
-DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25, freeze_active=True, optimizer_state="reset")
+# optimizer_state="reset" and resu_fraction=0.4: what every variant below ran with before the
+# library's defaults kept the state across phase changes and shortened the frozen RESU phase (a
+# variant that says otherwise overrides them)
+DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25, freeze_active=True, optimizer_state="reset", resu_fraction=0.4)
 ABLATION_OPTIONS = {
     "resu_dev": {},
     # commit: a plain magnitude re-prune (θ compete with W_A on |W|); amnesty's reservation r = 0
@@ -105,6 +106,16 @@ ABLATION_OPTIONS = {
     # ... and with the state kept: the library's defaults before the active weights were frozen again
     "resu_train_active_carry_state": dict(cycles=20, final_finetune_fraction=0.4, freeze_active=False,
                                           optimizer_state="carry"),
+    # the frozen recipe (5 cycles, 40% fine-tuning, the state kept, a RESU phase of 40%: the
+    # defaults before the phase was shortened), then with one change each: a shorter RESU phase
+    # (today's default), no stabilisation, more cycles, θ's initial scale
+    "resu_frozen_carry_state": dict(cycles=5, final_finetune_fraction=0.4, optimizer_state="carry"),
+    **{f"resu_frozen_carry_{suffix}": dict(cycles=5, final_finetune_fraction=0.4, optimizer_state="carry", **change)
+       for suffix, change in [("fraction_0.2", dict(resu_fraction=0.2)), ("stabilize_0", dict(stabilize_fraction=0.0)),
+                              ("epsilon_0.01", dict(epsilon=0.01)),
+                              ("fraction_0.2_stabilize_0", dict(resu_fraction=0.2, stabilize_fraction=0.0)),
+                              ("fraction_0.2_epsilon_0.01", dict(resu_fraction=0.2, epsilon=0.01))]},
+    "resu_frozen_carry_cycles_10": dict(cycles=10, final_finetune_fraction=0.4, optimizer_state="carry"),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),
@@ -199,6 +210,7 @@ class Trainer:
         self.batches = torch.Generator().manual_seed(seed)
         self.step = 0
         self.sparse_peak_bytes = 0
+        self._tracked_modes = ()
         self.last_batch = None  # the current step's batch (RigL's dense gradient is taken on it)
 
     def train_until(self, step: int, before: Optional[Callable] = None, after: Optional[Callable] = None) -> None:
@@ -217,10 +229,13 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.step += 1
+            # every 10 steps, and after the first step of every new mode (a RESU phase can be shorter)
+            modes = tuple(w.mode for _, _, w in rt.resu_weights(self.model))
+            if self.step % 10 == 0 or self.step == self.total_steps or modes != self._tracked_modes:
+                self._tracked_modes = modes
+                self._track_bytes()
             if after is not None:
                 after(loss)
-            if self.step % 10 == 0 or self.step == self.total_steps:
-                self._track_bytes()
 
     def change(self, mode_change: Callable[[], object]) -> None:
         """A mask or mode change; AdamW state of the old trainable set must not carry over."""

@@ -96,6 +96,12 @@ RESU_VARIANTS = {
     # today's defaults with θ admitted only where it beats the weakest kept weight
     "resu_frozen_beats_weakest_carry_state": dict(freeze_active=True, commit_admit="beats_weakest",
                                                   optimizer_state="carry"),
+    # today's defaults with a RESU phase of 20% of each cycle (the active weights train for more of
+    # it), θ started at a tenth of the default scale, and both
+    "resu_frozen_resu_fraction_0.2_carry_state": dict(freeze_active=True, optimizer_state="carry", resu_fraction=0.2),
+    "resu_frozen_epsilon_0.01_carry_state": dict(freeze_active=True, optimizer_state="carry", epsilon=0.01),
+    "resu_frozen_resu_fraction_0.2_epsilon_0.01_carry_state": dict(freeze_active=True, optimizer_state="carry",
+                                                                   resu_fraction=0.2, epsilon=0.01),
     # the library's defaults before the active weights were frozen again: training alongside θ, 20 cycles
     "resu_train_active_cycles_20_carry_state": dict(freeze_active=False, num_cycles=20, optimizer_state="carry"),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
@@ -116,8 +122,10 @@ GMP_VARIANTS = {"gmp_update_every_400": dict(update_every=400), "gmp_update_ever
 def make_schedule(method: str, total_steps: int, sparsity: float, seed: int) -> rt.ScheduleConfig:
     """The library's defaults for ``method`` over the run's step budget (RigL with a random initial
     mask, as in its paper)."""
-    # the variants keep the optimizer-state handling they were measured with unless named for another
-    variant = {"optimizer_state": "reset", **RESU_VARIANTS[method]} if method in RESU_VARIANTS else {}
+    # the variants keep the optimizer-state handling and the RESU phase's share they were measured
+    # with unless named for others
+    variant = {"optimizer_state": "reset", "resu_fraction": 0.4, **RESU_VARIANTS[method]} \
+        if method in RESU_VARIANTS else {}
     options = {"prune_method": "random"} if method == "rigl" else variant
     options.update(GMP_VARIANTS.get(method, {}))
     if method in RESU_VARIANTS:

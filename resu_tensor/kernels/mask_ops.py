@@ -79,14 +79,15 @@ def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
 
 
 # --------------------------------------------------------------------------- CPU selection cache
-# On the CPU, decoding a bitmap into positions (unpack, then nonzero) costs far more than the
-# gather or scatter it serves, and one training step selects through the same bitmap several
-# times (the weight-gradient compaction, then each in-place optimizer op). The positions are kept
-# per bitmap tensor, valid while that tensor is the same object at the same version (any in-place
-# write bumps it), until release_selections(bitmap): the optimizer step's post-hook releases
-# them, so they last one step and never add to the state a model holds between steps. The
-# float32 work vector of the in-place updates at those positions (selection_scratch) is kept and
-# released with them.
+# The plain-PyTorch kernels on the CPU (where the C loops of mask_ops_cpu, which walk the bitmap
+# itself, were not built or do not apply): decoding a bitmap into positions (unpack, then nonzero)
+# costs far more than the gather or scatter it serves, and one training step selects through the
+# same bitmap several times (the weight-gradient compaction, then each in-place optimizer op). The
+# positions are kept per bitmap tensor, valid while that tensor is the same object at the same
+# version (any in-place write bumps it), until release_selections(bitmap): the optimizer step's
+# post-hook releases them, so they last one step and never add to the state a model holds between
+# steps. The float32 work vector of the in-place updates at those positions (selection_scratch)
+# is kept and released with them (the C loops keep that vector alone, for addcdiv).
 # bitmap → {(numel, invert): (bitmap._version, int64 positions),
 #           ("scratch", numel, invert): (bitmap._version, float32 work vector)}
 _SELECTIONS = WeakIdKeyDictionary()

@@ -63,8 +63,9 @@ class MemoryReport:
 
 def memory_report(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> MemoryReport:
     """Per-parameter bytes: weights (values, θ, quantized W_A), mask (and a static subset, and
-    bitmap positions the CPU kernels keep between a backward and its optimizer step), grads
-    and optimizer state (with RESU-Selective EMAs and gradient statistics), and their total.
+    bitmap positions and work vectors the CPU kernels keep between a backward and its optimizer
+    step), grads and optimizer state (with RESU-Selective EMAs and gradient statistics), and their
+    total.
     Plain parameters (biases, norms) are listed too, with mode "plain".
 
     Example::

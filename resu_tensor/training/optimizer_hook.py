@@ -6,8 +6,9 @@ Before every ``optimizer.step()`` of an optimizer that holds ResuTensor paramete
 * accumulates Σ|g| for gradient-scored commits and applies RESU-Selective's consistency filter,
   so both see the gradient the step will apply (after accumulation and clipping).
 
-After the step, it releases the bitmap positions the CPU kernels kept for this step's selections
-(:func:`resu_tensor.kernels.mask_ops.selected_positions`), so they never outlive a step.
+After the step, it releases the bitmap positions and work vectors the CPU kernels kept for this
+step's selections (:func:`resu_tensor.kernels.mask_ops.selected_positions`), so they never outlive
+a step.
 
 An optimizer without ResuTensors pays one comparison of its parameter groups' identities: the
 ResuTensor parameters of each optimizer are found once and kept while its groups are unchanged.
