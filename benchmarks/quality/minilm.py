@@ -51,6 +51,8 @@ on a 2-core CPU. Wall times: training only for the trained methods, the prune fo
     ``commit_admit="beats_weakest"``.
   - ``resu_library_defaults``: the library's RESU defaults today (as ``resu_frozen_defaults``
     with a RESU phase of 20% of each cycle).
+  - ``resu_library_defaults_beats_weakest``: as ``resu_library_defaults`` with
+    ``commit_admit="beats_weakest"``.
   - ``dense``: the dense model as DENSE ResuTensors (a sanity row: cosine 1, agreement 1).
 * Metrics on held-out sentences: mean cosine similarity to the dense model's embeddings, and
   retrieval agreement: the fraction of held-out queries whose nearest other held-out sentence
@@ -85,7 +87,7 @@ import resu_tensor as rt  # noqa: E402
 
 TRAINED = ("sparse_ft", "resu", "resu_train_active", "resu_beats_weakest", "resu_active_beats_weakest", "qresu",
            "resu_defaults", "qresu_defaults", "resu_frozen_defaults", "resu_frozen_beats_weakest_defaults",
-           "resu_library_defaults")
+           "resu_library_defaults", "resu_library_defaults_beats_weakest")
 METHODS = ("dense", "none", *TRAINED)
 # RESU variants: the ScheduleConfig options each adds to the library's defaults, pinned to what
 # the committed runs used (where the active weights train, where the optimizer state was reset at
@@ -102,7 +104,8 @@ RESU_OPTIONS = {"resu": {"freeze_active": True, "optimizer_state": "reset", "res
                 "resu_frozen_defaults": {"freeze_active": True, "resu_fraction": 0.4},
                 "resu_frozen_beats_weakest_defaults": {"freeze_active": True, "commit_admit": "beats_weakest",
                                                        "resu_fraction": 0.4},
-                "resu_library_defaults": {}}
+                "resu_library_defaults": {},
+                "resu_library_defaults_beats_weakest": {"commit_admit": "beats_weakest"}}
 LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "sparse_ft": "sparse fine-tune",
           "resu": "RESU (amnesty)", "resu_train_active": "RESU, active weights train in RESU",
           "resu_beats_weakest": "RESU, θ admitted where it beats the weakest",
@@ -112,7 +115,8 @@ LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "spars
           "resu_frozen_defaults": "RESU, active weights frozen, 5 cycles, RESU phase 40%, optimizer state kept",
           "resu_frozen_beats_weakest_defaults": "as the row above, θ admitted where it beats the weakest",
           "resu_library_defaults": "RESU, library defaults (active weights frozen, 5 cycles, RESU phase 20%, "
-                                   "optimizer state kept)"}
+                                   "optimizer state kept)",
+          "resu_library_defaults_beats_weakest": "RESU, library defaults, θ admitted where it beats the weakest"}
 SPARSITY = 0.5
 HELD_OUT_MODULUS = 5  # a stdlib module is held out when crc32(name) % 5 == 0
 CALIBRATION_SEED = 1234

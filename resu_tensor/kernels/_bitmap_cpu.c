@@ -72,8 +72,8 @@ static int64_t count_selected(const uint8_t *bitmap, int64_t numel, int invert) 
 }
 
 /* The scalar loops visit the set bits of 64-bit words (the tail in 16-bit pieces), one loop per op
- * so that no branch on the op runs per element. BODY reads the element as x and its compact index
- * as k. */
+ * so that no branch on the op runs per element. BODY sees the element's index in the tensor as e
+ * and in the selection as k. */
 #define FOR_EACH_SELECTED(BODY)                                                            \
     do {                                                                                   \
         int64_t k = 0, w = 0;                                                              \
@@ -110,18 +110,12 @@ static void update_scalar(const uint8_t *bitmap, int64_t numel, uint16_t flip, f
 
 #ifdef HAVE_AVX512_BUILD
 /* Masked loads and stores touch only the selected lanes, so the last chunk of a tensor reads and
- * writes nothing past its end; the full chunks before it take their 16 bits with one load. */
+ * writes nothing past its end. */
 __attribute__((target("avx512f,popcnt"))) static void gather_avx512(const uint8_t *bitmap, int64_t numel,
                                                                     uint16_t flip, const float *values, float *out) {
     int64_t k = 0;
     for (int64_t c = 0; 16 * c < numel; c++) {
-        __mmask16 m;
-        if (16 * c + 16 <= numel) {
-            memcpy(&m, bitmap + 2 * c, 2);
-            m ^= flip;
-        } else {
-            m = chunk_bits(bitmap, numel, c, flip);
-        }
+        const __mmask16 m = chunk_bits(bitmap, numel, c, flip);
         _mm512_mask_compressstoreu_ps(out + k, m, _mm512_maskz_loadu_ps(m, values + 16 * c));
         k += _mm_popcnt_u32(m);
     }
@@ -133,13 +127,7 @@ __attribute__((target("avx512f,popcnt"))) static void update_avx512(const uint8_
     const __m512 s = _mm512_set1_ps(scalar);
     int64_t k = 0;
     for (int64_t c = 0; 16 * c < numel; c++) {
-        __mmask16 m;
-        if (16 * c + 16 <= numel) {
-            memcpy(&m, bitmap + 2 * c, 2);
-            m ^= flip;
-        } else {
-            m = chunk_bits(bitmap, numel, c, flip);
-        }
+        const __mmask16 m = chunk_bits(bitmap, numel, c, flip);
         float *v = values + 16 * c;
         const __m512 x = _mm512_maskz_loadu_ps(m, v);
         __m512 r;
