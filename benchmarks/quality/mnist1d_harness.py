@@ -114,7 +114,8 @@ ABLATION_OPTIONS = {
        for suffix, change in [("fraction_0.2", dict(resu_fraction=0.2)), ("stabilize_0", dict(stabilize_fraction=0.0)),
                               ("epsilon_0.01", dict(epsilon=0.01)),
                               ("fraction_0.2_stabilize_0", dict(resu_fraction=0.2, stabilize_fraction=0.0)),
-                              ("fraction_0.2_epsilon_0.01", dict(resu_fraction=0.2, epsilon=0.01))]},
+                              ("fraction_0.2_epsilon_0.01", dict(resu_fraction=0.2, epsilon=0.01)),
+                              ("fraction_0.2_beats_weakest", dict(resu_fraction=0.2, commit_admit="beats_weakest"))]},
     "resu_frozen_carry_cycles_10": dict(cycles=10, final_finetune_fraction=0.4, optimizer_state="carry"),
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),

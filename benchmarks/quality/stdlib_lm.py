@@ -102,6 +102,8 @@ RESU_VARIANTS = {
     "resu_frozen_epsilon_0.01_carry_state": dict(freeze_active=True, optimizer_state="carry", epsilon=0.01),
     "resu_frozen_resu_fraction_0.2_epsilon_0.01_carry_state": dict(freeze_active=True, optimizer_state="carry",
                                                                    resu_fraction=0.2, epsilon=0.01),
+    "resu_frozen_resu_fraction_0.2_beats_weakest_carry_state": dict(freeze_active=True, optimizer_state="carry",
+                                                                    resu_fraction=0.2, commit_admit="beats_weakest"),
     # the library's defaults before the active weights were frozen again: training alongside θ, 20 cycles
     "resu_train_active_cycles_20_carry_state": dict(freeze_active=False, num_cycles=20, optimizer_state="carry"),
     # θ's initial scale and the commit rule, with the active weights training (20 cycles)
