@@ -72,10 +72,14 @@ def _bitmap_selection(bitmap: torch.Tensor, numel: int, invert: bool) -> torch.T
     return ~selected if invert else selected
 
 
-def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
-    found = int(selected.sum())
+def check_selected_count(op: str, found: int, count: int) -> None:
+    """ValueError unless a bitmap's selection of ``found`` elements is the ``count`` a call expects."""
     if found != count:
         raise ValueError(f"{op}: the bitmap selects {found} elements but count={count}")
+
+
+def _check_count(op: str, selected: torch.Tensor, count: int) -> None:
+    check_selected_count(op, int(selected.sum()), count)
 
 
 # --------------------------------------------------------------------------- CPU selection cache
@@ -197,8 +201,7 @@ def held_selection_nbytes(bitmap: Optional[torch.Tensor]) -> int:
 
 
 def _check_positions(op: str, positions: torch.Tensor, count: int) -> None:
-    if positions.numel() != count:
-        raise ValueError(f"{op}: the bitmap selects {positions.numel()} elements but count={count}")
+    check_selected_count(op, positions.numel(), count)
 
 
 @kernel_op

@@ -37,9 +37,7 @@ def _checked_count(op: str, bitmap: torch.Tensor, numel: int, invert: bool, coun
         raise ValueError(f"{op}: a bitmap of {bitmap.numel()} bytes holds at most {8 * bitmap.numel()} elements, "
                          f"not {numel}")
     if count is not None:
-        found = _bitmap_cpu.count_selected(bitmap.data_ptr(), numel, bool(invert))
-        if found != count:
-            raise ValueError(f"{op}: the bitmap selects {found} elements but count={count}")
+        mask_ops.check_selected_count(op, _bitmap_cpu.count_selected(bitmap.data_ptr(), numel, bool(invert)), count)
 
 
 def _loop_operands(bitmap: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
