@@ -111,7 +111,7 @@ LABELS = {"dense": "dense (reference)", "none": "Wanda 50%, no recovery", "spars
           "resu_beats_weakest": "RESU, θ admitted where it beats the weakest",
           "resu_active_beats_weakest": "RESU, active weights train, θ admitted where it beats the weakest",
           "qresu": "QRESU-4", "resu_defaults": "RESU, active weights train, 20 cycles, optimizer state kept",
-          "qresu_defaults": "QRESU-4, library defaults (5 cycles, optimizer state kept)",
+          "qresu_defaults": "QRESU-4, 5 cycles, RESU phase 40%, optimizer state kept",
           "resu_frozen_defaults": "RESU, active weights frozen, 5 cycles, RESU phase 40%, optimizer state kept",
           "resu_frozen_beats_weakest_defaults": "as the row above, θ admitted where it beats the weakest",
           "resu_library_defaults": "RESU, library defaults (active weights frozen, 5 cycles, RESU phase 20%, "

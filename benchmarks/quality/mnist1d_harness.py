@@ -35,6 +35,7 @@ METHODS = ("dense", "oneshot", "gmp", "rigl", "set", "resu", "resu_selective", "
 # library's defaults kept the state across phase changes and shortened the frozen RESU phase (a
 # variant that says otherwise overrides them)
 DEV_BASE = dict(cycles=3, final_finetune_fraction=0.25, freeze_active=True, optimizer_state="reset", resu_fraction=0.4)
+FROZEN_CARRY = dict(cycles=5, final_finetune_fraction=0.4, optimizer_state="carry")
 ABLATION_OPTIONS = {
     "resu_dev": {},
     # commit: a plain magnitude re-prune (θ compete with W_A on |W|); amnesty's reservation r = 0
@@ -109,14 +110,14 @@ ABLATION_OPTIONS = {
     # the frozen recipe (5 cycles, 40% fine-tuning, the state kept, a RESU phase of 40%: the
     # defaults before the phase was shortened), then with one change each: a shorter RESU phase
     # (today's default), no stabilisation, more cycles, θ's initial scale
-    "resu_frozen_carry_state": dict(cycles=5, final_finetune_fraction=0.4, optimizer_state="carry"),
-    **{f"resu_frozen_carry_{suffix}": dict(cycles=5, final_finetune_fraction=0.4, optimizer_state="carry", **change)
+    "resu_frozen_carry_state": FROZEN_CARRY,
+    **{f"resu_frozen_carry_{suffix}": {**FROZEN_CARRY, **change}
        for suffix, change in [("fraction_0.2", dict(resu_fraction=0.2)), ("stabilize_0", dict(stabilize_fraction=0.0)),
                               ("epsilon_0.01", dict(epsilon=0.01)),
                               ("fraction_0.2_stabilize_0", dict(resu_fraction=0.2, stabilize_fraction=0.0)),
                               ("fraction_0.2_epsilon_0.01", dict(resu_fraction=0.2, epsilon=0.01)),
-                              ("fraction_0.2_beats_weakest", dict(resu_fraction=0.2, commit_admit="beats_weakest"))]},
-    "resu_frozen_carry_cycles_10": dict(cycles=10, final_finetune_fraction=0.4, optimizer_state="carry"),
+                              ("fraction_0.2_beats_weakest", dict(resu_fraction=0.2, commit_admit="beats_weakest")),
+                              ("cycles_10", dict(cycles=10))]},
     # RESU-Selective's selection: more θ updated per step, a looser consistency threshold
     "resu_selective_select_0.5": dict(selective=rt.SelectiveConfig(select=0.5)),
     "resu_selective_tau_0.25": dict(selective=rt.SelectiveConfig(tau=0.25)),

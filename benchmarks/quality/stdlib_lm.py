@@ -93,11 +93,13 @@ RESU_VARIANTS = {
     "resu_selective": dict(selective=rt.SelectiveConfig()),
     "resu_selective_carry_state": dict(selective=rt.SelectiveConfig(), optimizer_state="carry"),
     "resu_train_active_cycles_5_carry_state": dict(freeze_active=False, num_cycles=5, optimizer_state="carry"),
-    # today's defaults with θ admitted only where it beats the weakest kept weight
+    # the frozen 5-cycle recipe with the state kept (a RESU phase of 40%) with θ admitted only where it
+    # beats the weakest kept weight
     "resu_frozen_beats_weakest_carry_state": dict(freeze_active=True, commit_admit="beats_weakest",
                                                   optimizer_state="carry"),
-    # today's defaults with a RESU phase of 20% of each cycle (the active weights train for more of
-    # it), θ started at a tenth of the default scale, and both
+    # the same recipe with a RESU phase of 20% of each cycle (today's default: the active weights
+    # train for more of it), θ started at a tenth of the default scale, both, and the 20% phase
+    # with the capped amnesty
     "resu_frozen_resu_fraction_0.2_carry_state": dict(freeze_active=True, optimizer_state="carry", resu_fraction=0.2),
     "resu_frozen_epsilon_0.01_carry_state": dict(freeze_active=True, optimizer_state="carry", epsilon=0.01),
     "resu_frozen_resu_fraction_0.2_epsilon_0.01_carry_state": dict(freeze_active=True, optimizer_state="carry",
